@@ -1,0 +1,77 @@
+"""Turn a pre-activation tensor into packed on/off bits on the tensor's own device."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from actpat.recorder.schema import PATTERN_KINDS
+
+# Byte weights of the little bit order: unit j -> bit j % 8 of byte j // 8.
+_WEIGHTS = {}
+
+
+def _weights(device: torch.device) -> torch.Tensor:
+    weights = _WEIGHTS.get(device)
+    if weights is None:
+        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=device)
+        _WEIGHTS[device] = weights
+    return weights
+
+
+def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
+    """Reshape ``z`` of shape ``(N, C, *rest)`` into ``(N * P, n_units)`` observations.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        Pre-activation, batch first. A 1-D tensor is taken as one sample.
+    pattern : {"channel", "flat"}
+        ``channel``: dim 1 is the pattern, every (sample, position) one observation, ``P = prod(rest)``.
+        ``flat``: one pattern of ``C * prod(rest)`` units per sample, ``P = 1``.
+
+    Returns
+    -------
+    obs : torch.Tensor
+        ``(N * P, n_units)``, rows sample-major then by flattened position.
+    n_positions : int
+        ``P``, the number of observations per sample.
+    """
+    if pattern not in PATTERN_KINDS:
+        raise ValueError(f"Expected `pattern` to be one of {PATTERN_KINDS}, but got {pattern!r}.")
+    if z.dim() == 1:
+        z = z.unsqueeze(0)
+    n = z.shape[0]
+    if pattern == "flat" or z.dim() == 2:
+        return z.reshape(n, -1), 1
+    n_units = z.shape[1]
+    n_positions = z[0, 0].numel() if n else int(np.prod(z.shape[2:]))
+    return z.movedim(1, -1).reshape(n * n_positions, n_units), n_positions
+
+
+def pack_rows(obs: torch.Tensor) -> torch.Tensor:
+    """Pack the sign of each row of ``obs`` (``> 0`` is on, NaN is off) into little-endian bytes.
+
+    Parameters
+    ----------
+    obs : torch.Tensor
+        ``(rows, n_units)`` of any real dtype, on any device.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(rows, ceil(n_units / 8))`` uint8 on ``obs.device``; padding bits are 0.
+
+    Examples
+    --------
+    >>> pack_rows(torch.tensor([[1.0, -1.0, 2.0], [0.0, float("nan"), 3.0]])).tolist()
+    [[5], [4]]
+    """
+    rows, n_units = obs.shape
+    on = obs > 0
+    pad = (-n_units) % 8
+    if pad:
+        on = torch.nn.functional.pad(on, (0, pad))
+    on = on.view(rows, -1, 8).to(torch.uint8)
+    return (on * _weights(obs.device)).sum(dim=-1, dtype=torch.uint8)
+

@@ -1,0 +1,294 @@
+"""ActivationRecorder: record the binary activation patterns of a model's forwards into shards."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from actpat.recorder import schema
+from actpat.recorder.hooks import SiteFilter, SiteHooks
+from actpat.recorder.packing import observation_view, pack_rows
+from actpat.recorder.shards import Record, RecorderError, ShardWriter, SiteMeta
+
+log = logging.getLogger(__name__)
+
+
+class ActivationRecorder:
+    """Record on/off patterns of every ReLU-family activation site of ``model`` into HDF5 shards.
+
+    Only forwards inside :meth:`capture` are recorded; outside it no hook is installed at all. Bits
+    are packed on the tensor's device and handed to a background writer; the hook never synchronizes
+    a CUDA device and never does I/O.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to instrument (not a ``torch.compile`` wrapper: instrument the original module).
+    out_dir : path
+        Run directory for the shards (see the README for the format).
+    sites : None, str, sequence of str, or callable, default None
+        Which sites to record: all (None), names or glob patterns (``"layer1.*"``), or a predicate on
+        the site name.
+    pattern : {"channel", "flat"}, default "channel"
+        How a pre-activation ``(N, C, *rest)`` is cut into patterns (SPEC section 1).
+    max_observations : int, optional
+        Keep at most this many observations per site per call, chosen uniformly without replacement by
+        the recorder's own generator (seeded by ``seed``, the step and the site), so torch's global RNG
+        is never touched and the choice is reproducible.
+    compression : {"lzf", "gzip", None}, default "lzf"
+    max_queue_bytes : int, default 256 MiB
+        Bound on packed bytes waiting for the writer.
+    on_backpressure : {"block", "drop"}, default "block"
+        ``block``: training waits while the queue is full (memory stays bounded, training slows to the
+        writer's speed). ``drop``: whole records are discarded, counted in the shards and warned about
+        once, so training never waits.
+    module_types : sequence of module classes, default ()
+        Extra module classes to treat as activation sites.
+    functional : bool, default True
+        Also record functional calls (``F.relu``, ``torch.relu``, ``Tensor.relu``, ...).
+    rank : int, optional
+        Process rank for shard names; default: ``torch.distributed``'s rank if initialized, else
+        ``$RANK``, else 0.
+    seed : int, default 0
+        Seed of the subsampling generator.
+    max_shard_bytes : int, default 1 GiB
+        Roll over to a new shard after this many bytes.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from actpat.recorder import open_run
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     with ActivationRecorder(model, d) as rec:
+    ...         with rec.capture(step=0, labels=torch.tensor([0, 1])):
+    ...             _ = model(torch.randn(2, 4))
+    ...     open_run(d).read("1", 0).bits.shape
+    (2, 1)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        out_dir: str | os.PathLike,
+        sites: SiteFilter = None,
+        pattern: str = "channel",
+        max_observations: int | None = None,
+        compression: str | None = "lzf",
+        max_queue_bytes: int = 256 << 20,
+        on_backpressure: str = "block",
+        *,
+        module_types: Iterable[type[nn.Module]] = (),
+        functional: bool = True,
+        rank: int | None = None,
+        seed: int = 0,
+        max_shard_bytes: int = 1 << 30,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+        if _is_compiled(model):
+            raise ValueError(
+                "Expected an uncompiled model, but got a torch.compile wrapper: hooks cannot see inside a "
+                "compiled graph. Pass the original module (`compiled._orig_mod`) to the recorder and "
+                "record with the eager model."
+            )
+        if pattern not in schema.PATTERN_KINDS:
+            raise ValueError(f"Expected `pattern` to be one of {schema.PATTERN_KINDS}, but got {pattern!r}.")
+        if max_observations is not None and int(max_observations) < 1:
+            raise ValueError(f"Expected `max_observations` to be None or at least 1, but got {max_observations}.")
+        self.model = model
+        self.out_dir = out_dir
+        self.pattern = pattern
+        self.max_observations = None if max_observations is None else int(max_observations)
+        self.seed = int(seed)
+        self.writer = ShardWriter(
+            out_dir,
+            rank=_default_rank() if rank is None else rank,
+            compression=compression,
+            max_queue_bytes=max_queue_bytes,
+            on_backpressure=on_backpressure,
+            max_shard_bytes=max_shard_bytes,
+        )
+        self._hooks = SiteHooks(model, self._on_site, sites=sites, module_types=module_types, functional=functional)
+        self._site_meta: dict[str, SiteMeta] = {}
+        self._context: _Capture | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "ActivationRecorder":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Start the writer thread (idempotent)."""
+        self.writer.start()
+
+    def close(self) -> None:
+        """Write what is queued and finalize the open shard; raises :class:`RecorderError` on write failure."""
+        self._hooks.detach()
+        self.writer.close()
+
+    @property
+    def sites(self) -> list[str]:
+        """Site names recorded so far, in first-forward order."""
+        return list(self._site_meta)
+
+    @property
+    def dropped_records(self) -> int:
+        """Records discarded under ``on_backpressure="drop"``."""
+        return self.writer.dropped_records
+
+    # ------------------------------------------------------------------ capture
+    @contextlib.contextmanager
+    def capture(
+        self,
+        step: int,
+        *,
+        labels: Any = None,
+        sample_ids: Any = None,
+        split: str = "train",
+        epoch: int = -1,
+    ) -> Iterator["ActivationRecorder"]:
+        """Record every site call of the forwards run inside this block as time point ``step``.
+
+        Parameters
+        ----------
+        step : int
+            Time point of the records (e.g. the optimizer step).
+        labels, sample_ids : tensor or array of shape (N,), optional
+            Per-sample label and identity; ``-1`` is stored where absent.
+        split : str, default "train"
+            Free-form name of what was recorded (``"train"``, ``"probe"``, ...), at most 32 bytes.
+        epoch : int, default -1
+        """
+        self.writer.raise_if_failed()
+        if self._context is not None:
+            raise RuntimeError("Expected no capture to be active, but `capture()` was entered twice; nest none.")
+        if len(split.encode()) > schema.SPLIT_BYTES:
+            raise ValueError(f"Expected `split` to be at most {schema.SPLIT_BYTES} bytes, but got {split!r}.")
+        self.open()
+        self._context = _Capture(int(step), int(epoch), split, labels, sample_ids)
+        self._hooks.attach()
+        try:
+            yield self
+        finally:
+            self._hooks.detach()
+            context, self._context = self._context, None
+        if not self._site_meta and context.forwards_seen:
+            raise ValueError(
+                f"Expected {type(self.model).__name__} to contain at least one activation site, but a forward "
+                f"ran inside `capture()` and none was found. Searched {self._hooks.describe_search()}"
+                " with the given `sites` filter. Name other activation classes with `module_types=`, or "
+                "widen `sites=`."
+            )
+
+    def _on_site(self, name: str, module_type: str, z: torch.Tensor) -> None:
+        context = self._context
+        context.forwards_seen = True
+        n = z.shape[0] if z.dim() > 1 else 1
+        if n == 0:
+            return  # an empty batch has no observation to record
+        meta = self._site_meta.get(name)
+        obs, n_positions = observation_view(z, self.pattern)
+        if meta is None:
+            meta = self._site_meta[name] = SiteMeta(
+                site=name,
+                site_index=len(self._site_meta),
+                module_type=module_type,
+                shape=tuple(z.shape[1:]),
+                n_units=obs.shape[1],
+                pattern=self.pattern,
+            )
+        elif meta.n_units != obs.shape[1]:
+            self._warn_once(
+                f"units:{name}",
+                f"actpat: site {name!r} changed width from {meta.n_units} to {obs.shape[1]} units; "
+                "this call is not recorded.",
+            )
+            return
+        obs_index = None
+        if self.max_observations is not None and obs.shape[0] > self.max_observations:
+            rng = np.random.default_rng([self.seed, context.step & 0x7FFFFFFF, meta.site_index])
+            obs_index = np.sort(rng.choice(obs.shape[0], self.max_observations, replace=False))
+            obs = obs.index_select(0, torch.from_numpy(obs_index).to(obs.device, non_blocking=True))
+        bits = pack_rows(obs)
+        nan_count = z.isnan().count_nonzero() if z.is_floating_point() else 0
+        labels, sample_ids = context.per_sample()
+        if (labels is not None and len(labels) != n) or (sample_ids is not None and len(sample_ids) != n):
+            self._warn_once(
+                f"batch:{name}",
+                f"actpat: site {name!r} has batch size {n} but labels/sample_ids have another length; "
+                "they are not stored for this site.",
+            )
+            labels = sample_ids = None
+        ready = None
+        if bits.is_cuda:
+            bits, nan_count = _to_pinned(bits), _to_pinned(nan_count)
+            ready = torch.cuda.Event()
+            ready.record()
+        self.writer.put(
+            Record(
+                meta=meta, step=context.step, epoch=context.epoch, split=context.split, bits=bits,
+                n_positions=n_positions, n_samples=n, nan_count=nan_count,
+                sample_ids=sample_ids, labels=labels, obs_index=obs_index, ready=ready,
+            )
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+
+class _Capture:
+    """Per-capture context: the time point and the per-sample arrays, moved to the host once."""
+
+    def __init__(self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any) -> None:
+        self.step, self.epoch, self.split = step, epoch, split
+        self.forwards_seen = False
+        self._raw = (labels, sample_ids)
+        self._host: tuple | None = None
+
+    def per_sample(self) -> tuple:
+        if self._host is None:
+            self._host = tuple(_host_int64(a) for a in self._raw)
+        return self._host
+
+
+def _host_int64(values: Any) -> Any:
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor):
+        values = values.detach().reshape(-1).to(torch.int64)
+        return _to_pinned(values) if values.is_cuda else values.clone()
+    return np.asarray(values, dtype=np.int64).reshape(-1).copy()
+
+
+def _to_pinned(tensor: Any) -> Any:
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
+
+
+def _default_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+__all__ = ["ActivationRecorder", "RecorderError"]

@@ -1,0 +1,335 @@
+"""Background writer of pattern records into rolling, atomically finalized HDF5 shards."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from actpat.recorder import schema
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class RecorderError(RuntimeError):
+    """Recording failed; the shards finalized so far stay readable."""
+
+
+@dataclass(frozen=True)
+class SiteMeta:
+    """What a shard stores about one activation site."""
+
+    site: str
+    site_index: int
+    module_type: str
+    shape: tuple[int, ...]
+    n_units: int
+    pattern: str
+
+
+@dataclass
+class Record:
+    """One recorded call of one site, as handed from a hook to the writer.
+
+    Array fields are numpy arrays or CPU tensors still being filled by a non-blocking device copy;
+    ``ready`` (a CUDA event, or None) is waited on by the writer thread, never by the hook.
+    """
+
+    meta: SiteMeta
+    step: int
+    epoch: int
+    split: str
+    bits: Any
+    n_positions: int
+    n_samples: int
+    nan_count: Any
+    sample_ids: Any = None
+    labels: Any = None
+    obs_index: Any = None
+    ready: Any = None
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(_nbytes(a) for a in (self.bits, self.sample_ids, self.labels, self.obs_index))
+
+
+def _nbytes(array: Any) -> int:
+    if array is None:
+        return 0
+    if isinstance(array, np.ndarray):
+        return array.nbytes
+    return array.numel() * array.element_size()
+
+
+def _to_numpy(array: Any, dtype: np.dtype) -> np.ndarray | None:
+    if array is None:
+        return None
+    if not isinstance(array, np.ndarray):
+        array = array.numpy()
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+class ShardWriter:
+    """Write :class:`Record` objects from a bounded queue on a background thread.
+
+    Parameters
+    ----------
+    out_dir : path
+        Run directory; created if missing. Shards already there are kept and numbering continues.
+    rank : int
+        Process rank, part of every shard's file name so that no two processes share a file.
+    compression : {"lzf", "gzip", None}
+        HDF5 filter of the pattern datasets.
+    max_queue_bytes : int
+        Bound on the bytes of records waiting to be written.
+    on_backpressure : {"block", "drop"}
+        When the queue is full: ``block`` waits for the writer, ``drop`` discards the whole record and
+        counts it (shard attribute ``dropped_records`` and one warning).
+    max_shard_bytes : int
+        A shard is finalized and a new one started once this many bytes were written into it.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        rank: int = 0,
+        compression: str | None = "lzf",
+        max_queue_bytes: int = 256 << 20,
+        on_backpressure: str = "block",
+        max_shard_bytes: int = 1 << 30,
+    ) -> None:
+        if compression not in ("lzf", "gzip", None):
+            raise ValueError(f"Expected `compression` to be 'lzf', 'gzip' or None, but got {compression!r}.")
+        if on_backpressure not in ("block", "drop"):
+            raise ValueError(f"Expected `on_backpressure` to be 'block' or 'drop', but got {on_backpressure!r}.")
+        if max_queue_bytes < 1:
+            raise ValueError(f"Expected `max_queue_bytes` to be at least 1, but got {max_queue_bytes}.")
+        if max_shard_bytes < 1:
+            raise ValueError(f"Expected `max_shard_bytes` to be at least 1, but got {max_shard_bytes}.")
+        self.out_dir = Path(out_dir)
+        self.rank = int(rank)
+        self.compression = compression
+        self.max_queue_bytes = int(max_queue_bytes)
+        self.on_backpressure = on_backpressure
+        self.max_shard_bytes = int(max_shard_bytes)
+        self.dropped_records = 0
+        self.written_records = 0
+        self.finalized: list[Path] = []
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued_bytes = 0
+        self._space = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._file: h5py.File | None = None
+        self._file_bytes = 0
+        self._file_dropped = 0
+        self._next_index = 0
+
+    # ------------------------------------------------------------------ producer side
+    def start(self) -> None:
+        """Create the run directory and start the writer thread."""
+        if self._thread is not None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._next_index = self._first_free_index()
+        self._thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, record: Record) -> bool:
+        """Queue a record; returns False if it was dropped under backpressure."""
+        self.raise_if_failed()
+        if self._thread is None:
+            raise RecorderError("The shard writer is not running: call `start()` (or enter the recorder) first.")
+        with self._space:
+            # A record larger than the whole budget still passes once the queue is empty.
+            while self._queued_bytes and self._queued_bytes + record.nbytes > self.max_queue_bytes:
+                if self.on_backpressure == "drop":
+                    self._count_drop()
+                    return False
+                self._space.wait(timeout=1.0)
+                self.raise_if_failed()
+            self._queued_bytes += record.nbytes
+        self._queue.put(record)
+        return True
+
+    def close(self) -> None:
+        """Write everything queued, finalize the open shard and stop the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._thread = None
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        """Re-raise, in the caller's thread, an error the writer thread met."""
+        if self._error is not None:
+            raise RecorderError(f"Writing activation patterns to {self.out_dir} failed: {self._error!r}") from self._error
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of records waiting to be written."""
+        return self._queued_bytes
+
+    def _count_drop(self) -> None:
+        self.dropped_records += 1
+        self._file_dropped += 1
+        if self.dropped_records == 1:
+            log.warning(
+                "actpat: the shard writer cannot keep up; records are being dropped (on_backpressure='drop'). "
+                "The count is stored in each shard's `dropped_records` attribute. Record less often, "
+                "set `max_observations`, or raise `max_queue_bytes`."
+            )
+
+    # ------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        try:
+            while True:
+                record = self._queue.get()
+                if record is _STOP:
+                    break
+                try:
+                    if self._error is None:
+                        self._write(record)
+                finally:
+                    with self._space:
+                        self._queued_bytes -= record.nbytes
+                        self._space.notify_all()
+                if self._file is not None and self._queue.empty():
+                    self._file.flush()
+        except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+            self._error = exc
+            self._drain()
+        finally:
+            try:
+                self._finalize()
+            except BaseException as exc:  # noqa: BLE001
+                self._error = self._error or exc
+
+    def _drain(self) -> None:
+        # After a failure, keep emptying the queue so producers never wait on a dead writer.
+        while True:
+            record = self._queue.get()
+            if record is _STOP:
+                return
+            with self._space:
+                self._queued_bytes -= record.nbytes
+                self._space.notify_all()
+
+    def _first_free_index(self) -> int:
+        taken = [
+            parsed[1]
+            for parsed in map(schema.parse_shard_name, os.listdir(self.out_dir))
+            if parsed is not None and parsed[0] == self.rank
+        ]
+        return max(taken, default=-1) + 1
+
+    def _open(self) -> h5py.File:
+        path = self.out_dir / schema.shard_name(self.rank, self._next_index, partial=True)
+        handle = h5py.File(path, "w")
+        handle.attrs["format"] = schema.FORMAT_NAME
+        handle.attrs["format_version"] = schema.FORMAT_VERSION
+        handle.attrs["rank"] = self.rank
+        handle.attrs["shard_index"] = self._next_index
+        handle.attrs["finalized"] = False
+        handle.attrs["dropped_records"] = 0
+        handle.create_group(schema.SITES_GROUP)
+        self._file_bytes = 0
+        self._file_dropped = 0
+        self._next_index += 1
+        return handle
+
+    def _finalize(self) -> None:
+        if self._file is None:
+            return
+        handle, self._file = self._file, None
+        handle.attrs["dropped_records"] = self._file_dropped
+        handle.attrs["finalized"] = True
+        partial = Path(handle.filename)
+        handle.close()
+        final = partial.with_name(partial.name[: -len(".partial")])
+        os.replace(partial, final)
+        self.finalized.append(final)
+
+    def _site_group(self, meta: SiteMeta) -> h5py.Group:
+        sites = self._file[schema.SITES_GROUP]
+        key = schema.site_key(meta.site)
+        if key in sites:
+            return sites[key]
+        group = sites.create_group(key)
+        group.attrs["site"] = meta.site
+        group.attrs["site_index"] = meta.site_index
+        group.attrs["module_type"] = meta.module_type
+        group.attrs["shape"] = np.asarray(meta.shape, dtype=np.int64)
+        group.attrs["n_units"] = meta.n_units
+        group.attrs["pattern"] = meta.pattern
+        group.attrs["bit_order"] = schema.BIT_ORDER
+        n_bytes = (meta.n_units + 7) // 8
+        row_chunk = max(1, min(1 << 16, (1 << 20) // n_bytes))
+        group.create_dataset(
+            schema.BITS, shape=(0, n_bytes), maxshape=(None, n_bytes), dtype=np.uint8,
+            chunks=(row_chunk, n_bytes), compression=self.compression,
+        )
+        for name in (schema.SAMPLE_IDS, schema.LABELS, schema.OBS_INDEX):
+            group.create_dataset(
+                name, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1 << 14,), compression=self.compression
+            )
+        group.create_dataset(schema.RECORDS, shape=(0,), maxshape=(None,), dtype=schema.RECORD_DTYPE, chunks=(256,))
+        return group
+
+    def _write(self, record: Record) -> None:
+        if record.ready is not None:
+            record.ready.synchronize()
+        bits = _to_numpy(record.bits, np.uint8)
+        obs_index = _to_numpy(record.obs_index, np.int64)
+        n_samples = record.n_samples
+        sample_ids = _to_numpy(record.sample_ids, np.int64)
+        labels = _to_numpy(record.labels, np.int64)
+        if sample_ids is None:
+            sample_ids = np.full(n_samples, -1, dtype=np.int64)
+        if labels is None:
+            labels = np.full(n_samples, -1, dtype=np.int64)
+        nan_count = int(record.nan_count if isinstance(record.nan_count, int) else record.nan_count.item())
+
+        if self._file is None:
+            self._file = self._open()
+        group = self._site_group(record.meta)
+        row_start = _append(group[schema.BITS], bits)
+        sample_start = _append(group[schema.SAMPLE_IDS], sample_ids)
+        _append(group[schema.LABELS], labels)
+        obs_start = -1 if obs_index is None else _append(group[schema.OBS_INDEX], obs_index)
+        entry = np.zeros((), dtype=schema.RECORD_DTYPE)
+        entry["step"] = record.step
+        entry["epoch"] = record.epoch
+        entry["split"] = record.split.encode()
+        entry["row_start"] = row_start
+        entry["row_count"] = len(bits)
+        entry["sample_start"] = sample_start
+        entry["sample_count"] = n_samples
+        entry["obs_start"] = obs_start
+        entry["n_positions"] = record.n_positions
+        entry["nan_count"] = nan_count
+        # The record row goes last: a reader never sees a record whose rows are missing.
+        _append(group[schema.RECORDS], entry[None])
+        self.written_records += 1
+        self._file_bytes += record.nbytes
+        if self._file_bytes >= self.max_shard_bytes:
+            self._finalize()
+
+
+def _append(dataset: h5py.Dataset, values: np.ndarray) -> int:
+    start = dataset.shape[0]
+    dataset.resize(start + len(values), axis=0)
+    if len(values):
+        dataset[start:] = values
+    return start
