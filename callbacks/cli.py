@@ -1,0 +1,83 @@
+"""The ``actpat`` command line: run the demo, inspect and analyse recorded runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from actpat.recorder import open_run
+
+    run = open_run(args.run_dir)
+    if not run.shards:
+        raise ValueError(
+            f"Expected shards (patterns-rank*.h5) in {args.run_dir}, but found none: the run is empty. "
+            "Check the path; a recorder writes its first shard when its first record arrives."
+        )
+    size = sum(path.stat().st_size for path in run.shards)
+    print(f"run:            {run.path}")
+    print(f"format version: {run.format_version}")
+    print(f"shards:         {len(run.shards)} ({size / 1e6:.2f} MB on disk)")
+    print(f"splits:         {', '.join(run.splits)}")
+    print(f"dropped:        {run.dropped_records} records")
+    header = f"{'#':>3}  {'site':<28} {'type':<16} {'units':>6}  " + "  ".join(
+        f"{split + ' steps/obs':>20}" for split in run.splits
+    )
+    print(header)
+    for site in run.sites:
+        info = run.site_info(site)
+        cells = []
+        for split in run.splits:
+            steps = run.steps(site, split)
+            cells.append(f"{len(steps):>8}/{run.n_observations(site, split):<11}")
+        print(f"{info['site_index']:>3}  {site:<28} {info['module_type']:<16} {info['n_units']:>6}  " + "  ".join(cells))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from actpat.callbacks.demo import main as demo_main
+
+    return demo_main(out_dir=args.out, fast=args.fast)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``actpat`` command."""
+    parser = argparse.ArgumentParser(
+        prog="actpat",
+        description="Record and analyse binary activation patterns of ReLU-family units during training.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser("demo", help="instrumented training on scikit-learn's digits, then analysis")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
+    demo.add_argument("--fast", action="store_true", help="a few steps only, for smoke tests")
+    demo.set_defaults(func=_cmd_demo)
+
+    info = commands.add_parser("info", help="sites, steps, splits, observations and size of a recorded run")
+    info.add_argument("run_dir", type=Path)
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``actpat`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("actpat: interrupted; shards finalized so far are readable.", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"actpat {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
