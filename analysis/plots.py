@@ -455,7 +455,7 @@ def _iter_figures(
     _check_time_axis(x)
     if info_plane_df is not None:
         _check_columns(info_plane_df)
-    present = list(dict.fromkeys(df["metric"].tolist()))
+    present = sorted(df["metric"].unique().tolist())
     splits = sorted(df["split"].unique().tolist())
 
     def wanted(requested, default, kind):
@@ -535,8 +535,8 @@ def save_all(
     out_dir : str or pathlib.Path
         Directory for the PNG files; created if needed. Existing files of the same name are replaced.
     metrics : sequence of str, optional
-        Metrics to draw as curves; default every metric in ``df``. Names not in ``df`` are skipped
-        with a logged warning.
+        Metrics to draw as curves; default every metric in ``df`` (alphabetical order). Names not in
+        ``df`` are skipped with a logged warning.
     info_plane_df : pandas.DataFrame, optional
         Tidy table with metrics ``I_XT`` and ``I_TY``.
     heatmap_metrics : sequence of str, optional
