@@ -34,6 +34,9 @@ class Patterns:
         ``(n,)`` int64 per observation, ``-1`` where unknown.
     positions : np.ndarray
         ``(n,)`` int64 flattened spatial index of each observation (0 for dense layers and ``flat``).
+    values : np.ndarray or None
+        ``(n, k)`` float16 pre-activations of the site's ``value_units`` where the recorder stored them
+        (``store_values``), else None.
     site, step, epoch, split, nan_count
         Where the observations come from; ``nan_count`` counts NaN pre-activations (stored as off).
     """
@@ -48,6 +51,7 @@ class Patterns:
     sample_ids: np.ndarray
     positions: np.ndarray
     nan_count: int
+    values: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.bits)
@@ -70,6 +74,7 @@ class _Entry:
     obs_start: int
     n_positions: int
     nan_count: int
+    value_start: int
 
 
 def open_run(path: str | os.PathLike) -> "Run":
@@ -111,12 +116,22 @@ class Run:
 
     # ------------------------------------------------------------------ index
     def _index_shard(self, path: Path, partial: bool) -> None:
+        if not partial:
+            self._index_file(path, partial=False)
+            return
+        # An unfinalized shard may be damaged anywhere (a process killed mid-write): whatever fails
+        # while indexing it skips the whole file with a warning, never raises.
+        try:
+            self._index_file(path, partial=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("actpat: skipping unfinalized shard %s: it cannot be read (%s).", path, exc)
+
+    def _index_file(self, path: Path, partial: bool) -> None:
         try:
             handle = h5py.File(path, "r", locking=False)
         except OSError as exc:
             if partial:
-                log.warning("actpat: skipping unfinalized shard %s: it cannot be opened (%s).", path, exc)
-                return
+                raise
             raise ShardFormatError(
                 f"Expected {path} to be an HDF5 actpat shard, but it cannot be opened ({exc}). Move the file "
                 "out of the run directory if it does not belong there; a damaged shard cannot be repaired."
@@ -133,35 +148,52 @@ class Run:
                     f"Expected shard format version <= {schema.FORMAT_VERSION}, but {path} has version {version}. "
                     "Upgrade actpat to read it."
                 )
+            # Index the whole file before keeping anything of it, so a failure leaves no half shard.
+            infos, entries = {}, []
+            for key, group in handle[schema.SITES_GROUP].items():
+                self._index_site(path, key, group, infos, entries)
+            dropped = int(handle.attrs.get("dropped_records", 0))
             if partial or not handle.attrs.get("finalized", False):
                 log.warning("actpat: reading the flushed part of unfinalized shard %s (left by a crash?).", path)
-            self.shards.append(path)
-            self.dropped_records += int(handle.attrs.get("dropped_records", 0))
-            for key, group in handle[schema.SITES_GROUP].items():
-                self._index_site(path, key, group)
+        self.shards.append(path)
+        self.dropped_records += dropped
+        for site, info in infos.items():
+            self._info.setdefault(site, info)
+        for index_key, entry in entries:
+            self._entries[index_key].append(entry)
 
-    def _index_site(self, path: Path, key: str, group: h5py.Group) -> None:
+    def _index_site(self, path: Path, key: str, group: h5py.Group, infos: dict, entries: list) -> None:
         site = str(group.attrs["site"])
-        if site not in self._info:
-            self._info[site] = {
-                "module_type": str(group.attrs["module_type"]),
-                "shape": tuple(int(s) for s in group.attrs["shape"]),
-                "n_units": int(group.attrs["n_units"]),
-                "pattern": str(group.attrs["pattern"]),
-                "site_index": int(group.attrs["site_index"]),
-            }
+        infos[site] = {
+            "module_type": str(group.attrs["module_type"]),
+            "shape": tuple(int(s) for s in group.attrs["shape"]),
+            "n_units": int(group.attrs["n_units"]),
+            "pattern": str(group.attrs["pattern"]),
+            "site_index": int(group.attrs["site_index"]),
+            "value_units": tuple(int(u) for u in group.attrs["value_units"]) if "value_units" in group.attrs else None,
+        }
         n_rows = group[schema.BITS].shape[0]
         n_samples = group[schema.SAMPLE_IDS].shape[0]
-        for rec in group[schema.RECORDS][()]:
+        n_obs = group[schema.OBS_INDEX].shape[0]
+        n_values = group[schema.VALUES].shape[0] if schema.VALUES in group else 0
+        records = group[schema.RECORDS][()]
+        # Version 1 shards have no values.
+        value_starts = records["value_start"] if "value_start" in records.dtype.names else np.full(len(records), -1)
+        for rec, value_start in zip(records, value_starts):
             # A record whose rows were not flushed before a crash is ignored.
-            if rec["row_start"] + rec["row_count"] > n_rows or rec["sample_start"] + rec["sample_count"] > n_samples:
+            if (
+                rec["row_start"] + rec["row_count"] > n_rows
+                or rec["sample_start"] + rec["sample_count"] > n_samples
+                or (rec["obs_start"] >= 0 and rec["obs_start"] + rec["row_count"] > n_obs)
+                or (value_start >= 0 and value_start + rec["row_count"] > n_values)
+            ):
                 continue
             entry = _Entry(
                 path, key, int(rec["step"]), int(rec["epoch"]), int(rec["row_start"]), int(rec["row_count"]),
                 int(rec["sample_start"]), int(rec["sample_count"]), int(rec["obs_start"]),
-                int(rec["n_positions"]), int(rec["nan_count"]),
+                int(rec["n_positions"]), int(rec["nan_count"]), int(value_start),
             )
-            self._entries[(site, rec["split"].decode())].append(entry)
+            entries.append(((site, rec["split"].decode()), entry))
 
     # ------------------------------------------------------------------ queries
     @property
@@ -175,7 +207,8 @@ class Run:
         return sorted({split for _, split in self._entries})
 
     def site_info(self, site: str) -> dict:
-        """``module_type``, ``shape`` (without batch), ``n_units``, ``pattern`` and ``site_index`` of a site."""
+        """``module_type``, ``shape`` (without batch), ``n_units``, ``pattern``, ``site_index`` and
+        ``value_units`` (units with stored float16 values, or None) of a site."""
         self._check_site(site)
         return dict(self._info[site])
 
@@ -227,11 +260,12 @@ class Run:
                 obs = np.arange(lo, hi, dtype=np.int64)
             else:
                 obs = group[schema.OBS_INDEX][e.obs_start + lo : e.obs_start + hi]
+            values = None if e.value_start < 0 else group[schema.VALUES][e.value_start + lo : e.value_start + hi]
         sample_row = obs // e.n_positions
         return Patterns(
             site=site, step=e.step, epoch=e.epoch, split=split, n_units=self._info[site]["n_units"],
             bits=bits, labels=labels[sample_row], sample_ids=sample_ids[sample_row],
-            positions=obs % e.n_positions, nan_count=e.nan_count if lo == 0 else 0,
+            positions=obs % e.n_positions, nan_count=e.nan_count if lo == 0 else 0, values=values,
         )
 
 
@@ -246,6 +280,7 @@ def _concat(parts: list[Patterns]) -> Patterns:
         sample_ids=np.concatenate([p.sample_ids for p in parts]),
         positions=np.concatenate([p.positions for p in parts]),
         nan_count=sum(p.nan_count for p in parts),
+        values=None if any(p.values is None for p in parts) else np.concatenate([p.values for p in parts]),
     )
 
 

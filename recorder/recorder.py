@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -59,6 +59,21 @@ class ActivationRecorder:
         Seed of the subsampling generator.
     max_shard_bytes : int, default 1 GiB
         Roll over to a new shard after this many bytes.
+    store_values : None, "all" or int, default None
+        Also store the float16 pre-activations of the recorded observations (for continuous
+        mutual-information estimators): of every unit (``"all"``) or of ``k`` units per site chosen once
+        by the recorder's generator (listed in the site's ``value_units`` attribute). Costs 2 bytes per
+        stored value: use it for a probe set, not for every training batch.
+    writer : ShardWriter, optional
+        Share another recorder's writer (``other.writer``) instead of starting one: both recorders then
+        write into the same shards, which is how one process records two models (a model and its copy)
+        into one run without two writers claiming the same shard names. ``rank``, ``compression``,
+        ``max_queue_bytes``, ``on_backpressure`` and ``max_shard_bytes`` are the shared writer's.
+    on_record : callable(Record), optional
+        Observer called in the hook with every record just before it is queued (also when it is then
+        dropped under backpressure). It must be cheap and must not do I/O: keep a reference and work on
+        it later. On CUDA the record's arrays are pinned host tensors still being filled; wait on
+        ``record.ready`` (a CUDA event) before reading them.
 
     Examples
     --------
@@ -89,6 +104,9 @@ class ActivationRecorder:
         rank: int | None = None,
         seed: int = 0,
         max_shard_bytes: int = 1 << 30,
+        writer: ShardWriter | None = None,
+        on_record: Callable[[Record], None] | None = None,
+        store_values: str | int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
@@ -100,6 +118,8 @@ class ActivationRecorder:
             )
         if pattern not in schema.PATTERN_KINDS:
             raise ValueError(f"Expected `pattern` to be one of {schema.PATTERN_KINDS}, but got {pattern!r}.")
+        if not (store_values is None or store_values == "all" or (isinstance(store_values, int) and store_values >= 1)):
+            raise ValueError(f"Expected `store_values` to be None, 'all' or a positive int, but got {store_values!r}.")
         if max_observations is not None and int(max_observations) < 1:
             raise ValueError(f"Expected `max_observations` to be None or at least 1, but got {max_observations}.")
         self.model = model
@@ -107,7 +127,8 @@ class ActivationRecorder:
         self.pattern = pattern
         self.max_observations = None if max_observations is None else int(max_observations)
         self.seed = int(seed)
-        self.writer = ShardWriter(
+        self.store_values = store_values
+        self.writer = writer or ShardWriter(
             out_dir,
             rank=_default_rank() if rank is None else rank,
             compression=compression,
@@ -115,6 +136,7 @@ class ActivationRecorder:
             on_backpressure=on_backpressure,
             max_shard_bytes=max_shard_bytes,
         )
+        self.on_record = on_record
         self._hooks = SiteHooks(model, self._on_site, sites=sites, module_types=module_types, functional=functional)
         self._site_meta: dict[str, SiteMeta] = {}
         self._context: _Capture | None = None
@@ -181,9 +203,10 @@ class ActivationRecorder:
         try:
             yield self
         finally:
+            forwards = self._hooks.forwards
             self._hooks.detach()
             context, self._context = self._context, None
-        if not self._site_meta and context.forwards_seen:
+        if forwards and not self._site_meta and not context.sites_seen:
             raise ValueError(
                 f"Expected {type(self.model).__name__} to contain at least one activation site, but a forward "
                 f"ran inside `capture()` and none was found. Searched {self._hooks.describe_search()}"
@@ -193,7 +216,7 @@ class ActivationRecorder:
 
     def _on_site(self, name: str, module_type: str, z: torch.Tensor) -> None:
         context = self._context
-        context.forwards_seen = True
+        context.sites_seen = True
         n = z.shape[0] if z.dim() > 1 else 1
         if n == 0:
             return  # an empty batch has no observation to record
@@ -207,6 +230,7 @@ class ActivationRecorder:
                 shape=tuple(z.shape[1:]),
                 n_units=obs.shape[1],
                 pattern=self.pattern,
+                value_units=self._value_units(len(self._site_meta), obs.shape[1]),
             )
         elif meta.n_units != obs.shape[1]:
             self._warn_once(
@@ -221,6 +245,11 @@ class ActivationRecorder:
             obs_index = np.sort(rng.choice(obs.shape[0], self.max_observations, replace=False))
             obs = obs.index_select(0, torch.from_numpy(obs_index).to(obs.device, non_blocking=True))
         bits = pack_rows(obs)
+        values = None
+        if meta.value_units is not None:
+            units = meta.value_units
+            kept = obs.detach() if len(units) == meta.n_units else obs.detach()[:, list(units)]
+            values = kept.to(torch.float16, copy=True)  # a copy: an in-place activation may overwrite z
         nan_count = z.isnan().count_nonzero() if z.is_floating_point() else 0
         labels, sample_ids = context.per_sample()
         if (labels is not None and len(labels) != n) or (sample_ids is not None and len(sample_ids) != n):
@@ -232,16 +261,25 @@ class ActivationRecorder:
             labels = sample_ids = None
         ready = None
         if bits.is_cuda:
-            bits, nan_count = _to_pinned(bits), _to_pinned(nan_count)
+            bits, nan_count, values = _to_pinned(bits), _to_pinned(nan_count), _to_pinned(values)
             ready = torch.cuda.Event()
             ready.record()
-        self.writer.put(
-            Record(
-                meta=meta, step=context.step, epoch=context.epoch, split=context.split, bits=bits,
-                n_positions=n_positions, n_samples=n, nan_count=nan_count,
-                sample_ids=sample_ids, labels=labels, obs_index=obs_index, ready=ready,
-            )
+        record = Record(
+            meta=meta, step=context.step, epoch=context.epoch, split=context.split, bits=bits,
+            n_positions=n_positions, n_samples=n, nan_count=nan_count,
+            sample_ids=sample_ids, labels=labels, obs_index=obs_index, values=values, ready=ready,
         )
+        if self.on_record is not None:
+            self.on_record(record)
+        self.writer.put(record)
+
+    def _value_units(self, site_index: int, n_units: int) -> tuple[int, ...] | None:
+        if self.store_values is None:
+            return None
+        if self.store_values == "all" or self.store_values >= n_units:
+            return tuple(range(n_units))
+        rng = np.random.default_rng([self.seed, site_index, 1])
+        return tuple(int(u) for u in np.sort(rng.choice(n_units, self.store_values, replace=False)))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -254,7 +292,7 @@ class _Capture:
 
     def __init__(self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any) -> None:
         self.step, self.epoch, self.split = step, epoch, split
-        self.forwards_seen = False
+        self.sites_seen = False  # a selected site was called (even if its batch was empty)
         self._raw = (labels, sample_ids)
         self._host: tuple | None = None
 

@@ -9,10 +9,15 @@ HDF5 file that ``h5py`` alone can read::
         sample_ids  (samples,) int64        per sample of each record, -1 where unknown
         labels      (samples,) int64        per sample of each record, -1 where unknown
         obs_index   (subsampled rows,) int64  row index into the record's full (sample, position) grid
+        values      (value rows, k) float16 optional pre-activations of the units in attr value_units
         records     (records,) RECORD_DTYPE one row per recorded call, pointing into the arrays above
 
 Rows of a record are ordered sample-major then by flattened spatial position, unless the record was
-subsampled, in which case ``obs_index`` names each kept row's place in that grid.
+subsampled, in which case ``obs_index`` names each kept row's place in that grid. A record with values
+has one ``values`` row per ``bits`` row, starting at ``value_start``.
+
+Version history: 1 = patterns only; 2 adds ``values``, the ``value_units`` attribute and the
+``value_start`` record field (-1 = no values). Readers of version 2 read version 1 shards.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import re
 import numpy as np
 
 FORMAT_NAME = "actpat-patterns"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BIT_ORDER = "little"
 PATTERN_KINDS = ("channel", "flat")
 
@@ -31,6 +36,7 @@ BITS = "bits"
 SAMPLE_IDS = "sample_ids"
 LABELS = "labels"
 OBS_INDEX = "obs_index"
+VALUES = "values"
 RECORDS = "records"
 
 SPLIT_BYTES = 32
@@ -47,6 +53,7 @@ RECORD_DTYPE = np.dtype(
         ("obs_start", np.int64),
         ("n_positions", np.int64),
         ("nan_count", np.int64),
+        ("value_start", np.int64),
     ]
 )
 

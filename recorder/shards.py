@@ -34,6 +34,8 @@ class SiteMeta:
     shape: tuple[int, ...]
     n_units: int
     pattern: str
+    # Units whose float16 pre-activations are stored alongside the bits (None: values not stored).
+    value_units: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -55,11 +57,13 @@ class Record:
     sample_ids: Any = None
     labels: Any = None
     obs_index: Any = None
+    values: Any = None
     ready: Any = None
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nbytes = sum(_nbytes(a) for a in (self.bits, self.sample_ids, self.labels, self.obs_index))
+        arrays = (self.bits, self.sample_ids, self.labels, self.obs_index, self.values)
+        self.nbytes = sum(_nbytes(a) for a in arrays)
 
 
 def _nbytes(array: Any) -> int:
@@ -212,6 +216,8 @@ class ShardWriter:
             self._drain()
         finally:
             try:
+                if self._file is None and self._file_dropped:
+                    self._file = self._open()  # an empty shard that only carries the last drop count
                 self._finalize()
             except BaseException as exc:  # noqa: BLE001
                 self._error = self._error or exc
@@ -245,7 +251,6 @@ class ShardWriter:
         handle.attrs["dropped_records"] = 0
         handle.create_group(schema.SITES_GROUP)
         self._file_bytes = 0
-        self._file_dropped = 0
         self._next_index += 1
         return handle
 
@@ -253,7 +258,11 @@ class ShardWriter:
         if self._file is None:
             return
         handle, self._file = self._file, None
-        handle.attrs["dropped_records"] = self._file_dropped
+        # Drops are counted by producers, possibly while no shard is open: each shard takes the drops
+        # since the previous one was finalized, so that the shards' sum is the writer's total.
+        with self._space:
+            dropped, self._file_dropped = self._file_dropped, 0
+        handle.attrs["dropped_records"] = dropped
         handle.attrs["finalized"] = True
         partial = Path(handle.filename)
         handle.close()
@@ -274,6 +283,13 @@ class ShardWriter:
         group.attrs["n_units"] = meta.n_units
         group.attrs["pattern"] = meta.pattern
         group.attrs["bit_order"] = schema.BIT_ORDER
+        if meta.value_units is not None:
+            group.attrs["value_units"] = np.asarray(meta.value_units, dtype=np.int64)
+            k = len(meta.value_units)
+            group.create_dataset(
+                schema.VALUES, shape=(0, k), maxshape=(None, k), dtype=np.float16,
+                chunks=(max(1, min(1 << 14, (1 << 20) // (2 * k))), k), compression=self.compression,
+            )
         n_bytes = (meta.n_units + 7) // 8
         row_chunk = max(1, min(1 << 16, (1 << 20) // n_bytes))
         group.create_dataset(
@@ -292,6 +308,7 @@ class ShardWriter:
             record.ready.synchronize()
         bits = _to_numpy(record.bits, np.uint8)
         obs_index = _to_numpy(record.obs_index, np.int64)
+        values = _to_numpy(record.values, np.float16)
         n_samples = record.n_samples
         sample_ids = _to_numpy(record.sample_ids, np.int64)
         labels = _to_numpy(record.labels, np.int64)
@@ -308,6 +325,7 @@ class ShardWriter:
         sample_start = _append(group[schema.SAMPLE_IDS], sample_ids)
         _append(group[schema.LABELS], labels)
         obs_start = -1 if obs_index is None else _append(group[schema.OBS_INDEX], obs_index)
+        value_start = -1 if values is None else _append(group[schema.VALUES], values)
         entry = np.zeros((), dtype=schema.RECORD_DTYPE)
         entry["step"] = record.step
         entry["epoch"] = record.epoch
@@ -319,6 +337,7 @@ class ShardWriter:
         entry["obs_start"] = obs_start
         entry["n_positions"] = record.n_positions
         entry["nan_count"] = nan_count
+        entry["value_start"] = value_start
         # The record row goes last: a reader never sees a record whose rows are missing.
         _append(group[schema.RECORDS], entry[None])
         self.written_records += 1
