@@ -1,0 +1,185 @@
+"""Similarity of activation patterns between two time points of one site (SPEC section 4).
+
+Only meaningful when both time points saw the **same inputs** (the probe protocol). The set measures
+take :class:`~actpat.analysis.counts.PatternCounts`; :func:`stability` compares the two patterns of
+each observation, so it needs the packed rows of both time points in the same observation order.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from actpat.analysis.counts import PatternCounts, _check_bits
+
+__all__ = ["Stability", "jaccard", "stability", "weighted_jaccard"]
+
+# Rows compared per block in :func:`stability` (bounds temporaries to about 16 MiB).
+_BLOCK_BYTES = 1 << 24
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _check_counts(c_t, c_u) -> None:
+    for name, c in (("c_t", c_t), ("c_u", c_u)):
+        if not isinstance(c, PatternCounts):
+            raise TypeError(f"Expected `{name}` to be a PatternCounts, but got {type(c).__name__}.")
+    if c_t.n_units != c_u.n_units:
+        raise ValueError(
+            f"Expected `c_t` and `c_u` to have the same `n_units`, but got {c_t.n_units} and {c_u.n_units}."
+        )
+
+
+def jaccard(c_t: PatternCounts, c_u: PatternCounts, threshold: int = 0) -> float:
+    """Jaccard index ``|S_t & S_u| / |S_t | S_u|`` of the sets of patterns seen more than ``threshold`` times.
+
+    Parameters
+    ----------
+    c_t, c_u : PatternCounts
+        Counts of the same site (same ``n_units``) at two time points.
+    threshold : int, default 0
+        ``S = {a : c(a) > threshold}``; 0 gives the plain JI, SPEC's ``JI_T`` uses ``T = 10``.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; 1 when both sets are equal and non-empty. **NaN** when both sets are empty
+        (0 / 0, only possible for ``threshold > 0``): no pattern is frequent enough to compare, which is
+        neither similarity nor dissimilarity.
+
+    Raises
+    ------
+    ValueError
+        If ``n_units`` differ or ``threshold`` is negative.
+
+    References
+    ----------
+    Hartmann, Franzen & Brodehl (2021), Frontiers in Artificial Intelligence 4.
+
+    Examples
+    --------
+    >>> from actpat.analysis.counts import pattern_counts
+    >>> a = pattern_counts(np.array([[0], [1], [2]], dtype=np.uint8), 2)
+    >>> b = pattern_counts(np.array([[1], [2], [3]], dtype=np.uint8), 2)
+    >>> jaccard(a, b)
+    0.5
+    >>> jaccard(a, b, threshold=1)
+    nan
+    """
+    _check_counts(c_t, c_u)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
+        raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
+    _, ct, cu = c_t.align(c_u)
+    in_t = ct > threshold
+    in_u = cu > threshold
+    union = int(np.count_nonzero(in_t | in_u))
+    if union == 0:
+        return float("nan")
+    return int(np.count_nonzero(in_t & in_u)) / union
+
+
+def weighted_jaccard(c_t: PatternCounts, c_u: PatternCounts) -> float:
+    """Weighted Jaccard index ``sum_a min(c_t(a), c_u(a)) / sum_a max(c_t(a), c_u(a))``.
+
+    Parameters
+    ----------
+    c_t, c_u : PatternCounts
+        Counts of the same site (same ``n_units``) at two time points, normally over the same ``n``.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; 1 iff the two count vectors are equal; NaN if both are empty.
+
+    Notes
+    -----
+    Counts, not probabilities, are compared: with equal ``n`` (the probe protocol) this is the
+    Ruzicka similarity of the two pattern distributions.
+
+    Examples
+    --------
+    >>> from actpat.analysis.counts import pattern_counts
+    >>> a = pattern_counts(np.array([[0], [0], [1]], dtype=np.uint8), 1)
+    >>> b = pattern_counts(np.array([[0], [1], [1]], dtype=np.uint8), 1)
+    >>> weighted_jaccard(a, b)
+    0.5
+    """
+    _check_counts(c_t, c_u)
+    _, ct, cu = c_t.align(c_u)
+    den = int(np.maximum(ct, cu).sum())
+    if den == 0:
+        return float("nan")
+    return int(np.minimum(ct, cu).sum()) / den
+
+
+class Stability(NamedTuple):
+    """Per-observation stability of patterns between two time points (see :func:`stability`)."""
+
+    identical_fraction: float
+    """Fraction of observations whose pattern is identical at both time points."""
+    hamming_per_unit: float
+    """Mean Hamming distance per unit: total bit flips / (n * n_units), in ``[0, 1]``."""
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _POPCOUNT[x]
+
+
+def stability(bits_t, bits_u, n_units: int, *, validate_args: bool = True) -> Stability:
+    """Identical-pattern fraction and mean Hamming distance of the same observations at two times.
+
+    Parameters
+    ----------
+    bits_t, bits_u : array_like
+        ``(n, ceil(n_units / 8))`` uint8 packed patterns; row ``i`` of both is the same observation
+        (same probe sample and position).
+    n_units : int
+        Units per pattern.
+    validate_args : bool, default True
+        Check shapes and dtypes.
+
+    Returns
+    -------
+    Stability
+        ``(identical_fraction, hamming_per_unit)``: the fraction of rows with equal patterns, and the
+        total number of differing bits divided by ``n * n_units``. Padding bits are ignored.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ, ``n_units`` does not fit, or there are no rows.
+
+    Examples
+    --------
+    >>> t = np.packbits([[1, 0, 1], [1, 1, 1]], axis=1, bitorder="little")
+    >>> u = np.packbits([[1, 0, 1], [0, 1, 0]], axis=1, bitorder="little")
+    >>> s = stability(t, u, n_units=3)
+    >>> s.identical_fraction, round(s.hamming_per_unit, 4)
+    (0.5, 0.3333)
+    """
+    if validate_args:
+        bits_t = _check_bits(bits_t, n_units, name="bits_t")
+        bits_u = _check_bits(bits_u, n_units, name="bits_u")
+        if bits_t.shape != bits_u.shape:
+            raise ValueError(
+                f"Expected `bits_t` and `bits_u` to have the same shape (the same observations), "
+                f"but got {bits_t.shape} and {bits_u.shape}."
+            )
+    else:
+        bits_t, bits_u = np.asarray(bits_t), np.asarray(bits_u)
+    n, n_bytes = bits_t.shape
+    tail = n_units % 8
+    last_mask = np.uint8((1 << tail) - 1) if tail else np.uint8(0xFF)
+    block = max(1, _BLOCK_BYTES // n_bytes)
+    identical = 0
+    flips = 0
+    for start in range(0, n, block):
+        x = np.bitwise_xor(bits_t[start : start + block], bits_u[start : start + block])
+        x[:, -1] &= last_mask
+        pc = _popcount(x)
+        per_row = pc.sum(axis=1, dtype=np.int64)
+        identical += int(np.count_nonzero(per_row == 0))
+        flips += int(per_row.sum())
+    return Stability(identical / n, flips / (n * n_units))
