@@ -9,15 +9,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _open_nonempty(run_dir: Path):
     from actpat.recorder import open_run
 
-    run = open_run(args.run_dir)
+    run = open_run(run_dir)
     if not run.shards:
         raise ValueError(
-            f"Expected shards (patterns-rank*.h5) in {args.run_dir}, but found none: the run is empty. "
+            f"Expected shards (patterns-rank*.h5) in {run_dir}, but found none: the run is empty. "
             "Check the path; a recorder writes its first shard when its first record arrives."
         )
+    return run
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    run = _open_nonempty(args.run_dir)
     size = sum(path.stat().st_size for path in run.shards)
     print(f"run:            {run.path}")
     print(f"format version: {run.format_version}")
@@ -35,6 +40,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
             steps = run.steps(site, split)
             cells.append(f"{len(steps):>8}/{run.n_observations(site, split):<11}")
         print(f"{info['site_index']:>3}  {site:<28} {info['module_type']:<16} {info['n_units']:>6}  " + "  ".join(cells))
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from actpat.analysis import summarize
+
+    out: Path = args.output
+    if out.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"Expected `-o` to end in .csv or .parquet, but got {str(out)!r}.")
+    df = summarize(_open_nonempty(args.run_dir), split=args.split, progress=not args.no_progress, n_jobs=args.jobs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        try:
+            df.to_parquet(out, index=False)
+        except ImportError as exc:
+            raise ValueError("Writing .parquet needs pyarrow: `pip install actpat[parquet]`, or use -o *.csv.") from exc
+    else:
+        df.to_csv(out, index=False)
+    print(f"wrote {len(df)} rows ({df['site'].nunique()} sites, {df['step'].nunique()} steps) to {out}")
     return 0
 
 
@@ -61,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="sites, steps, splits, observations and size of a recorded run")
     info.add_argument("run_dir", type=Path)
     info.set_defaults(func=_cmd_info)
+
+    analyze = commands.add_parser("analyze", help="every entropy and similarity measure of a run, as a tidy table")
+    analyze.add_argument("run_dir", type=Path)
+    analyze.add_argument("-o", "--output", type=Path, required=True, help="metrics.csv or metrics.parquet")
+    analyze.add_argument("--split", default="probe", help="recorded split to analyse (default: probe)")
+    analyze.add_argument("--jobs", type=int, default=1, help="worker processes, one site each (default: 1)")
+    analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    analyze.set_defaults(func=_cmd_analyze)
     return parser
 
 
