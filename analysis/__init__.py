@@ -5,6 +5,7 @@ Nothing here imports torch: the core works on packed ``uint8`` patterns (see the
 
 from actpat.analysis import plots
 from actpat.analysis.counts import PatternCounts, pattern_counts
+from actpat.analysis.firing import firing_rates
 from actpat.analysis.entropy import (
     conditional_entropy,
     entropy,
@@ -24,6 +25,7 @@ __all__ = [
     "UnitStats",
     "conditional_entropy",
     "entropy",
+    "firing_rates",
     "jaccard",
     "label_information",
     "miller_madow",

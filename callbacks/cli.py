@@ -62,6 +62,27 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from actpat.analysis import plots, summarize
+
+    df = summarize(_open_nonempty(args.run_dir), split=args.split, progress=not args.no_progress)
+    paths = plots.save_all(df, args.output, x=args.x)
+    print(f"wrote {len(paths)} figures to {args.output}")
+    return 0
+
+
+def _cmd_tensorboard(args: argparse.Namespace) -> int:
+    from actpat.analysis import firing_rates, summarize, to_tensorboard
+
+    run = _open_nonempty(args.run_dir)
+    df = summarize(run, split=args.split, progress=not args.no_progress)
+    out = to_tensorboard(
+        df, args.logdir, run_name=args.run_name, unit_rates=firing_rates(run, args.split), overwrite=args.overwrite
+    )
+    print(f"wrote TensorBoard events to {out}\nopen them with:  tensorboard --logdir {args.logdir}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from actpat.callbacks.demo import main as demo_main
 
@@ -93,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--jobs", type=int, default=1, help="worker processes, one site each (default: 1)")
     analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     analyze.set_defaults(func=_cmd_analyze)
+
+    plot = commands.add_parser("plot", help="heatmaps (site x time) and per-site curves as PNG files")
+    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("-o", "--output", type=Path, required=True, help="directory for the PNG files")
+    plot.add_argument("--split", default="probe", help="recorded split to plot (default: probe)")
+    plot.add_argument("--x", choices=("step", "epoch"), default="step", help="time axis (default: step)")
+    plot.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    plot.set_defaults(func=_cmd_plot)
+
+    board = commands.add_parser("tensorboard", help="offline metrics, firing-rate histograms and figures as events")
+    board.add_argument("run_dir", type=Path)
+    board.add_argument("--logdir", type=Path, required=True, help="TensorBoard log directory")
+    board.add_argument("--run-name", default=None, help="sub-directory of LOGDIR (default: actpat-offline)")
+    board.add_argument("--split", default="probe", help="recorded split to export (default: probe)")
+    board.add_argument("--overwrite", action="store_true", help="replace events of an earlier export")
+    board.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    board.set_defaults(func=_cmd_tensorboard)
     return parser
 
 
@@ -106,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("actpat: interrupted; shards finalized so far are readable.", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"actpat {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

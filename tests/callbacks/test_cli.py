@@ -71,3 +71,30 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "patterns-rank000-00000.h5" in err and "Move the file" in err
     assert main(["analyze", str(tmp_path), "-o", str(tmp_path / "m.txt")]) == 2
     assert ".csv or .parquet" in capsys.readouterr().err
+
+
+def test_plot_writes_headline_heatmaps(run_dir, tmp_path):
+    assert main(["plot", str(run_dir), "-o", str(tmp_path / "figs"), "--no-progress"]) == 0
+    names = {p.name for p in (tmp_path / "figs").glob("*.png")}
+    assert {"heatmap_normalized_entropy.png", "heatmap_jaccard_init.png", "heatmap_weighted_jaccard_final.png"} <= names
+    assert all((tmp_path / "figs" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
+def test_tensorboard_export_scalars_and_histograms_read_back(run_dir, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["tensorboard", str(run_dir), "--logdir", str(tmp_path), "--no-progress"]) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    from actpat.recorder import open_run
+
+    p = open_run(run_dir).read("3", 1, split="probe")
+    on = p.unpack()
+    (event,) = [e for e in acc.Scalars("actpat/firing_rate_mean/3") if e.step == 1]
+    assert event.value == pytest.approx(on.mean(), rel=1e-6)
+    (hist,) = [h for h in acc.Histograms("actpat/firing_rate/3") if h.step == 1]
+    assert hist.histogram_value.num == 3
+    # A second export into the same run is refused rather than duplicating events.
+    assert main(["tensorboard", str(run_dir), "--logdir", str(tmp_path), "--no-progress"]) == 2
+    assert "run_name" in capsys.readouterr().err
