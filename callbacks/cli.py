@@ -83,10 +83,43 @@ def _cmd_tensorboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from actpat.callbacks.demo import main as demo_main
+def _demo_table(df):
+    """Per site: final normalized entropy and distinct patterns, and wJI(final) at mid-run."""
+    steps = sorted(df["step"].unique())
+    final, mid = steps[-1], steps[len(steps) // 2]
+    wide = df.pivot_table(index=["site_index", "site", "step"], columns="metric", values="value")
+    at_final = wide.xs(final, level="step")
+    at_mid = wide.xs(mid, level="step")
+    table = at_final[["normalized_entropy", "distinct"]].copy()
+    table[f"wJI(final) at step {mid}"] = at_mid["weighted_jaccard_final"]
+    table.columns = [f"normalized entropy (step {final})", f"distinct patterns (step {final})", table.columns[-1]]
+    return table.reset_index(level="site_index", drop=True)
 
-    return demo_main(out_dir=args.out, fast=args.fast)
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from actpat.analysis import firing_rates, plots, summarize, to_tensorboard
+    from actpat.callbacks.demo import run_demo
+
+    out: Path = args.out
+    print(f"[1/4] training a small CNN on scikit-learn's digits with probe recording -> {out}")
+    result = run_demo(out, fast=args.fast, progress=not args.fast)
+    print("[2/4] analysing the recorded probe patterns")
+    df = summarize(result.run_dir, split="probe")
+    df.to_csv(out / "metrics.csv", index=False)
+    print("[3/4] writing figures")
+    figures = plots.save_all(df, out / "figures")
+    print("[4/4] writing TensorBoard events")
+    board = to_tensorboard(
+        df, result.logs_dir, run_name="actpat-offline", unit_rates=firing_rates(result.run_dir), overwrite=True
+    )
+    print(_demo_table(df).round(3).to_string())
+    print(
+        f"\nshards:      {result.run_dir}\nmetrics:     {out / 'metrics.csv'}\n"
+        f"figures:     {len(figures)} PNG files in {out / 'figures'}\nTensorBoard: {board}\n"
+        f"open it with:  tensorboard --logdir {result.logs_dir}"
+    )
+    return 0
+
 
 
 def build_parser() -> argparse.ArgumentParser:

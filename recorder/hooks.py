@@ -89,6 +89,7 @@ class SiteHooks:
         self._calls: Counter = Counter()
         self._handles: list = []
         self._mode: _FunctionalMode | None = None
+        self.forwards = 0  # top-level forwards of the model seen since the last attach()
 
     @property
     def module_sites(self) -> list[str]:
@@ -107,6 +108,7 @@ class SiteHooks:
             return
         self._stack.clear()
         self._calls.clear()
+        self.forwards = 0
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(self._pre_hook),
             nn.modules.module.register_module_forward_hook(self._post_hook, always_call=True),
@@ -139,6 +141,7 @@ class SiteHooks:
             return
         if not self._stack:
             self._calls.clear()  # a new top-level forward: call indices restart
+            self.forwards += 1
         self._stack.append(key)
         if key in self._site_modules and args and isinstance(args[0], torch.Tensor):
             k = self._calls[key]

@@ -221,7 +221,8 @@ class ActivationRecorder:
         if n == 0:
             return  # an empty batch has no observation to record
         meta = self._site_meta.get(name)
-        obs, n_positions = observation_view(z, self.pattern)
+        # Compare first: the (sample, position) layout then moves 1-byte bools, not the float z.
+        obs, n_positions = observation_view(z > 0, self.pattern)
         if meta is None:
             meta = self._site_meta[name] = SiteMeta(
                 site=name,
@@ -239,18 +240,22 @@ class ActivationRecorder:
                 "this call is not recorded.",
             )
             return
-        obs_index = None
+        obs_index = index = None
         if self.max_observations is not None and obs.shape[0] > self.max_observations:
             rng = np.random.default_rng([self.seed, context.step & 0x7FFFFFFF, meta.site_index])
             obs_index = np.sort(rng.choice(obs.shape[0], self.max_observations, replace=False))
-            obs = obs.index_select(0, torch.from_numpy(obs_index).to(obs.device, non_blocking=True))
+            index = torch.from_numpy(obs_index).to(obs.device, non_blocking=True)
+            obs = obs.index_select(0, index)
         bits = pack_rows(obs)
         values = None
         if meta.value_units is not None:
             units = meta.value_units
-            kept = obs.detach() if len(units) == meta.n_units else obs.detach()[:, list(units)]
+            kept = observation_view(z.detach(), self.pattern)[0]
+            if index is not None:
+                kept = kept.index_select(0, index)
+            kept = kept if len(units) == meta.n_units else kept[:, list(units)]
             values = kept.to(torch.float16, copy=True)  # a copy: an in-place activation may overwrite z
-        nan_count = z.isnan().count_nonzero() if z.is_floating_point() else 0
+        nan_count = _nan_count(z)
         labels, sample_ids = context.per_sample()
         if (labels is not None and len(labels) != n) or (sample_ids is not None and len(sample_ids) != n):
             self._warn_once(
@@ -300,6 +305,17 @@ class _Capture:
         if self._host is None:
             self._host = tuple(_host_int64(a) for a in self._raw)
         return self._host
+
+
+def _nan_count(z: torch.Tensor) -> Any:
+    """Number of NaNs in ``z``: an int on CPU, a device tensor on an accelerator (no sync in the hook)."""
+    if not z.is_floating_point():
+        return 0
+    if z.device.type != "cpu":
+        return z.isnan().count_nonzero()
+    # A sum is NaN whenever z holds a NaN (and rarely otherwise, inf - inf): only then count exactly.
+    # One read-only reduction is ~3x cheaper than isnan + count_nonzero over every element.
+    return int(z.isnan().count_nonzero()) if bool(z.sum(dtype=torch.float32).isnan()) else 0
 
 
 def _host_int64(values: Any) -> Any:

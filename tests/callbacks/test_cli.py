@@ -98,3 +98,13 @@ def test_tensorboard_export_scalars_and_histograms_read_back(run_dir, tmp_path, 
     # A second export into the same run is refused rather than duplicating events.
     assert main(["tensorboard", str(run_dir), "--logdir", str(tmp_path), "--no-progress"]) == 2
     assert "run_name" in capsys.readouterr().err
+
+
+def test_demo_fast_trains_records_and_exports(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--fast"]) == 0
+    out = capsys.readouterr().out
+    assert "open it with:  tensorboard --logdir" in out
+    df = pd.read_csv(tmp_path / "metrics.csv", dtype={"site": str})
+    assert {"net.2", "net.5", "net.8"} <= set(df["site"])
+    assert (tmp_path / "figures" / "heatmap_normalized_entropy.png").stat().st_size > 0
+    assert list(tmp_path.glob("logs/version_0/actpat-offline/events.out.tfevents.*"))

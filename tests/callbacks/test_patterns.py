@@ -1,0 +1,416 @@
+"""ActivationPatternCallback on a real Trainer, against independent truth.
+
+The truth here never calls the library's packing or counting: the tests hook the ReLUs themselves,
+pack with ``np.packbits`` and count rows with ``collections.Counter``. The subprocess tests (kill and
+resume, DDP) import this file as a module to share the tiny model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from actpat.callbacks.patterns import ActivationPatternCallback
+from actpat.recorder import open_run
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+
+
+# ---------------------------------------------------------------------- tiny model and data
+class ToyNet(pl.LightningModule):
+    """Conv + BatchNorm + ReLU, Dropout, dense ReLU: what the probe must not disturb."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+            nn.Dropout(0.3), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 3),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def toy_data(n: int = 64, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+class ToyData(pl.LightningDataModule):
+    def __init__(self, n: int = 64, batch_size: int = 8) -> None:
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def train_dataloader(self):
+        return DataLoader(toy_data(self.n), batch_size=self.batch_size, shuffle=True)
+
+
+def make_trainer(root, callbacks=(), **kwargs) -> pl.Trainer:
+    options = dict(
+        max_epochs=2, logger=CSVLogger(root), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, deterministic=True, default_root_dir=root, accelerator="cpu", devices=1,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **options)
+
+
+def fit(root, callbacks=(), seed: int = 0, **kwargs) -> ToyNet:
+    pl.seed_everything(seed, verbose=False)
+    model = ToyNet()
+    make_trainer(root, callbacks, **kwargs).fit(model, DataLoader(toy_data(), batch_size=8, shuffle=True))
+    return model
+
+
+def relu_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The test's own hooks: the input of every nn.ReLU, by module path."""
+    seen, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU):
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].clone())))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def channel_bits(z: torch.Tensor) -> np.ndarray:
+    on = (z > 0).numpy()
+    if on.ndim > 2:
+        on = np.moveaxis(on, 1, -1).reshape(-1, on.shape[1])
+    return np.packbits(on, axis=1, bitorder="little")
+
+
+# ---------------------------------------------------------------------- bit-identical training
+@pytest.mark.parametrize("probe_mode", ["train", "eval"])
+def test_training_is_bit_identical_with_the_callback(tmp_path, probe_mode):
+    plain = fit(tmp_path / "plain")
+    cb = ActivationPatternCallback(probe=toy_data(24, seed=1), probe_every=0.2, probe_mode=probe_mode,
+                                   probe_batch_size=10, batch_every_n_steps=3)
+    recorded = fit(tmp_path / "recorded", [cb])
+    for (key, a), b in zip(plain.state_dict().items(), recorded.state_dict().values()):
+        assert torch.equal(a, b), key  # weights and BatchNorm buffers
+    run = open_run(cb.run_dir)
+    assert run.steps("net.2", "probe").tolist() == [0, 2, 4, 5, 7, 8, 10, 12, 13, 15, 16]
+    assert run.steps("net.2", "train").tolist() == [0, 3, 6, 9, 12, 15]
+
+
+# ---------------------------------------------------------------------- probe = recomputation from weights
+class SaveWeights(pl.Callback):
+    def __init__(self):
+        self.weights = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.weights[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+
+@pytest.mark.parametrize("probe_mode", ["train", "eval"])
+def test_probe_patterns_equal_recomputation_from_saved_weights(tmp_path, probe_mode):
+    probe = toy_data(24, seed=1)
+    cb = ActivationPatternCallback(probe=probe, probe_every=4, probe_mode=probe_mode, probe_batch_size=10,
+                                   live_stats=False)
+    saver = SaveWeights()
+    fit(tmp_path, [cb, saver], max_epochs=1)
+    run = open_run(cb.run_dir)
+    steps = run.steps("net.6", "probe").tolist()
+    assert steps == [0, 4, 8]
+    for step in steps:
+        model = ToyNet()
+        model.load_state_dict(saver.weights[step])
+        model.train(probe_mode == "train")
+        model.net[4].eval()  # the probe runs without dropout noise
+        truth: dict[str, list] = {}
+        with torch.no_grad():
+            for start in range(0, len(probe), 10):  # the probe's batches: BatchNorm sees these in train mode
+                for site, z in relu_inputs(model, probe.tensors[0][start : start + 10]).items():
+                    truth.setdefault(site, []).append(channel_bits(z))
+        assert sorted(truth) == sorted(run.sites)
+        for site, parts in truth.items():
+            p = run.read(site, step, "probe")
+            np.testing.assert_array_equal(p.bits, np.concatenate(parts), err_msg=f"{site} at step {step}")
+            positions = 16 if site == "net.2" else 1
+            np.testing.assert_array_equal(p.sample_ids, np.repeat(np.arange(24), positions))
+            np.testing.assert_array_equal(p.labels, np.repeat(probe.tensors[1].numpy(), positions))
+
+
+# ---------------------------------------------------------------------- live stats = brute force from the shards
+def _entropy(counter: Counter) -> float:
+    n = sum(counter.values())
+    return -sum(c / n * math.log2(c / n) for c in counter.values())
+
+
+def _brute_force(rows: list[tuple], labels: list[int], n_units: int, init: Counter, last: Counter | None) -> dict:
+    a = Counter(rows)
+    n = len(rows)
+    out = {
+        "entropy": _entropy(a),
+        "normalized_entropy": _entropy(a) / min(n_units, math.log2(n)),
+        "distinct": len(a),
+        "top_mass": max(a.values()) / n,
+        "mutual_information": _entropy(a) + _entropy(Counter(labels)) - _entropy(Counter(zip(rows, labels))),
+    }
+    for name, ref in (("init", init), ("last", last)):
+        if ref is None:
+            continue
+        out[f"jaccard_{name}"] = len(a.keys() & ref.keys()) / len(a.keys() | ref.keys())
+        keys = a.keys() | ref.keys()
+        out[f"weighted_jaccard_{name}"] = sum(min(a[k], ref[k]) for k in keys) / sum(max(a[k], ref[k]) for k in keys)
+    return out
+
+
+def test_logged_live_stats_equal_brute_force_counts_of_the_shards(tmp_path):
+    cb = ActivationPatternCallback(probe=toy_data(40, seed=2), probe_every=0.5, probe_batch_size=16)
+    fit(tmp_path, [cb])
+    run = open_run(cb.run_dir)
+    metrics = pd.read_csv(Path(cb.run_dir).parent / "metrics.csv")
+    checked = 0
+    for site in run.sites:
+        init = last = None
+        for step in run.steps(site, "probe").tolist():
+            p = run.read(site, step, "probe")
+            rows = [tuple(r) for r in p.unpack().astype(int).tolist()]
+            a = Counter(rows)
+            truth = _brute_force(rows, p.labels.tolist(), p.n_units, init or a, last)
+            row = metrics[metrics["step"] == step]
+            for metric, value in truth.items():
+                logged = row[f"actpat/{metric}/{site}"].dropna()
+                assert len(logged) == 1, (metric, site, step)
+                assert logged.iloc[0] == pytest.approx(value, rel=1e-9, abs=1e-12), (metric, site, step)
+                checked += 1
+            init, last = init or a, a
+    assert checked > 50
+
+
+def test_tensorboard_logger_gets_scalars_and_a_custom_scalars_layout(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = ActivationPatternCallback(probe=toy_data(16, seed=2), probe_every=0.5)
+    fit(tmp_path, [cb], logger=TensorBoardLogger(tmp_path), max_epochs=1)
+    events = EventAccumulator(str(Path(cb.run_dir).parent)).Reload()
+    assert "actpat/entropy/net.2" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("actpat/jaccard_init/net.6")] == [0, 4, 8]
+    layout = [name for name in os.listdir(Path(cb.run_dir).parent) if name.startswith("events")]
+    assert layout  # the layout is a summary in the same event files
+    assert b"custom_scalars" in b"".join((Path(cb.run_dir).parent / name).read_bytes() for name in layout)
+
+
+# ---------------------------------------------------------------------- state, errors, arguments
+def test_state_dict_round_trip_and_state_key(tmp_path):
+    a = ActivationPatternCallback(batch_every_n_steps=1, live_stats=False)
+    b = ActivationPatternCallback(batch_every_n_steps=2, live_stats=False)
+    assert a.state_key != b.state_key
+    fit(tmp_path, [a], max_epochs=1)
+    state = a.state_dict()
+    assert state["last_batch_step"] == 7 and state["run_dir"] == str(a.run_dir)
+    b.load_state_dict(state)
+    assert b.state_dict() == state
+    b.load_state_dict({})  # an older checkpoint without the keys still loads
+    assert b.state_dict()["last_probe_step"] == -1
+
+
+class Broken(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 3:
+            raise RuntimeError("broken probe sample")
+        return torch.zeros(1, 4, 4), 0
+
+
+def test_an_error_while_recording_warns_once_and_training_continues(tmp_path):
+    cb = ActivationPatternCallback(probe=Broken(), probe_every=1, live_stats=False)
+    with pytest.warns(UserWarning, match="broken probe sample") as record:
+        model = fit(tmp_path, [cb], max_epochs=1)
+    assert sum("actpat" in str(w.message) for w in record) == 1
+    assert model.trainer.global_step == 8
+    strict = ActivationPatternCallback(probe=Broken(), probe_every=1, live_stats=False, on_error="raise")
+    with pytest.raises(RuntimeError, match="broken probe sample"):
+        fit(tmp_path / "strict", [strict], max_epochs=1)
+
+
+def test_invalid_arguments_are_rejected_with_the_value():
+    with pytest.raises(ValueError, match="nothing|something to record"):
+        ActivationPatternCallback()
+    with pytest.raises(ValueError, match="probe_mode.*'test'"):
+        ActivationPatternCallback(batch_every_n_steps=1, probe_mode="test")
+    with pytest.raises(ValueError, match="shuffles"):
+        ActivationPatternCallback(probe=DataLoader(toy_data(8), shuffle=True))
+    with pytest.raises(ValueError, match="probe_every.*-1"):
+        ActivationPatternCallback(probe=toy_data(8), probe_every=-1)
+
+
+def test_live_stats_without_a_logger_fail_at_setup(tmp_path):
+    cb = ActivationPatternCallback(probe=toy_data(8))
+    with pytest.raises(ValueError, match="Expected a logger"):
+        fit(tmp_path, [cb], logger=False)
+
+
+def test_batch_mode_with_a_compiled_module_fails_at_setup(tmp_path):
+    class Compiled(ToyNet):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.compile(self.net)
+
+    cb = ActivationPatternCallback(batch_every_n_steps=1, live_stats=False)
+    with pytest.raises(ValueError, match="compiled with torch.compile"):
+        make_trainer(tmp_path, [cb]).fit(Compiled(), DataLoader(toy_data(), batch_size=8))
+
+
+def test_lightning_cli_yaml_configures_the_callback(tmp_path):
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        trainer:
+          max_epochs: 1
+          accelerator: cpu
+          enable_progress_bar: false
+          enable_model_summary: false
+          enable_checkpointing: false
+          default_root_dir: {tmp_path}
+          callbacks:
+            - class_path: actpat.callbacks.patterns.ActivationPatternCallback
+              init_args:
+                out_dir: {tmp_path / "patterns"}
+                batch_every_n_steps: 2
+                live_stats: false
+        """))
+    cli = LightningCLI(ToyNet, ToyData, args=["fit", "--config", str(config)], save_config_callback=None)
+    cb = [c for c in cli.trainer.callbacks if isinstance(c, ActivationPatternCallback)]
+    assert len(cb) == 1 and cb[0].batch_every_n_steps == 2
+    assert open_run(tmp_path / "patterns").steps("net.2", "train").tolist() == [0, 2, 4, 6]
+
+
+# ---------------------------------------------------------------------- kill and resume (subprocess)
+_SCRIPT = """\
+import importlib.util, os, signal, sys
+import pytorch_lightning as pl
+spec = importlib.util.spec_from_file_location("toy", {here!r}); T = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(T)
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+from actpat.callbacks.patterns import ActivationPatternCallback
+
+class Kill(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+def main():
+    root, ckpt = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None) or None
+    cb = ActivationPatternCallback(probe=T.toy_data(24, seed=1), probe_every=3, batch_every_n_steps=2,
+                                   probe_batch_size=10)
+    ckpts = ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), every_n_train_steps=5, save_top_k=-1)
+    callbacks = [cb, ckpts] + ([] if ckpt else [Kill()])
+    pl.seed_everything(0, verbose=False)
+    trainer = T.make_trainer(root, callbacks, max_epochs=3, enable_checkpointing=True, {extra})
+    trainer.fit(T.ToyNet(), DataLoader(T.toy_data(), batch_size=8, shuffle=True), ckpt_path=ckpt)
+    print("RUN_DIR", cb.run_dir)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def _script(tmp_path, kill_at=-1, extra="") -> Path:
+    path = tmp_path / "train.py"
+    path.write_text(_SCRIPT.format(here=str(HERE), kill_at=kill_at, extra=extra))
+    return path
+
+
+def _run(args, timeout=120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+
+
+def test_kill_and_resume_continues_records_without_duplicates(tmp_path):
+    script = _script(tmp_path, kill_at=12)
+    killed = _run([script, tmp_path])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    ckpt = tmp_path / "ckpt" / "epoch=1-step=10.ckpt"
+    assert ckpt.exists(), os.listdir(tmp_path / "ckpt")
+    resumed = _run([_script(tmp_path), tmp_path, ckpt])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_dir = resumed.stdout.split("RUN_DIR ")[-1].strip()
+    assert "version_0" in run_dir  # the resumed fit (logger version_1) continued in the first run's directory
+    run = open_run(run_dir)
+    all_probe_steps = sorted(set().union(*(run.steps(site, "probe").tolist() for site in run.sites)))
+    all_train_steps = sorted(set().union(*(run.steps(site, "train").tolist() for site in run.sites)))
+    # On schedule, each once; the killed run's steps (<= 12) are there unless its shard was unreadable.
+    assert set(all_probe_steps) <= set(range(0, 25, 3)) and set(all_train_steps) <= set(range(0, 24, 2))
+    assert [s for s in all_probe_steps if s > 12] == [15, 18, 21, 24]
+    assert [s for s in all_train_steps if s > 12] == [14, 16, 18, 20, 22]
+    # The killed process's unfinalized shard holds steps 0..12; HDF5 without SWMR gives no guarantee for
+    # an unfinalized file, so its records may be unreadable (OSError) or, after its last flush, short.
+    crashed = set(range(13))
+    for site in run.sites:
+        positions = 16 if site == "net.2" else 1
+        for split, steps, full in (("probe", range(0, 25, 3), 24), ("train", range(0, 24, 2), 8)):
+            for step in steps:
+                try:
+                    ids = run.read(site, step, split).sample_ids
+                except (OSError, KeyError):  # unreadable, or its rows never reached the disk
+                    assert step in crashed, (site, split, step)  # never a record of the resumed process
+                    continue
+                if split == "probe":
+                    assert len(np.unique(ids)) * positions == len(ids), (site, step)  # no sample twice
+                rows, expected = len(ids), full * positions
+                assert rows == expected or (step in crashed and rows < expected), (site, split, step, rows)
+    assert all(len(run.read("net.6", s, "probe")) == 24 for s in (15, 18, 21, 24))
+
+
+# ---------------------------------------------------------------------- DDP, two CPU processes
+def test_ddp_two_processes_write_per_rank_shards(tmp_path):
+    script = _script(tmp_path, extra='strategy="ddp", devices=2')
+    done = _run([script, tmp_path, ""], timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(done.stdout.split("RUN_DIR ")[-1].strip())
+    names = sorted(os.listdir(run_dir))
+    assert any(n.startswith("patterns-rank000-") for n in names) and any(n.startswith("patterns-rank001-") for n in names)
+    merged = open_run(run_dir)
+    per_rank = []
+    for rank in (0, 1):
+        alone = tmp_path / f"rank{rank}"
+        alone.mkdir()
+        for name in names:
+            if name.startswith(f"patterns-rank{rank:03d}-"):
+                os.link(run_dir / name, alone / name)
+        per_rank.append(open_run(alone))
+    for site in merged.sites:
+        assert merged.n_observations(site, "train") == sum(r.n_observations(site, "train") for r in per_rank)
+        rows = [Counter(map(bytes, r.read(site, 4, "train").bits)) for r in per_rank]
+        assert Counter(map(bytes, merged.read(site, 4, "train").bits)) == rows[0] + rows[1]
+    assert len(merged.read("net.6", 4, "train")) == 16  # 8 samples per rank and step
+    assert len(merged.read("net.6", 0, "probe")) == 24  # the probe ran on rank 0 only
+    assert per_rank[1].splits == ["train"]

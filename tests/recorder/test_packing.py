@@ -1,0 +1,91 @@
+"""pack_rows and observation_view against numpy's packbits and hand-written layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actpat.recorder.packing import observation_view, pack_rows
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n_units=st.integers(1, 200),
+    rows=st.integers(0, 9),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+)
+def test_pack_rows_matches_numpy_packbits_and_round_trips(n_units, rows, seed, dtype, truth):
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((rows, n_units))
+    values[rng.random((rows, n_units)) < 0.1] = 0.0  # exactly zero is off
+    z = torch.from_numpy(values).to(dtype)
+    packed = pack_rows(z)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, (n_units + 7) // 8)
+    on = z.double().numpy() > 0  # the sign after the cast (a tiny value may underflow to 0 in float16)
+    expected = np.packbits(on, axis=-1, bitorder="little")
+    np.testing.assert_array_equal(packed.numpy(), expected)
+    np.testing.assert_array_equal(truth.unpack(packed.numpy(), n_units), on)
+    np.testing.assert_array_equal(np.unpackbits(packed.numpy(), axis=-1, count=n_units, bitorder="little"), on)
+
+
+@pytest.mark.parametrize("n_units", [1, 7, 8, 9, 64, 65])
+def test_pack_rows_degenerate_patterns(n_units, truth):
+    for fill in (1.0, -1.0, 0.0):
+        packed = pack_rows(torch.full((3, n_units), fill)).numpy()
+        np.testing.assert_array_equal(truth.unpack(packed, n_units), np.full((3, n_units), fill > 0))
+    one_hot = torch.eye(n_units) - 0.5  # all distinct patterns, one unit on each
+    np.testing.assert_array_equal(truth.unpack(pack_rows(one_hot).numpy(), n_units), np.eye(n_units, dtype=bool))
+
+
+def test_pack_rows_special_values():
+    z = torch.tensor([[float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-30, -1e-30, 3.0]])
+    assert pack_rows(z).tolist() == [[0b10100010]]
+    assert pack_rows(torch.tensor([[3, -1, 0, 2]], dtype=torch.int64)).tolist() == [[0b1001]]
+
+
+def test_pack_rows_non_contiguous_and_empty():
+    x = torch.randn(16, 5)
+    np.testing.assert_array_equal(
+        pack_rows(x.t()).numpy(), np.packbits(x.t().numpy() > 0, axis=-1, bitorder="little")
+    )
+    assert pack_rows(torch.zeros(0, 5)).shape == (0, 1)
+    assert pack_rows(torch.zeros(3, 0)).shape == (3, 0)
+
+
+def test_observation_view_layouts():
+    z = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    obs, n_positions = observation_view(z, "channel")
+    assert n_positions == 4 and obs.shape == (8, 3)
+    # Row r = sample r // 4 at flattened position r % 4; column c = channel c.
+    for r in range(8):
+        s, p = divmod(r, 4)
+        assert obs[r].tolist() == z[s, :, p // 2, p % 2].tolist()
+    flat, n_positions = observation_view(z, "flat")
+    assert n_positions == 1 and flat.tolist() == z.reshape(2, 12).tolist()
+    dense, n_positions = observation_view(torch.ones(5, 7), "channel")
+    assert n_positions == 1 and dense.shape == (5, 7)
+    single, n_positions = observation_view(torch.ones(7), "channel")
+    assert n_positions == 1 and single.shape == (1, 7)
+    empty, n_positions = observation_view(torch.ones(0, 3, 4, 5), "channel")
+    assert n_positions == 20 and empty.shape == (0, 3)
+    channels_last = z.to(memory_format=torch.channels_last)
+    assert torch.equal(observation_view(channels_last, "channel")[0], obs)
+    with pytest.raises(ValueError, match="pattern"):
+        observation_view(z, "pixel")
+
+
+def test_pack_rows_of_bool_input_and_offset_views():
+    rng = np.random.default_rng(0)
+    on = torch.from_numpy(rng.random((7, 24)) > 0.5)
+    expected = np.packbits(on.numpy(), axis=-1, bitorder="little")
+    np.testing.assert_array_equal(pack_rows(on).numpy(), expected)
+    # A view starting at an odd byte offset cannot be read as int64 words in place.
+    np.testing.assert_array_equal(pack_rows(on[3:]).numpy(), expected[3:])
+    wide = torch.from_numpy(rng.random((5, 33)) > 0.5)
+    np.testing.assert_array_equal(
+        pack_rows(wide[:, 1:]).numpy(), np.packbits(wide[:, 1:].numpy(), axis=-1, bitorder="little")
+    )

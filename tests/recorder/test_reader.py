@@ -1,0 +1,211 @@
+"""open_run / Run: format errors, partial shards, resuming, chunked reading and several ranks."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from actpat.recorder import ActivationRecorder, ShardFormatError, open_run, schema
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 9, 12), nn.ReLU())
+
+
+def _write_run(out, steps, *, model=None, rank=0, batch=3, seed=0, **kwargs):
+    """Record ``steps`` into ``out``; returns the test's own truth per (site, step)."""
+    model = model or _model()
+    inputs = {}
+    handles = [
+        model[1].register_forward_pre_hook(lambda m, a: inputs.setdefault(("1", cur[0]), a[0].detach().clone())),
+        model[4].register_forward_pre_hook(lambda m, a: inputs.setdefault(("4", cur[0]), a[0].detach().clone())),
+    ]
+    cur = [None]
+    gen = torch.Generator().manual_seed(seed)
+    with ActivationRecorder(model, out, rank=rank, **kwargs) as rec:
+        for step in steps:
+            cur[0] = step
+            ids = torch.arange(batch) + 1000 * rank + 10 * step
+            with rec.capture(step, labels=ids % 4, sample_ids=ids):
+                model(torch.randn(batch, 1, 5, 5, generator=gen))
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_missing_directory_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_run(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError):
+        open_run(tmp_path / "file")
+
+
+def test_read_matches_truth_and_unpack(tmp_path, truth):
+    inputs = _write_run(tmp_path, [0, 5, 10])
+    run = open_run(tmp_path)
+    assert run.sites == ["1", "4"] and run.splits == ["train"]
+    assert run.steps("1").tolist() == [0, 5, 10]
+    assert run.n_observations("1") == 3 * 3 * 9 and run.n_observations("4") == 3 * 3
+    assert run.site_info("1")["n_units"] == 5 and run.site_info("4")["shape"] == (12,)
+    for (site, step), z in inputs.items():
+        got = run.read(site, step)
+        np.testing.assert_array_equal(got.unpack(), truth.channel(z))
+        np.testing.assert_array_equal(truth.unpack(got.bits, got.n_units), truth.channel(z))
+        assert got.step == step and got.site == site and got.split == "train"
+    with pytest.raises(KeyError, match="recorded sites"):
+        run.read("nope", 0)
+    with pytest.raises(KeyError, match=r"recorded steps: \[0, 5, 10\]"):
+        run.read("1", 3)
+    assert run.steps("1", split="probe").tolist() == []
+
+
+def test_non_actpat_h5_file_is_named_in_the_error(tmp_path):
+    _write_run(tmp_path, [0])
+    with h5py.File(tmp_path / "weights.h5", "w") as handle:
+        handle["w"] = np.zeros(3)
+    with pytest.raises(ShardFormatError, match="weights.h5") as excinfo:
+        open_run(tmp_path)
+    assert "not" in str(excinfo.value)
+
+
+def test_non_hdf5_file_with_h5_suffix_is_named_in_the_error(tmp_path):
+    (tmp_path / "notes.h5").write_text("not hdf5 at all")
+    with pytest.raises(ShardFormatError, match="notes.h5"):
+        open_run(tmp_path)
+
+
+def test_other_files_are_ignored(tmp_path):
+    _write_run(tmp_path, [0])
+    (tmp_path / "README.txt").write_text("hello")
+    (tmp_path / "sub").mkdir()
+    assert open_run(tmp_path).steps("1").tolist() == [0]
+
+
+def test_newer_format_version_asks_to_upgrade(tmp_path):
+    _write_run(tmp_path, [0])
+    (shard,) = tmp_path.glob("*.h5")
+    with h5py.File(shard, "a") as handle:
+        handle.attrs["format_version"] = 99
+    with pytest.raises(ShardFormatError) as excinfo:
+        open_run(tmp_path)
+    message = str(excinfo.value)
+    assert shard.name in message and "99" in message and "Upgrade" in message
+
+
+def test_resuming_into_the_same_dir_continues_numbering(tmp_path, truth):
+    first = _write_run(tmp_path, [0, 1])
+    (shard0,) = tmp_path.glob("*.h5")
+    digest = _digest(shard0)
+    second = _write_run(tmp_path, [2, 3], seed=1)
+    third = _write_run(tmp_path, [4], seed=2, max_shard_bytes=1)  # rolls over after every record
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [schema.shard_name(0, i) for i in range(4)]
+    assert _digest(shard0) == digest  # never overwritten
+    run = open_run(tmp_path)
+    assert run.steps("1").tolist() == [0, 1, 2, 3, 4]
+    for (site, step), z in {**first, **second, **third}.items():
+        np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
+
+
+def test_iter_chunks_concatenate_to_read(tmp_path):
+    _write_run(tmp_path / "full", [0, 1, 2], batch=4)
+    _write_run(tmp_path / "sub", [0, 1, 2], batch=4, max_observations=20)
+    for out in ("full", "sub"):
+        run = open_run(tmp_path / out)
+        for site in run.sites:
+            chunks = list(run.iter_chunks(site, max_rows=7))
+            assert all(0 < len(c) <= 7 for c in chunks)
+            assert [c.step for c in chunks] == sorted(c.step for c in chunks)
+            for step in run.steps(site).tolist():
+                parts = [c for c in chunks if c.step == step]
+                whole = run.read(site, step)
+                for field in ("bits", "labels", "sample_ids", "positions"):
+                    np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in parts]), getattr(whole, field))
+                assert sum(p.nan_count for p in parts) == whole.nan_count
+            assert sum(len(c) for c in chunks) == run.n_observations(site)
+    with pytest.raises(ValueError, match="max_rows"):
+        list(run.iter_chunks("1", max_rows=0))
+
+
+def test_two_ranks_merge_in_read(tmp_path, truth):
+    rank0 = _write_run(tmp_path, [0, 1], rank=0, seed=0)
+    rank1 = _write_run(tmp_path, [1, 2], rank=1, seed=1, batch=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [schema.shard_name(0, 0), schema.shard_name(1, 0)]
+    run = open_run(tmp_path)
+    assert run.steps("4").tolist() == [0, 1, 2]
+    merged = run.read("4", 1)
+    expected = np.concatenate([truth.channel(rank0[("4", 1)]), truth.channel(rank1[("4", 1)])])
+    np.testing.assert_array_equal(truth.unpack(merged.bits, 12), expected)
+    np.testing.assert_array_equal(merged.sample_ids, [10, 11, 12, 1010, 1011])
+    conv = run.read("1", 1)
+    assert len(conv) == (3 + 2) * 9
+    np.testing.assert_array_equal(np.unique(conv.sample_ids), [10, 11, 12, 1010, 1011])
+    assert run.n_observations("4") == 3 + 3 + 2 + 2
+
+
+def test_partial_shard_is_read_with_a_warning(tmp_path, caplog, truth):
+    inputs = _write_run(tmp_path, [0, 1])
+    (shard,) = tmp_path.glob("*.h5")
+    with h5py.File(shard, "a") as handle:
+        handle.attrs["finalized"] = False
+    shard.rename(tmp_path / schema.shard_name(0, 0, partial=True))
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    assert any("unfinalized" in r.getMessage() and ".partial" in r.getMessage() for r in caplog.records)
+    for (site, step), z in inputs.items():
+        np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign"])
+def test_damaged_partial_shard_is_skipped_with_a_warning(damage, tmp_path, caplog, truth):
+    inputs = _write_run(tmp_path, [0])
+    (shard,) = tmp_path.glob("*.h5")
+    partial = tmp_path / schema.shard_name(0, 1, partial=True)
+    if damage == "garbage":
+        partial.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif damage == "truncated":
+        partial.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "empty":
+        partial.write_bytes(b"")
+    else:
+        with h5py.File(partial, "w") as handle:
+            handle["x"] = np.zeros(2)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    assert any(partial.name in r.getMessage() for r in caplog.records)
+    assert run.shards[0] == shard
+    for (site, step), z in inputs.items():
+        np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
+
+
+def test_record_with_rows_missing_is_ignored(tmp_path):
+    _write_run(tmp_path, [0, 1])
+    (shard,) = tmp_path.glob("*.h5")
+    with h5py.File(shard, "a") as handle:  # as if the last rows never reached the disk
+        bits = handle["sites"]["4"]["bits"]
+        bits.resize(bits.shape[0] - 1, axis=0)
+    run = open_run(tmp_path)
+    assert run.steps("4").tolist() == [0] and run.steps("1").tolist() == [0, 1]
+
+
+def test_reader_is_importable_without_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import actpat.recorder as r; from actpat.recorder import open_run, reader; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

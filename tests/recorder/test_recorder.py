@@ -1,0 +1,354 @@
+"""ActivationRecorder: site selection, errors, capture scope, subsampling and failure safety."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as module_mod
+
+from actpat.recorder import ActivationRecorder, RecorderError, open_run
+
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(c, c, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        return F.relu(self.relu(self.conv(x)) + x)
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("stem", nn.Conv2d(1, 4, 3, padding=1))
+    net.add_module("act", nn.ReLU())
+    net.add_module("layer1", nn.Sequential(_Block(4), _Block(4)))
+    net.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    net.add_module("flat", nn.Flatten())
+    net.add_module("fc", nn.Linear(4, 3))
+    return net
+
+
+ALL_SITES = ["act", "layer1.0.relu", "layer1.0:relu#0", "layer1.1.relu", "layer1.1:relu#0"]
+
+
+def _sites_recorded(tmp_path, sites):
+    model = _net()
+    with ActivationRecorder(model, tmp_path, sites=sites) as rec:
+        with rec.capture(0):
+            model(torch.randn(2, 1, 4, 4))
+    return open_run(tmp_path).sites
+
+
+@pytest.mark.parametrize(
+    "sites, expected",
+    [
+        (None, ALL_SITES),
+        ("act", ["act"]),
+        (["act", "layer1.1.relu"], ["act", "layer1.1.relu"]),
+        ("layer1.*", ALL_SITES[1:]),
+        ("*:relu#*", ["layer1.0:relu#0", "layer1.1:relu#0"]),
+        (lambda name: name.startswith("layer1.0"), ["layer1.0.relu", "layer1.0:relu#0"]),
+    ],
+    ids=["all", "name", "names", "glob", "functional-glob", "predicate"],
+)
+def test_sites_names_globs_and_predicate(sites, expected, tmp_path):
+    assert _sites_recorded(tmp_path, sites) == expected
+
+
+def test_model_without_site_raises_after_first_forward(tmp_path, no_global_hooks):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    with ActivationRecorder(model, tmp_path) as rec:
+        with rec.capture(0):
+            pass  # no forward yet: nothing to complain about
+        with pytest.raises(ValueError) as excinfo:
+            with rec.capture(1):
+                model(torch.randn(2, 3))
+    message = str(excinfo.value)
+    for searched in ("Sequential", "ReLU", "LeakyReLU", "PReLU", "F.relu", "module_types=", "sites="):
+        assert searched in message
+
+
+def test_filter_that_selects_nothing_raises(tmp_path):
+    model = _net()
+    with ActivationRecorder(model, tmp_path, sites="no.such.site") as rec:
+        with pytest.raises(ValueError, match="activation site"):
+            with rec.capture(0):
+                model(torch.randn(1, 1, 4, 4))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torch_compile_wrapper_is_rejected(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    compiled = torch.compile(model)  # constructing the wrapper compiles nothing
+    with pytest.raises(ValueError, match="torch.compile") as excinfo:
+        ActivationRecorder(compiled, tmp_path)
+    assert "_orig_mod" in str(excinfo.value)
+    ActivationRecorder(compiled._orig_mod, tmp_path).close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pattern": "pixel"}, "pattern"),
+        ({"max_observations": 0}, "max_observations"),
+        ({"compression": "zstd"}, "compression"),
+        ({"on_backpressure": "wait"}, "on_backpressure"),
+        ({"max_queue_bytes": 0}, "max_queue_bytes"),
+        ({"max_shard_bytes": 0}, "max_shard_bytes"),
+    ],
+)
+def test_argument_validation(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        ActivationRecorder(_net(), tmp_path, **kwargs)
+    with pytest.raises(ValueError, match="Module"):
+        ActivationRecorder(lambda x: x, tmp_path)
+
+
+def test_nothing_recorded_and_no_hook_outside_capture(tmp_path, truth, no_global_hooks):
+    model = _net()
+    n_pre, n_post = len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks)
+    with ActivationRecorder(model, tmp_path) as rec:
+        model(torch.randn(2, 1, 4, 4))  # before any capture
+        with rec.capture(5):
+            assert len(module_mod._global_forward_pre_hooks) == n_pre + 1
+            assert torch._C._len_torch_function_stack() == 1
+            model(torch.randn(2, 1, 4, 4))
+        assert len(module_mod._global_forward_pre_hooks) == n_pre
+        assert len(module_mod._global_forward_hooks) == n_post
+        assert torch._C._len_torch_function_stack() == 0
+        model(torch.randn(3, 1, 4, 4))  # between captures
+    run = open_run(tmp_path)
+    assert all(run.steps(site).tolist() == [5] for site in run.sites)
+    assert run.n_observations("act") == 2 * 16
+
+
+def test_nested_capture_and_long_split_are_rejected(tmp_path, no_global_hooks):
+    model = _net()
+    with ActivationRecorder(model, tmp_path) as rec:
+        with pytest.raises(ValueError, match="split"):
+            with rec.capture(0, split="x" * 33):
+                pass
+        with rec.capture(0):
+            with pytest.raises(RuntimeError, match="twice"):
+                with rec.capture(1):
+                    pass
+            model(torch.randn(1, 1, 4, 4))
+        assert rec.sites == ALL_SITES
+
+
+def test_splits_epochs_and_mismatched_labels(tmp_path, caplog):
+    model = _net()
+    with ActivationRecorder(model, tmp_path, sites="act") as rec:
+        with rec.capture(3, split="probe", epoch=1, labels=np.array([1, 2])):
+            model(torch.randn(2, 1, 4, 4))
+        with caplog.at_level(logging.WARNING):
+            for _ in range(2):
+                with rec.capture(4, labels=[1, 2, 3]):  # wrong length: stored as unknown, warned once
+                    model(torch.randn(2, 1, 4, 4))
+    assert sum("batch size" in r.getMessage() for r in caplog.records) == 1
+    run = open_run(tmp_path)
+    assert run.splits == ["probe", "train"]
+    probe = run.read("act", 3, split="probe")
+    assert probe.epoch == 1 and probe.split == "probe" and sorted(set(probe.labels)) == [1, 2]
+    assert (run.read("act", 4).labels == -1).all()
+    with pytest.raises(KeyError, match="recorded steps"):
+        run.read("act", 4, split="probe")
+
+
+def test_site_changing_width_is_skipped_with_one_warning(tmp_path, caplog):
+    model = nn.Sequential(nn.Flatten(), nn.ReLU())
+    with caplog.at_level(logging.WARNING):
+        with ActivationRecorder(model, tmp_path) as rec:
+            for step, width in enumerate([4, 6, 6, 4]):
+                with rec.capture(step):
+                    model(torch.randn(2, width))
+    assert sum("changed width" in r.getMessage() for r in caplog.records) == 1
+    assert open_run(tmp_path).steps("1").tolist() == [0, 3]
+
+
+# ---------------------------------------------------------------------------- subsampling
+def _subsampled(tmp_path, name, steps, seed=0, max_observations=10):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU())
+    taps_inputs = []
+    handle = model[1].register_forward_pre_hook(lambda m, a: taps_inputs.append(a[0].detach().clone()))
+    x = torch.randn(3, 2, 6, 6)  # 3 samples x 16 positions = 48 observations
+    out = tmp_path / name
+    with ActivationRecorder(model, out, max_observations=max_observations, seed=seed) as rec:
+        for step in steps:
+            with rec.capture(step, sample_ids=torch.tensor([10, 11, 12]), labels=torch.tensor([0, 1, 2])):
+                model(x)
+    handle.remove()
+    return open_run(out), taps_inputs
+
+
+def test_max_observations_is_reproducible_and_consistent_with_truth(tmp_path, truth):
+    run_a, inputs = _subsampled(tmp_path, "a", [0, 1])
+    run_b, _ = _subsampled(tmp_path, "b", [0, 1])
+    run_c, _ = _subsampled(tmp_path, "c", [0], seed=1)
+
+    a0, a1, b0, c0 = run_a.read("1", 0), run_a.read("1", 1), run_b.read("1", 0), run_c.read("1", 0)
+    assert len(a0) == len(a1) == 10
+    rows = lambda p: (p.sample_ids - 10) * 16 + p.positions  # noqa: E731 - index into the full grid
+    np.testing.assert_array_equal(rows(a0), rows(b0))  # same seed and step: same rows
+    np.testing.assert_array_equal(a0.bits, b0.bits)
+    assert not np.array_equal(rows(a0), rows(a1))  # another step: other rows
+    assert not np.array_equal(rows(a0), rows(c0))  # another seed: other rows
+    for got, z in ((a0, inputs[0]), (a1, inputs[1])):
+        r = rows(got)
+        assert len(np.unique(r)) == 10 and np.all(np.diff(r) > 0)  # without replacement, in grid order
+        full = truth.channel(z)
+        np.testing.assert_array_equal(truth.unpack(got.bits, 6), full[r])
+        np.testing.assert_array_equal(got.labels, got.sample_ids - 10)
+
+
+def test_subsampling_never_touches_torch_rng(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU())
+    x = torch.randn(64, 4)
+    with ActivationRecorder(model, tmp_path, max_observations=5, pattern="channel") as rec:
+        state = torch.get_rng_state()
+        with rec.capture(0):
+            model(x)
+        assert torch.equal(torch.get_rng_state(), state)
+    assert len(open_run(tmp_path).read("1", 0)) == 5
+
+
+def test_max_observations_above_count_keeps_all_rows(tmp_path, truth):
+    model = nn.Sequential(nn.Linear(4, 9), nn.ReLU())
+    taps = truth.Taps(model[1])
+    with ActivationRecorder(model, tmp_path, max_observations=100) as rec:
+        with rec.capture(0):
+            model(torch.randn(7, 4))
+    taps.remove()
+    got = open_run(tmp_path).read("1", 0)
+    np.testing.assert_array_equal(truth.unpack(got.bits, 9), truth.channel(taps.inputs[0]))
+
+
+# ---------------------------------------------------------------------------- failure safety
+def _no_partial(path):
+    return not list(path.glob("*.partial"))
+
+
+def test_exception_inside_capture_leaves_finalized_readable_shards(tmp_path, truth, no_global_hooks):
+    model = nn.Sequential(nn.Linear(3, 10), nn.ReLU())
+    taps = truth.Taps(model[1])
+    with pytest.raises(KeyError, match="boom"):
+        with ActivationRecorder(model, tmp_path) as rec:
+            for step in range(3):
+                with rec.capture(step):
+                    model(torch.randn(4, 3))
+            with rec.capture(3):
+                model(torch.randn(4, 3))
+                raise KeyError("boom")
+    taps.remove()
+    assert _no_partial(tmp_path) and list(tmp_path.glob("*.h5"))
+    run = open_run(tmp_path)
+    assert run.steps("1").tolist() == [0, 1, 2, 3]  # the forward before the error was recorded
+    for step, z in enumerate(taps.inputs):
+        np.testing.assert_array_equal(truth.unpack(run.read("1", step).bits, 10), truth.channel(z))
+
+
+def test_exception_in_training_after_captures(tmp_path, truth):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    taps = truth.Taps(model[1])
+    x, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
+    with pytest.raises(FloatingPointError):
+        with ActivationRecorder(model, tmp_path, max_shard_bytes=64) as rec:
+            for step in range(10):
+                with rec.capture(step, labels=y):
+                    loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step == 6:
+                    raise FloatingPointError("loss diverged")
+    taps.remove()
+    assert _no_partial(tmp_path) and len(list(tmp_path.glob("*.h5"))) >= 7  # 64-byte shards roll over
+    run = open_run(tmp_path)
+    assert run.steps("1").tolist() == list(range(7))
+    for step, z in enumerate(taps.inputs):
+        got = run.read("1", step)
+        np.testing.assert_array_equal(truth.unpack(got.bits, 16), truth.channel(z))
+        np.testing.assert_array_equal(got.labels, y.numpy())
+
+
+def test_writer_failure_surfaces_as_recorder_error(tmp_path, monkeypatch, truth):
+    from actpat.recorder.shards import ShardWriter
+
+    original = ShardWriter._write
+    calls = []
+
+    def failing_write(self, record):
+        calls.append(record.step)
+        if record.step == 2:
+            raise OSError("disk full")
+        original(self, record)
+
+    monkeypatch.setattr(ShardWriter, "_write", failing_write)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    rec = ActivationRecorder(model, tmp_path)
+    with pytest.raises(RecorderError, match="disk full"):
+        with rec:
+            for step in range(50):
+                with rec.capture(step):
+                    model(torch.randn(2, 3))
+    assert _no_partial(tmp_path)
+    run = open_run(tmp_path)
+    assert run.steps("1").tolist() == [0, 1]
+
+
+def test_recorder_can_be_reopened_and_resumes_numbering(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    rec = ActivationRecorder(model, tmp_path)
+    for step in range(2):
+        with rec.capture(step):  # capture() opens the writer itself
+            model(torch.randn(2, 3))
+        rec.close()
+    names = sorted(p.name for p in tmp_path.glob("*.h5"))
+    assert names == ["patterns-rank000-00000.h5", "patterns-rank000-00001.h5"]
+    assert open_run(tmp_path).steps("1").tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth):
+    # Small integers make every pre-activation exact on both devices (TF32 included): bits must match.
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(12, 5, 1), nn.ReLU())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-1, 2, p.shape, generator=gen).float())
+    x = torch.randint(-3, 4, (8, 3, 9, 9), generator=gen).float()
+    x[0, 0, 0, 0] = float("nan")
+    labels = torch.arange(8)
+    taps = truth.Taps(model[1], model[3])
+    runs = {}
+    for device in ("cpu", "cuda"):
+        m = model.to(device)
+        with ActivationRecorder(m, tmp_path / device, max_observations=300) as rec:
+            for step in range(3):
+                with rec.capture(step, labels=labels.to(device), sample_ids=labels.to(device) + 50):
+                    m(x.to(device))
+        runs[device] = open_run(tmp_path / device)
+    taps.remove()
+    cpu, cuda = runs["cpu"], runs["cuda"]
+    assert cpu.sites == cuda.sites == ["1", "3"]
+    for i, site in enumerate(cpu.sites):
+        for step in range(3):
+            a, b = cpu.read(site, step), cuda.read(site, step)
+            np.testing.assert_array_equal(a.bits, b.bits)
+            np.testing.assert_array_equal(a.positions, b.positions)
+            np.testing.assert_array_equal(a.labels, b.labels)
+            np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+            assert a.nan_count == b.nan_count > 0
+            full = truth.channel(taps.inputs[2 * step + i])  # the CPU forwards come first
+            np.testing.assert_array_equal(truth.unpack(b.bits, b.n_units), full[(b.sample_ids - 50) * 81 + b.positions])

@@ -1,0 +1,270 @@
+"""ShardWriter: compression, rollover, bounded queue under a slow writer, and crash safety (SIGKILL)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from actpat.recorder import ActivationRecorder, RecorderError, open_run, schema
+from actpat.recorder.shards import Record, ShardWriter, SiteMeta
+
+META = SiteMeta(site="a/b", site_index=0, module_type="ReLU", shape=(11,), n_units=11, pattern="channel")
+
+
+def _record(step, rows=5, seed=0):
+    rng = np.random.default_rng([seed, step])
+    bits = rng.integers(0, 256, (rows, 2), dtype=np.uint8)
+    bits[:, 1] &= 0b111  # 11 units: padding bits are 0
+    return Record(
+        meta=META, step=step, epoch=0, split="train", bits=bits, n_positions=1, n_samples=rows,
+        nan_count=0, labels=np.arange(rows) % 3, sample_ids=np.arange(rows) + 10 * step,
+    )
+
+
+@pytest.mark.parametrize("compression", [None, "lzf", "gzip"])
+def test_writer_round_trip_and_schema(compression, tmp_path):
+    writer = ShardWriter(tmp_path, compression=compression)
+    with pytest.raises(RecorderError, match="start"):
+        writer.put(_record(0))
+    writer.start()
+    records = [_record(step) for step in range(4)]
+    for record in records:
+        assert writer.put(record)
+    writer.close()
+    writer.close()  # idempotent
+    assert writer.written_records == 4 and writer.queued_bytes == 0
+    (path,) = writer.finalized
+    assert path.name == "patterns-rank000-00000.h5"
+    with h5py.File(path, "r") as handle:
+        assert handle.attrs["format"] == schema.FORMAT_NAME
+        assert handle.attrs["format_version"] == schema.FORMAT_VERSION
+        assert bool(handle.attrs["finalized"]) and handle.attrs["dropped_records"] == 0
+        group = handle["sites"]["a%2Fb"]  # "/" in a site name is escaped, not a nested group
+        assert group.attrs["site"] == "a/b" and group.attrs["bit_order"] == "little"
+        assert group["bits"].compression == compression
+        assert len(group["records"]) == 4
+    run = open_run(tmp_path)
+    assert run.sites == ["a/b"] and run.site_info("a/b")["shape"] == (11,)
+    for record in records:
+        got = run.read("a/b", record.step)
+        np.testing.assert_array_equal(got.bits, record.bits)
+        np.testing.assert_array_equal(got.labels, record.labels)
+        np.testing.assert_array_equal(got.sample_ids, record.sample_ids)
+
+
+def test_rollover_finalizes_numbered_shards(tmp_path):
+    writer = ShardWriter(tmp_path, max_shard_bytes=200)  # each record is 10 + 40 + 40 = 90 bytes
+    writer.start()
+    for step in range(9):
+        writer.put(_record(step))
+    writer.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"patterns-rank000-{i:05d}.h5" for i in range(3)]
+    assert [p.name for p in writer.finalized] == names
+    for name in names:
+        with h5py.File(tmp_path / name, "r") as handle:
+            assert bool(handle.attrs["finalized"])
+            assert len(handle["sites"]["a%2Fb"]["records"]) == 3
+    run = open_run(tmp_path)
+    assert run.steps("a/b").tolist() == list(range(9))
+    for step in range(9):
+        np.testing.assert_array_equal(run.read("a/b", step).bits, _record(step).bits)
+
+
+# ---------------------------------------------------------------------------- backpressure
+def _slow_writer(monkeypatch, delay):
+    """Slow ShardWriter._write down and log the queued bytes the writer thread sees."""
+    seen = {"queued": [], "record": []}
+    original = ShardWriter._write
+
+    def slow_write(self, record):
+        seen["queued"].append(self.queued_bytes)
+        seen["record"].append(record.nbytes)
+        time.sleep(delay)
+        original(self, record)
+
+    monkeypatch.setattr(ShardWriter, "_write", slow_write)
+    return seen
+
+
+def _produce(rec, model, n_steps, x, y):
+    peak = 0
+    for step in range(n_steps):
+        with rec.capture(step, labels=y):
+            model(x)
+        peak = max(peak, rec.writer.queued_bytes)
+    return peak
+
+
+def test_block_bounds_the_queue_and_loses_nothing(tmp_path, monkeypatch):
+    seen = _slow_writer(monkeypatch, 0.004)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU())
+    x, y = torch.randn(64, 8), torch.arange(64)
+    max_queue = 4096
+    with ActivationRecorder(model, tmp_path, max_queue_bytes=max_queue, on_backpressure="block") as rec:
+        start = time.perf_counter()
+        peak = _produce(rec, model, 40, x, y)
+        produced_in = time.perf_counter() - start
+    record_bytes = max(seen["record"])
+    assert record_bytes == 64 * 8 + 64 * 8  # bits (64 rows x 8 bytes) + labels; no sample_ids given
+    assert max(max(seen["queued"]), peak) <= max_queue + record_bytes
+    assert produced_in > 0.004 * (40 - max_queue // record_bytes - 1)  # training waited for the writer
+    assert rec.dropped_records == 0 and rec.writer.written_records == 40
+    assert open_run(tmp_path).steps("1").tolist() == list(range(40))
+
+
+def test_drop_counts_stores_and_warns_once(tmp_path, monkeypatch, caplog):
+    seen = _slow_writer(monkeypatch, 0.01)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU())
+    x, y = torch.randn(64, 8), torch.arange(64)
+    max_queue = 4096
+    n_steps = 60
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        with ActivationRecorder(
+            model, tmp_path, max_queue_bytes=max_queue, on_backpressure="drop", max_shard_bytes=3000
+        ) as rec:
+            peak = _produce(rec, model, n_steps, x, y)
+    assert max(max(seen["queued"]), peak) <= max_queue + max(seen["record"])
+    dropped = rec.dropped_records
+    assert dropped > 0 and dropped + rec.writer.written_records == n_steps
+    assert sum("dropped" in r.getMessage() for r in caplog.records) == 1
+    per_shard = []
+    for path in sorted(tmp_path.glob("*.h5")):
+        with h5py.File(path, "r") as handle:
+            per_shard.append(int(handle.attrs["dropped_records"]))
+    assert len(per_shard) > 1 and sum(per_shard) == dropped
+    run = open_run(tmp_path)
+    assert run.dropped_records == dropped
+    assert len(run.steps("1")) == n_steps - dropped
+
+
+def test_drop_count_kept_when_last_shard_was_already_finalized(tmp_path):
+    # Drops counted while no shard is open (right after a rollover) must not be lost.
+    writer = ShardWriter(tmp_path, max_shard_bytes=1, on_backpressure="drop", max_queue_bytes=100)
+    gate = threading.Event()
+    original = writer._write
+
+    def gated(record):
+        gate.wait(5)
+        original(record)
+
+    writer._write = gated
+    writer.start()
+    assert writer.put(_record(0))  # written into shard 0, which then rolls over (1-byte shards)
+    assert not writer.put(_record(1))  # queue full: dropped while shard 0 is still open or finalized
+    assert not writer.put(_record(2))
+    gate.set()
+    writer.close()
+    assert writer.dropped_records == 2
+    assert open_run(tmp_path).dropped_records == 2
+
+
+def test_writer_error_unblocks_producers(tmp_path):
+    writer = ShardWriter(tmp_path, max_queue_bytes=100)
+
+    def broken(record):
+        time.sleep(0.05)
+        raise OSError("no space left on device")
+
+    writer._write = broken
+    writer.start()
+    writer.put(_record(0))
+    with pytest.raises(RecorderError, match="no space left"):
+        for step in range(1, 20):
+            writer.put(_record(step))  # blocks on the full queue until the writer's error is seen
+    with pytest.raises(RecorderError):
+        writer.close()
+
+
+# ---------------------------------------------------------------------------- crash
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import numpy as np
+    import torch
+    from torch import nn
+    from actpat.recorder import ActivationRecorder
+
+    out, truth = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 10), nn.ReLU())
+    rec = ActivationRecorder(model, out, max_shard_bytes=1500, compression=None)
+    rec.open()
+    step = 0
+    while True:
+        x = torch.randn(4, 1, 6, 6)
+        with torch.no_grad():  # the truth, computed by calling the submodules, saved before recording
+            z1 = model[0](x)
+            z4 = model[3](torch.relu(z1).flatten(1))
+        tmp = os.path.join(truth, f"tmp-{step}.npz")
+        np.savez(tmp, z1=z1.numpy(), z4=z4.numpy())
+        os.replace(tmp, os.path.join(truth, f"step-{step}.npz"))
+        with rec.capture(step, sample_ids=torch.arange(4) + 4 * step):
+            model(x)
+        step += 1
+        time.sleep(0.002)
+    """
+)
+
+
+def test_sigkill_mid_run_leaves_finalized_shards_exact(tmp_path, caplog, truth):
+    out, truth_dir = tmp_path / "run", tmp_path / "truth"
+    truth_dir.mkdir()
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out), str(truth_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_dir() and len(list(out.glob("*.h5"))) >= 4:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert len(list(out.glob("*.h5"))) >= 4, "the subprocess finalized too few shards in 60 s"
+        time.sleep(0.03)  # let it run on: the kill lands mid-run, likely with a shard open
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    finalized = sorted(out.glob("*.h5"))
+    only_final = tmp_path / "finalized"
+    only_final.mkdir()
+    for path in finalized:
+        shutil.copy(path, only_final / path.name)
+    run = open_run(only_final)
+    assert run.sites == ["1", "4"]
+    for site, key in (("1", "z1"), ("4", "z4")):
+        steps = run.steps(site).tolist()
+        assert steps == list(range(len(steps))) and len(steps) >= 4  # every earlier record, in order
+        for step in steps:
+            z = torch.from_numpy(np.load(truth_dir / f"step-{step}.npz")[key])
+            got = run.read(site, step)
+            np.testing.assert_array_equal(truth.unpack(got.bits, got.n_units), truth.channel(z))
+            np.testing.assert_array_equal(np.unique(got.sample_ids), np.arange(4) + 4 * step)
+
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        full = open_run(out)  # never raises, whatever state the open shard was left in
+    partials = list(out.glob("*.partial"))
+    if partials:
+        assert any(partials[0].name in r.getMessage() for r in caplog.records)
+    for site in full.sites:
+        assert set(run.steps(site).tolist()) <= set(full.steps(site).tolist())
+        for step in full.steps(site).tolist():
+            assert len(full.read(site, step)) > 0
