@@ -59,6 +59,9 @@ class ActivationRecorder:
         Seed of the subsampling generator.
     max_shard_bytes : int, default 1 GiB
         Roll over to a new shard after this many bytes.
+    max_shard_seconds : float, default 60
+        ... or once a shard has been open this long, so that a crash (SIGKILL, power loss) can only
+        lose what the open shard holds: finalized shards are always readable.
     store_values : None, "all" or int, default None
         Also store the float16 pre-activations of the recorded observations (for continuous
         mutual-information estimators): of every unit (``"all"``) or of ``k`` units per site chosen once
@@ -104,6 +107,7 @@ class ActivationRecorder:
         rank: int | None = None,
         seed: int = 0,
         max_shard_bytes: int = 1 << 30,
+        max_shard_seconds: float = 60.0,
         writer: ShardWriter | None = None,
         on_record: Callable[[Record], None] | None = None,
         store_values: str | int | None = None,
@@ -135,6 +139,7 @@ class ActivationRecorder:
             max_queue_bytes=max_queue_bytes,
             on_backpressure=on_backpressure,
             max_shard_bytes=max_shard_bytes,
+            max_shard_seconds=max_shard_seconds,
         )
         self.on_record = on_record
         self._hooks = SiteHooks(model, self._on_site, sites=sites, module_types=module_types, functional=functional)
@@ -206,6 +211,11 @@ class ActivationRecorder:
             forwards = self._hooks.forwards
             self._hooks.detach()
             context, self._context = self._context, None
+        if context.error is not None:
+            raise RecorderError(
+                f"Recording step {context.step} failed inside the forward, which itself completed: "
+                f"{context.error!r}. Records of this capture may be incomplete; earlier shards are readable."
+            ) from context.error
         if forwards and not self._site_meta and not context.sites_seen:
             raise ValueError(
                 f"Expected {type(self.model).__name__} to contain at least one activation site, but a forward "
@@ -217,6 +227,14 @@ class ActivationRecorder:
     def _on_site(self, name: str, module_type: str, z: torch.Tensor) -> None:
         context = self._context
         context.sites_seen = True
+        if context.error is not None:
+            return
+        try:
+            self._record(context, name, module_type, z)
+        except Exception as exc:  # noqa: BLE001 - raised when the capture ends, never inside the forward
+            context.error = exc
+
+    def _record(self, context: "_Capture", name: str, module_type: str, z: torch.Tensor) -> None:
         n = z.shape[0] if z.dim() > 1 else 1
         if n == 0:
             return  # an empty batch has no observation to record
@@ -298,6 +316,7 @@ class _Capture:
     def __init__(self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any) -> None:
         self.step, self.epoch, self.split = step, epoch, split
         self.sites_seen = False  # a selected site was called (even if its batch was empty)
+        self.error: Exception | None = None
         self._raw = (labels, sample_ids)
         self._host: tuple | None = None
 

@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,10 @@ class ShardWriter:
         counts it (shard attribute ``dropped_records`` and one warning).
     max_shard_bytes : int
         A shard is finalized and a new one started once this many bytes were written into it.
+    max_shard_seconds : float
+        A shard is also finalized once it has been open this long, even while no record arrives. HDF5
+        promises nothing about a file whose writer was killed mid-write, so this bounds what a crash
+        can lose to the records of the last ``max_shard_seconds``.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class ShardWriter:
         max_queue_bytes: int = 256 << 20,
         on_backpressure: str = "block",
         max_shard_bytes: int = 1 << 30,
+        max_shard_seconds: float = 60.0,
     ) -> None:
         if compression not in ("lzf", "gzip", None):
             raise ValueError(f"Expected `compression` to be 'lzf', 'gzip' or None, but got {compression!r}.")
@@ -120,12 +126,15 @@ class ShardWriter:
             raise ValueError(f"Expected `max_queue_bytes` to be at least 1, but got {max_queue_bytes}.")
         if max_shard_bytes < 1:
             raise ValueError(f"Expected `max_shard_bytes` to be at least 1, but got {max_shard_bytes}.")
+        if not max_shard_seconds > 0:
+            raise ValueError(f"Expected `max_shard_seconds` to be positive, but got {max_shard_seconds}.")
         self.out_dir = Path(out_dir)
         self.rank = int(rank)
         self.compression = compression
         self.max_queue_bytes = int(max_queue_bytes)
         self.on_backpressure = on_backpressure
         self.max_shard_bytes = int(max_shard_bytes)
+        self.max_shard_seconds = float(max_shard_seconds)
         self.dropped_records = 0
         self.written_records = 0
         self.finalized: list[Path] = []
@@ -137,6 +146,7 @@ class ShardWriter:
         self._file: h5py.File | None = None
         self._file_bytes = 0
         self._file_dropped = 0
+        self._file_opened = 0.0
         self._next_index = 0
 
     # ------------------------------------------------------------------ producer side
@@ -199,7 +209,11 @@ class ShardWriter:
     def _run(self) -> None:
         try:
             while True:
-                record = self._queue.get()
+                try:
+                    record = self._queue.get(timeout=self._seconds_left())
+                except queue.Empty:
+                    self._finalize()  # the open shard reached its age limit while idle
+                    continue
                 if record is _STOP:
                     break
                 try:
@@ -221,6 +235,11 @@ class ShardWriter:
                 self._finalize()
             except BaseException as exc:  # noqa: BLE001
                 self._error = self._error or exc
+
+    def _seconds_left(self) -> float | None:
+        if self._file is None:
+            return None
+        return max(0.0, self._file_opened + self.max_shard_seconds - time.monotonic())
 
     def _drain(self) -> None:
         # After a failure, keep emptying the queue so producers never wait on a dead writer.
@@ -251,6 +270,7 @@ class ShardWriter:
         handle.attrs["dropped_records"] = 0
         handle.create_group(schema.SITES_GROUP)
         self._file_bytes = 0
+        self._file_opened = time.monotonic()
         self._next_index += 1
         return handle
 
@@ -342,7 +362,7 @@ class ShardWriter:
         _append(group[schema.RECORDS], entry[None])
         self.written_records += 1
         self._file_bytes += record.nbytes
-        if self._file_bytes >= self.max_shard_bytes:
+        if self._file_bytes >= self.max_shard_bytes or self._seconds_left() == 0.0:
             self._finalize()
 
 

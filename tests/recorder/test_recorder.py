@@ -352,3 +352,44 @@ def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth):
             assert a.nan_count == b.nan_count > 0
             full = truth.channel(taps.inputs[2 * step + i])  # the CPU forwards come first
             np.testing.assert_array_equal(truth.unpack(b.bits, b.n_units), full[(b.sample_ids - 50) * 81 + b.positions])
+
+
+def test_error_inside_a_hook_never_raises_inside_the_forward(tmp_path, monkeypatch):
+    from actpat.recorder import packing, recorder
+
+    def broken_pack(obs):
+        raise RuntimeError("packing broke")
+
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(4, 3)
+    expected = model(x)
+    with ActivationRecorder(model, tmp_path) as rec:
+        with rec.capture(0):
+            model(x)
+        monkeypatch.setattr(recorder, "pack_rows", broken_pack)
+        outputs = []
+        with pytest.raises(RecorderError, match="packing broke"):
+            with rec.capture(1):
+                outputs.append(model(x))  # the forward itself completes
+        monkeypatch.setattr(recorder, "pack_rows", packing.pack_rows)
+    assert torch.equal(outputs[0], expected)
+    assert open_run(tmp_path).steps("1").tolist() == [0]
+
+
+def test_idle_shard_is_finalized_after_max_shard_seconds(tmp_path):
+    import time
+
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    with ActivationRecorder(model, tmp_path, max_shard_seconds=0.2) as rec:
+        with rec.capture(0):
+            model(torch.randn(2, 3))
+        deadline = time.monotonic() + 10
+        while not list(tmp_path.glob("*.h5")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Finalized while the recorder is still open and no further record has arrived.
+        assert [p.name for p in tmp_path.glob("*.h5")] == ["patterns-rank000-00000.h5"]
+        assert not list(tmp_path.glob("*.partial"))
+        with rec.capture(1):
+            model(torch.randn(2, 3))
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["patterns-rank000-00000.h5", "patterns-rank000-00001.h5"]
+    assert open_run(tmp_path).steps("1").tolist() == [0, 1]
