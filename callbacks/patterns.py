@@ -107,6 +107,10 @@ class ActivationPatternCallback(Callback):
     on_error : {"warn", "raise"}, default "warn"
         ``warn``: an error while recording is reported once and recording stops; training continues.
         ``raise``: the error stops training.
+    probe_values : None, "all" or int, default None
+        Also store the probe's float16 pre-activations (all units, or this many per site), for the
+        continuous mutual-information estimators of :mod:`actpat.analysis.mi`; see the recorder's
+        ``store_values``. Batch records never store values.
 
     Notes
     -----
@@ -149,6 +153,7 @@ class ActivationPatternCallback(Callback):
         probe_batch_size: int = 256,
         probe_on_all_ranks: bool = False,
         on_error: str = "warn",
+        probe_values: Optional[Union[str, int]] = None,
     ) -> None:
         if isinstance(batch_every_n_steps, bool) or not isinstance(batch_every_n_steps, int) or batch_every_n_steps < 0:
             raise ValueError(f"Expected `batch_every_n_steps` to be an int >= 0, but got {batch_every_n_steps!r}.")
@@ -181,6 +186,7 @@ class ActivationPatternCallback(Callback):
         self.live_stats = live_stats
         self.probe_on_all_ranks = probe_on_all_ranks
         self.on_error = on_error
+        self.probe_values = probe_values
         self._probe_loader = _probe_loader(probe, probe_batch_size)
         self._labels_from = labels_from or _default_labels
         self._inputs_from = inputs_from or _default_inputs
@@ -332,7 +338,8 @@ class ActivationPatternCallback(Callback):
             self._probe_module = _probe_copy(pl_module, self.probe_mode)
             observe = self._observed.append if self.live_stats and trainer.is_global_zero else None
             self._probe_recorder = ActivationRecorder(
-                self._probe_module, run_dir, **options, writer=writer, on_record=observe
+                self._probe_module, run_dir, **options, writer=writer, on_record=observe,
+                store_values=self.probe_values,
             )
             self._recorders.append(self._probe_recorder)
             self._interval = _probe_interval(self.probe_every, trainer)

@@ -161,6 +161,23 @@ def test_probe_patterns_equal_recomputation_from_saved_weights(tmp_path, probe_m
             np.testing.assert_array_equal(p.labels, np.repeat(probe.tensors[1].numpy(), positions))
 
 
+def test_probe_values_store_float16_pre_activations_of_the_probe_only(tmp_path):
+    probe = toy_data(12, seed=2)
+    cb = ActivationPatternCallback(probe=probe, probe_every=4, probe_mode="eval", probe_batch_size=12,
+                                   batch_every_n_steps=4, live_stats=False, probe_values="all")
+    saver = SaveWeights()
+    fit(tmp_path, [cb, saver], max_epochs=1)
+    run = open_run(cb.run_dir)
+    model = ToyNet()
+    model.load_state_dict(saver.weights[4])
+    model.eval()
+    with torch.no_grad():
+        z = relu_inputs(model, probe.tensors[0])["net.6"].numpy()
+    p = run.read("net.6", 4, "probe")
+    np.testing.assert_allclose(p.values.astype(np.float32), z, rtol=2e-3, atol=2e-3)
+    assert run.read("net.6", 4, "train").values is None
+
+
 # ---------------------------------------------------------------------- live stats = brute force from the shards
 def _entropy(counter: Counter) -> float:
     n = sum(counter.values())
