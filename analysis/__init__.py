@@ -3,9 +3,8 @@
 Nothing here imports torch: the core works on packed ``uint8`` patterns (see the README's format).
 """
 
-from actpat.analysis import plots
+from actpat.analysis import datasets, mi, plots
 from actpat.analysis.counts import PatternCounts, pattern_counts
-from actpat.analysis.firing import firing_rates
 from actpat.analysis.entropy import (
     conditional_entropy,
     entropy,
@@ -14,6 +13,8 @@ from actpat.analysis.entropy import (
     mutual_information,
     normalized_entropy,
 )
+from actpat.analysis.firing import firing_rates
+from actpat.analysis.information import information_plane
 from actpat.analysis.similarity import Stability, jaccard, stability, weighted_jaccard
 from actpat.analysis.summarize import summarize
 from actpat.analysis.tensorboard import to_tensorboard
@@ -24,10 +25,13 @@ __all__ = [
     "Stability",
     "UnitStats",
     "conditional_entropy",
+    "datasets",
     "entropy",
     "firing_rates",
+    "information_plane",
     "jaccard",
     "label_information",
+    "mi",
     "miller_madow",
     "mutual_information",
     "normalized_entropy",
