@@ -63,10 +63,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from actpat.analysis import plots, summarize
+    from actpat.analysis import information_plane, plots, summarize
 
-    df = summarize(_open_nonempty(args.run_dir), split=args.split, progress=not args.no_progress)
-    paths = plots.save_all(df, args.output, x=args.x)
+    run = _open_nonempty(args.run_dir)
+    df = summarize(run, split=args.split, progress=not args.no_progress)
+    try:
+        plane = information_plane(run, split=args.split)
+    except ValueError as exc:  # e.g. subsampled records: no sample's whole pattern is known
+        plane = None
+        print(f"information plane skipped: {exc}", file=sys.stderr)
+    paths = plots.save_all(df, args.output, x=args.x, info_plane_df=plane)
     print(f"wrote {len(paths)} figures to {args.output}")
     return 0
 

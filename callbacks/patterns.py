@@ -111,6 +111,9 @@ class ActivationPatternCallback(Callback):
         Also store the probe's float16 pre-activations (all units, or this many per site), for the
         continuous mutual-information estimators of :mod:`actpat.analysis.mi`; see the recorder's
         ``store_values``. Batch records never store values.
+    module_types : sequence of module classes, default ()
+        Further classes to record as activation sites (e.g. ``nn.Tanh``: its sign pattern), as for the
+        recorder.
 
     Notes
     -----
@@ -154,6 +157,7 @@ class ActivationPatternCallback(Callback):
         probe_on_all_ranks: bool = False,
         on_error: str = "warn",
         probe_values: Optional[Union[str, int]] = None,
+        module_types: Sequence[type] = (),
     ) -> None:
         if isinstance(batch_every_n_steps, bool) or not isinstance(batch_every_n_steps, int) or batch_every_n_steps < 0:
             raise ValueError(f"Expected `batch_every_n_steps` to be an int >= 0, but got {batch_every_n_steps!r}.")
@@ -187,6 +191,7 @@ class ActivationPatternCallback(Callback):
         self.probe_on_all_ranks = probe_on_all_ranks
         self.on_error = on_error
         self.probe_values = probe_values
+        self.module_types = tuple(module_types)
         self._probe_loader = _probe_loader(probe, probe_batch_size)
         self._labels_from = labels_from or _default_labels
         self._inputs_from = inputs_from or _default_inputs
@@ -327,7 +332,7 @@ class ActivationPatternCallback(Callback):
         self._batch_floor = self._last_batch_step
         options = dict(
             sites=self.sites, pattern=self.pattern, max_observations=self.max_observations,
-            compression=self.compression, rank=trainer.global_rank,
+            compression=self.compression, rank=trainer.global_rank, module_types=self.module_types,
         )
         writer = None
         if self.batch_every_n_steps:

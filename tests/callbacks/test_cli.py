@@ -77,6 +77,7 @@ def test_plot_writes_headline_heatmaps(run_dir, tmp_path):
     assert main(["plot", str(run_dir), "-o", str(tmp_path / "figs"), "--no-progress"]) == 0
     names = {p.name for p in (tmp_path / "figs").glob("*.png")}
     assert {"heatmap_normalized_entropy.png", "heatmap_jaccard_init.png", "heatmap_weighted_jaccard_final.png"} <= names
+    assert "information_plane.png" in names
     assert all((tmp_path / "figs" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
 
 

@@ -178,6 +178,19 @@ def test_probe_values_store_float16_pre_activations_of_the_probe_only(tmp_path):
     assert run.read("net.6", 4, "train").values is None
 
 
+def test_module_types_add_sites(tmp_path):
+    class TanhNet(ToyNet):
+        def __init__(self):
+            super().__init__()
+            self.net[6] = nn.Tanh()
+
+    cb = ActivationPatternCallback(probe=toy_data(8), probe_every=8, live_stats=False, module_types=[nn.Tanh])
+    pl.seed_everything(0, verbose=False)
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(TanhNet(), DataLoader(toy_data(), batch_size=8))
+    run = open_run(cb.run_dir)
+    assert run.sites == ["net.2", "net.6"] and run.site_info("net.6")["module_type"] == "Tanh"
+
+
 # ---------------------------------------------------------------------- live stats = brute force from the shards
 def _entropy(counter: Counter) -> float:
     n = sum(counter.values())
