@@ -1,0 +1,172 @@
+"""Wall-time overhead of ``ActivationPatternCallback`` on a Lightning fit (CPU, digits CNN).
+
+Three arms fit :class:`~actpat.callbacks.demo.DigitsCNN` on scikit-learn's digits (1797 8x8 images,
+batch 64, SGD, same seed): ``baseline`` (no callback), ``batch`` (``batch_every_n_steps=1``: every
+training batch recorded) and ``probe`` (a fixed 10% subset of the training set probed every 0.2
+epoch, live statistics on). Every arm logs to its own ``CSVLogger`` in a temporary directory, so the
+baseline pays the same logging cost as the probe arm's live statistics need. Rounds of one fit per arm
+are interleaved, the order rotating each round, so drift of the machine (other load, thermal) hits all
+arms alike; ``batch_ratio`` and ``probe_ratio`` are median(arm) / median(baseline) of the wall times.
+
+``probe_floor_ratio`` is what even a perfect probe must pay: the probe forward passes themselves, one
+pass over the probe loader under ``no_grad`` through a train-mode copy of the model (median of
+repeats) times the number of probes the probe arm recorded (read back from its shards), as
+``(baseline + probe_forwards) / baseline``.
+
+Torch runs one intra-op thread by default (``--threads``): on a small shared machine, OpenMP worker
+threads that spin while other processes hold the cores made single fits swing by up to 10x.
+
+Prints one JSON line. ``--quick`` runs a tiny configuration for the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader, Subset
+
+from actpat.callbacks.demo import DigitsCNN, digits_dataset
+from actpat.callbacks.patterns import PROBE_SPLIT, ActivationPatternCallback
+from actpat.recorder import open_run
+
+ARMS = ("baseline", "batch", "probe")
+BATCH_SIZE = 64
+PROBE_FRACTION = 0.1
+PROBE_EVERY = 0.2
+PROBE_BATCH_SIZE = 256  # the callback's default
+
+
+def _callback(arm: str, probe: Subset) -> list[ActivationPatternCallback]:
+    if arm == "batch":
+        return [ActivationPatternCallback(batch_every_n_steps=1)]
+    if arm == "probe":
+        return [ActivationPatternCallback(probe=probe, probe_every=PROBE_EVERY, probe_batch_size=PROBE_BATCH_SIZE)]
+    return []
+
+
+def _fit(arm: str, data, probe: Subset, epochs: int, limit_batches: int | float, seed: int) -> dict:
+    """One fit in a fresh temporary directory: wall seconds, optimizer steps, probes recorded, the model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pl.seed_everything(seed, verbose=False)
+        callbacks = _callback(arm, probe)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            limit_train_batches=limit_batches,
+            accelerator="cpu",
+            devices=1,
+            logger=CSVLogger(tmp, name="logs"),
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            log_every_n_steps=5,
+        )
+        model = DigitsCNN()
+        loader = DataLoader(data, batch_size=BATCH_SIZE, shuffle=True)
+        start = time.perf_counter()
+        trainer.fit(model, loader)
+        seconds = time.perf_counter() - start
+        n_probes = 0
+        if arm == "probe":
+            run = open_run(callbacks[0].run_dir)
+            n_probes = len(run.steps(run.sites[0], PROBE_SPLIT))
+    return {"seconds": seconds, "steps": trainer.global_step, "probes": n_probes, "model": model}
+
+
+def _probe_pass_seconds(model: pl.LightningModule, probe: Subset, repeats: int) -> float:
+    """Median time of one ``no_grad`` pass over the probe loader through a train-mode copy of ``model``."""
+    module = copy.deepcopy(model).requires_grad_(False).train()
+    loader = DataLoader(probe, batch_size=PROBE_BATCH_SIZE, shuffle=False)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first pass warms up, untimed
+            start = time.perf_counter()
+            for x, _y in loader:
+                module(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny configuration (seconds), for the test suite")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds of one fit per arm")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    rounds = args.rounds or (1 if quick else 7)
+    epochs = args.epochs or (1 if quick else 25)
+    limit_batches = 8 if quick else 1.0
+    for name in ("pytorch_lightning", "lightning_fabric"):  # keep stdout to the one JSON line
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+
+    data = digits_dataset()
+    n_probe = round(PROBE_FRACTION * len(data))
+    probe_ids = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n_probe]
+    probe = Subset(data, probe_ids.tolist())
+
+    for arm in ARMS:  # warm-up (lazy imports, first-call allocations), untimed
+        _fit(arm, data, probe, epochs=1, limit_batches=2, seed=args.seed)
+    fits: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    for i in range(rounds):
+        for arm in ARMS[i % 3:] + ARMS[: i % 3]:  # rotate the order each round
+            fits[arm].append(_fit(arm, data, probe, epochs, limit_batches, args.seed))
+    steps = {fit["steps"] for arm_fits in fits.values() for fit in arm_fits}
+    if len(steps) != 1:
+        raise RuntimeError(f"Expected every fit to run the same number of optimizer steps, but got {sorted(steps)}.")
+    n_steps = steps.pop()
+    n_probes = fits["probe"][0]["probes"]
+    median = {arm: statistics.median(fit["seconds"] for fit in fits[arm]) for arm in ARMS}
+    probe_pass_s = _probe_pass_seconds(fits["baseline"][0]["model"], probe, repeats=5 if quick else 20)
+    probe_forwards_s = n_probes * probe_pass_s
+    baseline_s = median["baseline"]
+
+    result = {
+        "bench": "callback_overhead",
+        "batch_ratio": round(median["batch"] / baseline_s, 4),
+        "probe_ratio": round(median["probe"] / baseline_s, 4),
+        "probe_floor_ratio": round((baseline_s + probe_forwards_s) / baseline_s, 4),
+        "baseline_s": round(baseline_s, 3),
+        "batch_s": round(median["batch"], 3),
+        "probe_s": round(median["probe"], 3),
+        "probe_forwards_s": round(probe_forwards_s, 3),
+        "probe_pass_ms": round(1e3 * probe_pass_s, 3),
+        "probe_overhead_per_probe_ms": round(1e3 * (median["probe"] - baseline_s) / max(n_probes, 1), 2),
+        "batch_overhead_per_step_ms": round(1e3 * (median["batch"] - baseline_s) / n_steps, 2),
+        "rounds": rounds,
+        "times_s": {arm: [round(fit["seconds"], 3) for fit in fits[arm]] for arm in ARMS},
+        "steps": n_steps,
+        "epochs": epochs,
+        "probes": n_probes,
+        "probe_size": n_probe,
+        "train_size": len(data),
+        "batch": BATCH_SIZE,
+        "quick": quick,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "python": platform.python_version(),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
