@@ -270,10 +270,14 @@ class ActivationPatternCallback(Callback):
             self._capture = stack
             self._last_batch_step = step
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # The forward is over: backward, the optimizer and logging run outside the capture.
+        self._end_capture()
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._end_capture()
+        self._end_capture()  # when no backward ran (manual optimization, a skipped step)
         self._log_stats(trainer, wait=False)
         if self._interval is not None and _due(trainer.global_step, self._interval):
             self._maybe_probe(trainer, pl_module)

@@ -19,6 +19,10 @@ from actpat.recorder import schema
 log = logging.getLogger(__name__)
 
 _STOP = object()
+# Records are buffered per site and written in blocks: each h5py call holds the GIL, and many small
+# appends (and flushes, which compress partly filled chunks again) would slow the training thread.
+_WRITE_BYTES = 4 << 20
+_WRITE_SECONDS = 1.0
 
 
 class RecorderError(RuntimeError):
@@ -147,6 +151,9 @@ class ShardWriter:
         self._file_bytes = 0
         self._file_dropped = 0
         self._file_opened = 0.0
+        self._pending: dict[str, list[_Buffered]] = {}
+        self._pending_bytes = 0
+        self._pending_since = 0.0
         self._next_index = 0
 
     # ------------------------------------------------------------------ producer side
@@ -210,21 +217,20 @@ class ShardWriter:
         try:
             while True:
                 try:
-                    record = self._queue.get(timeout=self._seconds_left())
+                    record = self._queue.get(timeout=self._seconds_to_next_deadline())
                 except queue.Empty:
-                    self._finalize()  # the open shard reached its age limit while idle
+                    self._meet_deadlines()
                     continue
                 if record is _STOP:
                     break
                 try:
                     if self._error is None:
-                        self._write(record)
+                        self._buffer(record)
                 finally:
                     with self._space:
                         self._queued_bytes -= record.nbytes
                         self._space.notify_all()
-                if self._file is not None and self._queue.empty():
-                    self._file.flush()
+                self._meet_deadlines()
         except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
             self._error = exc
             self._drain()
@@ -236,10 +242,22 @@ class ShardWriter:
             except BaseException as exc:  # noqa: BLE001
                 self._error = self._error or exc
 
-    def _seconds_left(self) -> float | None:
-        if self._file is None:
-            return None
-        return max(0.0, self._file_opened + self.max_shard_seconds - time.monotonic())
+    def _seconds_to_next_deadline(self) -> float | None:
+        deadlines = []
+        if self._file is not None:
+            deadlines.append(self._file_opened + self.max_shard_seconds)
+        if self._pending:
+            deadlines.append(self._pending_since + _WRITE_SECONDS)
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _meet_deadlines(self) -> None:
+        now = time.monotonic()
+        if self._pending and (self._pending_bytes >= _WRITE_BYTES or now >= self._pending_since + _WRITE_SECONDS):
+            self._write_pending()
+        if self._file is not None and (
+            self._file_bytes >= self.max_shard_bytes or now >= self._file_opened + self.max_shard_seconds
+        ):
+            self._finalize()
 
     def _drain(self) -> None:
         # After a failure, keep emptying the queue so producers never wait on a dead writer.
@@ -277,6 +295,7 @@ class ShardWriter:
     def _finalize(self) -> None:
         if self._file is None:
             return
+        self._write_pending()
         handle, self._file = self._file, None
         # Drops are counted by producers, possibly while no shard is open: each shard takes the drops
         # since the previous one was finalized, so that the shards' sum is the writer's total.
@@ -323,47 +342,76 @@ class ShardWriter:
         group.create_dataset(schema.RECORDS, shape=(0,), maxshape=(None,), dtype=schema.RECORD_DTYPE, chunks=(256,))
         return group
 
-    def _write(self, record: Record) -> None:
+    def _buffer(self, record: Record) -> None:
         if record.ready is not None:
             record.ready.synchronize()
-        bits = _to_numpy(record.bits, np.uint8)
-        obs_index = _to_numpy(record.obs_index, np.int64)
-        values = _to_numpy(record.values, np.float16)
         n_samples = record.n_samples
         sample_ids = _to_numpy(record.sample_ids, np.int64)
         labels = _to_numpy(record.labels, np.int64)
-        if sample_ids is None:
-            sample_ids = np.full(n_samples, -1, dtype=np.int64)
-        if labels is None:
-            labels = np.full(n_samples, -1, dtype=np.int64)
-        nan_count = int(record.nan_count if isinstance(record.nan_count, int) else record.nan_count.item())
-
+        buffered = _Buffered(
+            record=record,
+            bits=_to_numpy(record.bits, np.uint8),
+            sample_ids=np.full(n_samples, -1, dtype=np.int64) if sample_ids is None else sample_ids,
+            labels=np.full(n_samples, -1, dtype=np.int64) if labels is None else labels,
+            obs_index=_to_numpy(record.obs_index, np.int64),
+            values=_to_numpy(record.values, np.float16),
+            nan_count=int(record.nan_count if isinstance(record.nan_count, int) else record.nan_count.item()),
+        )
         if self._file is None:
             self._file = self._open()
-        group = self._site_group(record.meta)
-        row_start = _append(group[schema.BITS], bits)
-        sample_start = _append(group[schema.SAMPLE_IDS], sample_ids)
-        _append(group[schema.LABELS], labels)
-        obs_start = -1 if obs_index is None else _append(group[schema.OBS_INDEX], obs_index)
-        value_start = -1 if values is None else _append(group[schema.VALUES], values)
-        entry = np.zeros((), dtype=schema.RECORD_DTYPE)
-        entry["step"] = record.step
-        entry["epoch"] = record.epoch
-        entry["split"] = record.split.encode()
-        entry["row_start"] = row_start
-        entry["row_count"] = len(bits)
-        entry["sample_start"] = sample_start
-        entry["sample_count"] = n_samples
-        entry["obs_start"] = obs_start
-        entry["n_positions"] = record.n_positions
-        entry["nan_count"] = nan_count
-        entry["value_start"] = value_start
-        # The record row goes last: a reader never sees a record whose rows are missing.
-        _append(group[schema.RECORDS], entry[None])
-        self.written_records += 1
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.setdefault(record.meta.site, []).append(buffered)
+        self._pending_bytes += record.nbytes
         self._file_bytes += record.nbytes
-        if self._file_bytes >= self.max_shard_bytes or self._seconds_left() == 0.0:
-            self._finalize()
+
+    def _write_pending(self) -> None:
+        for items in self._pending.values():
+            group = self._site_group(items[0].record.meta)
+            entries = np.zeros(len(items), dtype=schema.RECORD_DTYPE)
+            row, sample = group[schema.BITS].shape[0], group[schema.SAMPLE_IDS].shape[0]
+            obs, value = group[schema.OBS_INDEX].shape[0], group[schema.VALUES].shape[0] if schema.VALUES in group else 0
+            for entry, item in zip(entries, items):
+                rec = item.record
+                entry["step"], entry["epoch"], entry["split"] = rec.step, rec.epoch, rec.split.encode()
+                entry["row_start"], entry["row_count"] = row, len(item.bits)
+                entry["sample_start"], entry["sample_count"] = sample, rec.n_samples
+                entry["obs_start"] = -1 if item.obs_index is None else obs
+                entry["value_start"] = -1 if item.values is None else value
+                entry["n_positions"], entry["nan_count"] = rec.n_positions, item.nan_count
+                row, sample = row + len(item.bits), sample + rec.n_samples
+                obs += 0 if item.obs_index is None else len(item.obs_index)
+                value += 0 if item.values is None else len(item.values)
+            columns = {
+                schema.BITS: [item.bits for item in items],
+                schema.SAMPLE_IDS: [item.sample_ids for item in items],
+                schema.LABELS: [item.labels for item in items],
+                schema.OBS_INDEX: [item.obs_index for item in items if item.obs_index is not None],
+                schema.VALUES: [item.values for item in items if item.values is not None],
+            }
+            for name, parts in columns.items():
+                if parts:
+                    _append(group[name], np.concatenate(parts))
+            # The record rows go last: a reader never sees a record whose rows are missing.
+            _append(group[schema.RECORDS], entries)
+            self.written_records += len(items)
+        if self._pending:
+            self._file.flush()
+        self._pending.clear()
+        self._pending_bytes = 0
+
+
+@dataclass
+class _Buffered:
+    """A record moved to host numpy arrays, waiting for the next block write."""
+
+    record: Record
+    bits: np.ndarray
+    sample_ids: np.ndarray
+    labels: np.ndarray
+    obs_index: np.ndarray | None
+    values: np.ndarray | None
+    nan_count: int
 
 
 def _append(dataset: h5py.Dataset, values: np.ndarray) -> int:

@@ -1,4 +1,5 @@
-"""information_plane() on real shards written by ShardWriter, against brute-force dict counts per sample."""
+"""information_plane() on real shards: binary patterns against brute-force dict counts per sample, continuous
+estimators against the mi functions called on values gathered from the recorded input."""
 
 import logging
 import math
@@ -7,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from actpat.analysis import mi
 from actpat.analysis.information import information_plane
 from actpat.recorder.reader import open_run
 from actpat.recorder.shards import Record, ShardWriter, SiteMeta
@@ -177,5 +179,135 @@ def test_incomplete_samples_are_an_error(tmp_path):
 )
 def test_validation(tmp_path, kwargs, match):
     write_run(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        information_plane(tmp_path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# continuous estimators on stored values
+# ---------------------------------------------------------------------------------------------------
+CONTINUOUS = [
+    ("binning", {}, mi.binning),
+    ("binning", {"n_bins": 7, "range": (-1.0, 1.0)}, mi.binning),
+    ("adaptive", {"n_bins": 10}, mi.adaptive_binning),
+    ("kde", {"noise_var": 0.1}, mi.kde_bounds),
+]
+
+
+def direct(func, t, y, options):
+    """The mi function called on the gathered values, as the metric names of the table."""
+    result = func(t, y, **options)
+    if func is mi.kde_bounds:
+        return {"I_XT": result.i_xt_upper, "I_XT_lower": result.i_xt_lower,
+                "I_TY": result.i_ty_upper, "I_TY_lower": result.i_ty_lower}
+    return {"I_XT": result.i_xt, "I_TY": result.i_ty}
+
+
+@pytest.mark.parametrize("estimator, options, func", CONTINUOUS)
+def test_continuous_estimators_on_recorded_values(tmp_path, estimator, options, func):
+    torch = pytest.importorskip("torch")
+    from actpat.recorder import ActivationRecorder
+
+    gen = torch.Generator().manual_seed(0)
+    x_dense = 1.5 * torch.randn(40, 6, generator=gen)
+    x_conv = torch.randn(40, 3, 2, 2, generator=gen)
+    y = torch.arange(40) % 3
+    dense = torch.nn.Sequential(torch.nn.Tanh())
+    conv = torch.nn.Sequential(torch.nn.ReLU())
+    with ActivationRecorder(dense, tmp_path / "dense", pattern="flat", store_values="all",
+                            module_types=[torch.nn.Tanh]) as rec:
+        with rec.capture(0, labels=y, split="probe"):
+            dense(x_dense)
+    # Channel rows, the probe in two batches: a sample's values are its positions' values concatenated.
+    with ActivationRecorder(conv, tmp_path / "conv", pattern="channel", store_values="all") as rec:
+        for half in (slice(0, 15), slice(15, 40)):
+            with rec.capture(0, labels=y[half], sample_ids=torch.arange(40)[half], split="probe"):
+                conv(x_conv[half])
+    # The stored float16 values, gathered here from the recorded input tensors.
+    t_dense = x_dense.half().double().numpy()
+    t_conv = x_conv.half().double().permute(0, 2, 3, 1).reshape(40, -1).numpy()
+    cases = [
+        ("dense", np.tanh(t_dense), True),
+        ("dense", t_dense, False),
+        ("conv", np.maximum(t_conv, 0.0), True),
+        ("conv", t_conv, False),
+    ]
+    for name, t, apply_activation in cases:
+        table = information_plane(tmp_path / name, estimator=estimator, estimator_options=options,
+                                  apply_activation=apply_activation)
+        assert list(table.columns) == ["step", "epoch", "split", "site", "site_index", "metric", "value"]
+        got = values(table, table.site.iloc[0], 0)
+        expected = direct(func, t, y.numpy(), options)
+        assert list(got) == list(expected)
+        for metric, value in expected.items():
+            assert got[metric] == pytest.approx(value, abs=1e-9), (name, apply_activation, metric)
+
+
+def write_value_run(path, labels, module_type="ReLU"):
+    """One channel site with values, its rows stored in a random order; returns per-sample values."""
+    rng = np.random.default_rng(2)
+    meta = SiteMeta("conv", 0, module_type, (3, 2, 2), 3, "channel", value_units=(0, 1, 2))
+    z = rng.standard_normal((N_SAMPLES * N_POSITIONS, 3)).astype(np.float16)
+    perm = rng.permutation(z.shape[0])  # obs_index: row i is observation perm[i]
+    writer = ShardWriter(path)
+    writer.start()
+    writer.put(Record(meta, 4, 0, "probe", pack(z[perm] > 0), N_POSITIONS, N_SAMPLES, 0,
+                      sample_ids=np.arange(N_SAMPLES), labels=labels, obs_index=perm, values=z[perm]))
+    writer.close()
+    return z.astype(np.float64).reshape(N_SAMPLES, N_POSITIONS * 3)
+
+
+def test_rows_in_any_order_and_partial_labels(tmp_path, caplog):
+    labels = np.arange(N_SAMPLES) % 2
+    labels[:12] = -1
+    z = write_value_run(tmp_path, labels)
+    t = np.maximum(z, 0.0)
+    with caplog.at_level(logging.WARNING, logger="actpat.analysis.information"):
+        got = values(information_plane(tmp_path, estimator="kde", estimator_options={"noise_var": 0.05}), "conv", 4)
+    assert "12 of 60 samples have no label" in caplog.text
+    everyone = mi.kde_bounds(t, np.zeros(N_SAMPLES, dtype=np.int64), 0.05)
+    labelled = mi.kde_bounds(t[12:], labels[12:], 0.05)
+    expected = {"I_XT": everyone.i_xt_upper, "I_XT_lower": everyone.i_xt_lower,
+                "I_TY": labelled.i_ty_upper, "I_TY_lower": labelled.i_ty_lower}
+    assert got == pytest.approx(expected, abs=1e-9)
+
+    none_path = tmp_path / "none"
+    write_value_run(none_path, np.full(N_SAMPLES, -1))
+    got = values(information_plane(none_path, estimator="adaptive"), "conv", 4)
+    assert got == pytest.approx({"I_XT": mi.adaptive_binning(t, np.zeros(N_SAMPLES, dtype=np.int64)).i_xt}, abs=1e-12)
+    # channel: every (sample, position) row is one observation.
+    rows = values(information_plane(none_path, "probe", "channel", estimator="binning"), "conv", 4)
+    one = np.zeros(N_SAMPLES * N_POSITIONS, dtype=np.int64)
+    assert rows == pytest.approx({"I_XT": mi.binning(t.reshape(-1, 3), one).i_xt}, abs=1e-12)
+
+
+def test_missing_values_are_an_error(tmp_path):
+    write_run(tmp_path)
+    for estimator, options in (("binning", None), ("adaptive", None), ("kde", {"noise_var": 1.0})):
+        with pytest.raises(ValueError, match="recorded without them.*probe_values='all'"):
+            information_plane(tmp_path, estimator=estimator, estimator_options=options)
+    assert len(information_plane(tmp_path)) > 0
+
+
+def test_activation_without_a_known_function(tmp_path):
+    z = write_value_run(tmp_path, np.arange(N_SAMPLES) % 2, module_type="LeakyReLU")
+    with pytest.raises(ValueError, match="module type is 'LeakyReLU'; pass apply_activation=False"):
+        information_plane(tmp_path, estimator="binning")
+    got = values(information_plane(tmp_path, estimator="binning", apply_activation=False), "conv", 4)
+    expected = mi.binning(z, np.arange(N_SAMPLES) % 2)
+    assert got == pytest.approx({"I_XT": expected.i_xt, "I_TY": expected.i_ty}, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"estimator": "ksg"}, "Expected `estimator` to be one of \\('binary', 'binning', 'adaptive', 'kde'\\)"),
+        ({"estimator": "kde"}, "state the noise variance for estimator='kde'"),
+        ({"estimator": "adaptive", "estimator_options": {"range": (0, 1)}}, "to be among \\('n_bins',\\), but got \\['range'\\]"),
+        ({"estimator_options": {"n_bins": 3}}, "estimator='binary' to be among \\(\\), but got \\['n_bins'\\]"),
+    ],
+)
+def test_estimator_validation(tmp_path, kwargs, match):
+    write_value_run(tmp_path, np.arange(N_SAMPLES) % 2)
     with pytest.raises(ValueError, match=match):
         information_plane(tmp_path, **kwargs)

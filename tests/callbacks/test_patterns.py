@@ -444,3 +444,19 @@ def test_ddp_two_processes_write_per_rank_shards(tmp_path):
     assert len(merged.read("net.6", 4, "train")) == 16  # 8 samples per rank and step
     assert len(merged.read("net.6", 0, "probe")) == 24  # the probe ran on rank 0 only
     assert per_rank[1].splits == ["train"]
+
+
+def test_batch_capture_ends_before_backward(tmp_path):
+    from torch.nn.modules import module as torch_module
+    from torch.overrides import _get_current_function_mode_stack
+
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            seen.append((len(torch_module._global_forward_pre_hooks), len(_get_current_function_mode_stack())))
+
+    cb = ActivationPatternCallback(batch_every_n_steps=1, live_stats=False)
+    fit(tmp_path, [cb, Probe()], max_epochs=1)
+    assert seen and set(seen) == {(0, 0)}  # no recording hook is live during backward
+    assert open_run(cb.run_dir).steps("net.2", "train").tolist() == list(range(8))

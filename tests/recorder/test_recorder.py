@@ -284,7 +284,7 @@ def test_exception_in_training_after_captures(tmp_path, truth):
 def test_writer_failure_surfaces_as_recorder_error(tmp_path, monkeypatch, truth):
     from actpat.recorder.shards import ShardWriter
 
-    original = ShardWriter._write
+    original = ShardWriter._buffer
     calls = []
 
     def failing_write(self, record):
@@ -293,7 +293,7 @@ def test_writer_failure_surfaces_as_recorder_error(tmp_path, monkeypatch, truth)
             raise OSError("disk full")
         original(self, record)
 
-    monkeypatch.setattr(ShardWriter, "_write", failing_write)
+    monkeypatch.setattr(ShardWriter, "_buffer", failing_write)
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
     rec = ActivationRecorder(model, tmp_path)
     with pytest.raises(RecorderError, match="disk full"):

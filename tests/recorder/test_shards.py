@@ -86,9 +86,9 @@ def test_rollover_finalizes_numbered_shards(tmp_path):
 
 # ---------------------------------------------------------------------------- backpressure
 def _slow_writer(monkeypatch, delay):
-    """Slow ShardWriter._write down and log the queued bytes the writer thread sees."""
+    """Slow ShardWriter._buffer down and log the queued bytes the writer thread sees."""
     seen = {"queued": [], "record": []}
-    original = ShardWriter._write
+    original = ShardWriter._buffer
 
     def slow_write(self, record):
         seen["queued"].append(self.queued_bytes)
@@ -96,7 +96,7 @@ def _slow_writer(monkeypatch, delay):
         time.sleep(delay)
         original(self, record)
 
-    monkeypatch.setattr(ShardWriter, "_write", slow_write)
+    monkeypatch.setattr(ShardWriter, "_buffer", slow_write)
     return seen
 
 
@@ -155,13 +155,13 @@ def test_drop_count_kept_when_last_shard_was_already_finalized(tmp_path):
     # Drops counted while no shard is open (right after a rollover) must not be lost.
     writer = ShardWriter(tmp_path, max_shard_bytes=1, on_backpressure="drop", max_queue_bytes=100)
     gate = threading.Event()
-    original = writer._write
+    original = writer._buffer
 
     def gated(record):
         gate.wait(5)
         original(record)
 
-    writer._write = gated
+    writer._buffer = gated
     writer.start()
     assert writer.put(_record(0))  # written into shard 0, which then rolls over (1-byte shards)
     assert not writer.put(_record(1))  # queue full: dropped while shard 0 is still open or finalized
@@ -179,7 +179,7 @@ def test_writer_error_unblocks_producers(tmp_path):
         time.sleep(0.05)
         raise OSError("no space left on device")
 
-    writer._write = broken
+    writer._buffer = broken
     writer.start()
     writer.put(_record(0))
     with pytest.raises(RecorderError, match="no space left"):
