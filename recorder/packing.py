@@ -23,6 +23,11 @@ def _weights(device: torch.device) -> torch.Tensor:
     return weights
 
 
+def _check_pattern(pattern: str) -> None:
+    if pattern not in PATTERN_KINDS:
+        raise ValueError(f"Expected `pattern` to be one of {PATTERN_KINDS}, but got {pattern!r}.")
+
+
 def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     """Reshape ``z`` of shape ``(N, C, *rest)`` into ``(N * P, n_units)`` observations.
 
@@ -41,8 +46,7 @@ def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     n_positions : int
         ``P``, the number of observations per sample.
     """
-    if pattern not in PATTERN_KINDS:
-        raise ValueError(f"Expected `pattern` to be one of {PATTERN_KINDS}, but got {pattern!r}.")
+    _check_pattern(pattern)
     if z.dim() == 1:
         z = z.unsqueeze(0)
     n = z.shape[0]
@@ -51,6 +55,49 @@ def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     n_units = z.shape[1]
     n_positions = z[0, 0].numel() if n else int(np.prod(z.shape[2:]))
     return z.movedim(1, -1).reshape(n * n_positions, n_units), n_positions
+
+
+def pack_patterns(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int]:
+    """Packed on/off patterns of ``z`` (``> 0`` is on, NaN is off), laid out as :func:`observation_view`.
+
+    Returns
+    -------
+    bits : torch.Tensor
+        ``(N * P, ceil(n_units / 8))`` uint8 on ``z.device``.
+    n_positions : int
+        ``P``, observations per sample.
+    n_units : int
+
+    Notes
+    -----
+    For a ``channel`` pattern of a tensor stored channels-first (NCHW), the 8 channels of each byte
+    are combined in place and only the packed bytes are moved to the (sample, position) layout: moving
+    the unpacked booleans first costs several times the ``> 0`` comparison.
+
+    Examples
+    --------
+    >>> z = torch.tensor([[[1.0, -1.0, 2.0], [-1.0, 3.0, 4.0]]])  # 1 sample, 2 channels, 3 positions
+    >>> bits, p, n = pack_patterns(z, "channel")
+    >>> bits.tolist(), p, n
+    ([[1], [2], [3]], 3, 2)
+    """
+    _check_pattern(pattern)
+    on = z > 0
+    if pattern == "flat" or on.dim() <= 2 or on.stride(1) == 1:
+        obs, n_positions = observation_view(on, pattern)
+        return pack_rows(obs), n_positions, obs.shape[1]
+    n, n_units = on.shape[:2]
+    rest = on.shape[2:]
+    pad = (-n_units) % 8
+    if pad:
+        on = torch.nn.functional.pad(on, (0, 0) * len(rest) + (0, pad))
+    n_bytes = (n_units + pad) // 8
+    unit = on.contiguous().view(torch.uint8).view(n, n_bytes, 8, *rest)
+    packed = unit[:, :, 0].clone()
+    for k in range(1, 8):
+        packed |= unit[:, :, k] << k
+    n_positions = int(np.prod(rest))
+    return packed.movedim(1, -1).reshape(n * n_positions, n_bytes), n_positions, n_units
 
 
 def pack_rows(obs: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from actpat.recorder import schema
 from actpat.recorder.hooks import SiteFilter, SiteHooks
-from actpat.recorder.packing import observation_view, pack_rows
+from actpat.recorder.packing import observation_view, pack_patterns
 from actpat.recorder.shards import Record, RecorderError, ShardWriter, SiteMeta
 
 log = logging.getLogger(__name__)
@@ -239,32 +239,30 @@ class ActivationRecorder:
         if n == 0:
             return  # an empty batch has no observation to record
         meta = self._site_meta.get(name)
-        # Compare first: the (sample, position) layout then moves 1-byte bools, not the float z.
-        obs, n_positions = observation_view(z > 0, self.pattern)
+        bits, n_positions, n_units = pack_patterns(z, self.pattern)
         if meta is None:
             meta = self._site_meta[name] = SiteMeta(
                 site=name,
                 site_index=len(self._site_meta),
                 module_type=module_type,
                 shape=tuple(z.shape[1:]),
-                n_units=obs.shape[1],
+                n_units=n_units,
                 pattern=self.pattern,
-                value_units=self._value_units(len(self._site_meta), obs.shape[1]),
+                value_units=self._value_units(len(self._site_meta), n_units),
             )
-        elif meta.n_units != obs.shape[1]:
+        elif meta.n_units != n_units:
             self._warn_once(
                 f"units:{name}",
-                f"actpat: site {name!r} changed width from {meta.n_units} to {obs.shape[1]} units; "
+                f"actpat: site {name!r} changed width from {meta.n_units} to {n_units} units; "
                 "this call is not recorded.",
             )
             return
         obs_index = index = None
-        if self.max_observations is not None and obs.shape[0] > self.max_observations:
+        if self.max_observations is not None and bits.shape[0] > self.max_observations:
             rng = np.random.default_rng([self.seed, context.step & 0x7FFFFFFF, meta.site_index])
-            obs_index = np.sort(rng.choice(obs.shape[0], self.max_observations, replace=False))
-            index = torch.from_numpy(obs_index).to(obs.device, non_blocking=True)
-            obs = obs.index_select(0, index)
-        bits = pack_rows(obs)
+            obs_index = np.sort(rng.choice(bits.shape[0], self.max_observations, replace=False))
+            index = torch.from_numpy(obs_index).to(bits.device, non_blocking=True)
+            bits = bits.index_select(0, index)
         values = None
         if meta.value_units is not None:
             units = meta.value_units

@@ -357,7 +357,7 @@ def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth):
 def test_error_inside_a_hook_never_raises_inside_the_forward(tmp_path, monkeypatch):
     from actpat.recorder import packing, recorder
 
-    def broken_pack(obs):
+    def broken_pack(z, pattern):
         raise RuntimeError("packing broke")
 
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
@@ -366,12 +366,12 @@ def test_error_inside_a_hook_never_raises_inside_the_forward(tmp_path, monkeypat
     with ActivationRecorder(model, tmp_path) as rec:
         with rec.capture(0):
             model(x)
-        monkeypatch.setattr(recorder, "pack_rows", broken_pack)
+        monkeypatch.setattr(recorder, "pack_patterns", broken_pack)
         outputs = []
         with pytest.raises(RecorderError, match="packing broke"):
             with rec.capture(1):
                 outputs.append(model(x))  # the forward itself completes
-        monkeypatch.setattr(recorder, "pack_rows", packing.pack_rows)
+        monkeypatch.setattr(recorder, "pack_patterns", packing.pack_patterns)
     assert torch.equal(outputs[0], expected)
     assert open_run(tmp_path).steps("1").tolist() == [0]
 
