@@ -9,6 +9,8 @@ import torch
 
 from actpat.recorder.schema import PATTERN_KINDS
 
+# From this many elements on, channel patterns are packed before they are moved (see pack_patterns).
+_IN_PLACE_PACK_MIN = 1 << 16
 # Byte weights of the little bit order: unit j -> bit j % 8 of byte j // 8.
 _WEIGHTS = {}
 # Multiplier that gathers bit 8 k of a word (k = 0..7) into bit 56 + k: sum of 2 ** (56 - 7 k).
@@ -83,7 +85,8 @@ def pack_patterns(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int
     """
     _check_pattern(pattern)
     on = z > 0
-    if pattern == "flat" or on.dim() <= 2 or on.stride(1) == 1:
+    # Small tensors: fewer ops beat fewer bytes, since each op's dispatch costs microseconds.
+    if pattern == "flat" or on.dim() <= 2 or on.stride(1) == 1 or on.numel() < _IN_PLACE_PACK_MIN:
         obs, n_positions = observation_view(on, pattern)
         return pack_rows(obs), n_positions, obs.shape[1]
     n, n_units = on.shape[:2]

@@ -89,3 +89,20 @@ def test_pack_rows_of_bool_input_and_offset_views():
     np.testing.assert_array_equal(
         pack_rows(wide[:, 1:]).numpy(), np.packbits(wide[:, 1:].numpy(), axis=-1, bitorder="little")
     )
+
+
+@pytest.mark.parametrize("channels", [5, 8, 13])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pack_patterns_of_large_conv_tensors_match_numpy(channels, channels_last):
+    from actpat.recorder.packing import _IN_PLACE_PACK_MIN, pack_patterns
+
+    g = torch.Generator().manual_seed(channels)
+    z = torch.randn(16, channels, 40, 41, generator=g)
+    z[0, 0, 0, :3] = float("nan")
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    assert z.numel() >= _IN_PLACE_PACK_MIN
+    bits, n_positions, n_units = pack_patterns(z, "channel")
+    on = np.moveaxis((z > 0).numpy(), 1, -1).reshape(-1, channels)
+    assert (n_positions, n_units) == (40 * 41, channels)
+    np.testing.assert_array_equal(bits.numpy(), np.packbits(on, axis=1, bitorder="little"))
