@@ -20,7 +20,7 @@ from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (after th
 from jupyter_client.manager import KernelManager  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ("01_quickstart.ipynb", "02_paper_reproduction.ipynb")
+NAMES = ("01_quickstart.ipynb", "02_paper_reproduction.ipynb", "03_information_plane.ipynb")
 KERNEL_NAME = "actpat-test"
 CELL_TIMEOUT_S = 300
 
@@ -85,6 +85,20 @@ def test_paper_reproduction_runs(tmp_path, monkeypatch):
         assert name in findings
     assert "Fast mode" in findings
     assert any("Spearman" in text for text in _outputs(nb, "text/markdown"))
+
+
+@pytest.mark.notebook
+def test_information_plane_runs(tmp_path, monkeypatch):
+    nb, out = _execute("03_information_plane.ipynb", tmp_path, monkeypatch)
+    base = out / "03_information_plane"
+    for name in ("tanh", "relu"):
+        assert list((base / name / "patterns").glob("*.h5")), f"no shard for {name}"
+    assert (base / "information_planes.png").stat().st_size > 0
+    assert (base / "figs" / "information_plane.png").stat().st_size > 0, "actpat plot drew no information plane"
+    assert len(_outputs(nb, "image/png")) >= 2, "the grid of planes and the CLI's figure were not displayed"
+    tables = _outputs(nb, "text/html")
+    assert any("I_XT_lower" in t for t in tables), "the KDE table was not shown"
+    assert any("saturated" in t for t in tables), "the binary estimator's saturation table was not shown"
 
 
 @pytest.mark.parametrize("name", NAMES)
