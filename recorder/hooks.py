@@ -131,7 +131,14 @@ class SiteHooks:
         selected = self._selected_cache.get(name)
         if selected is None:
             selected = self._selected_cache[name] = bool(self._selected(name))
-        if selected:
+        if not selected:
+            return
+        if self._mode is None:
+            self._callback(name, module_type, z)
+            return
+        # The recorder's own tensor ops need not pass through the functional-call interceptor (~20% of
+        # a small model's recording cost).
+        with torch._C.DisableTorchFunction():
             self._callback(name, module_type, z)
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
