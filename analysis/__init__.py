@@ -15,6 +15,7 @@ from actpat.analysis.entropy import (
 )
 from actpat.analysis.firing import firing_rates
 from actpat.analysis.information import information_plane
+from actpat.analysis.measures import pattern_measures
 from actpat.analysis.similarity import Stability, jaccard, stability, weighted_jaccard
 from actpat.analysis.summarize import summarize
 from actpat.analysis.tensorboard import to_tensorboard
@@ -36,6 +37,7 @@ __all__ = [
     "mutual_information",
     "normalized_entropy",
     "pattern_counts",
+    "pattern_measures",
     "plots",
     "stability",
     "summarize",

@@ -9,7 +9,6 @@ of the contract: columns ``step, epoch, split, site, site_index, metric, value``
 from __future__ import annotations
 
 import logging
-import math
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from actpat.analysis.counts import PatternCounts, _check_bits, _counts_and_codes
-from actpat.analysis.entropy import _compute_label_information, entropy, miller_madow, normalized_entropy
+from actpat.analysis.counts import PatternCounts
+from actpat.analysis.measures import pattern_measures
 from actpat.analysis.similarity import jaccard, stability, weighted_jaccard
 from actpat.analysis.units import unit_stats
 from actpat.recorder.reader import Patterns, Run, open_run
@@ -64,41 +63,15 @@ def _warn_once(warned: set, key, message: str, *args) -> None:
 
 def _own_metrics(p: Patterns, site: str, warned: set) -> tuple[PatternCounts, dict]:
     """Entropy, label and unit measures of one step."""
-    bits = _check_bits(p.bits, p.n_units)
-    pc, codes = _counts_and_codes(bits, p.n_units)
-    n, n_units = pc.n, p.n_units
-    m = {
-        "n_observations": n,
-        "n_units": n_units,
-        "entropy": entropy(pc),
-        "entropy_mm": miller_madow(pc),
-        "entropy_max": min(float(n_units), math.log2(n)),
-        "normalized_entropy": normalized_entropy(pc),
-        "distinct": pc.k,
-        "distinct_fraction": pc.k / n,
-        "top_mass": int(pc.counts.max()) / n,
-    }
     labelled = p.labels >= 0
-    if labelled.any():
-        if not labelled.all():
-            _warn_once(
-                warned, ("labels", site),
-                "actpat: %d of %d observations of site %r have no label (-1); label measures use the labelled ones.",
-                int((~labelled).sum()), n, site,
-            )
-            pc_l, codes = _counts_and_codes(bits[labelled], n_units)
-            k = pc_l.k
-        else:
-            k = pc.k
-        info = _compute_label_information(codes, k, p.labels[labelled], "empirical")
-        m.update(
-            label_entropy=info["h_l"],
-            joint_entropy=info["h_al"],
-            conditional_entropy=info["h_a_given_l"],
-            mutual_information=info["i_al"],
-            label_conditional_entropy=info["h_l_given_a"],
+    if labelled.any() and not labelled.all():
+        _warn_once(
+            warned, ("labels", site),
+            "actpat: %d of %d observations of site %r have no label (-1); label measures use the labelled ones.",
+            int((~labelled).sum()), len(p), site,
         )
-    us = unit_stats(bits, n_units, validate_args=False)
+    pc, m = pattern_measures(p.bits, p.n_units, p.labels)
+    us = unit_stats(p.bits, p.n_units, validate_args=False)
     m.update(
         firing_rate_mean=float(us.firing_rate.mean()),
         unit_entropy_mean=float(us.entropy.mean()),

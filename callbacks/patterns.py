@@ -641,7 +641,7 @@ class _LiveStats:
     """Counts each probe's patterns on one background thread; results are logged from the main thread."""
 
     def __init__(self, references: dict[str, dict]) -> None:
-        import actpat.analysis.entropy, actpat.analysis.similarity  # noqa: F401, E401 - import here, not on the worker
+        import actpat.analysis.measures, actpat.analysis.similarity  # noqa: F401, E401 - import here, not on the worker
 
         self._references = references  # {"init" | "last": {site: PatternCounts}}, touched by the worker only
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actpat-live-stats")
@@ -661,7 +661,7 @@ class _LiveStats:
         self._pending.clear()
 
     def _compute(self, records: list[Record]) -> dict[str, float]:
-        from actpat.analysis.counts import pattern_counts
+        from actpat.analysis.similarity import jaccard, weighted_jaccard
 
         metrics: dict[str, float] = {}
         # The first probe of a fresh fit is `init`; a resumed fit re-read it (or lacks it) already.
@@ -669,11 +669,14 @@ class _LiveStats:
         init, last = self._references.setdefault("init", {}), self._references.get("last", {})
         current = {}
         for site, (bits, labels, n_units) in _site_rows(records).items():
-            counts = pattern_counts(bits, n_units, validate_args=False)
+            counts, stats = _site_stats(bits, labels, n_units)
             if first:
                 init[site] = counts
             current[site] = counts
-            stats = _site_stats(counts, bits, labels, init.get(site), last.get(site))
+            for name, reference in (("init", init.get(site)), ("last", last.get(site))):
+                if reference is not None:
+                    stats[f"jaccard_{name}"] = jaccard(counts, reference)
+                    stats[f"weighted_jaccard_{name}"] = weighted_jaccard(counts, reference)
             metrics.update({f"actpat/{metric}/{site}": value for metric, value in stats.items()})
         self._references["last"] = current
         return metrics
@@ -697,27 +700,12 @@ def _site_rows(records: list[Record]) -> dict[str, tuple[np.ndarray, np.ndarray,
     return {site: (np.concatenate(b), np.concatenate(l), n) for site, (b, l, n) in parts.items()}
 
 
-def _site_stats(counts, bits: np.ndarray, labels: np.ndarray, init, last) -> dict[str, float]:
-    """The live metrics of one site at one probe (entropies and information in bits)."""
-    from actpat.analysis.entropy import entropy, mutual_information, normalized_entropy
-    from actpat.analysis.similarity import jaccard, weighted_jaccard
+def _site_stats(bits: np.ndarray, labels: np.ndarray, n_units: int) -> tuple[object, dict[str, float]]:
+    """Exact counts and the live measures of one site at one probe (entropies and information in bits)."""
+    from actpat.analysis.measures import pattern_measures
 
-    stats = {
-        "entropy": entropy(counts),
-        "normalized_entropy": normalized_entropy(counts),
-        "distinct": float(counts.k),
-        "top_mass": float(counts.counts.max() / counts.n),
-    }
-    for name, reference in (("init", init), ("last", last)):
-        if reference is not None:
-            stats[f"jaccard_{name}"] = jaccard(counts, reference)
-            stats[f"weighted_jaccard_{name}"] = weighted_jaccard(counts, reference)
-    known = labels >= 0  # I(A;L) on the observations whose label is known
-    if known.any():
-        stats["mutual_information"] = mutual_information(
-            bits[known], labels[known], counts.n_units, validate_args=False
-        )
-    return stats
+    counts, measures = pattern_measures(bits, n_units, labels, validate_args=False)
+    return counts, {metric: float(measures[metric]) for metric in LIVE_METRICS if metric in measures}
 
 
 def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int, layout_written: set[int]) -> None:
