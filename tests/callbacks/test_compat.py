@@ -584,6 +584,14 @@ def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path)
             assert run.steps(site, "probe").tolist() == [0, 3, 4, 6, 8]
             assert run.steps(site, "train").tolist() == [0, 2, 4, 6]
             np.testing.assert_array_equal(run.read(site, step, "probe").bits, bits, err_msg=f"{site} at {step}")
+    # A resumed fit's first probe ran before the checkpoint; a mistake is still caught before its first step.
+    wrong = ActivationPatternCallback(**options, sites=["net.head.9"])
+    steps = OptimizerSteps(package)
+    with pytest.raises(ValueError, match=r"\['net.head.9'\] is not.*probe on its first batch"):
+        trainer(package, tmp_path, [wrong, steps.callback], max_epochs=3).fit(
+            modules(package)["WithForward"](style.net()), style.train(), ckpt_path=ckpt
+        )
+    assert steps.count == 0
 
 
 def test_single_callback_not_in_a_list_and_its_checkpoint_key(package, tmp_path):
