@@ -222,13 +222,26 @@ def modules(package: str) -> dict[str, type]:
             super().__init__(net)
             self.automatic_optimization = False
 
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 2)]
+
         def training_step(self, batch, batch_idx):
             opt = self.optimizers()
-            opt.zero_grad()
-            loss = F.cross_entropy(self.net(batch[0]), batch[1])
-            self.manual_backward(loss)
-            opt.step()
-            self.log("loss", loss)
+            self.toggle_optimizer(opt)
+
+            def closure():  # the forward runs inside the optimizer's step
+                loss = F.cross_entropy(self.net(batch[0]), batch[1])
+                opt.zero_grad()
+                self.manual_backward(loss)
+                self.clip_gradients(opt, gradient_clip_val=1.0)
+                self.log("loss", loss)
+                return loss
+
+            opt.step(closure=closure)
+            self.untoggle_optimizer(opt)
+            self.lr_schedulers().step()
+            self.trainer.should_stop = self.trainer.should_stop  # a write, ignored on the probe copy
 
     class Hinge(Base):
         """Root forward calls ``F.relu``; the multi-class hinge loss in training_step calls it too."""
@@ -427,6 +440,7 @@ class Style:
     batch_samples: int = BATCH
     batch_xy: Callable[[Any], tuple] = staticmethod(lambda batch: (batch[0], batch[1]))
     sites: Optional[list[str]] = None  # the site names, written out by hand where the naming is the point
+    after_fit: Optional[Callable[[Any], bool]] = None  # what the probe must not have changed on the real side
 
 
 def _tensors(n: int, seed: int, shape=(1, 4, 4)) -> TensorDataset:
@@ -473,6 +487,7 @@ STYLES = {
     "manual_optimization": Style(
         "Manual", SmallCNN, lambda: _loader(_tensors(32, 0), shuffle=True), **_TENSOR_PROBE,
         probe_steps=[0, 2, 4, 6, 8], call=_NET_CALL, callback=dict(batch_every_n_steps=4), batch_steps=[0, 4],
+        after_fit=lambda model: model.lr_schedulers().last_epoch == 8 and not model.trainer.should_stop,
     ),
     "iterable_max_steps": Style(
         "WithForward", SmallCNN, lambda: _loader(Stream()), **_TENSOR_PROBE,
@@ -542,6 +557,8 @@ def test_style_records_every_site_at_every_step_exactly(name, package, tmp_path)
             np.testing.assert_array_equal(p.labels, np.repeat(y.numpy(), positions))
     if style.sites is not None:
         assert sorted(truth_sites) == sorted(style.sites)
+    if style.after_fit is not None:
+        assert style.after_fit(model)
     if style.batch_steps is None:
         assert "train" not in run.splits
         return
