@@ -94,8 +94,12 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     sites : None, str, sequence of str, or callable, default None
         Which sites to record: all, names or glob patterns, or a predicate on the site name. A filter
         that selects nothing, or a name that is not a site, is an error listing the sites that exist.
-    pattern, max_observations, compression
+    pattern, max_observations
         As for :class:`~actpat.recorder.ActivationRecorder`.
+    compression : str or None, default None
+        HDF5 filter of the shards, as for the recorder; uncompressed by default, so that the writer
+        thread does not compete with training for the CPU. A codec the writer cannot write is an error
+        here, not at the first record.
     live_stats : bool, default True
         After each probe, log exact per-site statistics (:data:`LIVE_METRICS`) to the trainer's loggers
         as ``actpat/<metric>/<site>`` at the probe's step; a TensorBoard logger also gets a custom-scalars
@@ -190,7 +194,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         sites: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
         pattern: str = "channel",
         max_observations: Optional[int] = None,
-        compression: Optional[str] = "lzf",
+        compression: Optional[str] = None,
         live_stats: bool = True,
         labels_from: Optional[Callable[[Any], Any]] = None,
         *,
