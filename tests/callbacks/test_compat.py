@@ -268,26 +268,22 @@ def images(n: int, shape=(1, 4, 4), seed: int = 0) -> tuple[torch.Tensor, torch.
     return torch.randn(n, *shape, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-class DictSet(Dataset):
-    """Dict samples with keys the callback does not know, a string and an index."""
-
+class ImageSet(Dataset):
     def __init__(self, n: int, seed: int) -> None:
         self.x, self.y = images(n, seed=seed)
 
     def __len__(self):
         return len(self.y)
+
+
+class DictSet(ImageSet):
+    """Dict samples with keys the callback does not know, a string and an index."""
 
     def __getitem__(self, i):
         return {"pixels": self.x[i], "target": self.y[i], "names": f"sample-{i}", "index": i}
 
 
-class IndexedSet(Dataset):
-    def __init__(self, n: int, seed: int) -> None:
-        self.x, self.y = images(n, seed=seed)
-
-    def __len__(self):
-        return len(self.y)
-
+class IndexedSet(ImageSet):
     def __getitem__(self, i):
         return self.x[i], self.y[i], i
 
@@ -670,13 +666,16 @@ def test_lightning_cli_class_path_and_tensorboard_layout(package, tmp_path, monk
                 probe:
                   class_path: compat_probe_set.ProbeSet
                 probe_every: 0.5
+                batch_every_n_steps: 2
         """))
     cli = cli_module.LightningCLI(Model, Data, args=["fit", "--config", str(config)], save_config_callback=None)
     cb = [c for c in cli.trainer.callbacks if isinstance(c, ActivationPatternCallback)]
     assert len(cb) == 1
     logger = cli.trainer.logger
     assert isinstance(logger, importlib.import_module(f"{package}.loggers").TensorBoardLogger)
-    assert open_run(cb[0].run_dir).steps("net.features.2", "probe").tolist() == [0, 2, 4]
+    run = open_run(cb[0].run_dir)
+    assert run.steps("net.features.2", "probe").tolist() == [0, 2, 4]
+    assert run.steps("net.features.2", "train").tolist() == [0, 2]
     events = EventAccumulator(logger.log_dir).Reload()
     assert [e.step for e in events.Scalars("actpat/entropy/net.head.1")] == [0, 2, 4]
     event_files = [p for p in Path(logger.log_dir).iterdir() if p.name.startswith("events")]

@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -324,31 +323,6 @@ def test_batch_mode_with_a_compiled_module_fails_at_setup(tmp_path):
     cb = ActivationPatternCallback(batch_every_n_steps=1, live_stats=False)
     with pytest.raises(ValueError, match="compiled with torch.compile"):
         make_trainer(tmp_path, [cb]).fit(Compiled(), DataLoader(toy_data(), batch_size=8))
-
-
-def test_lightning_cli_yaml_configures_the_callback(tmp_path):
-    from pytorch_lightning.cli import LightningCLI
-
-    config = tmp_path / "config.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        trainer:
-          max_epochs: 1
-          accelerator: cpu
-          enable_progress_bar: false
-          enable_model_summary: false
-          enable_checkpointing: false
-          default_root_dir: {tmp_path}
-          callbacks:
-            - class_path: actpat.callbacks.patterns.ActivationPatternCallback
-              init_args:
-                out_dir: {tmp_path / "patterns"}
-                batch_every_n_steps: 2
-                live_stats: false
-        """))
-    cli = LightningCLI(ToyNet, ToyData, args=["fit", "--config", str(config)], save_config_callback=None)
-    cb = [c for c in cli.trainer.callbacks if isinstance(c, ActivationPatternCallback)]
-    assert len(cb) == 1 and cb[0].batch_every_n_steps == 2
-    assert open_run(tmp_path / "patterns").steps("net.2", "train").tolist() == [0, 2, 4, 6]
 
 
 # ---------------------------------------------------------------------- kill and resume (subprocess)
