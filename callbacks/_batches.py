@@ -143,7 +143,7 @@ def default_labels(batch: Any) -> tuple[Any, str]:
 def batch_size(inputs: Any) -> int:
     """Length of the first tensor found depth-first in ``inputs`` (a tensor, tuple, list or dict)."""
     found = _first_tensor(inputs)
-    if found is None or found.dim() == 0:
+    if found is None:
         raise ValueError(
             f"Expected a batch with a tensor of shape (N, ...), but found none in a {type(inputs).__name__}. "
             "Pass `inputs_from=` returning the model's input tensor."
@@ -153,7 +153,7 @@ def batch_size(inputs: Any) -> int:
 
 def _first_tensor(value: Any) -> Optional[torch.Tensor]:
     if isinstance(value, torch.Tensor):
-        return value
+        return value if value.dim() else None
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
     for item in items:
         found = _first_tensor(item)
