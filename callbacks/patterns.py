@@ -1,41 +1,44 @@
 """ActivationPatternCallback: record activation patterns during ``Trainer.fit`` (SPEC section 6).
 
 The callback is a thin adapter over :class:`~actpat.recorder.ActivationRecorder`: its Lightning hooks
-only decide *when* to record; private helpers below the class do the work (the probe copy, RNG
-isolation, the live statistics).
+only decide *when* to record. The probe execution (copy, weight sync, RNG isolation, the probe forward
+rule, running the probe set) lives in :mod:`actpat.callbacks._probe`, batch access (inputs, labels) in
+:mod:`actpat.callbacks._batches`, and the Lightning names of either package in
+:mod:`actpat.callbacks._lightning`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
-import random
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.apply_func import move_data_to_device
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from actpat.callbacks import _probe
+from actpat.callbacks._batches import BatchReader
+from actpat.callbacks._lightning import CALLBACK_BASES, TENSORBOARD_LOGGERS, rank_zero_warn
+from actpat.callbacks._probe import PROBE_SPLIT
+from actpat.callbacks._sites import SiteSelection
 from actpat.recorder import open_run, schema
+from actpat.recorder.hooks import SiteHooks
 from actpat.recorder.recorder import ActivationRecorder
-from actpat.recorder.shards import Record
+from actpat.recorder.shards import Record, ShardWriter
+
+# Either package's Trainer and LightningModule (see actpat.callbacks._lightning).
+Trainer = LightningModule = Any
 
 log = logging.getLogger(__name__)
 
-#: Split name of probe records and of recorded training batches.
-PROBE_SPLIT = "probe"
+#: Split name of recorded training batches (probe records use :data:`PROBE_SPLIT`).
 TRAIN_SPLIT = "train"
 #: Live metrics, logged as ``actpat/<metric>/<site>`` (bits where a metric has a unit).
 LIVE_METRICS = (
@@ -49,12 +52,10 @@ LIVE_METRICS = (
     "weighted_jaccard_last",
     "mutual_information",
 )
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images")
-_LABEL_KEYS = ("y", "label", "labels")
 _STATE_VERSION = 1
 
 
-class ActivationPatternCallback(Callback):
+class ActivationPatternCallback(*CALLBACK_BASES):
     """Record binary activation patterns of a LightningModule while it trains.
 
     Two protocols (SPEC section 6), usable together, into one run directory of shards:
@@ -64,9 +65,13 @@ class ActivationPatternCallback(Callback):
       module's weights, BatchNorm statistics, gradients and every RNG stream (torch CPU/CUDA, numpy,
       python) are untouched, so a run with the callback trains bit-identically to one without it.
     - **batch**: the training batches themselves every ``batch_every_n_steps`` optimizer steps, from the
-      training forward (split ``"train"``, no extra forward pass).
+      training forward (split ``"train"``, no extra forward pass). With gradient accumulation every
+      micro-batch of a recorded step is recorded; in manual optimization, the forwards before the first
+      ``manual_backward``.
 
-    Steps are ``trainer.global_step`` (optimizer steps); the epoch is stored with each record.
+    Steps are ``trainer.global_step`` (optimizer steps); the epoch is stored with each record. Only
+    calls made inside some module's ``forward`` are sites: a functional ``F.relu`` in a loss computed in
+    ``training_step`` is not recorded.
 
     Parameters
     ----------
@@ -80,48 +85,89 @@ class ActivationPatternCallback(Callback):
         ``shuffle=False`` and ``probe_batch_size``; a DataLoader must not shuffle. None turns probing off.
     probe_every : float or int, default 0.2
         Float: fraction of an epoch of optimizer steps (0.2, five probes per epoch, as Hartmann et al.
-        2021); a probe runs at the first step at or after each multiple of it. Int: optimizer steps.
+        2021); a probe runs at the first step at or after each multiple of it. Needs a training loader
+        of known length: with an ``IterableDataset`` pass an int. Int: optimizer steps.
     probe_mode : {"train", "eval"}, default "train"
         ``train``: BatchNorm normalizes with the probe batch's statistics (as the paper); ``eval``: with
         the running statistics. Dropout is off in both, so a probe is a deterministic function of the
         weights.
-    sites, pattern, max_observations, compression
+    sites : None, str, sequence of str, or callable, default None
+        Which sites to record: all, names or glob patterns, or a predicate on the site name. A filter
+        that selects nothing, or a name that is not a site, is an error listing the sites that exist.
+    pattern, max_observations
         As for :class:`~actpat.recorder.ActivationRecorder`.
+    compression : str or None, default None
+        HDF5 filter of the shards, as for the recorder; uncompressed by default, so that the writer
+        thread does not compete with training for the CPU. A codec the writer cannot write is an error
+        here, not at the first record.
     live_stats : bool, default True
         After each probe, log exact per-site statistics (:data:`LIVE_METRICS`) to the trainer's loggers
         as ``actpat/<metric>/<site>`` at the probe's step; a TensorBoard logger also gets a custom-scalars
         layout (one multiline chart per metric, all sites). Computed on a background thread, so training
         does not wait for the counting.
     labels_from : callable(batch) -> labels, optional
-        Per-sample labels of a batch. Default: ``batch[1]`` of a tuple/list, ``batch["y" | "label" |
-        "labels"]`` of a dict, else none.
+        Per-sample class labels of a batch (probe and training batches). Default: ``batch[1]`` of a
+        tuple/list, ``batch[key]`` of a dict for the first key among ``y, label, labels, target,
+        targets``, else none. Labels must be integers of shape ``(N,)`` or one-hot ``(N, K)`` (recorded
+        as the argmax, said once); float labels or another shape are an error naming the shape.
     inputs_from : callable(batch) -> inputs, optional
-        What the probe feeds to the module's ``forward``. Default: ``batch[0]`` of a tuple/list,
-        ``batch["x" | "input" | "inputs" | "image" | "images"]`` of a dict, else the batch itself.
-    probe_batch_size : int, default 256
-        Batch size when ``probe`` is a Dataset. In ``train`` mode it changes the BatchNorm statistics,
-        so keep it fixed across runs that are compared.
+        What the default probe forward feeds to ``module(inputs)``, and whose length is the batch size.
+        Default: ``batch[0]`` of a tuple/list, ``batch[key]`` of a dict for the first key among ``x,
+        input, inputs, image, images`` (another dict is an error naming this option), else the batch.
+    probe_forward : callable(module, batch), optional
+        How a probe batch runs through the probe copy ``module`` (the batch already on its device, under
+        ``no_grad`` and the trainer's precision context); the return value is ignored. Default:
+        ``module(inputs)`` when the LightningModule's class overrides ``forward``; otherwise
+        ``module.training_step(batch, 0)``, so the module's own batch handling is used. On the probe
+        copy, ``self.log``/``self.log_dict`` do nothing, ``self.trainer`` is a read-only view of the
+        trainer (``logger`` None), ``self.optimizers()``/``self.lr_schedulers()`` return stand-ins whose
+        ``step``/``zero_grad`` change nothing (a closure given to ``step`` is run once), and
+        ``manual_backward``, ``toggle_optimizer``, ``untoggle_optimizer`` and ``clip_gradients`` do
+        nothing, so manual optimization works too. Collective calls (``self.all_gather``) in
+        ``training_step`` are not supported: pass ``probe_forward``.
+    probe_batch_size : int, optional
+        Batch size when ``probe`` is a Dataset. Default: the training DataLoader's batch size (in
+        ``train`` mode the BatchNorm statistics depend on it; the paper probes with the training batch
+        size). Not allowed with a DataLoader probe, which keeps its own.
     probe_on_all_ranks : bool, default False
         Under DDP the probe runs on global rank 0 only; True runs it on every rank (each rank writes its
         own shards). Batch mode always records on every rank.
     on_error : {"warn", "raise"}, default "warn"
-        ``warn``: an error while recording is reported once and recording stops; training continues.
-        ``raise``: the error stops training.
+        What a recording failure does *after recording has worked once* in this fit (a full disk at hour
+        ten). ``warn``: one warning, recording stops, training continues, and the warning is repeated at
+        the end of fit. ``raise``: the error stops training. A failure before that (the first probe, the
+        first recorded training batch) always raises: it is a setup mistake, and training on would
+        record nothing.
     probe_values : None, "all" or int, default None
         Also store the probe's float16 pre-activations (all units, or this many per site), for the
         continuous mutual-information estimators of :mod:`actpat.analysis.mi`; see the recorder's
-        ``store_values``. Batch records never store values.
+        ``store_values``. Needs ``probe``. Batch records never store values.
     module_types : sequence of module classes, default ()
         Further classes to record as activation sites (e.g. ``nn.Tanh``: its sign pattern), as for the
         recorder.
 
     Notes
     -----
-    Resuming from a checkpoint (``state_dict``) continues in the same run directory; steps already
-    recorded there (also those a killed process wrote after the checkpoint) are not recorded again,
-    and the ``init``/``last`` references of the live Jaccard indices are re-read from the shards
-    rather than stored in the checkpoint, which stays a few bytes. With ``probe_on_all_ranks=True`` the
-    re-read references merge all ranks' probe records.
+    Fail fast: every argument is checked here. What needs the trainer or the module is checked when
+    training starts (``on_train_start``: Lightning has loaded the training data, no optimizer step has
+    run): the probe schedule, the probe batch size, then the first probe itself, and in batch mode the
+    first recorded training batch, before its backward. A failure there raises with the cause and the
+    option that fixes it. A resumed fit, whose first probe ran before the checkpoint, runs its first
+    probe batch once without recording to check the same things.
+
+    Works with both Lightning packages, ``lightning`` (``lightning.pytorch``) and ``pytorch_lightning``,
+    whichever are installed: the class derives from the ``Callback`` of each, so either package's
+    ``Trainer`` and ``LightningCLI`` (``class_path: actpat.callbacks.ActivationPatternCallback``) accept
+    it, and either package's ``TensorBoardLogger`` gets the custom-scalars layout.
+
+    Resuming from a checkpoint (``state_dict``, under :attr:`state_key`) continues in the same run
+    directory; steps already recorded there (also those a killed process wrote after the checkpoint)
+    are not recorded again, and the ``init``/``last`` references of the live Jaccard indices are re-read
+    from the shards rather than stored in the checkpoint, which stays a few bytes. With
+    ``probe_on_all_ranks=True`` the re-read references merge all ranks' probe records.
+
+    The probe moves each probe batch to the module's device with Lightning's ``move_data_to_device``;
+    the module's batch-transfer hooks are not called.
 
     Batch mode needs the eager module: with ``torch.compile`` it raises at setup. The probe works with a
     compiled module, because it runs an eager copy.
@@ -148,37 +194,19 @@ class ActivationPatternCallback(Callback):
         sites: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
         pattern: str = "channel",
         max_observations: Optional[int] = None,
-        compression: Optional[str] = "lzf",
+        compression: Optional[str] = None,
         live_stats: bool = True,
         labels_from: Optional[Callable[[Any], Any]] = None,
         *,
         inputs_from: Optional[Callable[[Any], Any]] = None,
-        probe_batch_size: int = 256,
+        probe_forward: Optional[Callable[[Any, Any], Any]] = None,
+        probe_batch_size: Optional[int] = None,
         probe_on_all_ranks: bool = False,
         on_error: str = "warn",
         probe_values: Optional[Union[str, int]] = None,
         module_types: Sequence[type] = (),
     ) -> None:
-        if isinstance(batch_every_n_steps, bool) or not isinstance(batch_every_n_steps, int) or batch_every_n_steps < 0:
-            raise ValueError(f"Expected `batch_every_n_steps` to be an int >= 0, but got {batch_every_n_steps!r}.")
-        if isinstance(probe_every, bool) or not isinstance(probe_every, (int, float)) or not probe_every > 0:
-            raise ValueError(
-                f"Expected `probe_every` to be a float > 0 (fraction of an epoch) or an int >= 1 (optimizer "
-                f"steps), but got {probe_every!r}."
-            )
-        if probe_mode not in ("train", "eval"):
-            raise ValueError(f"Expected `probe_mode` to be 'train' or 'eval', but got {probe_mode!r}.")
-        if pattern not in schema.PATTERN_KINDS:
-            raise ValueError(f"Expected `pattern` to be one of {schema.PATTERN_KINDS}, but got {pattern!r}.")
-        if on_error not in ("warn", "raise"):
-            raise ValueError(f"Expected `on_error` to be 'warn' or 'raise', but got {on_error!r}.")
-        if probe_batch_size < 1:
-            raise ValueError(f"Expected `probe_batch_size` to be at least 1, but got {probe_batch_size}.")
-        if probe is None and batch_every_n_steps == 0:
-            raise ValueError(
-                "Expected something to record, but got `probe=None` and `batch_every_n_steps=0`. Pass a probe "
-                "set, or `batch_every_n_steps >= 1` to record the training batches."
-            )
+        _check_arguments(locals())
         self.out_dir = out_dir
         self.batch_every_n_steps = batch_every_n_steps
         self.probe_every = probe_every
@@ -188,13 +216,15 @@ class ActivationPatternCallback(Callback):
         self.max_observations = max_observations
         self.compression = compression
         self.live_stats = live_stats
+        self.probe_batch_size = probe_batch_size
         self.probe_on_all_ranks = probe_on_all_ranks
         self.on_error = on_error
         self.probe_values = probe_values
         self.module_types = tuple(module_types)
-        self._probe_loader = _probe_loader(probe, probe_batch_size)
-        self._labels_from = labels_from or _default_labels
-        self._inputs_from = inputs_from or _default_inputs
+        self._probe_set = probe
+        self._probe_forward_fn = probe_forward
+        self._reader = BatchReader(inputs_from, labels_from, self._warn_once)
+        self._selection = SiteSelection(sites)
         # Resumable state (state_dict).
         self._run_dir: Path | None = None
         self._last_probe_step = -1
@@ -203,17 +233,23 @@ class ActivationPatternCallback(Callback):
         self._resumed = False
         # Per-fit state.
         self._default_dir: Path | None = None
+        self._rank = 0
         self._batch_floor = -1
         self._interval: Fraction | None = None
+        self._probe_loader: DataLoader | None = None
         self._recorders: list[ActivationRecorder] = []
         self._batch_recorder: ActivationRecorder | None = None
         self._probe_recorder: ActivationRecorder | None = None
         self._probe_module: nn.Module | None = None
+        self._probe_forward: _probe.ProbeForward | None = None
         self._capture: contextlib.ExitStack | None = None
+        self._capture_step = -1
         self._observed: list[Record] = []
         self._stats: _LiveStats | None = None
         self._layout_written: set[int] = set()  # id() of the TensorBoard loggers that have the layout
+        self._verified: dict[str, bool] = {}  # protocol -> recorded successfully once in this fit
         self._failed = False
+        self._stop_reason: str | None = None
         self._warned: set[str] = set()
 
     @property
@@ -231,7 +267,7 @@ class ActivationPatternCallback(Callback):
         return self._run_dir
 
     # ------------------------------------------------------------------ Lightning hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         if self.batch_every_n_steps and _compiled_parts(pl_module):
@@ -241,7 +277,7 @@ class ActivationPatternCallback(Callback):
                 "hooks cannot see inside a compiled graph. Record with the probe only (it runs an eager copy), or "
                 "train the eager module."
             )
-        if self._probe_loader is not None and self.live_stats and not trainer.loggers:
+        if self._probe_set is not None and self.live_stats and not trainer.loggers:
             raise ValueError(
                 "Expected a logger for `live_stats=True`, but the Trainer has none (logger=False). Pass a logger "
                 "(TensorBoardLogger, CSVLogger, ...) or `live_stats=False`."
@@ -249,54 +285,59 @@ class ActivationPatternCallback(Callback):
         # trainer.log_dir broadcasts under DDP: every rank resolves it here, at the same point.
         self._default_dir = Path(self.out_dir) if self.out_dir is not None else Path(trainer.log_dir) / "activation_patterns"
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._failed = False
-        with self._guard("starting the recorders"):
-            self._start(trainer, pl_module)
-            if self._init_step < 0:  # "init", before the first optimizer step; a resumed fit keeps its schedule
-                self._maybe_probe(trainer, pl_module)
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._failed, self._stop_reason, self._verified, self._warned = False, None, {}, set()
+        self._start(trainer, pl_module)
+        if self._init_step < 0:  # "init", before the first optimizer step; a resumed fit keeps its schedule
+            self._maybe_probe(trainer, pl_module)
+        else:
+            self._check_probe(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self._batch_recorder is None or self._failed or step % self.batch_every_n_steps or step <= self._batch_floor:
             return
-        with self._guard("recording a training batch"):
+        with self._guard(f"recording the training batch at step {step}", "batch"):
+            labels = self._reader.labels(batch, self._reader.size(batch))
             stack = contextlib.ExitStack()
             stack.enter_context(
-                self._batch_recorder.capture(
-                    step, labels=self._labels_from(batch), split=TRAIN_SPLIT, epoch=trainer.current_epoch
-                )
+                self._batch_recorder.capture(step, labels=labels, split=TRAIN_SPLIT, epoch=trainer.current_epoch)
             )
-            self._capture = stack
+            self._capture, self._capture_step = stack, step
             self._last_batch_step = step
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         # The forward is over: backward, the optimizer and logging run outside the capture.
         self._end_capture()
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._end_capture()  # when no backward ran (manual optimization, a skipped step)
+        self._end_capture()  # when no backward ran (manual optimization without one, a skipped step)
         self._log_stats(trainer, wait=False)
         if self._interval is not None and _due(trainer.global_step, self._interval):
             self._maybe_probe(trainer, pl_module)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_capture()
         self._maybe_probe(trainer, pl_module)  # the end of fit
         self._log_stats(trainer, wait=True)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._end_capture()
-        self._shutdown(wait_for_stats=False)
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._abandon()
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._end_capture()
         self._log_stats(trainer, wait=True)
-        self._shutdown(wait_for_stats=True)
+        self._shutdown()
+        if self._stop_reason is not None:
+            self._warn_once(
+                "summary",
+                f"actpat: activation recording stopped early in this fit: {self._stop_reason}. The records made "
+                f"before are in {self._run_dir}.",
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -316,10 +357,20 @@ class ActivationPatternCallback(Callback):
         self._resumed = True
 
     # ------------------------------------------------------------------ helpers
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check what needs the trainer and start the recorders; every failure here raises."""
+        probing = self._probe_set is not None and (trainer.is_global_zero or self.probe_on_all_ranks)
+        if self._probe_set is not None:  # on every rank, so that a mistake stops every rank
+            self._interval = _probe_interval(self.probe_every, trainer)
+        if probing:
+            batch_size = self.probe_batch_size
+            if batch_size is None and not isinstance(self._probe_set, DataLoader):
+                batch_size = _training_batch_size(trainer)
+            self._probe_loader = _probe.probe_loader(self._probe_set, batch_size)
         if self.out_dir is not None or self._run_dir is None:
             self._run_dir = self._default_dir
         run_dir = self._run_dir
+        self._rank = trainer.global_rank
         if self._resumed:
             on_disk = _recorded_steps(run_dir)
             self._last_probe_step = max(self._last_probe_step, on_disk.get(PROBE_SPLIT, -1))
@@ -335,7 +386,7 @@ class ActivationPatternCallback(Callback):
             )
         self._batch_floor = self._last_batch_step
         options = dict(
-            sites=self.sites, pattern=self.pattern, max_observations=self.max_observations,
+            sites=self._selection, pattern=self.pattern, max_observations=self.max_observations,
             compression=self.compression, rank=trainer.global_rank, module_types=self.module_types,
         )
         writer = None
@@ -343,15 +394,15 @@ class ActivationPatternCallback(Callback):
             self._batch_recorder = ActivationRecorder(pl_module, run_dir, **options)
             self._recorders.append(self._batch_recorder)
             writer = self._batch_recorder.writer
-        if self._probe_loader is not None and (trainer.is_global_zero or self.probe_on_all_ranks):
-            self._probe_module = _probe_copy(pl_module, self.probe_mode)
+        if probing:
+            self._probe_module = _probe.probe_copy(pl_module, self.probe_mode, trainer)
+            self._probe_forward = _probe.ProbeForward(self._probe_module, self._probe_forward_fn, self._reader)
             observe = self._observed.append if self.live_stats and trainer.is_global_zero else None
             self._probe_recorder = ActivationRecorder(
                 self._probe_module, run_dir, **options, writer=writer, on_record=observe,
                 store_values=self.probe_values,
             )
             self._recorders.append(self._probe_recorder)
-            self._interval = _probe_interval(self.probe_every, trainer)
             if observe is not None:
                 self._stats = _LiveStats(
                     references=_references_from_disk(run_dir, self._init_step, self._last_probe_step)
@@ -360,16 +411,21 @@ class ActivationPatternCallback(Callback):
         for recorder in self._recorders:
             recorder.open()
 
-    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _maybe_probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
         if self._probe_recorder is None or self._failed or step <= self._last_probe_step:
             return
-        with self._guard(f"the probe at step {step}"):
+        first = not self._verified.get("probe")
+        with self._guard(f"the {'first ' if first else ''}probe at step {step}", "probe"):
             self._observed.clear()
-            _run_probe(
-                self._probe_module, pl_module, self._probe_recorder, self._probe_loader, trainer,
-                inputs_from=self._inputs_from, labels_from=self._labels_from,
+            _probe.run_probe(
+                self._probe_module, pl_module, self._probe_recorder, self._probe_loader, self._reader,
+                self._probe_forward, trainer.precision_plugin.forward_context,
+                step=step, epoch=trainer.current_epoch,
             )
+            if first:
+                self._selection.check("the first probe")
+                self._verified["probe"] = True
             self._last_probe_step = step
             if self._init_step < 0:
                 self._init_step = step
@@ -377,122 +433,195 @@ class ActivationPatternCallback(Callback):
                 self._stats.submit(step, list(self._observed))
             self._observed.clear()
 
+    def _check_probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A resumed fit's first probe ran before the checkpoint: run its first batch once, recording nothing."""
+        if self._probe_recorder is None:
+            return
+        with self._guard("the check of the probe on its first batch", "probe"):
+            hooks = SiteHooks(
+                self._probe_module, lambda site, module_type, z: None, sites=self._selection,
+                module_types=self.module_types,
+            )
+            _probe.dry_run(
+                self._probe_module, pl_module, hooks, self._probe_loader, self._reader, self._probe_forward,
+                trainer.precision_plugin.forward_context,
+            )
+            self._selection.check("the first probe batch")
+            self._verified["probe"] = True
+
     def _end_capture(self) -> None:
         stack, self._capture = self._capture, None
-        if stack is not None:
-            with self._guard("recording a training batch"):
-                stack.close()
+        if stack is None:
+            return
+        first = not self._verified.get("batch")
+        with self._guard(f"recording the {'first ' if first else ''}training batch at step {self._capture_step}", "batch"):
+            stack.close()
+            if first:
+                self._selection.check("the first recorded training batch")
+                self._verified["batch"] = True
 
-    def _log_stats(self, trainer: pl.Trainer, wait: bool) -> None:
+    def _log_stats(self, trainer: Trainer, wait: bool) -> None:
         if self._stats is None:
             return
-        with self._guard("computing live statistics"):
+        with self._guard("computing live statistics", "probe"):
             for step, metrics in self._stats.results(wait=wait):
                 _log_metrics(trainer, metrics, step, self._layout_written)
 
-    def _shutdown(self, wait_for_stats: bool) -> None:
+    def _shutdown(self) -> None:
         recorders, self._recorders = self._recorders, []
         for recorder in recorders:
-            with self._guard("finalizing the shards"):
+            with self._guard("finalizing the shards", None):
                 recorder.close()
         if self._stats is not None:
-            self._stats.close(wait=wait_for_stats)
+            self._stats.close(wait=True)
             self._stats = None
-        self._batch_recorder = self._probe_recorder = self._probe_module = None
-        self._interval = None
+        self._clear()
+
+    def _abandon(self) -> None:
+        """Fit is failing anyway: end the capture and close the recorders quietly (shards are finalized)."""
+        stack, self._capture = self._capture, None
+        recorders, self._recorders = self._recorders, []
+        for closer in ([stack.close] if stack is not None else []) + [r.close for r in recorders]:
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - the fit's own exception is the one to report
+                log.debug("actpat: error while closing after an exception", exc_info=True)
+        if self._stats is not None:
+            self._stats.close(wait=False)
+            self._stats = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._batch_recorder = self._probe_recorder = self._probe_module = self._probe_forward = None
+        self._interval = self._probe_loader = None
 
     @contextlib.contextmanager
-    def _guard(self, what: str):
-        """Report a recording error once and stop recording (``on_error="warn"``), or re-raise."""
+    def _guard(self, what: str, protocol: Optional[str]):
+        """Raise a failure of a protocol that has not recorded once in this fit; after that, obey ``on_error``."""
         try:
             yield
         except Exception as exc:
+            if protocol is not None and not self._verified.get(protocol):
+                raise self._setup_error(what, exc) from exc
             if self.on_error == "raise":
                 raise
-            self._failed = True
-            self._warn_once(
-                "error",
-                f"actpat: {what} failed with {exc!r}; activation recording stops for the rest of this fit and "
-                "training continues. Records written before stay readable. Pass `on_error='raise'` to stop "
-                "training instead.",
-            )
             log.debug("actpat: recording error", exc_info=True)
-            stack, self._capture = self._capture, None
-            if stack is not None:
-                with contextlib.suppress(Exception):
-                    stack.close()
-            recorders, self._recorders = self._recorders, []
-            for recorder in recorders:
-                with contextlib.suppress(Exception):
-                    recorder.close()
-            self._batch_recorder = self._probe_recorder = None
+            self._stop_recording(f"{what} failed with {exc!r}")
+
+    def _setup_error(self, what: str, exc: Exception) -> Exception:
+        """The error to raise for a failure before recording worked: the clearest one about its cause."""
+        if isinstance(exc, _probe.ProbeForwardError):
+            return exc
+        if self._selection.seen:  # sites ran: a `sites` filter that selects none explains the failure best
+            try:
+                self._selection.check(what)
+            except ValueError as sites_error:
+                return sites_error
+        if isinstance(exc, ValueError):
+            return exc  # the library's own checks name the cause and the option that fixes it
+        return RuntimeError(
+            f"actpat: {what} failed with {exc!r}, before recording worked once in this fit, so fit stops here "
+            "instead of training without records. Fix that cause (for an error of the shard writer: `out_dir`, "
+            "its free space and permissions)."
+        )
+
+    def _stop_recording(self, reason: str) -> None:
+        """Stop recording for the rest of this fit (``on_error="warn"``); the one place that knows why.
+
+        The reason is warned about now and repeated at the end of fit (:meth:`teardown`).
+        """
+        self._failed = True
+        self._stop_reason = reason
+        # The writers are still open below: the place to store `reason` in the shards as well.
+        self._warn_once(
+            "error",
+            f"actpat: {reason}; activation recording stops for the rest of this fit and training continues. "
+            "Records written before stay readable. Pass `on_error='raise'` to stop training instead.",
+        )
+        stack, self._capture = self._capture, None
+        if stack is not None:
+            with contextlib.suppress(Exception):
+                stack.close()
+        recorders, self._recorders = self._recorders, []
+        for recorder in recorders:
+            with contextlib.suppress(Exception):
+                recorder.close()
+        self._batch_recorder = self._probe_recorder = None
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if self._rank == 0:
             rank_zero_warn(message)
+        else:  # a rank's own failure: rank_zero_warn would hide it
+            log.warning("rank %d: %s", self._rank, message)
 
 
-# ---------------------------------------------------------------------- batch access
-def _default_labels(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
-    if isinstance(batch, dict):
-        for key in _LABEL_KEYS:
-            if key in batch:
-                return batch[key]
-    return None
-
-
-def _default_inputs(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in _INPUT_KEYS:
-            if key in batch:
-                return batch[key]
+# ---------------------------------------------------------------------- arguments
+def _check_arguments(args: dict[str, Any]) -> None:
+    """Validate every argument of the callback (``args`` = its ``__init__``'s locals)."""
+    for name in ("batch_every_n_steps",):
+        _expect_int(name, args[name], 0)
+    every = args["probe_every"]
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not every > 0 or not math.isfinite(every):
         raise ValueError(
-            f"Expected a probe batch dict with one of the keys {_INPUT_KEYS}, but got keys {sorted(batch)}. "
-            "Pass `inputs_from=` to say what the module's forward takes."
+            "Expected `probe_every` to be a float > 0 (fraction of an epoch) or an int >= 1 (optimizer steps), "
+            f"but got {every!r}."
         )
-    return batch
+    for name, allowed in (("probe_mode", ("train", "eval")), ("pattern", schema.PATTERN_KINDS), ("on_error", ("warn", "raise"))):
+        if args[name] not in allowed:
+            raise ValueError(f"Expected `{name}` to be one of {tuple(allowed)}, but got {args[name]!r}.")
+    if args["out_dir"] is not None and not isinstance(args["out_dir"], (str, os.PathLike)):
+        raise ValueError(f"Expected `out_dir` to be None or a path, but got {type(args['out_dir']).__name__}.")
+    for name in ("max_observations", "probe_batch_size"):
+        if args[name] is not None:
+            _expect_int(name, args[name], 1)
+    for name in ("live_stats", "probe_on_all_ranks"):
+        if not isinstance(args[name], bool):
+            raise ValueError(f"Expected `{name}` to be True or False, but got {args[name]!r}.")
+    for name in ("labels_from", "inputs_from", "probe_forward"):
+        if args[name] is not None and not callable(args[name]):
+            raise ValueError(f"Expected `{name}` to be None or a callable, but got {type(args[name]).__name__}.")
+    values = args["probe_values"]
+    if not (values is None or values == "all" or (isinstance(values, int) and not isinstance(values, bool) and values >= 1)):
+        raise ValueError(f"Expected `probe_values` to be None, 'all' or an int >= 1, but got {values!r}.")
+    types = args["module_types"]
+    if isinstance(types, type) or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise ValueError(f"Expected `module_types` to be a sequence of nn.Module subclasses, but got {types!r}.")
+    ShardWriter(os.curdir, compression=args["compression"])  # the writer names the codecs it can write
+    probe = args["probe"]
+    _probe.check_probe_set(probe)
+    if probe is None and args["batch_every_n_steps"] == 0:
+        raise ValueError(
+            "Expected something to record, but got `probe=None` and `batch_every_n_steps=0`. Pass a probe "
+            "set, or `batch_every_n_steps >= 1` to record the training batches."
+        )
+    if probe is None and values is not None:
+        raise ValueError(f"Expected a `probe` set for `probe_values={values!r}`, but got `probe=None`.")
+    if isinstance(probe, DataLoader) and args["probe_batch_size"] is not None:
+        raise ValueError(
+            f"Expected `probe_batch_size=None` with a DataLoader probe (it keeps its own batch size "
+            f"{probe.batch_size}), but got {args['probe_batch_size']}. Pass the Dataset to choose the batch size."
+        )
 
 
-def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.shape[0]
-    if isinstance(inputs, (tuple, list)) and inputs:
-        return _batch_size(inputs[0])
-    if isinstance(inputs, dict) and inputs:
-        return _batch_size(next(iter(inputs.values())))
-    raise ValueError(f"Expected probe inputs with a batch dimension, but got {type(inputs).__name__}.")
+def _expect_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
 
 
-# ---------------------------------------------------------------------- probe
-def _probe_loader(probe: Any, batch_size: int) -> DataLoader | None:
-    if probe is None:
-        return None
-    if isinstance(probe, DataLoader):
-        if isinstance(probe.sampler, RandomSampler):
-            raise ValueError(
-                "Expected a probe DataLoader that iterates in a fixed order, but it shuffles (RandomSampler). "
-                "Pass the Dataset, or a DataLoader with shuffle=False."
-            )
-        return probe
-    if isinstance(probe, Dataset) or hasattr(probe, "__getitem__"):
-        return DataLoader(probe, batch_size=batch_size, shuffle=False)
-    raise ValueError(f"Expected `probe` to be a Dataset, a DataLoader or None, but got {type(probe).__name__}.")
-
-
-def _probe_interval(probe_every: float | int, trainer: pl.Trainer) -> Fraction:
+# ---------------------------------------------------------------------- schedule
+def _probe_interval(probe_every: float | int, trainer: Trainer) -> Fraction:
     """Optimizer steps between probes, exact (a fraction of an epoch need not be a whole number)."""
     if isinstance(probe_every, int):
         return Fraction(probe_every)
     batches = trainer.num_training_batches
     if not math.isfinite(batches):
         raise ValueError(
-            "Expected a sized training DataLoader for a fractional `probe_every`, but the epoch length is "
-            "unknown (an IterableDataset?). Pass an int `probe_every` (optimizer steps)."
+            f"Expected a training DataLoader of known length for `probe_every={probe_every!r}` (a fraction of an "
+            "epoch), but the epoch length is unknown (an IterableDataset?). Pass an int `probe_every` (optimizer "
+            "steps)."
         )
     steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
     return max(Fraction(1), Fraction(probe_every).limit_denominator(10**6) * steps_per_epoch)
@@ -503,75 +632,25 @@ def _due(step: int, interval: Fraction) -> bool:
     return step > 0 and math.floor(step / interval) > math.floor((step - 1) / interval)
 
 
+def _training_batch_size(trainer: Trainer) -> int:
+    """The batch size of the (first) training DataLoader, the default probe batch size."""
+    loaders = trainer.train_dataloader
+    while isinstance(loaders, (list, tuple, dict)) and loaders:
+        loaders = next(iter(loaders.values())) if isinstance(loaders, dict) else loaders[0]
+    size = getattr(loaders, "batch_size", None) or getattr(getattr(loaders, "batch_sampler", None), "batch_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(
+            f"Expected the training DataLoader's batch size as the default `probe_batch_size`, but the training "
+            f"loader ({type(loaders).__name__}) has none. Pass `probe_batch_size=`."
+        )
+    return size
+
+
 def _compiled_parts(module: nn.Module) -> list[str]:
     parts = [f"{name or 'the module'}" for name, m in module.named_modules() if type(m).__name__ == "OptimizedModule"]
     if getattr(module, "_compiler_ctx", None) is not None:
         parts.insert(0, "the LightningModule (fit was given a torch.compile'd module)")
     return parts
-
-
-def _probe_copy(pl_module: pl.LightningModule, mode: str) -> nn.Module:
-    """An eager, gradient-free copy of ``pl_module`` for probing (made once per fit)."""
-    module = copy.deepcopy(pl_module)  # LightningModule.__getstate__ drops the trainer reference
-    if getattr(module, "_compiler_ctx", None) is not None:
-        # Lightning's from_compiled() put compiled bound methods on the instance: back to the class's.
-        for name in ("forward", "training_step", "validation_step", "test_step", "predict_step"):
-            module.__dict__.pop(name, None)
-        module._compiler_ctx = None
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ == "OptimizedModule":
-                setattr(parent, name, child._orig_mod)
-    module.requires_grad_(False)
-    module.train(mode == "train")
-    for sub in module.modules():
-        if isinstance(sub, nn.modules.dropout._DropoutNd):
-            sub.eval()  # a probe is a deterministic function of the weights
-    return module
-
-
-def _sync_weights(target: nn.Module, source: nn.Module) -> None:
-    state = {key.replace("_orig_mod.", ""): value for key, value in source.state_dict().items()}
-    target.load_state_dict(state)
-
-
-@contextlib.contextmanager
-def _isolated_rng(device: torch.device):
-    """Restore torch (CPU and ``device``), numpy and python RNG states on exit."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-def _run_probe(
-    probe_module: nn.Module,
-    pl_module: pl.LightningModule,
-    recorder: ActivationRecorder,
-    loader: DataLoader,
-    trainer: pl.Trainer,
-    *,
-    inputs_from: Callable[[Any], Any],
-    labels_from: Callable[[Any], Any],
-) -> None:
-    """Run the probe set through the synced copy inside a capture; sample ids are probe-set indices."""
-    step, epoch = trainer.global_step, trainer.current_epoch
-    device = pl_module.device
-    with _isolated_rng(device), torch.no_grad():
-        _sync_weights(probe_module, pl_module)
-        offset = 0
-        for batch in loader:  # iterating draws a base seed from the global RNG: inside the fork
-            inputs = move_data_to_device(inputs_from(batch), device)
-            n = _batch_size(inputs)
-            ids = torch.arange(offset, offset + n)
-            with recorder.capture(step, labels=labels_from(batch), sample_ids=ids, split=PROBE_SPLIT, epoch=epoch):
-                with trainer.precision_plugin.forward_context():
-                    probe_module(inputs)
-            offset += n
 
 
 # ---------------------------------------------------------------------- resume
@@ -708,13 +787,13 @@ def _site_stats(bits: np.ndarray, labels: np.ndarray, n_units: int) -> tuple[obj
     return counts, {metric: float(measures[metric]) for metric in LIVE_METRICS if metric in measures}
 
 
-def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int, layout_written: set[int]) -> None:
+def _log_metrics(trainer: Trainer, metrics: dict[str, float], step: int, layout_written: set[int]) -> None:
     """Send metrics to every logger at ``step``; a TensorBoard logger gets the layout once."""
     if not metrics or not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
-        if isinstance(logger, TensorBoardLogger) and id(logger) not in layout_written:
+        if isinstance(logger, TENSORBOARD_LOGGERS) and id(logger) not in layout_written:
             logger.experiment.add_custom_scalars(_custom_scalars_layout())
             layout_written.add(id(logger))
         logger.save()

@@ -53,6 +53,7 @@ class SiteHooks:
     Names are stable across forwards: a module site is its module path (``layer1.0.relu``), with ``#k``
     appended for its k-th further call in the same forward; a functional call is the path of the module
     whose ``forward`` made it, a colon, the function and its call index there (``layer1.0:relu#1``).
+    A functional call made outside every forward of ``model``'s modules is not a site.
 
     Parameters
     ----------
@@ -160,11 +161,13 @@ class SiteHooks:
             self._stack.pop()
 
     def _on_function(self, func: Callable, z: object) -> None:
-        if self._stack and self._stack[-1] in self._site_modules:
-            return  # the call an activation module makes itself is already recorded as the module
+        # Only calls inside some module's forward are sites (not a hinge loss in `training_step`), and the
+        # call an activation module makes itself is already recorded as the module.
+        if not self._stack or self._stack[-1] in self._site_modules:
+            return
         if not isinstance(z, torch.Tensor):
             return
-        enclosing = self._paths[self._stack[-1]] if self._stack else ""
+        enclosing = self._paths[self._stack[-1]]
         fname = FUNCTIONS[func]
         key = (enclosing, fname)
         k = self._calls[key]

@@ -1,0 +1,53 @@
+"""The callback's ``sites`` filter, checked against the sites the model actually calls."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+from actpat.recorder.hooks import site_filter
+
+_GLOB = set("*?[")
+
+
+class SiteSelection:
+    """The user's ``sites`` filter that remembers every site name it was asked about.
+
+    The recorder's hooks ask the filter once per site name, in call order, whether or not the name is
+    selected, so after one forward :attr:`seen` lists every site of the model that ran. :meth:`check`
+    turns a filter that selects nothing, or a literal name that is not a site, into an error that lists
+    the sites that exist.
+    """
+
+    def __init__(self, sites: Union[None, str, Sequence[str], Callable[[str], bool]]) -> None:
+        self._selected = site_filter(sites)  # validates the type
+        names = [sites] if isinstance(sites, str) else [] if sites is None or callable(sites) else list(sites)
+        self.sites = sites
+        self.literal = tuple(name for name in names if not _GLOB & set(name))
+        self.seen: dict[str, bool] = {}
+
+    def __call__(self, name: str) -> bool:
+        selected = self.seen.get(name)
+        if selected is None:
+            selected = self.seen[name] = bool(self._selected(name))
+        return selected
+
+    def check(self, where: str) -> None:
+        """Raise unless the forwards seen so far (during ``where``) called every named and some selected site."""
+        if not self.seen:
+            raise ValueError(
+                f"Expected the model to call at least one activation site, but none ran inside a module forward "
+                f"during {where}. Name other activation classes with `module_types=`; if the probe ran no forward of "
+                "the module, pass `probe_forward=`."
+            )
+        existing = list(self.seen)
+        missing = [name for name in self.literal if name not in self.seen]
+        if missing:
+            raise ValueError(
+                f"Expected every name in `sites` to be an activation site of the model, but {missing} "
+                f"{'is' if len(missing) == 1 else 'are'} not. The sites called during {where}: {existing}."
+            )
+        if not any(self.seen.values()):
+            raise ValueError(
+                f"Expected `sites={self.sites!r}` to select at least one activation site, but it matches none of "
+                f"the sites called during {where}: {existing}. Pass names or glob patterns from this list."
+            )

@@ -1,0 +1,882 @@
+"""The callback drop-in on Lightning code written the way users write it, with either Lightning package.
+
+A table of styles (module with and without ``forward``, dict and ``(x, y, idx)`` batches, a validation
+loop, gradient accumulation, manual optimization, an iterable dataset with ``max_steps``, bf16 on CPU,
+functional ReLUs with a reused ReLU module, ResNet-18- and MobileNetV2-shaped models), each run by a
+real ``Trainer`` of every installed Lightning package. Each asserts that probe records exist for every
+site at every expected step, and that the recorded bits, labels and sample ids equal an independent
+recomputation: the saved weights of each step run through a fresh copy of the module with the test's
+own hooks, packed with ``np.packbits``. Then every setup mistake of the issue: fit raises before the
+first optimizer step, with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import textwrap
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from actpat.callbacks import ActivationPatternCallback
+from actpat.recorder import open_run
+
+PACKAGES = [name for name in ("lightning.pytorch", "pytorch_lightning") if importlib.util.find_spec(name.split(".")[0])]
+N_PROBE = 12
+BATCH = 8
+
+
+@pytest.fixture(params=PACKAGES)
+def package(request) -> str:
+    return request.param
+
+
+# ---------------------------------------------------------------------- networks (plain torch)
+class SmallCNN(nn.Module):
+    """Conv + BatchNorm + ReLU, a dense ReLU, Dropout after the last site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(64, 10), nn.ReLU(), nn.Dropout(0.3), nn.Linear(10, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class FunctionalBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.conv2(h) + x)
+
+
+class FunctionalNet(nn.Module):
+    """Blocks that call ``F.relu``/``torch.relu``, and one ReLU module reused after the stem and every block."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.act = nn.ReLU()
+        self.blocks = nn.ModuleList([FunctionalBlock(width), FunctionalBlock(width)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        for block in self.blocks:
+            x = self.act(block(x))
+        return self.pool(x).flatten(1)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: one in-place ReLU module called twice."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18Shaped(nn.Module):
+    """ResNet-18's topology (stem, max-pool, 4 stages of 2 BasicBlocks, avg-pool, fc) at width 4."""
+
+    def __init__(self, width: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        c_in, stages = width, []
+        for i, c_out in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def conv_bn_relu6(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU6(inplace=True),
+    )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        self.use_residual = stride == 1 and c_in == c_out
+        layers = [conv_bn_relu6(c_in, hidden, 1)] if expand != 1 else []
+        layers += [conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, c_out, 1, bias=False),
+                   nn.BatchNorm2d(c_out)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2Shaped(nn.Module):
+    """MobileNetV2's topology (ConvBNReLU6 stem, inverted residuals, 1x1 head, dropout + linear), tiny widths."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        layers, c_in = [conv_bn_relu6(3, 8, stride=2)], 8
+        for expand, c_out, repeats, stride in ((1, 8, 1, 1), (6, 12, 2, 2), (6, 16, 2, 1)):
+            for i in range(repeats):
+                layers.append(InvertedResidual(c_in, c_out, stride if i == 0 else 1, expand))
+                c_in = c_out
+        layers.append(conv_bn_relu6(c_in, 32, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(32, classes))
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+# ---------------------------------------------------------------------- LightningModules of each package
+@cache
+def modules(package: str) -> dict[str, type]:
+    """The LightningModule styles, as subclasses of ``package``'s LightningModule."""
+    pl = importlib.import_module(package)
+
+    class Base(pl.LightningModule):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class WithForward(Base):
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("loss", loss)
+            return loss
+
+    class WithoutForward(Base):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss, prog_bar=True)
+            self.log_dict({"epoch_seen": float(self.current_epoch), "step_seen": float(self.trainer.global_step)})
+            return loss
+
+    class DictBatches(WithForward):
+        def training_step(self, batch, batch_idx):
+            assert isinstance(batch["names"], list)
+            return F.cross_entropy(self(batch["pixels"]), batch["target"])
+
+    class WithIndex(WithForward):
+        def training_step(self, batch, batch_idx):
+            x, y, idx = batch
+            return F.cross_entropy(self(x), y) + 0 * idx.sum()
+
+    class WithValidation(WithForward):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    class Manual(Base):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__(net)
+            self.automatic_optimization = False
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 2)]
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            self.toggle_optimizer(opt)
+
+            def closure():  # the forward runs inside the optimizer's step
+                loss = F.cross_entropy(self.net(batch[0]), batch[1])
+                opt.zero_grad()
+                self.manual_backward(loss)
+                self.clip_gradients(opt, gradient_clip_val=1.0)
+                self.log("loss", loss)
+                return loss
+
+            opt.step(closure=closure)
+            self.untoggle_optimizer(opt)
+            self.lr_schedulers().step()
+            self.trainer.should_stop = self.trainer.should_stop  # a write, ignored on the probe copy
+
+    class Hinge(Base):
+        """Root forward calls ``F.relu``; the multi-class hinge loss in training_step calls it too."""
+
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__(net)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(F.relu(self.net(x) - 0.1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            scores = self(x)
+            correct = scores.gather(1, y[:, None])
+            return F.relu(1 + scores - correct).sum(1).mean()
+
+    return {cls.__name__: cls for cls in (WithForward, WithoutForward, DictBatches, WithIndex, WithValidation, Manual, Hinge)}
+
+
+# ---------------------------------------------------------------------- data
+def images(n: int, shape=(1, 4, 4), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+class ImageSet(Dataset):
+    def __init__(self, n: int, seed: int) -> None:
+        self.x, self.y = images(n, seed=seed)
+
+    def __len__(self):
+        return len(self.y)
+
+
+class DictSet(ImageSet):
+    """Dict samples with keys the callback does not know, a string and an index."""
+
+    def __getitem__(self, i):
+        return {"pixels": self.x[i], "target": self.y[i], "names": f"sample-{i}", "index": i}
+
+
+class IndexedSet(ImageSet):
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+class Stream(IterableDataset):
+    """An iterable training set without ``__len__`` (the epoch length is unknown)."""
+
+    def __init__(self, n: int = 64) -> None:
+        self.x, self.y = images(n)
+
+    def __iter__(self):
+        return zip(self.x, self.y)
+
+
+# ---------------------------------------------------------------------- the test's own truth
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6)
+_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.Tensor.relu: "relu", F.relu6: "relu6"}
+
+
+class Taps(TorchFunctionMode):
+    """Every ReLU-family pre-activation of a forward of ``root``, named by the README's site table.
+
+    Its own module hooks and function mode, independent of the library's: a module site is its path
+    (``#k`` for the k-th further call in one forward), a functional call made inside a module's forward
+    is ``<path>:<fn>#k``, one outside every forward is no site.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self.paths = {id(m): name for name, m in root.named_modules()}
+        self.modules = list(root.modules())
+        self.stack: list[nn.Module] = []
+        self.calls: Counter = Counter()
+        self.z: dict[str, torch.Tensor] = {}
+
+    def __enter__(self):
+        self.handles = [m.register_forward_pre_hook(self._pre) for m in self.modules]
+        self.handles += [m.register_forward_hook(self._post) for m in self.modules]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return super().__exit__(*exc)
+
+    def _pre(self, module, args):
+        if not self.stack:
+            self.calls.clear()
+        self.stack.append(module)
+        if isinstance(module, _ACTIVATION_MODULES):
+            path, k = self.paths[id(module)], self.calls[id(module)]
+            self.calls[id(module)] += 1
+            self.z[path if k == 0 else f"{path}#{k}"] = args[0].detach().float().clone()
+
+    def _post(self, module, args, output):
+        self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _FUNCTIONS and self.stack and not isinstance(self.stack[-1], _ACTIVATION_MODULES):
+            enclosing, name = self.paths[id(self.stack[-1])], _FUNCTIONS[func]
+            k = self.calls[(enclosing, name)]
+            self.calls[(enclosing, name)] += 1
+            self.z[f"{enclosing}:{name}#{k}" if enclosing else f"{name}#{k}"] = args[0].detach().float().clone()
+        return func(*args, **(kwargs or {}))
+
+
+def channel_bits(z: torch.Tensor) -> np.ndarray:
+    on = (z > 0).numpy()
+    if on.ndim > 2:
+        on = np.moveaxis(on, 1, -1).reshape(-1, on.shape[1])
+    return np.packbits(on, axis=1, bitorder="little")
+
+
+def patterns(module: nn.Module, call, batches: list[torch.Tensor], *, bf16: bool = False) -> dict[str, np.ndarray]:
+    """Channel bits of every site over ``batches``, each batch one forward (BatchNorm sees that batch)."""
+    parts: dict[str, list] = {}
+    with torch.no_grad():
+        for x in batches:
+            with Taps(module) as taps, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                call(module, x)
+            for site, z in taps.z.items():
+                parts.setdefault(site, []).append(channel_bits(z))
+    return {site: np.concatenate(p) for site, p in parts.items()}
+
+
+class SaveWeights:
+    """Weights at every optimizer step, and the inputs of the training batches of every step."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict] = {}
+        self.batches: dict[int, list] = {}
+
+    def callback(self, package: str):
+        pl = importlib.import_module(package)
+        saver = self
+
+        class Saver(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                saver.weights[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                saver.batches.setdefault(trainer.global_step, []).append(batch)
+                saver.weights.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                saver.weights[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+        return Saver()
+
+
+class OptimizerSteps:
+    """Counts optimizer steps, to show that a setup mistake stops fit before the first."""
+
+    def __init__(self, package: str) -> None:
+        pl = importlib.import_module(package)
+        self.count = 0
+        counter = self
+
+        class Counter_(pl.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                counter.count += 1
+
+        self.callback = Counter_()
+
+
+def trainer(package: str, root: Path, callbacks: list, **options) -> Any:
+    pl = importlib.import_module(package)
+    kwargs = dict(
+        max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=root, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+    )
+    kwargs.update(options)
+    return pl.Trainer(callbacks=callbacks, **kwargs)
+
+
+# ---------------------------------------------------------------------- the table of styles
+@dataclass
+class Style:
+    module: str
+    net: Callable[[], nn.Module]
+    train: Callable[[], Any]  # the training DataLoader
+    probe: Callable[[], Dataset]
+    probe_x: Callable[[Dataset], torch.Tensor]  # the probe set's inputs, in order
+    probe_y: Callable[[Dataset], torch.Tensor]
+    probe_steps: list[int]
+    callback: dict = field(default_factory=dict)
+    fit: dict = field(default_factory=dict)
+    call: Callable = staticmethod(lambda module, x: module(x))  # what the probe runs, for the truth
+    batch_steps: Optional[list[int]] = None  # with batch mode: steps and samples per recorded step
+    batch_samples: int = BATCH
+    batch_xy: Callable[[Any], tuple] = staticmethod(lambda batch: (batch[0], batch[1]))
+    sites: Optional[list[str]] = None  # the site names, written out by hand where the naming is the point
+    after_fit: Optional[Callable[[Any], bool]] = None  # what the probe must not have changed on the real side
+
+
+def _tensors(n: int, seed: int, shape=(1, 4, 4)) -> TensorDataset:
+    return TensorDataset(*images(n, shape, seed))
+
+
+def _loader(dataset, **kwargs) -> DataLoader:
+    return DataLoader(dataset, batch_size=BATCH, **kwargs)
+
+
+_TENSOR_PROBE = dict(probe=lambda: _tensors(N_PROBE, 1), probe_x=lambda d: d.tensors[0], probe_y=lambda d: d.tensors[1])
+_RGB_PROBE = dict(probe=lambda: _tensors(N_PROBE, 1, (3, 8, 8)), probe_x=lambda d: d.tensors[0], probe_y=lambda d: d.tensors[1])
+_NET_CALL = staticmethod(lambda module, x: module.net(x))
+
+STYLES = {
+    "forward": Style(
+        "WithForward", SmallCNN, lambda: _loader(_tensors(32, 0), shuffle=True), **_TENSOR_PROBE,
+        probe_steps=[0, 2, 4, 6, 8], callback=dict(batch_every_n_steps=3), batch_steps=[0, 3, 6],
+    ),
+    "no_forward": Style(
+        "WithoutForward", SmallCNN, lambda: _loader(_tensors(32, 0), shuffle=True), **_TENSOR_PROBE,
+        probe_steps=[0, 2, 4, 6, 8], call=_NET_CALL, callback=dict(probe_mode="eval"),
+    ),
+    "dict_batches": Style(
+        "DictBatches", SmallCNN, lambda: _loader(DictSet(32, 0), shuffle=True), probe=lambda: DictSet(N_PROBE, 1),
+        probe_x=lambda d: d.x, probe_y=lambda d: d.y, probe_steps=[0, 2, 4, 6, 8],
+        callback=dict(inputs_from=lambda batch: batch["pixels"], batch_every_n_steps=4), batch_steps=[0, 4],
+        batch_xy=lambda batch: (batch["pixels"], batch["target"]),
+    ),
+    "tuple_with_index": Style(
+        "WithIndex", SmallCNN, lambda: _loader(IndexedSet(32, 0), shuffle=True), probe=lambda: IndexedSet(N_PROBE, 1),
+        probe_x=lambda d: d.x, probe_y=lambda d: d.y, probe_steps=[0, 3, 6, 8], callback=dict(probe_every=3),
+    ),
+    "validation_loop": Style(
+        "WithValidation", SmallCNN, lambda: _loader(_tensors(32, 0), shuffle=True), **_TENSOR_PROBE,
+        probe_steps=[0, 2, 4, 6, 8], callback=dict(batch_every_n_steps=2), batch_steps=[0, 2, 4, 6],
+        fit=dict(val_check_interval=0.5, limit_val_batches=2),
+    ),
+    "gradient_accumulation": Style(
+        "WithForward", SmallCNN, lambda: _loader(_tensors(32, 0), shuffle=True), **_TENSOR_PROBE,
+        probe_steps=[0, 1, 2, 3, 4], callback=dict(batch_every_n_steps=2), batch_steps=[0, 2],
+        batch_samples=2 * BATCH, fit=dict(accumulate_grad_batches=2),
+    ),
+    "manual_optimization": Style(
+        "Manual", SmallCNN, lambda: _loader(_tensors(32, 0), shuffle=True), **_TENSOR_PROBE,
+        probe_steps=[0, 2, 4, 6, 8], call=_NET_CALL, callback=dict(batch_every_n_steps=4), batch_steps=[0, 4],
+        after_fit=lambda model: model.lr_schedulers().last_epoch == 8 and not model.trainer.should_stop,
+    ),
+    "iterable_max_steps": Style(
+        "WithForward", SmallCNN, lambda: _loader(Stream()), **_TENSOR_PROBE,
+        probe_steps=[0, 2, 4, 6], callback=dict(probe_every=2), fit=dict(max_steps=6, max_epochs=-1),
+    ),
+    "bf16_mixed": Style(
+        "WithForward", SmallCNN, lambda: _loader(_tensors(32, 0), shuffle=True), **_TENSOR_PROBE,
+        probe_steps=[0, 2, 4, 6, 8], fit=dict(precision="bf16-mixed"),
+    ),
+    "functional_and_reused_relu": Style(
+        "Hinge", FunctionalNet, lambda: _loader(_tensors(32, 0), shuffle=True), **_TENSOR_PROBE,
+        probe_steps=[0, 2, 4, 6, 8], callback=dict(batch_every_n_steps=4), batch_steps=[0, 4],
+        sites=["net.act", "net.blocks.0:relu#0", "net.blocks.0:relu#1", "net.act#1", "net.blocks.1:relu#0",
+               "net.blocks.1:relu#1", "net.act#2", "relu#0"],
+    ),
+    "resnet18_shaped": Style(
+        "WithForward", ResNet18Shaped, lambda: _loader(_tensors(32, 0, (3, 8, 8)), shuffle=True), **_RGB_PROBE,
+        probe_steps=[0, 2, 4], fit=dict(max_epochs=1), callback=dict(probe_mode="eval"),
+    ),
+    "mobilenetv2_shaped": Style(
+        "WithoutForward", MobileNetV2Shaped, lambda: _loader(_tensors(32, 0, (3, 8, 8)), shuffle=True), **_RGB_PROBE,
+        probe_steps=[0, 2, 4], call=_NET_CALL, fit=dict(max_epochs=1),
+    ),
+}
+
+
+def _fit_style(style: Style, package: str, root: Path, callbacks: list, **fit_options):
+    torch.manual_seed(0)
+    model = modules(package)[style.module](style.net())
+    trainer(package, root, callbacks, **{**style.fit, **fit_options}).fit(model, style.train())
+    return model
+
+
+def _truth_module(model: nn.Module, weights: dict, mode: str) -> nn.Module:
+    module = copy.deepcopy(model)
+    module.load_state_dict(weights)
+    module.train(mode == "train")
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.eval()
+    return module
+
+
+@pytest.mark.parametrize("name", list(STYLES))
+def test_style_records_every_site_at_every_step_exactly(name, package, tmp_path):
+    style = STYLES[name]
+    probe = style.probe()
+    cb = ActivationPatternCallback(probe=probe, **{"probe_every": 0.5, "live_stats": False, **style.callback})
+    saver = SaveWeights()
+    model = _fit_style(style, package, tmp_path, [cb, saver.callback(package)])
+    run = open_run(cb.run_dir)
+    x, y = style.probe_x(probe), style.probe_y(probe)
+    batches = [x[i : i + BATCH] for i in range(0, len(x), BATCH)]  # the default probe batch = the training batch
+    bf16 = style.fit.get("precision") == "bf16-mixed"
+    mode = style.callback.get("probe_mode", "train")
+    truth_sites = None
+    for step in style.probe_steps:
+        truth = patterns(_truth_module(model, saver.weights[step], mode), style.call, batches, bf16=bf16)
+        truth_sites = truth_sites or list(truth)
+        assert sorted(run.sites) == sorted(truth), (step, run.sites)
+        for site, bits in truth.items():
+            assert run.steps(site, "probe").tolist() == style.probe_steps, site
+            p = run.read(site, step, "probe")
+            np.testing.assert_array_equal(p.bits, bits, err_msg=f"{name}: {site} at step {step}")
+            positions = len(bits) // N_PROBE
+            np.testing.assert_array_equal(p.sample_ids, np.repeat(np.arange(N_PROBE), positions))
+            np.testing.assert_array_equal(p.labels, np.repeat(y.numpy(), positions))
+    if style.sites is not None:
+        assert sorted(truth_sites) == sorted(style.sites)
+    if style.after_fit is not None:
+        assert style.after_fit(model)
+    if style.batch_steps is None:
+        assert "train" not in run.splits
+        return
+    for step in style.batch_steps:
+        module = _truth_module(model, saver.weights[step], "train")
+        inputs, labels = zip(*(style.batch_xy(batch) for batch in saver.batches[step]))
+        assert sum(map(len, labels)) == style.batch_samples  # every micro-batch of the step
+        truth = patterns(module, style.call, list(inputs))
+        assert sorted(run.sites) == sorted(truth)
+        for site, bits in truth.items():
+            assert run.steps(site, "train").tolist() == style.batch_steps, site
+            p = run.read(site, step, "train")
+            np.testing.assert_array_equal(p.bits, bits, err_msg=f"{name}: training batch, {site} at step {step}")
+            positions = len(bits) // style.batch_samples
+            np.testing.assert_array_equal(p.labels, np.repeat(torch.cat(labels).numpy(), positions))
+
+
+def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path):
+    pl = importlib.import_module(package)
+    style = STYLES["forward"]
+    probe = style.probe()
+    options = dict(probe=probe, probe_every=3, batch_every_n_steps=2, live_stats=False)
+    saver = SaveWeights()
+    first = ActivationPatternCallback(**options)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    _fit_style(style, package, tmp_path, [first, saver.callback(package), checkpoints], max_epochs=1,
+               enable_checkpointing=True)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    assert ckpt.exists()
+    second = ActivationPatternCallback(**options)
+    torch.manual_seed(0)
+    model = modules(package)["WithForward"](style.net())
+    trainer(package, tmp_path, [second, saver.callback(package)], max_epochs=2).fit(model, style.train(), ckpt_path=ckpt)
+    assert second.run_dir == first.run_dir
+    run = open_run(second.run_dir)
+    batches = [probe.tensors[0][i : i + BATCH] for i in range(0, N_PROBE, BATCH)]
+    for step in (0, 3, 4, 6, 8):  # the end of the first fit (4) is recorded once; the second fit goes on
+        truth = patterns(_truth_module(model, saver.weights[step], "train"), style.call, batches)
+        for site, bits in truth.items():
+            assert run.steps(site, "probe").tolist() == [0, 3, 4, 6, 8]
+            assert run.steps(site, "train").tolist() == [0, 2, 4, 6]
+            np.testing.assert_array_equal(run.read(site, step, "probe").bits, bits, err_msg=f"{site} at {step}")
+    # A resumed fit's first probe ran before the checkpoint; a mistake is still caught before its first step.
+    wrong = ActivationPatternCallback(**options, sites=["net.head.9"])
+    steps = OptimizerSteps(package)
+    with pytest.raises(ValueError, match=r"\['net.head.9'\] is not.*probe on its first batch"):
+        trainer(package, tmp_path, [wrong, steps.callback], max_epochs=3).fit(
+            modules(package)["WithForward"](style.net()), style.train(), ckpt_path=ckpt
+        )
+    assert steps.count == 0
+
+
+def test_single_callback_not_in_a_list_and_its_checkpoint_key(package, tmp_path):
+    """Each package's Trainer wraps a lone callback only if it is that package's Callback."""
+    pl = importlib.import_module(package)
+    cb = ActivationPatternCallback(batch_every_n_steps=2, live_stats=False)
+    assert isinstance(cb, pl.Callback)
+    torch.manual_seed(0)
+    model = modules(package)["WithForward"](SmallCNN())
+    fit_trainer = trainer(package, tmp_path, cb, max_epochs=1)
+    fit_trainer.fit(model, _loader(_tensors(32, 0)))
+    assert open_run(cb.run_dir).steps("net.features.2", "train").tolist() == [0, 2]
+    fit_trainer.save_checkpoint(tmp_path / "last.ckpt")
+    stored = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
+    assert stored["last_batch_step"] == 2 and stored["run_dir"] == str(cb.run_dir)
+
+
+# ---------------------------------------------------------------------- LightningCLI and TensorBoard
+_CLI_MODULE = """\
+import torch
+from torch.utils.data import TensorDataset
+
+
+class ProbeSet(TensorDataset):
+    def __init__(self, n: int = 12):
+        g = torch.Generator().manual_seed(1)
+        super().__init__(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+"""
+
+
+def test_lightning_cli_class_path_and_tensorboard_layout(package, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl = importlib.import_module(package)
+    cli_module = importlib.import_module(f"{package}.cli")
+    (tmp_path / "compat_probe_set.py").write_text(_CLI_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Model(modules(package)["WithForward"]):
+        def __init__(self) -> None:
+            super().__init__(SmallCNN())
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return _loader(_tensors(32, 0), shuffle=True)
+
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        trainer:
+          max_epochs: 1
+          accelerator: cpu
+          enable_progress_bar: false
+          enable_model_summary: false
+          enable_checkpointing: false
+          default_root_dir: {tmp_path}
+          callbacks:
+            - class_path: actpat.callbacks.ActivationPatternCallback
+              init_args:
+                probe:
+                  class_path: compat_probe_set.ProbeSet
+                probe_every: 0.5
+                batch_every_n_steps: 2
+        """))
+    cli = cli_module.LightningCLI(Model, Data, args=["fit", "--config", str(config)], save_config_callback=None)
+    cb = [c for c in cli.trainer.callbacks if isinstance(c, ActivationPatternCallback)]
+    assert len(cb) == 1
+    logger = cli.trainer.logger
+    assert isinstance(logger, importlib.import_module(f"{package}.loggers").TensorBoardLogger)
+    run = open_run(cb[0].run_dir)
+    assert run.steps("net.features.2", "probe").tolist() == [0, 2, 4]
+    assert run.steps("net.features.2", "train").tolist() == [0, 2]
+    events = EventAccumulator(logger.log_dir).Reload()
+    assert [e.step for e in events.Scalars("actpat/entropy/net.head.1")] == [0, 2, 4]
+    event_files = [p for p in Path(logger.log_dir).iterdir() if p.name.startswith("events")]
+    assert b"custom_scalars" in b"".join(p.read_bytes() for p in event_files)
+
+
+# ---------------------------------------------------------------------- setup mistakes: raise before step 1
+class SwappedSet(TensorDataset):
+    """Items in another order: ``(label, image)``."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return y, x
+
+
+class FloatLabels(TensorDataset):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x, y.float() / 3
+
+
+class SoftLabels(TensorDataset):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x, torch.full((3,), 1 / 3)
+
+
+def _no_site_module(package: str) -> type:
+    pl = importlib.import_module(package)
+
+    class NoForwardNoModules(pl.LightningModule):
+        """training_step computes with bare parameters: no module forward runs at all."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 16))
+
+        def training_step(self, batch, batch_idx):
+            return F.relu(F.linear(batch[0].flatten(1), self.weight)).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return NoForwardNoModules
+
+
+def _tanh_module(package: str) -> type:
+    class TanhOnly(modules(package)["WithForward"]):
+        def __init__(self) -> None:
+            super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)))
+
+    return TanhOnly
+
+
+def _bad_training_step_module(package: str) -> type:
+    class DictInTrainingStep(modules(package)["WithoutForward"]):
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch["image"]), batch["label"])
+
+    return DictInTrainingStep
+
+
+MISTAKES = {
+    # name: (model factory, training loader, callback options, expected message)
+    "dict_probe_with_other_keys": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None, dict(probe=DictSet(N_PROBE, 1)), r"inputs_from",
+    ),
+    "iterable_dataset_with_float_probe_every": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), lambda: _loader(Stream()),
+        dict(probe=_tensors(N_PROBE, 1), probe_every=0.5), r"int `probe_every`",
+    ),
+    "probe_items_in_another_order": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None, dict(probe=SwappedSet(*images(N_PROBE, seed=1))),
+        r"shape \(8, 1, 4, 4\) from batch\[1\].*labels_from",
+    ),
+    "probe_items_in_another_order_without_labels": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None,
+        dict(probe=SwappedSet(*images(N_PROBE, seed=1)), labels_from=lambda batch: None),
+        r"module\(inputs\).*Tensor\[8\] int64.*inputs_from.*probe_forward",
+    ),
+    "float_labels": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None, dict(probe=FloatLabels(*images(N_PROBE, seed=1))),
+        r"float labels \(torch.float32\) of shape \(8,\) from batch\[1\].*labels_from",
+    ),
+    "soft_labels": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None, dict(probe=SoftLabels(*images(N_PROBE, seed=1))),
+        r"shape \(8,\) or one-hot \(8, K\), but got shape \(8, 3\).*labels_from",
+    ),
+    "labels_of_another_length": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None,
+        dict(probe=_tensors(N_PROBE, 1), labels_from=lambda batch: batch[1][:3]), r"8 for this batch.*shape \(3,\)",
+    ),
+    "float_labels_in_training_batches": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None,
+        dict(batch_every_n_steps=1, labels_from=lambda batch: batch[1].float()), r"float labels.*labels_from",
+    ),
+    "sites_filter_matches_nothing": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None, dict(probe=_tensors(N_PROBE, 1), sites="layer*"),
+        r"sites='layer\*'.*\['net.features.2', 'net.head.1'\]",
+    ),
+    "named_site_does_not_exist": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None,
+        dict(probe=_tensors(N_PROBE, 1), sites=["net.features.2", "net.head.0"]),
+        r"\['net.head.0'\] is not.*\['net.features.2', 'net.head.1'\]",
+    ),
+    "named_site_does_not_exist_batch_mode": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None, dict(batch_every_n_steps=1, sites=["relu"]),
+        r"\['relu'\] is not.*first training batch.*\['net.features.2', 'net.head.1'\]",
+    ),
+    "no_module_forward_runs": (
+        lambda p: _no_site_module(p)(), None, dict(probe=_tensors(N_PROBE, 1)), r"none ran inside a module forward.*probe_forward",
+    ),
+    "no_activation_site": (
+        lambda p: _tanh_module(p)(), None, dict(probe=_tensors(N_PROBE, 1)), r"module_types=",
+    ),
+    "training_step_cannot_take_the_probe_batch": (
+        lambda p: _bad_training_step_module(p)(SmallCNN()), lambda: _loader(DictSet(32, 0)),
+        dict(probe=_tensors(N_PROBE, 1)), r"training_step\(batch, 0\).*does not override `forward`.*probe_forward=",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_setup_mistake_raises_before_the_first_optimizer_step(name, tmp_path):
+    package = PACKAGES[0]
+    make_model, make_loader, options, message = MISTAKES[name]
+    options = {"live_stats": False, **options}
+    steps = OptimizerSteps(package)
+    cb = ActivationPatternCallback(**options)
+    torch.manual_seed(0)
+    fit_trainer = trainer(package, tmp_path, [cb, steps.callback])
+    loader = make_loader() if make_loader else _loader(_tensors(32, 0), shuffle=True)
+    with pytest.raises((ValueError, RuntimeError), match=message) as error:
+        fit_trainer.fit(make_model(package), loader)
+    assert steps.count == 0, error.value
+    assert fit_trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(max_observations=0), r"`max_observations` to be an int >= 1, but got 0"),
+        (dict(compression="zstd"), r"`compression`.*'zstd'"),
+        (dict(probe_values="some"), r"`probe_values`.*'some'"),
+        (dict(probe_values=4, probe=None, batch_every_n_steps=1), r"`probe` set for `probe_values=4`"),
+        (dict(probe_batch_size=4, probe=DataLoader(_tensors(4, 0), batch_size=2)), r"probe_batch_size=None"),
+        (dict(probe_every=0), r"`probe_every`.*but got 0"),
+        (dict(probe_every=True), r"`probe_every`.*but got True"),
+        (dict(batch_every_n_steps=1.5), r"`batch_every_n_steps` to be an int >= 0, but got 1.5"),
+        (dict(probe_mode="test"), r"`probe_mode`.*'test'"),
+        (dict(pattern="dense"), r"`pattern`.*'dense'"),
+        (dict(on_error="ignore"), r"`on_error`.*'ignore'"),
+        (dict(live_stats="yes"), r"`live_stats` to be True or False"),
+        (dict(inputs_from="x"), r"`inputs_from` to be None or a callable"),
+        (dict(probe_forward=3), r"`probe_forward` to be None or a callable"),
+        (dict(module_types=[nn.Tanh, "Tanh"]), r"`module_types`"),
+        (dict(sites=[1, 2]), r"`sites`"),
+        (dict(out_dir=3), r"`out_dir`"),
+    ],
+)
+def test_invalid_arguments_fail_at_construction(options, message):
+    options = {"probe": _tensors(4, 0), **options}
+    with pytest.raises(ValueError, match=message):
+        ActivationPatternCallback(**options)
+
+
+# ---------------------------------------------------------------------- labels
+class OneHotSet(TensorDataset):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x, F.one_hot(y, 3).float()
+
+
+def test_one_hot_labels_are_recorded_as_class_indices_and_said_once(tmp_path):
+    package = PACKAGES[0]
+    x, y = images(N_PROBE, seed=1)
+    cb = ActivationPatternCallback(probe=OneHotSet(x, y), probe_every=0.5, live_stats=False)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="one-hot") as record:
+        trainer(package, tmp_path, [cb], max_epochs=1).fit(modules(package)["WithForward"](SmallCNN()),
+                                                          _loader(_tensors(32, 0)))
+    assert sum("one-hot" in str(w.message) for w in record) == 1
+    run = open_run(cb.run_dir)
+    for step in (0, 2, 4):
+        np.testing.assert_array_equal(run.read("net.head.1", step, "probe").labels, y.numpy())
+
+
+def test_probe_forward_option_replaces_the_default_rule(tmp_path):
+    package = PACKAGES[0]
+    seen = []
+
+    def probe_forward(module, batch):
+        seen.append(type(batch).__name__)
+        module.net.features(batch["pixels"])  # only the first site
+
+    cb = ActivationPatternCallback(probe=DictSet(N_PROBE, 1), probe_every=1.0, probe_forward=probe_forward,
+                                   live_stats=False)
+    torch.manual_seed(0)
+    trainer(package, tmp_path, [cb], max_epochs=1).fit(modules(package)["WithForward"](SmallCNN()),
+                                                      _loader(_tensors(32, 0)))
+    run = open_run(cb.run_dir)
+    assert run.sites == ["net.features.2"] and run.steps("net.features.2", "probe").tolist() == [0, 4]
+    np.testing.assert_array_equal(run.read("net.features.2", 4, "probe").labels, np.repeat(DictSet(N_PROBE, 1).y.numpy(), 16))
+    assert set(seen) == {"dict"}
