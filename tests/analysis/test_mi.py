@@ -102,9 +102,9 @@ def test_binning_values_at_bin_centres_exact():
     est = binning(t, y, n_bins=4, range=(0, 4))
     h_t, i_ty = plugin_informations(idx, y)
     assert isinstance(est, InformationEstimate)
-    assert est.i_xt == pytest.approx(h_t, abs=1e-12)
-    assert est.i_ty == pytest.approx(i_ty, abs=1e-12)
-    assert est.i_ty == pytest.approx(plugin_entropy(y.tolist()), abs=1e-12)  # I(T;Y) = H(Y)
+    assert est.input_information == pytest.approx(h_t, abs=1e-12)
+    assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
+    assert est.mutual_information == pytest.approx(plugin_entropy(y.tolist()), abs=1e-12)  # I(T;Y) = H(Y)
 
 
 def test_binning_observed_range_matches_brute_force():
@@ -116,8 +116,8 @@ def test_binning_observed_range_matches_brute_force():
     cells = [tuple(min(4, math.floor((v - lo) / width)) for v in row) for row in t]
     h_t, i_ty = plugin_informations(cells, y)
     est = binning(t, y, n_bins=5)
-    assert est.i_xt == pytest.approx(h_t, abs=1e-12)
-    assert est.i_ty == pytest.approx(i_ty, abs=1e-12)
+    assert est.input_information == pytest.approx(h_t, abs=1e-12)
+    assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
 
 
 def test_binning_distinct_rows_saturate_and_constant_layer_is_zero():
@@ -146,8 +146,8 @@ def test_binning_exact_for_many_units():
     y = rng.integers(0, 3, 400)
     h_t, i_ty = plugin_informations(rows, y)
     est = binning(t, y, n_bins=30, range=(0, 30))
-    assert est.i_xt == pytest.approx(h_t, abs=1e-12)
-    assert est.i_ty == pytest.approx(i_ty, abs=1e-12)
+    assert est.input_information == pytest.approx(h_t, abs=1e-12)
+    assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,8 +163,8 @@ def test_adaptive_binning_equal_mass_blocks_of_pooled_ranks():
     cells = [tuple(int(r) // (n * d // n_bins) for r in row) for row in ranks]
     h_t, i_ty = plugin_informations(cells, y)
     est = adaptive_binning(t, y, n_bins=n_bins)
-    assert est.i_xt == pytest.approx(h_t, abs=1e-12)
-    assert est.i_ty == pytest.approx(i_ty, abs=1e-12)
+    assert est.input_information == pytest.approx(h_t, abs=1e-12)
+    assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
 
 
 def test_adaptive_binning_uniform_cells_and_labels():
@@ -178,8 +178,8 @@ def test_adaptive_binning_point_mass_is_one_bin():
     rng = np.random.default_rng(5)
     t = np.concatenate([np.zeros(200), rng.uniform(1, 2, 200)])
     est = adaptive_binning(t, np.zeros(400, dtype=int), n_bins=4)
-    assert est.i_xt == pytest.approx(1.5, abs=1e-12)
-    assert est.i_ty == 0.0
+    assert est.input_information == pytest.approx(1.5, abs=1e-12)
+    assert est.mutual_information == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,8 +231,8 @@ def test_kde_limits_and_order():
     uppers = []
     for var in (1e-3, 1e-2, 0.1, 1.0, 10.0):
         b = kde_bounds(t, y, var)
-        assert 0.0 <= b.i_xt_lower <= b.i_xt_upper <= 6.0
-        uppers.append(b.i_xt_upper)
+        assert 0.0 <= b.input_information_lower <= b.input_information_upper <= 6.0
+        uppers.append(b.input_information_upper)
     assert np.all(np.diff(uppers) < 0)  # more noise, less information
 
 
@@ -336,7 +336,7 @@ Y = np.arange(20) % 2
         (lambda: binning(T, Y, range=(1, 1)), "Expected `range` to be finite with lo < hi"),
         (lambda: binning(T, Y, range=(0,)), "Expected `range` to be a pair"),
         (lambda: binning(T[:, :, None], Y), "Expected `t` to be 1-D"),
-        (lambda: binning(T, Y[:5]), "one label per sample, len\\(y\\) = 20, but got 5"),
+        (lambda: binning(T, Y[:5]), "one entry per observation, len\\(y\\) = len\\(t\\) = 20, but got 5"),
         (lambda: binning(T, Y + 0.5), "integer dtype"),
         (lambda: binning(np.where(T > 1, np.nan, T), Y), "Expected `t` to be finite, but got"),
         (lambda: adaptive_binning(np.full((3, 2), np.inf), Y[:3]), "finite"),
