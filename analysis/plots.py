@@ -186,9 +186,8 @@ def fractional_epochs(steps, epochs, *, steps_per_epoch: float | None = None) ->
         ``(n,)`` the step and the (integer) epoch of each record; ``-1`` epochs (unknown) are an error.
     steps_per_epoch : float, optional
         Optimizer steps per epoch. Default: estimated as the median distance, in steps per epoch,
-        between the first recorded steps of recorded epochs, but at least the span of steps recorded
-        within any one epoch plus the median gap between its records (so that no record reaches the
-        next epoch); with a single epoch, that lower bound. Pass it for exact values.
+        between the first recorded steps of the recorded epochs; with a single epoch, the span of its
+        steps plus the median gap between its records. Pass it for exact values.
 
     Returns
     -------
@@ -214,14 +213,12 @@ def fractional_epochs(steps, epochs, *, steps_per_epoch: float | None = None) ->
         return steps
     table = pd.DataFrame({"step": steps, "epoch": epochs}).drop_duplicates()
     first = table.groupby("epoch")["step"].min()
-    span = table.groupby("epoch")["step"].max() - first
-    gaps = np.concatenate([np.diff(np.sort(g.to_numpy())) for _, g in table.groupby("epoch")["step"]])
-    gaps = gaps[gaps > 0]
-    gap = float(np.median(gaps)) if gaps.size else 1.0
-    floor = float(span.max()) + gap
     if steps_per_epoch is None:
-        per_epoch = np.diff(first.to_numpy()) / np.diff(first.index.to_numpy())
-        steps_per_epoch = max(float(np.median(per_epoch)), floor) if per_epoch.size else floor
+        if first.size > 1:
+            steps_per_epoch = float(np.median(np.diff(first.to_numpy()) / np.diff(first.index.to_numpy())))
+        else:
+            gaps = np.diff(np.unique(steps))
+            steps_per_epoch = float(steps.max() - steps.min()) + (float(np.median(gaps)) if gaps.size else 1.0)
     elif not (isinstance(steps_per_epoch, (int, float, np.integer, np.floating)) and steps_per_epoch > 0):
         raise ValueError(f"Expected `steps_per_epoch` to be a positive number, but got {steps_per_epoch!r}.")
     return epochs + (steps - first.reindex(epochs).to_numpy()) / float(steps_per_epoch)

@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from actpat.analysis.metrics import metric_names
 from actpat.recorder import open_run, schema
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.shards import Record
@@ -38,17 +39,7 @@ log = logging.getLogger(__name__)
 PROBE_SPLIT = "probe"
 TRAIN_SPLIT = "train"
 #: Live metrics, logged as ``actpat/<metric>/<site>`` (bits where a metric has a unit).
-LIVE_METRICS = (
-    "entropy",
-    "normalized_entropy",
-    "distinct",
-    "top_mass",
-    "jaccard_init",
-    "weighted_jaccard_init",
-    "jaccard_last",
-    "weighted_jaccard_last",
-    "mutual_information",
-)
+LIVE_METRICS = tuple(metric_names(live=True))
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images")
 _LABEL_KEYS = ("y", "label", "labels")
 _STATE_VERSION = 1
