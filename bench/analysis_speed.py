@@ -43,8 +43,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -55,6 +53,7 @@ import numpy as np  # noqa: E402
 from actpat.analysis.counts import pattern_counts  # noqa: E402
 from actpat.analysis.entropy import entropy, miller_madow  # noqa: E402
 from actpat.analysis.similarity import jaccard, weighted_jaccard  # noqa: E402
+from _report import emit  # noqa: E402  (bench/_report.py, beside this script)
 
 _CHUNK = 1 << 20
 # The reference's ResNet-20 CIFAR-10 tables: (bins, observations per probe) by channels (module docstring).
@@ -252,12 +251,8 @@ def main(argv=None) -> int:
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "wall_seconds": time.perf_counter() - t0,
         "single_core": "BLAS pinned to 1 thread; numpy sorts are single-threaded",
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
     }
-    print(json.dumps(result))
+    emit(result)
     return 0
 
 

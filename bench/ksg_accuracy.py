@@ -26,9 +26,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -37,6 +35,7 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from actpat.analysis.mi import KSG_METRICS, ksg  # noqa: E402
+from _report import emit  # noqa: E402  (bench/_report.py, beside this script)
 
 TRANSFORMS = ("identity", "cube_exp", "mix")
 
@@ -113,12 +112,8 @@ def main(argv=None) -> int:
         "more_accurate": best,
         "cases": cases,
         "wall_seconds": time.perf_counter() - t0,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
     }
-    print(json.dumps(result))
+    emit(result)
     return 0
 
 

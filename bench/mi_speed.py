@@ -30,9 +30,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -44,6 +42,7 @@ from scipy.spatial.distance import cdist  # noqa: E402
 from scipy.special import digamma  # noqa: E402
 
 from actpat.analysis.mi import _prepare_continuous, adaptive_binning, binning, kde_bounds, ksg, ksg_mixed  # noqa: E402
+from _report import emit  # noqa: E402  (bench/_report.py, beside this script)
 
 _NOISE_VAR = 0.1
 _BRUTE_CHUNK = 512
@@ -182,13 +181,9 @@ def main(argv=None) -> int:
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "wall_seconds": time.perf_counter() - t0,
         "single_core": "BLAS pinned to 1 thread; cKDTree queries use one worker",
-        "numpy": np.__version__,
         "scipy": scipy.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
     }
-    print(json.dumps(result))
+    emit(result)
     return 0
 
 
