@@ -126,7 +126,9 @@ def check_n_classes(n_classes, n_present: int) -> int:
     ValueError: Expected `n_classes` to be at least the 3 classes present in the labels, but got 2.
     """
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
-        raise ValueError(f"Expected `n_classes` to be a positive int (the dataset's class count), but got {n_classes!r}.")
+        raise ValueError(
+            f"Expected `n_classes` to be a positive int (the dataset's class count), but got {n_classes!r}."
+        )
     if n_classes < n_present:
         raise ValueError(
             f"Expected `n_classes` to be at least the {n_present} classes present in the labels, but got {n_classes}."

@@ -229,7 +229,8 @@ def information_plane(
         ``channel`` patterns has its rows grouped by sample id (or, without ids, by consecutive rows from
         position 0), ordered by position and concatenated. ``"channel"``: the recorded rows as they are,
         each ``(sample, position)`` one observation; then ``X`` is not the sample and
-        ``input_information`` is only the pattern entropy. A site recorded ``flat`` with spatial dimensions cannot be split into channels.
+        ``input_information`` is only the pattern entropy. A site recorded ``flat`` with spatial
+        dimensions cannot be split into channels.
     sites : list of str or None, default None
         Sites to include (default all, in forward order).
     saturation : float, default 0.9 (:data:`actpat.analysis.measures.SATURATION`)
@@ -266,7 +267,8 @@ def information_plane(
     Raises
     ------
     ValueError
-        Unknown ``split`` (or None with several splits), ``pattern``, ``estimator``, option or site, ``saturation`` outside ``(0, 1]``,
+        Unknown ``split`` (or None with several splits), ``pattern``, ``estimator``, option or site,
+        ``saturation`` outside ``(0, 1]``,
         ``channel`` rows that do not form complete samples, a continuous estimator on a site recorded
         without values (or, with ``apply_activation``, with an activation not listed above), or
         ``"kde"`` without ``noise_var``.

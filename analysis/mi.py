@@ -398,8 +398,8 @@ def kde_bounds(t, y, noise_var: float, *, chunk_size: int = _KDE_CHUNK) -> KDEBo
     Notes
     -----
     ``0 <= input_information_lower <= input_information_upper <= log2 n`` always. As ``noise_var -> 0``
-    (distinct rows) both ``I(T;X)`` bounds tend to ``log2 n`` and both ``I(T;Y)`` bounds to the label entropy ``H(Y)``; as
-    ``noise_var -> inf`` all four tend to 0. The ``I(T;Y)`` values are differences of two bounds of the
+    (distinct rows) both ``I(T;X)`` bounds tend to ``log2 n`` and both ``I(T;Y)`` bounds to the label
+    entropy ``H(Y)``; as ``noise_var -> inf`` all four tend to 0. The ``I(T;Y)`` values are differences of two bounds of the
     same kind (Saxe et al.'s usage), so they are estimates, not guaranteed bounds, and their order is not
     guaranteed. Nothing is clipped. The result depends on ``noise_var``, which must be stated with it.
 

@@ -628,7 +628,9 @@ def iter_figures(
         chosen = []
         for name in names:
             if name not in present:
-                (log.warning if explicit else log.info)("Skipping the %s of metric %r: it is not in the table.", kind, name)
+                (log.warning if explicit else log.info)(
+                    "Skipping the %s of metric %r: it is not in the table.", kind, name
+                )
             elif name in METRICS and metric(name).constant:
                 (log.warning if explicit else log.debug)(
                     "Skipping the %s of %r: it is declared constant, a table column rather than a figure.", kind, name

@@ -183,13 +183,13 @@ def reference_case(n: int, n_units: int, d_in: int, seed: int) -> dict:
     table_size = bins if n == observations else int(round(bins / observations * n))
     now, later = relu_patterns(n, n_units, d_in, seed), relu_patterns(n, n_units, d_in, seed, drift=0.2)
     exact_now, exact_later = pattern_counts(now, n_units), pattern_counts(later, n_units)
-    bins_now, bins_later = reference_histogram(now, n_units, table_size), reference_histogram(later, n_units, table_size)
+    bins_now = reference_histogram(now, n_units, table_size)
+    bins_later = reference_histogram(later, n_units, table_size)
     # Distinct encoded numbers: what the table would see with no collision at all.
     encoded = np.unique(reference_blocks(now, n_units), axis=0).shape[0]
     occupied = int(np.count_nonzero(bins_now))
     ji_exact, wji_exact = jaccard(exact_now, exact_later), weighted_jaccard(exact_now, exact_later)
-    both, either = np.count_nonzero((bins_now > 0) & (bins_later > 0)), np.count_nonzero((bins_now > 0) | (bins_later > 0))
-    ji_hash = both / either
+    ji_hash = np.count_nonzero((bins_now > 0) & (bins_later > 0)) / np.count_nonzero((bins_now > 0) | (bins_later > 0))
     wji_hash = np.minimum(bins_now, bins_later).sum() / np.maximum(bins_now, bins_later).sum()
     h_exact, h_hash = entropy(exact_now), entropy(bins_now)
     return {

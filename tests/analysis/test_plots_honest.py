@@ -161,9 +161,10 @@ def test_heatmap_ticks_at_round_steps():
 def test_site_labels_show_module_type_and_width(tmp_path):
     writer = ShardWriter(tmp_path)
     writer.start()
-    for meta in (SiteMeta("features.0", 0, "ReLU", (16, 4, 4), 16, "channel"), SiteMeta("fc", 1, "LeakyReLU", (10,), 10, "flat")):
-        bits = np.zeros((2 * meta.shape[1] * meta.shape[2] if len(meta.shape) > 1 else 2, (meta.n_units + 7) // 8), np.uint8)
-        n_positions = 16 if len(meta.shape) > 1 else 1
+    conv = SiteMeta("features.0", 0, "ReLU", (16, 4, 4), 16, "channel")
+    dense = SiteMeta("fc", 1, "LeakyReLU", (10,), 10, "flat")
+    for meta, n_positions in ((conv, 16), (dense, 1)):
+        bits = np.zeros((2 * n_positions, (meta.n_units + 7) // 8), np.uint8)
         writer.put(Record(meta, 0, 0, "probe", bits, n_positions, 2, 0))
     writer.close()
     labels = plots.describe_sites(open_run(tmp_path))
