@@ -39,7 +39,7 @@ def test_stability_needs_sample_ids(tmp_path, caplog):
     rng = np.random.default_rng(0)
     rows = [np.packbits(rng.integers(0, 2, (16, 6)), axis=1, bitorder="little") for _ in range(3)]
     write(tmp_path / "no_ids", [Record(META, s, 0, "train", rows[s], 1, 16, 0) for s in range(3)])
-    table = summarize(tmp_path / "no_ids", progress=False)
+    table = summarize(tmp_path / "no_ids", split="train", progress=False)
     assert not table.metric.str.startswith(("identical_fraction", "hamming")).any()
     assert {"jaccard_init", "weighted_jaccard_last"} <= set(table.metric)  # set measures stay
     assert any("not provably the same inputs" in r.getMessage() for r in caplog.records)
@@ -47,7 +47,7 @@ def test_stability_needs_sample_ids(tmp_path, caplog):
     perm = rng.permutation(16)
     write(tmp_path / "ids", [Record(META, 0, 0, "train", rows[0], 1, 16, 0, sample_ids=np.arange(16)),
                              Record(META, 1, 0, "train", rows[0][perm], 1, 16, 0, sample_ids=perm)])
-    got = summarize(tmp_path / "ids", progress=False).set_index(["step", "metric"])["value"]
+    got = summarize(tmp_path / "ids", split="train", progress=False).set_index(["step", "metric"])["value"]
     assert got[1, "identical_fraction_init"] == 1.0 and got[1, "hamming_init"] == 0.0
 
 
@@ -109,10 +109,10 @@ def test_float_bool_and_negative_labels_are_errors_everywhere(name, bad):
 def test_binning_minus_one_is_not_a_class():
     """The example of the issue: two unlabelled samples must not form a class of their own."""
     t = np.array([0.0, 1.0, 0.0, 1.0])
-    est = mi.binning(t, np.array([-1, -1, 0, 1]), n_bins=2)
-    assert est.input_information == 1.0  # all four samples
-    assert est.mutual_information == 1.0  # the two labelled samples: one bit
-    assert np.isnan(mi.binning(t, np.full(4, -1), n_bins=2).mutual_information)
+    i_xt, i_ty = mi.binning(t, np.array([-1, -1, 0, 1]), n_bins=2)  # (input_information, mutual_information)
+    assert i_xt == 1.0  # all four samples
+    assert i_ty == 1.0  # the two labelled samples: one bit (with -1 as a class it was 0.5)
+    assert np.isnan(mi.binning(t, np.full(4, -1), n_bins=2)[1])
 
 
 # ---------------------------------------------------------------------------------------------------
