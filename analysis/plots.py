@@ -233,12 +233,23 @@ def _time_values(rows: pd.DataFrame, steps: Sequence, x: str, steps_per_epoch: f
 
 
 def _round_ticks(times: np.ndarray, integer: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (in column units) and values of round ticks across evenly drawn columns."""
+    """Positions (in column units) and values of round ticks across evenly drawn columns.
+
+    Round values of the time axis are placed where they fall between the columns around them; where
+    uneven records crowd several into a few columns, only those at least one eighth of the width (and one
+    column) apart are kept, so that no two labels overlap.
+    """
     if times.size == 1:
         return np.array([0.0]), times
-    values = MaxNLocator(nbins=7, steps=[1, 2, 2.5, 5, 10], integer=integer).tick_values(times[0], times[-1])
+    values = MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10], integer=integer).tick_values(times[0], times[-1])
     values = values[(values >= times[0]) & (values <= times[-1])]
-    return np.interp(values, times, np.arange(times.size)), values
+    positions = np.interp(values, times, np.arange(times.size))
+    keep, last = [], -np.inf
+    for i, position in enumerate(positions):
+        if position - last >= max(1.0, times.size / 8):
+            keep.append(i)
+            last = position
+    return positions[keep], values[keep]
 
 
 def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -365,8 +376,8 @@ def heatmap(
     cells = [(j, i) for i, site in enumerate(table.index) for j, step in enumerate(steps) if (site, step) in saturated]
     if cells:
         cols, rws = zip(*cells)
-        ax.plot(cols, rws, linestyle="none", marker="x", color="white", markersize=5, gid=SATURATED_GID,
-                label="saturated (K close to n)")
+        ax.plot(cols, rws, linestyle="none", marker="x", color="red", markersize=6, markeredgewidth=1.5,
+                gid=SATURATED_GID, label="saturated (K close to n)")
         ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), fontsize="x-small", frameon=False)
     title = label(metric) if split is None else f"{label(metric)} ({split})"
     if empty.all():
