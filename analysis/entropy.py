@@ -11,20 +11,24 @@ import math
 
 import numpy as np
 
-from actpat.analysis.counts import PatternCounts, _check_bits, _factorize, _runs
+from actpat.analysis._validation import NO_LABEL, check_labels, check_n_classes
+from actpat.analysis.counts import PatternCounts, pattern_codes
 
 __all__ = [
     "conditional_entropy",
     "entropy",
     "label_information",
+    "label_information_from_codes",
     "miller_madow",
     "mutual_information",
+    "nominal_conditional_entropy",
     "normalized_entropy",
 ]
 
-PRIORS = ("empirical", "uniform")
-# Label values below this bound are remapped with a bincount instead of a sort.
-_DENSE_LABELS = 1 << 20
+#: Label priors of the label measures (see :func:`label_information`).
+PRIORS = ("empirical", "balanced", "nominal")
+# Label and code values below this bound are remapped with a bincount instead of a sort.
+_DENSE_VALUES = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,91 +162,169 @@ def normalized_entropy(counts: PatternCounts) -> float:
 # ---------------------------------------------------------------------------------------------------
 # labels
 # ---------------------------------------------------------------------------------------------------
-def _check_labels(labels, n: int) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"Expected `labels` to be 1-D (one label per observation), but got shape {labels.shape}.")
-    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"Expected `labels` to have an integer dtype, but got {labels.dtype}.")
-    if labels.shape[0] != n:
-        raise ValueError(
-            f"Expected `labels` to have one entry per pattern, len(labels) = bits.shape[0] = {n}, "
-            f"but got {labels.shape[0]}."
-        )
-    if labels.size and labels.min() < 0:
-        n_missing = int(np.count_nonzero(labels == -1))
-        if n_missing:
-            raise ValueError(
-                f"Expected every observation to have a label >= 0, but got {n_missing} of {n} equal to -1 "
-                "(no label recorded); select the labelled observations first."
-            )
-        raise ValueError(f"Expected `labels` to be >= 0, but got minimum {labels.min()}.")
-    return labels.astype(np.int64, copy=False)
-
-
-def _label_codes(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Dense codes ``0 .. L - 1`` of the label values present, and ``L``."""
-    if labels.max() < max(_DENSE_LABELS, labels.size):
-        present = np.bincount(labels) > 0
+def _dense_codes(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense codes ``0 .. L - 1`` (in ascending order) of the non-negative int values present, and ``L``."""
+    if values.max() < max(_DENSE_VALUES, values.size):
+        present = np.bincount(values) > 0
         remap = np.cumsum(present) - 1
-        return remap[labels], int(present.sum())
-    values, codes = np.unique(labels, return_inverse=True)
-    return codes.astype(np.int64, copy=False), int(values.size)
+        return remap[values], int(present.sum())
+    unique, codes = np.unique(values, return_inverse=True)
+    return codes.reshape(-1).astype(np.int64, copy=False), int(unique.size)
 
 
 def _joint_cells(codes: np.ndarray, lab: np.ndarray, n_labels: int):
     """Non-empty ``(pattern, label)`` cells: pattern index, label index and count of each."""
-    joint = np.sort(codes * n_labels + lab)
-    starts = np.flatnonzero(_runs(joint))
-    cell_counts = np.diff(starts, append=joint.size)
-    keys = joint[starts]
+    keys, cell_counts = np.unique(codes * n_labels + lab, return_counts=True)
     return keys // n_labels, keys % n_labels, cell_counts
 
 
-def _compute_empirical(a_idx, l_idx, cell_counts, k, n_labels) -> dict:
+def _clipped(h_a: float, h_l: float, h_al: float) -> tuple[float, float, float]:
+    """H(A|L), I(A;L), H(L|A) of a proper joint distribution: each >= 0 exactly, so rounding is clipped."""
+    h_a_given_l = max(0.0, h_al - h_l)
+    return h_a_given_l, min(max(0.0, h_a - h_a_given_l), h_a, h_l), max(0.0, h_al - h_a)
+
+
+def _compute_empirical(a_idx, l_idx, cell_counts, k, n_labels, n_classes) -> tuple:
     c_al = cell_counts.astype(np.float64)
-    c_a = np.bincount(a_idx, weights=c_al, minlength=k)
-    c_l = np.bincount(l_idx, weights=c_al, minlength=n_labels)
-    return _measures(_entropy_of_counts(c_a), _entropy_of_counts(c_l), _entropy_of_counts(c_al))
+    h_a = _entropy_of_counts(np.bincount(a_idx, weights=c_al, minlength=k))
+    h_l = _entropy_of_counts(np.bincount(l_idx, weights=c_al, minlength=n_labels))
+    h_al = _entropy_of_counts(c_al)
+    return (h_a, h_l, h_al, *_clipped(h_a, h_l, h_al))
 
 
-def _compute_uniform(a_idx, l_idx, cell_counts, k, n_labels) -> dict:
+def _compute_balanced(a_idx, l_idx, cell_counts, k, n_labels, n_classes) -> tuple:
     c_l = np.bincount(l_idx, weights=cell_counts.astype(np.float64), minlength=n_labels)
     p_al = cell_counts / (n_labels * c_l[l_idx])
     p_a = np.bincount(a_idx, weights=p_al, minlength=k)
-    p_a /= p_a.sum()
-    p_al = p_al / p_al.sum()
-    return _measures(_entropy_of_probabilities(p_a), math.log2(n_labels), _entropy_of_probabilities(p_al))
+    h_a = _entropy_of_probabilities(p_a / p_a.sum())
+    h_l = math.log2(n_labels)
+    h_al = _entropy_of_probabilities(p_al / p_al.sum())
+    return (h_a, h_l, h_al, *_clipped(h_a, h_l, h_al))
 
 
-def _measures(h_a: float, h_l: float, h_al: float) -> dict:
-    # Each difference is >= 0 in exact arithmetic; clip the rounding error.
-    h_a_given_l = max(0.0, h_al - h_l)
-    h_l_given_a = max(0.0, h_al - h_a)
-    i_al = min(max(0.0, h_a - h_a_given_l), h_a, h_l)
+def nominal_conditional_entropy(joint_entropy: float, n_classes: int) -> float:
+    """``H(A|L)`` with the nominal label prior ``1 / n_classes``: ``H(A, L) - log2 n_classes``, in **bits**.
+
+    The convention of the reference implementation of Hartmann et al. (2021); see ``prior="nominal"``
+    of :func:`label_information`. Not clipped: it is negative when the observed classes are less
+    uncertain than ``log2 n_classes`` and the patterns add less than the difference.
+
+    Examples
+    --------
+    >>> nominal_conditional_entropy(2.5, 4)
+    0.5
+    """
+    return float(joint_entropy) - math.log2(n_classes)
+
+
+def _compute_nominal(a_idx, l_idx, cell_counts, k, n_labels, n_classes) -> tuple:
+    c_al = cell_counts.astype(np.float64)
+    h_a = _entropy_of_counts(np.bincount(a_idx, weights=c_al, minlength=k))
+    h_al = _entropy_of_counts(c_al)
+    h_a_given_l = nominal_conditional_entropy(h_al, n_classes)
+    return h_a, math.log2(n_classes), h_al, h_a_given_l, h_a - h_a_given_l, h_al - h_a
+
+
+_COMPUTE = {"empirical": _compute_empirical, "balanced": _compute_balanced, "nominal": _compute_nominal}
+
+
+def _check_prior(prior: str, n_classes) -> None:
+    if prior not in PRIORS:
+        raise ValueError(f"Expected `prior` to be one of {PRIORS}, but got {prior!r}.")
+    if prior == "nominal" and n_classes is None:
+        raise ValueError(
+            "Expected `n_classes` (the dataset's class count) for prior='nominal', which computes "
+            "H(A|L) = H(A,L) - log2 n_classes, but got None."
+        )
+
+
+def _normalizers(n: int, n_classes: int, n_units: float) -> tuple[float, float]:
+    """Maxima of H(A|L) and I(A;L) in the reference's convention: min(n_units, log2(n / C)) and the gap to H_max."""
+    h_max = min(n_units, math.log2(n))
+    h_cond_max = min(n_units, math.log2(n / n_classes))
+    return h_cond_max, h_max - h_cond_max
+
+
+def _ratio(value: float, limit: float) -> float:
+    return value / limit if limit > 0 else float("nan")
+
+
+def label_information_from_codes(
+    codes, labels, *, n_units: int | None = None, prior: str = "empirical", n_classes: int | None = None,
+    validate_args: bool = True,
+) -> dict:
+    """All pattern-label measures from exact pattern codes and one label per observation.
+
+    The shared core of :func:`label_information`, :func:`actpat.analysis.measures.pattern_measures`,
+    the information plane and the binned estimators of :mod:`actpat.analysis.mi`, for callers that
+    already hold the codes of their rows (:func:`actpat.analysis.counts.pattern_codes`, or the codes of
+    binned rows).
+
+    Parameters
+    ----------
+    codes : array_like
+        ``(n,)`` non-negative int pattern code of each observation; equal codes iff equal patterns.
+    labels : array_like
+        ``(n,)`` integer class of each observation, ``-1`` for none.
+    n_units : int or None, default None
+        Bits per pattern: caps the normalizers at ``n_units``; None leaves them uncapped (binned rows).
+    prior, n_classes, validate_args
+        As in :func:`label_information`.
+
+    Returns
+    -------
+    dict
+        As :func:`label_information`.
+    """
+    _check_prior(prior, n_classes)
+    codes = np.asarray(codes)
+    if validate_args:
+        if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer) or (codes.size and codes.min() < 0):
+            raise ValueError(
+                f"Expected `codes` to be 1-D non-negative ints, but got {codes.dtype} of shape {codes.shape}."
+            )
+        labels = check_labels(labels, codes.shape[0], of="len(codes)")
+    else:
+        labels = np.asarray(labels, dtype=np.int64)
+    labelled = labels != NO_LABEL
+    if not labelled.any():
+        raise ValueError(
+            f"Expected at least one labelled observation (label >= 0), but all {labels.size} labels are -1 "
+            "(no label): label measures cannot be computed."
+        )
+    if not labelled.all():
+        codes, labels = codes[labelled], labels[labelled]
+    dense, k = _dense_codes(codes.astype(np.int64, copy=False))
+    lab, n_labels = _dense_codes(labels)
+    if n_classes is not None:
+        n_classes = check_n_classes(n_classes, n_labels)
+    a_idx, l_idx, cell_counts = _joint_cells(dense, lab, n_labels)
+    h_a, h_l, h_al, h_a_given_l, i_al, h_l_given_a = _COMPUTE[prior](
+        a_idx, l_idx, cell_counts, k, n_labels, n_classes
+    )
+    n = int(codes.size)
+    classes = n_labels if n_classes is None else n_classes
+    h_cond_max, i_max = _normalizers(n, classes, math.inf if n_units is None else float(n_units))
     return {
-        "h_a": h_a,
-        "h_l": h_l,
-        "h_al": h_al,
-        "h_a_given_l": h_a_given_l,
-        "i_al": i_al,
-        "h_l_given_a": h_l_given_a,
+        "entropy": h_a,
+        "label_entropy": h_l,
+        "joint_entropy": h_al,
+        "conditional_entropy": h_a_given_l,
+        "mutual_information": i_al,
+        "label_conditional_entropy": h_l_given_a,
+        "conditional_entropy_normalized": _ratio(h_a_given_l, h_cond_max),
+        "mutual_information_normalized": _ratio(i_al, i_max),
+        "n": n,
+        "k": k,
+        "n_labels": n_labels,
+        "n_classes": classes,
     }
 
 
-_COMPUTE = {"empirical": _compute_empirical, "uniform": _compute_uniform}
-
-
-def _compute_label_information(codes: np.ndarray, k: int, labels: np.ndarray, prior: str) -> dict:
-    """Label measures from exact pattern codes (``0 .. k - 1``) and validated labels."""
-    lab, n_labels = _label_codes(labels)
-    a_idx, l_idx, cell_counts = _joint_cells(codes, lab, n_labels)
-    out = _COMPUTE[prior](a_idx, l_idx, cell_counts, k, n_labels)
-    out.update(n=int(codes.size), k=int(k), n_labels=n_labels)
-    return out
-
-
-def label_information(bits, labels, n_units: int, *, prior: str = "empirical", validate_args: bool = True) -> dict:
+def label_information(
+    bits, labels, n_units: int, *, prior: str = "empirical", n_classes: int | None = None,
+    validate_args: bool = True,
+) -> dict:
     """All pattern-label measures from one exact count of ``(pattern, label)`` pairs.
 
     Parameters
@@ -250,55 +332,92 @@ def label_information(bits, labels, n_units: int, *, prior: str = "empirical", v
     bits : array_like
         ``(n, ceil(n_units / 8))`` uint8 packed patterns, one observation per row.
     labels : array_like
-        ``(n,)`` integer class of each observation, ``>= 0`` (a conv site repeats the sample's label for
-        every position). ``-1`` ("no label") is an error here.
+        ``(n,)`` integer class of each observation (a conv site repeats the sample's label for every
+        position); ``-1`` means "no label": such observations are left out of every measure here.
+        Float labels are an error.
     n_units : int
         Units per pattern.
-    prior : {"empirical", "uniform"}, default "empirical"
-        ``"empirical"``: every observation has weight 1 (the label prior is the observed class
-        frequency, SPEC section 3). ``"uniform"``: an observation of class ``l`` gets weight
-        ``1 / (L * n_l)``, with ``L`` the number of classes present and ``n_l`` the observations of
-        class ``l``, so each class has total mass ``1 / L``; then ``p(a, l) = c(a, l) / (L * n_l)``,
-        ``p(l) = 1 / L``, ``p(a) = sum_l p(a, l)`` and ``H(A|L)`` is the class average of the per-class
-        entropies (the convention of the reference implementation).
+    prior : {"empirical", "balanced", "nominal"}, default "empirical"
+        How the label prior ``p(l)`` enters.
+
+        - ``"empirical"`` (SPEC section 3): every observation has weight 1; ``p(a, l) = c(a, l) / n`` and
+          ``H(A|L) = H(A, L) - H(L)`` with the observed class frequencies.
+        - ``"balanced"``: observations are reweighted so that each class present has total mass
+          ``1 / L`` (``L`` classes present, ``n_l`` observations of class ``l``):
+          ``p(a, l) = c(a, l) / (L n_l)``, ``H(L) = log2 L``, and ``H(A|L)`` is the unweighted class
+          average of the per-class entropies. A proper joint distribution, as if every class had been
+          observed equally often.
+        - ``"nominal"``: the joint stays empirical, ``p(a, l) = c(a, l) / n``, but the label prior is
+          taken to be the nominal ``1 / n_classes``: ``H(A|L) = H(A, L) - log2 n_classes`` and
+          ``I(A;L) = H(A) - H(A|L)``. This is the convention of the reference implementation of
+          Hartmann et al. (2021), which passes the dataset's class count. It equals ``"empirical"``
+          only for exactly balanced classes (then ``H(L) = log2 n_classes``); otherwise its ``I(A;L)``
+          exceeds the empirical one by ``log2 n_classes - H(L)``. Not a distribution's entropy: the
+          values are not clipped and ``H(A|L)`` may be negative. Offered for comparison with the
+          reference only.
+    n_classes : int or None, default None
+        The dataset's class count, at least the number of classes present. Required by
+        ``prior="nominal"``; also the ``C`` of the normalizers (default: the classes present).
     validate_args : bool, default True
         Check shapes, dtypes and labels.
 
     Returns
     -------
     dict
-        In **bits**: ``h_a`` = H(A), ``h_l`` = H(L), ``h_al`` = H(A, L), ``h_a_given_l`` = H(A|L) =
-        H(A, L) - H(L), ``i_al`` = I(A; L) = H(A) - H(A|L), ``h_l_given_a`` = H(L|A) = H(A, L) - H(A);
-        and the ints ``n`` (observations), ``k`` (distinct patterns), ``n_labels`` (classes present).
+        In **bits**, over the labelled observations: ``entropy`` = H(A), ``label_entropy`` = H(L),
+        ``joint_entropy`` = H(A, L), ``conditional_entropy`` = H(A|L), ``mutual_information`` = I(A;L)
+        = H(A) - H(A|L), ``label_conditional_entropy`` = H(L|A) = H(A, L) - H(A). Dimensionless,
+        with the reference's normalizers (``C`` classes, ``n`` observations):
+        ``conditional_entropy_normalized`` = H(A|L) / min(n_units, log2(n / C)) and
+        ``mutual_information_normalized`` = I(A;L) / (min(n_units, log2 n) - min(n_units, log2(n / C)))
+        (NaN where the normalizer is 0). Ints: ``n`` (labelled observations), ``k`` (their distinct
+        patterns), ``n_labels`` (classes present), ``n_classes`` (``C``).
+
+    Raises
+    ------
+    ValueError
+        Bad shapes or dtypes, float labels, a label below -1, no labelled observation, an unknown
+        ``prior``, ``"nominal"`` without ``n_classes``, or ``n_classes`` below the classes present.
 
     Notes
     -----
     Plug-in estimates: I(A; L) is biased upwards when patterns are nearly unique (then H(L|A) -> 0
-    and I -> H(L)). Differences are clipped at 0 against rounding, and I at ``min(H(A), H(L))``.
+    and I -> H(L)). For ``"empirical"`` and ``"balanced"`` differences are clipped at 0 against
+    rounding, and I at ``min(H(A), H(L))``.
+
+    References
+    ----------
+    Hartmann, Franzen & Brodehl (2021). Studying the evolution of neural activation patterns during
+    training of feed-forward ReLU networks. Frontiers in Artificial Intelligence 4.
 
     Examples
     --------
-    >>> bits = np.array([[0], [0], [1], [1]], dtype=np.uint8)
-    >>> info = label_information(bits, np.array([0, 0, 1, 1]), n_units=1)
-    >>> info["h_a"], info["h_l"], info["i_al"], info["h_a_given_l"]
-    (1.0, 1.0, 1.0, 0.0)
+    >>> bits = np.array([[0], [0], [1], [1], [1]], dtype=np.uint8)
+    >>> info = label_information(bits, np.array([0, 0, 1, 1, -1]), n_units=1)
+    >>> info["entropy"], info["label_entropy"], info["mutual_information"], info["n"]
+    (1.0, 1.0, 1.0, 4)
+    >>> nominal = label_information(bits, np.array([0, 0, 1, 1, -1]), 1, prior="nominal", n_classes=4)
+    >>> nominal["conditional_entropy"], nominal["mutual_information"]
+    (-1.0, 2.0)
     """
-    if prior not in PRIORS:
-        raise ValueError(f"Expected `prior` to be one of {PRIORS}, but got {prior!r}.")
     if validate_args:
-        bits = _check_bits(bits, n_units)
-        labels = _check_labels(labels, bits.shape[0])
+        _check_prior(prior, n_classes)
+        counts, codes = pattern_codes(bits, n_units)
+        labels = check_labels(labels, codes.shape[0])
     else:
-        bits = np.ascontiguousarray(bits)
-        labels = np.asarray(labels, dtype=np.int64)
-    codes, first = _factorize(bits, int(n_units))
-    return _compute_label_information(codes, first.size, labels, prior)
+        counts, codes = pattern_codes(bits, n_units, validate_args=False)
+    return label_information_from_codes(
+        codes, labels, n_units=counts.n_units, prior=prior, n_classes=n_classes, validate_args=False
+    )
 
 
-def conditional_entropy(bits, labels, n_units: int, *, prior: str = "empirical", validate_args: bool = True) -> float:
+def conditional_entropy(
+    bits, labels, n_units: int, *, prior: str = "empirical", n_classes: int | None = None,
+    validate_args: bool = True,
+) -> float:
     """Conditional entropy ``H(A|L) = H(A, L) - H(L)`` of patterns given labels, in **bits**.
 
-    Parameters are those of :func:`label_information`.
+    Parameters are those of :func:`label_information` (``-1`` labels are left out).
 
     Examples
     --------
@@ -306,19 +425,22 @@ def conditional_entropy(bits, labels, n_units: int, *, prior: str = "empirical",
     >>> conditional_entropy(bits, np.array([0, 0, 1, 1]), n_units=1)
     1.0
     """
-    return label_information(bits, labels, n_units, prior=prior, validate_args=validate_args)["h_a_given_l"]
+    info = label_information(bits, labels, n_units, prior=prior, n_classes=n_classes, validate_args=validate_args)
+    return info["conditional_entropy"]
 
 
-def mutual_information(bits, labels, n_units: int, *, prior: str = "empirical", validate_args: bool = True) -> float:
+def mutual_information(
+    bits, labels, n_units: int, *, prior: str = "empirical", n_classes: int | None = None,
+    validate_args: bool = True,
+) -> float:
     """Mutual information ``I(A; L) = H(A) - H(A|L)`` between patterns and labels, in **bits**.
 
-    Parameters are those of :func:`label_information`; ``prior="uniform"`` reweights observations so
-    that every class present has the same total mass (see there).
+    Parameters are those of :func:`label_information` (``-1`` labels are left out).
 
     Returns
     -------
     float
-        ``0 <= I <= min(H(A), H(L))``.
+        ``0 <= I <= min(H(A), H(L))`` for the ``"empirical"`` and ``"balanced"`` priors.
 
     References
     ----------
@@ -332,4 +454,5 @@ def mutual_information(bits, labels, n_units: int, *, prior: str = "empirical", 
     >>> mutual_information(bits, np.array([0, 1, 0, 1]), n_units=1)
     0.0
     """
-    return label_information(bits, labels, n_units, prior=prior, validate_args=validate_args)["i_al"]
+    info = label_information(bits, labels, n_units, prior=prior, n_classes=n_classes, validate_args=validate_args)
+    return info["mutual_information"]

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from actpat.analysis._validation import resolve_split
 from actpat.analysis.units import UnitStats, unit_stats
 from actpat.recorder.reader import Run, open_run
 
@@ -13,7 +14,7 @@ __all__ = ["firing_rates"]
 
 
 def firing_rates(
-    run_or_path: Run | str | os.PathLike, split: str = "probe", *, max_rows: int = 1_000_000
+    run_or_path: Run | str | os.PathLike, split: str | None = None, *, max_rows: int = 1_000_000
 ) -> dict[str, dict[int, np.ndarray]]:
     """Fraction of observations in which each unit is on, per site and step.
 
@@ -21,7 +22,8 @@ def firing_rates(
     ----------
     run_or_path : Run or path
         A run, or the directory to open.
-    split : str, default "probe"
+    split : str or None, default None
+        Recorded split; None means the run's only split (a run with several must name one).
     max_rows : int, default 1_000_000
         Rows read at a time; memory stays bounded by it whatever the size of a step.
 
@@ -45,8 +47,7 @@ def firing_rates(
     [0.75, 0.25]
     """
     run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
-    if split not in run.splits:
-        raise ValueError(f"Expected `split` to be one of the recorded splits {run.splits}, but got {split!r}.")
+    split = resolve_split(run, split)
     rates: dict[str, dict[int, np.ndarray]] = {}
     for site in run.sites:
         per_step: dict[int, UnitStats] = {}

@@ -21,8 +21,10 @@ import numpy as np
 import pandas as pd
 
 from actpat.analysis import mi
-from actpat.analysis.counts import _check_bits, _counts_and_codes
-from actpat.analysis.entropy import _compute_label_information, entropy, miller_madow
+from actpat.analysis._validation import NO_LABEL, resolve_split
+from actpat.analysis.counts import pattern_codes
+from actpat.analysis.entropy import entropy, label_information_from_codes, miller_madow
+from actpat.analysis.measures import SATURATION
 from actpat.recorder.reader import Patterns, Run, open_run
 
 __all__ = ["information_plane"]
@@ -84,36 +86,41 @@ def _flat_values(p: Patterns) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compute_binary(bits: np.ndarray, n_units: int, labels: np.ndarray, saturation: float) -> dict:
-    pc, codes = _counts_and_codes(_check_bits(bits, n_units), n_units)
+    pc, codes = pattern_codes(bits, n_units)
     m = {
-        "I_XT": entropy(pc),
-        "I_XT_mm": miller_madow(pc),
+        "input_information": entropy(pc),
+        "input_information_mm": miller_madow(pc),
         "saturated": float(pc.k >= saturation * pc.n),
     }
-    labelled = labels >= 0
+    labelled = labels != NO_LABEL
     if labelled.any():
+        info = label_information_from_codes(codes, labels, n_units=n_units, validate_args=False)
         codes, labels = codes[labelled], labels[labelled]
-        info = _compute_label_information(codes, pc.k, labels, "empirical")
         _, label_codes = np.unique(labels, return_inverse=True)
-        k_t = np.unique(codes).size
         k_ty = np.unique(codes * info["n_labels"] + label_codes.reshape(-1)).size
         # Miller-Madow on each of H(T), H(Y), H(T, Y): I + (K_T - 1 + K_Y - 1 - (K_TY - 1)) / (2 n ln 2).
-        correction = (k_t + info["n_labels"] - k_ty - 1) / (2.0 * info["n"] * math.log(2.0))
-        m.update(I_TY=info["i_al"], I_TY_mm=info["i_al"] + correction)
+        correction = (info["k"] + info["n_labels"] - k_ty - 1) / (2.0 * info["n"] * math.log(2.0))
+        m.update(mutual_information=info["mutual_information"],
+                 mutual_information_mm=info["mutual_information"] + correction)
     return m
 
 
 def _compute_binning(t: np.ndarray, y: np.ndarray, options: dict) -> dict:
-    return dict(zip(("I_XT", "I_TY"), mi.binning(t, y, **options)))
+    return mi.binning(t, y, **options)._asdict()
 
 
 def _compute_adaptive(t: np.ndarray, y: np.ndarray, options: dict) -> dict:
-    return dict(zip(("I_XT", "I_TY"), mi.adaptive_binning(t, y, **options)))
+    return mi.adaptive_binning(t, y, **options)._asdict()
 
 
 def _compute_kde(t: np.ndarray, y: np.ndarray, options: dict) -> dict:
     b = mi.kde_bounds(t, y, **options)
-    return {"I_XT": b.i_xt_upper, "I_XT_lower": b.i_xt_lower, "I_TY": b.i_ty_upper, "I_TY_lower": b.i_ty_lower}
+    return {
+        "input_information": b.input_information_upper,
+        "input_information_lower": b.input_information_lower,
+        "mutual_information": b.mutual_information_upper,
+        "mutual_information_lower": b.mutual_information_lower,
+    }
 
 
 # Continuous estimators of the stored values, and the options each accepts (those of its mi function).
@@ -136,16 +143,11 @@ _ACTIVATIONS = {
 
 
 def _compute_continuous(t: np.ndarray, labels: np.ndarray, estimator: str, options: dict) -> dict:
-    """Metrics of one continuous estimator: ``I_XT`` from all samples, ``I_TY`` from the labelled ones."""
-    compute = _CONTINUOUS[estimator][0]
-    labelled = labels >= 0
-    if labelled.all():
-        return compute(t, labels, options)
-    # One class for all samples: the I(T;Y) part is then 0 and dropped.
-    m = {k: v for k, v in compute(t, np.zeros(len(t), dtype=np.int64), options).items() if k.startswith("I_XT")}
-    if labelled.any():
-        m.update((k, v) for k, v in compute(t[labelled], labels[labelled], options).items() if k.startswith("I_TY"))
-    return m
+    """Metrics of one continuous estimator; its label metrics are absent where no sample has a label."""
+    metrics = _CONTINUOUS[estimator][0](t, labels, options)
+    if not (labels != NO_LABEL).any():
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("mutual_information")}
+    return metrics
 
 
 def _check_estimator(estimator: str, options: dict | None) -> dict:
@@ -200,11 +202,11 @@ def _step_values(p: Patterns, pattern: str, module_type: str, apply_activation: 
 
 def information_plane(
     run_or_path: Run | str | os.PathLike,
-    split: str = "probe",
+    split: str | None = None,
     pattern: str = "flat",
     *,
     sites: list[str] | None = None,
-    saturation: float = 0.9,
+    saturation: float = SATURATION,
     estimator: str = "binary",
     estimator_options: dict | None = None,
     apply_activation: bool = True,
@@ -218,20 +220,22 @@ def information_plane(
     ----------
     run_or_path : Run or path
         A run opened with :func:`actpat.recorder.reader.open_run`, or its directory.
-    split : str, default "probe"
-        Recorded split; the probe protocol (the same samples at every step) is what makes ``X`` uniform
+    split : str or None, default None
+        Recorded split; None means the run's only split (a run with several splits must name one, e.g.
+        ``"probe"``). The probe protocol (the same samples at every step) is what makes ``X`` uniform
         over a fixed set.
     pattern : {"flat", "channel"}, default "flat"
         ``"flat"``: ``T`` is the pattern (or value vector) of the whole sample; a site recorded with
         ``channel`` patterns has its rows grouped by sample id (or, without ids, by consecutive rows from
         position 0), ordered by position and concatenated. ``"channel"``: the recorded rows as they are,
-        each ``(sample, position)`` one observation; then ``X`` is not the sample and ``I_XT`` is only the
-        pattern entropy. A site recorded ``flat`` with spatial dimensions cannot be split into channels.
+        each ``(sample, position)`` one observation; then ``X`` is not the sample and
+        ``input_information`` is only the pattern entropy. A site recorded ``flat`` with spatial
+        dimensions cannot be split into channels.
     sites : list of str or None, default None
         Sites to include (default all, in forward order).
-    saturation : float, default 0.9
+    saturation : float, default 0.9 (:data:`actpat.analysis.measures.SATURATION`)
         ``estimator="binary"``: a point is flagged ``saturated = 1`` when its distinct patterns
-        ``K >= saturation * n``.
+        ``K >= saturation * n``; the figures mark those points.
     estimator : {"binary", "binning", "adaptive", "kde"}, default "binary"
         ``"binary"``: exact counts of the binary patterns. For sites recorded with stored values
         (``probe_values`` / ``store_values``): ``"binning"``, equal-width bins
@@ -251,25 +255,30 @@ def information_plane(
     Returns
     -------
     pandas.DataFrame
-        Columns ``step, epoch, split, site, site_index, metric, value``; informations in **bits**. Per site
-        and step, for ``"binary"``: ``I_XT`` = H(T), ``I_XT_mm`` (Miller-Madow), ``saturated`` (0/1), and
-        where labels were recorded ``I_TY`` = H(T) - H(T|Y) and ``I_TY_mm``. For ``"binning"`` and
-        ``"adaptive"``: ``I_XT`` and ``I_TY``. For ``"kde"``: the upper bounds as ``I_XT`` and ``I_TY``,
-        the lower bounds as ``I_XT_lower`` and ``I_TY_lower``.
+        Columns ``step, epoch, split, site, site_index, metric, value``; informations in **bits**; metric
+        names of :mod:`actpat.analysis.metrics`. Per site and step, for ``"binary"``:
+        ``input_information`` = I(X;T) = H(T), ``input_information_mm`` (Miller-Madow), ``saturated``
+        (0/1), and where labels were recorded ``mutual_information`` = I(T;Y) = H(T) - H(T|Y) and
+        ``mutual_information_mm``. For ``"binning"`` and ``"adaptive"``: ``input_information`` and
+        ``mutual_information``. For ``"kde"``: the upper bounds as ``input_information`` and
+        ``mutual_information``, the lower bounds as ``input_information_lower`` and
+        ``mutual_information_lower``.
 
     Raises
     ------
     ValueError
-        Unknown ``split``, ``pattern``, ``estimator``, option or site, ``saturation`` outside ``(0, 1]``,
+        Unknown ``split`` (or None with several splits), ``pattern``, ``estimator``, option or site,
+        ``saturation`` outside ``(0, 1]``,
         ``channel`` rows that do not form complete samples, a continuous estimator on a site recorded
         without values (or, with ``apply_activation``, with an activation not listed above), or
         ``"kde"`` without ``noise_var``.
 
     Notes
     -----
-    Binary patterns: plug-in estimates from exact counts. Both saturate at ``log2 n`` (``I_TY`` at
+    Binary patterns: plug-in estimates from exact counts. Both saturate at ``log2 n`` (I(T;Y) at
     ``H(Y)``) when nearly every sample has its own pattern, which a wide layer reaches quickly: the
-    ``saturated`` flag marks those points, where the plane says nothing about compression. ``I_TY_mm``
+    ``saturated`` flag marks those points, where the plane says nothing about compression.
+    ``mutual_information_mm``
     applies the Miller-Madow correction to each of ``H(T)``, ``H(Y)`` and ``H(T, Y)``; it is not clipped and
     may fall below 0.
 
@@ -279,8 +288,8 @@ def information_plane(
     stored (``store_values=k``), ``T`` is those units, with a warning. The tidy columns do not name the
     estimator: the caller knows which one it asked for.
 
-    ``I_TY`` uses the labelled samples only (label ``-1`` means none recorded); a warning says how many
-    were left out. ``I_XT`` uses all samples.
+    ``mutual_information`` uses the labelled samples only (label ``-1`` means none recorded); a warning
+    says how many were left out. ``input_information`` uses all samples.
 
     References
     ----------
@@ -305,18 +314,18 @@ def information_plane(
     ...                       values=values))
     >>> writer.close()
     >>> table = information_plane(tmp.name)
-    >>> table.set_index("metric")["value"].round(3).to_dict()
-    {'I_XT': 1.0, 'I_XT_mm': 1.18, 'saturated': 0.0, 'I_TY': 1.0, 'I_TY_mm': 1.18}
+    >>> table.set_index("metric")["value"].round(3).to_dict()  # doctest: +NORMALIZE_WHITESPACE
+    {'input_information': 1.0, 'input_information_mm': 1.18, 'saturated': 0.0, 'mutual_information': 1.0,
+     'mutual_information_mm': 1.18}
     >>> binned = information_plane(tmp.name, estimator="binning", estimator_options={"n_bins": 3})
     >>> binned.set_index("metric")["value"].round(3).to_dict()
-    {'I_XT': 1.5, 'I_TY': 1.0}
+    {'input_information': 1.5, 'mutual_information': 1.0}
     >>> tmp.cleanup()
     """
     run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
     if pattern not in PATTERNS:
         raise ValueError(f"Expected `pattern` to be one of {PATTERNS}, but got {pattern!r}.")
-    if split not in run.splits:
-        raise ValueError(f"Expected `split` to be one of the recorded splits {run.splits}, but got {split!r}.")
+    split = resolve_split(run, split)
     if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) or not 0 < saturation <= 1:
         raise ValueError(f"Expected `saturation` to be in (0, 1], but got {saturation!r}.")
     options = _check_estimator(estimator, estimator_options)
@@ -348,7 +357,8 @@ def information_plane(
             n_unlabelled = int(np.count_nonzero(labels < 0))
             if 0 < n_unlabelled < labels.size:
                 log.warning(
-                    "actpat: site %r step %d: %d of %d samples have no label; I_TY uses the labelled ones.",
+                    "actpat: site %r step %d: %d of %d samples have no label; mutual_information uses the "
+                    "labelled ones.",
                     site, int(step), n_unlabelled, labels.size,
                 )
             if estimator == "binary":

@@ -6,14 +6,36 @@ import math
 
 import numpy as np
 
-from actpat.analysis.counts import PatternCounts, _check_bits, _counts_and_codes
-from actpat.analysis.entropy import _compute_label_information, entropy, miller_madow, normalized_entropy
+from actpat.analysis._validation import check_bits, check_labels
+from actpat.analysis.counts import PatternCounts, pattern_codes
+from actpat.analysis.entropy import (
+    entropy,
+    label_information_from_codes,
+    miller_madow,
+    nominal_conditional_entropy,
+    normalized_entropy,
+)
 
-__all__ = ["pattern_measures"]
+__all__ = ["SATURATION", "pattern_measures"]
+
+#: A point is ``saturated`` when its distinct patterns reach this fraction of its observations: then
+#: plug-in entropies are pinned near ``log2 n`` and label informations near ``H(L)``.
+SATURATION = 0.9
+
+_LABEL_METRICS = (
+    "label_entropy",
+    "joint_entropy",
+    "conditional_entropy",
+    "mutual_information",
+    "label_conditional_entropy",
+    "conditional_entropy_normalized",
+    "mutual_information_normalized",
+)
 
 
 def pattern_measures(
-    bits, n_units: int, labels=None, *, validate_args: bool = True
+    bits, n_units: int, labels=None, *, n_classes: int | None = None, saturation: float = SATURATION,
+    validate_args: bool = True,
 ) -> tuple[PatternCounts, dict[str, float]]:
     """SPEC section 3 measures of a set of observations, counting their patterns once.
 
@@ -25,6 +47,13 @@ def pattern_measures(
     labels : array_like, optional
         ``(n,)`` int labels, ``-1`` where unknown. Label measures use the labelled observations only
         and are left out when none is labelled.
+    n_classes : int, optional
+        The dataset's class count (at least the classes present). Adds the measures of the reference
+        implementation's nominal convention, ``conditional_entropy_nominal`` = H(A,L) - log2 n_classes
+        and ``mutual_information_nominal`` = H(A) - that, and is the ``C`` of the normalizers
+        (default: the classes present).
+    saturation : float, default :data:`SATURATION`
+        ``saturated`` is 1 where ``K >= saturation * n``.
     validate_args : bool, default True
 
     Returns
@@ -32,22 +61,27 @@ def pattern_measures(
     counts : PatternCounts
         Exact distinct patterns of all ``n`` observations (for the similarity measures).
     measures : dict
-        ``n_observations, n_units, entropy, entropy_mm, entropy_max, normalized_entropy, distinct,
-        distinct_fraction, top_mass`` and, with labels, ``label_entropy, joint_entropy,
-        conditional_entropy, mutual_information, label_conditional_entropy`` (empirical label prior).
-        Entropies and informations are in **bits**.
+        Names of :mod:`actpat.analysis.metrics`: ``n_observations, n_units, entropy, entropy_mm,
+        entropy_max, normalized_entropy, distinct, distinct_fraction, top_count, top_mass, saturated``
+        and, with labels, ``label_entropy, joint_entropy, conditional_entropy, mutual_information,
+        label_conditional_entropy, conditional_entropy_normalized, mutual_information_normalized``
+        (empirical label prior, see :func:`actpat.analysis.entropy.label_information`), plus the two
+        ``*_nominal`` ones with ``n_classes``. Entropies and informations are in **bits**.
 
     Examples
     --------
     >>> bits = np.array([[1], [1], [2], [3]], dtype=np.uint8)
-    >>> _, m = pattern_measures(bits, 2, labels=np.array([0, 0, 1, 1]))
-    >>> m["entropy"], m["distinct"], m["top_mass"], m["mutual_information"]
-    (1.5, 3, 0.5, 1.0)
+    >>> _, m = pattern_measures(bits, 2, labels=np.array([0, 0, 1, 1]), n_classes=4)
+    >>> m["entropy"], m["distinct"], m["top_count"], m["top_mass"], m["mutual_information"]
+    (1.5, 3, 2, 0.5, 1.0)
+    >>> m["conditional_entropy_nominal"], m["mutual_information_nominal"]
+    (-0.5, 2.0)
     """
     if validate_args:
-        bits = _check_bits(bits, n_units)
-    counts, codes = _counts_and_codes(bits, n_units)
+        bits = check_bits(bits, n_units)
+    counts, codes = pattern_codes(bits, n_units, validate_args=False)
     n = counts.n
+    top = int(counts.counts.max())
     measures = {
         "n_observations": n,
         "n_units": n_units,
@@ -57,25 +91,21 @@ def pattern_measures(
         "normalized_entropy": normalized_entropy(counts),
         "distinct": counts.k,
         "distinct_fraction": counts.k / n,
-        "top_mass": int(counts.counts.max()) / n,
+        "top_count": top,
+        "top_mass": top / n,
+        "saturated": float(counts.k >= saturation * n),
     }
     if labels is None:
         return counts, measures
-    labels = np.asarray(labels)
-    if validate_args and labels.shape != (n,):
-        raise ValueError(f"Expected `labels` to have shape ({n},), but got {labels.shape}.")
-    labelled = labels >= 0
-    if labelled.any():
-        k = counts.k
-        if not labelled.all():
-            labelled_counts, codes = _counts_and_codes(bits[labelled], n_units)
-            k = labelled_counts.k
-        info = _compute_label_information(codes, k, labels[labelled], "empirical")
-        measures.update(
-            label_entropy=info["h_l"],
-            joint_entropy=info["h_al"],
-            conditional_entropy=info["h_a_given_l"],
-            mutual_information=info["i_al"],
-            label_conditional_entropy=info["h_l_given_a"],
+    labels = check_labels(labels, n) if validate_args else np.asarray(labels)
+    if (labels >= 0).any():
+        info = label_information_from_codes(
+            codes, labels, n_units=n_units, n_classes=n_classes, validate_args=False
         )
+        measures.update((name, info[name]) for name in _LABEL_METRICS)
+        if n_classes is not None:
+            h_nominal = nominal_conditional_entropy(info["joint_entropy"], n_classes)
+            measures.update(
+                conditional_entropy_nominal=h_nominal, mutual_information_nominal=info["entropy"] - h_nominal
+            )
     return counts, measures

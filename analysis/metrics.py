@@ -11,10 +11,22 @@ A metric compared with a reference time point is registered once per reference: 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-__all__ = ["FAMILIES", "METRICS", "REFERENCES", "UNITS", "MetricSpec", "label", "metric", "metric_names", "register"]
+__all__ = [
+    "FAMILIES",
+    "METRICS",
+    "REFERENCES",
+    "UNITS",
+    "MetricSpec",
+    "label",
+    "markdown_table",
+    "metric",
+    "metric_names",
+    "register",
+]
 
 #: Reference time points of the similarity measures (SPEC section 4).
 REFERENCES = ("init", "last", "final")
@@ -60,6 +72,11 @@ class MetricSpec:
         Logged by the callback after every probe.
     headline : bool
         Drawn as a site x time heatmap by default (the figures of Hartmann et al. 2021).
+    saturates : bool
+        An entropy, information or pattern count whose plug-in estimate is pinned when the distinct
+        patterns K come close to the observations n (``saturated``): figures mark those points.
+    nan_reason : str
+        Why a value can be NaN (a figure of an all-NaN series says so); empty if it is never NaN.
     """
 
     name: str
@@ -70,6 +87,8 @@ class MetricSpec:
     constant: bool = False
     live: bool = False
     headline: bool = False
+    saturates: bool = False
+    nan_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -130,28 +149,93 @@ def label(name: str) -> str:
     return f"{symbol} [{spec.unit}]" if spec.unit in ("bits", "count") else symbol
 
 
-def _declare(name: str, unit: str, family: str, description: str, symbol: str = "", **flags: bool) -> None:
+def markdown_table() -> str:
+    """The README's metric table: one row per metric, the three references of a similarity folded into ``<r>``.
+
+    A test checks that the README holds exactly this text between its ``metric-table`` markers.
+
+    Examples
+    --------
+    >>> markdown_table().splitlines()[2]
+    '| `n_observations` | count | bookkeeping | observations n of the site at this step |'
+    """
+    lines = ["| metric | unit | family | meaning |", "| --- | --- | --- | --- |"]
+    seen = set()
+    for spec in _REGISTRY.values():
+        name, family, description = spec.name, spec.family, spec.description
+        for ref in REFERENCES:
+            if family == f"similarity to {ref}" and name.endswith(f"_{ref}"):
+                name = f"{name[: -len(ref)]}<r>"
+                family = "similarity to `<r>`"
+                description = _REF_WORD.sub("r", description)
+        if name in seen:
+            continue
+        seen.add(name)
+        description = description.replace("|", "\\|")
+        lines.append(f"| `{name}` | {spec.unit} | {family} | {description} |")
+    return "\n".join(lines) + "\n"
+
+
+_REF_WORD = re.compile(r"(?<![A-Za-z])(?:" + "|".join(REFERENCES) + r")(?![A-Za-z])")
+
+
+def _declare(name: str, unit: str, family: str, description: str, symbol: str = "", **flags) -> None:
     register(MetricSpec(name, unit, family, description, symbol, **flags))
 
 
 # ------------------------------------------------------------------ own measures of one time point
+_SATURATES = {"saturates": True}
 _declare("n_observations", "count", "bookkeeping", "observations n of the site at this step", "n", constant=True)
 _declare("n_units", "count", "bookkeeping", "units of the site (bits per pattern)", "n_units", constant=True)
 _declare("nan_count", "count", "bookkeeping", "NaN pre-activations, stored as off", "NaN count", constant=True)
-_declare("entropy", "bits", "entropy", "plug-in pattern entropy H(A)", "H(A)", live=True)
-_declare("entropy_mm", "bits", "entropy", "Miller-Madow corrected H(A) + (K-1)/(2 n ln 2)", "H_MM(A)")
 _declare("entropy_max", "bits", "bookkeeping", "H_max = min(n_units, log2 n)", "H_max", constant=True)
 _declare(
-    "normalized_entropy", "fraction", "entropy", "H(A) / H_max", "H(A) / H_max", live=True, headline=True
+    "saturated", "flag", "bookkeeping", "1 where K >= 0.9 n: plug-in entropies are pinned near log2 n, "
+    "informations near H(L); figures mark these points", "saturated", constant=True,
 )
-_declare("distinct", "count", "entropy", "distinct patterns K", "K", live=True)
-_declare("distinct_fraction", "fraction", "entropy", "K / n", "K / n", headline=True)
+_declare("entropy", "bits", "entropy", "plug-in pattern entropy H(A)", "H(A)", live=True, **_SATURATES)
+_declare("entropy_mm", "bits", "entropy", "Miller-Madow corrected H(A) + (K-1)/(2 n ln 2)", "H_MM(A)", **_SATURATES)
+_declare(
+    "normalized_entropy", "fraction", "entropy", "H(A) / H_max", "H(A) / H_max", live=True, headline=True,
+    nan_reason="n = 1, so H_max = 0", **_SATURATES,
+)
+_declare("distinct", "count", "entropy", "distinct patterns K", "K", live=True, **_SATURATES)
+_declare("distinct_fraction", "fraction", "entropy", "K / n", "K / n", headline=True, **_SATURATES)
+_declare("top_count", "count", "entropy", "count of the most frequent pattern max_a c(a)", "max c(a)")
 _declare("top_mass", "fraction", "entropy", "mass of the most frequent pattern max_a p(a)", "max p(a)", live=True)
+
+# ------------------------------------------------------------------ label information (labelled observations)
 _declare("label_entropy", "bits", "label information", "H(L), empirical label prior", "H(L)")
-_declare("joint_entropy", "bits", "label information", "H(A,L)", "H(A,L)")
-_declare("conditional_entropy", "bits", "label information", "H(A|L) = H(A,L) - H(L)", "H(A|L)")
-_declare("mutual_information", "bits", "label information", "I(A;L) = H(A) - H(A|L)", "I(A;L)", live=True)
-_declare("label_conditional_entropy", "bits", "label information", "H(L|A)", "H(L|A)")
+_declare("joint_entropy", "bits", "label information", "H(A,L)", "H(A,L)", **_SATURATES)
+_declare("conditional_entropy", "bits", "label information", "H(A|L) = H(A,L) - H(L)", "H(A|L)", **_SATURATES)
+_declare(
+    "mutual_information", "bits", "label information",
+    "I(A;L) = H(A) - H(A|L) between pattern and label (information plane: I(T;Y) of the sample's pattern)",
+    "I(A;L)", live=True, **_SATURATES,
+)
+_declare("label_conditional_entropy", "bits", "label information", "H(L|A) = H(A,L) - H(A)", "H(L|A)")
+_declare(
+    "conditional_entropy_normalized", "ratio", "label information",
+    "H(A|L) / min(n_units, log2(n / C)), C classes (the reference's normalizer)", "H(A|L) / max",
+    nan_reason="n = C, so the normalizer is 0", **_SATURATES,
+)
+_declare(
+    "mutual_information_normalized", "ratio", "label information",
+    "I(A;L) / (min(n_units, log2 n) - min(n_units, log2(n / C))) (the reference's normalizer)", "I(A;L) / max",
+    nan_reason="n_units <= log2(n / C), so the normalizer is 0", **_SATURATES,
+)
+_declare(
+    "conditional_entropy_nominal", "bits", "label information",
+    "H(A,L) - log2 n_classes: the reference implementation's H(A|L), nominal prior 1/n_classes (given n_classes)",
+    "H(A,L) - log2 C", **_SATURATES,
+)
+_declare(
+    "mutual_information_nominal", "bits", "label information",
+    "H(A) - H(A,L) + log2 n_classes: the reference implementation's I(A;L) (given n_classes)",
+    "I_nominal(A;L)", **_SATURATES,
+)
+
+# ------------------------------------------------------------------ unit level
 _declare("firing_rate_mean", "fraction", "units", "mean over units of the fraction of observations on", "mean rate")
 _declare("unit_entropy_mean", "bits", "units", "mean over units of the binary entropy of each unit", "mean H(unit)")
 _declare("dead_units", "count", "units", "units never on", "dead units")
@@ -166,7 +250,7 @@ for _ref in REFERENCES:
     )
     _declare(
         f"jaccard_t_{_ref}", "fraction", _family, f"JI on patterns seen more than T times, to {_ref}",
-        f"JI_T({_ref}, t)",
+        f"JI_T({_ref}, t)", nan_reason="no pattern seen more than T times at either step",
     )
     _declare(
         f"weighted_jaccard_{_ref}", "fraction", _family, f"wJI = sum min(c_t, c_{_ref}) / sum max(c_t, c_{_ref})",
@@ -174,21 +258,30 @@ for _ref in REFERENCES:
     )
     _declare(
         f"identical_fraction_{_ref}", "fraction", _family,
-        f"fraction of the same observations whose pattern is identical at t and {_ref}", f"identical({_ref}, t)",
+        f"fraction of the same observations (shared sample ids) whose pattern is identical at t and {_ref}",
+        f"identical({_ref}, t)",
     )
     _declare(
-        f"hamming_{_ref}", "fraction", _family, f"mean Hamming distance per unit between t and {_ref}",
+        f"hamming_{_ref}", "fraction", _family,
+        f"mean Hamming distance per unit between t and {_ref}, same observations (shared sample ids)",
         f"Hamming({_ref}, t)",
     )
     _declare(f"distinct_change_{_ref}", "count", _family, f"net change in distinct patterns K_t - K_{_ref}",
              f"K_t - K_{_ref}")
+    _declare(
+        f"distinct_change_relative_{_ref}", "ratio", _family,
+        f"relative net change (K_t - K_{_ref}) / K_t (the reference's '% Patterns Changed')",
+        f"(K_t - K_{_ref}) / K_t",
+    )
 
 # ------------------------------------------------------------------ information plane (SPEC section 5)
-_declare("I_XT", "bits", "information plane", "I(X;T) (= H(T) for binary patterns; KDE: upper bound)", "I(X;T)")
-_declare("I_XT_mm", "bits", "information plane", "I(X;T) with Miller-Madow correction", "I_MM(X;T)")
-_declare("I_XT_lower", "bits", "information plane", "KDE lower bound of I(X;T)", "I(X;T) lower")
-_declare("I_TY", "bits", "information plane", "I(T;Y) (KDE: upper bound)", "I(T;Y)")
-_declare("I_TY_mm", "bits", "information plane", "I(T;Y) with Miller-Madow correction", "I_MM(T;Y)")
-_declare("I_TY_lower", "bits", "information plane", "KDE lower bound of I(T;Y)", "I(T;Y) lower")
-_declare("saturated", "flag", "information plane", "1 where K is close to n: the estimate is pinned at log2 n",
-         "saturated", constant=True)
+_declare(
+    "input_information", "bits", "information plane",
+    "I(X;T) (= H(T) of the sample's pattern for binary patterns; KDE: upper bound)", "I(X;T)", **_SATURATES,
+)
+_declare("input_information_mm", "bits", "information plane", "I(X;T) with Miller-Madow correction", "I_MM(X;T)",
+         **_SATURATES)
+_declare("input_information_lower", "bits", "information plane", "KDE lower bound of I(X;T)", "I(X;T) lower")
+_declare("mutual_information_mm", "bits", "information plane", "I(T;Y) with Miller-Madow correction on each entropy",
+         "I_MM(T;Y)", **_SATURATES)
+_declare("mutual_information_lower", "bits", "information plane", "KDE lower bound of I(T;Y)", "I(T;Y) lower")

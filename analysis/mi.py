@@ -23,9 +23,11 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist
 from scipy.special import digamma, logsumexp
 
-from actpat.analysis.entropy import _compute_label_information
+from actpat.analysis._validation import NO_LABEL, check_labels
+from actpat.analysis.entropy import entropy, label_information_from_codes
 
 __all__ = [
     "InformationEstimate",
@@ -40,25 +42,36 @@ __all__ = [
 _LN2 = math.log(2.0)
 # Relative size of the tie-breaking noise of the k-NN estimators (scikit-learn's choice).
 _JITTER = 1e-10
+# Entries of the (rows, n) distance blocks of the Euclidean KSG (16 MB per float64 block).
+_KSG_BLOCK = 1 << 21
+# Up to this joint dimension the Euclidean KSG finds neighbours with k-d trees, above by blocks of distances.
+_KSG_TREE_DIMS = 6
+#: Norms of the marginal spaces of :func:`ksg`, as Minkowski ``p``.
+KSG_METRICS = {"max": np.inf, "euclidean": 2.0}
 # Rows of the (chunk, n) distance block of the KDE bounds: at n = 20000 each float64 block is 41 MB and
 # about three are alive at once.
 _KDE_CHUNK = 256
 
 
 class InformationEstimate(NamedTuple):
-    """``I(T;X)`` and ``I(T;Y)`` of one layer at one time point, in **bits**."""
+    """``I(X;T)`` and ``I(T;Y)`` of one layer at one time point, in **bits** (metric names of
+    :mod:`actpat.analysis.metrics`)."""
 
-    i_xt: float
-    i_ty: float
+    input_information: float
+    """``I(X;T)``, from every sample."""
+    mutual_information: float
+    """``I(T;Y)``, from the labelled samples; NaN when none has a label."""
 
 
 class KDEBounds(NamedTuple):
     """Pairwise-distance bounds of :func:`kde_bounds`, in **bits**."""
 
-    i_xt_upper: float
-    i_xt_lower: float
-    i_ty_upper: float
-    i_ty_lower: float
+    input_information_upper: float
+    input_information_lower: float
+    mutual_information_upper: float
+    """NaN when no sample has a label."""
+    mutual_information_lower: float
+    """NaN when no sample has a label."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,16 +95,14 @@ def _check_samples(a, name: str) -> np.ndarray:
     return arr
 
 
-def _check_classes(y, n: int, name: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    """Dense class codes ``0 .. L - 1`` of integer labels ``y`` of length ``n``, and the class sizes."""
-    arr = np.asarray(y)
-    if arr.ndim != 1:
-        raise ValueError(f"Expected `{name}` to be 1-D (one class label per sample), but got shape {arr.shape}.")
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-        raise ValueError(f"Expected `{name}` to have an integer dtype (class labels), but got {arr.dtype}.")
-    if arr.shape[0] != n:
-        raise ValueError(f"Expected `{name}` to have one label per sample, len({name}) = {n}, but got {arr.shape[0]}.")
-    _, codes, sizes = np.unique(arr, return_inverse=True, return_counts=True)
+def _check_y(y, n: int) -> np.ndarray:
+    """Integer class labels of the ``n`` samples (``-1`` = no label), validated as everywhere in the analysis."""
+    return check_labels(y, n, name="y", of="len(t)")
+
+
+def _classes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense class codes ``0 .. L - 1`` of labels without ``-1``, and the class sizes."""
+    _, codes, sizes = np.unique(labels, return_inverse=True, return_counts=True)
     return codes.reshape(-1).astype(np.int64, copy=False), sizes
 
 
@@ -134,10 +145,13 @@ def _bin_dtype(n_bins: int) -> type:
     return np.uint8 if n_bins <= 1 << 8 else np.uint16 if n_bins <= 1 << 16 else np.int64
 
 
-def _compute_plugin(binned: np.ndarray, classes: np.ndarray) -> InformationEstimate:
+def _compute_plugin(binned: np.ndarray, labels: np.ndarray) -> InformationEstimate:
     codes, k = _row_codes(binned)
-    info = _compute_label_information(codes, k, classes, "empirical")
-    return InformationEstimate(i_xt=info["h_a"], i_ty=info["i_al"])
+    h_t = entropy(np.bincount(codes, minlength=k))
+    if not (labels != NO_LABEL).any():
+        return InformationEstimate(h_t, math.nan)
+    info = label_information_from_codes(codes, labels, validate_args=False)
+    return InformationEstimate(h_t, info["mutual_information"])
 
 
 def _equal_width_bins(t: np.ndarray, n_bins: int, lo: float, hi: float) -> np.ndarray:
@@ -176,7 +190,7 @@ def binning(t, y, *, n_bins: int = 30, range: tuple[float, float] | None = None)
     t : array_like
         ``(n, d)`` activations of one layer for ``n`` samples (a 1-D array is one unit).
     y : array_like
-        ``(n,)`` integer class label of each sample.
+        ``(n,)`` integer class label of each sample, ``-1`` for none (left out of ``I(T;Y)``).
     n_bins : int, default 30
         Number of equal-width bins (30 in the original work).
     range : (float, float) or None, default None
@@ -186,12 +200,14 @@ def binning(t, y, *, n_bins: int = 30, range: tuple[float, float] | None = None)
     Returns
     -------
     InformationEstimate
-        ``i_xt`` = I(T;X) and ``i_ty`` = I(T;Y) in **bits**; ``0 <= i_ty <= i_xt <= log2 n``.
+        ``input_information`` = I(X;T) from all samples and ``mutual_information`` = I(T;Y) from the
+        labelled ones, in **bits**; ``0 <= I(T;Y) <= log2 n``, ``0 <= I(X;T) <= log2 n``. ``I(T;Y)`` is
+        NaN when no sample has a label.
 
     Raises
     ------
     ValueError
-        Bad shapes, non-finite values, ``n_bins < 1`` or a bad ``range``.
+        Bad shapes, non-finite values, float labels, ``n_bins < 1`` or a bad ``range``.
 
     Notes
     -----
@@ -218,16 +234,18 @@ def binning(t, y, *, n_bins: int = 30, range: tuple[float, float] | None = None)
     --------
     >>> t = np.array([[0.0], [0.0], [1.0], [1.0]])
     >>> binning(t, np.array([0, 0, 1, 1]), n_bins=2)
-    InformationEstimate(i_xt=1.0, i_ty=1.0)
+    InformationEstimate(input_information=1.0, mutual_information=1.0)
+    >>> binning(t, np.array([0, -1, 1, -1]), n_bins=2)  # -1: no label
+    InformationEstimate(input_information=1.0, mutual_information=1.0)
     """
     t = _check_samples(t, "t")
-    classes, _ = _check_classes(y, t.shape[0])
+    labels = _check_y(y, t.shape[0])
     n_bins = _check_n_bins(n_bins)
     if range is None:
         lo, hi = float(t.min()), float(t.max())
     else:
         lo, hi = _check_range(range)
-    return _compute_plugin(_equal_width_bins(t, n_bins, lo, hi), classes)
+    return _compute_plugin(_equal_width_bins(t, n_bins, lo, hi), labels)
 
 
 
@@ -243,19 +261,20 @@ def adaptive_binning(t, y, *, n_bins: int = 30) -> InformationEstimate:
     t : array_like
         ``(n, d)`` activations of one layer (a 1-D array is one unit).
     y : array_like
-        ``(n,)`` integer class label of each sample.
+        ``(n,)`` integer class label of each sample, ``-1`` for none (left out of ``I(T;Y)``).
     n_bins : int, default 30
         Number of equal-mass bins.
 
     Returns
     -------
     InformationEstimate
-        ``i_xt`` = I(T;X) and ``i_ty`` = I(T;Y) in **bits**.
+        ``input_information`` = I(X;T) (all samples) and ``mutual_information`` = I(T;Y) (labelled
+        samples; NaN if none) in **bits**.
 
     Raises
     ------
     ValueError
-        Bad shapes, non-finite values or ``n_bins < 1``.
+        Bad shapes, non-finite values, float labels or ``n_bins < 1``.
 
     Notes
     -----
@@ -276,19 +295,22 @@ def adaptive_binning(t, y, *, n_bins: int = 30) -> InformationEstimate:
     --------
     >>> t = np.arange(8.0)
     >>> adaptive_binning(t, np.array([0, 0, 0, 0, 1, 1, 1, 1]), n_bins=4)
-    InformationEstimate(i_xt=2.0, i_ty=1.0)
+    InformationEstimate(input_information=2.0, mutual_information=1.0)
     """
     t = _check_samples(t, "t")
-    classes, _ = _check_classes(y, t.shape[0])
+    labels = _check_y(y, t.shape[0])
     n_bins = _check_n_bins(n_bins)
-    return _compute_plugin(_equal_mass_bins(t, n_bins), classes)
+    return _compute_plugin(_equal_mass_bins(t, n_bins), labels)
 
 
 # ---------------------------------------------------------------------------------------------------
 # pairwise-distance (KDE) bounds
 # ---------------------------------------------------------------------------------------------------
-def _compute_kde_bounds(t: np.ndarray, classes: np.ndarray, noise_var: float, chunk: int) -> np.ndarray:
-    """Means over samples of the four log-sum-exp terms, in nats: (all, own class) x (KL, BD)."""
+def _compute_kde_terms(t: np.ndarray, classes: np.ndarray | None, noise_var: float, chunk: int) -> np.ndarray:
+    """Means over samples of the four log-sum-exp terms, in nats: (all, own class) x (KL, BD).
+
+    Without ``classes`` only the two terms over all samples are computed (the others stay 0).
+    """
     n = t.shape[0]
     sq = np.einsum("ij,ij->i", t, t)
     sums = np.zeros(4)
@@ -298,13 +320,42 @@ def _compute_kde_bounds(t: np.ndarray, classes: np.ndarray, noise_var: float, ch
         np.maximum(d2, 0.0, out=d2)
         # The self-distance is 0 exactly; the expansion above leaves rounding error that tiny noise amplifies.
         d2[np.arange(stop - start), np.arange(start, stop)] = 0.0
-        other = classes[start:stop, None] != classes[None, :]
+        other = None if classes is None else classes[start:stop, None] != classes[None, :]
         for j, var in enumerate((noise_var, 4.0 * noise_var)):
             a = d2 * (-0.5 / var)
             sums[2 * j] += logsumexp(a, axis=1).sum()
-            a[other] = -np.inf
-            sums[2 * j + 1] += logsumexp(a, axis=1).sum()
+            if other is not None:
+                a[other] = -np.inf
+                sums[2 * j + 1] += logsumexp(a, axis=1).sum()
     return sums / n
+
+
+def _compute_kde_bounds(t: np.ndarray, labels: np.ndarray, noise_var: float, chunk: int) -> KDEBounds:
+    """The four bounds in bits: I(X;T) from every sample, I(T;Y) from the labelled ones (NaN if none)."""
+    log_n = math.log(t.shape[0])
+    labelled = labels != NO_LABEL
+    if labelled.all():
+        lse_kl, lse_kl_class, lse_bd, lse_bd_class = _compute_kde_terms(t, _classes(labels)[0], noise_var, chunk)
+    else:
+        lse_kl, _, lse_bd, _ = _compute_kde_terms(t, None, noise_var, chunk)
+    xt_upper, xt_lower = log_n - lse_kl, log_n - lse_bd
+    if not labelled.any():
+        return KDEBounds(xt_upper / _LN2, xt_lower / _LN2, math.nan, math.nan)
+    if labelled.all():
+        t_lab, log_m, ty_kl, ty_bd = t, log_n, lse_kl, lse_bd
+    else:
+        t_lab = t[labelled]
+        log_m = math.log(t_lab.shape[0])
+        ty_kl, lse_kl_class, ty_bd, lse_bd_class = _compute_kde_terms(
+            t_lab, _classes(labels[labelled])[0], noise_var, chunk
+        )
+    sizes = _classes(labels[labelled])[1]
+    # mean over samples of log n_{y_i} = sum_y p(y) log n_y
+    mean_log_class = float(np.sum(sizes * np.log(sizes)) / t_lab.shape[0])
+    # H(T) - sum_y p(y) H(T|Y=y); the noise entropy and normalizing constants cancel.
+    ty_upper = (log_m - ty_kl) - (mean_log_class - lse_kl_class)
+    ty_lower = (log_m - ty_bd) - (mean_log_class - lse_bd_class)
+    return KDEBounds(*(float(v) / _LN2 for v in (xt_upper, xt_lower, ty_upper, ty_lower)))
 
 
 def kde_bounds(t, y, noise_var: float, *, chunk_size: int = _KDE_CHUNK) -> KDEBounds:
@@ -326,7 +377,8 @@ def kde_bounds(t, y, noise_var: float, *, chunk_size: int = _KDE_CHUNK) -> KDEBo
     t : array_like
         ``(n, d)`` activations ``h`` of one layer (a 1-D array is one unit).
     y : array_like
-        ``(n,)`` integer class label of each sample.
+        ``(n,)`` integer class label of each sample, ``-1`` for none: ``I(T;Y)`` is then bounded on the
+        labelled samples only (a mixture of those), ``I(T;X)`` on all.
     noise_var : float
         Variance of the added isotropic Gaussian noise, ``> 0``, in the units of ``t`` squared.
     chunk_size : int, default 256
@@ -335,18 +387,19 @@ def kde_bounds(t, y, noise_var: float, *, chunk_size: int = _KDE_CHUNK) -> KDEBo
     Returns
     -------
     KDEBounds
-        ``i_xt_upper``, ``i_xt_lower``, ``i_ty_upper``, ``i_ty_lower`` in **bits**.
+        ``input_information_upper``, ``input_information_lower``, ``mutual_information_upper``,
+        ``mutual_information_lower`` in **bits** (the last two NaN when no sample has a label).
 
     Raises
     ------
     ValueError
-        Bad shapes, non-finite values, ``noise_var <= 0`` or ``chunk_size < 1``.
+        Bad shapes, non-finite values, float labels, ``noise_var <= 0`` or ``chunk_size < 1``.
 
     Notes
     -----
-    ``0 <= i_xt_lower <= i_xt_upper <= log2 n`` always. As ``noise_var -> 0`` (distinct rows) both
-    ``I(T;X)`` bounds tend to ``log2 n`` and both ``I(T;Y)`` bounds to the label entropy ``H(Y)``; as
-    ``noise_var -> inf`` all four tend to 0. The ``I(T;Y)`` values are differences of two bounds of the
+    ``0 <= input_information_lower <= input_information_upper <= log2 n`` always. As ``noise_var -> 0``
+    (distinct rows) both ``I(T;X)`` bounds tend to ``log2 n`` and both ``I(T;Y)`` bounds to the label
+    entropy ``H(Y)``; as ``noise_var -> inf`` all four tend to 0. The ``I(T;Y)`` values are differences of two bounds of the
     same kind (Saxe et al.'s usage), so they are estimates, not guaranteed bounds, and their order is not
     guaranteed. Nothing is clipped. The result depends on ``noise_var``, which must be stated with it.
 
@@ -362,25 +415,15 @@ def kde_bounds(t, y, noise_var: float, *, chunk_size: int = _KDE_CHUNK) -> KDEBo
     --------
     >>> t = np.array([[0.0], [10.0]])
     >>> b = kde_bounds(t, np.array([0, 1]), noise_var=0.01)
-    >>> round(b.i_xt_upper, 6), round(b.i_xt_lower, 6), round(b.i_ty_upper, 6)
-    (1.0, 1.0, 1.0)
+    >>> [round(v, 6) for v in b]
+    [1.0, 1.0, 1.0, 1.0]
     """
     t = _check_samples(t, "t")
-    classes, sizes = _check_classes(y, t.shape[0])
+    labels = _check_y(y, t.shape[0])
     noise_var = _check_positive(noise_var, "noise_var")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"Expected `chunk_size` to be an int >= 1, but got {chunk_size!r}.")
-    n = t.shape[0]
-    lse_kl, lse_kl_class, lse_bd, lse_bd_class = _compute_kde_bounds(t, classes, noise_var, int(chunk_size))
-    # mean over samples of log n_{y_i} = sum_y p(y) log n_y
-    mean_log_class = float(np.sum(sizes * np.log(sizes)) / n)
-    log_n = math.log(n)
-    i_xt_upper = log_n - lse_kl
-    i_xt_lower = log_n - lse_bd
-    # H(T) - sum_y p(y) H(T|Y=y); the noise entropy and normalizing constants cancel.
-    i_ty_upper = i_xt_upper - (mean_log_class - lse_kl_class)
-    i_ty_lower = i_xt_lower - (mean_log_class - lse_bd_class)
-    return KDEBounds(*(float(v) / _LN2 for v in (i_xt_upper, i_xt_lower, i_ty_upper, i_ty_lower)))
+    return _compute_kde_bounds(t, labels, noise_var, int(chunk_size))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,18 +438,63 @@ def _prepare_continuous(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return a + scale * rng.standard_normal(a.shape)
 
 
-def _count_within(tree: cKDTree, points: np.ndarray, radius: np.ndarray) -> np.ndarray:
-    """Neighbours strictly closer than ``radius`` (max-norm), the point itself included."""
-    return np.asarray(tree.query_ball_point(points, np.nextafter(radius, 0.0), p=np.inf, return_length=True))
+def _count_within(tree: cKDTree, points: np.ndarray, radius: np.ndarray, p: float = np.inf) -> np.ndarray:
+    """Neighbours strictly closer than ``radius`` (Minkowski ``p``-norm), the point itself included."""
+    return np.asarray(tree.query_ball_point(points, np.nextafter(radius, 0.0), p=p, return_length=True))
 
 
-def _compute_ksg(x: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Kraskov et al. algorithm 1, in nats."""
-    n = x.shape[0]
+def _joint_kth_distance_tree(x: np.ndarray, y: np.ndarray, k: int, p: float) -> np.ndarray:
+    """As :func:`_joint_kth_distance` for ``p = 2``, from k-d tree candidates (low joint dimension).
+
+    ``m = max(||dx||, ||dy||) <= ||(dx, dy)|| <= sqrt(2) m``: the ``k + 1`` nearest points (self included)
+    in the joint Euclidean norm lie within ``r_k`` of it under ``m`` as well, so the ``k``-th neighbour
+    under ``m`` is at most ``r_k`` away, and every point that close under ``m`` lies in the joint ball
+    of radius ``sqrt(2) r_k``. The exact distances of those candidates give the answer.
+    """
     xy = np.hstack((x, y))
-    eps = cKDTree(xy).query(xy, k=k + 1, p=np.inf)[0][:, k]
-    nx = _count_within(cKDTree(x), x, eps) - 1
-    ny = _count_within(cKDTree(y), y, eps) - 1
+    tree = cKDTree(xy)
+    radius = tree.query(xy, k=k + 1)[0][:, k] * (math.sqrt(2.0) * (1.0 + 1e-9))
+    n = x.shape[0]
+    out = np.empty(n)
+    rows = max(1, _KSG_BLOCK // (64 * (k + 1)))
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        candidates = tree.query_ball_point(xy[start:stop], radius[start:stop])
+        lengths = np.fromiter(map(len, candidates), dtype=np.int64, count=stop - start)
+        cols = np.concatenate(candidates).astype(np.int64)
+        owner = np.repeat(np.arange(start, stop), lengths)
+        d = np.maximum(np.linalg.norm(x[owner] - x[cols], axis=1), np.linalg.norm(y[owner] - y[cols], axis=1))
+        d = d[np.lexsort((d, owner))]
+        # Within each point's sorted candidates, position 0 is the point itself (distance 0).
+        out[start:stop] = d[np.cumsum(lengths) - lengths + k]
+    return out
+
+
+def _joint_kth_distance(x: np.ndarray, y: np.ndarray, k: int, p: float) -> np.ndarray:
+    """Distance of each sample to its ``k``-th neighbour under ``max(||dx||_p, ||dy||_p)``."""
+    if p == np.inf:
+        # The max over both marginal max-norms is the max-norm of the joint space: one k-d tree.
+        xy = np.hstack((x, y))
+        return cKDTree(xy).query(xy, k=k + 1, p=np.inf)[0][:, k]
+    if x.shape[1] + y.shape[1] <= _KSG_TREE_DIMS:
+        return _joint_kth_distance_tree(x, y, k, p)
+    n = x.shape[0]
+    out = np.empty(n)
+    rows = max(1, _KSG_BLOCK // n)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        d = np.maximum(cdist(x[start:stop], x, "minkowski", p=p), cdist(y[start:stop], y, "minkowski", p=p))
+        # Column 0 of the partition is the sample itself (distance 0).
+        out[start:stop] = np.partition(d, k, axis=1)[:, k]
+    return out
+
+
+def _compute_ksg(x: np.ndarray, y: np.ndarray, k: int, p: float = np.inf) -> float:
+    """Kraskov et al. algorithm 1 with ``p``-norms in the marginal spaces, in nats."""
+    n = x.shape[0]
+    eps = _joint_kth_distance(x, y, k, p)
+    nx = _count_within(cKDTree(x), x, eps, p) - 1
+    ny = _count_within(cKDTree(y), y, eps, p) - 1
     return float(digamma(k) + digamma(n) - np.mean(digamma(nx + 1) + digamma(ny + 1)))
 
 
@@ -426,19 +514,23 @@ def _compute_ksg_mixed(t: np.ndarray, classes: np.ndarray, sizes: np.ndarray, k:
     return float(digamma(t.shape[0]) + np.mean(digamma(k_used)) - np.mean(digamma(n_c)) - np.mean(digamma(m)))
 
 
-def ksg(x, y, *, k: int = 3, seed: int = 0) -> float:
+def ksg(x, y, *, k: int = 3, metric: str = "euclidean", seed: int = 0) -> float:
     """Mutual information of two continuous variables by k-nearest neighbours (Kraskov et al. 2004).
 
-    Algorithm 1 of Kraskov, Stögbauer & Grassberger with the max-norm: for each sample, ``eps_i`` is the
-    distance to its ``k``-th neighbour in the joint space, ``n_x(i)`` and ``n_y(i)`` count the other
-    samples strictly closer than ``eps_i`` in each marginal space, and::
+    Algorithm 1 of Kraskov, Stögbauer & Grassberger: distances are measured within X and within Y
+    with the norm ``metric``, the joint distance of two samples is the larger of the two; for each
+    sample, ``eps_i`` is the joint distance to its ``k``-th neighbour, ``n_x(i)`` and ``n_y(i)`` count
+    the other samples strictly closer than ``eps_i`` in each marginal space, and::
 
         I = psi(k) + psi(n) - mean_i [psi(n_x(i) + 1) + psi(n_y(i) + 1)]
 
-    Neighbour searches use ``scipy.spatial.cKDTree``: ``O(n log n)`` when the joint data has a low
-    intrinsic dimension (bench/mi_speed.py, n = 4096 -> 20000: time exponent 1.1 to 1.4 for one
-    Gaussian pair, 20x faster than a brute-force search at n = 4096); k-d trees degrade towards
-    ``O(n^2)`` as it grows (exponent 1.5 to 1.8 for layers of intrinsic dimension 8).
+    Neighbour searches use ``scipy.spatial.cKDTree``. With ``metric="max"`` they are ``O(n log n)``
+    when the joint data has a low intrinsic dimension (bench/mi_speed.py, n = 4096 -> 20000: time
+    exponent 1.1 to 1.4 for one Gaussian pair) and degrade towards ``O(n^2)`` as it grows (exponent
+    1.5 to 1.8 for layers of intrinsic dimension 8). With ``metric="euclidean"`` the joint neighbours
+    come from k-d tree candidates up to a joint dimension ``d_x + d_y`` of 6 and from exact blocks of
+    pairwise distances above (``O(n^2 (d_x + d_y))`` time, 16 MB per block): 6 to 28 s at n = 10000
+    on one busy core for ``d_x = d_y = 5 .. 10``, where the max-norm k-d trees took 6 to 58 s.
 
     Parameters
     ----------
@@ -448,6 +540,12 @@ def ksg(x, y, *, k: int = 3, seed: int = 0) -> float:
         ``(n, d_y)`` samples of the second variable.
     k : int, default 3
         Number of neighbours; larger ``k`` lowers the variance and raises the bias.
+    metric : {"euclidean", "max"}, default "euclidean"
+        Norm within each marginal space. ``"max"`` is Kraskov et al.'s max-norm (the joint distance is
+        then the max-norm of the joint space); ``"euclidean"`` is the default of the benchmark-mi suite.
+        The default is the one with the smaller error on known answers (bench/ksg_accuracy.py, table in
+        the README): equal for one pair, 6 to 9 % smaller mean absolute error for 2 to 10 pairs of
+        correlated Gaussians and their invertible transforms, n = 1000 to 10000.
     seed : int, default 0
         Seed of the tie-breaking noise (the result is deterministic for a fixed seed).
 
@@ -460,12 +558,13 @@ def ksg(x, y, *, k: int = 3, seed: int = 0) -> float:
     Raises
     ------
     ValueError
-        Bad shapes, different ``n``, non-finite values, ``k < 1`` or ``n < k + 1``.
+        Bad shapes, different ``n``, non-finite values, ``k < 1``, ``n < k + 1`` or an unknown
+        ``metric``.
 
     Notes
     -----
     As in scikit-learn, every column is first scaled to unit standard deviation (the true information
-    is invariant, the max-norm neighbourhoods become comparable across columns) and noise of relative
+    is invariant, the neighbourhoods become comparable across columns) and noise of relative
     size 1e-10 from ``numpy.random.default_rng(seed)`` is added, so that repeated values (ties, which
     the estimator assumes away) are broken deterministically. A constant column is left unscaled and so
     becomes pure 1e-10 noise: it adds nothing. The estimator assumes densities: point masses, such as
@@ -475,15 +574,16 @@ def ksg(x, y, *, k: int = 3, seed: int = 0) -> float:
     :mod:`actpat.analysis.entropy`.
 
     The estimator is biased low for strong dependence in many dimensions (its neighbourhoods are not
-    small enough): with 5 pairs of ``rho = 0.9`` (true 5.99 bits) and ``n = 2000`` it gives about 4.2.
+    small enough): with 5 pairs of ``rho = 0.9`` (true 5.99 bits) and ``n = 3000`` it gives about 4.6
+    (max-norm 4.4), with 10 pairs (11.98 bits) about 5.5 (max-norm 4.8).
 
-    Tolerance on the tests (seed 0, ``n = 2000``), against ``-0.5 * sum log2(1 - rho_i^2)`` for ``d``
+    Tolerance on the tests, for both metrics (seed 0, ``n = 2000``), against ``-0.5 * sum log2(1 - rho_i^2)`` for ``d``
     independent pairs of correlated Gaussians: ``d = 1, 2``, ``rho`` up to 0.9: within
     ``0.05 + 0.05 * I`` bits; ``d = 5``, ``rho = 0.3``: within 0.15 bits; ``d = 5``, ``rho = 0.6, 0.9``
     and ``d = 3``, ``rho = (0.9, 0.5, 0.1)``: between ``0.6 * I`` and ``I + 0.05``. Independent
     variables: ``|I| < 0.05`` bits. Invertible transforms (``exp``, cube) of one marginal (``d = 1``)
     change it by less than 0.1 bits. The counts are exactly those of a brute-force ``O(n^2)``
-    neighbour search (tested).
+    neighbour search with either norm (tested).
 
     References
     ----------
@@ -505,10 +605,12 @@ def ksg(x, y, *, k: int = 3, seed: int = 0) -> float:
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"Expected `y` to have as many samples as `x`, len(x) = {x.shape[0]}, but got {y.shape[0]}.")
     k = _check_k(k, x.shape[0])
+    if metric not in KSG_METRICS:
+        raise ValueError(f"Expected `metric` to be one of {tuple(KSG_METRICS)}, but got {metric!r}.")
     rng = np.random.default_rng(seed)
     x = _prepare_continuous(x, rng)
     y = _prepare_continuous(y, rng)
-    return _compute_ksg(x, y, k) / _LN2
+    return _compute_ksg(x, y, k, KSG_METRICS[metric]) / _LN2
 
 
 def ksg_mixed(t, y, *, k: int = 3, seed: int = 0) -> float:
@@ -528,7 +630,7 @@ def ksg_mixed(t, y, *, k: int = 3, seed: int = 0) -> float:
     t : array_like
         ``(n, d)`` continuous activations (a 1-D array is one unit).
     y : array_like
-        ``(n,)`` integer class labels.
+        ``(n,)`` integer class labels; samples labelled ``-1`` (no label) are left out.
     k : int, default 3
         Neighbours within the class; lowered to ``N_c - 1`` for a class with ``N_c <= k`` samples.
     seed : int, default 0
@@ -542,8 +644,8 @@ def ksg_mixed(t, y, *, k: int = 3, seed: int = 0) -> float:
     Raises
     ------
     ValueError
-        Bad shapes, different ``n``, non-finite values, ``k < 1``, ``n < k + 1``, or no class with at
-        least two samples.
+        Bad shapes, different ``n``, non-finite values, float labels, ``k < 1``, fewer than ``k + 1``
+        labelled samples, or no class with at least two samples.
 
     Notes
     -----
@@ -568,8 +670,11 @@ def ksg_mixed(t, y, *, k: int = 3, seed: int = 0) -> float:
     True
     """
     t = _check_samples(t, "t")
-    classes, sizes = _check_classes(y, t.shape[0])
+    labels = _check_y(y, t.shape[0])
+    labelled = labels != NO_LABEL
+    t = t[labelled]
     k = _check_k(k, t.shape[0])
+    classes, sizes = _classes(labels[labelled])
     if sizes.max() < 2:
         raise ValueError(f"Expected at least one class with 2 or more samples, but got {sizes.size} singleton classes.")
     t = _prepare_continuous(t, np.random.default_rng(seed))

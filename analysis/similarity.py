@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from actpat.analysis.counts import PatternCounts, _check_bits
+from actpat.analysis._validation import check_bits
+from actpat.analysis.counts import PatternCounts
 
 __all__ = ["Stability", "jaccard", "stability", "weighted_jaccard"]
 
@@ -160,8 +161,8 @@ def stability(bits_t, bits_u, n_units: int, *, validate_args: bool = True) -> St
     (0.5, 0.3333)
     """
     if validate_args:
-        bits_t = _check_bits(bits_t, n_units, name="bits_t")
-        bits_u = _check_bits(bits_u, n_units, name="bits_u")
+        bits_t = check_bits(bits_t, n_units, name="bits_t")
+        bits_u = check_bits(bits_u, n_units, name="bits_u")
         if bits_t.shape != bits_u.shape:
             raise ValueError(
                 f"Expected `bits_t` and `bits_u` to have the same shape (the same observations), "

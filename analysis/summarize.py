@@ -18,8 +18,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from actpat.analysis._validation import NO_LABEL, check_n_classes, resolve_split
 from actpat.analysis.counts import PatternCounts
 from actpat.analysis.measures import pattern_measures
+from actpat.analysis.metrics import REFERENCES
 from actpat.analysis.similarity import jaccard, stability, weighted_jaccard
 from actpat.analysis.units import unit_stats
 from actpat.recorder.reader import Patterns, Run, open_run
@@ -28,7 +30,6 @@ __all__ = ["summarize"]
 
 log = logging.getLogger(__name__)
 
-REFERENCES = ("init", "last", "final")
 COLUMNS = ("step", "epoch", "split", "site", "site_index", "metric", "value")
 
 
@@ -42,8 +43,8 @@ class _Step:
 
 
 def _check_args(split, references, n_jobs, threshold) -> tuple[str, ...]:
-    if not isinstance(split, str):
-        raise ValueError(f"Expected `split` to be a str, but got {split!r}.")
+    if split is not None and not isinstance(split, str):
+        raise ValueError(f"Expected `split` to be a str or None, but got {split!r}.")
     references = (references,) if isinstance(references, str) else tuple(references)
     unknown = [r for r in references if r not in REFERENCES]
     if unknown:
@@ -61,16 +62,16 @@ def _warn_once(warned: set, key, message: str, *args) -> None:
         log.warning(message, *args)
 
 
-def _own_metrics(p: Patterns, site: str, warned: set) -> tuple[PatternCounts, dict]:
+def _own_metrics(p: Patterns, site: str, warned: set, *, n_classes: int | None = None) -> tuple[PatternCounts, dict]:
     """Entropy, label and unit measures of one step."""
-    labelled = p.labels >= 0
+    labelled = p.labels != NO_LABEL
     if labelled.any() and not labelled.all():
         _warn_once(
             warned, ("labels", site),
             "actpat: %d of %d observations of site %r have no label (-1); label measures use the labelled ones.",
             int((~labelled).sum()), len(p), site,
         )
-    pc, m = pattern_measures(p.bits, p.n_units, p.labels)
+    pc, m = pattern_measures(p.bits, p.n_units, p.labels, n_classes=n_classes)
     us = unit_stats(p.bits, p.n_units, validate_args=False)
     m.update(
         firing_rate_mean=float(us.firing_rate.mean()),
@@ -83,12 +84,16 @@ def _own_metrics(p: Patterns, site: str, warned: set) -> tuple[PatternCounts, di
 
 
 def _row_aligned(a: Patterns, b: Patterns) -> tuple[np.ndarray, np.ndarray] | None:
-    """Bits of the observations present at both time points, in the same order (None if none)."""
-    if len(a) == len(b) and np.array_equal(a.sample_ids, b.sample_ids) and np.array_equal(a.positions, b.positions):
-        # Same probe rows in the same order (or sample ids unknown on both sides, with equal size).
-        return a.bits, b.bits
+    """Bits of the observations provably present at both time points, in the same order (None if none).
+
+    Rows are the same observation only by their recorded (sample id, position); the callback's probe
+    records the probe-set index as sample id. Without sample ids nothing pairs rows: row ``i`` of two
+    shuffled batches are different inputs.
+    """
     if (a.sample_ids < 0).any() or (b.sample_ids < 0).any():
         return None
+    if len(a) == len(b) and np.array_equal(a.sample_ids, b.sample_ids) and np.array_equal(a.positions, b.positions):
+        return a.bits, b.bits  # the same probe rows in the same order
     span = int(max(a.positions.max(initial=0), b.positions.max(initial=0))) + 1
     key_a = a.sample_ids * span + a.positions
     key_b = b.sample_ids * span + b.positions
@@ -110,8 +115,9 @@ def _similarity_metrics(cur: _Step, ref: _Step, name: str, threshold: int, site:
     if aligned is None:
         _warn_once(
             warned, ("stability", site, name),
-            "actpat: site %r: the observations at step %d and its %r reference are not the same inputs; "
-            "identical_fraction and hamming are left out (record a fixed probe set with sample ids).",
+            "actpat: site %r: the observations at step %d and its %r reference are not provably the same inputs "
+            "(no shared sample ids); identical_fraction and hamming are left out (record a fixed probe set, or "
+            "pass sample_ids to capture()).",
             site, cur.patterns.step, name,
         )
     else:
@@ -119,10 +125,13 @@ def _similarity_metrics(cur: _Step, ref: _Step, name: str, threshold: int, site:
         m[f"identical_fraction_{name}"] = s.identical_fraction
         m[f"hamming_{name}"] = s.hamming_per_unit
     m[f"distinct_change_{name}"] = cur.counts.k - ref.counts.k
+    m[f"distinct_change_relative_{name}"] = (cur.counts.k - ref.counts.k) / cur.counts.k
     return m
 
 
-def _summarize_site(run: Run, site: str, split: str, references: tuple, threshold: int, tick=None) -> list[tuple]:
+def _summarize_site(
+    run: Run, site: str, split: str, references: tuple, threshold: int, tick=None, n_classes: int | None = None
+) -> list[tuple]:
     """Rows of one site; ``tick()`` is called after each step."""
     warned: set = set()
     site_index = run.site_info(site)["site_index"]
@@ -135,7 +144,7 @@ def _summarize_site(run: Run, site: str, split: str, references: tuple, threshol
             if len(p) == 0:
                 _warn_once(warned, ("empty", site), "actpat: site %r has records without observations; skipped.", site)
                 return None
-            pc, metrics = _own_metrics(p, site, warned)
+            pc, metrics = _own_metrics(p, site, warned, n_classes=n_classes)
             cache[step] = _Step(p, pc, metrics)
         return cache[step]
 
@@ -166,17 +175,21 @@ def _summarize_site(run: Run, site: str, split: str, references: tuple, threshol
     return rows
 
 
-def _summarize_site_in_worker(path: str, site: str, split: str, references: tuple, threshold: int) -> list[tuple]:
-    return _summarize_site(open_run(path), site, split, references, threshold)
+def _summarize_site_in_worker(
+    path: str, site: str, split: str, references: tuple, threshold: int, n_classes: int | None
+) -> list[tuple]:
+    return _summarize_site(open_run(path), site, split, references, threshold, n_classes=n_classes)
 
 
 def summarize(
     run_or_path,
-    split: str = "probe",
+    split: str | None = None,
     references=("init", "last", "final"),
     progress: bool = True,
     n_jobs: int = 1,
     threshold: int = 10,
+    *,
+    n_classes: int | None = None,
 ) -> pd.DataFrame:
     """Every measure of every site at every recorded step of ``split``, as a tidy table.
 
@@ -184,8 +197,9 @@ def summarize(
     ----------
     run_or_path : Run or path
         A :class:`~actpat.recorder.reader.Run` or the run directory to open.
-    split : str, default "probe"
-        Which recorded split to summarize (``run.splits`` lists them).
+    split : str or None, default None
+        Which recorded split to summarize (``run.splits`` lists them); None means the run's only split,
+        and a run with several splits (e.g. ``"probe"`` and ``"train"``) must name one.
     references : sequence of {"init", "last", "final"}, default all three
         Time points to compare each step with: the first recorded step (``init``), the previous record
         (``last``; absent at the first step) and the last record of the run (``final``).
@@ -195,31 +209,45 @@ def summarize(
         Sites summarized in parallel processes; ``-1`` uses every core.
     threshold : int, default 10
         ``T`` of the thresholded Jaccard index ``jaccard_t_<r>`` (patterns seen more than T times).
+    n_classes : int, optional
+        The dataset's class count. Adds ``conditional_entropy_nominal`` and
+        ``mutual_information_nominal``, the convention of the reference implementation of Hartmann et
+        al. (2021), and is the ``C`` of the normalizers of ``conditional_entropy_normalized`` and
+        ``mutual_information_normalized`` (default: the classes present at each step).
 
     Returns
     -------
     pandas.DataFrame
         Columns ``step`` (int), ``epoch`` (int, -1 unknown), ``split`` (str), ``site`` (str),
         ``site_index`` (int), ``metric`` (str), ``value`` (float); one row per number, sites in forward
-        order, then steps ascending. Metrics (entropies and informations in **bits**):
-        ``n_observations, n_units, entropy, entropy_mm, entropy_max, normalized_entropy, distinct,
-        distinct_fraction, top_mass``; with labels ``label_entropy, joint_entropy,
-        conditional_entropy, mutual_information, label_conditional_entropy`` (empirical prior);
-        ``firing_rate_mean, unit_entropy_mean, dead_units, always_on_units, nan_count``; per reference
-        ``r``: ``jaccard_r, jaccard_t_r, weighted_jaccard_r, identical_fraction_r, hamming_r,
-        distinct_change_r`` (``K_t - K_r``).
+        order, then steps ascending. Metrics are those of :mod:`actpat.analysis.metrics` (units and
+        meanings there; entropies and informations in **bits**): ``n_observations, n_units, entropy,
+        entropy_mm, entropy_max, normalized_entropy, distinct, distinct_fraction, top_count, top_mass,
+        saturated``; with labels ``label_entropy, joint_entropy, conditional_entropy,
+        mutual_information, label_conditional_entropy`` (empirical prior),
+        ``conditional_entropy_normalized, mutual_information_normalized`` and, with ``n_classes``,
+        ``conditional_entropy_nominal, mutual_information_nominal``; ``firing_rate_mean,
+        unit_entropy_mean, dead_units, always_on_units, nan_count``; per reference ``r``:
+        ``jaccard_r, jaccard_t_r, weighted_jaccard_r, distinct_change_r`` (``K_t - K_r``),
+        ``distinct_change_relative_r`` (``(K_t - K_r) / K_t``) and, only where both steps hold the same
+        observations (see Notes), ``identical_fraction_r, hamming_r``.
 
     Raises
     ------
     ValueError
-        If ``split`` was not recorded or an argument is out of range.
+        If ``split`` was not recorded (or is None in a run with several splits), or an argument is out
+        of range.
 
     Notes
     -----
     Label measures use the observations with a label (``>= 0``), with a warning when some have none;
-    they are left out where none has one. ``identical_fraction`` and ``hamming`` compare the same
-    observations (equal sample ids and positions, or equal row order where sample ids are unknown) and
-    are left out, with a warning, when two steps share no observation. ``jaccard_t`` is NaN where
+    they are left out where none has one. ``identical_fraction`` and ``hamming`` compare each
+    observation with itself, so they exist only where rows are provably the same observations: the
+    rows of both steps that share a recorded (sample id, position), which holds for the callback's
+    probe (sample id = index in the fixed probe set) and for recorder runs given ``sample_ids``. They
+    are left out, with a warning, where sample ids are unknown (training batches recorded without
+    them: row ``i`` of two shuffled batches is not the same input) or no observation is shared. Note
+    that equal sample ids mean equal inputs only without random augmentation. ``jaccard_t`` is NaN where
     neither step has a pattern seen more than ``T`` times. Memory holds at most four steps of one
     site (current, previous, init and final) per process.
 
@@ -245,9 +273,10 @@ def summarize(
     [3.0, 1.5, 0.25]
     """
     references = _check_args(split, references, n_jobs, threshold)
+    if n_classes is not None:
+        n_classes = check_n_classes(n_classes, 0)
     run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
-    if split not in run.splits:
-        raise ValueError(f"Expected `split` to be one of the recorded splits {run.splits}, but got {split!r}.")
+    split = resolve_split(run, split)
     sites = run.sites
     total = sum(len(run.steps(site, split)) for site in sites)
     rows: list[tuple] = []
@@ -256,12 +285,16 @@ def summarize(
         workers = min(workers, len(sites))
         if workers <= 1:
             for site in sites:
-                rows.extend(_summarize_site(run, site, split, references, threshold, tick=lambda: bar.update(1)))
+                rows.extend(_summarize_site(
+                    run, site, split, references, threshold, tick=lambda: bar.update(1), n_classes=n_classes
+                ))
         else:
             by_site: dict[str, list[tuple]] = {}
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
                 futures = {
-                    pool.submit(_summarize_site_in_worker, str(run.path), site, split, references, threshold): site
+                    pool.submit(
+                        _summarize_site_in_worker, str(run.path), site, split, references, threshold, n_classes
+                    ): site
                     for site in sites
                 }
                 for future in as_completed(futures):

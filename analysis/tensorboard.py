@@ -4,7 +4,9 @@
 
 - scalars ``actpat/<metric>/<site>`` at ``global_step = step``;
 - a custom-scalars layout (the *Custom Scalars* dashboard): one multiline chart per metric with all of
-  its sites, grouped into categories by metric family (:func:`metric_family`);
+  its sites, grouped into categories by the metric's family in the registry
+  (:mod:`actpat.analysis.metrics`); metrics declared constant (``n_units``, ``saturated``, ...) are
+  table columns and are not exported;
 - histograms ``actpat/firing_rate/<site>`` of the per-unit firing rates, when given;
 - the figures of :func:`actpat.analysis.plots.save_all` as images ``actpat/figures/<name>``.
 
@@ -30,6 +32,7 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from actpat.analysis import plots
+from actpat.analysis.metrics import FAMILIES, METRICS, metric
 
 log = logging.getLogger(__name__)
 
@@ -37,53 +40,10 @@ log = logging.getLogger(__name__)
 TAG_PREFIX = "actpat"
 #: Default run directory name under ``logdir``.
 DEFAULT_RUN_NAME = "actpat-offline"
-#: Categories of the custom-scalars layout, in dashboard order.
-FAMILIES = (
-    "entropy",
-    "similarity to init",
-    "similarity to last",
-    "similarity to final",
-    "label information",
-    "units",
-)
 #: Default number of equal-width firing-rate histogram buckets over [0, 1].
 HISTOGRAM_BINS = 20
 
 _EVENT_GLOB = "events.out.tfevents.*"
-_LABEL_RE = re.compile(r"[Ll]abel|[Mm]utual|(^|_)I(_|$)|(^|_)L($|_)|(^|_)mi($|_)")
-_UNIT_RE = re.compile(r"unit|dead|always_on|firing", re.IGNORECASE)
-
-
-def metric_family(metric: str) -> str:
-    """Category of a metric in the custom-scalars layout.
-
-    Parameters
-    ----------
-    metric : str
-        Metric name as in the ``metric`` column.
-
-    Returns
-    -------
-    str
-        One of :data:`FAMILIES`: ``*_init`` / ``*_last`` / ``*_final`` metrics compare with that
-        reference point; label and information-plane metrics (``I_TY``, ``mutual_information_label``,
-        ...) are "label information"; unit-level counts and rates are "units"; everything else
-        (entropies, distinct patterns, max mass) is "entropy".
-
-    Examples
-    --------
-    >>> [metric_family(m) for m in ("normalized_entropy", "jaccard_init", "weighted_jaccard_final",
-    ...                             "I_TY", "dead_units")]
-    ['entropy', 'similarity to init', 'similarity to final', 'label information', 'units']
-    """
-    for ref in ("init", "last", "final"):
-        if metric.endswith(f"_{ref}") or metric == ref:
-            return f"similarity to {ref}"
-    if _LABEL_RE.search(metric):
-        return "label information"
-    if _UNIT_RE.search(metric):
-        return "units"
-    return "entropy"
 
 
 def scalar_tag(metric: str, site: str) -> str:
@@ -92,16 +52,13 @@ def scalar_tag(metric: str, site: str) -> str:
 
 
 def _layout(df: pd.DataFrame) -> layout_pb2.Layout:
-    """One multiline chart per metric (sites in forward order) in categories by family."""
+    """One multiline chart per metric (sites in forward order) in categories by registry family."""
     charts: dict[str, list[layout_pb2.Chart]] = defaultdict(list)
-    for metric in sorted(df["metric"].unique().tolist()):
-        rows = df[df["metric"] == metric]
-        sites = plots._site_order(rows)
-        regexes = [f"^{re.escape(scalar_tag(metric, site))}$" for site in sites]
-        chart = layout_pb2.Chart(
-            title=metric, multiline=layout_pb2.MultilineChartContent(tag=regexes)
-        )
-        charts[metric_family(metric)].append(chart)
+    for name in sorted(df["metric"].unique().tolist()):
+        rows = df[df["metric"] == name]
+        regexes = [f"^{re.escape(scalar_tag(name, site))}$" for site in plots.site_order(rows)]
+        chart = layout_pb2.Chart(title=name, multiline=layout_pb2.MultilineChartContent(tag=regexes))
+        charts[metric(name).family].append(chart)
     categories = [
         layout_pb2.Category(title=family, chart=charts[family]) for family in FAMILIES if charts[family]
     ]
@@ -282,7 +239,7 @@ def to_tensorboard(
         over [0, 1]; the first bucket holds exactly the dead units (rate 0). With several splits
         the histograms go into the run of the first split (in sorted order).
     info_plane_df : pandas.DataFrame, optional
-        Information-plane table (metrics ``I_XT``, ``I_TY``) for the information-plane figure.
+        Information-plane table (metrics ``input_information``, ``mutual_information``) for its figure.
     overwrite : bool, default False
         Delete the event files already in the run directory instead of raising.
 
@@ -299,13 +256,16 @@ def to_tensorboard(
         duplicate every point, so pass a new ``run_name``, delete the directory, or
         ``overwrite=True``.
     ValueError
-        If columns are missing, or a (split, metric, site, step) has more than one value.
+        If columns are missing, a metric is not registered in :mod:`actpat.analysis.metrics` (its
+        family is unknown: declare it with ``register``), or a (split, metric, site, step) has more
+        than one value.
 
     Notes
     -----
     Only TensorBoard's own event writer and protocol buffers are used (no torch, no TensorFlow).
     The custom-scalars layout has one multiline chart per metric listing the anchored tag of every
-    site, in categories :data:`FAMILIES` (see :func:`metric_family`).
+    site, in categories by the metric's registered family (:data:`actpat.analysis.metrics.FAMILIES`
+    order). Metrics declared constant are not exported (they are columns of the table, not curves).
 
     Examples
     --------
@@ -316,11 +276,17 @@ def to_tensorboard(
     ...     to_tensorboard(df, tmp, run_name="demo", figures=False).name
     'demo'
     """
-    plots._check_columns(df)
+    plots.check_columns(df)
     if info_plane_df is not None:
-        plots._check_columns(info_plane_df)
+        plots.check_columns(info_plane_df)
     if df.empty:
         raise ValueError("Expected a non-empty metrics DataFrame, but got 0 rows.")
+    unregistered = sorted(set(df["metric"]) - set(METRICS))
+    if unregistered:
+        raise ValueError(
+            f"Expected registered metrics (their TensorBoard family comes from the registry), but got {unregistered}; "
+            "declare them with actpat.analysis.metrics.register(MetricSpec(...))."
+        )
     dup = df.duplicated(["split", "metric", "site", "step"], keep=False)
     if dup.any():
         first = df[dup].iloc[0]
@@ -349,7 +315,7 @@ def to_tensorboard(
     splits = sorted(df["split"].unique().tolist())
     for split in splits:
         part = df[df["split"] == split]
-        target = run_dir if len(splits) == 1 else run_dir / plots._safe_name(split)
+        target = run_dir if len(splits) == 1 else run_dir / plots.safe_name(split)
         images: list[tuple[str, bytes]] = []
         if figures:
             plane = None
@@ -357,9 +323,10 @@ def to_tensorboard(
                 plane = info_plane_df
                 if len(splits) > 1 and split in set(info_plane_df["split"]):
                     plane = info_plane_df[info_plane_df["split"] == split]
-            for stem, fig in plots._iter_figures(part, info_plane_df=plane):
+            for stem, fig in plots.iter_figures(part, info_plane_df=plane):
                 images.append((stem, plots.figure_to_png(fig)))
         target.mkdir(parents=True, exist_ok=True)
         # Firing-rate histograms are not split-specific; they go with the first split's run.
-        _write_run(target, part, rates if split == splits[0] else {}, images, int(part["step"].max()))
+        scalars = part[~part["metric"].map(lambda name: metric(name).constant)]
+        _write_run(target, scalars, rates if split == splits[0] else {}, images, int(part["step"].max()))
     return run_dir

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actpat.analysis.counts import _check_bits
+from actpat.analysis._validation import check_bits
 
 __all__ = ["UnitStats", "unit_stats"]
 
@@ -136,7 +136,7 @@ def unit_stats(bits, n_units: int, *, validate_args: bool = True) -> UnitStats:
                 f"Expected `bits` to be a 2-D array of packed rows (n, n_bytes), but got shape {bits.shape}."
             )
         # Validate on an empty slice of the same width so that a dataset is not read whole.
-        _check_bits(np.empty((int(bits.shape[0] > 0), bits.shape[1]), dtype=bits.dtype), n_units)
+        check_bits(np.empty((int(bits.shape[0] > 0), bits.shape[1]), dtype=bits.dtype), n_units)
     n = int(bits.shape[0])
     on = np.zeros(n_units, dtype=np.int64)
     block = int(min(_MAX_BLOCK_ROWS, max(1, _BLOCK_BYTES // n_units)))

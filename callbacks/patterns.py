@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from actpat.analysis.metrics import metric_names
 from actpat.callbacks import _probe
 from actpat.callbacks._batches import BatchReader
 from actpat.callbacks._lightning import CALLBACK_BASES, TENSORBOARD_LOGGERS, rank_zero_warn
@@ -41,17 +42,7 @@ log = logging.getLogger(__name__)
 #: Split name of recorded training batches (probe records use :data:`PROBE_SPLIT`).
 TRAIN_SPLIT = "train"
 #: Live metrics, logged as ``actpat/<metric>/<site>`` (bits where a metric has a unit).
-LIVE_METRICS = (
-    "entropy",
-    "normalized_entropy",
-    "distinct",
-    "top_mass",
-    "jaccard_init",
-    "weighted_jaccard_init",
-    "jaccard_last",
-    "weighted_jaccard_last",
-    "mutual_information",
-)
+LIVE_METRICS = tuple(metric_names(live=True))
 _STATE_VERSION = 1
 
 

@@ -97,7 +97,7 @@ def test_information_plane_runs(tmp_path, monkeypatch):
     assert (base / "figs" / "information_plane.png").stat().st_size > 0, "actpat plot drew no information plane"
     assert len(_outputs(nb, "image/png")) >= 2, "the grid of planes and the CLI's figure were not displayed"
     tables = _outputs(nb, "text/html")
-    assert any("I_XT_lower" in t for t in tables), "the KDE table was not shown"
+    assert any("input_information_lower" in t for t in tables), "the KDE table was not shown"
     assert any("saturated" in t for t in tables), "the binary estimator's saturation table was not shown"
 
 

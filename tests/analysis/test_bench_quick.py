@@ -25,9 +25,15 @@ def test_quick_benchmark_runs_and_is_exact():
         assert case["exact_matches_np_unique"] is True
         assert case.get("exact_matches_uint64_unique", True) is True
         assert 1 <= case["k_true"] <= case["n"]
-        # A hash table can only merge patterns, never split them: it loses distinct patterns and entropy.
-        assert case["hash_occupied_buckets"] <= case["k_true"]
-        assert case["hash_lost_distinct"] == case["k_true"] - case["hash_occupied_buckets"] >= 0
-        assert case["hash_entropy_error_bits"] >= -1e-9
         assert case["exact_patterns_per_s"] > 0 and case["speedup_vs_np_unique"] > 0
         assert case["exact_peak_extra_bytes"] > 0
+    reference = result["reference_hash"]
+    assert [(c["n_units"], round(c["bins_per_observation"], 2)) for c in reference] == [(32, 4.74), (64, 6.32)]
+    for case in reference:
+        # A hash table can only merge patterns, never split them: it loses distinct patterns and entropy,
+        # and its bin counts can only raise the weighted Jaccard index.
+        assert 0 <= case["encoding_merged_patterns"] and case["occupied_bins"] <= case["k_true"]
+        assert case["lost_distinct"] == case["k_true"] - case["occupied_bins"] >= 0
+        assert case["entropy_error_bits"] <= 1e-9
+        assert case["weighted_jaccard_error"] >= -1e-12
+    assert reference[0]["encoding_merged_patterns"] == 0  # 32 channels: no sign bit in the encoding

@@ -35,7 +35,7 @@ def brute_label_measures(bits, labels, n_units, prior="empirical"):
     labs = list(map(int, labels))
     if prior == "empirical":
         w = [1.0] * len(labs)
-    else:
+    else:  # balanced: each class present has total mass 1 / L
         n_l = Counter(labs)
         w = [1.0 / (len(n_l) * n_l[l]) for l in labs]
     p_a, p_l, p_al = Counter(), Counter(), Counter()
@@ -45,12 +45,12 @@ def brute_label_measures(bits, labels, n_units, prior="empirical"):
         p_al[(a, l)] += wi
     h_a, h_l, h_al = h_of(p_a), h_of(p_l), h_of(p_al)
     return {
-        "h_a": h_a,
-        "h_l": h_l,
-        "h_al": h_al,
-        "h_a_given_l": h_al - h_l,
-        "i_al": h_a + h_l - h_al,
-        "h_l_given_a": h_al - h_a,
+        "entropy": h_a,
+        "label_entropy": h_l,
+        "joint_entropy": h_al,
+        "conditional_entropy": h_al - h_l,
+        "mutual_information": h_a + h_l - h_al,
+        "label_conditional_entropy": h_al - h_a,
     }
 
 
@@ -116,7 +116,7 @@ def test_normalized_entropy_needs_pattern_counts():
 
 
 @pytest.mark.parametrize("n_units", WIDTHS)
-@pytest.mark.parametrize("prior", ["empirical", "uniform"])
+@pytest.mark.parametrize("prior", ["empirical", "balanced"])
 def test_label_measures_match_brute_force(n_units, prior):
     rng = np.random.default_rng(n_units)
     bits, idx = random_bits(rng, 700, n_units, pool=30)
@@ -128,43 +128,63 @@ def test_label_measures_match_brute_force(n_units, prior):
         assert got[key] == pytest.approx(value, abs=1e-10), key
     assert got["n"] == 700 and got["n_labels"] == 4
     assert got["k"] == len({unit_tuple(r, n_units) for r in bits.tolist()})
-    assert conditional_entropy(bits, labels, n_units, prior=prior) == got["h_a_given_l"]
-    assert mutual_information(bits, labels, n_units, prior=prior) == got["i_al"]
+    assert conditional_entropy(bits, labels, n_units, prior=prior) == got["conditional_entropy"]
+    assert mutual_information(bits, labels, n_units, prior=prior) == got["mutual_information"]
 
 
-def test_uniform_prior_closed_form():
+def test_balanced_prior_closed_form():
     # class 0: 3 obs of pattern 0; class 1: 1 obs of pattern 0 and 1 of pattern 1.
     bits = np.array([[0], [0], [0], [0], [1]], dtype=np.uint8)
     labels = np.array([0, 0, 0, 1, 1])
-    info = label_information(bits, labels, 1, prior="uniform")
+    info = label_information(bits, labels, 1, prior="balanced")
     # p(a=0) = 1/2 * 1 + 1/2 * 1/2 = 3/4; H(A|L) = 1/2 * 0 + 1/2 * 1 = 1/2
     h_a = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
-    assert info["h_l"] == pytest.approx(1.0)
-    assert info["h_a"] == pytest.approx(h_a)
-    assert info["h_a_given_l"] == pytest.approx(0.5)
-    assert info["i_al"] == pytest.approx(h_a - 0.5)
+    assert info["label_entropy"] == pytest.approx(1.0)
+    assert info["entropy"] == pytest.approx(h_a)
+    assert info["conditional_entropy"] == pytest.approx(0.5)
+    assert info["mutual_information"] == pytest.approx(h_a - 0.5)
 
 
 def test_label_edge_cases():
     bits = np.array([[0], [1], [2], [3]], dtype=np.uint8)
     # one class: no information
     info = label_information(bits, np.zeros(4, dtype=np.int64), 2)
-    assert info["h_l"] == 0.0 and info["i_al"] == 0.0 and info["h_a_given_l"] == pytest.approx(2.0)
+    assert info["label_entropy"] == 0.0 and info["mutual_information"] == 0.0
+    assert info["conditional_entropy"] == pytest.approx(2.0)
     # all-distinct patterns determine the label: I = H(L)
     info = label_information(bits, np.array([0, 1, 1, 2]), 2)
-    assert info["i_al"] == pytest.approx(info["h_l"]) and info["h_l_given_a"] == 0.0
+    assert info["mutual_information"] == pytest.approx(info["label_entropy"])
+    assert info["label_conditional_entropy"] == 0.0
     # sparse, huge label values
     info2 = label_information(bits, np.array([5, 10**12, 10**12, 3 * 10**12]), 2)
-    assert info2["i_al"] == pytest.approx(info["i_al"]) and info2["n_labels"] == 3
+    assert info2["mutual_information"] == pytest.approx(info["mutual_information"]) and info2["n_labels"] == 3
     # any integer dtype
-    assert label_information(bits, np.array([0, 1, 1, 2], dtype=np.uint8), 2)["i_al"] == info["i_al"]
+    mi = label_information(bits, np.array([0, 1, 1, 2], dtype=np.uint8), 2)["mutual_information"]
+    assert mi == info["mutual_information"]
+
+
+def test_no_label_is_left_out():
+    """-1 means "no label": those observations are left out of every label measure.
+
+    Fails on the code before issue 11, which raised on -1 here (while `mi.binning` counted -1 as a class)."""
+    rng = np.random.default_rng(4)
+    bits, idx = random_bits(rng, 300, 10, pool=12)
+    labels = (idx % 3).astype(np.int64)
+    labels[rng.random(300) < 0.3] = -1
+    keep = labels >= 0
+    got = label_information(bits, labels, 10)
+    truth = brute_label_measures(bits[keep], labels[keep], 10)
+    for key, value in truth.items():
+        assert got[key] == pytest.approx(value, abs=1e-10), key
+    assert got["n"] == int(keep.sum())
+    with pytest.raises(ValueError, match="all 4 labels are -1"):
+        label_information(bits[:4], np.full(4, -1), 10)
 
 
 @pytest.mark.parametrize(
     "labels, match",
     [
-        (np.array([0, 1, -1, -1]), "got 2 of 4 equal to -1"),
-        (np.array([0, 1, -3, 1]), "be >= 0, but got minimum -3"),
+        (np.array([0, 1, -3, 1]), ">= 0, or -1 for an observation without a label, but got minimum -3"),
         (np.array([0.0, 1.0, 1.0, 0.0]), "integer dtype"),
         (np.array([True, False, True, False]), "integer dtype"),
         (np.array([0, 1, 1]), r"len\(labels\) = bits.shape\[0\] = 4, but got 3"),
@@ -197,7 +217,7 @@ def labelled(draw):
 
 
 @settings(max_examples=80, deadline=None)
-@given(labelled(), st.sampled_from(["empirical", "uniform"]))
+@given(labelled(), st.sampled_from(["empirical", "balanced"]))
 def test_property_bounds(data, prior):
     bits, labels, n_units = data
     n = bits.shape[0]
@@ -205,9 +225,9 @@ def test_property_bounds(data, prior):
     assert 0.0 <= h <= min(math.log2(n), n_units) + 1e-12
     info = label_information(bits, labels, n_units, prior=prior)
     eps = 1e-9
-    assert 0.0 <= info["i_al"] <= min(info["h_a"], info["h_l"]) + eps
-    assert info["h_a_given_l"] <= info["h_a"] + eps
-    assert info["h_l_given_a"] <= info["h_l"] + eps
-    assert info["h_al"] <= info["h_a"] + info["h_l"] + eps
+    assert 0.0 <= info["mutual_information"] <= min(info["entropy"], info["label_entropy"]) + eps
+    assert info["conditional_entropy"] <= info["entropy"] + eps
+    assert info["label_conditional_entropy"] <= info["label_entropy"] + eps
+    assert info["joint_entropy"] <= info["entropy"] + info["label_entropy"] + eps
     if prior == "empirical":
-        assert info["h_a"] == pytest.approx(h, abs=1e-12)
+        assert info["entropy"] == pytest.approx(h, abs=1e-12)

@@ -32,11 +32,11 @@ def h_of(items):
 
 
 def brute(samples, labels):
-    """I_XT, I_XT_mm, I_TY, I_TY_mm of per-sample hashable patterns, by dict counting."""
+    """input_information(_mm) and mutual_information(_mm) of per-sample hashable patterns, by dict counting."""
     n = len(samples)
     ln2 = math.log(2)
     h_t = h_of(samples)
-    out = {"I_XT": h_t, "I_XT_mm": h_t + (len(set(samples)) - 1) / (2 * n * ln2)}
+    out = {"input_information": h_t, "input_information_mm": h_t + (len(set(samples)) - 1) / (2 * n * ln2)}
     keep = [i for i in range(n) if labels[i] >= 0]
     if keep:
         t = [samples[i] for i in keep]
@@ -44,8 +44,8 @@ def brute(samples, labels):
         ty = list(zip(t, y))
         m = len(keep)
         mm = [h_of(v) + (len(set(v)) - 1) / (2 * m * ln2) for v in (t, y, ty)]
-        out["I_TY"] = h_of(t) + h_of(y) - h_of(ty)
-        out["I_TY_mm"] = mm[0] + mm[1] - mm[2]
+        out["mutual_information"] = h_of(t) + h_of(y) - h_of(ty)
+        out["mutual_information_mm"] = mm[0] + mm[1] - mm[2]
     return out
 
 
@@ -82,14 +82,15 @@ def values(table, site, step):
 @pytest.mark.parametrize("with_ids", [True, False])
 def test_flat_information_plane_matches_brute_force(tmp_path, with_ids):
     truth, y = write_run(tmp_path, with_ids=with_ids)
-    table = information_plane(tmp_path)
+    table = information_plane(tmp_path, split="probe")
     assert list(table.columns) == ["step", "epoch", "split", "site", "site_index", "metric", "value"]
     assert set(table.split) == {"probe"}
     assert table.site.unique().tolist() == [CONV.site, DENSE.site, FLAT_CONV.site]
     for (site, step), (samples, _) in truth.items():
         got = values(table, site, step)
         expected = brute(samples, y)
-        assert set(got) == {"I_XT", "I_XT_mm", "I_TY", "I_TY_mm", "saturated"}
+        assert set(got) == {"input_information", "input_information_mm", "mutual_information",
+                            "mutual_information_mm", "saturated"}
         for metric, value in expected.items():
             assert got[metric] == pytest.approx(value, abs=1e-12), (site, step, metric)
         assert got["saturated"] == float(len(set(samples)) >= 0.9 * N_SAMPLES)
@@ -108,23 +109,24 @@ def test_rows_in_any_order_are_grouped_by_sample_and_position(tmp_path):
                       sample_ids=np.arange(N_SAMPLES), labels=y, obs_index=perm))
     writer.close()
     samples = [tuple(r) for r in units.reshape(N_SAMPLES, -1).tolist()]
-    got = values(information_plane(tmp_path), CONV.site, 0)
+    got = values(information_plane(tmp_path, split="probe"), CONV.site, 0)
     for metric, value in brute(samples, y).items():
         assert got[metric] == pytest.approx(value, abs=1e-12)
     # A sample's pattern spans all its positions: per-row counting gives another (larger) n.
-    assert values(information_plane(tmp_path, pattern="channel"), CONV.site, 0)["I_XT"] > math.log2(N_SAMPLES)
+    channel = values(information_plane(tmp_path, split="probe", pattern="channel"), CONV.site, 0)
+    assert channel["input_information"] > math.log2(N_SAMPLES)
 
 
 def test_channel_pattern_uses_rows_as_observations(tmp_path):
     truth, y = write_run(tmp_path)
-    table = information_plane(open_run(tmp_path), pattern="channel", sites=[CONV.site, DENSE.site])
+    table = information_plane(open_run(tmp_path), split="probe", pattern="channel", sites=[CONV.site, DENSE.site])
     _, units = truth[CONV.site, 7]
     got = values(table, CONV.site, 7)
     expected = brute([tuple(r) for r in units.tolist()], np.repeat(y, N_POSITIONS))
     for metric, value in expected.items():
         assert got[metric] == pytest.approx(value, abs=1e-12)
     with pytest.raises(ValueError, match="recorded flat with shape"):
-        information_plane(tmp_path, pattern="channel", sites=[FLAT_CONV.site])
+        information_plane(tmp_path, split="probe", pattern="channel", sites=[FLAT_CONV.site])
 
 
 def test_partial_and_missing_labels(tmp_path, caplog):
@@ -132,7 +134,7 @@ def test_partial_and_missing_labels(tmp_path, caplog):
     labels[:10] = -1
     truth, y = write_run(tmp_path, labels=labels)
     with caplog.at_level(logging.WARNING, logger="actpat.analysis.information"):
-        table = information_plane(tmp_path, sites=[DENSE.site])
+        table = information_plane(tmp_path, split="probe", sites=[DENSE.site])
     assert "10 of 60 samples have no label" in caplog.text
     samples, _ = truth[DENSE.site, 0]
     got = values(table, DENSE.site, 0)
@@ -141,7 +143,8 @@ def test_partial_and_missing_labels(tmp_path, caplog):
 
     none_path = tmp_path / "none"
     write_run(none_path, labels=np.full(N_SAMPLES, -1))
-    assert set(information_plane(none_path).metric) == {"I_XT", "I_XT_mm", "saturated"}
+    metrics = set(information_plane(none_path, split="probe").metric)
+    assert metrics == {"input_information", "input_information_mm", "saturated"}
 
 
 def test_saturation_flag_when_every_sample_is_distinct(tmp_path):
@@ -150,9 +153,10 @@ def test_saturation_flag_when_every_sample_is_distinct(tmp_path):
     units = ((np.arange(16)[:, None] >> np.arange(DENSE.n_units)) & 1).astype(np.uint8)
     writer.put(Record(DENSE, 3, 0, "probe", pack(units), 1, 16, 0, labels=np.arange(16) % 2))
     writer.close()
-    got = values(information_plane(tmp_path), DENSE.site, 3)
-    assert got["saturated"] == 1.0 and got["I_XT"] == pytest.approx(4.0) and got["I_TY"] == pytest.approx(1.0)
-    assert values(information_plane(tmp_path, saturation=1.0), DENSE.site, 3)["saturated"] == 1.0
+    got = values(information_plane(tmp_path, split="probe"), DENSE.site, 3)
+    assert got["saturated"] == 1.0 and got["input_information"] == pytest.approx(4.0)
+    assert got["mutual_information"] == pytest.approx(1.0)
+    assert values(information_plane(tmp_path, split="probe", saturation=1.0), DENSE.site, 3)["saturated"] == 1.0
 
 
 def test_incomplete_samples_are_an_error(tmp_path):
@@ -164,8 +168,8 @@ def test_incomplete_samples_are_an_error(tmp_path):
                       labels=np.zeros(2, dtype=np.int64), obs_index=np.array([0, 1, 2, 3, 5])))
     writer.close()
     with pytest.raises(ValueError, match="each of its 4 positions exactly once"):
-        information_plane(tmp_path)
-    assert len(information_plane(tmp_path, pattern="channel")) == 5
+        information_plane(tmp_path, split="probe")
+    assert len(information_plane(tmp_path, split="probe", pattern="channel")) == 5
 
 
 @pytest.mark.parametrize(
@@ -180,7 +184,7 @@ def test_incomplete_samples_are_an_error(tmp_path):
 def test_validation(tmp_path, kwargs, match):
     write_run(tmp_path)
     with pytest.raises(ValueError, match=match):
-        information_plane(tmp_path, **kwargs)
+        information_plane(tmp_path, **{"split": "probe", **kwargs})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,9 +202,11 @@ def direct(func, t, y, options):
     """The mi function called on the gathered values, as the metric names of the table."""
     result = func(t, y, **options)
     if func is mi.kde_bounds:
-        return {"I_XT": result.i_xt_upper, "I_XT_lower": result.i_xt_lower,
-                "I_TY": result.i_ty_upper, "I_TY_lower": result.i_ty_lower}
-    return {"I_XT": result.i_xt, "I_TY": result.i_ty}
+        return {"input_information": result.input_information_upper,
+                "input_information_lower": result.input_information_lower,
+                "mutual_information": result.mutual_information_upper,
+                "mutual_information_lower": result.mutual_information_lower}
+    return {"input_information": result.input_information, "mutual_information": result.mutual_information}
 
 
 @pytest.mark.parametrize("estimator, options, func", CONTINUOUS)
@@ -233,7 +239,7 @@ def test_continuous_estimators_on_recorded_values(tmp_path, estimator, options, 
         ("conv", t_conv, False),
     ]
     for name, t, apply_activation in cases:
-        table = information_plane(tmp_path / name, estimator=estimator, estimator_options=options,
+        table = information_plane(tmp_path / name, split="probe", estimator=estimator, estimator_options=options,
                                   apply_activation=apply_activation)
         assert list(table.columns) == ["step", "epoch", "split", "site", "site_index", "metric", "value"]
         got = values(table, table.site.iloc[0], 0)
@@ -263,39 +269,43 @@ def test_rows_in_any_order_and_partial_labels(tmp_path, caplog):
     z = write_value_run(tmp_path, labels)
     t = np.maximum(z, 0.0)
     with caplog.at_level(logging.WARNING, logger="actpat.analysis.information"):
-        got = values(information_plane(tmp_path, estimator="kde", estimator_options={"noise_var": 0.05}), "conv", 4)
+        table = information_plane(tmp_path, split="probe", estimator="kde", estimator_options={"noise_var": 0.05})
+        got = values(table, "conv", 4)
     assert "12 of 60 samples have no label" in caplog.text
     everyone = mi.kde_bounds(t, np.zeros(N_SAMPLES, dtype=np.int64), 0.05)
     labelled = mi.kde_bounds(t[12:], labels[12:], 0.05)
-    expected = {"I_XT": everyone.i_xt_upper, "I_XT_lower": everyone.i_xt_lower,
-                "I_TY": labelled.i_ty_upper, "I_TY_lower": labelled.i_ty_lower}
+    expected = {"input_information": everyone.input_information_upper,
+                "input_information_lower": everyone.input_information_lower,
+                "mutual_information": labelled.mutual_information_upper,
+                "mutual_information_lower": labelled.mutual_information_lower}
     assert got == pytest.approx(expected, abs=1e-9)
 
     none_path = tmp_path / "none"
     write_value_run(none_path, np.full(N_SAMPLES, -1))
-    got = values(information_plane(none_path, estimator="adaptive"), "conv", 4)
-    assert got == pytest.approx({"I_XT": mi.adaptive_binning(t, np.zeros(N_SAMPLES, dtype=np.int64)).i_xt}, abs=1e-12)
+    got = values(information_plane(none_path, split="probe", estimator="adaptive"), "conv", 4)
+    unlabelled = mi.adaptive_binning(t, np.zeros(N_SAMPLES, dtype=np.int64)).input_information
+    assert got == pytest.approx({"input_information": unlabelled}, abs=1e-12)
     # channel: every (sample, position) row is one observation.
     rows = values(information_plane(none_path, "probe", "channel", estimator="binning"), "conv", 4)
     one = np.zeros(N_SAMPLES * N_POSITIONS, dtype=np.int64)
-    assert rows == pytest.approx({"I_XT": mi.binning(t.reshape(-1, 3), one).i_xt}, abs=1e-12)
+    assert rows == pytest.approx({"input_information": mi.binning(t.reshape(-1, 3), one).input_information}, abs=1e-12)
 
 
 def test_missing_values_are_an_error(tmp_path):
     write_run(tmp_path)
     for estimator, options in (("binning", None), ("adaptive", None), ("kde", {"noise_var": 1.0})):
         with pytest.raises(ValueError, match="recorded without them.*probe_values='all'"):
-            information_plane(tmp_path, estimator=estimator, estimator_options=options)
-    assert len(information_plane(tmp_path)) > 0
+            information_plane(tmp_path, split="probe", estimator=estimator, estimator_options=options)
+    assert len(information_plane(tmp_path, split="probe")) > 0
 
 
 def test_activation_without_a_known_function(tmp_path):
     z = write_value_run(tmp_path, np.arange(N_SAMPLES) % 2, module_type="LeakyReLU")
     with pytest.raises(ValueError, match="module type is 'LeakyReLU'; pass apply_activation=False"):
-        information_plane(tmp_path, estimator="binning")
-    got = values(information_plane(tmp_path, estimator="binning", apply_activation=False), "conv", 4)
+        information_plane(tmp_path, split="probe", estimator="binning")
+    got = values(information_plane(tmp_path, split="probe", estimator="binning", apply_activation=False), "conv", 4)
     expected = mi.binning(z, np.arange(N_SAMPLES) % 2)
-    assert got == pytest.approx({"I_XT": expected.i_xt, "I_TY": expected.i_ty}, abs=1e-12)
+    assert got == pytest.approx(expected._asdict(), abs=1e-12)
 
 
 @pytest.mark.parametrize(

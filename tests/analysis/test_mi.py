@@ -51,10 +51,10 @@ def scaled(a):
     return a / a.std(axis=0)
 
 
-def brute_force_ksg(x, y, k):
-    """Kraskov algorithm 1 with full max-norm distance matrices, in bits."""
+def brute_force_ksg(x, y, k, metric="chebyshev"):
+    """Kraskov algorithm 1 with full distance matrices (max over the two marginal norms), in bits."""
     n = len(x)
-    dx, dy = cdist(x, x, "chebyshev"), cdist(y, y, "chebyshev")
+    dx, dy = cdist(x, x, metric), cdist(y, y, metric)
     dxy = np.maximum(dx, dy)
     total = 0.0
     for i in range(n):
@@ -102,9 +102,9 @@ def test_binning_values_at_bin_centres_exact():
     est = binning(t, y, n_bins=4, range=(0, 4))
     h_t, i_ty = plugin_informations(idx, y)
     assert isinstance(est, InformationEstimate)
-    assert est.i_xt == pytest.approx(h_t, abs=1e-12)
-    assert est.i_ty == pytest.approx(i_ty, abs=1e-12)
-    assert est.i_ty == pytest.approx(plugin_entropy(y.tolist()), abs=1e-12)  # I(T;Y) = H(Y)
+    assert est.input_information == pytest.approx(h_t, abs=1e-12)
+    assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
+    assert est.mutual_information == pytest.approx(plugin_entropy(y.tolist()), abs=1e-12)  # I(T;Y) = H(Y)
 
 
 def test_binning_observed_range_matches_brute_force():
@@ -116,8 +116,8 @@ def test_binning_observed_range_matches_brute_force():
     cells = [tuple(min(4, math.floor((v - lo) / width)) for v in row) for row in t]
     h_t, i_ty = plugin_informations(cells, y)
     est = binning(t, y, n_bins=5)
-    assert est.i_xt == pytest.approx(h_t, abs=1e-12)
-    assert est.i_ty == pytest.approx(i_ty, abs=1e-12)
+    assert est.input_information == pytest.approx(h_t, abs=1e-12)
+    assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
 
 
 def test_binning_distinct_rows_saturate_and_constant_layer_is_zero():
@@ -146,8 +146,8 @@ def test_binning_exact_for_many_units():
     y = rng.integers(0, 3, 400)
     h_t, i_ty = plugin_informations(rows, y)
     est = binning(t, y, n_bins=30, range=(0, 30))
-    assert est.i_xt == pytest.approx(h_t, abs=1e-12)
-    assert est.i_ty == pytest.approx(i_ty, abs=1e-12)
+    assert est.input_information == pytest.approx(h_t, abs=1e-12)
+    assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,8 +163,8 @@ def test_adaptive_binning_equal_mass_blocks_of_pooled_ranks():
     cells = [tuple(int(r) // (n * d // n_bins) for r in row) for row in ranks]
     h_t, i_ty = plugin_informations(cells, y)
     est = adaptive_binning(t, y, n_bins=n_bins)
-    assert est.i_xt == pytest.approx(h_t, abs=1e-12)
-    assert est.i_ty == pytest.approx(i_ty, abs=1e-12)
+    assert est.input_information == pytest.approx(h_t, abs=1e-12)
+    assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
 
 
 def test_adaptive_binning_uniform_cells_and_labels():
@@ -178,8 +178,8 @@ def test_adaptive_binning_point_mass_is_one_bin():
     rng = np.random.default_rng(5)
     t = np.concatenate([np.zeros(200), rng.uniform(1, 2, 200)])
     est = adaptive_binning(t, np.zeros(400, dtype=int), n_bins=4)
-    assert est.i_xt == pytest.approx(1.5, abs=1e-12)
-    assert est.i_ty == 0.0
+    assert est.input_information == pytest.approx(1.5, abs=1e-12)
+    assert est.mutual_information == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,52 +231,69 @@ def test_kde_limits_and_order():
     uppers = []
     for var in (1e-3, 1e-2, 0.1, 1.0, 10.0):
         b = kde_bounds(t, y, var)
-        assert 0.0 <= b.i_xt_lower <= b.i_xt_upper <= 6.0
-        uppers.append(b.i_xt_upper)
+        assert 0.0 <= b.input_information_lower <= b.input_information_upper <= 6.0
+        uppers.append(b.input_information_upper)
     assert np.all(np.diff(uppers) < 0)  # more noise, less information
 
 
 # ---------------------------------------------------------------------------------------------------
 # KSG
 # ---------------------------------------------------------------------------------------------------
+KSG_METRICS = ["max", "euclidean"]
+
+
+@pytest.mark.parametrize("metric", KSG_METRICS)
 @pytest.mark.parametrize("d", [1, 2])
 @pytest.mark.parametrize("rho", [0.3, 0.6, 0.9])
-def test_ksg_correlated_gaussians_low_dimension(d, rho):
+def test_ksg_correlated_gaussians_low_dimension(d, rho, metric):
     x, y, truth = correlated_gaussians(2000, [rho] * d, seed=0)
-    assert ksg(x, y) == pytest.approx(truth, abs=0.05 + 0.05 * truth)
+    assert ksg(x, y, metric=metric) == pytest.approx(truth, abs=0.05 + 0.05 * truth)
 
 
-def test_ksg_correlated_gaussians_five_pairs():
+@pytest.mark.parametrize("metric", KSG_METRICS)
+def test_ksg_correlated_gaussians_five_pairs(metric):
     x, y, truth = correlated_gaussians(2000, [0.3] * 5, seed=0)
-    assert ksg(x, y) == pytest.approx(truth, abs=0.15)
+    assert ksg(x, y, metric=metric) == pytest.approx(truth, abs=0.15)
     for rho in (0.6, 0.9):
         x, y, truth = correlated_gaussians(2000, [rho] * 5, seed=0)
-        assert 0.6 * truth <= ksg(x, y) <= truth + 0.05  # biased low, documented
+        assert 0.6 * truth <= ksg(x, y, metric=metric) <= truth + 0.05  # biased low, documented
 
 
-def test_ksg_unequal_correlations():
+@pytest.mark.parametrize("metric", KSG_METRICS)
+def test_ksg_unequal_correlations(metric):
     x, y, truth = correlated_gaussians(2000, [0.9, 0.5, 0.1], seed=1)
-    assert 0.6 * truth <= ksg(x, y) <= truth + 0.05
+    assert 0.6 * truth <= ksg(x, y, metric=metric) <= truth + 0.05
 
 
+@pytest.mark.parametrize("metric", KSG_METRICS)
 @pytest.mark.parametrize("d", [1, 3])
-def test_ksg_independent_is_near_zero(d):
+def test_ksg_independent_is_near_zero(d, metric):
     x, y, _ = correlated_gaussians(2000, [0.0] * d, seed=2)
-    assert abs(ksg(x, y)) < 0.05
+    assert abs(ksg(x, y, metric=metric)) < 0.05
 
 
-def test_ksg_roughly_invariant_under_invertible_transforms():
+@pytest.mark.parametrize("metric", KSG_METRICS)
+def test_ksg_roughly_invariant_under_invertible_transforms(metric):
     x, y, _ = correlated_gaussians(2000, [0.6], seed=0)
-    base = ksg(x, y)
+    base = ksg(x, y, metric=metric)
     for fx, fy in [(np.exp(x), y), (x**3, y), (x, np.exp(y)), (np.exp(x), y**3)]:
-        assert abs(ksg(fx, fy) - base) < 0.1
+        assert abs(ksg(fx, fy, metric=metric) - base) < 0.1
 
 
-def test_ksg_counts_match_brute_force():
-    x, y, _ = correlated_gaussians(150, [0.7, 0.2], seed=3)
+@pytest.mark.parametrize("metric, scipy_metric", [("max", "chebyshev"), ("euclidean", "euclidean")])
+@pytest.mark.parametrize("d", [2, 4])  # joint dimension 4 (k-d tree candidates) and 8 (distance blocks)
+def test_ksg_counts_match_brute_force(metric, scipy_metric, d):
+    x, y, _ = correlated_gaussians(150, [0.7, 0.2, 0.5, 0.1][:d], seed=3)
     x, y = np.exp(x), y
     for k in (1, 3, 5):
-        assert ksg(x, y, k=k) == pytest.approx(brute_force_ksg(scaled(x), scaled(y), k), abs=1e-9)
+        expected = brute_force_ksg(scaled(x), scaled(y), k, scipy_metric)
+        assert ksg(x, y, k=k, metric=metric) == pytest.approx(expected, abs=1e-9)
+
+
+def test_ksg_default_metric_is_euclidean():
+    """The default chosen by bench/ksg_accuracy.py (smaller mean absolute error on known answers)."""
+    x, y, _ = correlated_gaussians(300, [0.8, 0.4], seed=6)
+    assert ksg(x, y) == ksg(x, y, metric="euclidean") != ksg(x, y, metric="max")
 
 
 def test_ksg_constant_columns_add_nothing_and_seed_is_deterministic():
@@ -336,7 +353,7 @@ Y = np.arange(20) % 2
         (lambda: binning(T, Y, range=(1, 1)), "Expected `range` to be finite with lo < hi"),
         (lambda: binning(T, Y, range=(0,)), "Expected `range` to be a pair"),
         (lambda: binning(T[:, :, None], Y), "Expected `t` to be 1-D"),
-        (lambda: binning(T, Y[:5]), "one label per sample, len\\(y\\) = 20, but got 5"),
+        (lambda: binning(T, Y[:5]), "one entry per observation, len\\(y\\) = len\\(t\\) = 20, but got 5"),
         (lambda: binning(T, Y + 0.5), "integer dtype"),
         (lambda: binning(np.where(T > 1, np.nan, T), Y), "Expected `t` to be finite, but got"),
         (lambda: adaptive_binning(np.full((3, 2), np.inf), Y[:3]), "finite"),
@@ -347,6 +364,7 @@ Y = np.arange(20) % 2
         (lambda: ksg(T, T, k=0), "Expected `k` to be an int >= 1, but got 0"),
         (lambda: ksg(T[:3], T[:3], k=3), "Expected at least k \\+ 1 = 4 samples, but got n = 3"),
         (lambda: ksg(np.array(["a", "b"]), np.array([1.0, 2.0]), k=1), "numeric dtype"),
+        (lambda: ksg(T, T, metric="manhattan"), r"`metric` to be one of \('max', 'euclidean'\)"),
         (lambda: ksg_mixed(T, np.arange(20)), "at least one class with 2 or more samples"),
         (lambda: ksg_mixed(T, Y.astype(float)), "integer dtype"),
     ],

@@ -25,7 +25,7 @@ def make_df(splits=("probe",), metrics=METRICS, seed=0) -> pd.DataFrame:
         for step in STEPS:
             for site, index in SITES:
                 for metric in metrics:
-                    rows.append((step, step / 20.0, split, site, index, metric, float(rng.random())))
+                    rows.append((step, step // 20, split, site, index, metric, float(rng.random())))
     df = pd.DataFrame(rows, columns=list(plots.METRIC_COLUMNS))
     return df.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # order must not matter
 
@@ -34,8 +34,8 @@ def make_plane_df() -> pd.DataFrame:
     rows = []
     for step in STEPS:
         for site, index in SITES:
-            rows.append((step, step / 20.0, "probe", site, index, "I_XT", 1.0 + index + step / 100))
-            rows.append((step, step / 20.0, "probe", site, index, "I_TY", 0.1 * index + step / 200))
+            rows.append((step, step // 20, "probe", site, index, "input_information", 1.0 + index + step / 100))
+            rows.append((step, step // 20, "probe", site, index, "mutual_information", 0.1 * index + step / 200))
     return pd.DataFrame(rows, columns=list(plots.METRIC_COLUMNS))
 
 
@@ -59,17 +59,20 @@ def test_heatmap_image_is_pivot_in_site_index_order():
     assert ax.get_yticklabels()[0].get_text() == "stem.relu"  # first layer on top
     assert ax.yaxis_inverted()  # origin="upper": row 0 drawn at the top
     colorbar_axes = fig.axes[1]
-    assert "H / H_max" in colorbar_axes.get_ylabel()
+    assert colorbar_axes.get_ylabel() == "H(A) / H_max"  # the registry's symbol
 
 
 def test_heatmap_entropy_colorbar_in_bits_and_epoch_ticks():
     df = make_df()
     fig = plots.heatmap(df, "entropy", x="epoch")
-    assert fig.axes[1].get_ylabel() == "entropy [bits]"
+    assert fig.axes[1].get_ylabel() == "H(A) [bits]"
     ax = fig.axes[0]
     assert ax.get_xlabel() == "epoch"
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels[0] == "0" and labels[-1] == "2"
+    # Steps 0..40 at 20 steps per epoch: fractional epoch e sits at column 2 e.
+    ticks = {t.get_text(): pos for t, pos in zip(ax.get_xticklabels(), ax.get_xticks())}
+    assert ticks["1"] == pytest.approx(2.0) and ticks["2"] == pytest.approx(4.0)
 
 
 def test_heatmap_missing_cells_are_masked():
@@ -117,7 +120,7 @@ def test_curves_one_line_per_site_in_depth_order():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ordered
     colors = [line.get_color() for line in ax.lines]
     assert len(set(map(tuple, colors))) == len(SITES)
-    fig = plots.curves(df, "jaccard_init", x="epoch")
+    fig = plots.curves(df, "jaccard_init", x="epoch")  # fractional epochs: 20 steps per epoch
     np.testing.assert_allclose(fig.axes[0].lines[0].get_xdata(), np.array(STEPS) / 20.0)
 
 
@@ -133,8 +136,8 @@ def test_information_plane_trajectories():
     np.testing.assert_array_equal(ax.collections[0].get_array(), STEPS)  # coloured by time
     assert "bits" in ax.get_xlabel() and "bits" in ax.get_ylabel()
     assert fig.axes[1].get_ylabel() == "step"  # colorbar
-    with pytest.raises(ValueError, match="I_TY"):
-        plots.plot_information_plane(df[df.metric == "I_XT"])
+    with pytest.raises(ValueError, match="mutual_information"):
+        plots.plot_information_plane(df[df.metric == "input_information"])
 
 
 def test_missing_columns_and_metric():
@@ -192,9 +195,11 @@ def test_save_all_rejects_missing_columns(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_units():
-    assert plots.metric_unit("entropy") == "bits"
-    assert plots.metric_unit("mutual_information_label") == "bits"
-    assert plots.metric_unit("I_XT") == "bits"
-    for metric in ("normalized_entropy", "jaccard_init", "distinct_fraction", "distinct", "firing_rate"):
-        assert plots.metric_unit(metric) == ""
+def test_labels_come_from_the_registry():
+    assert plots.metric_label("entropy") == "H(A) [bits]"
+    assert plots.metric_label("input_information") == "I(X;T) [bits]"
+    assert plots.metric_label("mutual_information") == "I(A;L) [bits]"
+    for name in ("normalized_entropy", "jaccard_init", "distinct_fraction"):
+        assert "[" not in plots.metric_label(name)  # dimensionless
+    with pytest.raises(KeyError, match="registered metric name"):
+        plots.metric_label("firing_rate")

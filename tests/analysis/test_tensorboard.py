@@ -24,9 +24,11 @@ METRICS = [
     "jaccard_init",
     "weighted_jaccard_last",
     "weighted_jaccard_final",
-    "mutual_information_label",
+    "mutual_information",
     "dead_units",
+    "input_information",
 ]
+CONSTANT = "n_units"  # declared constant: a table column, not exported
 
 
 def make_df(splits=("probe",), seed=0) -> pd.DataFrame:
@@ -38,6 +40,7 @@ def make_df(splits=("probe",), seed=0) -> pd.DataFrame:
                 for metric in METRICS:
                     value = np.nan if (metric.endswith("_last") and step == 0) else rng.random() * 3
                     rows.append((step, step // 10, split, site, index, metric, value))
+                rows.append((step, step // 10, split, site, index, CONSTANT, 16.0))
     df = pd.DataFrame(rows, columns=list(plots.METRIC_COLUMNS))
     return df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
@@ -81,6 +84,7 @@ def test_scalars_round_trip(tmp_path):
     assert len(event_files(tmp_path)) == 1
     acc = load(run_dir)
     finite = df.dropna(subset=["value"])
+    finite = finite[finite.metric != CONSTANT]  # constants are table columns, not exported
     expected_tags = {f"actpat/{m}/{s}" for m, s in zip(finite.metric, finite.site)}
     assert set(acc.Tags()["scalars"]) == expected_tags
     for (metric, site), rows in finite.groupby(["metric", "site"]):
@@ -107,21 +111,25 @@ def test_custom_scalars_layout(tmp_path):
     (event,) = acc.Tensors(custom_scalar_metadata.CONFIG_SUMMARY_TAG)
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     categories = {c.title: c for c in layout.category}
+    # Registry families, in the registry's order; I(X;T) is not "label information".
     assert list(categories) == [
         "entropy",
+        "label information",
         "similarity to init",
         "similarity to last",
         "similarity to final",
-        "label information",
         "units",
+        "information plane",
     ]
     charts = {chart.title: (title, chart) for title, c in categories.items() for chart in c.chart}
     assert set(charts) == set(METRICS)
+    assert charts["input_information"][0] == "information plane"
+    assert not any(t.startswith(f"actpat/{CONSTANT}/") for t in acc.Tags()["scalars"])
     assert charts["entropy"][0] == "entropy" and charts["normalized_entropy"][0] == "entropy"
     assert charts["jaccard_init"][0] == "similarity to init"
     assert charts["weighted_jaccard_last"][0] == "similarity to last"
     assert charts["weighted_jaccard_final"][0] == "similarity to final"
-    assert charts["mutual_information_label"][0] == "label information"
+    assert charts["mutual_information"][0] == "label information"
     assert charts["dead_units"][0] == "units"
     scalar_tags = acc.Tags()["scalars"]
     for metric, (_, chart) in charts.items():
@@ -182,8 +190,8 @@ def test_bad_unit_rates(tmp_path):
 
 def test_images(tmp_path):
     df = make_df()
-    plane = df[df.metric == "entropy"].assign(metric="I_XT")
-    plane = pd.concat([plane, plane.assign(metric="I_TY", value=plane.value / 2)])
+    plane = df[df.metric == "entropy"].assign(metric="input_information")
+    plane = pd.concat([plane, plane.assign(metric="mutual_information", value=plane.value / 2)])
     run_dir = tb.to_tensorboard(df, tmp_path, info_plane_df=plane)
     acc = load(run_dir)
     tags = set(acc.Tags()["images"])
@@ -232,6 +240,8 @@ def test_input_errors(tmp_path):
         tb.to_tensorboard(pd.concat([df, df.iloc[:3]]), tmp_path, figures=False)
     with pytest.raises(ValueError, match="run_name"):
         tb.to_tensorboard(df, tmp_path, run_name="../x", figures=False)
+    with pytest.raises(ValueError, match=r"registered metrics .*\['mutual_information_label'\]"):
+        tb.to_tensorboard(df.replace({"metric": {"mutual_information": "mutual_information_label"}}), tmp_path)
     assert event_files(tmp_path) == []
 
 

@@ -1,0 +1,184 @@
+"""Argument checks shared by every analysis function that takes packed bits, labels or a split.
+
+One place for each rule, so that no two functions disagree on what an input means:
+
+- packed bits: ``(n, ceil(n_units / 8))`` uint8 rows (SPEC section 2);
+- labels: integer class indices, one per observation; ``-1`` means "no label" and such observations are
+  left out of every label measure (SPEC section 3); any other negative value, a float or a bool dtype
+  is an error;
+- splits: ``split=None`` means the run's only recorded split; a run with several splits must name one,
+  and a name that was not recorded is an error that lists the recorded ones.
+
+Messages follow one template: ``Expected `name` to be ..., but got ...``. The module imports numpy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["NO_LABEL", "check_bits", "check_labels", "check_n_classes", "resolve_split"]
+
+#: Label value of an observation without a label.
+NO_LABEL = -1
+
+
+def check_bits(bits, n_units, *, name: str = "bits", allow_empty: bool = False) -> np.ndarray:
+    """Validate packed rows and ``n_units``; return ``bits`` as a C-contiguous uint8 array.
+
+    Examples
+    --------
+    >>> check_bits(np.zeros((2, 1), dtype=np.uint8), 9)
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected `n_units` to be between 1 and 8 * bits.shape[1] = 8, but got 9.
+    """
+    bits = np.asarray(bits)
+    if bits.ndim != 2:
+        raise ValueError(
+            f"Expected `{name}` to be a 2-D array of packed rows (n, n_bytes), but got shape {bits.shape}."
+        )
+    if bits.dtype != np.uint8:
+        raise ValueError(f"Expected `{name}` to have dtype uint8 (packed bits), but got {bits.dtype}.")
+    if isinstance(n_units, bool) or not isinstance(n_units, (int, np.integer)):
+        raise ValueError(f"Expected `n_units` to be an int, but got {n_units!r}.")
+    n_units = int(n_units)
+    n_bytes = bits.shape[1]
+    if not 1 <= n_units <= 8 * n_bytes:
+        raise ValueError(
+            f"Expected `n_units` to be between 1 and 8 * {name}.shape[1] = {8 * n_bytes}, but got {n_units}."
+        )
+    if n_bytes != (n_units + 7) // 8:
+        raise ValueError(
+            f"Expected `{name}.shape[1]` to be ceil(n_units / 8) = {(n_units + 7) // 8} for n_units = "
+            f"{n_units}, but got {n_bytes}."
+        )
+    if bits.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"Expected `{name}` to hold at least one pattern, but got 0 rows (shape {bits.shape}).")
+    return np.ascontiguousarray(bits)
+
+
+def check_labels(labels, n: int, *, name: str = "labels", of: str = "bits.shape[0]") -> np.ndarray:
+    """Validate one integer label per observation; return them as int64, ``-1`` kept as "no label".
+
+    Parameters
+    ----------
+    labels : array_like
+        ``(n,)`` integer class indices, ``-1`` where an observation has no label.
+    n : int
+        Number of observations.
+    name, of : str
+        Names used in messages: the argument, and the expression that gives ``n``.
+
+    Returns
+    -------
+    np.ndarray
+        ``(n,)`` int64.
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` is not 1-D of length ``n``, has a float, bool or non-numeric dtype (class
+        indices are integers: a float label is an error rather than silently truncated), or holds a
+        value below ``-1``.
+
+    Examples
+    --------
+    >>> check_labels([0, 1, -1], 3).tolist()
+    [0, 1, -1]
+    >>> check_labels(np.array([0.0, 1.0]), 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected `labels` to have an integer dtype (class indices, -1 = no label), but got float64; \
+convert class indices with `.astype(np.int64)`.
+    """
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"Expected `{name}` to be 1-D (one label per observation), but got shape {arr.shape}.")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"Expected `{name}` to have an integer dtype (class indices, -1 = no label), but got {arr.dtype}; "
+            "convert class indices with `.astype(np.int64)`."
+        )
+    if arr.shape[0] != n:
+        raise ValueError(
+            f"Expected `{name}` to have one entry per observation, len({name}) = {of} = {n}, "
+            f"but got {arr.shape[0]}."
+        )
+    if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < NO_LABEL:
+        raise ValueError(
+            f"Expected `{name}` to be >= 0, or -1 for an observation without a label, but got minimum {arr.min()}."
+        )
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"Expected `{name}` to fit in int64, but got maximum {arr.max()}.")
+    return arr.astype(np.int64, copy=False)
+
+
+def check_n_classes(n_classes, n_present: int) -> int:
+    """Validate the dataset's class count against the ``n_present`` classes seen in the labels.
+
+    Examples
+    --------
+    >>> check_n_classes(10, 3)
+    10
+    >>> check_n_classes(2, 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected `n_classes` to be at least the 3 classes present in the labels, but got 2.
+    """
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+        raise ValueError(
+            f"Expected `n_classes` to be a positive int (the dataset's class count), but got {n_classes!r}."
+        )
+    if n_classes < n_present:
+        raise ValueError(
+            f"Expected `n_classes` to be at least the {n_present} classes present in the labels, but got {n_classes}."
+        )
+    return int(n_classes)
+
+
+def resolve_split(run, split: str | None) -> str:
+    """The recorded split of ``run`` that ``split`` names (``None``: the run's only split).
+
+    Parameters
+    ----------
+    run : Run
+        A run opened with :func:`actpat.recorder.reader.open_run` (anything with a ``splits`` list).
+    split : str or None
+        A recorded split, or None for the only one.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        If ``split`` was not recorded, if it is None and the run has several splits (or none), or if it
+        is neither a str nor None. The message lists the recorded splits.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> resolve_split(SimpleNamespace(splits=["probe"]), None)
+    'probe'
+    >>> resolve_split(SimpleNamespace(splits=["probe", "train"]), None)
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected `split` to name one of the recorded splits ['probe', 'train'], but got None \
+(the run has several splits: pass split='probe', for example).
+    """
+    splits = list(run.splits)
+    if split is None:
+        if len(splits) == 1:
+            return splits[0]
+        if not splits:
+            raise ValueError("Expected a run with at least one recorded split, but the run has no records.")
+        raise ValueError(
+            f"Expected `split` to name one of the recorded splits {splits}, but got None "
+            f"(the run has several splits: pass split={splits[0]!r}, for example)."
+        )
+    if not isinstance(split, str):
+        raise ValueError(f"Expected `split` to be a str or None, but got {split!r}.")
+    if split not in splits:
+        raise ValueError(f"Expected `split` to be one of the recorded splits {splits}, but got {split!r}.")
+    return split
