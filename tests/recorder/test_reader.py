@@ -68,7 +68,8 @@ def test_read_matches_truth_and_unpack(tmp_path, truth):
         run.read("nope", 0)
     with pytest.raises(KeyError, match=r"recorded steps: \[0, 5, 10\]"):
         run.read("1", 3)
-    assert run.steps("1", split="probe").tolist() == []
+    with pytest.raises(ValueError, match=r"recorded splits \['train'\], but got 'probe'"):
+        run.steps("1", split="probe")
 
 
 def test_non_actpat_h5_file_is_named_in_the_error(tmp_path):
