@@ -148,7 +148,7 @@ class ActivationPatternCallback(Callback):
         sites: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
         pattern: str = "channel",
         max_observations: Optional[int] = None,
-        compression: Optional[str] = "lzf",
+        compression: Optional[str] = None,
         live_stats: bool = True,
         labels_from: Optional[Callable[[Any], Any]] = None,
         *,

@@ -294,33 +294,38 @@ class Run:
         log.warning("actpat: skipping records of %s%s%s: %s.", loss.path, where, count, loss.reason)
 
     def _index_shard(self, path: Path) -> None:
+        """Index one file: damage to a finalized shard as a whole is an error naming it; an unfinalized
+        one (a crash) is skipped with a warning and listed in :attr:`losses`."""
         parsed = schema.parse_shard_name(path.name)
         rank, index, partial = parsed if parsed else (-1, -1, path.name.endswith(schema.PARTIAL_SUFFIX))
         try:
             handle = h5py.File(path, "r", locking=False)
         except OSError as exc:
-            if parsed is None:
-                raise ShardFormatError(
-                    f"Expected {path} to be an HDF5 actpat shard, but it cannot be opened ({exc}). Move the file "
-                    "out of the run directory if it does not belong there."
-                ) from exc
-            # Named like a shard: a damaged one (or a crash before its first flush).
-            self._lose(Loss(path, f"the file cannot be opened ({_short(exc)})", rank, index, kind="unreadable"))
-            return
+            if partial:
+                self._lose(Loss(path, f"the file cannot be opened ({_short(exc)})", rank, index, kind="unreadable"))
+                return
+            raise ShardFormatError(
+                f"Expected {path} to be an HDF5 actpat shard, but it cannot be opened ({_short(exc)}). Move the "
+                "file out of the run directory if it does not belong there; a damaged shard cannot be repaired."
+            ) from exc
         try:
             with handle:
                 self._index_file(handle, path, rank, index, partial, named=parsed is not None)
         except ShardFormatError:
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged file: whatever HDF5 raises, name the file
-            if parsed is None:
-                raise ShardFormatError(f"Expected {path} to be a readable actpat shard, but {_short(exc)}.") from exc
-            self._lose(Loss(path, f"the file is damaged ({_short(exc)})", rank, index, kind="unreadable"))
+            if partial:
+                self._lose(Loss(path, f"the file is damaged ({_short(exc)})", rank, index, kind="unreadable"))
+                return
+            raise ShardFormatError(
+                f"Expected {path} to be a readable actpat shard, but {_short(exc)}. Move the file out of the run "
+                "directory; a damaged shard cannot be repaired."
+            ) from exc
 
     def _index_file(self, handle: h5py.File, path: Path, rank: int, index: int, partial: bool, named: bool) -> None:
         attrs = handle.attrs
         if _attr(attrs, "format", str) != schema.FORMAT_NAME:
-            if partial and named:  # an unfinalized file of a crashed writer, overwritten by anything
+            if partial:  # an unfinalized file of a crashed writer: skipped like any damaged one
                 raise ValueError(f"it is not an actpat shard (no format={schema.FORMAT_NAME!r} attribute)")
             raise ShardFormatError(
                 f"Expected {path} to be an actpat shard (attribute format={schema.FORMAT_NAME!r}), but it is not. "
