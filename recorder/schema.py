@@ -83,7 +83,7 @@ COLUMN_DTYPES = {BITS: np.dtype("u1"), SAMPLE_IDS: np.dtype("<i8"), LABELS: np.d
 
 # Chunks of at most this many bytes: small enough that a partly filled chunk per dataset stays cheap
 # to keep in HDF5's chunk cache and to rewrite, large enough for fast sequential reads.
-CHUNK_BYTES = 256 << 10
+CHUNK_BYTES = 64 << 10
 RECORD_CHUNK_ROWS = 256
 
 SHARD_SUFFIX = ".h5"

@@ -123,7 +123,7 @@ class ShardWriter:
     -----
     Memory: records waiting in the queue (at most ``max_queue_bytes``, or one record larger than that),
     the block being written (at most ``4 MiB`` plus one record), staging buffers reused across blocks
-    (at most ``8 MiB``) and HDF5's chunk cache (one ``256 KiB`` chunk per open dataset).
+    (at most ``8 MiB``) and HDF5's chunk cache (one ``64 KiB`` chunk per open dataset).
     ``bench/writer_rss.py`` measures the resident memory this takes.
     """
 
