@@ -149,6 +149,7 @@ class _Entry:
     n_positions: int
     nan_count: int
     value_start: int
+    row_crc: int  # the verified row_crc32 the record checksum starts from
     crc: int  # -1: the shard's version has no checksums
 
 
@@ -339,12 +340,16 @@ class Run:
                 f"Expected shard format version <= {schema.FORMAT_VERSION}, but {path} has version {version}. "
                 "Upgrade actpat to read it."
             )
+        own_rank, own_index = _attr(attrs, "rank", int, -1), _attr(attrs, "shard_index", int, -1)
         if not named:
-            rank, index = _attr(attrs, "rank", int, -1), _attr(attrs, "shard_index", int, -1)
+            rank, index = own_rank, own_index
+        finalized = attrs.get("finalized", False)
+        if not isinstance(finalized, (bool, np.bool_)):
+            raise ValueError(f"its attribute 'finalized' is {finalized!r}, not a bool")
         codec = _attr(attrs, "compression", str, "none")
         if codec in schema.PLUGIN_CODECS:
             schema.load_plugins(f"Shard {path} (compressed with {codec!r})")
-        finalized = bool(attrs.get("finalized", False)) and not partial
+        finalized = bool(finalized) and not partial
         shard = _Shard(path, rank, index, version, not finalized, codec)
         shard_id = len(self._shards)
         # Index the whole file before keeping anything of it, so a failure leaves no half shard.
@@ -421,24 +426,38 @@ class Run:
             kind = "unwritten" if shard.partial else "corrupt"
             losses.append(loss("records-table rows never reached the disk", kind, records=records.shape[0] - stored))
         infos[site] = meta
+        checksummed = "crc32" in records.dtype.names
+        headers = {False: schema.site_header(site, meta["pattern"], meta["n_units"], None)}
+        if meta["value_units"] is not None:
+            headers[True] = schema.site_header(site, meta["pattern"], meta["n_units"], meta["value_units"])
         for lo in range(0, stored, _INDEX_SLICE):
             table = records[lo : min(stored, lo + _INDEX_SLICE)]
-            ok = _valid_rows(table, extents, meta["value_units"] is not None)
-            for row in table[~ok]:
+            has_values = "value_start" in table.dtype.names
+            row_crcs = np.full(len(table), -1, dtype=np.int64)
+            if checksummed:  # a row is trusted as an index entry only once its own checksum matches
+                for i, row in enumerate(table):
+                    header = headers.get(bool(row["value_start"] >= 0))
+                    row_crcs[i] = -2 if header is None else schema.row_crc(header, row)
+                sound = row_crcs == table["row_crc32"].astype(np.int64)
+            else:
+                sound = np.ones(len(table), dtype=bool)
+            ok = sound & _valid_rows(table, extents, meta["value_units"] is not None)
+            for row, row_sound in zip(table[~ok], sound[~ok]):
                 step = int(row["step"])
-                if shard.partial and _past_data(row, extents):
-                    losses.append(loss("its data never reached the disk", "unwritten", step=step, records=1))
+                if shard.partial:
+                    losses.append(loss("it never fully reached the disk", "unwritten", step=step, records=1))
+                elif not row_sound:
+                    losses.append(loss("its records-table row fails its checksum", step=step, records=1))
                 else:
                     losses.append(loss("its records-table row points outside the data", step=step, records=1,
                                        split=_split(row)))  # fmt: skip
-            has_values = "value_start" in table.dtype.names
-            has_crc = "crc32" in table.dtype.names
-            for row in table[ok]:
+            for row, row_checksum in zip(table[ok], row_crcs[ok]):
                 entries.append((site, _Entry(
                     shard_id, key, _split(row), int(row["step"]), int(row["epoch"]), int(row["row_start"]),
                     int(row["row_count"]), int(row["sample_start"]), int(row["sample_count"]),
                     int(row["obs_start"]), int(row["n_positions"]), int(row["nan_count"]),
-                    int(row["value_start"]) if has_values else -1, int(row["crc32"]) if has_crc else -1,
+                    int(row["value_start"]) if has_values else -1, int(row_checksum),
+                    int(row["crc32"]) if checksummed else -1,
                 )))  # fmt: skip
 
     def _read_stop_file(self, path: Path) -> None:
@@ -677,7 +696,7 @@ class Run:
             return True
         try:
             group = self._group(e)
-            crc = self._header_crc(site, e)
+            crc = e.row_crc
             for name, start, count in self._columns_of(e):
                 dataset = group[name]
                 for lo in range(0, count, max_rows):
@@ -708,15 +727,6 @@ class Run:
             columns.append((schema.VALUES, e.value_start, e.row_count))
         return columns
 
-    def _header_crc(self, site: str, e: _Entry) -> int:
-        info = self._info[site]
-        header = schema.site_header(site, info["pattern"], info["n_units"],
-                                    info["value_units"] if e.value_start >= 0 else None)  # fmt: skip
-        row = np.zeros((), dtype=schema.RECORD_DTYPE)
-        for name in schema.RECORD_DTYPE.names:
-            row[name] = e.split.encode() if name == "split" else getattr(e, _ENTRY_FIELD.get(name, name))
-        return schema.record_crc(header, row, ())
-
     def _load(self, site: str, e: _Entry, lo: int, hi: int, with_crc: bool) -> tuple[Patterns, int]:
         group = self._group(e)
         bits = group[schema.BITS][e.row_start + lo : e.row_start + hi]
@@ -736,11 +746,9 @@ class Run:
         labels = group[schema.LABELS][e.sample_start + sample_lo : e.sample_start + sample_hi]
         sample_ids = group[schema.SAMPLE_IDS][e.sample_start + sample_lo : e.sample_start + sample_hi]
         if with_crc:
-            crc = self._header_crc(site, e)
-            for column in (bits, sample_ids, labels) + tuple(
-                a for a, present in ((obs, e.obs_start >= 0), (values, e.value_start >= 0)) if present
-            ):
-                crc = schema.crc_update(crc, column)
+            columns = [bits, sample_ids, labels] + [a for a, present in ((obs, e.obs_start >= 0),
+                                                                         (values, e.value_start >= 0)) if present]
+            crc = schema.record_crc(e.row_crc, columns)
         sample_row = obs // e.n_positions - sample_lo
         if len(sample_row) and (sample_row.min() < 0 or sample_row.max() >= len(labels)):
             raise ValueError(f"obs_index points outside the record's {e.sample_count} samples")
@@ -752,7 +760,6 @@ class Run:
         return patterns, crc
 
 
-_ENTRY_FIELD = {"crc32": "crc"}
 
 
 def _concat(parts: list[Patterns]) -> Patterns:
@@ -875,11 +882,6 @@ def _valid_rows(table: np.ndarray, extents: dict[str, int], has_values: bool) ->
     splits = table["split"]
     ok &= np.array([_decodes(s) for s in splits], dtype=bool) if len(splits) else np.zeros(0, bool)
     return ok
-
-
-def _past_data(row: np.void, extents: dict[str, int]) -> bool:
-    """True if a row's ranges are well-formed but reach past the stored data (an unflushed tail)."""
-    return int(row["row_start"]) >= 0 and int(row["row_start"]) + int(row["row_count"]) > extents[schema.BITS]
 
 
 def _decodes(split: bytes) -> bool:

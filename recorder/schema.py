@@ -16,12 +16,13 @@ HDF5 file that ``h5py`` alone can read::
 
 Rows of a record are ordered sample-major then by flattened spatial position, unless the record was
 subsampled, in which case ``obs_index`` names each kept row's place in that grid. A record with values
-has one ``values`` row per ``bits`` row, starting at ``value_start``. Each record row carries the CRC-32
-of itself and of its data (:func:`record_crc`), so a reader can tell an exact record from a damaged one.
+has one ``values`` row per ``bits`` row, starting at ``value_start``. Each record row carries two CRC-32:
+of itself (:func:`row_crc`) and of itself and its data (:func:`record_crc`), so a reader can tell an
+exact record from a damaged one.
 
 Version history: 1 = patterns only; 2 adds ``values``, the ``value_units`` attribute and the
-``value_start`` record field (-1 = no values); 3 adds the ``crc32`` record field, the ``compression`` and
-``stop_reason`` attributes, creates ``obs_index`` and ``values`` only when a record needs them, and is
+``value_start`` record field (-1 = no values); 3 adds the ``row_crc32`` and ``crc32`` record fields, the
+``compression`` and ``stop_reason`` attributes, creates ``obs_index`` and ``values`` only when a record needs them, and is
 written with HDF5 1.10 object formats (checksummed file metadata). Readers read every earlier version.
 """
 
@@ -71,8 +72,9 @@ _FIELDS = [
     ("nan_count", "<i8"),
     ("value_start", "<i8"),
 ]
-RECORD_DTYPE = np.dtype(_FIELDS + [("crc32", "<u4")])
-#: Record fields by version (version 1 lacks ``value_start``, versions 1-2 lack ``crc32``).
+RECORD_DTYPE = np.dtype(_FIELDS + [("row_crc32", "<u4"), ("crc32", "<u4")])
+_CRC_FIELDS = ("row_crc32", "crc32")
+#: Record fields by version (version 1 lacks ``value_start``, versions 1-2 lack the checksums).
 RECORD_FIELDS = {
     1: tuple(name for name, _ in _FIELDS if name != "value_start"),
     2: tuple(name for name, _ in _FIELDS),
@@ -212,23 +214,27 @@ def site_header(site: str, pattern: str, n_units: int, value_units: Iterable[int
     return header
 
 
-def record_crc(header: bytes, row: np.ndarray, columns: Iterable[np.ndarray]) -> int:
-    """CRC-32 (``zlib.crc32``) of a record: its site header, its records-table row with ``crc32 = 0``,
-    then its data in column order ``bits, sample_ids, labels[, obs_index][, values]``.
+def row_crc(header: bytes, row: np.ndarray) -> int:
+    """CRC-32 (``zlib.crc32``) of a record's site header, then its records-table row with both checksum
+    fields set to 0: checked when a run is opened, before the row is trusted as an index entry."""
+    return zlib.crc32(row_bytes(row), zlib.crc32(header))
 
-    ``row`` is a 0-d or 1-element array of :data:`RECORD_DTYPE`; each column array is the record's
-    slice, in the dtype of :data:`COLUMN_DTYPES` (C order).
-    """
-    crc = crc_update(zlib.crc32(header), row_bytes(row))
+
+def record_crc(row_checksum: int, columns: Iterable[np.ndarray]) -> int:
+    """CRC-32 of a whole record: :func:`row_crc` continued over its data, in column order ``bits,
+    sample_ids, labels[, obs_index][, values]`` (each the record's slice, dtypes of
+    :data:`COLUMN_DTYPES`, C order). Checked when the record is read."""
+    crc = row_checksum
     for column in columns:
         crc = crc_update(crc, column)
     return crc
 
 
 def row_bytes(row: np.ndarray) -> bytes:
-    """A records-table row as the checksum sees it: little-endian, with ``crc32`` set to 0."""
+    """A records-table row as the checksums see it: little-endian, checksum fields set to 0."""
     plain = np.array(row, dtype=RECORD_DTYPE).reshape(1)
-    plain["crc32"] = 0
+    for name in _CRC_FIELDS:
+        plain[name] = 0
     return plain.tobytes()
 
 

@@ -543,7 +543,8 @@ class ShardWriter:
             entry["n_positions"], entry["nan_count"] = rec.n_positions, item.nan_count
             data = [item.bits, item.sample_ids, item.labels]
             data += [a for a in (item.obs_index, item.values) if a is not None]
-            entry["crc32"] = schema.record_crc(plain if item.values is None else with_values, entry, data)
+            entry["row_crc32"] = schema.row_crc(plain if item.values is None else with_values, entry)
+            entry["crc32"] = schema.record_crc(int(entry["row_crc32"]), data)
             row, sample = row + len(item.bits), sample + rec.n_samples
             obs += 0 if item.obs_index is None else len(item.obs_index)
             value += 0 if item.values is None else len(item.values)
