@@ -312,7 +312,7 @@ class Run:
         try:
             with handle:
                 self._index_file(handle, path, rank, index, partial, named=parsed is not None)
-        except ShardFormatError:
+        except (ShardFormatError, ImportError):  # a newer version, a foreign file, a codec to install
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged file: whatever HDF5 raises, name the file
             if partial:
