@@ -123,8 +123,10 @@ class ShardWriter:
     -----
     Memory: records waiting in the queue (at most ``max_queue_bytes``, or one record larger than that),
     the block being written (at most ``4 MiB`` plus one record), staging buffers reused across blocks
-    (at most ``8 MiB``) and HDF5's chunk cache (one ``64 KiB`` chunk per open dataset).
-    ``bench/writer_rss.py`` measures the resident memory this takes.
+    (at most ``8 MiB``) and HDF5's caches (one ``64 KiB`` chunk per open dataset, at most five per site,
+    and up to ``4 MiB`` of file metadata): ``max_queue_bytes + 16 MiB + 320 KiB`` per site in all, plus
+    the largest record. ``bench/writer_rss.py`` measures the resident memory under ``block``
+    backpressure against this bound.
     """
 
     def __init__(
