@@ -232,7 +232,8 @@ def record_crc(row_checksum: int, columns: Iterable[np.ndarray]) -> int:
 
 def row_bytes(row: np.ndarray) -> bytes:
     """A records-table row as the checksums see it: little-endian, checksum fields set to 0."""
-    plain = np.array(row, dtype=RECORD_DTYPE).reshape(1)
+    plain = np.zeros(1, dtype=RECORD_DTYPE)
+    plain[0] = row  # a copy: a numpy void scalar may be a view into its table
     for name in _CRC_FIELDS:
         plain[name] = 0
     return plain.tobytes()

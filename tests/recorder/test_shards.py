@@ -367,3 +367,23 @@ def test_a_failed_block_is_never_retried_and_its_shard_never_finalized(tmp_path,
     run = open_run(tmp_path)
     assert run.steps("a/b").tolist() == [0]  # the block written before the failure is read back
     assert "No space left on device" in run.stop_reasons[0].reason
+
+
+def test_readme_checksum_recipe_verifies_a_record_with_plain_h5py(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    recipe = readme.split("With plain h5py, for a record without subsampling or values:\n\n```python\n")[1]
+    recipe = recipe.split("```")[0]
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    bits = np.random.default_rng(0).integers(0, 256, (5, 2), dtype=np.uint8) & [255, 7]
+    writer.put(Record(SiteMeta("fc.relu", 0, "ReLU", (11,), 11, "flat"), 3, 0, "probe", bits.astype(np.uint8), 1, 5, 0,
+                      labels=np.arange(5)))  # fmt: skip
+    writer.close()
+    exec(recipe, {"path": str(writer.finalized[0])})  # its asserts hold
+    with h5py.File(writer.finalized[0], "r+") as handle:
+        labels = handle["sites"]["fc.relu"]["labels"]
+        labels[2] = 7
+    with pytest.raises(AssertionError):
+        exec(recipe, {"path": str(writer.finalized[0])})
