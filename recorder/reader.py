@@ -8,6 +8,7 @@ Everything the reader allocates is bounded by what the file actually stores.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 _MAX_UNITS = 1 << 32
 _INDEX_SLICE = 1 << 16  # records-table rows read at a time
 _VERIFY_ROWS = 1 << 20  # rows per slice when a record is verified without holding it whole
+_READ_AHEAD = 1 << 20  # bytes per read-ahead slab
+_SLABS = 16  # read-ahead slabs kept (at most 16 MiB)
 
 
 @dataclass
@@ -208,6 +211,7 @@ class Run:
         self._info_source: dict[str, Path] = {}
         self._entries: dict[tuple[str, str], list[_Entry]] = defaultdict(list)
         self._lost_entries: set[_Entry] = set()
+        self._steps_cache: dict[tuple[str, str], list[int]] = {}
         self._init_handles()
         names = os.listdir(self.path)
         finals = {n for n in names if n.endswith(schema.SHARD_SUFFIX)}
@@ -226,6 +230,8 @@ class Run:
     # ------------------------------------------------------------------ open files
     def _init_handles(self) -> None:
         self._handles: OrderedDict[int, h5py.File] = OrderedDict()
+        self._datasets: dict[tuple[int, str, str], h5py.Dataset] = {}
+        self._slabs: OrderedDict[tuple[int, str, str], tuple[int, np.ndarray]] = OrderedDict()
         self._handles_lock = threading.RLock()
 
     def _handle(self, shard_id: int) -> h5py.File:
@@ -248,12 +254,48 @@ class Run:
                 handle = h5py.File(shard.path, "r", locking=False)
             self._handles[shard_id] = handle
             while len(self._handles) > self.max_open:
-                _, old = self._handles.popitem(last=False)
+                old_id, old = self._handles.popitem(last=False)
+                self._forget(old_id)
                 old.close()
             return handle
 
+    def _forget(self, shard_id: int) -> None:
+        for cache in (self._datasets, self._slabs):
+            for key in [k for k in cache if k[0] == shard_id]:
+                del cache[key]
+
+    def _rows(self, shard_id: int, key: str, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of a site's dataset, through a small read-ahead cache.
+
+        A pass over a site's steps reads its records one after the other: one read of about
+        :data:`_READ_AHEAD` bytes serves many small records. Larger reads go to the file directly.
+        """
+        with self._handles_lock:
+            slab_key = (shard_id, key, name)
+            slab = self._slabs.get(slab_key)
+            if slab is not None and slab[0] <= lo and hi <= slab[0] + len(slab[1]):
+                self._slabs.move_to_end(slab_key)
+                return slab[1][lo - slab[0] : hi - slab[0]].copy()
+            dataset = self._datasets.get(slab_key)
+            if dataset is None:
+                dataset = self._datasets[slab_key] = self._handle(shard_id)[schema.SITES_GROUP][key][name]
+            else:
+                self._handle(shard_id)  # keep the file most recently used
+            row_bytes = dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))
+            ahead = max(1, _READ_AHEAD // max(1, row_bytes))
+            if hi - lo >= ahead // 2:
+                return dataset[lo:hi]
+            end = min(dataset.shape[0], lo + ahead)
+            rows = dataset[lo:end]
+            self._slabs[slab_key] = (lo, rows)
+            while len(self._slabs) > _SLABS:
+                self._slabs.popitem(last=False)
+            return rows[: hi - lo].copy()
+
     def _close_handles(self) -> None:
         with self._handles_lock:
+            self._datasets.clear()
+            self._slabs.clear()
             while self._handles:
                 _, handle = self._handles.popitem()
                 try:
@@ -277,7 +319,8 @@ class Run:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_handles"], state["_handles_lock"]
+        for name in ("_handles", "_datasets", "_slabs", "_handles_lock"):
+            del state[name]
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -569,7 +612,7 @@ class Run:
         """
         split = self.resolve_split(split)
         self._check_site(site)
-        entries = [e for e in self._entries.get((site, split), []) if e.step == step]
+        entries = self._step_entries(site, split, step)
         if not entries:
             raise KeyError(
                 f"Expected a recorded step of site {site!r} in split {split!r}, but step {step} has no record; "
@@ -652,6 +695,13 @@ class Run:
                 lost.append(loss)
         return lost
 
+    def _step_entries(self, site: str, split: str, step: int) -> list[_Entry]:
+        entries = self._entries.get((site, split), [])
+        steps = self._steps_cache.get((site, split))
+        if steps is None:
+            steps = self._steps_cache[(site, split)] = [e.step for e in entries]
+        return entries[bisect.bisect_left(steps, step) : bisect.bisect_right(steps, step)]
+
     def _check_site(self, site: str) -> None:
         if site not in self._info:
             raise KeyError(f"Expected one of the recorded sites {self.sites}, but got {site!r}.")
@@ -695,12 +745,10 @@ class Run:
         if e.crc < 0:
             return True
         try:
-            group = self._group(e)
             crc = e.row_crc
             for name, start, count in self._columns_of(e):
-                dataset = group[name]
                 for lo in range(0, count, max_rows):
-                    crc = schema.crc_update(crc, dataset[start + lo : start + min(count, lo + max_rows)])
+                    crc = schema.crc_update(crc, self._rows(e.shard, e.key, name, start + lo, start + min(count, lo + max_rows)))
         except Exception as exc:  # noqa: BLE001
             self._lose_entry(site, e, f"it cannot be read ({_short(exc)})")
             return False
@@ -714,9 +762,6 @@ class Run:
         shard = self._shards[e.shard]
         self._lose(Loss(shard.path, reason, shard.rank, shard.index, site, e.split, e.step, 1, "corrupt"))
 
-    def _group(self, e: _Entry) -> Any:
-        return self._handle(e.shard)[schema.SITES_GROUP][e.key]
-
     def _columns_of(self, e: _Entry) -> list[tuple[str, int, int]]:
         """``(dataset, start, count)`` of a record's data in checksum order."""
         columns = [(schema.BITS, e.row_start, e.row_count), (schema.SAMPLE_IDS, e.sample_start, e.sample_count),
@@ -728,14 +773,10 @@ class Run:
         return columns
 
     def _load(self, site: str, e: _Entry, lo: int, hi: int, with_crc: bool) -> tuple[Patterns, int]:
-        group = self._group(e)
-        bits = group[schema.BITS][e.row_start + lo : e.row_start + hi]
-        obs = (
-            np.arange(lo, hi, dtype=np.int64)
-            if e.obs_start < 0
-            else group[schema.OBS_INDEX][e.obs_start + lo : e.obs_start + hi]
-        )
-        values = None if e.value_start < 0 else group[schema.VALUES][e.value_start + lo : e.value_start + hi]
+        rows = lambda name, start, a, b: self._rows(e.shard, e.key, name, start + a, start + b)  # noqa: E731
+        bits = rows(schema.BITS, e.row_start, lo, hi)
+        obs = np.arange(lo, hi, dtype=np.int64) if e.obs_start < 0 else rows(schema.OBS_INDEX, e.obs_start, lo, hi)
+        values = None if e.value_start < 0 else rows(schema.VALUES, e.value_start, lo, hi)
         crc = 0
         if with_crc:  # the whole record: all of its per-sample arrays are needed anyway
             sample_lo, sample_hi = 0, e.sample_count
@@ -743,8 +784,8 @@ class Run:
             sample_lo, sample_hi = int(obs[0]) // e.n_positions, int(obs[-1]) // e.n_positions + 1
         else:
             sample_lo = sample_hi = 0
-        labels = group[schema.LABELS][e.sample_start + sample_lo : e.sample_start + sample_hi]
-        sample_ids = group[schema.SAMPLE_IDS][e.sample_start + sample_lo : e.sample_start + sample_hi]
+        labels = rows(schema.LABELS, e.sample_start, sample_lo, sample_hi)
+        sample_ids = rows(schema.SAMPLE_IDS, e.sample_start, sample_lo, sample_hi)
         if with_crc:
             columns = [bits, sample_ids, labels] + [a for a, present in ((obs, e.obs_start >= 0),
                                                                          (values, e.value_start >= 0)) if present]
@@ -758,8 +799,6 @@ class Run:
             positions=obs % e.n_positions, nan_count=e.nan_count if lo == 0 else 0, values=values,
         )  # fmt: skip
         return patterns, crc
-
-
 
 
 def _concat(parts: list[Patterns]) -> Patterns:

@@ -235,7 +235,7 @@ def test_iter_chunks_memory_is_proportional_to_max_rows(tmp_path):
 
     from actpat.recorder.shards import Record, ShardWriter, SiteMeta
 
-    n = 1_000_000
+    n = 2_000_000
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 256, (n, 1), dtype=np.uint8)
     writer = ShardWriter(tmp_path)
@@ -257,8 +257,9 @@ def test_iter_chunks_memory_is_proportional_to_max_rows(tmp_path):
     finally:
         tracemalloc.stop()
     assert seen == n
-    # A whole record's labels and sample ids alone would be 16 MB.
-    assert peak < 2 << 20, f"peak {peak / 2**20:.1f} MiB"
+    # A whole record's labels and sample ids alone would be 32 MB; read-ahead slabs take at most 1 MiB
+    # per column.
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------- one split rule
