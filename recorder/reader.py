@@ -469,13 +469,13 @@ class Run:
             kind = "unwritten" if shard.partial else "corrupt"
             losses.append(loss("records-table rows never reached the disk", kind, records=records.shape[0] - stored))
         infos[site] = meta
-        checksummed = "crc32" in records.dtype.names
+        checksummed = shard.version >= schema.CHECKSUM_VERSION
         headers = {False: schema.site_header(site, meta["pattern"], meta["n_units"], None)}
         if meta["value_units"] is not None:
             headers[True] = schema.site_header(site, meta["pattern"], meta["n_units"], meta["value_units"])
         for lo in range(0, stored, _INDEX_SLICE):
             table = records[lo : min(stored, lo + _INDEX_SLICE)]
-            has_values = "value_start" in table.dtype.names
+            has_values = shard.version >= 2
             row_crcs = np.full(len(table), -1, dtype=np.int64)
             if checksummed:  # a row is trusted as an index entry only once its own checksum matches
                 for i, row in enumerate(table):
