@@ -28,25 +28,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from torch import nn
 
 from actpat.recorder import ActivationRecorder, schema
 from actpat.recorder.shards import ShardWriter
 
-
-def _model() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
-        nn.Linear(64, 10),
-    )  # fmt: skip
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from storage import digits_cnn  # noqa: E402 - the same model as bench/storage.py
 
 
 def _trained_records(train_steps: int, x: torch.Tensor, y: torch.Tensor, batch: int, out: str) -> list:
     torch.manual_seed(0)
-    model = _model()
+    model = digits_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
 

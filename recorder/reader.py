@@ -345,26 +345,24 @@ class Run:
         try:
             handle = h5py.File(path, "r", locking=False)
         except OSError as exc:
-            if partial:
-                self._lose(Loss(path, f"the file cannot be opened ({_short(exc)})", rank, index, kind="unreadable"))
-                return
-            raise ShardFormatError(
-                f"Expected {path} to be an HDF5 actpat shard, but it cannot be opened ({_short(exc)}). Move the "
-                "file out of the run directory if it does not belong there; a damaged shard cannot be repaired."
-            ) from exc
+            self._damaged(path, rank, index, partial, f"it cannot be opened ({_short(exc)})", exc)
+            return
         try:
             with handle:
                 self._index_file(handle, path, rank, index, partial, named=parsed is not None)
         except (ShardFormatError, ImportError):  # a newer version, a foreign file, a codec to install
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged file: whatever HDF5 raises, name the file
-            if partial:
-                self._lose(Loss(path, f"the file is damaged ({_short(exc)})", rank, index, kind="unreadable"))
-                return
-            raise ShardFormatError(
-                f"Expected {path} to be a readable actpat shard, but {_short(exc)}. Move the file out of the run "
-                "directory; a damaged shard cannot be repaired."
-            ) from exc
+            self._damaged(path, rank, index, partial, _short(exc), exc)
+
+    def _damaged(self, path: Path, rank: int, index: int, partial: bool, what: str, exc: BaseException) -> None:
+        if partial:
+            self._lose(Loss(path, f"the file is damaged: {what}", rank, index, kind="unreadable"))
+            return
+        raise ShardFormatError(
+            f"Expected {path} to be a readable actpat shard, but {what}. Move the file out of the run directory "
+            "if it does not belong there; a damaged shard cannot be repaired."
+        ) from exc
 
     def _index_file(self, handle: h5py.File, path: Path, rank: int, index: int, partial: bool, named: bool) -> None:
         attrs = handle.attrs
