@@ -387,3 +387,42 @@ def test_readme_checksum_recipe_verifies_a_record_with_plain_h5py(tmp_path):
         labels[2] = 7
     with pytest.raises(AssertionError):
         exec(recipe, {"path": str(writer.finalized[0])})
+
+
+def test_finalize_fsyncs_the_file_before_naming_it_and_the_directory_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def link(source, target):
+        events.append(("link", str(target)))
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(_record(0))
+    writer.close()
+    (final,) = writer.finalized
+    partial = str(final) + ".partial"
+    assert events == [("fsync", partial), ("link", str(final)), ("fsync", str(tmp_path))]
+
+
+def test_verify_checks_every_record_without_reading_it_first(tmp_path):
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for step in range(3):
+        writer.put(_record(step))
+    writer.close()
+    (path,) = writer.finalized
+    with h5py.File(path, "r+") as handle:
+        bits = handle["sites"]["a%2Fb"]["bits"]
+        bits[6] = bits[6] ^ 4  # row 1 of step 1
+    run = open_run(tmp_path)
+    assert run.corrupt_records == 0  # nothing read yet
+    (loss,) = run.verify()
+    assert (loss.step, loss.kind, run.corrupt_records) == (1, "corrupt", 1)
