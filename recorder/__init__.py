@@ -4,10 +4,13 @@ The reader is importable without torch (``actpat.analysis`` depends on it); the 
 recorder is loaded on first access.
 """
 
-from actpat.recorder.reader import Patterns, Run, ShardFormatError, open_run
+from actpat.recorder.reader import Loss, Patterns, Run, ShardFormatError, ShardInfo, StopReason, open_run
 from actpat.recorder.schema import FORMAT_VERSION
 
-__all__ = ["ActivationRecorder", "FORMAT_VERSION", "Patterns", "RecorderError", "Run", "ShardFormatError", "open_run"]
+__all__ = [
+    "ActivationRecorder", "FORMAT_VERSION", "Loss", "Patterns", "RecorderError", "Run", "ShardFormatError",
+    "ShardInfo", "StopReason", "open_run",
+]
 
 
 def __getattr__(name: str):

@@ -1,24 +1,37 @@
-"""Read a run directory of activation-pattern shards (torch-free: the analysis package imports it)."""
+"""Read a run directory of activation-pattern shards (torch-free: the analysis package imports it).
+
+Every record read back is either exact or reported missing: a record of a version-3 shard is checked
+against its CRC-32 before it is returned; one that fails, or whose records-table row points outside
+its data, is skipped with a warning naming the file, site and step and listed in :attr:`Run.losses`.
+Everything the reader allocates is bounded by what the file actually stores.
+"""
 
 from __future__ import annotations
 
+import bisect
+import json
 import logging
 import os
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
 
 from actpat.recorder import schema
+from actpat.recorder.schema import ShardFormatError
 
 log = logging.getLogger(__name__)
 
-
-class ShardFormatError(ValueError):
-    """A file in a run directory is not a readable actpat shard of a known format version."""
+# Bounds on what a shard may declare before anything is allocated from it.
+_MAX_UNITS = 1 << 32
+_INDEX_SLICE = 1 << 16  # records-table rows read at a time
+_VERIFY_ROWS = 1 << 20  # rows per slice when a record is verified without holding it whole
+_READ_AHEAD = 1 << 20  # bytes per read-ahead slab
+_SLABS = 16  # read-ahead slabs kept (at most 16 MiB)
 
 
 @dataclass
@@ -62,9 +75,73 @@ class Patterns:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Loss:
+    """Records of a run that cannot be read back exactly (skipped, never returned).
+
+    Attributes
+    ----------
+    path : Path
+        The shard (or the missing shard's expected name).
+    reason : str
+        What is wrong, in words.
+    rank, shard_index : int
+        Which writer's which shard.
+    site, split, step : optional
+        Where the lost records belong, as far as the file still says (None: unknown).
+    records : int or None
+        How many records are lost (None: unknown, e.g. a shard that cannot be opened).
+    kind : str
+        ``"corrupt"`` (a record failed its checksum or bounds), ``"unwritten"`` (rows of an
+        unfinalized shard that never reached the disk), ``"unreadable"`` (a shard or site that cannot be
+        read at all) or ``"missing"`` (a gap in a rank's shard numbering).
+    """
+
     path: Path
+    reason: str
+    rank: int
+    shard_index: int
+    site: str | None = None
+    split: str | None = None
+    step: int | None = None
+    records: int | None = None
+    kind: str = "corrupt"
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """Why a writer stopped recording before the end (stored by ``ShardWriter.record_stop``)."""
+
+    rank: int
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a run directory's shard says about itself.
+
+    ``finalized`` is False for a ``.partial`` shard (a crash, or a writer still running);
+    ``checksummed`` is False for format versions before 3, whose records are read unverified.
+    """
+
+    path: Path
+    rank: int
+    index: int
+    format_version: int
+    finalized: bool
+    compression: str
+    dropped_records: int
+
+    @property
+    def checksummed(self) -> bool:
+        return self.format_version >= schema.CHECKSUM_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    shard: int  # index into Run._shards
     key: str
+    split: str
     step: int
     epoch: int
     row_start: int
@@ -75,127 +152,408 @@ class _Entry:
     n_positions: int
     nan_count: int
     value_start: int
+    row_crc: int  # the verified row_crc32 the record checksum starts from
+    crc: int  # -1: the shard's version has no checksums
 
 
-def open_run(path: str | os.PathLike) -> "Run":
+class _Shard:
+    """A shard file as indexed; ``path`` follows a ``.partial`` file that was finalized meanwhile."""
+
+    def __init__(self, path: Path, rank: int, index: int, version: int, partial: bool, codec: str) -> None:
+        self.path, self.rank, self.index, self.version, self.partial, self.codec = path, rank, index, version, partial, codec
+
+
+def open_run(path: str | os.PathLike, *, max_open: int = 8) -> "Run":
     """Open a run directory written by :class:`~actpat.recorder.ActivationRecorder`.
 
-    Finalized shards (``*.h5``) of every rank are read; the flushed part of an unfinalized shard
-    (``*.h5.partial``, left by a crash or a run still writing) is read with a warning.
+    Finalized shards (``*.h5``) of every rank are read; so is, with a warning, every record of an
+    unfinalized shard (``*.h5.partial``, left by a crash or a writer still running) that verifies.
+    Use as a context manager (``with open_run(p) as run:``) or call :meth:`Run.close` to release
+    the open files; a :class:`Run` can be pickled and reopens its files lazily in another process.
+
+    Parameters
+    ----------
+    path : path
+        The run directory.
+    max_open : int, default 8
+        Shard files kept open at once (least recently used are closed).
 
     Raises
     ------
     FileNotFoundError
         The directory does not exist.
     ShardFormatError
-        A shard is not an actpat shard or was written by a newer format version.
+        A ``*.h5`` file is not an actpat shard, a shard was written by a newer format version, or two
+        shards describe one site differently.
     """
-    return Run(path)
+    return Run(path, max_open=max_open)
 
 
 class Run:
-    """Index of all records in a run directory; data is read lazily, shard by shard."""
+    """Index of all records in a run directory; data is read lazily, through a few open files."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, max_open: int = 8) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(
                 f"Expected a run directory of actpat shards, but {str(self.path)!r} does not exist or is not a "
                 "directory. Pass the `out_dir` given to the recorder or callback."
             )
-        self.shards: list[Path] = []
+        if max_open < 1:
+            raise ValueError(f"Expected `max_open` to be at least 1, but got {max_open}.")
+        self.max_open = int(max_open)
         self.dropped_records = 0
-        self.format_version = schema.FORMAT_VERSION
+        self.losses: list[Loss] = []
+        self.stop_reasons: list[StopReason] = []
+        self._shards: list[_Shard] = []
+        self._shard_infos: list[ShardInfo] = []
         self._info: dict[str, dict] = {}
+        self._info_source: dict[str, Path] = {}
         self._entries: dict[tuple[str, str], list[_Entry]] = defaultdict(list)
-        for name in sorted(os.listdir(self.path), key=_shard_order):
+        self._lost_entries: set[_Entry] = set()
+        self._steps_cache: dict[tuple[str, str], list[int]] = {}
+        self._init_handles()
+        names = os.listdir(self.path)
+        finals = {n for n in names if n.endswith(schema.SHARD_SUFFIX)}
+        for name in sorted(names, key=_shard_order):
+            if name.endswith(schema.PARTIAL_SUFFIX) and name[: -len(".partial")] in finals:
+                continue  # finalized between link and unlink: the same file under its final name
             if name.endswith((schema.SHARD_SUFFIX, schema.PARTIAL_SUFFIX)):
-                self._index_shard(self.path / name, partial=name.endswith(schema.PARTIAL_SUFFIX))
+                self._index_shard(self.path / name)
+            elif schema.parse_stop_name(name) is not None:
+                self._read_stop_file(self.path / name)
+        self._find_numbering_gaps()
         for entries in self._entries.values():
             entries.sort(key=lambda e: e.step)  # stable: shard order kept within a step
+        self._close_handles()
+
+    # ------------------------------------------------------------------ open files
+    def _init_handles(self) -> None:
+        self._handles: OrderedDict[int, h5py.File] = OrderedDict()
+        self._datasets: dict[tuple[int, str, str], h5py.Dataset] = {}
+        self._slabs: OrderedDict[tuple[int, str, str], tuple[int, np.ndarray]] = OrderedDict()
+        self._handles_lock = threading.RLock()
+
+    def _handle(self, shard_id: int) -> h5py.File:
+        """The open file of a shard (least recently used files beyond ``max_open`` are closed)."""
+        with self._handles_lock:
+            handle = self._handles.get(shard_id)
+            if handle is not None:
+                self._handles.move_to_end(shard_id)
+                return handle
+            shard = self._shards[shard_id]
+            if shard.codec in schema.PLUGIN_CODECS:
+                schema.load_plugins(f"Shard {shard.path} (compressed with {shard.codec!r})")
+            try:
+                handle = h5py.File(shard.path, "r", locking=False)
+            except FileNotFoundError:
+                final = shard.path.with_name(shard.path.name[: -len(".partial")])
+                if not shard.partial or not final.exists():
+                    raise
+                shard.path, shard.partial = final, False  # finalized by its writer since we indexed it
+                handle = h5py.File(shard.path, "r", locking=False)
+            self._handles[shard_id] = handle
+            while len(self._handles) > self.max_open:
+                old_id, old = self._handles.popitem(last=False)
+                self._forget(old_id)
+                old.close()
+            return handle
+
+    def _forget(self, shard_id: int) -> None:
+        for cache in (self._datasets, self._slabs):
+            for key in [k for k in cache if k[0] == shard_id]:
+                del cache[key]
+
+    def _rows(self, shard_id: int, key: str, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of a site's dataset, through a small read-ahead cache.
+
+        A pass over a site's steps reads its records one after the other: one read of about
+        :data:`_READ_AHEAD` bytes serves many small records. Larger reads go to the file directly.
+        """
+        with self._handles_lock:
+            slab_key = (shard_id, key, name)
+            slab = self._slabs.get(slab_key)
+            if slab is not None and slab[0] <= lo and hi <= slab[0] + len(slab[1]):
+                self._slabs.move_to_end(slab_key)
+                return slab[1][lo - slab[0] : hi - slab[0]].copy()
+            dataset = self._datasets.get(slab_key)
+            if dataset is None:
+                dataset = self._datasets[slab_key] = self._handle(shard_id)[schema.SITES_GROUP][key][name]
+            else:
+                self._handle(shard_id)  # keep the file most recently used
+            row_bytes = dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))
+            ahead = max(1, _READ_AHEAD // max(1, row_bytes))
+            if hi - lo >= ahead // 2:
+                return dataset[lo:hi]
+            end = min(dataset.shape[0], lo + ahead)
+            rows = dataset[lo:end]
+            self._slabs[slab_key] = (lo, rows)
+            while len(self._slabs) > _SLABS:
+                self._slabs.popitem(last=False)
+            return rows[: hi - lo].copy()
+
+    def _close_handles(self) -> None:
+        with self._handles_lock:
+            self._datasets.clear()
+            self._slabs.clear()
+            while self._handles:
+                _, handle = self._handles.popitem()
+                try:
+                    handle.close()
+                except Exception:  # noqa: BLE001 - closing a read-only file cannot lose data
+                    pass
+
+    def close(self) -> None:
+        """Close the open shard files (a later read reopens them)."""
+        self._close_handles()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_handles", None):
+            self._close_handles()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in ("_handles", "_datasets", "_slabs", "_handles_lock"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_handles()
 
     # ------------------------------------------------------------------ index
-    def _index_shard(self, path: Path, partial: bool) -> None:
-        if not partial:
-            self._index_file(path, partial=False)
-            return
-        # An unfinalized shard may be damaged anywhere (a process killed mid-write): whatever fails
-        # while indexing it skips the whole file with a warning, never raises.
-        try:
-            self._index_file(path, partial=True)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("actpat: skipping unfinalized shard %s: it cannot be read (%s).", path, exc)
+    def _lose(self, loss: Loss) -> None:
+        self.losses.append(loss)
+        where = "".join(
+            f", {name} {value!r}" for name, value in (("site", loss.site), ("split", loss.split), ("step", loss.step))
+            if value is not None
+        )
+        count = "" if loss.records is None else f" ({loss.records} record{'s' * (loss.records != 1)})"
+        log.warning("actpat: skipping records of %s%s%s: %s.", loss.path, where, count, loss.reason)
 
-    def _index_file(self, path: Path, partial: bool) -> None:
+    def _index_shard(self, path: Path) -> None:
+        """Index one file: damage to a finalized shard as a whole is an error naming it; an unfinalized
+        one (a crash) is skipped with a warning and listed in :attr:`losses`."""
+        parsed = schema.parse_shard_name(path.name)
+        rank, index, partial = parsed if parsed else (-1, -1, path.name.endswith(schema.PARTIAL_SUFFIX))
         try:
             handle = h5py.File(path, "r", locking=False)
         except OSError as exc:
-            if partial:
-                raise
-            raise ShardFormatError(
-                f"Expected {path} to be an HDF5 actpat shard, but it cannot be opened ({exc}). Move the file "
-                "out of the run directory if it does not belong there; a damaged shard cannot be repaired."
-            ) from exc
-        with handle:
-            if handle.attrs.get("format") != schema.FORMAT_NAME:
-                raise ShardFormatError(
-                    f"Expected {path} to be an actpat shard (attribute format={schema.FORMAT_NAME!r}), but it "
-                    "is not. Move it out of the run directory."
-                )
-            version = int(handle.attrs.get("format_version", -1))
-            if version > schema.FORMAT_VERSION:
-                raise ShardFormatError(
-                    f"Expected shard format version <= {schema.FORMAT_VERSION}, but {path} has version {version}. "
-                    "Upgrade actpat to read it."
-                )
-            # Index the whole file before keeping anything of it, so a failure leaves no half shard.
-            infos, entries = {}, []
-            for key, group in handle[schema.SITES_GROUP].items():
-                self._index_site(path, key, group, infos, entries)
-            dropped = int(handle.attrs.get("dropped_records", 0))
-            if partial or not handle.attrs.get("finalized", False):
-                log.warning("actpat: reading the flushed part of unfinalized shard %s (left by a crash?).", path)
-        self.shards.append(path)
-        self.dropped_records += dropped
-        for site, info in infos.items():
-            self._info.setdefault(site, info)
-        for index_key, entry in entries:
-            self._entries[index_key].append(entry)
+            self._damaged(path, rank, index, partial, f"it cannot be opened ({_short(exc)})", exc)
+            return
+        try:
+            with handle:
+                self._index_file(handle, path, rank, index, partial, named=parsed is not None)
+        except (ShardFormatError, ImportError):  # a newer version, a foreign file, a codec to install
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file: whatever HDF5 raises, name the file
+            self._damaged(path, rank, index, partial, _short(exc), exc)
 
-    def _index_site(self, path: Path, key: str, group: h5py.Group, infos: dict, entries: list) -> None:
-        site = str(group.attrs["site"])
-        infos[site] = {
-            "module_type": str(group.attrs["module_type"]),
-            "shape": tuple(int(s) for s in group.attrs["shape"]),
-            "n_units": int(group.attrs["n_units"]),
-            "pattern": str(group.attrs["pattern"]),
-            "site_index": int(group.attrs["site_index"]),
-            "value_units": tuple(int(u) for u in group.attrs["value_units"]) if "value_units" in group.attrs else None,
-        }
-        n_rows = group[schema.BITS].shape[0]
-        n_samples = group[schema.SAMPLE_IDS].shape[0]
-        n_obs = group[schema.OBS_INDEX].shape[0]
-        n_values = group[schema.VALUES].shape[0] if schema.VALUES in group else 0
-        records = group[schema.RECORDS][()]
-        # Version 1 shards have no values.
-        value_starts = records["value_start"] if "value_start" in records.dtype.names else np.full(len(records), -1)
-        for rec, value_start in zip(records, value_starts):
-            # A record whose rows were not flushed before a crash is ignored.
-            if (
-                rec["row_start"] + rec["row_count"] > n_rows
-                or rec["sample_start"] + rec["sample_count"] > n_samples
-                or (rec["obs_start"] >= 0 and rec["obs_start"] + rec["row_count"] > n_obs)
-                or (value_start >= 0 and value_start + rec["row_count"] > n_values)
-            ):
-                continue
-            entry = _Entry(
-                path, key, int(rec["step"]), int(rec["epoch"]), int(rec["row_start"]), int(rec["row_count"]),
-                int(rec["sample_start"]), int(rec["sample_count"]), int(rec["obs_start"]),
-                int(rec["n_positions"]), int(rec["nan_count"]), int(value_start),
+    def _damaged(self, path: Path, rank: int, index: int, partial: bool, what: str, exc: BaseException) -> None:
+        if partial:
+            self._lose(Loss(path, f"the file is damaged: {what}", rank, index, kind="unreadable"))
+            return
+        raise ShardFormatError(
+            f"Expected {path} to be a readable actpat shard, but {what}. Move the file out of the run directory "
+            "if it does not belong there; a damaged shard cannot be repaired."
+        ) from exc
+
+    def _index_file(self, handle: h5py.File, path: Path, rank: int, index: int, partial: bool, named: bool) -> None:
+        attrs = handle.attrs
+        if _attr(attrs, "format", str) != schema.FORMAT_NAME:
+            if partial:  # an unfinalized file of a crashed writer: skipped like any damaged one
+                raise ValueError(f"it is not an actpat shard (no format={schema.FORMAT_NAME!r} attribute)")
+            raise ShardFormatError(
+                f"Expected {path} to be an actpat shard (attribute format={schema.FORMAT_NAME!r}), but it is not. "
+                "Move it out of the run directory."
             )
-            entries.append(((site, rec["split"].decode()), entry))
+        version = _attr(attrs, "format_version", int)
+        if version is None or version < 1:
+            raise ValueError(f"its format_version attribute is {attrs.get('format_version')!r}")
+        if version > schema.FORMAT_VERSION:
+            raise ShardFormatError(
+                f"Expected shard format version <= {schema.FORMAT_VERSION}, but {path} has version {version}. "
+                "Upgrade actpat to read it."
+            )
+        own_rank, own_index = _attr(attrs, "rank", int, -1), _attr(attrs, "shard_index", int, -1)
+        if not named:
+            rank, index = own_rank, own_index
+        finalized = attrs.get("finalized", False)
+        if not isinstance(finalized, (bool, np.bool_)):
+            raise ValueError(f"its attribute 'finalized' is {finalized!r}, not a bool")
+        codec = _attr(attrs, "compression", str, "none")
+        if codec in schema.PLUGIN_CODECS:
+            schema.load_plugins(f"Shard {path} (compressed with {codec!r})")
+        finalized = bool(finalized) and not partial
+        shard = _Shard(path, rank, index, version, not finalized, codec)
+        shard_id = len(self._shards)
+        # Index the whole file before keeping anything of it, so a failure leaves no half shard.
+        infos, entries, losses = {}, [], []
+        sites = handle.get(schema.SITES_GROUP)
+        if not isinstance(sites, h5py.Group):
+            raise ValueError(f"it has no {schema.SITES_GROUP!r} group")
+        for key in sites:
+            try:
+                self._index_site(sites[key], key, shard, shard_id, infos, entries, losses)
+            except Exception as exc:  # noqa: BLE001 - one damaged site loses its own records only
+                losses.append(Loss(path, f"site group {key!r} cannot be read ({_short(exc)})", rank, index,
+                                   site=_unescape(key), kind="unreadable"))  # fmt: skip
+        dropped = _attr(attrs, "dropped_records", int, 0)
+        if not finalized:
+            log.warning("actpat: reading the records that verify of unfinalized shard %s (left by a crash?).", path)
+        for site, info in infos.items():
+            self._check_site_consistency(site, info, path)
+        self._shards.append(shard)
+        self._shard_infos.append(ShardInfo(path, rank, index, version, finalized, codec, max(0, dropped or 0)))
+        self.dropped_records += max(0, dropped or 0)
+        stop = _attr(attrs, "stop_reason", str)
+        if stop:
+            self.stop_reasons.extend(StopReason(rank, path, line) for line in stop.splitlines())
+        for loss in losses:
+            self._lose(loss)
+        for site, entry in entries:
+            self._entries[(site, entry.split)].append(entry)
+
+    def _check_site_consistency(self, site: str, info: dict, path: Path) -> None:
+        known = self._info.get(site)
+        if known is None:
+            self._info[site], self._info_source[site] = info, path
+            return
+        for name in ("n_units", "pattern"):
+            if known[name] != info[name]:
+                raise ShardFormatError(
+                    f"Expected every shard of {self.path} to describe site {site!r} alike, but "
+                    f"{self._info_source[site].name} has {name}={known[name]!r} and {path.name} has {info[name]!r}: "
+                    "shards of different runs share the directory. Move one run's shards to their own directory."
+                )
+        if known["value_units"] is None and info["value_units"] is not None:
+            known["value_units"] = info["value_units"]
+
+    def _index_site(self, group: Any, key: str, shard: _Shard, shard_id: int, infos: dict, entries: list,
+                    losses: list) -> None:  # fmt: skip
+        if not isinstance(group, h5py.Group):
+            raise ValueError("it is not a group")
+        meta = _site_meta(group)
+        site = meta["site"]
+        loss = lambda reason, kind="corrupt", **kw: Loss(shard.path, reason, shard.rank, shard.index, site=site,
+                                                          kind=kind, **kw)  # noqa: E731 # fmt: skip
+        columns = {name: group.get(name) for name in (schema.BITS, *schema.SAMPLE_COLUMNS, *schema.OPTIONAL_COLUMNS)}
+        _check_column(columns[schema.BITS], schema.BITS, 2, (meta["n_units"] + 7) // 8)
+        for name in schema.SAMPLE_COLUMNS:
+            _check_column(columns[name], name, 1)
+        if columns[schema.OBS_INDEX] is not None:
+            _check_column(columns[schema.OBS_INDEX], schema.OBS_INDEX, 1)
+        if columns[schema.VALUES] is not None:
+            if meta["value_units"] is None:
+                raise ValueError("it has values but no value_units attribute")
+            _check_column(columns[schema.VALUES], schema.VALUES, 2, len(meta["value_units"]))
+        extents = {name: _stored_rows(ds) if ds is not None else 0 for name, ds in columns.items()}
+        records = group.get(schema.RECORDS)
+        if not isinstance(records, h5py.Dataset) or records.ndim != 1 or records.dtype.names is None:
+            raise ValueError("its records table is missing or not a one-dimensional compound dataset")
+        fields = schema.RECORD_FIELDS[shard.version]
+        missing = [f for f in fields if f not in records.dtype.names]
+        wrong = [f for f in fields if f in records.dtype.names and f != "split" and records.dtype[f].kind not in "iu"]
+        if missing or wrong or records.dtype["split"].kind != "S":
+            raise ValueError(f"its records table has fields {records.dtype.names} (missing {missing}, not integer {wrong})")
+        stored = _stored_rows(records)
+        if stored < records.shape[0]:
+            kind = "unwritten" if shard.partial else "corrupt"
+            losses.append(loss("records-table rows never reached the disk", kind, records=records.shape[0] - stored))
+        infos[site] = meta
+        checksummed = shard.version >= schema.CHECKSUM_VERSION
+        headers = {False: schema.site_header(site, meta["pattern"], meta["n_units"], None)}
+        if meta["value_units"] is not None:
+            headers[True] = schema.site_header(site, meta["pattern"], meta["n_units"], meta["value_units"])
+        for lo in range(0, stored, _INDEX_SLICE):
+            table = records[lo : min(stored, lo + _INDEX_SLICE)]
+            has_values = shard.version >= 2
+            row_crcs = np.full(len(table), -1, dtype=np.int64)
+            if checksummed:  # a row is trusted as an index entry only once its own checksum matches
+                for i, row in enumerate(table):
+                    header = headers.get(bool(row["value_start"] >= 0))
+                    row_crcs[i] = -2 if header is None else schema.row_crc(header, row)
+                sound = row_crcs == table["row_crc32"].astype(np.int64)
+            else:
+                sound = np.ones(len(table), dtype=bool)
+            ok = sound & _valid_rows(table, extents, meta["value_units"] is not None)
+            for row, row_sound in zip(table[~ok], sound[~ok]):
+                step = int(row["step"])
+                if shard.partial:
+                    losses.append(loss("it never fully reached the disk", "unwritten", step=step, records=1))
+                elif not row_sound:
+                    losses.append(loss("its records-table row fails its checksum", step=step, records=1))
+                else:
+                    losses.append(loss("its records-table row points outside the data", step=step, records=1,
+                                       split=_split(row)))  # fmt: skip
+            for row, row_checksum in zip(table[ok], row_crcs[ok]):
+                entries.append((site, _Entry(
+                    shard_id, key, _split(row), int(row["step"]), int(row["epoch"]), int(row["row_start"]),
+                    int(row["row_count"]), int(row["sample_start"]), int(row["sample_count"]),
+                    int(row["obs_start"]), int(row["n_positions"]), int(row["nan_count"]),
+                    int(row["value_start"]) if has_values else -1, int(row_checksum),
+                    int(row["crc32"]) if checksummed else -1,
+                )))  # fmt: skip
+
+    def _read_stop_file(self, path: Path) -> None:
+        rank, _ = schema.parse_stop_name(path.name)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    line = line.strip()
+                    if line:
+                        try:
+                            reason = str(json.loads(line))
+                        except ValueError:
+                            reason = line
+                        self.stop_reasons.append(StopReason(rank, path, reason))
+        except OSError as exc:
+            log.warning("actpat: cannot read %s (why recording stopped): %s", path, exc)
+
+    def _find_numbering_gaps(self) -> None:
+        by_rank: dict[int, set[int]] = defaultdict(set)
+        for name in os.listdir(self.path):
+            parsed = schema.parse_shard_name(name) or schema.parse_stop_name(name)
+            if parsed is not None:
+                by_rank[parsed[0]].add(parsed[1])
+        for rank, indices in sorted(by_rank.items()):
+            for index in sorted(set(range(max(indices) + 1)) - indices):
+                path = self.path / schema.shard_name(rank, index)
+                self._lose(Loss(path, "the shard is missing (deleted?)", rank, index, kind="missing"))
 
     # ------------------------------------------------------------------ queries
+    @property
+    def shards(self) -> list[Path]:
+        """Paths of the indexed shards (a ``.partial`` one is replaced by its final name once finalized)."""
+        return [shard.path for shard in self._shards]
+
+    @property
+    def shard_infos(self) -> list[ShardInfo]:
+        """Per indexed shard: rank, index, format version, finalized, codec, dropped records."""
+        return list(self._shard_infos)
+
+    @property
+    def format_versions(self) -> dict[Path, int]:
+        """Format version of each indexed shard (a run may mix versions after an upgrade)."""
+        return {info.path: info.format_version for info in self._shard_infos}
+
+    @property
+    def format_version(self) -> int:
+        """Newest format version among the shards (the library's own if there are none)."""
+        return max(self.format_versions.values(), default=schema.FORMAT_VERSION)
+
+    @property
+    def corrupt_records(self) -> int:
+        """Records skipped because they failed their checksum or bounds (known so far: reading verifies;
+        :meth:`verify` checks every record)."""
+        return sum(loss.records or 0 for loss in self.losses if loss.kind == "corrupt")
+
     @property
     def sites(self) -> list[str]:
         """Site names in forward order."""
@@ -206,67 +564,239 @@ class Run:
         """Names of the recorded splits, sorted."""
         return sorted({split for _, split in self._entries})
 
+    def resolve_split(self, split: str | None = None) -> str:
+        """The split a query means: ``None`` is the run's only split; a named split must be recorded.
+
+        Raises
+        ------
+        ValueError
+            ``split`` is None and the run has several splits (or none), or ``split`` was not recorded.
+        """
+        splits = self.splits
+        if split is None:
+            if len(splits) == 1:
+                return splits[0]
+            raise ValueError(
+                f"Expected `split` to name one of the recorded splits {splits}, because the run has "
+                f"{'several' if splits else 'no records and so no'} splits, but got None."
+            )
+        if split not in splits:
+            raise ValueError(f"Expected `split` to be one of the recorded splits {splits}, but got {split!r}.")
+        return split
+
     def site_info(self, site: str) -> dict:
         """``module_type``, ``shape`` (without batch), ``n_units``, ``pattern``, ``site_index`` and
         ``value_units`` (units with stored float16 values, or None) of a site."""
         self._check_site(site)
         return dict(self._info[site])
 
-    def steps(self, site: str, split: str = "train") -> np.ndarray:
-        """Sorted distinct steps recorded for ``site`` in ``split``."""
+    def steps(self, site: str, split: str | None = None) -> np.ndarray:
+        """Sorted distinct steps recorded for ``site`` in ``split`` (see :meth:`resolve_split`)."""
+        split = self.resolve_split(split)
         self._check_site(site)
         return np.unique(np.array([e.step for e in self._entries.get((site, split), [])], dtype=np.int64))
 
-    def n_observations(self, site: str, split: str = "train") -> int:
-        """Total observations (rows) of ``site`` in ``split``."""
+    def n_observations(self, site: str, split: str | None = None) -> int:
+        """Total observations (rows) of ``site`` in ``split``, as indexed (before verification)."""
+        split = self.resolve_split(split)
         self._check_site(site)
         return sum(e.row_count for e in self._entries.get((site, split), []))
 
-    def read(self, site: str, step: int, split: str = "train") -> Patterns:
-        """All observations of ``site`` at ``step`` in ``split``, from every shard and rank."""
+    def read(self, site: str, step: int, split: str | None = None) -> Patterns:
+        """All observations of ``site`` at ``step`` in ``split``, from every shard and rank.
+
+        Records that fail verification are left out, with a warning (see :attr:`losses`); if none
+        verifies the result has no rows.
+        """
+        split = self.resolve_split(split)
         self._check_site(site)
-        entries = [e for e in self._entries.get((site, split), []) if e.step == step]
+        entries = self._step_entries(site, split, step)
         if not entries:
             raise KeyError(
                 f"Expected a recorded step of site {site!r} in split {split!r}, but step {step} has no record; "
                 f"recorded steps: {self.steps(site, split).tolist()}."
             )
-        return _concat([self._load(site, split, e, 0, e.row_count) for e in entries])
+        parts = [p for p in (self._read_entry(site, e) for e in entries) if p is not None]
+        if not parts:
+            return self._empty(site, entries[0])
+        return _concat(parts)
 
-    def iter_chunks(self, site: str, split: str = "train", max_rows: int = 1_000_000) -> Iterator[Patterns]:
+    def iter_chunks(self, site: str, split: str | None = None, max_rows: int = 1_000_000) -> Iterator[Patterns]:
         """Yield the observations of ``site`` in step order, at most ``max_rows`` rows at a time.
 
-        Each chunk belongs to one step; a step may span several chunks. Memory stays bounded by
-        ``max_rows`` whatever the size of the run.
+        Each chunk belongs to one step; a step may span several chunks. Memory is proportional to
+        ``max_rows`` whatever the size of the run: a record larger than that is verified in a first
+        pass of ``max_rows``-row slices, then read again chunk by chunk.
         """
+        split = self.resolve_split(split)
         self._check_site(site)
         if max_rows < 1:
             raise ValueError(f"Expected `max_rows` to be at least 1, but got {max_rows}.")
         for entry in self._entries.get((site, split), []):
-            for start in range(0, max(entry.row_count, 1), max_rows):
-                yield self._load(site, split, entry, start, min(start + max_rows, entry.row_count))
+            if entry.row_count <= max_rows:
+                part = self._read_entry(site, entry)
+                if part is not None:
+                    yield part
+                continue
+            if not self._verify_entry(site, entry, max_rows):
+                continue
+            for start in range(0, entry.row_count, max_rows):
+                part = self._guarded_load(site, entry, start, min(start + max_rows, entry.row_count))
+                if part is None:
+                    break
+                yield part
+
+    def verify(self, progress: bool = False) -> list[Loss]:
+        """Check every record against its checksum (bounded memory); returns :attr:`losses`.
+
+        Parameters
+        ----------
+        progress : bool, default False
+            Show a progress bar over records.
+        """
+        from tqdm.auto import tqdm
+
+        work = [(site, e) for (site, _), entries in self._entries.items() for e in entries]
+        for site, entry in tqdm(work, disable=not progress, desc="actpat verify", unit="record"):
+            self._verify_entry(site, entry, _VERIFY_ROWS)
+        return self.losses
+
+    def start_lost(self, site: str, split: str | None = None) -> list[Loss]:
+        """Losses that may hold the first record of ``site`` in ``split`` (e.g. an ``init`` probe).
+
+        Empty when the first recorded step is readable and nothing lost can precede it: a lost record
+        of the same site and split with a step at or before it, or a lost shard (or site group) of a
+        rank that had not yet recorded this site and split in an earlier shard. The first step's
+        records are read to verify them.
+        """
+        split = self.resolve_split(split)
+        self._check_site(site)
+        entries = self._entries.get((site, split), [])
+        first = None
+        for step in dict.fromkeys(e.step for e in entries):
+            if len(self.read(site, step, split)):
+                first = step
+                break
+        earliest: dict[int, int] = {}
+        for e in entries:
+            if e not in self._lost_entries:
+                rank, index = self._shards[e.shard].rank, self._shards[e.shard].index
+                earliest[rank] = min(earliest.get(rank, index), index)
+        lost = []
+        for loss in self.losses:
+            if loss.site not in (None, site) or loss.split not in (None, split):
+                continue
+            if loss.step is not None:
+                if first is None or loss.step <= first:
+                    lost.append(loss)
+            elif earliest.get(loss.rank, loss.shard_index + 1) >= loss.shard_index:
+                lost.append(loss)
+        return lost
+
+    def _step_entries(self, site: str, split: str, step: int) -> list[_Entry]:
+        entries = self._entries.get((site, split), [])
+        steps = self._steps_cache.get((site, split))
+        if steps is None:
+            steps = self._steps_cache[(site, split)] = [e.step for e in entries]
+        return entries[bisect.bisect_left(steps, step) : bisect.bisect_right(steps, step)]
 
     def _check_site(self, site: str) -> None:
         if site not in self._info:
             raise KeyError(f"Expected one of the recorded sites {self.sites}, but got {site!r}.")
 
-    def _load(self, site: str, split: str, e: _Entry, lo: int, hi: int) -> Patterns:
-        with h5py.File(e.path, "r", locking=False) as handle:
-            group = handle[schema.SITES_GROUP][e.key]
-            bits = group[schema.BITS][e.row_start + lo : e.row_start + hi]
-            labels = group[schema.LABELS][e.sample_start : e.sample_start + e.sample_count]
-            sample_ids = group[schema.SAMPLE_IDS][e.sample_start : e.sample_start + e.sample_count]
-            if e.obs_start < 0:
-                obs = np.arange(lo, hi, dtype=np.int64)
-            else:
-                obs = group[schema.OBS_INDEX][e.obs_start + lo : e.obs_start + hi]
-            values = None if e.value_start < 0 else group[schema.VALUES][e.value_start + lo : e.value_start + hi]
-        sample_row = obs // e.n_positions
+    # ------------------------------------------------------------------ reading records
+    def _empty(self, site: str, e: _Entry) -> Patterns:
+        n_bytes = (self._info[site]["n_units"] + 7) // 8
+        empty = np.zeros(0, dtype=np.int64)
+        values = self._info[site]["value_units"]
         return Patterns(
-            site=site, step=e.step, epoch=e.epoch, split=split, n_units=self._info[site]["n_units"],
+            site=site, step=e.step, epoch=e.epoch, split=e.split, n_units=self._info[site]["n_units"],
+            bits=np.zeros((0, n_bytes), dtype=np.uint8), labels=empty, sample_ids=empty.copy(), positions=empty.copy(),
+            nan_count=0, values=None if values is None or e.value_start < 0 else np.zeros((0, len(values)), np.float16),
+        )  # fmt: skip
+
+    def _read_entry(self, site: str, e: _Entry) -> Patterns | None:
+        """A whole record, verified; None (after a warning) if it fails."""
+        if e in self._lost_entries:
+            return None
+        try:
+            patterns, crc = self._load(site, e, 0, e.row_count, with_crc=e.crc >= 0)
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises: the record is lost
+            self._lose_entry(site, e, f"it cannot be read ({_short(exc)})")
+            return None
+        if e.crc >= 0 and crc != e.crc:
+            self._lose_entry(site, e, "it fails its checksum")
+            return None
+        return patterns
+
+    def _guarded_load(self, site: str, e: _Entry, lo: int, hi: int) -> Patterns | None:
+        try:
+            return self._load(site, e, lo, hi, with_crc=False)[0]
+        except Exception as exc:  # noqa: BLE001
+            self._lose_entry(site, e, f"it cannot be read ({_short(exc)})")
+            return None
+
+    def _verify_entry(self, site: str, e: _Entry, max_rows: int) -> bool:
+        """Check a record's checksum reading at most ``max_rows`` rows at a time."""
+        if e in self._lost_entries:
+            return False
+        if e.crc < 0:
+            return True
+        try:
+            crc = e.row_crc
+            for name, start, count in self._columns_of(e):
+                for lo in range(0, count, max_rows):
+                    crc = schema.crc_update(crc, self._rows(e.shard, e.key, name, start + lo, start + min(count, lo + max_rows)))
+        except Exception as exc:  # noqa: BLE001
+            self._lose_entry(site, e, f"it cannot be read ({_short(exc)})")
+            return False
+        if crc != e.crc:
+            self._lose_entry(site, e, "it fails its checksum")
+            return False
+        return True
+
+    def _lose_entry(self, site: str, e: _Entry, reason: str) -> None:
+        self._lost_entries.add(e)
+        shard = self._shards[e.shard]
+        self._lose(Loss(shard.path, reason, shard.rank, shard.index, site, e.split, e.step, 1, "corrupt"))
+
+    def _columns_of(self, e: _Entry) -> list[tuple[str, int, int]]:
+        """``(dataset, start, count)`` of a record's data in checksum order."""
+        columns = [(schema.BITS, e.row_start, e.row_count), (schema.SAMPLE_IDS, e.sample_start, e.sample_count),
+                   (schema.LABELS, e.sample_start, e.sample_count)]  # fmt: skip
+        if e.obs_start >= 0:
+            columns.append((schema.OBS_INDEX, e.obs_start, e.row_count))
+        if e.value_start >= 0:
+            columns.append((schema.VALUES, e.value_start, e.row_count))
+        return columns
+
+    def _load(self, site: str, e: _Entry, lo: int, hi: int, with_crc: bool) -> tuple[Patterns, int]:
+        rows = lambda name, start, a, b: self._rows(e.shard, e.key, name, start + a, start + b)  # noqa: E731
+        bits = rows(schema.BITS, e.row_start, lo, hi)
+        obs = np.arange(lo, hi, dtype=np.int64) if e.obs_start < 0 else rows(schema.OBS_INDEX, e.obs_start, lo, hi)
+        values = None if e.value_start < 0 else rows(schema.VALUES, e.value_start, lo, hi)
+        crc = 0
+        if with_crc:  # the whole record: all of its per-sample arrays are needed anyway
+            sample_lo, sample_hi = 0, e.sample_count
+        elif len(obs):  # rows are sample-major (obs_index is sorted): only the samples they touch
+            sample_lo, sample_hi = int(obs[0]) // e.n_positions, int(obs[-1]) // e.n_positions + 1
+        else:
+            sample_lo = sample_hi = 0
+        labels = rows(schema.LABELS, e.sample_start, sample_lo, sample_hi)
+        sample_ids = rows(schema.SAMPLE_IDS, e.sample_start, sample_lo, sample_hi)
+        if with_crc:
+            columns = [bits, sample_ids, labels] + [a for a, present in ((obs, e.obs_start >= 0),
+                                                                         (values, e.value_start >= 0)) if present]
+            crc = schema.record_crc(e.row_crc, columns)
+        sample_row = obs // e.n_positions - sample_lo
+        if len(sample_row) and (sample_row.min() < 0 or sample_row.max() >= len(labels)):
+            raise ValueError(f"obs_index points outside the record's {e.sample_count} samples")
+        patterns = Patterns(
+            site=site, step=e.step, epoch=e.epoch, split=e.split, n_units=self._info[site]["n_units"],
             bits=bits, labels=labels[sample_row], sample_ids=sample_ids[sample_row],
             positions=obs % e.n_positions, nan_count=e.nan_count if lo == 0 else 0, values=values,
-        )
+        )  # fmt: skip
+        return patterns, crc
 
 
 def _concat(parts: list[Patterns]) -> Patterns:
@@ -284,6 +814,137 @@ def _concat(parts: list[Patterns]) -> Patterns:
     )
 
 
+# ---------------------------------------------------------------------- validation helpers
+def _attr(attrs: Any, name: str, kind: type, default: Any = None) -> Any:
+    """An attribute converted to ``kind``, or ``default`` if absent; a wrong type raises ValueError."""
+    if name not in attrs:
+        return default
+    value = attrs[name]
+    if kind is str:
+        if isinstance(value, bytes):
+            value = value.decode()
+        if not isinstance(value, str):
+            raise ValueError(f"its attribute {name!r} is {value!r}, not a string")
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"its attribute {name!r} is {value!r}, not an integer")
+    return int(value)
+
+
+def _site_meta(group: Any) -> dict:
+    site = _attr(group.attrs, "site", str)
+    if site is None:
+        raise ValueError("it has no 'site' attribute")
+    n_units = _attr(group.attrs, "n_units", int)
+    if n_units is None or not 1 <= n_units <= _MAX_UNITS:
+        raise ValueError(f"its n_units is {group.attrs.get('n_units')!r}, not between 1 and {_MAX_UNITS}")
+    pattern = _attr(group.attrs, "pattern", str)
+    if pattern not in schema.PATTERN_KINDS:
+        raise ValueError(f"its pattern is {pattern!r}, not one of {schema.PATTERN_KINDS}")
+    shape = np.asarray(group.attrs.get("shape", ()))
+    if shape.ndim != 1 or shape.dtype.kind not in "iu" or len(shape) > 32:
+        raise ValueError(f"its shape attribute is {shape!r}")
+    value_units = None
+    if "value_units" in group.attrs:
+        units = np.asarray(group.attrs["value_units"])
+        if units.ndim != 1 or units.dtype.kind not in "iu" or not len(units) or units.min() < 0 or units.max() >= n_units:
+            raise ValueError(f"its value_units attribute is not a list of units below n_units={n_units}")
+        value_units = tuple(int(u) for u in units)
+    return {
+        "site": site,
+        "module_type": _attr(group.attrs, "module_type", str, "?"),
+        "shape": tuple(int(s) for s in shape),
+        "n_units": n_units,
+        "pattern": pattern,
+        "site_index": _attr(group.attrs, "site_index", int, 0),
+        "value_units": value_units,
+    }
+
+
+def _check_column(dataset: Any, name: str, ndim: int, width: int | None = None) -> None:
+    if not isinstance(dataset, h5py.Dataset):
+        raise ValueError(f"its {name!r} dataset is missing")
+    expected = schema.COLUMN_DTYPES[name]
+    if dataset.ndim != ndim or dataset.dtype.kind != expected.kind or dataset.dtype.itemsize != expected.itemsize:
+        raise ValueError(f"its {name!r} dataset has shape {dataset.shape} and dtype {dataset.dtype}")
+    if width is not None and dataset.shape[1] != width:
+        raise ValueError(f"its {name!r} dataset is {dataset.shape[1]} wide where {width} was expected")
+
+
+def _stored_rows(dataset: Any) -> int:
+    """Leading rows of ``dataset`` backed by chunks that exist in the file.
+
+    A crash or a crafted file can leave a dataset's declared extent ahead of its stored chunks; rows
+    past the stored ones would read as fill values, so nothing past them is read or allocated.
+    """
+    n = dataset.shape[0]
+    if n == 0:
+        return 0
+    chunks = dataset.chunks
+    if chunks is None:  # contiguous or compact: stored whole, as large as declared
+        return n if dataset.id.get_storage_size() >= dataset.size * dataset.dtype.itemsize else 0
+    chunk_rows = chunks[0]
+    needed = -(-n // chunk_rows)
+    stored = dataset.id.get_num_chunks()
+    if stored >= needed and all(c == s for c, s in zip(chunks[1:], dataset.shape[1:])):
+        return n
+    present = set()
+    for i in range(stored):
+        offset = dataset.id.get_chunk_info(i).chunk_offset
+        if all(o == 0 for o in offset[1:]):
+            present.add(offset[0] // chunk_rows)
+    leading = 0
+    while leading in present:
+        leading += 1
+    return min(n, leading * chunk_rows)
+
+
+def _valid_rows(table: np.ndarray, extents: dict[str, int], has_values: bool) -> np.ndarray:
+    """Mask of records-table rows that point inside the stored data (no arithmetic can overflow)."""
+    names = table.dtype.names
+    rs, rc = table["row_start"].astype(np.int64), table["row_count"].astype(np.int64)
+    ss, sc = table["sample_start"].astype(np.int64), table["sample_count"].astype(np.int64)
+    os_, npos = table["obs_start"].astype(np.int64), table["n_positions"].astype(np.int64)
+    vs = table["value_start"].astype(np.int64) if "value_start" in names else np.full(len(table), -1)
+    n_rows, n_samples = extents[schema.BITS], min(extents[schema.SAMPLE_IDS], extents[schema.LABELS])
+    n_obs, n_values = extents[schema.OBS_INDEX], extents[schema.VALUES] if has_values else 0
+    ok = (rs >= 0) & (rc >= 0) & (rc <= n_rows) & (rs <= n_rows - rc)
+    ok &= (ss >= 0) & (sc >= 0) & (sc <= n_samples) & (ss <= n_samples - sc)
+    ok &= (npos >= 1) & (table["nan_count"] >= 0)
+    safe_npos = np.maximum(npos, 1)
+    full = (os_ == -1) & (rc % safe_npos == 0) & (rc // safe_npos == sc)
+    sub = (os_ >= 0) & (rc <= n_obs) & (os_ <= n_obs - rc) & ((rc + safe_npos - 1) // safe_npos <= sc)
+    ok &= full | sub
+    ok &= (vs == -1) | ((vs >= 0) & (rc <= n_values) & (vs <= n_values - rc))
+    splits = table["split"]
+    ok &= np.array([_decodes(s) for s in splits], dtype=bool) if len(splits) else np.zeros(0, bool)
+    return ok
+
+
+def _decodes(split: bytes) -> bool:
+    try:
+        split.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _split(row: np.void) -> str:
+    return bytes(row["split"]).decode(errors="replace")
+
+
+def _unescape(key: str) -> str:
+    return key.replace("%2F", "/").replace("%25", "%")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]
+
+
 def _shard_order(name: str) -> tuple:
     parsed = schema.parse_shard_name(name)
     return (0, parsed[0], parsed[1], name) if parsed else (1, 0, 0, name)
+
+
+__all__ = ["Loss", "Patterns", "Run", "ShardFormatError", "ShardInfo", "StopReason", "open_run"]

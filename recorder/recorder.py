@@ -41,10 +41,12 @@ class ActivationRecorder:
         Keep at most this many observations per site per call, chosen uniformly without replacement by
         the recorder's own generator (seeded by ``seed``, the step and the site), so torch's global RNG
         is never touched and the choice is reproducible.
-    compression : {"lzf", "gzip", None}, default "lzf"
-        HDF5 filter of the shards. Compression runs on the writer thread: on a CPU-bound machine that
-        records every step, ``None`` keeps training within a few percent of the ``z > 0`` floor
-        (``bench/overhead.py``), at about 1.8x the bytes on disk.
+    compression : None or str, default None
+        Codec of the shards (see :class:`~actpat.recorder.shards.ShardWriter`): None, ``"lzf"``,
+        ``"gzip"``, or with the ``codecs`` extra ``"lz4"``, ``"zstd"``, ``"blosc-lz4"``, ``"blosc-zstd"``.
+        Compression runs on the writer thread, on the cores that train; uncompressed shards keep
+        training within a few percent of the ``z > 0`` floor (``bench/overhead.py``) and are read by
+        plain h5py.
     max_queue_bytes : int, default 256 MiB
         Bound on packed bytes waiting for the writer.
     on_backpressure : {"block", "drop"}, default "block"
@@ -101,7 +103,7 @@ class ActivationRecorder:
         sites: SiteFilter = None,
         pattern: str = "channel",
         max_observations: int | None = None,
-        compression: str | None = "lzf",
+        compression: str | None = None,
         max_queue_bytes: int = 256 << 20,
         on_backpressure: str = "block",
         *,

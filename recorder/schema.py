@@ -1,35 +1,49 @@
-"""The on-disk format of activation-pattern shards: names, dtypes and the version constant.
+"""The on-disk format of activation-pattern shards: names, dtypes, checksums, codecs and the version.
 
 Writer and reader both import this module; the README documents the same layout. A shard is a plain
 HDF5 file that ``h5py`` alone can read::
 
-    /                       attrs: format, format_version, rank, shard_index, dropped_records, finalized
-    /sites/<site key>/      attrs: site, site_index, module_type, shape, n_units, pattern, bit_order
+    /                       attrs: format, format_version, rank, shard_index, finalized, dropped_records,
+                                   compression, stop_reason (only where recording stopped early)
+    /sites/<site key>/      attrs: site, site_index, module_type, shape, n_units, pattern, bit_order,
+                                   value_units (only once a record with values was written)
         bits        (rows, n_bytes) uint8   packed patterns, unit j = bit j % 8 of byte j // 8
         sample_ids  (samples,) int64        per sample of each record, -1 where unknown
         labels      (samples,) int64        per sample of each record, -1 where unknown
-        obs_index   (subsampled rows,) int64  row index into the record's full (sample, position) grid
-        values      (value rows, k) float16 optional pre-activations of the units in attr value_units
+        obs_index   (subsampled rows,) int64  only once a subsampled record was written
+        values      (value rows, k) float16 only once a record with values was written
         records     (records,) RECORD_DTYPE one row per recorded call, pointing into the arrays above
 
 Rows of a record are ordered sample-major then by flattened spatial position, unless the record was
 subsampled, in which case ``obs_index`` names each kept row's place in that grid. A record with values
-has one ``values`` row per ``bits`` row, starting at ``value_start``.
+has one ``values`` row per ``bits`` row, starting at ``value_start``. Each record row carries two CRC-32:
+of itself (:func:`row_crc`) and of itself and its data (:func:`record_crc`), so a reader can tell an
+exact record from a damaged one.
 
 Version history: 1 = patterns only; 2 adds ``values``, the ``value_units`` attribute and the
-``value_start`` record field (-1 = no values). Readers of version 2 read version 1 shards.
+``value_start`` record field (-1 = no values); 3 adds the ``row_crc32`` and ``crc32`` record fields, the
+``compression`` and ``stop_reason`` attributes, creates ``obs_index`` and ``values`` only when a record needs them, and is
+written with HDF5 1.10 object formats (checksummed file metadata). Readers read every earlier version.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import numpy as np
 
 FORMAT_NAME = "actpat-patterns"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: First version whose records carry a checksum.
+CHECKSUM_VERSION = 3
 BIT_ORDER = "little"
 PATTERN_KINDS = ("channel", "flat")
+#: HDF5 object formats of version-3 shards: 1.10 gives checksums on all file metadata (superblock v3,
+#: object header v2, chunk indexes) and every h5py since 3.0 reads it.
+LIBVER = ("v110", "v110")
 
 SITES_GROUP = "sites"
 BITS = "bits"
@@ -38,30 +52,203 @@ LABELS = "labels"
 OBS_INDEX = "obs_index"
 VALUES = "values"
 RECORDS = "records"
+#: Per-sample columns, always present.
+SAMPLE_COLUMNS = (SAMPLE_IDS, LABELS)
+#: Columns a version-3 writer creates only when the first record that needs them arrives.
+OPTIONAL_COLUMNS = (OBS_INDEX, VALUES)
 
 SPLIT_BYTES = 32
-RECORD_DTYPE = np.dtype(
-    [
-        ("step", np.int64),
-        ("epoch", np.int64),
-        ("split", f"S{SPLIT_BYTES}"),
-        ("row_start", np.int64),
-        ("row_count", np.int64),
-        ("sample_start", np.int64),
-        ("sample_count", np.int64),
-        # -1 when every (sample, position) row was kept, else the offset into obs_index.
-        ("obs_start", np.int64),
-        ("n_positions", np.int64),
-        ("nan_count", np.int64),
-        ("value_start", np.int64),
-    ]
-)
+_FIELDS = [
+    ("step", "<i8"),
+    ("epoch", "<i8"),
+    ("split", f"S{SPLIT_BYTES}"),
+    ("row_start", "<i8"),
+    ("row_count", "<i8"),
+    ("sample_start", "<i8"),
+    ("sample_count", "<i8"),
+    # -1 when every (sample, position) row was kept, else the offset into obs_index.
+    ("obs_start", "<i8"),
+    ("n_positions", "<i8"),
+    ("nan_count", "<i8"),
+    ("value_start", "<i8"),
+]
+RECORD_DTYPE = np.dtype(_FIELDS + [("row_crc32", "<u4"), ("crc32", "<u4")])
+_CRC_FIELDS = ("row_crc32", "crc32")
+#: Record fields by version (version 1 lacks ``value_start``, versions 1-2 lack the checksums).
+RECORD_FIELDS = {
+    1: tuple(name for name, _ in _FIELDS if name != "value_start"),
+    2: tuple(name for name, _ in _FIELDS),
+    3: RECORD_DTYPE.names,
+}
+COLUMN_DTYPES = {BITS: np.dtype("u1"), SAMPLE_IDS: np.dtype("<i8"), LABELS: np.dtype("<i8"),
+                 OBS_INDEX: np.dtype("<i8"), VALUES: np.dtype("<f2")}  # fmt: skip
+
+# Chunks of at most this many bytes: small enough that a partly filled chunk per dataset stays cheap
+# to keep in HDF5's chunk cache and to rewrite, large enough for fast sequential reads.
+CHUNK_BYTES = 64 << 10
+RECORD_CHUNK_ROWS = 256
 
 SHARD_SUFFIX = ".h5"
 PARTIAL_SUFFIX = ".h5.partial"
+STOP_SUFFIX = ".stop.txt"
+LOCK_SUFFIX = ".lock"
 _SHARD_RE = re.compile(r"^patterns-rank(\d+)-(\d+)\.h5(\.partial)?$")
+_STOP_RE = re.compile(r"^patterns-rank(\d+)-(\d+)\.stop\.txt$")
+
+# ---------------------------------------------------------------------------------------------- codecs
+#: ``compression=`` names: the HDF5 filters built into h5py, and fast codecs of ``hdf5plugin``
+#: (the ``actpat[codecs]`` extra). A shard names its codec in its ``compression`` attribute.
+BUILTIN_CODECS = ("lzf", "gzip")
+PLUGIN_CODECS = ("lz4", "zstd", "blosc-lz4", "blosc-zstd")
+CODECS = (None,) + BUILTIN_CODECS + PLUGIN_CODECS
+CODECS_EXTRA = "pip install 'actpat[codecs]'"
 
 
+class ShardFormatError(ValueError):
+    """A file in a run directory is not a readable actpat shard of a known format version."""
+
+
+def check_codec(compression: str | None) -> None:
+    """Raise ``ValueError`` for an unknown codec, naming the known ones and the extra to install."""
+    if compression not in CODECS:
+        raise ValueError(
+            f"Expected `compression` to be one of {list(CODECS)}, but got {compression!r}. The codecs "
+            f"{list(PLUGIN_CODECS)} need the `codecs` extra ({CODECS_EXTRA})."
+        )
+
+
+def codec_options(compression: str | None) -> dict[str, Any]:
+    """``h5py`` ``create_dataset`` keywords that apply codec ``compression`` (see :data:`CODECS`)."""
+    check_codec(compression)
+    if compression is None:
+        return {}
+    if compression in BUILTIN_CODECS:
+        return {"compression": compression, **({"compression_opts": 1} if compression == "gzip" else {})}
+    hdf5plugin = load_plugins(compression)
+    filters = {
+        "lz4": lambda: hdf5plugin.LZ4(),
+        "zstd": lambda: hdf5plugin.Zstd(clevel=1),
+        "blosc-lz4": lambda: hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.NOSHUFFLE),
+        "blosc-zstd": lambda: hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.NOSHUFFLE),
+    }
+    return dict(filters[compression]())
+
+
+def load_plugins(what: str) -> Any:
+    """Import ``hdf5plugin`` (registering its HDF5 filters), or say which extra to install for ``what``."""
+    try:
+        import hdf5plugin
+    except ImportError as exc:
+        raise ImportError(
+            f"{what} needs the HDF5 filters of `hdf5plugin`, which is not installed: {CODECS_EXTRA}."
+        ) from exc
+    return hdf5plugin
+
+
+# ---------------------------------------------------------------------------------------------- sites
+@dataclass(frozen=True)
+class SiteMeta:
+    """What a shard stores about one activation site (the attributes of its group)."""
+
+    site: str
+    site_index: int
+    module_type: str
+    shape: tuple[int, ...]
+    n_units: int
+    pattern: str
+    # Units whose float16 pre-activations are stored alongside the bits (None: values not stored).
+    value_units: tuple[int, ...] | None = None
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes per packed pattern."""
+        return (self.n_units + 7) // 8
+
+
+def write_site_attrs(group: Any, meta: SiteMeta) -> None:
+    """Write the attributes of a site group (``value_units`` is written by :func:`create_column`)."""
+    group.attrs["site"] = meta.site
+    group.attrs["site_index"] = meta.site_index
+    group.attrs["module_type"] = meta.module_type
+    group.attrs["shape"] = np.asarray(meta.shape, dtype=np.int64)
+    group.attrs["n_units"] = meta.n_units
+    group.attrs["pattern"] = meta.pattern
+    group.attrs["bit_order"] = BIT_ORDER
+
+
+def create_column(group: Any, name: str, meta: SiteMeta, codec: dict[str, Any]) -> Any:
+    """Create the extensible dataset ``name`` of a site group, chunked to about :data:`CHUNK_BYTES`.
+
+    The records table is never compressed (it is small and read first); ``codec`` (from
+    :func:`codec_options`) applies to the data columns.
+    """
+    if name == RECORDS:
+        return group.create_dataset(
+            RECORDS, shape=(0,), maxshape=(None,), dtype=RECORD_DTYPE, chunks=(RECORD_CHUNK_ROWS,)
+        )
+    if name == VALUES:
+        if meta.value_units is None:
+            raise ValueError(f"Site {meta.site!r} stores no values: it has no `value_units`.")
+        group.attrs["value_units"] = np.asarray(meta.value_units, dtype=np.int64)
+    width = {BITS: meta.n_bytes, VALUES: len(meta.value_units or ())}.get(name)
+    dtype = COLUMN_DTYPES[name]
+    if width is None:
+        rows = max(1, CHUNK_BYTES // dtype.itemsize)
+        return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(rows,), **codec)
+    rows = max(1, CHUNK_BYTES // (width * dtype.itemsize))
+    return group.create_dataset(
+        name, shape=(0, width), maxshape=(None, width), dtype=dtype, chunks=(rows, width), **codec
+    )
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+def site_header(site: str, pattern: str, n_units: int, value_units: Iterable[int] | None) -> bytes:
+    """The bytes of a site that every record checksum covers: what decoding its bits depends on.
+
+    ``value_units`` is given for records with values only.
+    """
+    header = b"actpat-record\0" + site.encode() + b"\0" + pattern.encode() + b"\0"
+    header += np.int64(n_units).astype("<i8").tobytes()
+    if value_units is not None:
+        header += np.asarray(tuple(value_units), dtype="<i8").tobytes()
+    return header
+
+
+def row_crc(header: bytes, row: np.ndarray) -> int:
+    """CRC-32 (``zlib.crc32``) of a record's site header, then its records-table row with both checksum
+    fields set to 0: checked when a run is opened, before the row is trusted as an index entry."""
+    return zlib.crc32(row_bytes(row), zlib.crc32(header))
+
+
+def record_crc(row_checksum: int, columns: Iterable[np.ndarray]) -> int:
+    """CRC-32 of a whole record: :func:`row_crc` continued over its data, in column order ``bits,
+    sample_ids, labels[, obs_index][, values]`` (each the record's slice, dtypes of
+    :data:`COLUMN_DTYPES`, C order). Checked when the record is read."""
+    crc = row_checksum
+    for column in columns:
+        crc = crc_update(crc, column)
+    return crc
+
+
+def row_bytes(row: np.ndarray) -> bytes:
+    """A records-table row as the checksums see it: little-endian, checksum fields set to 0."""
+    plain = np.zeros(1, dtype=RECORD_DTYPE)
+    plain[0] = row  # a copy: a numpy void scalar may be a view into its table
+    for name in _CRC_FIELDS:
+        plain[name] = 0
+    return plain.tobytes()
+
+
+def crc_update(crc: int, array: np.ndarray | bytes) -> int:
+    """Continue a CRC-32 over ``array``'s bytes (C order)."""
+    if isinstance(array, np.ndarray):
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        array = np.ascontiguousarray(array)
+    return zlib.crc32(array, crc)
+
+
+# ---------------------------------------------------------------------------------------------- file names
 def shard_name(rank: int, index: int, partial: bool = False) -> str:
     """File name of shard ``index`` written by process ``rank``."""
     return f"patterns-rank{rank:03d}-{index:05d}" + (PARTIAL_SUFFIX if partial else SHARD_SUFFIX)
@@ -73,6 +260,22 @@ def parse_shard_name(name: str) -> tuple[int, int, bool] | None:
     if match is None:
         return None
     return int(match.group(1)), int(match.group(2)), match.group(3) is not None
+
+
+def stop_name(rank: int, index: int) -> str:
+    """Side file that records why recording of ``rank`` stopped at shard ``index`` when no shard could."""
+    return f"patterns-rank{rank:03d}-{index:05d}{STOP_SUFFIX}"
+
+
+def parse_stop_name(name: str) -> tuple[int, int] | None:
+    """``(rank, index)`` of a stop side file name, or ``None``."""
+    match = _STOP_RE.match(name)
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def lock_name(rank: int) -> str:
+    """Lock file held by the live writer of ``rank`` in a run directory."""
+    return f"patterns-rank{rank:03d}{LOCK_SUFFIX}"
 
 
 def site_key(site: str) -> str:

@@ -1,7 +1,17 @@
-"""Background writer of pattern records into rolling, atomically finalized HDF5 shards."""
+"""Background writer of pattern records into rolling, checksummed, atomically finalized HDF5 shards.
+
+Promises (tested in ``tests/reliability``): a shard is never overwritten (exclusive creation, a lock
+per run directory and rank, a finalize that refuses to replace a file); a write error (full disk,
+EIO, quota, file size limit) is seen on the block that caused it, the shard is then left unfinalized
+and the process never crashes; a finalized shard was flushed, fsynced and renamed, and its directory
+fsynced.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import json
 import logging
 import os
 import queue
@@ -15,32 +25,27 @@ import h5py
 import numpy as np
 
 from actpat.recorder import schema
+from actpat.recorder.schema import SiteMeta
+
+try:  # POSIX; elsewhere only writers within one process are kept apart
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
 # Records are buffered per site and written in blocks: each h5py call holds the GIL, and many small
-# appends (and flushes, which compress partly filled chunks again) would slow the training thread.
+# appends (and flushes) would slow the training thread.
 _WRITE_BYTES = 4 << 20
 _WRITE_SECONDS = 1.0
+# Staging buffers for a block's columns are reused across blocks up to this size; larger columns are
+# written record by record rather than concatenated.
+_STAGING_BYTES = 8 << 20
 
 
 class RecorderError(RuntimeError):
     """Recording failed; the shards finalized so far stay readable."""
-
-
-@dataclass(frozen=True)
-class SiteMeta:
-    """What a shard stores about one activation site."""
-
-    site: str
-    site_index: int
-    module_type: str
-    shape: tuple[int, ...]
-    n_units: int
-    pattern: str
-    # Units whose float16 pre-activations are stored alongside the bits (None: values not stored).
-    value_units: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -95,9 +100,12 @@ class ShardWriter:
     out_dir : path
         Run directory; created if missing. Shards already there are kept and numbering continues.
     rank : int
-        Process rank, part of every shard's file name so that no two processes share a file.
-    compression : {"lzf", "gzip", None}
-        HDF5 filter of the pattern datasets.
+        Process rank, part of every shard's file name. One live writer per directory and rank: a second
+        one gets a :class:`RecorderError` from :meth:`start` naming the process that holds the lock.
+    compression : None or str, default None
+        Codec of the data columns (:data:`~actpat.recorder.schema.CODECS`): None (fastest, read by
+        plain h5py), ``"lzf"``, ``"gzip"``, or with the ``codecs`` extra ``"lz4"``, ``"zstd"``,
+        ``"blosc-lz4"``, ``"blosc-zstd"`` (``bench/writer_codecs.py`` measures them).
     max_queue_bytes : int
         Bound on the bytes of records waiting to be written.
     on_backpressure : {"block", "drop"}
@@ -108,7 +116,17 @@ class ShardWriter:
     max_shard_seconds : float
         A shard is also finalized once it has been open this long, even while no record arrives. HDF5
         promises nothing about a file whose writer was killed mid-write, so this bounds what a crash
-        can lose to the records of the last ``max_shard_seconds``.
+        can lose to the records of the last ``max_shard_seconds`` (the reader still reads every record
+        of an unfinalized shard that verifies).
+
+    Notes
+    -----
+    Memory: records waiting in the queue (at most ``max_queue_bytes``, or one record larger than that),
+    the block being written (at most ``4 MiB`` plus one record), staging buffers reused across blocks
+    (at most ``8 MiB``) and HDF5's caches (one ``64 KiB`` chunk per open dataset, at most five per site,
+    and up to ``4 MiB`` of file metadata): ``max_queue_bytes + 16 MiB + 320 KiB`` per site in all, plus
+    the largest record. ``bench/writer_rss.py`` measures the resident memory under ``block``
+    backpressure against this bound.
     """
 
     def __init__(
@@ -116,14 +134,13 @@ class ShardWriter:
         out_dir: str | os.PathLike,
         *,
         rank: int = 0,
-        compression: str | None = "lzf",
+        compression: str | None = None,
         max_queue_bytes: int = 256 << 20,
         on_backpressure: str = "block",
         max_shard_bytes: int = 1 << 30,
         max_shard_seconds: float = 60.0,
     ) -> None:
-        if compression not in ("lzf", "gzip", None):
-            raise ValueError(f"Expected `compression` to be 'lzf', 'gzip' or None, but got {compression!r}.")
+        self._codec = schema.codec_options(compression)  # an unknown or uninstalled codec fails here
         if on_backpressure not in ("block", "drop"):
             raise ValueError(f"Expected `on_backpressure` to be 'block' or 'drop', but got {on_backpressure!r}.")
         if max_queue_bytes < 1:
@@ -132,6 +149,8 @@ class ShardWriter:
             raise ValueError(f"Expected `max_shard_bytes` to be at least 1, but got {max_shard_bytes}.")
         if not max_shard_seconds > 0:
             raise ValueError(f"Expected `max_shard_seconds` to be positive, but got {max_shard_seconds}.")
+        if int(rank) < 0:
+            raise ValueError(f"Expected `rank` to be at least 0, but got {rank}.")
         self.out_dir = Path(out_dir)
         self.rank = int(rank)
         self.compression = compression
@@ -147,30 +166,56 @@ class ShardWriter:
         self._space = threading.Condition()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._file: h5py.File | None = None
-        self._file_bytes = 0
+        self._lock: _RunLock | None = None
+        self._shard: _Shard | None = None
         self._file_dropped = 0
-        self._file_opened = 0.0
+        self._sites: dict[str, SiteMeta] = {}
+        self._sites_lock = threading.Lock()
+        self._stops: list[str] = []  # reasons waiting for the next finalized shard
+        self._stop_lock = threading.Lock()
+        self._stop_file: Path | None = None
+        self._io_failed = False
         self._pending: dict[str, list[_Buffered]] = {}
         self._pending_bytes = 0
         self._pending_since = 0.0
         self._next_index = 0
+        self._staging: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ producer side
     def start(self) -> None:
-        """Create the run directory and start the writer thread."""
+        """Take the run directory's lock for this rank and start the writer thread.
+
+        Raises
+        ------
+        RecorderError
+            Another live writer (in this or another process) holds the lock of this directory and rank.
+        """
         if self._thread is not None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _RunLock.acquire(self.out_dir, self.rank)
+        self._error = None
+        self._io_failed = False
+        self._stop_file = None
         self._next_index = self._first_free_index()
         self._thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
         self._thread.start()
 
     def put(self, record: Record) -> bool:
-        """Queue a record; returns False if it was dropped under backpressure."""
+        """Queue a record; returns False if it was dropped under backpressure.
+
+        Raises
+        ------
+        RecorderError
+            The writer failed earlier, or is not running.
+        ValueError
+            Another recorder sharing this writer described the same site differently (see
+            :meth:`register_site`).
+        """
         self.raise_if_failed()
         if self._thread is None:
             raise RecorderError("The shard writer is not running: call `start()` (or enter the recorder) first.")
+        self.register_site(record.meta)
         with self._space:
             # A record larger than the whole budget still passes once the queue is empty.
             while self._queued_bytes and self._queued_bytes + record.nbytes > self.max_queue_bytes:
@@ -183,19 +228,77 @@ class ShardWriter:
         self._queue.put(record)
         return True
 
+    def register_site(self, meta: SiteMeta) -> SiteMeta:
+        """Check ``meta`` against what this writer already records under the same site name.
+
+        A site is identified by its name within a run. Recorders sharing a writer (a model and its
+        probe copy) must agree on a site's ``n_units`` and ``pattern``, and on ``value_units`` where both
+        store values; records without values may be mixed with records with values. The first
+        description of a site (its ``site_index``, ``module_type``, ``shape``) is written in every shard.
+
+        Returns
+        -------
+        SiteMeta
+            The site as the shards describe it.
+        """
+        with self._sites_lock:
+            known = self._sites.get(meta.site)
+            if known is None or known is meta:
+                self._sites[meta.site] = known = known or meta
+                return known
+            if (known.n_units, known.pattern) != (meta.n_units, meta.pattern):
+                raise ValueError(
+                    f"Expected every recorder writing {self.out_dir} (rank {self.rank}) to describe site "
+                    f"{meta.site!r} alike, but one records {known.n_units} units ({known.pattern!r} patterns) and "
+                    f"another {meta.n_units} ({meta.pattern!r}): two models with the same site names share one "
+                    "writer. Record them into separate `out_dir`s, or select distinct sites with `sites=`."
+                )
+            if meta.value_units is not None and known.value_units != meta.value_units:
+                if known.value_units is not None:
+                    raise ValueError(
+                        f"Expected every recorder writing {self.out_dir} (rank {self.rank}) to store the values "
+                        f"of the same units of site {meta.site!r}, but one stores {list(known.value_units)} and "
+                        f"another {list(meta.value_units)}. Give both the same `store_values` and `seed`, or "
+                        "separate `out_dir`s."
+                    )
+                self._sites[meta.site] = known = dataclasses.replace(known, value_units=meta.value_units)
+            return known
+
+    def record_stop(self, reason: str) -> None:
+        """Store in the run why recording stopped before the end (best effort; never raises).
+
+        While the writer is healthy the reason goes into the ``stop_reason`` attribute of the shard it
+        finalizes next (at :meth:`close` at the latest). After a write failure, or once closed, it goes
+        into a small side file ``patterns-rank{RANK}-{INDEX}.stop.txt`` (one JSON string per line);
+        the writer records its own failures there itself. :attr:`actpat.recorder.Run.stop_reasons`
+        reads both.
+        """
+        reason = str(reason)
+        with self._stop_lock:
+            if self._thread is not None and self._error is None:
+                self._stops.append(reason)
+                return
+        self._write_stop_file([reason])
+
     def close(self) -> None:
-        """Write everything queued, finalize the open shard and stop the thread."""
+        """Write everything queued, finalize the open shard, stop the thread and release the lock."""
         if self._thread is None:
             return
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         self.raise_if_failed()
 
     def raise_if_failed(self) -> None:
         """Re-raise, in the caller's thread, an error the writer thread met."""
         if self._error is not None:
-            raise RecorderError(f"Writing activation patterns to {self.out_dir} failed: {self._error!r}") from self._error
+            raise RecorderError(
+                f"Writing activation patterns to {self.out_dir} failed: {self._error}. Recording stopped; the "
+                f"{len(self.finalized)} shard(s) finalized before stay readable."
+            ) from self._error
 
     @property
     def queued_bytes(self) -> int:
@@ -224,28 +327,36 @@ class ShardWriter:
                 if record is _STOP:
                     break
                 try:
-                    if self._error is None:
-                        self._buffer(record)
+                    self._buffer(record)
                 finally:
                     with self._space:
                         self._queued_bytes -= record.nbytes
                         self._space.notify_all()
                 self._meet_deadlines()
         except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
-            self._error = exc
+            with self._stop_lock:
+                self._error = exc
+                if not self._io_failed:  # the shard is sound: its finalize carries the reason
+                    self._stops.append(f"the shard writer failed: {exc!r}")
             self._drain()
         finally:
             try:
-                if self._file is None and self._file_dropped:
-                    self._file = self._open()  # an empty shard that only carries the last drop count
-                self._finalize()
+                if self._shard is None and (self._file_dropped or self._stops) and not self._io_failed:
+                    self._open()  # an empty shard that only carries the last drop count or stop reason
+                if self._shard is not None:
+                    self._finalize()
             except BaseException as exc:  # noqa: BLE001
-                self._error = self._error or exc
+                with self._stop_lock:
+                    self._error = self._error or exc
+            with self._stop_lock:
+                stops, self._stops = self._stops, []
+            if stops:  # not written into a shard: the last one failed
+                self._write_stop_file(stops)
 
     def _seconds_to_next_deadline(self) -> float | None:
         deadlines = []
-        if self._file is not None:
-            deadlines.append(self._file_opened + self.max_shard_seconds)
+        if self._shard is not None:
+            deadlines.append(self._shard.opened + self.max_shard_seconds)
         if self._pending:
             deadlines.append(self._pending_since + _WRITE_SECONDS)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
@@ -254,9 +365,8 @@ class ShardWriter:
         now = time.monotonic()
         if self._pending and (self._pending_bytes >= _WRITE_BYTES or now >= self._pending_since + _WRITE_SECONDS):
             self._write_pending()
-        if self._file is not None and (
-            self._file_bytes >= self.max_shard_bytes or now >= self._file_opened + self.max_shard_seconds
-        ):
+        shard = self._shard
+        if shard is not None and (shard.bytes >= self.max_shard_bytes or now >= shard.opened + self.max_shard_seconds):
             self._finalize()
 
     def _drain(self) -> None:
@@ -270,77 +380,98 @@ class ShardWriter:
                 self._space.notify_all()
 
     def _first_free_index(self) -> int:
-        taken = [
-            parsed[1]
-            for parsed in map(schema.parse_shard_name, os.listdir(self.out_dir))
-            if parsed is not None and parsed[0] == self.rank
-        ]
-        return max(taken, default=-1) + 1
+        taken = [-1]
+        for name in os.listdir(self.out_dir):
+            parsed = schema.parse_shard_name(name) or schema.parse_stop_name(name)
+            if parsed is not None and parsed[0] == self.rank:
+                taken.append(parsed[1])
+        return max(taken) + 1
 
-    def _open(self) -> h5py.File:
-        path = self.out_dir / schema.shard_name(self.rank, self._next_index, partial=True)
-        handle = h5py.File(path, "w")
-        handle.attrs["format"] = schema.FORMAT_NAME
-        handle.attrs["format_version"] = schema.FORMAT_VERSION
-        handle.attrs["rank"] = self.rank
-        handle.attrs["shard_index"] = self._next_index
-        handle.attrs["finalized"] = False
-        handle.attrs["dropped_records"] = 0
-        handle.create_group(schema.SITES_GROUP)
-        self._file_bytes = 0
-        self._file_opened = time.monotonic()
-        self._next_index += 1
-        return handle
+    def _open(self) -> None:
+        while True:
+            index = self._next_index
+            self._next_index += 1
+            final = self.out_dir / schema.shard_name(self.rank, index)
+            if final.exists():
+                continue
+            partial = self.out_dir / schema.shard_name(self.rank, index, partial=True)
+            try:
+                shard = _Shard.create(partial, index)
+            except FileExistsError:
+                continue
+            except BaseException as exc:
+                self._io_failed = True
+                self._stop_file = self.out_dir / schema.stop_name(self.rank, index)
+                self._write_stop_file([f"creating {partial.name} failed: {exc}"])
+                raise
+            break
+        try:
+            handle = shard.handle
+            handle.attrs["format"] = schema.FORMAT_NAME
+            handle.attrs["format_version"] = schema.FORMAT_VERSION
+            handle.attrs["rank"] = self.rank
+            handle.attrs["shard_index"] = index
+            handle.attrs["finalized"] = False
+            handle.attrs["dropped_records"] = 0
+            handle.attrs["compression"] = self.compression or "none"
+            handle.create_group(schema.SITES_GROUP)
+            shard.check("creating")
+        except BaseException as exc:
+            self._abandon(shard, exc)
+            raise
+        self._shard = shard
 
     def _finalize(self) -> None:
-        if self._file is None:
+        shard = self._shard
+        if shard is None:
             return
         self._write_pending()
-        handle, self._file = self._file, None
         # Drops are counted by producers, possibly while no shard is open: each shard takes the drops
         # since the previous one was finalized, so that the shards' sum is the writer's total.
         with self._space:
             dropped, self._file_dropped = self._file_dropped, 0
-        handle.attrs["dropped_records"] = dropped
-        handle.attrs["finalized"] = True
-        partial = Path(handle.filename)
-        handle.close()
-        final = partial.with_name(partial.name[: -len(".partial")])
-        os.replace(partial, final)
+        with self._stop_lock:
+            stops, self._stops = self._stops, []
+        try:
+            shard.handle.attrs["dropped_records"] = dropped
+            if stops:
+                shard.handle.attrs["stop_reason"] = "\n".join(stops)
+            shard.handle.attrs["finalized"] = True
+            final = shard.finish()
+        except BaseException as exc:
+            with self._space:
+                self._file_dropped += dropped
+            with self._stop_lock:
+                self._stops[:0] = stops
+            self._abandon(shard, exc)
+            raise
+        self._shard = None
         self.finalized.append(final)
 
-    def _site_group(self, meta: SiteMeta) -> h5py.Group:
-        sites = self._file[schema.SITES_GROUP]
-        key = schema.site_key(meta.site)
-        if key in sites:
-            return sites[key]
-        group = sites.create_group(key)
-        group.attrs["site"] = meta.site
-        group.attrs["site_index"] = meta.site_index
-        group.attrs["module_type"] = meta.module_type
-        group.attrs["shape"] = np.asarray(meta.shape, dtype=np.int64)
-        group.attrs["n_units"] = meta.n_units
-        group.attrs["pattern"] = meta.pattern
-        group.attrs["bit_order"] = schema.BIT_ORDER
-        if meta.value_units is not None:
-            group.attrs["value_units"] = np.asarray(meta.value_units, dtype=np.int64)
-            k = len(meta.value_units)
-            group.create_dataset(
-                schema.VALUES, shape=(0, k), maxshape=(None, k), dtype=np.float16,
-                chunks=(max(1, min(1 << 14, (1 << 20) // (2 * k))), k), compression=self.compression,
-            )
-        n_bytes = (meta.n_units + 7) // 8
-        row_chunk = max(1, min(1 << 16, (1 << 20) // n_bytes))
-        group.create_dataset(
-            schema.BITS, shape=(0, n_bytes), maxshape=(None, n_bytes), dtype=np.uint8,
-            chunks=(row_chunk, n_bytes), compression=self.compression,
-        )
-        for name in (schema.SAMPLE_IDS, schema.LABELS, schema.OBS_INDEX):
-            group.create_dataset(
-                name, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1 << 14,), compression=self.compression
-            )
-        group.create_dataset(schema.RECORDS, shape=(0,), maxshape=(None,), dtype=schema.RECORD_DTYPE, chunks=(256,))
-        return group
+    def _abandon(self, shard: _Shard, exc: BaseException) -> None:
+        """Leave a shard whose file failed unfinalized (``.partial``), and say why in a stop file."""
+        self._shard = None
+        self._io_failed = True
+        self._pending.clear()
+        self._pending_bytes = 0
+        shard.abort()
+        self._stop_file = self.out_dir / schema.stop_name(self.rank, shard.index)
+        self._write_stop_file([f"writing {shard.path.name} failed: {exc}"])
+
+    def _write_stop_file(self, reasons: list[str]) -> None:
+        path = self._stop_file
+        if path is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            index = max(self._next_index, self._first_free_index())
+            self._next_index = index + 1
+            path = self._stop_file = self.out_dir / schema.stop_name(self.rank, index)
+        try:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(reason) + "\n" for reason in reasons)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            log.warning("actpat: could not store why recording stopped (%s) in %s: %s", "; ".join(reasons), path, exc)
 
     def _buffer(self, record: Record) -> None:
         if record.ready is not None:
@@ -357,48 +488,344 @@ class ShardWriter:
             values=_to_numpy(record.values, np.float16),
             nan_count=int(record.nan_count if isinstance(record.nan_count, int) else record.nan_count.item()),
         )
-        if self._file is None:
-            self._file = self._open()
+        if self._shard is None:
+            self._open()
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.setdefault(record.meta.site, []).append(buffered)
         self._pending_bytes += record.nbytes
-        self._file_bytes += record.nbytes
+        self._shard.bytes += record.nbytes
 
     def _write_pending(self) -> None:
-        for items in self._pending.values():
-            group = self._site_group(items[0].record.meta)
-            entries = np.zeros(len(items), dtype=schema.RECORD_DTYPE)
-            row, sample = group[schema.BITS].shape[0], group[schema.SAMPLE_IDS].shape[0]
-            obs, value = group[schema.OBS_INDEX].shape[0], group[schema.VALUES].shape[0] if schema.VALUES in group else 0
-            for entry, item in zip(entries, items):
-                rec = item.record
-                entry["step"], entry["epoch"], entry["split"] = rec.step, rec.epoch, rec.split.encode()
-                entry["row_start"], entry["row_count"] = row, len(item.bits)
-                entry["sample_start"], entry["sample_count"] = sample, rec.n_samples
-                entry["obs_start"] = -1 if item.obs_index is None else obs
-                entry["value_start"] = -1 if item.values is None else value
-                entry["n_positions"], entry["nan_count"] = rec.n_positions, item.nan_count
-                row, sample = row + len(item.bits), sample + rec.n_samples
-                obs += 0 if item.obs_index is None else len(item.obs_index)
-                value += 0 if item.values is None else len(item.values)
-            columns = {
-                schema.BITS: [item.bits for item in items],
-                schema.SAMPLE_IDS: [item.sample_ids for item in items],
-                schema.LABELS: [item.labels for item in items],
-                schema.OBS_INDEX: [item.obs_index for item in items if item.obs_index is not None],
-                schema.VALUES: [item.values for item in items if item.values is not None],
-            }
-            for name, parts in columns.items():
-                if parts:
-                    _append(group[name], np.concatenate(parts))
-            # The record rows go last: a reader never sees a record whose rows are missing.
-            _append(group[schema.RECORDS], entries)
-            self.written_records += len(items)
-        if self._pending:
-            self._file.flush()
+        if not self._pending:
+            return
+        shard = self._shard
+        try:
+            blocks = [self._write_site_data(shard, items) for items in self._pending.values()]
+            # Two flushes: a record row reaches the file only after all its data did, so a process
+            # killed at any point leaves no row pointing at data that was never written.
+            shard.flush("writing a block of patterns")
+            for records, entries in blocks:
+                _append(records, entries)
+            shard.flush("writing a block of records")
+        except BaseException as exc:
+            self._abandon(shard, exc)
+            raise
+        self.written_records += sum(len(entries) for _, entries in blocks)
         self._pending.clear()
         self._pending_bytes = 0
+
+    def _write_site_data(self, shard: _Shard, items: list[_Buffered]) -> tuple[h5py.Dataset, np.ndarray]:
+        """Append one site's block of data columns; returns its records table and the rows to append."""
+        meta = self._sites[items[0].record.meta.site]
+        columns = {
+            schema.BITS: [item.bits for item in items],
+            schema.SAMPLE_IDS: [item.sample_ids for item in items],
+            schema.LABELS: [item.labels for item in items],
+            schema.OBS_INDEX: [item.obs_index for item in items if item.obs_index is not None],
+            schema.VALUES: [item.values for item in items if item.values is not None],
+        }
+        # Optional columns are created by the first record that carries them, in every shard.
+        datasets = {name: shard.column(meta, name, self._codec) for name, parts in columns.items()
+                    if parts or name not in schema.OPTIONAL_COLUMNS}  # fmt: skip
+        row, sample, obs, value = (
+            datasets[name].shape[0] if name in datasets else 0
+            for name in (schema.BITS, schema.SAMPLE_IDS, schema.OBS_INDEX, schema.VALUES)
+        )
+        entries = np.zeros(len(items), dtype=schema.RECORD_DTYPE)
+        plain = schema.site_header(meta.site, meta.pattern, meta.n_units, None)
+        with_values = schema.site_header(meta.site, meta.pattern, meta.n_units, meta.value_units)
+        for entry, item in zip(entries, items):
+            rec = item.record
+            entry["step"], entry["epoch"], entry["split"] = rec.step, rec.epoch, rec.split.encode()
+            entry["row_start"], entry["row_count"] = row, len(item.bits)
+            entry["sample_start"], entry["sample_count"] = sample, rec.n_samples
+            entry["obs_start"] = -1 if item.obs_index is None else obs
+            entry["value_start"] = -1 if item.values is None else value
+            entry["n_positions"], entry["nan_count"] = rec.n_positions, item.nan_count
+            data = [item.bits, item.sample_ids, item.labels]
+            data += [a for a in (item.obs_index, item.values) if a is not None]
+            entry["row_crc32"] = schema.row_crc(plain if item.values is None else with_values, entry)
+            entry["crc32"] = schema.record_crc(int(entry["row_crc32"]), data)
+            row, sample = row + len(item.bits), sample + rec.n_samples
+            obs += 0 if item.obs_index is None else len(item.obs_index)
+            value += 0 if item.values is None else len(item.values)
+        for name, dataset in datasets.items():
+            self._append_parts(dataset, name, columns[name])
+        return shard.column(meta, schema.RECORDS, self._codec), entries
+
+    def _append_parts(self, dataset: h5py.Dataset, name: str, parts: list[np.ndarray]) -> None:
+        start = dataset.shape[0]
+        total = sum(len(p) for p in parts)
+        dataset.resize(start + total, axis=0)
+        row_bytes = parts[0].nbytes // max(1, len(parts[0])) if len(parts[0]) else 0
+        if len(parts) == 1 or total * row_bytes > _STAGING_BYTES:
+            for part in parts:
+                if len(part):
+                    dataset[start : start + len(part)] = part
+                start += len(part)
+            return
+        # Concatenate into a buffer kept across blocks: no fresh multi-megabyte allocation per block.
+        shape = (total,) + parts[0].shape[1:]
+        buffer = self._staging.get(name)
+        if buffer is None or buffer.size < int(np.prod(shape)):
+            buffer = self._staging[name] = np.empty(max(int(np.prod(shape)), 1 << 16), dtype=parts[0].dtype)
+        staged = buffer[: int(np.prod(shape))].reshape(shape)
+        np.concatenate(parts, out=staged)
+        dataset[start:] = staged
+
+
+class _Shard:
+    """One shard file being written through a :class:`_GuardedFile`, and its open datasets."""
+
+    def __init__(self, path: Path, index: int, guarded: _GuardedFile, handle: h5py.File) -> None:
+        self.path, self.index, self.guarded, self.handle = path, index, guarded, handle
+        self.opened = time.monotonic()
+        self.bytes = 0
+        self._columns: dict[tuple[str, str], h5py.Dataset] = {}
+
+    @classmethod
+    def create(cls, path: Path, index: int) -> _Shard:
+        guarded = _GuardedFile(path)  # O_EXCL: FileExistsError if the name is taken
+        try:
+            # One chunk per dataset cached: appends fill the open chunk in memory, never re-read it.
+            handle = h5py.File(guarded, "w", libver=schema.LIBVER, rdcc_nbytes=schema.CHUNK_BYTES + 4096)
+        except BaseException:
+            guarded.abort()
+            raise
+        return cls(path, index, guarded, handle)
+
+    def column(self, meta: SiteMeta, name: str, codec: dict[str, Any]) -> h5py.Dataset:
+        """The dataset ``name`` of a site, creating the site group and the dataset on first use."""
+        key = (meta.site, name)
+        dataset = self._columns.get(key)
+        if dataset is None:
+            sites = self.handle[schema.SITES_GROUP]
+            group_name = schema.site_key(meta.site)
+            if group_name in sites:
+                group = sites[group_name]
+            else:
+                group = sites.create_group(group_name)
+                schema.write_site_attrs(group, meta)
+                for required in (schema.BITS, *schema.SAMPLE_COLUMNS, schema.RECORDS):
+                    self._columns[(meta.site, required)] = schema.create_column(group, required, meta, codec)
+            dataset = self._columns.get(key) or schema.create_column(group, name, meta, codec)
+            self._columns[key] = dataset
+        return dataset
+
+    def flush(self, what: str) -> None:
+        self.handle.flush()
+        self.check(what)
+
+    def check(self, what: str) -> None:
+        """Raise the first I/O error of the file, which HDF5 may have reported nowhere else."""
+        if self.guarded.error is not None:
+            raise OSError(self.guarded.error.errno, f"{what} in {self.path.name}: {self.guarded.error.strerror}")
+
+    def finish(self) -> Path:
+        """Close, fsync, then link to the final name (never replacing a file) and fsync the directory."""
+        self.handle.flush()
+        self.check("finalizing")
+        self._columns.clear()
+        self.handle.close()
+        self.check("closing")
+        self.guarded.sync_and_close()
+        final = self.path.with_name(self.path.name[: -len(".partial")])
+        _move_no_replace(self.path, final)
+        _fsync_dir(self.path.parent)
+        return final
+
+    def abort(self) -> None:
+        """Close the handle without writing anything more: the file stays as the last good flush left it."""
+        self.guarded.discard = True
+        self._columns.clear()
+        try:
+            self.handle.close()
+        except Exception:  # noqa: BLE001 - nothing more can reach the file
+            log.debug("actpat: closing the failed shard %s", self.path, exc_info=True)
+        self.guarded.abort()
+
+
+class _GuardedFile:
+    """The file object h5py writes a shard through (its ``fileobj`` driver).
+
+    HDF5 reports some write errors only through its close, or as "Exception ignored" when a handle is
+    released, and then crashes the process at exit. Here every write and truncate goes through
+    ``os.pwrite``/``os.ftruncate``; the first ``OSError`` is kept in :attr:`error` (checked after every
+    block) and every later write is discarded, so HDF5 itself never sees an error and closing is safe.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.path = path
+        self.pos = 0
+        self.error: OSError | None = None
+        self.discard = False
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self.pos = offset
+        elif whence == os.SEEK_CUR:
+            self.pos += offset
+        else:
+            self.pos = os.fstat(self.fd).st_size + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], self.pos + done)
+            if n == 0:  # past the end: HDF5 expects zeros
+                view[done:] = bytes(len(view) - done)
+                break
+            done += n
+        self.pos += len(view)
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def write(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self.error is None and not self.discard:
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], self.pos + done)
+            except OSError as exc:
+                self.error = exc
+        self.pos += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        if self.error is None and not self.discard:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def sync_and_close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _RunLock:
+    """``patterns-rank{RANK}.lock`` in a run directory, held (``flock``) by the live writer of a rank.
+
+    The kernel releases it when its process dies, however it dies, so the file a killed writer left
+    behind is simply taken over; it keeps the holder's pid for the message a second writer gets, and
+    is removed when its writer closes.
+    """
+
+    _held: set[tuple[str, int]] = set()
+    _held_lock = threading.Lock()
+
+    def __init__(self, key: tuple[str, int], path: Path, fd: int) -> None:
+        self.key, self.path, self.fd = key, path, fd
+
+    @classmethod
+    def acquire(cls, out_dir: Path, rank: int) -> _RunLock:
+        path = out_dir / schema.lock_name(rank)
+        key = (os.path.realpath(out_dir), rank)
+        with cls._held_lock:
+            if key in cls._held:
+                raise RecorderError(cls._message(out_dir, rank, path, f"this process ({os.getpid()})"))
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                if fcntl is None:
+                    break
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                    raise RecorderError(cls._message(out_dir, rank, path, f"process {holder}")) from None
+                try:  # the holder we waited on may have removed the file: lock the one that has the name
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            cls._held.add(key)
+        return cls(key, path, fd)
+
+    @staticmethod
+    def _message(out_dir: Path, rank: int, path: Path, holder: str) -> str:
+        return (
+            f"Expected to be the only writer of rank {rank} in {out_dir}, but {holder} holds {path.name}: two "
+            "writers would interleave their shards. Give each run its own `out_dir` (or each process its own "
+            "`rank`), or close the other recorder first."
+        )
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it, so no one locks a removed file) and unlock."""
+        with self._held_lock:
+            self._held.discard(self.key)
+            if self.fd >= 0:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass  # a stale file is taken over by the next writer
+                os.close(self.fd)  # releases the flock
+                self.fd = -1
+
+
+def _move_no_replace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, failing if ``target`` exists (never replacing it)."""
+    message = f"Refusing to finalize {source.name}: {target} already exists, and a shard is never replaced."
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise RecorderError(message) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        # No hard links on this file system: rename, after checking (the run lock keeps writers out).
+        if target.exists():
+            raise RecorderError(message) from None
+        os.rename(source, target)
+        return
+    os.unlink(source)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -414,9 +841,11 @@ class _Buffered:
     nan_count: int
 
 
-def _append(dataset: h5py.Dataset, values: np.ndarray) -> int:
+def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
     start = dataset.shape[0]
     dataset.resize(start + len(values), axis=0)
     if len(values):
         dataset[start:] = values
-    return start
+
+
+__all__ = ["Record", "RecorderError", "ShardWriter", "SiteMeta"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from actpat.callbacks.cli import main
-from actpat.recorder import ActivationRecorder
+from actpat.recorder import ActivationRecorder, schema
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_help_lists_subcommands():
 def test_info_reports_sites_steps_and_observations(run_dir, capsys):
     assert main(["info", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "format version: 2" in out
+    assert f"format version: {schema.FORMAT_VERSION}" in out
     lines = {line.split()[1]: line for line in out.splitlines() if line.strip()[:1].isdigit()}
     assert set(lines) == {"1", "3"}
     assert "3/120" in lines["1"].replace(" ", "")

@@ -38,3 +38,18 @@ def test_storage_quick():
     assert result["bits_bytes_per_unit_obs"] == pytest.approx(0.125)
     assert set(result["disk_bytes_per_unit_obs"]) == {"none", "lzf", "gzip"}
     assert result["disk_bytes_per_unit_obs"]["gzip"] < result["disk_bytes_per_unit_obs"]["none"]
+
+
+def test_writer_codecs_quick():
+    result = _run("writer_codecs.py")
+    assert result["bench"] == "writer_codecs" and result["quick"] is True
+    assert set(result["mb_per_s"]) == {"none", "lzf", "gzip", "lz4", "zstd", "blosc-lz4", "blosc-zstd"}
+    assert result["speed_vs_none"]["none"] == result["size_vs_none"]["none"] == 1.0
+    assert result["size_vs_none"]["gzip"] < 1.0 and result["crc32_share_of_none"] > 0
+
+
+def test_writer_rss_quick():
+    result = _run("writer_rss.py")
+    assert result["bench"] == "writer_rss" and result["quick"] is True
+    assert result["rss_growth_mib"] > 0 and result["bound_mib"] > result["max_queue_mib"]
+    assert result["ratio"] == round(result["rss_growth_mib"] / result["bound_mib"], 3)

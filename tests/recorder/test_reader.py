@@ -68,7 +68,8 @@ def test_read_matches_truth_and_unpack(tmp_path, truth):
         run.read("nope", 0)
     with pytest.raises(KeyError, match=r"recorded steps: \[0, 5, 10\]"):
         run.read("1", 3)
-    assert run.steps("1", split="probe").tolist() == []
+    with pytest.raises(ValueError, match=r"recorded splits \['train'\], but got 'probe'"):
+        run.steps("1", split="probe")
 
 
 def test_non_actpat_h5_file_is_named_in_the_error(tmp_path):
@@ -209,3 +210,117 @@ def test_reader_is_importable_without_torch(tmp_path):
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------- open files, pickling
+def test_open_files_are_bounded_closed_and_reopened_after_pickling(tmp_path, truth):
+    import pickle
+
+    inputs = _write_run(tmp_path, range(5), max_shard_bytes=1)  # one shard per step
+    with open_run(tmp_path, max_open=2) as run:
+        assert len(run.shards) >= 5
+        for (site, step), z in inputs.items():
+            np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
+            assert len(run._handles) <= 2
+        clone = pickle.loads(pickle.dumps(run))  # what a process pool sends to its workers
+    assert not run._handles and not clone._handles
+    for (site, step), z in inputs.items():
+        np.testing.assert_array_equal(truth.unpack(clone.read(site, step).bits, z.shape[1]), truth.channel(z))
+    clone.close()
+    assert not clone._handles
+
+
+def test_iter_chunks_memory_is_proportional_to_max_rows(tmp_path):
+    import tracemalloc
+
+    from actpat.recorder.shards import Record, ShardWriter, SiteMeta
+
+    n = 2_000_000
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 256, (n, 1), dtype=np.uint8)
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(Record(SiteMeta("fc", 0, "ReLU", (8,), 8, "flat"), 0, 0, "probe", bits, 1, n, 0,
+                      sample_ids=np.arange(n), labels=np.arange(n) % 10))  # fmt: skip
+    writer.close()
+    del writer
+    run = open_run(tmp_path)
+    tracemalloc.start()
+    try:
+        seen = 0
+        for chunk in run.iter_chunks("fc", max_rows=10_000):
+            assert len(chunk) <= 10_000
+            np.testing.assert_array_equal(chunk.bits, bits[seen : seen + len(chunk)])
+            np.testing.assert_array_equal(chunk.sample_ids, np.arange(seen, seen + len(chunk)))
+            seen += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == n
+    # A whole record's labels and sample ids alone would be 32 MB; read-ahead slabs take at most 1 MiB
+    # per column.
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------- one split rule
+def test_split_none_means_the_only_split_and_several_must_be_named(tmp_path):
+    _write_run(tmp_path / "one", [0, 1])
+    assert open_run(tmp_path / "one").resolve_split() == "train"
+    model = _model()
+    with ActivationRecorder(model, tmp_path / "two") as rec:
+        for split in ("probe", "train"):
+            with rec.capture(0, split=split):
+                model(torch.randn(2, 1, 5, 5))
+    run = open_run(tmp_path / "two")
+    for query in (run.steps, run.n_observations, lambda site: list(run.iter_chunks(site))):
+        with pytest.raises(ValueError, match=r"one of the recorded splits \['probe', 'train'\].*several.*None"):
+            query("1")
+    with pytest.raises(ValueError, match=r"recorded splits \['probe', 'train'\], but got 'val'"):
+        run.read("1", 0, split="val")
+    assert run.resolve_split("probe") == "probe" and run.steps("1", "probe").tolist() == [0]
+
+
+# ---------------------------------------------------------------------------- older versions
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_format_versions_are_read(version, tmp_path, truth):
+    inputs = _write_run(tmp_path, [0, 1])
+    _write_run(tmp_path, [2])  # a second shard stays at version 3
+    first = tmp_path / schema.shard_name(0, 0)
+    with h5py.File(first, "r+") as handle:
+        handle.attrs["format_version"] = version
+        del handle.attrs["compression"]
+        for group in handle["sites"].values():
+            records = group["records"][()]
+            names = schema.RECORD_FIELDS[version]
+            old = np.zeros(len(records), dtype=[(n, schema.RECORD_DTYPE[n]) for n in names])
+            for name in names:
+                old[name] = records[name]
+            del group["records"]
+            group.create_dataset("records", data=old, maxshape=(None,), chunks=(256,))
+    run = open_run(tmp_path)
+    assert run.format_versions == {first: version, tmp_path / schema.shard_name(0, 1): 3}
+    assert [info.checksummed for info in run.shard_infos] == [False, True]
+    for (site, step), z in inputs.items():
+        np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
+
+
+# ---------------------------------------------------------------------------- a lost start
+def test_start_lost_names_what_may_hold_the_first_record(tmp_path, caplog):
+    _write_run(tmp_path, [0, 1, 2], max_shard_bytes=1)
+    run = open_run(tmp_path)
+    assert run.start_lost("1") == [] and run.start_lost("4") == []
+    (tmp_path / schema.shard_name(0, 0)).unlink()  # the shard with step 0, e.g. lost with a disk
+    run = open_run(tmp_path)
+    assert run.steps("1").tolist() == [1, 2]
+    (lost,) = run.start_lost("1")
+    assert lost.kind == "missing" and lost.shard_index == 0
+    # A damaged first record: its step is known.
+    _write_run(tmp_path / "b", [5, 6])
+    (shard,) = (tmp_path / "b").glob("*.h5")
+    with h5py.File(shard, "r+") as handle:
+        bits = handle["sites"]["4"]["bits"]
+        bits[0] = bits[0] ^ 1
+    run = open_run(tmp_path / "b")
+    (lost,) = run.start_lost("4")
+    assert (lost.site, lost.step, lost.kind) == ("4", 5, "corrupt")
+    assert run.start_lost("1") == []

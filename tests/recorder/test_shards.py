@@ -268,3 +268,161 @@ def test_sigkill_mid_run_leaves_finalized_shards_exact(tmp_path, caplog, truth):
         assert set(run.steps(site).tolist()) <= set(full.steps(site).tolist())
         for step in full.steps(site).tolist():
             assert len(full.read(site, step)) > 0
+
+
+# ---------------------------------------------------------------------------- codecs
+@pytest.mark.parametrize("compression", list(schema.CODECS))
+def test_every_codec_round_trips_and_is_named_in_the_shard(compression, tmp_path):
+    writer = ShardWriter(tmp_path, compression=compression)
+    writer.start()
+    for step in range(3):
+        writer.put(_record(step, rows=300))
+    writer.close()
+    (path,) = writer.finalized
+    with h5py.File(path, "r") as handle:
+        assert handle.attrs["compression"] == (compression or "none")
+    run = open_run(tmp_path)
+    for step in range(3):
+        np.testing.assert_array_equal(run.read("a/b", step).bits, _record(step, rows=300).bits)
+
+
+def test_unknown_codec_and_missing_plugin_are_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"Expected `compression` to be one of .*'zstd'.*but got 'snappy'"):
+        ShardWriter(tmp_path, compression="snappy")
+    writer = ShardWriter(tmp_path, compression="zstd")
+    writer.start()
+    writer.put(_record(0))
+    writer.close()
+    monkeypatch.setitem(sys.modules, "hdf5plugin", None)  # as if the extra were not installed
+    with pytest.raises(ImportError, match=r"actpat\[codecs\]"):
+        ShardWriter(tmp_path, compression="lz4")
+    with pytest.raises(ImportError, match=r"patterns-rank000-00000.h5 \(compressed with 'zstd'\).*actpat\[codecs\]"):
+        open_run(tmp_path)
+
+
+# ---------------------------------------------------------------------------- sites shared by recorders
+def test_recorders_sharing_a_writer_must_describe_a_site_alike(tmp_path):
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(_record(0))
+    wider = SiteMeta("a/b", 0, "ReLU", (12,), 12, "channel")
+    with pytest.raises(ValueError, match="'a/b'.*11 units.*12.*separate `out_dir`"):
+        writer.register_site(wider)
+    with_values = SiteMeta("a/b", 5, "ReLU", (11,), 11, "channel", value_units=(0, 3))
+    assert writer.register_site(with_values).value_units == (0, 3)  # values may join a site without them
+    assert writer.register_site(with_values).site_index == 0  # the first description is kept
+    with pytest.raises(ValueError, match=r"values of the same units.*\[0, 3\].*\[1, 2\].*`store_values`"):
+        writer.register_site(SiteMeta("a/b", 0, "ReLU", (11,), 11, "channel", value_units=(1, 2)))
+    writer.close()
+
+
+# ---------------------------------------------------------------------------- stop reasons
+def test_stop_reasons_go_into_the_last_shard_or_a_side_file(tmp_path):
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(_record(0))
+    writer.record_stop("the probe at step 3 failed: ValueError('x')")
+    writer.close()
+    with h5py.File(writer.finalized[-1], "r") as handle:
+        assert handle.attrs["stop_reason"] == "the probe at step 3 failed: ValueError('x')"
+    writer.record_stop("after close\nwith a newline")  # nothing open: a side file
+    (side,) = tmp_path.glob("*.stop.txt")
+    assert side.name == schema.stop_name(0, 1)
+    run = open_run(tmp_path)
+    assert [s.reason for s in run.stop_reasons] == [
+        "the probe at step 3 failed: ValueError('x')", "after close\nwith a newline"
+    ]
+    assert [s.path for s in run.stop_reasons] == [writer.finalized[-1], side]
+
+
+def test_a_failed_block_is_never_retried_and_its_shard_never_finalized(tmp_path, monkeypatch):
+    from actpat.recorder import shards
+
+    attempts = []
+    original = shards._Shard.flush
+
+    def failing_flush(self, what):
+        attempts.append(what)
+        if len(attempts) == 3:  # the second block's data
+            self.guarded.error = OSError(28, "No space left on device")
+        original(self, what)
+
+    monkeypatch.setattr(shards._Shard, "flush", failing_flush)
+    monkeypatch.setattr(shards, "_WRITE_SECONDS", 0.0)
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(_record(0))
+    deadline = time.monotonic() + 10
+    while len(attempts) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writer.put(_record(1))
+    with pytest.raises(RecorderError, match=r"No space left on device.*0 shard\(s\) finalized"):
+        for step in range(2, 50):
+            writer.put(_record(step))
+            time.sleep(0.01)
+    with pytest.raises(RecorderError):
+        writer.close()
+    assert len(attempts) == 3  # no flush after the failure: not of the block, not of a finalize
+    assert not list(tmp_path.glob("*.h5")) and len(list(tmp_path.glob("*.h5.partial"))) == 1
+    run = open_run(tmp_path)
+    assert run.steps("a/b").tolist() == [0]  # the block written before the failure is read back
+    assert "No space left on device" in run.stop_reasons[0].reason
+
+
+def test_readme_checksum_recipe_verifies_a_record_with_plain_h5py(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    recipe = readme.split("With plain h5py, for a record without subsampling or values:\n\n```python\n")[1]
+    recipe = recipe.split("```")[0]
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    bits = np.random.default_rng(0).integers(0, 256, (5, 2), dtype=np.uint8) & [255, 7]
+    writer.put(Record(SiteMeta("fc.relu", 0, "ReLU", (11,), 11, "flat"), 3, 0, "probe", bits.astype(np.uint8), 1, 5, 0,
+                      labels=np.arange(5)))  # fmt: skip
+    writer.close()
+    exec(recipe, {"path": str(writer.finalized[0])})  # its asserts hold
+    with h5py.File(writer.finalized[0], "r+") as handle:
+        labels = handle["sites"]["fc.relu"]["labels"]
+        labels[2] = 7
+    with pytest.raises(AssertionError):
+        exec(recipe, {"path": str(writer.finalized[0])})
+
+
+def test_finalize_fsyncs_the_file_before_naming_it_and_the_directory_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def link(source, target):
+        events.append(("link", str(target)))
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(_record(0))
+    writer.close()
+    (final,) = writer.finalized
+    partial = str(final) + ".partial"
+    assert events == [("fsync", partial), ("link", str(final)), ("fsync", str(tmp_path))]
+
+
+def test_verify_checks_every_record_without_reading_it_first(tmp_path):
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for step in range(3):
+        writer.put(_record(step))
+    writer.close()
+    (path,) = writer.finalized
+    with h5py.File(path, "r+") as handle:
+        bits = handle["sites"]["a%2Fb"]["bits"]
+        bits[6] = bits[6] ^ 4  # row 1 of step 1
+    run = open_run(tmp_path)
+    assert run.corrupt_records == 0  # nothing read yet
+    (loss,) = run.verify()
+    assert (loss.step, loss.kind, run.corrupt_records) == (1, "corrupt", 1)
