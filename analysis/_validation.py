@@ -1,13 +1,13 @@
-"""Argument checks shared by every analysis function that takes packed bits, labels or a split.
+"""Argument checks shared by every analysis function that takes packed bits or labels.
 
 One place for each rule, so that no two functions disagree on what an input means:
 
 - packed bits: ``(n, ceil(n_units / 8))`` uint8 rows (SPEC section 2);
 - labels: integer class indices, one per observation; ``-1`` means "no label" and such observations are
   left out of every label measure (SPEC section 3); any other negative value, a float or a bool dtype
-  is an error;
-- splits: ``split=None`` means the run's only recorded split; a run with several splits must name one,
-  and a name that was not recorded is an error that lists the recorded ones.
+  is an error.
+
+Splits follow one rule too, owned by the reader (:meth:`actpat.recorder.reader.Run.resolve_split`).
 
 Messages follow one template: ``Expected `name` to be ..., but got ...``. The module imports numpy only.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NO_LABEL", "check_bits", "check_labels", "check_n_classes", "resolve_split"]
+__all__ = ["NO_LABEL", "check_bits", "check_labels", "check_n_classes"]
 
 #: Label value of an observation without a label.
 NO_LABEL = -1
@@ -134,51 +134,3 @@ def check_n_classes(n_classes, n_present: int) -> int:
             f"Expected `n_classes` to be at least the {n_present} classes present in the labels, but got {n_classes}."
         )
     return int(n_classes)
-
-
-def resolve_split(run, split: str | None) -> str:
-    """The recorded split of ``run`` that ``split`` names (``None``: the run's only split).
-
-    Parameters
-    ----------
-    run : Run
-        A run opened with :func:`actpat.recorder.reader.open_run` (anything with a ``splits`` list).
-    split : str or None
-        A recorded split, or None for the only one.
-
-    Returns
-    -------
-    str
-
-    Raises
-    ------
-    ValueError
-        If ``split`` was not recorded, if it is None and the run has several splits (or none), or if it
-        is neither a str nor None. The message lists the recorded splits.
-
-    Examples
-    --------
-    >>> from types import SimpleNamespace
-    >>> resolve_split(SimpleNamespace(splits=["probe"]), None)
-    'probe'
-    >>> resolve_split(SimpleNamespace(splits=["probe", "train"]), None)
-    Traceback (most recent call last):
-    ...
-    ValueError: Expected `split` to name one of the recorded splits ['probe', 'train'], but got None \
-(the run has several splits: pass split='probe', for example).
-    """
-    splits = list(run.splits)
-    if split is None:
-        if len(splits) == 1:
-            return splits[0]
-        if not splits:
-            raise ValueError("Expected a run with at least one recorded split, but the run has no records.")
-        raise ValueError(
-            f"Expected `split` to name one of the recorded splits {splits}, but got None "
-            f"(the run has several splits: pass split={splits[0]!r}, for example)."
-        )
-    if not isinstance(split, str):
-        raise ValueError(f"Expected `split` to be a str or None, but got {split!r}.")
-    if split not in splits:
-        raise ValueError(f"Expected `split` to be one of the recorded splits {splits}, but got {split!r}.")
-    return split

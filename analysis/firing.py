@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 
-from actpat.analysis._validation import resolve_split
 from actpat.analysis.units import UnitStats, unit_stats
 from actpat.recorder.reader import Run, open_run
 
@@ -47,7 +46,7 @@ def firing_rates(
     [0.75, 0.25]
     """
     run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
-    split = resolve_split(run, split)
+    split = run.resolve_split(split)
     rates: dict[str, dict[int, np.ndarray]] = {}
     for site in run.sites:
         per_step: dict[int, UnitStats] = {}

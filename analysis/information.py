@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from actpat.analysis import mi
-from actpat.analysis._validation import NO_LABEL, resolve_split
+from actpat.analysis._validation import NO_LABEL
 from actpat.analysis.counts import pattern_codes
 from actpat.analysis.entropy import entropy, label_information_from_codes, miller_madow
 from actpat.analysis.measures import SATURATION
@@ -325,7 +325,7 @@ def information_plane(
     run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
     if pattern not in PATTERNS:
         raise ValueError(f"Expected `pattern` to be one of {PATTERNS}, but got {pattern!r}.")
-    split = resolve_split(run, split)
+    split = run.resolve_split(split)
     if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) or not 0 < saturation <= 1:
         raise ValueError(f"Expected `saturation` to be in (0, 1], but got {saturation!r}.")
     options = _check_estimator(estimator, estimator_options)

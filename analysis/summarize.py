@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from actpat.analysis._validation import NO_LABEL, check_n_classes, resolve_split
+from actpat.analysis._validation import NO_LABEL, check_n_classes
 from actpat.analysis.counts import PatternCounts
 from actpat.analysis.measures import pattern_measures
 from actpat.analysis.metrics import REFERENCES
@@ -276,7 +276,7 @@ def summarize(
     if n_classes is not None:
         n_classes = check_n_classes(n_classes, 0)
     run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
-    split = resolve_split(run, split)
+    split = run.resolve_split(split)
     sites = run.sites
     total = sum(len(run.steps(site, split)) for site in sites)
     rows: list[tuple] = []

@@ -576,10 +576,14 @@ class Run:
         if split is None:
             if len(splits) == 1:
                 return splits[0]
+            if not splits:
+                raise ValueError(f"Expected a run with at least one recorded split, but {self.path} has no records.")
             raise ValueError(
-                f"Expected `split` to name one of the recorded splits {splits}, because the run has "
-                f"{'several' if splits else 'no records and so no'} splits, but got None."
+                f"Expected `split` to name one of the recorded splits {splits}, but got None "
+                f"(the run has several splits: pass split={splits[0]!r}, for example)."
             )
+        if not isinstance(split, str):
+            raise ValueError(f"Expected `split` to be a str or None, but got {split!r}.")
         if split not in splits:
             raise ValueError(f"Expected `split` to be one of the recorded splits {splits}, but got {split!r}.")
         return split
