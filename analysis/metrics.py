@@ -34,6 +34,8 @@ FAMILIES = (
     "units",
     "information plane",
     "bookkeeping",
+    "width-controlled",
+    "linear regions",
 )
 
 
@@ -192,3 +194,26 @@ _declare("I_TY_mm", "bits", "information plane", "I(T;Y) with Miller-Madow corre
 _declare("I_TY_lower", "bits", "information plane", "KDE lower bound of I(T;Y)", "I(T;Y) lower")
 _declare("saturated", "flag", "information plane", "1 where K is close to n: the estimate is pinned at log2 n",
          "saturated", constant=True)
+
+# ------------------------------------------------------------------ width-controlled (SPEC section 4; actpat.analysis.width)
+_declare("entropy_ceiling", "flag", "entropy",
+         "1 where K >= 0.9 n: nearly every pattern is distinct, H(A) sits at log2 n and cannot rise", "at ceiling")
+_WC = "on m random units and n_obs random observations, mean over subsets"
+_declare("entropy_wc", "bits", "width-controlled", f"H(A) {_WC}", "H_m(A)")
+_declare("normalized_entropy_wc", "fraction", "width-controlled", f"H(A) / min(m, log2 n_obs) {_WC}",
+         "H_m(A) / H_max", headline=True)
+_declare("distinct_fraction_wc", "fraction", "width-controlled", f"K / n_obs {_WC}", "K_m / n")
+_declare("entropy_ceiling_wc", "flag", "width-controlled", "1 where the mean K / n_obs of the subsets is >= 0.9",
+         "at ceiling (m units)")
+for _name in ("entropy_wc", "normalized_entropy_wc", "distinct_fraction_wc"):
+    _declare(f"{_name}_sd", METRICS[_name].unit, "width-controlled",
+             f"standard deviation over subsets of {_name}", f"sd {METRICS[_name].symbol}")
+for _ref in REFERENCES:
+    for _name, _symbol in (("jaccard", "JI"), ("weighted_jaccard", "wJI")):
+        _declare(f"{_name}_wc_{_ref}", "fraction", "width-controlled", f"{_symbol}({_ref}, t) {_WC}",
+                 f"{_symbol}_m({_ref}, t)", headline=(_name, _ref) == ("weighted_jaccard", "final"))
+        _declare(f"{_name}_wc_{_ref}_sd", "fraction", "width-controlled",
+                 f"standard deviation over subsets of {_symbol}({_ref}, t) on m units", f"sd {_symbol}_m({_ref}, t)")
+_declare("wc_units", "count", "width-controlled", "m, units per subset (the same for every site)", "m", constant=True)
+_declare("wc_observations", "count", "width-controlled", "n_obs, observations per subset", "n_obs", constant=True)
+_declare("wc_subsets", "count", "width-controlled", "random subsets averaged", "subsets", constant=True)
