@@ -217,3 +217,24 @@ for _ref in REFERENCES:
 _declare("wc_units", "count", "width-controlled", "m, units per subset (the same for every site)", "m", constant=True)
 _declare("wc_observations", "count", "width-controlled", "n_obs, observations per subset", "n_obs", constant=True)
 _declare("wc_subsets", "count", "width-controlled", "random subsets averaged", "subsets", constant=True)
+
+# ------------------------------------------------------------------ linear regions (actpat.analysis.regions)
+_declare("region_distinct", "count", "linear regions", "distinct linear regions of the probe set (whole-network patterns)",
+         "regions")
+_declare("region_entropy", "bits", "linear regions", "plug-in entropy of the probe set's distribution over regions",
+         "H(region)")
+_declare("region_alone_fraction", "fraction", "linear regions", "fraction of samples alone in their region",
+         "alone")
+_declare("region_visited", "count", "linear regions", "distinct regions visited by the probe set up to this step",
+         "regions visited")
+_declare("region_units", "count", "linear regions", "bits of a region pattern (units of all sites, flat)",
+         "region bits", constant=True)
+for _ref in REFERENCES:
+    _declare(f"region_identical_{_ref}", "fraction", "linear regions",
+             f"fraction of samples in the same region at t and {_ref}", f"same region({_ref}, t)")
+_declare("segment_region_changes", "count", "linear regions",
+         "region changes along a segment between two probe samples, mean over random pairs (exact)", "changes/segment")
+_declare("segment_region_changes_sd", "count", "linear regions",
+         "standard deviation over pairs of the region changes along a segment", "sd changes/segment")
+_declare("segment_region_density", "ratio", "linear regions",
+         "region changes per unit of input distance along segments between probe samples", "changes/distance")
