@@ -338,9 +338,11 @@ def heatmaps(
         Table of :func:`compare`.
     metric : str
     split : str, optional
+        Required when the metric was recorded in several splits.
     vmin, vmax : float, optional
         Colour limits; default the range of the metric over all runs, so colours compare across runs.
     x : {"step", "epoch"}, default "step"
+        Time value printed on the column ticks (one column per record, as in the paper's figures).
     cmap : str, default "viridis"
     mark_ceiling : bool, default True
         For entropy metrics, mark with a small white ``x`` the cells where the entropy sits at its
@@ -350,40 +352,52 @@ def heatmaps(
     Returns
     -------
     matplotlib.figure.Figure
-        One row per group, one panel per run (drawn by :func:`actpat.analysis.plots.heatmap`).
+        One row per group, one panel per run (first site on top, as
+        :func:`actpat.analysis.plots.heatmap`), and one colour bar for all.
     """
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
     _check_compared(df)
+    if x not in ("step", "epoch"):
+        raise ValueError(f"Expected `x` to be 'step' or 'epoch', but got {x!r}.")
     rows = df[df["metric"] == metric] if split is None else df[(df["metric"] == metric) & (df["split"] == split)]
     if rows.empty:
         raise ValueError(f"Expected metric {metric!r} in the table, but it has {sorted(df['metric'].unique())}.")
     values = rows["value"].to_numpy(dtype=float)
-    vmin = float(np.nanmin(values)) if vmin is None else vmin
-    vmax = float(np.nanmax(values)) if vmax is None else vmax
+    norm = Normalize(float(np.nanmin(values)) if vmin is None else vmin, float(np.nanmax(values)) if vmax is None else vmax)
     groups = _runs_by_group(rows)
     n_cols = max(len(r) for r in groups.values())
     n_sites = rows["site"].nunique()
-    fig = Figure(figsize=(4.6 * n_cols, (1.4 + 0.3 * n_sites) * len(groups)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(groups), n_cols, squeeze=False))
+    fig = Figure(figsize=(1.5 + 3.2 * n_cols, (0.9 + 0.25 * n_sites) * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), n_cols, squeeze=False)
     flag = _CEILING_FLAGS.get(metric) if mark_ceiling else None
-    marked = False
+    marked, image = False, None
     for row, (group, run_names) in zip(axes, groups.items()):
-        for ax, run in zip(row, run_names + [None] * (n_cols - len(run_names))):
+        for col, (ax, run) in enumerate(zip(row, run_names + [None] * (n_cols - len(run_names)))):
             if run is None:
                 ax.set_axis_off()
                 continue
             run_df = df[df["run"] == run]
-            plots.heatmap(run_df, metric, split=split, ax=ax, vmin=vmin, vmax=vmax, x=x, cmap=cmap)
-            ax.set_title(run if run == group else f"{group}: {run}", fontsize="medium")
+            table = plots.site_time_matrix(run_df, metric, split=split)
+            image = ax.imshow(np.ma.masked_invalid(table.to_numpy()), aspect="auto", interpolation="nearest",
+                              cmap=cmap, norm=norm)
+            ticks = np.unique(np.linspace(0, table.shape[1] - 1, num=min(table.shape[1], 5)).round().astype(int))
+            times = table.columns.to_numpy() if x == "step" else run_df[run_df["metric"] == metric].groupby(
+                "step")["epoch"].first().reindex(table.columns).to_numpy()
+            ax.set_xticks(ticks, labels=[f"{float(times[i]):g}" for i in ticks], fontsize="small")
+            ax.set_yticks(np.arange(table.shape[0]), labels=[str(s) for s in table.index] if col == 0 else [],
+                          fontsize="small")
+            ax.set_title(run, fontsize="medium")
+            ax.set_xlabel(x, fontsize="small")
             if flag and flag in set(run_df["metric"]):
-                table = plots.site_time_matrix(run_df, metric, split=split)
                 flags = plots.site_time_matrix(run_df, flag, split=split).reindex_like(table).to_numpy()
                 ys, xs = np.nonzero(flags == 1)
                 if ys.size:
                     ax.scatter(xs, ys, marker="x", s=10, c="white", linewidths=0.7)
                     marked = True
-    title = f"{_label(metric)}: one colour scale [{vmin:.3g}, {vmax:.3g}] for all runs"
+    fig.colorbar(image, ax=axes, label=_label(metric), shrink=0.9)
+    title = f"{_label(metric)}: one colour scale [{norm.vmin:.3g}, {norm.vmax:.3g}] for all runs"
     fig.suptitle(title + ("; x: entropy at its ceiling (K >= 0.9 n)" if marked else ""), fontsize="medium")
     return fig
 

@@ -363,10 +363,11 @@ def segment_regions(
     units in forward order, each is affine there and has the same sign at both ends): ``[t, t + h]``
     lies in one region, and ``(z(t + h) - z(t)) / h`` is the exact slope of that region's affine map.
     The next breakpoint is the first zero crossing of that map, ``min_j t - z_j / s_j`` over units
-    moving towards zero; it is recorded, the walk steps ``resolution`` past it and repeats. Each step
-    costs one call of ``preacts`` on about ``log2(1 / resolution)`` points (the largest ``h`` of a
-    halving ladder with an unchanged pattern). A predicted crossing after which no unit has changed
-    sign (a unit touching zero) is not counted, just as a dense sweep would not see it.
+    moving towards zero; the walk steps ``resolution`` past it and repeats. Each step costs one call of
+    ``preacts`` on at most 7 points: ``t``, the end of the segment, and steps around the previous gap
+    down to ``resolution / 2`` (the largest with an unchanged pattern gives the slope). A predicted
+    crossing after which no unit has changed sign (a unit touching zero) is not counted, just as a
+    dense sweep would not see it.
 
     References
     ----------
@@ -390,42 +391,48 @@ def segment_regions(
     length = float(np.linalg.norm(d))
     if length == 0:
         return SegmentRegions(np.zeros(0), 0, 0.0)
-    t, n_units = 0.0, None
+    t, n_units, gap = 0.0, None, 1.0 / 64
     breakpoints: list[float] = []
+    pending, left = None, None  # a predicted breakpoint, and the pattern of the region before it
     while True:
-        n_ladder = max(1, int(math.ceil(math.log2((1.0 - t) / resolution))))
-        hs = (1.0 - t) * 0.5 ** np.arange(n_ladder)
+        # One call per step: the current point, the rest of the segment, and steps around the last gap.
+        rest = 1.0 - t
+        hs = np.unique(np.minimum(rest, [rest, 4 * gap, gap, gap / 16, gap / 256, resolution / 2]))[::-1]
         z = _preacts_at(preacts, a, d, np.concatenate([[t], t + hs]), n_units)
         n_units = z.shape[1]
         on = z > 0
+        if pending is not None:
+            if np.any(on[0] != left):  # a unit did change sign: a region change, not a touch of zero
+                _append(breakpoints, pending, max_changes)
+            pending = None
         same = np.all(on[1:] == on[0], axis=1)
         if same[0]:
             break  # one region from t to the end
         if not same.any():
-            # Breakpoints closer than the resolution: count one and step past.
-            t_next = t + hs[-1]
+            t_next = t + hs[-1]  # another breakpoint within the resolution: counted once
         else:
-            k = int(np.argmax(same))  # largest h of the ladder inside the current region
-            h = hs[k]
-            s = (z[1 + k] - z[0]) / h
+            k = int(np.argmax(same))  # largest step inside the current region (hs descends)
+            s = (z[1 + k] - z[0]) / hs[k]
             z0 = z[0]
             with np.errstate(divide="ignore", invalid="ignore"):
                 cross = np.where((z0 > 0) & (s < 0) | (z0 <= 0) & (s > 0), t - z0 / s, np.inf)
-            # The crossing lies in (t + h, t + 2h]; clip rounding error into that bracket.
-            t_next = float(min(max(cross.min(), t + h), t + 2 * h))
-        t_after = min(t_next + resolution, 1.0)
-        z_after = _preacts_at(preacts, a, d, np.array([t_after]), n_units)[0]
-        if np.any((z_after > 0) != on[0]) and t_next < 1.0:
-            breakpoints.append(t_next)
-            if len(breakpoints) > max_changes:
-                raise ValueError(
-                    f"Expected at most max_changes = {max_changes} region changes, but the segment has more; "
-                    "raise `max_changes` or shorten the segment."
-                )
-        if t_after >= 1.0:
+            # The crossing lies between the step that stayed and the next larger one that did not.
+            t_next = float(min(max(cross.min(), t + hs[k]), t + hs[k - 1]))
+        gap = max(t_next - t, resolution)
+        if t_next + resolution >= 1.0:
+            _append(breakpoints, t_next, max_changes)  # the pattern at the end differs: confirmed
             break
-        t = t_after
+        pending, left, t = t_next, on[0], t_next + resolution
     return SegmentRegions(np.array(breakpoints, dtype=np.float64), len(breakpoints), length)
+
+
+def _append(breakpoints: list, t: float, max_changes: int) -> None:
+    breakpoints.append(t)
+    if len(breakpoints) > max_changes:
+        raise ValueError(
+            f"Expected at most max_changes = {max_changes} region changes, but the segment has more; raise "
+            "`max_changes` or shorten the segment."
+        )
 
 
 class PairRegions(NamedTuple):
