@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 from actpat.analysis import metrics as registry
-from actpat.analysis import plots
 from actpat.analysis.convergence import convergence_table, depth_order, dip_table
 from actpat.analysis.regions import region_table
 from actpat.analysis.summarize import summarize
@@ -357,6 +356,8 @@ def heatmaps(
     """
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+
+    from actpat.analysis import plots
 
     _check_compared(df)
     if x not in ("step", "epoch"):
