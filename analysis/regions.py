@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 
 from actpat.analysis.counts import PatternCounts, pattern_counts
 from actpat.analysis.entropy import entropy
+from actpat.analysis.metrics import REFERENCES
 from actpat.analysis.similarity import stability
+from actpat.analysis.tables import check_references, recorded_sites, tidy_frame
 from actpat.recorder.reader import Patterns, Run, open_run
 
 __all__ = [
@@ -53,8 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REFERENCES = ("init", "last", "final")
-COLUMNS = ("step", "epoch", "split", "site", "site_index", "metric", "value")
 #: ``site`` of the network-level rows in tidy tables (a region spans every site).
 NETWORK_SITE = "(all sites)"
 
@@ -258,17 +258,8 @@ def region_table(
     so far (at most ``n_samples`` per step).
     """
     run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
-    if split not in run.splits:
-        raise ValueError(f"Expected `split` to be one of the recorded splits {run.splits}, but got {split!r}.")
-    references = (references,) if isinstance(references, str) else tuple(dict.fromkeys(references))
-    unknown = [r for r in references if r not in REFERENCES]
-    if unknown:
-        raise ValueError(f"Expected `references` to be a subset of {REFERENCES}, but got {unknown}.")
-    recorded = [s for s in run.sites if len(run.steps(s, split))]
-    chosen = recorded if sites is None else ([sites] if isinstance(sites, str) else list(sites))
-    missing = [s for s in chosen if s not in recorded]
-    if missing or not chosen:
-        raise ValueError(f"Expected `sites` among the sites recorded in {split!r}, {recorded}, but got {missing or chosen}.")
+    chosen = recorded_sites(run, split, sites)
+    references = check_references(references)
     per_site = [set(run.steps(s, split).tolist()) for s in chosen]
     steps = sorted(set.intersection(*per_site))
     skipped = sorted(set.union(*per_site) - set(steps))
@@ -299,11 +290,7 @@ def region_table(
         metrics["region_units"] = n_bits
         rows.extend((step, epoch, split, NETWORK_SITE, -1, k, float(v)) for k, v in metrics.items())
         last = (epoch, ids, packed, n_bits)
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    return table.astype(
-        {"step": np.int64, "epoch": np.int64, "split": str, "site": str, "site_index": np.int64, "metric": str,
-         "value": np.float64}
-    )
+    return tidy_frame(rows)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -509,6 +496,4 @@ def segment_table(results: PairRegions, *, step: int, epoch: int = -1, split: st
         "segment_region_changes_sd": float(changes.std(ddof=1)) if changes.size > 1 else 0.0,
         "segment_region_density": float(changes.sum() / results.lengths.sum()) if results.lengths.sum() > 0 else math.nan,
     }
-    return pd.DataFrame(
-        [(int(step), int(epoch), split, NETWORK_SITE, -1, k, v) for k, v in values.items()], columns=list(COLUMNS)
-    )
+    return tidy_frame((int(step), int(epoch), split, NETWORK_SITE, -1, k, v) for k, v in values.items())

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from actpat.analysis.counts import PatternCounts, pattern_counts
 from actpat.analysis.entropy import entropy
+from actpat.analysis.metrics import REFERENCES
 from actpat.analysis.similarity import jaccard, weighted_jaccard
+from actpat.analysis.tables import check_references, recorded_sites, tidy_frame
 from actpat.recorder.reader import Run, open_run
 
 __all__ = [
@@ -49,8 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REFERENCES = ("init", "last", "final")
-COLUMNS = ("step", "epoch", "split", "site", "site_index", "metric", "value")
 #: Suffix of every width-controlled metric name; ``<name>_sd`` is its spread over subsets.
 SUFFIX = "_wc"
 
@@ -455,22 +455,10 @@ def width_controlled_table(
     [1.5, 0.6]
     """
     run = _as_run(run_or_path)
-    if split not in run.splits:
-        raise ValueError(f"Expected `split` to be one of the recorded splits {run.splits}, but got {split!r}.")
-    references = (references,) if isinstance(references, str) else tuple(dict.fromkeys(references))
-    unknown = [r for r in references if r not in REFERENCES]
-    if unknown:
-        raise ValueError(f"Expected `references` to be a subset of {REFERENCES}, but got {unknown}.")
+    sites = recorded_sites(run, split, sites)
+    references = check_references(references)
     if not 0 < ceiling <= 1:
         raise ValueError(f"Expected `ceiling` to be in (0, 1], but got {ceiling!r}.")
-    recorded = [s for s in run.sites if len(run.steps(s, split))]
-    if sites is None:
-        sites = recorded
-    else:
-        sites = [sites] if isinstance(sites, str) else list(sites)
-        unknown = [s for s in sites if s not in recorded]
-        if unknown:
-            raise ValueError(f"Expected `sites` among the sites recorded in {split!r}, {recorded}, but got {unknown}.")
     if m is None:
         m = min(run.site_info(s)["n_units"] for s in sites)
     if n_obs is None:
@@ -487,8 +475,4 @@ def width_controlled_table(
                 run, site, split, m=m, n_obs=n_obs, n_subsets=n_subsets, seed=seed, references=references,
                 ceiling=ceiling, tick=lambda: bar.update(1),
             ))
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    return table.astype(
-        {"step": np.int64, "epoch": np.int64, "split": str, "site": str, "site_index": np.int64, "metric": str,
-         "value": np.float64}
-    )
+    return tidy_frame(rows)
