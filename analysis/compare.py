@@ -582,10 +582,15 @@ def report(
     if kind not in BANDS:
         raise ValueError(f"Expected `kind` to be one of {BANDS}, but got {kind!r}.")
     specs = parse_runs(runs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     df = compare(specs, split=split, width_controlled=width_controlled, regions=regions, n_subsets=n_subsets, seed=seed,
                  progress=progress)
+    present = set(df["metric"])
+    wanted = [m for m in registry.metric_names(headline=True) if m in present] if metrics is None else list(metrics)
+    absent = [m for m in wanted if m not in present]
+    if absent:
+        raise ValueError(f"Expected metrics to draw among those of the runs, {sorted(present)}, but got {absent}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # only once every run has been read and every argument checked
     written: dict[str, Path] = {}
 
     def save_csv(name: str, table: pd.DataFrame) -> None:
@@ -594,7 +599,6 @@ def report(
 
     save_csv("runs", pd.DataFrame([(s.run, s.group, str(s.path)) for s in specs], columns=["run", "group", "path"]))
     save_csv("metrics", df)
-    present = set(df["metric"])
     conv = pd.concat([convergence(df, name, threshold=threshold, stay=stay) for name in
                       ("weighted_jaccard_final", "weighted_jaccard_wc_final") if name in present], ignore_index=True)
     dip_rows = pd.concat([dips(df, name, relative_to=r) for name in ("normalized_entropy", "normalized_entropy_wc")
@@ -605,7 +609,6 @@ def report(
     save_csv("dips", dip_rows)
     for name, part in zip(("by_run", "by_group"), _per_metric(dip_rows, "depth", ("metric", "relative_to"))[1:]):
         save_csv(f"dips_{name}", part)
-    wanted = [m for m in registry.metric_names(headline=True) if m in present] if metrics is None else list(metrics)
     for name in wanted:
         figures = {"heatmap": heatmaps(df, name, split=split, x=x),
                    "curves": band_curves(df, name, split=split, kind=kind, x=x, seed=seed)}

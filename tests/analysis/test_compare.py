@@ -193,3 +193,11 @@ def test_report_writes_tables_and_figures(runs, tmp_path):
     metrics = pd.read_csv(written["metrics"])
     assert "region_distinct" in set(metrics["metric"])
     assert pd.read_csv(written["runs"])["run"].tolist() == ["a/0", "a/1", "b"]
+
+
+def test_report_writes_nothing_on_bad_input(runs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report([f"a={runs['a0']}", f"b={tmp_path / 'missing'}"], tmp_path / "out1", progress=False)
+    with pytest.raises(ValueError, match=r"Expected metrics to draw among those of the runs.*\['nope'\]"):
+        report([runs["a0"]], tmp_path / "out2", metrics=["nope"], width_controlled=False, progress=False)
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
