@@ -46,6 +46,8 @@ FAMILIES = (
     "units",
     "information plane",
     "bookkeeping",
+    "width-controlled",
+    "linear regions",
 )
 
 
@@ -285,3 +287,45 @@ _declare("input_information_lower", "bits", "information plane", "KDE lower boun
 _declare("mutual_information_mm", "bits", "information plane", "I(T;Y) with Miller-Madow correction on each entropy",
          "I_MM(T;Y)", **_SATURATES)
 _declare("mutual_information_lower", "bits", "information plane", "KDE lower bound of I(T;Y)", "I(T;Y) lower")
+
+# ------------------------------------------------------------------ width-controlled (SPEC section 4; actpat.analysis.width)
+_WC = "on m random units and n_obs random observations, mean over subsets"
+_declare("entropy_wc", "bits", "width-controlled", f"H(A) {_WC}", "H_m(A)")
+_declare("normalized_entropy_wc", "fraction", "width-controlled", f"H(A) / min(m, log2 n_obs) {_WC}",
+         "H_m(A) / H_max", headline=True)
+_declare("distinct_fraction_wc", "fraction", "width-controlled", f"K / n_obs {_WC}", "K_m / n")
+_declare("saturated_wc", "flag", "width-controlled", "1 where the mean K / n_obs of the subsets is >= 0.9",
+         "at ceiling (m units)")
+for _name in ("entropy_wc", "normalized_entropy_wc", "distinct_fraction_wc"):
+    _declare(f"{_name}_sd", METRICS[_name].unit, "width-controlled",
+             f"standard deviation over subsets of {_name}", f"sd {METRICS[_name].symbol}")
+for _ref in REFERENCES:
+    for _name, _symbol in (("jaccard", "JI"), ("weighted_jaccard", "wJI")):
+        _declare(f"{_name}_wc_{_ref}", "fraction", "width-controlled", f"{_symbol}({_ref}, t) {_WC}",
+                 f"{_symbol}_m({_ref}, t)", headline=(_name, _ref) == ("weighted_jaccard", "final"))
+        _declare(f"{_name}_wc_{_ref}_sd", "fraction", "width-controlled",
+                 f"standard deviation over subsets of {_symbol}({_ref}, t) on m units", f"sd {_symbol}_m({_ref}, t)")
+_declare("wc_units", "count", "width-controlled", "m, units per subset (the same for every site)", "m", constant=True)
+_declare("wc_observations", "count", "width-controlled", "n_obs, observations per subset", "n_obs", constant=True)
+_declare("wc_subsets", "count", "width-controlled", "random subsets averaged", "subsets", constant=True)
+
+# ------------------------------------------------------------------ linear regions (actpat.analysis.regions)
+_declare("region_distinct", "count", "linear regions", "distinct linear regions of the probe set (whole-network patterns)",
+         "regions")
+_declare("region_entropy", "bits", "linear regions", "plug-in entropy of the probe set's distribution over regions",
+         "H(region)")
+_declare("region_alone_fraction", "fraction", "linear regions", "fraction of samples alone in their region",
+         "alone")
+_declare("region_visited", "count", "linear regions", "distinct regions visited by the probe set up to this step",
+         "regions visited")
+_declare("region_units", "count", "linear regions", "bits of a region pattern (units of all sites, flat)",
+         "region bits", constant=True)
+for _ref in REFERENCES:
+    _declare(f"region_identical_{_ref}", "fraction", "linear regions",
+             f"fraction of samples in the same region at t and {_ref}", f"same region({_ref}, t)")
+_declare("segment_region_changes", "count", "linear regions",
+         "region changes along a segment between two probe samples, mean over random pairs (exact)", "changes/segment")
+_declare("segment_region_changes_sd", "count", "linear regions",
+         "standard deviation over pairs of the region changes along a segment", "sd changes/segment")
+_declare("segment_region_density", "ratio", "linear regions",
+         "region changes per unit of input distance along segments between probe samples", "changes/distance")

@@ -78,13 +78,16 @@ def test_paper_reproduction_runs(tmp_path, monkeypatch):
     nb, out = _execute("02_paper_reproduction.ipynb", tmp_path, monkeypatch)
     base = out / "02_paper_reproduction"
     for kind in ("resnet", "plain", "fixup"):
-        assert list((base / kind / "patterns").glob("*.h5")), f"no shard for {kind}"
-    assert (base / "heatmaps.png").stat().st_size > 0
+        for seed in (0, 1):  # fast mode: two seeds
+            assert list((base / kind / f"seed{seed}" / "patterns").glob("*.h5")), f"no shard for {kind}, seed {seed}"
+    for metric in ("normalized_entropy", "weighted_jaccard_final", "weighted_jaccard_wc_final"):
+        assert (base / f"heatmaps_{metric}.png").stat().st_size > 0
     findings = (base / "findings.md").read_text()
-    for name in ("ResNet-8", "ConvNet-8", "FixUp-8"):
+    for name in ("ResNet-8", "ConvNet-8", "FixUp-8", "width-controlled", "0.58"):
         assert name in findings
     assert "Fast mode" in findings
     assert any("Spearman" in text for text in _outputs(nb, "text/markdown"))
+    assert len(_outputs(nb, "image/png")) >= 7, "the heatmaps and band curves were not displayed"
 
 
 @pytest.mark.notebook

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from actpat.analysis import information_plane, metrics, summarize
+from actpat.analysis.regions import pair_region_changes, region_table, segment_table
+from actpat.analysis.width import width_controlled_table
 from actpat.recorder.shards import Record, ShardWriter, SiteMeta
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -46,6 +48,12 @@ def emitted(run_dir) -> dict[str, set[str]]:
         out[f"information_plane/{estimator}"] = set(
             information_plane(run_dir, estimator=estimator, estimator_options=options).metric
         )
+    out["width_controlled_table"] = set(width_controlled_table(run_dir, progress=False).metric)
+    out["region_table"] = set(region_table(run_dir, progress=False).metric)
+    rng = np.random.default_rng(1)
+    weights, samples = rng.standard_normal((4, 3)), rng.standard_normal((6, 3))
+    pairs = pair_region_changes(lambda x: x @ weights.T + 0.1, samples, n_pairs=2, progress=False)
+    out["segment_table"] = set(segment_table(pairs, step=0).metric)
     return out
 
 
