@@ -8,6 +8,7 @@ from actpat.recorder.reader import Patterns, Run, ShardFormatError, open_run
 from actpat.recorder.schema import FORMAT_VERSION
 
 __all__ = ["ActivationRecorder", "FORMAT_VERSION", "Patterns", "RecorderError", "Run", "ShardFormatError", "open_run"]
+__all__ += ["Prober", "replay"]
 
 
 def __getattr__(name: str):
@@ -16,4 +17,8 @@ def __getattr__(name: str):
         from actpat.recorder import recorder
 
         return getattr(recorder, name)
+    if name in ("Prober", "replay"):
+        import importlib
+
+        return getattr(importlib.import_module(f"actpat.recorder.{name.lower()}"), name)
     raise AttributeError(f"module 'actpat.recorder' has no attribute {name!r}")

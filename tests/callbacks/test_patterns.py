@@ -283,7 +283,8 @@ class BreaksLater(Dataset):
 
 
 def test_an_error_after_recording_worked_warns_once_and_training_continues(tmp_path):
-    cb = ActivationPatternCallback(probe=BreaksLater(), probe_every=1, live_stats=False)
+    # Without the device cache, every probe reads the probe set from its loader again.
+    cb = ActivationPatternCallback(probe=BreaksLater(), probe_every=1, live_stats=False, probe_cache_bytes=0)
     with pytest.warns(UserWarning, match="broken probe sample") as record:
         model = fit(tmp_path, [cb], max_epochs=1)
     messages = [str(w.message) for w in record if "actpat" in str(w.message)]
@@ -292,7 +293,8 @@ def test_an_error_after_recording_worked_warns_once_and_training_continues(tmp_p
     assert "stopped early" in messages[1] and "broken probe sample" in messages[1]
     assert model.trainer.global_step == 8
     assert open_run(cb.run_dir).steps("net.2", "probe").tolist() == [0]  # the init probe worked and stays
-    strict = ActivationPatternCallback(probe=BreaksLater(), probe_every=1, live_stats=False, on_error="raise")
+    strict = ActivationPatternCallback(probe=BreaksLater(), probe_every=1, live_stats=False, on_error="raise",
+                                       probe_cache_bytes=0)
     with pytest.raises(RuntimeError, match="broken probe sample"):
         fit(tmp_path / "strict", [strict], max_epochs=1)
 
