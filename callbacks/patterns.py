@@ -461,12 +461,14 @@ class ActivationPatternCallback(*CALLBACK_BASES):
 
     def _setup_error(self, what: str, exc: Exception) -> Exception:
         """The error to raise for a failure before recording worked: the clearest one about its cause."""
-        if isinstance(exc, (ProbeForwardError, ValueError)):
-            return exc  # the library's own checks name the cause and the option that fixes it
+        if isinstance(exc, ProbeForwardError):
+            return exc
         if self._selection.seen:  # batch-mode sites ran: a `sites` filter that selects none explains it best
             problem = self._selection.problem(what)
             if problem is not None:
                 return problem
+        if isinstance(exc, ValueError):
+            return exc  # the library's own checks name the cause and the option that fixes it
         return RuntimeError(
             f"actpat: {what} failed with {exc!r}, before recording worked once in this fit, so fit stops here "
             "instead of training without records. Fix that cause (for an error of the shard writer: `out_dir`, "

@@ -345,7 +345,7 @@ class Prober:
         if self._opened:
             return
         self._opened = True
-        recorded = _recorded_steps(self.out_dir, PROBE_SPLIT)
+        recorded = recorded_steps(self.out_dir, PROBE_SPLIT)
         if self._resumed:
             self._last_probe_step = max([self._last_probe_step, *recorded])
             short = _short_probe(self.out_dir, self._last_probe_step, self._batches.loader)
@@ -480,10 +480,12 @@ def _log_once() -> Callable[[str, str], None]:
 
 def last_recorded_step(run_dir: Union[str, os.PathLike], split: str) -> int:
     """The last step recorded in ``split`` in ``run_dir`` by any rank (-1 if none), for resuming."""
-    return max(_recorded_steps(Path(run_dir), split), default=-1)
+    return max(recorded_steps(run_dir, split), default=-1)
 
 
-def _recorded_steps(run_dir: Path, split: str) -> list[int]:
+def recorded_steps(run_dir: Union[str, os.PathLike], split: str) -> list[int]:
+    """The steps recorded in ``split`` in ``run_dir`` by any rank, sorted (none if there is no run)."""
+    run_dir = Path(run_dir)
     if not run_dir.is_dir() or not any(schema.parse_shard_name(name) for name in os.listdir(run_dir)):
         return []
     run = open_run(run_dir)
@@ -512,4 +514,4 @@ def _short_probe(run_dir: Path, step: int, loader: DataLoader) -> Optional[str]:
     return None
 
 
-__all__ = ["PROBE_SPLIT", "ProbeForwardError", "Prober", "last_recorded_step"]
+__all__ = ["PROBE_SPLIT", "ProbeForwardError", "Prober", "last_recorded_step", "recorded_steps"]
