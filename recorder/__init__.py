@@ -17,8 +17,12 @@ def __getattr__(name: str):
         from actpat.recorder import recorder
 
         return getattr(recorder, name)
-    if name in ("Prober", "replay"):
-        import importlib
+    if name == "Prober":
+        from actpat.recorder import prober
 
-        return getattr(importlib.import_module(f"actpat.recorder.{name.lower()}"), name)
+        return prober.Prober
+    if name == "replay":
+        from actpat.recorder import checkpoint_replay
+
+        return checkpoint_replay.replay
     raise AttributeError(f"module 'actpat.recorder' has no attribute {name!r}")

@@ -188,7 +188,7 @@ def _preserved(model: nn.Module) -> Iterator[None]:
     """Restore every submodule's train flag and every buffer of ``model`` on exit; refuse changed parameters."""
     flags = [(m, m.training) for m in model.modules()]
     buffers = [
-        (m._buffers, key, tensor, tensor._version, tensor.clone())
+        (m._buffers, key, tensor, tensor.clone())
         for m in model.modules() for key, tensor in m._buffers.items() if tensor is not None
     ]
     parameters = [(name, p, p._version) for name, p in model.named_parameters()]
@@ -197,11 +197,9 @@ def _preserved(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
-        for owner, key, tensor, version, saved in buffers:
-            if owner.get(key) is not tensor:
-                owner[key] = tensor  # reassigned by the forward: the original object is untouched
-            if tensor._version != version:
-                tensor.copy_(saved)
+        for owner, key, tensor, saved in buffers:
+            owner[key] = tensor  # also where the forward reassigned it: training holds this object
+            tensor.copy_(saved)  # always: BatchNorm's kernel updates its statistics without a version bump
     changed = [name for name, p, version in parameters if p._version != version]
     if changed:
         raise RuntimeError(

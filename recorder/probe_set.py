@@ -94,7 +94,7 @@ class ProbeBatches:
             log.info("actpat: a probe forward changed its input batch in place; the probe set is no longer cached.")
         self._cache = None
         keep: Optional[list[ProbeBatch]] = [] if limit is None and not self._too_large and self._cache_bytes > 0 else None
-        kept_bytes, offset = 0, 0
+        kept_bytes, offset, versions = 0, 0, []
         for index, batch in enumerate(self.loader):
             if limit is not None and index >= limit:
                 return
@@ -106,6 +106,7 @@ class ProbeBatches:
                 kept_bytes += tensor_bytes(item)
                 if kept_bytes <= self._cache_bytes:
                     keep.append(item)
+                    versions += [(t, t._version) for t in tensors(item)]  # before a forward could change them
                 else:
                     keep, self._too_large = None, True
                     log.info(
@@ -114,6 +115,5 @@ class ProbeBatches:
                     )
             yield item
         if keep is not None:
-            self._cache, self._cache_device = keep, device
-            self._versions = [(t, t._version) for item in keep for t in tensors(item)]
+            self._cache, self._cache_device, self._versions = keep, device, versions
 

@@ -2,7 +2,7 @@
 
 One implementation serves three entry points: a plain PyTorch or Fabric loop calls
 :meth:`Prober.maybe` after each optimizer step; the Lightning callback calls it from its hooks;
-:func:`~actpat.recorder.replay.replay` calls :meth:`Prober.probe` once per saved checkpoint.
+:func:`~actpat.recorder.checkpoint_replay.replay` calls :meth:`Prober.probe` once per saved checkpoint.
 """
 
 from __future__ import annotations
