@@ -4,10 +4,12 @@ A VGG-shaped CNN (five stages of two 3x3 convolutions with BatchNorm and ReLU, 6
 about 19M parameters, 75 MB of float32 weights) trains a few SGD-with-momentum steps on small inputs.
 Three arms, each in a fresh process so that its peak resident memory is its own: ``train`` (no
 prober), ``probe_copy`` (a probe every step with ``copy=True``, the default) and ``probe_nocopy``
-(``copy=False``). Each arm reports its peak RSS (``ru_maxrss``) and the bytes of tensors the prober
-itself holds: the copy's parameters and buffers, or the clones of the model's buffers that a probe
-without a copy keeps while it runs. ``extra_mb`` is an arm's peak RSS minus that of ``train``
-(median over rounds); ``nocopy_vs_copy`` is the ratio of the two probe arms' extra memory.
+(``copy=False``). Each arm reports its peak RSS (``ru_maxrss``) and its peak of tracked tensor bytes:
+the storage of every tensor alive in the process (found through the garbage collector), taken after
+each training step and, in the probe arms, inside each probe just before its forward passes (the
+prober's ``context``), when the copy or the saved buffers and the cached probe set are all held.
+``extra_mb`` and ``tracked_extra_mb`` are an arm's peaks minus those of ``train`` (medians over
+rounds); ``nocopy_vs_copy`` is the ratio of the two probe arms' extra RSS.
 
 Prints one JSON line. ``--quick`` runs a small configuration for the test suite.
 """
@@ -15,6 +17,8 @@ Prints one JSON line. ``--quick`` runs a small configuration for the test suite.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import platform
@@ -23,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import torch
 from torch import nn
@@ -45,6 +50,19 @@ def _tensor_mb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def tracked_tensor_mb() -> float:
+    """MiB of the storages of every tensor alive in this process (shared storages counted once)."""
+    gc.collect()  # what only a reference cycle keeps is not held
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / 2**20
+
+
 def run_arm(arm: str, widths: tuple[int, ...], steps: int) -> dict:
     """Train ``steps`` steps in this process, probing after each one unless ``arm == "train"``."""
     from actpat.recorder import Prober
@@ -56,29 +74,36 @@ def run_arm(arm: str, widths: tuple[int, ...], steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
     probe_set = TensorDataset(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
-    held_mb = 0.0
+    tracked: list[float] = []
+
+    @contextlib.contextmanager
+    def measured(module: nn.Module):
+        tracked.append(tracked_tensor_mb())  # inside the probe: the copy or the saved buffers are held
+        yield
+
     with tempfile.TemporaryDirectory() as tmp:
         prober = None
         if arm != "train":
-            prober = Prober(model, probe_set, tmp, 1, batch_size=8, copy=arm == "probe_copy")
+            prober = Prober(model, probe_set, tmp, 1, batch_size=8, copy=arm == "probe_copy", context=measured)
             prober.maybe(0)
         for step in range(1, steps + 1):
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            del loss
+            tracked.append(tracked_tensor_mb())
             if prober is not None:
                 prober.maybe(step)
         if prober is not None:
             prober.close()
-            held_mb = _tensor_mb(model.parameters()) + _tensor_mb(model.buffers()) if arm == "probe_copy" \
-                else _tensor_mb(model.buffers())
     return {
         "arm": arm,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-        "prober_tensors_mb": held_mb,
+        "tracked_mb": max(tracked),
         "weights_mb": _tensor_mb(model.parameters()),
         "buffers_mb": _tensor_mb(model.buffers()),
+        "probe_set_mb": _tensor_mb(probe_set.tensors),
     }
 
 
@@ -103,14 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
             runs[arm].append(json.loads(done.stdout.strip().splitlines()[-1]))
     peak = {arm: statistics.median(r["peak_rss_mb"] for r in runs[arm]) for arm in ARMS}
     extra = {arm: peak[arm] - peak["train"] for arm in ARMS[1:]}
+    tracked = {arm: statistics.median(r["tracked_mb"] for r in runs[arm]) for arm in ARMS}
     result = {
         "bench": "probe_memory",
         "nocopy_vs_copy": round(extra["probe_nocopy"] / extra["probe_copy"], 4) if extra["probe_copy"] > 0 else None,
         "extra_mb": {arm: round(value, 1) for arm, value in extra.items()},
         "peak_rss_mb": {arm: round(value, 1) for arm, value in peak.items()},
-        "prober_tensors_mb": {arm: round(runs[arm][0]["prober_tensors_mb"], 2) for arm in ARMS[1:]},
+        "tracked_extra_mb": {arm: round(tracked[arm] - tracked["train"], 3) for arm in ARMS[1:]},
         "weights_mb": round(runs["train"][0]["weights_mb"], 2),
         "buffers_mb": round(runs["train"][0]["buffers_mb"], 3),
+        "probe_set_mb": round(runs["train"][0]["probe_set_mb"], 3),
         "rss_rounds_mb": {arm: [round(r["peak_rss_mb"], 1) for r in runs[arm]] for arm in ARMS},
         "widths": list(widths),
         "rounds": rounds,

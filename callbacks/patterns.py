@@ -17,19 +17,18 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from actpat.analysis.live import LIVE_METRICS, live_measures
 from actpat.callbacks import _probe, _trainer
+from actpat.callbacks._arguments import check_arguments
 from actpat.callbacks._lightning import CALLBACK_BASES, move_data_to_device, rank_zero_warn
-from actpat.recorder import arguments, schema
+from actpat.recorder import schema
 from actpat.recorder.batches import BatchReader
-from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES, check_probe_set
+from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
 from actpat.recorder.prober import PROBE_SPLIT, ProbeForwardError, Prober, last_recorded_step
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection
-from actpat.recorder.shards import ShardWriter
 
 # Either package's Trainer and LightningModule (see actpat.callbacks._lightning).
 Trainer = LightningModule = Any
@@ -89,30 +88,21 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         here, not at the first record.
     live_stats : bool, default True
         After each probe, log exact per-site statistics (:data:`LIVE_METRICS`) to the trainer's loggers
-        as ``actpat/<metric>/<site>`` at the probe's step; a TensorBoard logger also gets a custom-scalars
-        layout (one multiline chart per metric, all sites). Computed on a bounded background worker that
-        training never waits for: a probe that finds it two probes behind gets no live statistics (said
-        once); the shards hold every probe.
-    labels_from : callable(batch) -> labels, optional
-        Per-sample class labels of a batch (probe and training batches). Default: ``batch[1]`` of a
-        tuple/list, ``batch[key]`` of a dict for the first key among ``y, label, labels, target,
-        targets``, else none. Labels must be integers of shape ``(N,)`` or one-hot ``(N, K)`` (recorded
-        as the argmax, said once); float labels or another shape are an error naming the shape.
-    inputs_from : callable(batch) -> inputs, optional
-        What the default probe forward feeds to ``module(inputs)``, and whose length is the batch size.
-        Default: ``batch[0]`` of a tuple/list, ``batch[key]`` of a dict for the first key among ``x,
-        input, inputs, image, images`` (another dict is an error naming this option), else the batch.
+        as ``actpat/<metric>/<site>`` at the probe's step, with a TensorBoard custom-scalars layout. They
+        are counted on a bounded background worker that training never waits for
+        (:mod:`actpat.recorder.live_stats`).
+    labels_from, inputs_from : callable(batch), optional
+        Per-sample integer class labels of a batch (probe and training batches; one-hot is recorded as
+        the argmax), and what the default probe forward feeds to ``module(inputs)``; see
+        :mod:`actpat.recorder.batches` for the default rules (``batch[1]``/``batch[0]`` of a tuple,
+        known keys of a dict). Float labels or another shape are an error naming the shape.
     probe_forward : callable(module, batch), optional
         How a probe batch runs through the probed ``module`` (the batch already on its device, under
-        ``no_grad`` and the trainer's precision context); the return value is ignored. Default:
-        ``module(inputs)`` when the LightningModule's class overrides ``forward``; otherwise
-        ``module.training_step(batch, 0)``, so the module's own batch handling is used. While probing,
-        ``self.log``/``self.log_dict`` do nothing, ``self.trainer`` is a read-only view of the trainer
-        (``logger`` None), ``self.optimizers()``/``self.lr_schedulers()`` return stand-ins whose
-        ``step``/``zero_grad`` change nothing (a closure given to ``step`` is run once), and
-        ``manual_backward``, ``toggle_optimizer``, ``untoggle_optimizer`` and ``clip_gradients`` do
-        nothing, so manual optimization works too. Collective calls (``self.all_gather``) in
-        ``training_step`` are not supported: pass ``probe_forward``.
+        ``no_grad`` and the trainer's precision context). Default: ``module(inputs)`` when the
+        LightningModule's class overrides ``forward``; otherwise ``module.training_step(batch, 0)`` on
+        a module made inert (:func:`actpat.callbacks._probe.inert`: logging, optimizers, schedulers and
+        ``manual_backward`` do nothing, ``self.trainer`` is a read-only view), so manual optimization
+        works too. Collective calls (``self.all_gather``) are not supported: pass ``probe_forward``.
     probe_batch_size : int, optional
         Batch size when ``probe`` is a Dataset. Default: the training DataLoader's batch size (in
         ``train`` mode the BatchNorm statistics depend on it; the paper probes with the training batch
@@ -151,22 +141,16 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     option that fixes it. A resumed fit, whose first probe ran before the checkpoint, runs its first
     probe batch once without recording to check the same things.
 
-    Works with both Lightning packages, ``lightning`` (``lightning.pytorch``) and ``pytorch_lightning``,
-    whichever are installed: the class derives from the ``Callback`` of each, so either package's
-    ``Trainer`` and ``LightningCLI`` (``class_path: actpat.callbacks.ActivationPatternCallback``) accept
-    it, and either package's ``TensorBoardLogger`` gets the custom-scalars layout.
+    Works with both Lightning packages, ``lightning`` (``lightning.pytorch``) and ``pytorch_lightning``:
+    the class derives from the ``Callback`` of each installed one (see :mod:`actpat.callbacks._lightning`).
 
     Resuming from a checkpoint (``state_dict``, under :attr:`state_key`) continues in the same run
-    directory; steps already recorded there (also those a killed process wrote after the checkpoint)
-    are not recorded again, and the ``init``/``last`` references of the live Jaccard indices are re-read
-    from the shards rather than stored in the checkpoint, which stays a few bytes. With
-    ``probe_on_all_ranks=True`` the re-read references merge all ranks' probe records.
+    directory without recording a step twice; the live statistics' references are re-read from the
+    shards (merging all ranks' with ``probe_on_all_ranks=True``), so the checkpoint stays a few bytes.
 
-    The probe moves each probe batch to the module's device with Lightning's ``move_data_to_device``;
-    the module's batch-transfer hooks are not called.
-
-    Batch mode needs the eager module: with ``torch.compile`` it raises at setup. The probe works with a
-    compiled module when ``probe_copy=True``, because it runs an eager copy.
+    Probe batches move to the module's device with Lightning's ``move_data_to_device`` (the module's
+    batch-transfer hooks are not called). Batch mode and ``probe_copy=False`` need the eager module:
+    with ``torch.compile`` they raise at setup.
 
     References
     ----------
@@ -204,7 +188,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         probe_copy: bool = True,
         probe_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        _check_arguments(locals())
+        check_arguments(locals())
         self.out_dir = out_dir
         self.batch_every_n_steps = batch_every_n_steps
         self.probe_every = probe_every
@@ -497,43 +481,6 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             rank_zero_warn(message)
         else:  # a rank's own failure: rank_zero_warn would hide it
             log.warning("rank %d: %s", self._rank, message)
-
-
-def _check_arguments(args: dict[str, Any]) -> None:
-    """Validate every argument of the callback (``args`` = its ``__init__``'s locals)."""
-    arguments.expect_int("batch_every_n_steps", args["batch_every_n_steps"], 0)
-    arguments.expect_every("probe_every", args["probe_every"])
-    for name, allowed in (("probe_mode", ("train", "eval")), ("pattern", schema.PATTERN_KINDS), ("on_error", ("warn", "raise"))):
-        arguments.expect_choice(name, args[name], allowed)
-    if args["out_dir"] is not None and not isinstance(args["out_dir"], (str, os.PathLike)):
-        raise ValueError(f"Expected `out_dir` to be None or a path, but got {type(args['out_dir']).__name__}.")
-    for name in ("max_observations", "probe_batch_size"):
-        arguments.expect_optional_int(name, args[name], 1)
-    arguments.expect_int("probe_cache_bytes", args["probe_cache_bytes"], 0)
-    for name in ("live_stats", "probe_on_all_ranks", "probe_copy"):
-        arguments.expect_bool(name, args[name])
-    for name in ("labels_from", "inputs_from", "probe_forward"):
-        arguments.expect_callable(name, args[name])
-    values = args["probe_values"]
-    arguments.expect_values("probe_values", values)
-    arguments.expect_module_types("module_types", args["module_types"])
-    SiteSelection(args["sites"])  # validates the type of `sites`
-    ShardWriter(os.curdir, compression=args["compression"])  # the writer names the codecs it can write
-    probe = args["probe"]
-    if probe is not None:
-        check_probe_set(probe)
-    if probe is None and args["batch_every_n_steps"] == 0:
-        raise ValueError(
-            "Expected something to record, but got `probe=None` and `batch_every_n_steps=0`. Pass a probe "
-            "set, or `batch_every_n_steps >= 1` to record the training batches."
-        )
-    if probe is None and values is not None:
-        raise ValueError(f"Expected a `probe` set for `probe_values={values!r}`, but got `probe=None`.")
-    if isinstance(probe, DataLoader) and args["probe_batch_size"] is not None:
-        raise ValueError(
-            f"Expected `probe_batch_size=None` with a DataLoader probe (it keeps its own batch size "
-            f"{probe.batch_size}), but got {args['probe_batch_size']}. Pass the Dataset to choose the batch size."
-        )
 
 
 def _has_shards(run_dir: Path, rank: int) -> bool:
