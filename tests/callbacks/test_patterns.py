@@ -107,10 +107,11 @@ def channel_bits(z: torch.Tensor) -> np.ndarray:
 
 # ---------------------------------------------------------------------- bit-identical training
 @pytest.mark.parametrize("probe_mode", ["train", "eval"])
-def test_training_is_bit_identical_with_the_callback(tmp_path, probe_mode):
+@pytest.mark.parametrize("probe_copy", [True, False])
+def test_training_is_bit_identical_with_the_callback(tmp_path, probe_mode, probe_copy):
     plain = fit(tmp_path / "plain")
     cb = ActivationPatternCallback(probe=toy_data(24, seed=1), probe_every=0.2, probe_mode=probe_mode,
-                                   probe_batch_size=10, batch_every_n_steps=3)
+                                   probe_batch_size=10, batch_every_n_steps=3, probe_copy=probe_copy)
     recorded = fit(tmp_path / "recorded", [cb])
     for (key, a), b in zip(plain.state_dict().items(), recorded.state_dict().values()):
         assert torch.equal(a, b), key  # weights and BatchNorm buffers
@@ -314,6 +315,32 @@ def test_live_stats_without_a_logger_fail_at_setup(tmp_path):
     cb = ActivationPatternCallback(probe=toy_data(8))
     with pytest.raises(ValueError, match="Expected a logger"):
         fit(tmp_path, [cb], logger=False)
+
+
+@pytest.mark.parametrize("how", ["child", "module"])
+def test_the_probe_copy_of_a_compiled_module_records_like_the_eager_module(tmp_path, how):
+    def model():
+        pl.seed_everything(0, verbose=False)
+        net = ToyNet()
+        if how == "child":
+            net.net = torch.compile(net.net, backend="eager")
+        return torch.compile(net, backend="eager") if how == "module" else net
+
+    runs = []
+    for name, make in (("eager", ToyNet), ("compiled", model)):
+        cb = ActivationPatternCallback(probe=toy_data(16, seed=1), probe_every=4, live_stats=False)
+        pl.seed_everything(0, verbose=False)
+        module = make()
+        make_trainer(tmp_path / name, [cb], max_epochs=1).fit(module, DataLoader(toy_data(), batch_size=8))
+        runs.append(open_run(cb.run_dir))
+    eager, compiled = runs
+    assert compiled.sites == eager.sites == ["net.2", "net.6"]  # eager names: no `_orig_mod` in them
+    for site in eager.sites:
+        assert compiled.steps(site, "probe").tolist() == [0, 4, 8]
+        np.testing.assert_array_equal(compiled.read(site, 0, "probe").bits, eager.read(site, 0, "probe").bits)
+    no_copy = ActivationPatternCallback(probe=toy_data(16, seed=1), live_stats=False, probe_copy=False)
+    with pytest.raises(ValueError, match=r"eager module for `probe_copy=False`.*compiled.*probe_copy=True"):
+        make_trainer(tmp_path / "no_copy", [no_copy], max_epochs=1).fit(model(), DataLoader(toy_data(), batch_size=8))
 
 
 def test_batch_mode_with_a_compiled_module_fails_at_setup(tmp_path):
