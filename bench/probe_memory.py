@@ -58,8 +58,11 @@ def tracked_tensor_mb() -> float:
         warnings.simplefilter("ignore")
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+                try:
+                    storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+                except (RuntimeError, NotImplementedError):  # a tensor without data (fake, meta)
+                    continue
     return sum(storages.values()) / 2**20
 
 

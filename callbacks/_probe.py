@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator, Optional
 from torch import nn
 
 from actpat.callbacks._lightning import is_lightning_class
-from actpat.recorder.batches import INPUT_KEYS, BatchReader, describe
-from actpat.recorder.prober import ProbeForwardError
+from actpat.recorder.batches import BatchReader
+from actpat.recorder.prober import ProbeForward
 
 
 def overrides_forward(module: nn.Module) -> bool:
@@ -26,54 +26,33 @@ def overrides_forward(module: nn.Module) -> bool:
     return False
 
 
-class LightningForward:
+def lightning_forward(
+    module: nn.Module,
+    probe_forward: Optional[Callable[[Any, Any], Any]],
+    reader: BatchReader,
+    forward_context: Callable[[], Any],
+) -> ProbeForward:
     """How one probe batch runs through a LightningModule, under the trainer's precision context.
 
     The rule: ``probe_forward(module, batch)`` when given; else ``module(inputs)`` when the module's
     class overrides ``forward`` (inputs by ``inputs_from`` or the default rule of
     :func:`~actpat.recorder.batches.default_inputs`); else ``module.training_step(batch, 0)``, the
-    module's own batch handling (on a module made :func:`inert`). Errors are re-raised as
+    module's own batch handling (on a module made :func:`inert`). Errors are raised as
     :class:`~actpat.recorder.prober.ProbeForwardError` naming the rule and the option that changes it.
     """
-
-    def __init__(
-        self,
-        module: nn.Module,
-        probe_forward: Optional[Callable[[Any, Any], Any]],
-        reader: BatchReader,
-        forward_context: Callable[[], Any],
-    ) -> None:
-        name = type(module).__name__
-        self._forward_context = forward_context
-        if probe_forward is not None:
-            self._run = probe_forward
-            self.rule = "your `probe_forward(module, batch)`"
-            self._hint = "Fix `probe_forward`: it gets the module to probe and a probe batch on its device."
-        elif overrides_forward(module):
-            self._run = lambda m, batch: m(reader.inputs(batch))
-            inputs = "`inputs_from(batch)`" if reader.custom_inputs else f"batch[0], or batch[key] for a key in {INPUT_KEYS}"
-            self.rule = f"`module(inputs)` with inputs = {inputs}, because {name} overrides `forward`"
-            self._hint = (
-                "If the probe batches are not `(inputs, labels, ...)` or dicts with an input key, pass `inputs_from=` "
-                "(and `labels_from=`); to run the module another way, pass `probe_forward=`."
-            )
-        else:
-            self._run = lambda m, batch: m.training_step(batch, 0)
-            self.rule = f"`training_step(batch, 0)` on the probe copy, because {name} does not override `forward`"
-            self._hint = (
-                "Pass `probe_forward=` (for example `lambda module, batch: module.net(batch[0])`), or give the module "
-                "a `forward`. While probing, `self.log`, optimizers, schedulers and `manual_backward` do nothing; "
-                "collective calls (`self.all_gather`) are not supported."
-            )
-
-    def __call__(self, module: nn.Module, batch: Any) -> Any:
-        try:
-            with self._forward_context():
-                return self._run(module, batch)
-        except Exception as exc:
-            raise ProbeForwardError(
-                f"The probe forward, {self.rule}, failed on a probe batch {describe(batch)} with {exc!r}. {self._hint}"
-            ) from exc
+    name = type(module).__name__
+    if probe_forward is not None or overrides_forward(module):
+        because = "" if probe_forward is not None else f", because {name} overrides `forward`"
+        return ProbeForward.default(probe_forward, reader, option="probe_forward", because=because,
+                                    context=forward_context)
+    hint = (
+        "Pass `probe_forward=` (for example `lambda module, batch: module.net(batch[0])`), or give the module "
+        "a `forward`. While probing, `self.log`, optimizers, schedulers and `manual_backward` do nothing; "
+        "collective calls (`self.all_gather`) are not supported."
+    )
+    return ProbeForward(lambda m, batch: m.training_step(batch, 0),
+                        f"`training_step(batch, 0)` on the probed module, because {name} does not override `forward`",
+                        hint, forward_context)
 
 
 @contextlib.contextmanager

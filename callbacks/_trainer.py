@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 from torch import nn
 
-from actpat.analysis.live import LIVE_METRICS
 from actpat.callbacks._lightning import TENSORBOARD_LOGGERS
 from actpat.recorder.probe_module import compiled_parts as _compiled_submodules
 
@@ -69,4 +68,5 @@ def log_metrics(trainer: Trainer, stats: dict[str, dict[str, float]], step: int,
 
 def custom_scalars_layout() -> dict:
     """One multiline chart per live metric, all sites (regex), for TensorBoard's Custom Scalars."""
+    from actpat.analysis.live import LIVE_METRICS
     return {"actpat (live)": {metric: ["Multiline", [rf"actpat/{metric}/.*"]] for metric in LIVE_METRICS}}

@@ -19,7 +19,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from actpat.analysis.live import LIVE_METRICS, live_measures
 from actpat.callbacks import _probe, _trainer
 from actpat.callbacks._arguments import check_arguments
 from actpat.callbacks._lightning import CALLBACK_BASES, move_data_to_device, rank_zero_warn
@@ -87,7 +86,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         thread does not compete with training for the CPU. A codec the writer cannot write is an error
         here, not at the first record.
     live_stats : bool, default True
-        After each probe, log exact per-site statistics (:data:`LIVE_METRICS`) to the trainer's loggers
+        After each probe, log exact per-site statistics (:data:`actpat.analysis.live.LIVE_METRICS`) to the trainer's loggers
         as ``actpat/<metric>/<site>`` at the probe's step, with a TensorBoard custom-scalars layout. They
         are counted on a bounded background worker that training never waits for
         (:mod:`actpat.recorder.live_stats`).
@@ -365,12 +364,14 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             if batch_size is None and not isinstance(self._probe_set, DataLoader):
                 batch_size = _trainer.training_batch_size(trainer)
             live = self.live_stats and trainer.is_global_zero
+            if live:
+                from actpat.analysis.live import live_measures  # the analysis package is heavy: import when used
             self._prober = Prober(
                 pl_module, self._probe_set, run_dir, self.probe_every, steps_per_epoch=per_epoch,
                 mode=self.probe_mode, copy=self.probe_copy, batch_size=batch_size, sites=self.sites,
                 store_values=self.probe_values, inputs_from=self._inputs_from, labels_from=self._labels_from,
-                forward=_probe.LightningForward(pl_module, self._probe_forward, self._reader,
-                                                trainer.precision_plugin.forward_context),
+                forward=_probe.lightning_forward(pl_module, self._probe_forward, self._reader,
+                                                 trainer.precision_plugin.forward_context),
                 context=lambda module: _probe.inert(module, trainer), to_device=move_data_to_device,
                 cache_bytes=self.probe_cache_bytes, stats=live_measures if live else None,
                 on_stats=(lambda step, stats: _trainer.log_metrics(trainer, stats, step, self._layout_written))
@@ -489,4 +490,4 @@ def _has_shards(run_dir: Path, rank: int) -> bool:
     return any((p := schema.parse_shard_name(name)) is not None and p[0] == rank for name in os.listdir(run_dir))
 
 
-__all__ = ["ActivationPatternCallback", "LIVE_METRICS", "PROBE_SPLIT", "TRAIN_SPLIT"]
+__all__ = ["ActivationPatternCallback", "PROBE_SPLIT", "TRAIN_SPLIT"]

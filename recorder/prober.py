@@ -85,7 +85,7 @@ class Prober:
         What ``module(inputs)`` gets, and the batch's integer class labels. Default: ``batch[0]`` and
         ``batch[1]`` of a tuple/list; of a dict the first key among ``x, input, inputs, image, images``
         and ``y, label, labels, target, targets``.
-    forward : callable(module, batch), optional
+    forward : callable(module, batch) or ProbeForward, optional
         How one probe batch (already on the device) runs through ``module``; the return value is
         ignored. Default: ``module(inputs_from(batch))``.
     context : callable(module) -> context manager, optional
@@ -105,7 +105,8 @@ class Prober:
     rank : int, optional
         Process rank for shard names (default: torch.distributed's, else ``$RANK``, else 0).
     writer : ShardWriter, optional
-        Share another recorder's writer (one set of shards for batch and probe records).
+        Share another recorder's writer (one set of shards for batch and probe records); like a
+        recorder's, :meth:`close` closes it.
     notify : callable(key, message), optional
         Reports each fact once per key; default: ``logging`` warnings.
 
@@ -224,7 +225,7 @@ class Prober:
         self._reader = BatchReader(inputs_from, labels_from, self._notify)
         self._batches = ProbeBatches(probe_loader(probe, batch_size), self._reader, to_device or batches.to_device, cache_bytes)
         self._selection = SiteSelection(sites)  # validates `sites`
-        self._forward = _Forward(forward, self._reader)
+        self._forward = forward if isinstance(forward, ProbeForward) else ProbeForward.default(forward, self._reader)
         self._context = context
         self._recorder_options = dict(
             sites=self._selection, pattern=pattern, max_observations=max_observations, compression=compression,
@@ -430,30 +431,50 @@ class Prober:
         return references
 
 
-class _Forward:
-    """How one probe batch runs: ``forward(module, batch)`` if given, else ``module(inputs)``.
+class ProbeForward:
+    """How one probe batch runs through the module; an error names the rule and the option that changes it.
 
-    Errors are re-raised as :class:`ProbeForwardError` naming the rule and the option that changes it;
-    a :class:`ProbeForwardError` of a caller's own rule (the callback's) passes unchanged.
+    Parameters
+    ----------
+    run : callable(module, batch)
+        Runs the batch (the return value is ignored).
+    rule, hint : str
+        What ``run`` does and how to change it, for the message of a :class:`ProbeForwardError`.
+    context : callable() -> context manager, optional
+        Entered around each call (e.g. a trainer's precision context).
     """
 
-    def __init__(self, forward: Optional[Callable[[nn.Module, Any], Any]], reader: BatchReader) -> None:
+    def __init__(
+        self, run: Callable[[nn.Module, Any], Any], rule: str, hint: str, context: Optional[Callable[[], Any]] = None
+    ) -> None:
+        self._run, self.rule, self._hint, self._context = run, rule, hint, context or contextlib.nullcontext
+
+    @classmethod
+    def default(
+        cls,
+        forward: Optional[Callable[[nn.Module, Any], Any]],
+        reader: BatchReader,
+        *,
+        option: str = "forward",
+        because: str = "",
+        context: Optional[Callable[[], Any]] = None,
+    ) -> "ProbeForward":
+        """``forward(module, batch)`` if given, else ``module(inputs)``; ``option`` is the caller's name for ``forward``."""
         if forward is not None:
-            self._run = forward
-            self.rule = "your `forward(module, batch)`"
-            self._hint = "Fix `forward`: it gets the module to probe and a probe batch on its device."
-        else:
-            self._run = lambda module, batch: module(reader.inputs(batch))
-            inputs = "`inputs_from(batch)`" if reader.custom_inputs else f"batch[0], or batch[key] for a key in {INPUT_KEYS}"
-            self.rule = f"`module(inputs)` with inputs = {inputs}"
-            self._hint = (
-                "If the probe batches are not `(inputs, labels, ...)` or dicts with an input key, pass `inputs_from=` "
-                "(and `labels_from=`); to run the module another way, pass `forward=`."
-            )
+            hint = f"Fix `{option}`: it gets the module to probe and a probe batch on its device."
+            return cls(forward, f"your `{option}(module, batch)`", hint, context)
+        inputs = "`inputs_from(batch)`" if reader.custom_inputs else f"batch[0], or batch[key] for a key in {INPUT_KEYS}"
+        hint = (
+            "If the probe batches are not `(inputs, labels, ...)` or dicts with an input key, pass `inputs_from=` "
+            f"(and `labels_from=`); to run the module another way, pass `{option}=`."
+        )
+        return cls(lambda module, batch: module(reader.inputs(batch)), f"`module(inputs)` with inputs = {inputs}{because}",
+                   hint, context)
 
     def __call__(self, module: nn.Module, batch: Any) -> Any:
         try:
-            return self._run(module, batch)
+            with self._context():
+                return self._run(module, batch)
         except ProbeForwardError:
             raise
         except Exception as exc:
@@ -514,4 +535,4 @@ def _short_probe(run_dir: Path, step: int, loader: DataLoader) -> Optional[str]:
     return None
 
 
-__all__ = ["PROBE_SPLIT", "ProbeForwardError", "Prober", "last_recorded_step", "recorded_steps"]
+__all__ = ["PROBE_SPLIT", "ProbeForward", "ProbeForwardError", "Prober", "last_recorded_step", "recorded_steps"]

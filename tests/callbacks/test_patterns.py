@@ -8,6 +8,7 @@ resume, DDP) import this file as a module to share the tiny model.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import os
 import subprocess
@@ -22,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from actpat.callbacks.patterns import ActivationPatternCallback
 from actpat.recorder import open_run
@@ -32,31 +33,10 @@ REPO = HERE.parents[2]
 
 
 # ---------------------------------------------------------------------- tiny model and data
-class ToyNet(pl.LightningModule):
-    """Conv + BatchNorm + ReLU, Dropout, dense ReLU: what the probe must not disturb."""
-
-    def __init__(self, lr: float = 0.1) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-            nn.Dropout(0.3), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 3),
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def toy_data(n: int = 64, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+_spec = importlib.util.spec_from_file_location("actpat_test_toys", Path(__file__).resolve().parents[1] / "toys.py")
+toys = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toys)
+ToyNet, toy_data, relu_inputs, channel_bits = toys.ToyNet, toys.toy_data, toys.relu_inputs, toys.channel_bits
 
 
 class ToyData(pl.LightningDataModule):
@@ -82,27 +62,6 @@ def fit(root, callbacks=(), seed: int = 0, **kwargs) -> ToyNet:
     model = ToyNet()
     make_trainer(root, callbacks, **kwargs).fit(model, DataLoader(toy_data(), batch_size=8, shuffle=True))
     return model
-
-
-def relu_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The test's own hooks: the input of every nn.ReLU, by module path."""
-    seen, handles = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ReLU):
-            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].clone())))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def channel_bits(z: torch.Tensor) -> np.ndarray:
-    on = (z > 0).numpy()
-    if on.ndim > 2:
-        on = np.moveaxis(on, 1, -1).reshape(-1, on.shape[1])
-    return np.packbits(on, axis=1, bitorder="little")
 
 
 # ---------------------------------------------------------------------- bit-identical training

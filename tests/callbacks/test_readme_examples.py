@@ -7,15 +7,14 @@ the examples cannot drift from what is tested. Each runs on the same model, data
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from actpat.callbacks import ActivationPatternCallback
 from actpat.recorder import open_run
@@ -31,29 +30,10 @@ def example(name: str) -> str:
     return match.group(1)
 
 
-class ToyNet(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-            nn.Dropout(0.3), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 3),
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def toy_data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
-
-
+_spec = importlib.util.spec_from_file_location("actpat_test_toys", Path(__file__).resolve().parents[1] / "toys.py")
+toys = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toys)
+ToyNet, toy_data = toys.ToyNet, toys.toy_data
 TRAIN, PROBE = toy_data(320, 0), toy_data(40, 1)  # 5 steps of 64 per epoch: a probe at every step
 
 

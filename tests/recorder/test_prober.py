@@ -7,12 +7,14 @@ pack with ``np.packbits`` and count rows with ``collections.Counter``.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import math
 import random
 import threading
 from collections import Counter
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,23 +31,14 @@ N_PROBE = 20
 PROBE_BATCH = 8
 
 
-class Net(nn.Module):
-    """Conv + BatchNorm + ReLU, Dropout, dense ReLU: what the probe must not disturb."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-            nn.Dropout(0.3), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 3),
-        )
-
-    def forward(self, x):
-        return self.net(x)
+_spec = importlib.util.spec_from_file_location("actpat_test_toys", Path(__file__).resolve().parents[1] / "toys.py")
+toys = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toys)
+Net = toys.Net
 
 
 def data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return toys.toy_data(n, seed)
 
 
 def train(prober_options: dict | None, out_dir, *, epochs: int = 2, seed: int = 0):
@@ -80,23 +73,7 @@ def train(prober_options: dict | None, out_dir, *, epochs: int = 2, seed: int = 
 
 
 def relu_bits(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """The test's own hooks: channel bits of the input of every nn.ReLU, by module path."""
-    seen, handles = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ReLU):
-            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].clone())))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name, z in seen.items():
-        on = (z > 0).numpy()
-        if on.ndim > 2:
-            on = np.moveaxis(on, 1, -1).reshape(-1, on.shape[1])
-        out[name] = np.packbits(on, axis=1, bitorder="little")
-    return out
+    return {name: toys.channel_bits(z) for name, z in toys.relu_inputs(model, x).items()}
 
 
 def truth(weights: dict, mode: str, probe: TensorDataset) -> dict[str, np.ndarray]:
