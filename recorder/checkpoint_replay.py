@@ -9,6 +9,8 @@ Checkpoints: a Lightning ``.ckpt`` (weights under ``state_dict``) or a plain ``t
 (``.pt``, ``.pth``, ``.bin``): a ``state_dict`` itself, or a dict holding it under ``state_dict``,
 ``model_state_dict`` or ``model``. The step is the checkpoint's own ``global_step`` (Lightning) or
 ``step`` entry; otherwise it is read from the file name (:func:`step_from_name`).
+
+Importing this module does not import torch (the ``actpat`` command builds its parser from it).
 """
 
 from __future__ import annotations
@@ -23,13 +25,11 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-
-from actpat.recorder.prober import PROBE_SPLIT, Prober, recorded_steps
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ def load_checkpoint(path: Union[str, os.PathLike], *, weights_only: bool = True)
     CheckpointError
         The file cannot be read, or holds no recognizable ``state_dict``.
     """
+    import torch
+
     path = Path(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
@@ -155,6 +157,8 @@ def replay(
     """
     from tqdm.auto import tqdm
 
+    from actpat.recorder.prober import PROBE_SPLIT, Prober, recorded_steps
+
     files = _checkpoint_files(checkpoints)
     out_dir = Path(out_dir)
     done = set(recorded_steps(out_dir, PROBE_SPLIT))
@@ -208,6 +212,8 @@ def replay_command(
     ``module`` and ``probe`` name factories called without arguments (the model, the probe set);
     ``forward`` names a ``forward(module, batch)`` function itself. ``device`` moves the model there.
     """
+    from torch import nn
+
     model = resolve(module, "--module")()
     if not isinstance(model, nn.Module):
         raise ValueError(f"Expected `--module {module}` to return a torch.nn.Module, but got {type(model).__name__}.")
@@ -320,6 +326,8 @@ def _load_weights(model: nn.Module, state: dict, path: Path) -> None:
 
 
 def _load(path: Path, weights_only: bool) -> Any:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # noqa: BLE001

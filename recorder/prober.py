@@ -299,15 +299,15 @@ class Prober:
                 for batch, ids, labels in self._batches(self._module.device):
                     with recorder.capture(step, labels=labels, sample_ids=ids, split=PROBE_SPLIT, epoch=epoch):
                         self._forward(module, batch)
-            if first:
-                self._selection.check("the first probe")
         except Exception as exc:
             self._observed.clear()
             if first and self._selection.seen and not isinstance(exc, ProbeForwardError):
                 problem = self._selection.problem("the first probe")
-                if problem is not None and problem is not exc:
+                if problem is not None:
                     raise problem from exc  # a `sites` mistake explains the failure best
             raise
+        if first:
+            self._selection.check("the first probe")
         self.verified = True
         self._last_probe_step = step
         if self._init_step < 0:
