@@ -8,8 +8,8 @@ from actpat.recorder.reader import Loss, Patterns, Run, ShardFormatError, ShardI
 from actpat.recorder.schema import FORMAT_VERSION
 
 __all__ = [
-    "ActivationRecorder", "FORMAT_VERSION", "Loss", "Patterns", "RecorderError", "Run", "ShardFormatError",
-    "ShardInfo", "StopReason", "open_run",
+    "ActivationRecorder", "FORMAT_VERSION", "Loss", "Patterns", "Prober", "RecorderError", "Run", "ShardFormatError",
+    "ShardInfo", "StopReason", "open_run", "replay",
 ]
 
 
@@ -19,4 +19,12 @@ def __getattr__(name: str):
         from actpat.recorder import recorder
 
         return getattr(recorder, name)
+    if name == "Prober":
+        from actpat.recorder import prober
+
+        return prober.Prober
+    if name == "replay":
+        from actpat.recorder import checkpoint_replay
+
+        return checkpoint_replay.replay
     raise AttributeError(f"module 'actpat.recorder' has no attribute {name!r}")

@@ -71,9 +71,9 @@ def test_live_metrics_are_summarize_metrics_of_the_same_names(emitted):
     """The callback's live statistics are a registered subset, computed by the same pattern_measures."""
     live = metrics.metric_names(live=True)
     assert live and set(live) <= emitted["summarize"]
-    from actpat.callbacks import patterns
+    from actpat.analysis.live import LIVE_METRICS
 
-    assert tuple(patterns.LIVE_METRICS) == tuple(live)
+    assert tuple(LIVE_METRICS) == tuple(live)
 
 
 def test_registry_declarations_are_consistent():

@@ -529,9 +529,24 @@ def _truth_module(model: nn.Module, weights: dict, mode: str) -> nn.Module:
 
 @pytest.mark.parametrize("name", list(STYLES))
 def test_style_records_every_site_at_every_step_exactly(name, package, tmp_path):
+    _check_style(name, package, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["no_forward", "manual_optimization"])
+def test_style_without_a_probe_copy_records_exactly_and_trains_bit_identically(name, tmp_path):
+    """The probe runs on the module itself (its `training_step` too): nothing of training may change."""
+    package = PACKAGES[0]
+    model = _check_style(name, package, tmp_path / "probed", probe_copy=False)
+    plain = _fit_style(STYLES[name], package, tmp_path / "plain", [])
+    for (key, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def _check_style(name: str, package: str, tmp_path: Path, **options) -> Any:
+    """Fit a style with the callback; every record must equal the truth from the saved weights."""
     style = STYLES[name]
     probe = style.probe()
-    cb = ActivationPatternCallback(probe=probe, **{"probe_every": 0.5, "live_stats": False, **style.callback})
+    cb = ActivationPatternCallback(probe=probe, **{"probe_every": 0.5, "live_stats": False, **style.callback, **options})
     saver = SaveWeights()
     model = _fit_style(style, package, tmp_path, [cb, saver.callback(package)])
     run = open_run(cb.run_dir)
@@ -557,7 +572,7 @@ def test_style_records_every_site_at_every_step_exactly(name, package, tmp_path)
         assert style.after_fit(model)
     if style.batch_steps is None:
         assert "train" not in run.splits
-        return
+        return model
     for step in style.batch_steps:
         module = _truth_module(model, saver.weights[step], "train")
         inputs, labels = zip(*(style.batch_xy(batch) for batch in saver.batches[step]))
@@ -570,6 +585,7 @@ def test_style_records_every_site_at_every_step_exactly(name, package, tmp_path)
             np.testing.assert_array_equal(p.bits, bits, err_msg=f"{name}: training batch, {site} at step {step}")
             positions = len(bits) // style.batch_samples
             np.testing.assert_array_equal(p.labels, np.repeat(torch.cat(labels).numpy(), positions))
+    return model
 
 
 def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path):

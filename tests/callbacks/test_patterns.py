@@ -8,6 +8,7 @@ resume, DDP) import this file as a module to share the tiny model.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import os
 import subprocess
@@ -22,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from actpat.callbacks.patterns import ActivationPatternCallback
 from actpat.recorder import open_run
@@ -32,31 +33,10 @@ REPO = HERE.parents[2]
 
 
 # ---------------------------------------------------------------------- tiny model and data
-class ToyNet(pl.LightningModule):
-    """Conv + BatchNorm + ReLU, Dropout, dense ReLU: what the probe must not disturb."""
-
-    def __init__(self, lr: float = 0.1) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-            nn.Dropout(0.3), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 3),
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def toy_data(n: int = 64, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+_spec = importlib.util.spec_from_file_location("actpat_test_toys", Path(__file__).resolve().parents[1] / "toys.py")
+toys = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toys)
+ToyNet, toy_data, relu_inputs, channel_bits = toys.ToyNet, toys.toy_data, toys.relu_inputs, toys.channel_bits
 
 
 class ToyData(pl.LightningDataModule):
@@ -84,33 +64,13 @@ def fit(root, callbacks=(), seed: int = 0, **kwargs) -> ToyNet:
     return model
 
 
-def relu_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The test's own hooks: the input of every nn.ReLU, by module path."""
-    seen, handles = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ReLU):
-            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].clone())))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def channel_bits(z: torch.Tensor) -> np.ndarray:
-    on = (z > 0).numpy()
-    if on.ndim > 2:
-        on = np.moveaxis(on, 1, -1).reshape(-1, on.shape[1])
-    return np.packbits(on, axis=1, bitorder="little")
-
-
 # ---------------------------------------------------------------------- bit-identical training
 @pytest.mark.parametrize("probe_mode", ["train", "eval"])
-def test_training_is_bit_identical_with_the_callback(tmp_path, probe_mode):
+@pytest.mark.parametrize("probe_copy", [True, False])
+def test_training_is_bit_identical_with_the_callback(tmp_path, probe_mode, probe_copy):
     plain = fit(tmp_path / "plain")
     cb = ActivationPatternCallback(probe=toy_data(24, seed=1), probe_every=0.2, probe_mode=probe_mode,
-                                   probe_batch_size=10, batch_every_n_steps=3)
+                                   probe_batch_size=10, batch_every_n_steps=3, probe_copy=probe_copy)
     recorded = fit(tmp_path / "recorded", [cb])
     for (key, a), b in zip(plain.state_dict().items(), recorded.state_dict().values()):
         assert torch.equal(a, b), key  # weights and BatchNorm buffers
@@ -283,7 +243,8 @@ class BreaksLater(Dataset):
 
 
 def test_an_error_after_recording_worked_warns_once_and_training_continues(tmp_path):
-    cb = ActivationPatternCallback(probe=BreaksLater(), probe_every=1, live_stats=False)
+    # Without the device cache, every probe reads the probe set from its loader again.
+    cb = ActivationPatternCallback(probe=BreaksLater(), probe_every=1, live_stats=False, probe_cache_bytes=0)
     with pytest.warns(UserWarning, match="broken probe sample") as record:
         model = fit(tmp_path, [cb], max_epochs=1)
     messages = [str(w.message) for w in record if "actpat" in str(w.message)]
@@ -292,7 +253,11 @@ def test_an_error_after_recording_worked_warns_once_and_training_continues(tmp_p
     assert "stopped early" in messages[1] and "broken probe sample" in messages[1]
     assert model.trainer.global_step == 8
     assert open_run(cb.run_dir).steps("net.2", "probe").tolist() == [0]  # the init probe worked and stays
-    strict = ActivationPatternCallback(probe=BreaksLater(), probe_every=1, live_stats=False, on_error="raise")
+    reasons = open_run(cb.run_dir).stop_reasons  # what `actpat info` shows
+    assert len(reasons) == 1 and "the probe at step 1 failed" in reasons[0].reason
+    assert "broken probe sample" in reasons[0].reason
+    strict = ActivationPatternCallback(probe=BreaksLater(), probe_every=1, live_stats=False, on_error="raise",
+                                       probe_cache_bytes=0)
     with pytest.raises(RuntimeError, match="broken probe sample"):
         fit(tmp_path / "strict", [strict], max_epochs=1)
 
@@ -312,6 +277,32 @@ def test_live_stats_without_a_logger_fail_at_setup(tmp_path):
     cb = ActivationPatternCallback(probe=toy_data(8))
     with pytest.raises(ValueError, match="Expected a logger"):
         fit(tmp_path, [cb], logger=False)
+
+
+@pytest.mark.parametrize("how", ["child", "module"])
+def test_the_probe_copy_of_a_compiled_module_records_like_the_eager_module(tmp_path, how):
+    def model():
+        pl.seed_everything(0, verbose=False)
+        net = ToyNet()
+        if how == "child":
+            net.net = torch.compile(net.net, backend="eager")
+        return torch.compile(net, backend="eager") if how == "module" else net
+
+    runs = []
+    for name, make in (("eager", ToyNet), ("compiled", model)):
+        cb = ActivationPatternCallback(probe=toy_data(16, seed=1), probe_every=4, live_stats=False)
+        pl.seed_everything(0, verbose=False)
+        module = make()
+        make_trainer(tmp_path / name, [cb], max_epochs=1).fit(module, DataLoader(toy_data(), batch_size=8))
+        runs.append(open_run(cb.run_dir))
+    eager, compiled = runs
+    assert compiled.sites == eager.sites == ["net.2", "net.6"]  # eager names: no `_orig_mod` in them
+    for site in eager.sites:
+        assert compiled.steps(site, "probe").tolist() == [0, 4, 8]
+        np.testing.assert_array_equal(compiled.read(site, 0, "probe").bits, eager.read(site, 0, "probe").bits)
+    no_copy = ActivationPatternCallback(probe=toy_data(16, seed=1), live_stats=False, probe_copy=False)
+    with pytest.raises(ValueError, match=r"eager module for `probe_copy=False`.*compiled.*probe_copy=True"):
+        make_trainer(tmp_path / "no_copy", [no_copy], max_epochs=1).fit(model(), DataLoader(toy_data(), batch_size=8))
 
 
 def test_batch_mode_with_a_compiled_module_fails_at_setup(tmp_path):

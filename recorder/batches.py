@@ -1,4 +1,6 @@
-"""What the callback reads from a batch: the model's inputs, per-sample class labels, the batch size.
+"""What is read from a batch: the model's inputs, per-sample class labels, the batch size.
+
+Used by the prober for probe batches and by the Lightning callback for training batches.
 
 The default rules read tuple/list batches by position (``(inputs, labels, ...)``) and dict batches by
 key (:data:`INPUT_KEYS`, :data:`LABEL_KEYS`); ``inputs_from`` and ``labels_from`` replace them. Labels
@@ -9,7 +11,8 @@ never a silent truncation (a float label 0.7 must not become class 0).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ class BatchReader:
     inputs_from, labels_from : callable(batch), optional
         The user's functions; None selects the default rules.
     notify : callable(key, message)
-        Reports a fact once per key (the callback's warn-once): here, that one-hot labels are reduced.
+        Reports a fact once per key (a warn-once): here, that one-hot labels are reduced.
     """
 
     def __init__(
@@ -124,7 +127,8 @@ def default_inputs(batch: Any) -> Any:
         raise ValueError(
             f"Expected a batch dict with one of the keys {INPUT_KEYS}, but got keys {sorted(map(str, batch))}. "
             "Pass `inputs_from=` (for example `lambda batch: batch['pixels']`) to say what the module's forward "
-            "takes, or `probe_forward=` to run the module on the batch your way."
+            "takes, or your own probe forward (`probe_forward=` of the callback, `forward=` of the Prober) to run "
+            "the module on the batch your way."
         )
     return batch
 
@@ -149,6 +153,55 @@ def batch_size(inputs: Any) -> int:
             "Pass `inputs_from=` returning the model's input tensor."
         )
     return int(found.shape[0])
+
+
+def describe(batch: Any, depth: int = 0) -> str:
+    """A short structural description of a batch for error messages: types, shapes, dtypes, keys."""
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor{list(batch.shape)} {str(batch.dtype).replace('torch.', '')}"
+    if depth >= 2:
+        return type(batch).__name__
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{key!r}: {describe(value, depth + 1)}" for key, value in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return f"{type(batch).__name__}(" + ", ".join(describe(item, depth + 1) for item in batch) + ")"
+    return type(batch).__name__
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor moved to ``device`` (tuples, named tuples, lists and mappings recursed).
+
+    Other objects (strings, ints) are kept as they are. A non-blocking copy: a pinned host tensor
+    reaches an accelerator without waiting.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(to_device(item, device) for item in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(item, device) for item in batch)
+    if isinstance(batch, Mapping):
+        moved = {key: to_device(value, device) for key, value in batch.items()}
+        try:
+            return type(batch)(moved)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return moved
+    return batch
+
+
+def tensors(batch: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``batch``, depth-first (tuples, lists and mappings recursed)."""
+    if isinstance(batch, torch.Tensor):
+        yield batch
+        return
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        yield from tensors(item)
+
+
+def tensor_bytes(batch: Any) -> int:
+    """Bytes of all tensors in ``batch``."""
+    return sum(t.numel() * t.element_size() for t in tensors(batch))
 
 
 def _first_tensor(value: Any) -> Optional[torch.Tensor]:

@@ -1,8 +1,8 @@
-"""The callback's ``sites`` filter, checked against the sites the model actually calls."""
+"""A ``sites`` filter checked against the sites the model actually calls (prober and callback)."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from actpat.recorder.hooks import site_filter
 
@@ -33,21 +33,29 @@ class SiteSelection:
 
     def check(self, where: str) -> None:
         """Raise unless the forwards seen so far (during ``where``) called every named and some selected site."""
+        error = self.problem(where)
+        if error is not None:
+            raise error
+
+    def problem(self, where: str) -> Optional[ValueError]:
+        """The error :meth:`check` would raise, or None: a failure's clearest explanation when sites ran."""
         if not self.seen:
-            raise ValueError(
+            return ValueError(
                 f"Expected the model to call at least one activation site, but none ran inside a module forward "
                 f"during {where}. Name other activation classes with `module_types=`; if the probe ran no forward of "
-                "the module, pass `probe_forward=`."
+                "the module, pass your own probe forward (`probe_forward=` of the callback, `forward=` of the "
+                "Prober)."
             )
         existing = list(self.seen)
         missing = [name for name in self.literal if name not in self.seen]
         if missing:
-            raise ValueError(
+            return ValueError(
                 f"Expected every name in `sites` to be an activation site of the model, but {missing} "
                 f"{'is' if len(missing) == 1 else 'are'} not. The sites called during {where}: {existing}."
             )
         if not any(self.seen.values()):
-            raise ValueError(
+            return ValueError(
                 f"Expected `sites={self.sites!r}` to select at least one activation site, but it matches none of "
                 f"the sites called during {where}: {existing}. Pass names or glob patterns from this list."
             )
+        return None

@@ -1,4 +1,4 @@
-"""Batch access of the callback without a Trainer: default rules, label checks, the batch size."""
+"""Batch access (inputs, labels, the batch size) without a Trainer: default rules, label checks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from actpat.callbacks._batches import BatchReader, batch_size, default_inputs, default_labels
+from actpat.recorder.batches import BatchReader, batch_size, default_inputs, default_labels
 
 
 def _reader(**kwargs):

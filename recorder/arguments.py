@@ -1,0 +1,57 @@
+"""Argument checks of the prober and the callback, each naming the argument as its caller spells it.
+
+Every message follows one template: ``Expected `name` to be ..., but got <value>.``
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from torch import nn
+
+
+def expect_int(name: str, value: Any, minimum: int) -> None:
+    """An int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
+
+
+def expect_optional_int(name: str, value: Any, minimum: int) -> None:
+    if value is not None:
+        expect_int(name, value, minimum)
+
+
+def expect_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Expected `{name}` to be True or False, but got {value!r}.")
+
+
+def expect_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Expected `{name}` to be one of {tuple(allowed)}, but got {value!r}.")
+
+
+def expect_callable(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise ValueError(f"Expected `{name}` to be None or a callable, but got {type(value).__name__}.")
+
+
+def expect_every(name: str, value: Any) -> None:
+    """A probe interval: a float > 0 (fraction of an epoch) or an int >= 1 (optimizer steps)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(
+            f"Expected `{name}` to be a float > 0 (fraction of an epoch) or an int >= 1 (optimizer steps), "
+            f"but got {value!r}."
+        )
+
+
+def expect_values(name: str, value: Any) -> None:
+    """What to store of the pre-activations: None, ``"all"`` or a number of units."""
+    if not (value is None or value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
+        raise ValueError(f"Expected `{name}` to be None, 'all' or an int >= 1, but got {value!r}.")
+
+
+def expect_module_types(name: str, value: Any) -> None:
+    if isinstance(value, type) or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in value):
+        raise ValueError(f"Expected `{name}` to be a sequence of nn.Module subclasses, but got {value!r}.")

@@ -1,0 +1,141 @@
+"""Live statistics of each probe, computed on one bounded background worker that never blocks training.
+
+The prober hands each probe's records here; the worker turns them into the reader's public
+:class:`~actpat.recorder.reader.Patterns` (one per site) and calls the statistics function it was given
+(for example :func:`actpat.analysis.live.live_measures`) with the ``init`` and ``last`` references of
+the site. Results come back, in step order, to the thread that asks for them.
+
+At most :data:`BACKLOG` probes wait for their statistics. A probe that finds the worker that far behind
+gets no live statistics (said once); its patterns are in the shards like every other probe's, and the
+probe after it gets no ``last`` comparison, since its previous record was not counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import numpy as np
+
+from actpat.recorder.reader import Patterns
+from actpat.recorder.shards import Record
+
+log = logging.getLogger(__name__)
+
+#: Probes that may wait for their statistics before a new probe's statistics are skipped.
+BACKLOG = 2
+
+#: ``stats(patterns, references) -> (summary, metrics)``: ``references`` maps ``"init"``/``"last"`` to
+#: the summaries returned for earlier probes of the same site (where they exist), or to None where this
+#: probe is that reference itself (``init`` at the first probe).
+StatsFunction = Callable[[Patterns, Mapping[str, Any]], tuple[Any, dict[str, float]]]
+
+
+class LiveStatsError(RuntimeError):
+    """The live statistics of a probe failed; the probe's records are in the shards all the same."""
+
+
+class LiveStats:
+    """Compute ``stats`` of each probe's patterns on a background thread.
+
+    Parameters
+    ----------
+    stats : StatsFunction
+        Called on the worker once per site and probe.
+    references : dict, optional
+        ``{"init" | "last": {site: summary}}`` to start from (a resumed run re-reads them from its shards).
+    notify : callable(key, message)
+        Reports a fact once per key (here: that the worker fell behind).
+    """
+
+    def __init__(
+        self, stats: StatsFunction, references: Optional[dict[str, dict[str, Any]]], notify: Callable[[str, str], None]
+    ) -> None:
+        self._stats = stats
+        self._references = references or {}  # touched by the worker only, once started
+        self._notify = notify
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actpat-live-stats")
+        self._pending: list[tuple[int, Future]] = []
+        self._gap = False
+
+    def submit(self, step: int, epoch: int, split: str, records: list[Record]) -> bool:
+        """Queue one probe's records; False (and nothing queued) when :data:`BACKLOG` probes still wait."""
+        if sum(not future.done() for _, future in self._pending) >= BACKLOG:
+            self._gap = True
+            self._notify(
+                "live-stats-behind",
+                f"actpat: the live statistics fell {BACKLOG} probes behind, so the probe at step {step} (and any other "
+                "that finds the worker this far behind) gets none, and the probe after it no `last` comparison. "
+                "Training does not wait; every probe's patterns are in the shards (`actpat analyze` computes all).",
+            )
+            return False
+        use_last, self._gap = not self._gap, False
+        self._pending.append((step, self._executor.submit(self._compute, step, epoch, split, records, use_last)))
+        return True
+
+    def results(self, wait: bool) -> Iterator[tuple[int, dict[str, dict[str, float]]]]:
+        """Yield ``(step, {site: metrics})`` of finished probes in step order (all of them if ``wait``)."""
+        while self._pending and (wait or self._pending[0][1].done()):
+            step, future = self._pending.pop(0)
+            try:
+                result = future.result()
+            except Exception as exc:
+                raise LiveStatsError(f"The live statistics of the probe at step {step} failed with {exc!r}.") from exc
+            yield step, result
+
+    def close(self, wait: bool) -> None:
+        """Stop the worker; without ``wait``, statistics not yet computed are dropped."""
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
+        self._pending.clear()
+
+    def _compute(
+        self, step: int, epoch: int, split: str, records: list[Record], use_last: bool
+    ) -> dict[str, dict[str, float]]:
+        first = "init" not in self._references  # the first probe of a fresh run is `init`
+        init = self._references.setdefault("init", {})
+        last = self._references.get("last", {}) if use_last else {}
+        current, metrics = {}, {}
+        for site, patterns in site_patterns(records, step, epoch, split).items():
+            references = {name: ref[site] for name, ref in (("init", init), ("last", last)) if site in ref}
+            if first:
+                references["init"] = None
+            current[site], metrics[site] = self._stats(patterns, references)
+            if first:
+                init[site] = current[site]
+        self._references["last"] = current
+        return metrics
+
+
+def site_patterns(records: list[Record], step: int, epoch: int, split: str) -> dict[str, Patterns]:
+    """The records of one probe as one :class:`Patterns` per site, rows in record order (as the reader gives)."""
+    parts: dict[str, list[Record]] = {}
+    for record in records:
+        parts.setdefault(record.meta.site, []).append(record)
+    return {site: _patterns(site, site_records, step, epoch, split) for site, site_records in parts.items()}
+
+
+def _patterns(site: str, records: list[Record], step: int, epoch: int, split: str) -> Patterns:
+    bits, labels, ids, positions, nan_count = [], [], [], [], 0
+    for record in records:
+        if record.ready is not None:
+            record.ready.synchronize()
+        rows_bits = np.asarray(record.bits)
+        rows = np.arange(len(rows_bits)) if record.obs_index is None else np.asarray(record.obs_index)
+        sample_row = rows // record.n_positions
+        bits.append(rows_bits)
+        labels.append(_per_row(record.labels, sample_row))
+        ids.append(_per_row(record.sample_ids, sample_row))
+        positions.append(rows % record.n_positions)
+        nan_count += int(record.nan_count)
+    return Patterns(
+        site=site, step=step, epoch=epoch, split=split, n_units=records[0].meta.n_units, bits=np.concatenate(bits),
+        labels=np.concatenate(labels), sample_ids=np.concatenate(ids), positions=np.concatenate(positions),
+        nan_count=nan_count,
+    )
+
+
+def _per_row(per_sample: Any, sample_row: np.ndarray) -> np.ndarray:
+    if per_sample is None:
+        return np.full(len(sample_row), -1, dtype=np.int64)
+    return np.asarray(per_sample, dtype=np.int64)[sample_row]

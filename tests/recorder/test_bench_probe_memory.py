@@ -1,0 +1,31 @@
+"""`bench/probe_memory.py`: each arm runs, and a prober holds what its copy mode promises, no more."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "probe_memory.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("probe_memory", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_copy_holds_one_set_of_weights_and_no_copy_only_the_buffers(bench):
+    widths = (64, 128)  # 1 MiB of weights
+    results = {arm: bench.run_arm(arm, widths, steps=2) for arm in bench.ARMS}
+    model = bench.vgg_shaped(widths)
+    weights = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers()) / 2**20
+    probe_set = 16 * 3 * 16 * 16 * 4 / 2**20 + 16 * 8 / 2**20  # inputs and labels, cached on the device
+    assert results["train"]["weights_mb"] == pytest.approx(weights)
+    extra = {arm: results[arm]["tracked_mb"] - results["train"]["tracked_mb"] for arm in bench.ARMS[1:]}
+    tolerance = 0.15  # the packed bits of recent probes on their way to the writer (0.1 MiB a probe)
+    assert extra["probe_copy"] == pytest.approx(weights + buffers + probe_set, abs=tolerance)
+    assert extra["probe_nocopy"] == pytest.approx(buffers + probe_set, abs=tolerance)
+    assert all(r["peak_rss_mb"] > 0 for r in results.values())

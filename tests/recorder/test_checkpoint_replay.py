@@ -1,0 +1,206 @@
+"""Replay from checkpoints: the patterns a live probe recorded, bit for bit, from the saved weights alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from actpat.callbacks import ActivationPatternCallback
+from actpat.recorder import open_run, replay
+from actpat.recorder.checkpoint_replay import load_checkpoint, replay_main, step_from_name
+
+PROBE_EVERY = 3
+
+
+_spec = importlib.util.spec_from_file_location("actpat_test_toys", Path(__file__).resolve().parents[1] / "toys.py")
+toys = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toys)
+ToyNet, toy_data = toys.ToyNet, toys.toy_data
+
+
+class SaveAtProbeSteps(pl.Callback):
+    """Lightning checkpoints and plain state_dict files at the probe steps of an int ``probe_every``."""
+
+    def __init__(self, root) -> None:
+        self.ckpt_dir, self.plain_dir = root / "ckpt", root / "plain"
+        self.plain_dir.mkdir(parents=True)
+
+    def _save(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        trainer.save_checkpoint(self.ckpt_dir / f"epoch={trainer.current_epoch}-step={step}.ckpt")
+        torch.save(pl_module.state_dict(), self.plain_dir / f"toynet-{step:04d}.pt")
+
+    def on_train_start(self, trainer, pl_module):
+        self._save(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % PROBE_EVERY == 0:
+            self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step % PROBE_EVERY:
+            self._save(trainer, pl_module)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_replayed_checkpoints_equal_the_live_probe_bit_for_bit(tmp_path, mode):
+    probe = toy_data(20, 1)
+    cb = ActivationPatternCallback(probe=probe, probe_every=PROBE_EVERY, probe_mode=mode, live_stats=False)
+    saver = SaveAtProbeSteps(tmp_path)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_epochs=2, logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, accelerator="cpu", devices=1, callbacks=[cb, saver],
+    )
+    trainer.fit(ToyNet(), DataLoader(toy_data(40, 0), batch_size=8, shuffle=True))  # 5 steps per epoch
+    live = open_run(cb.run_dir)
+    steps = [0, 3, 6, 9, 10]
+    assert live.steps("net.2", "probe").tolist() == steps
+    for source, epochs in ((saver.ckpt_dir, True), (saver.plain_dir, False)):
+        out = tmp_path / f"replay-{source.name}"
+        results = replay(source, ToyNet(), probe, out, mode=mode, batch_size=8, progress=False)
+        assert [(r.step, r.status) for r in results] == [(s, "replayed") for s in steps]
+        replayed = open_run(out)
+        assert replayed.sites == live.sites
+        for site in live.sites:
+            assert replayed.steps(site, "probe").tolist() == steps
+            for step in steps:
+                a, b = live.read(site, step, "probe"), replayed.read(site, step, "probe")
+                np.testing.assert_array_equal(b.bits, a.bits, err_msg=f"{source.name}: {site} at step {step}")
+                np.testing.assert_array_equal(b.sample_ids, a.sample_ids)
+                np.testing.assert_array_equal(b.labels, a.labels)
+                assert b.epoch == (a.epoch if epochs else -1)
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_checkpoint_that_fails_to_load_is_reported_and_skipped(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = ToyNet()
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    torch.save({"state_dict": _state(model), "global_step": 3, "epoch": 1}, ckpts / "last.ckpt")
+    (ckpts / "step=4.pt").write_bytes(os.urandom(256))  # corrupted
+    torch.save([1, 2, 3], ckpts / "list-5.pt")  # not a dict
+    torch.save(nn.Linear(3, 3).state_dict(), ckpts / "other-6.pt")  # weights of another model
+    torch.save(_state(model), ckpts / "final.pt")  # no step anywhere
+    with torch.no_grad():
+        model.net[0].weight.mul_(-1)
+    torch.save({"model": _state(model), "step": 7}, ckpts / "fabric.pth")  # Fabric's layout
+    (ckpts / "notes.txt").write_text("not a checkpoint")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        results = replay(ckpts, ToyNet(), toy_data(12, 1), out, batch_size=12, progress=False)
+    by_name = {r.path.name: r for r in results}
+    assert set(by_name) == {"last.ckpt", "step=4.pt", "list-5.pt", "other-6.pt", "final.pt", "fabric.pth"}
+    assert [(r.path.name, r.step) for r in results if r.status == "replayed"] == [("last.ckpt", 3), ("fabric.pth", 7)]
+    assert "cannot be loaded" in by_name["step=4.pt"].reason
+    assert "hold a dict" in by_name["list-5.pt"].reason
+    assert "do not fit ToyNet" in by_name["other-6.pt"].reason and by_name["other-6.pt"].step == 6
+    assert "no step" in by_name["final.pt"].reason
+    assert sum("skipped" in r.getMessage() for r in caplog.records) == 4
+    run = open_run(out)
+    assert run.steps("net.6", "probe").tolist() == [3, 7]
+    assert run.read("net.6", 3, "probe").epoch == 1
+    # Run again (an interrupted replay continues): nothing is recorded twice.
+    again = replay(ckpts, ToyNet(), toy_data(12, 1), out, batch_size=12, progress=False)
+    assert [r.reason for r in again if r.path.name == "fabric.pth"] == [f"step 7 is recorded in {out} already"]
+    assert len(open_run(out).read("net.6", 7, "probe")) == 12
+
+
+@pytest.mark.parametrize(
+    "name, step",
+    [("epoch=0-step=12.ckpt", 12), ("step_7.pt", 7), ("model-step-0042.pth", 42), ("run3-0099.bin", 99),
+     ("STEP=5.ckpt", 5), ("last.ckpt", None), ("best.pt", None)],
+)
+def test_step_from_the_file_name(name, step):
+    assert step_from_name(name) == step
+
+
+def test_load_checkpoint_reads_every_layout(tmp_path):
+    sd = {"w": torch.ones(2)}
+    for name, content, step, epoch in (
+        ("a.ckpt", {"state_dict": sd, "global_step": 5, "epoch": 2}, 5, 2),
+        ("b.pt", sd, None, -1),
+        ("c.pt", {"model_state_dict": sd, "step": 9}, 9, -1),
+        ("d.pt", {"model": sd}, None, -1),
+    ):
+        torch.save(content, tmp_path / name)
+        state, got_step, got_epoch = load_checkpoint(tmp_path / name)
+        assert list(state) == ["w"] and (got_step, got_epoch) == (step, epoch), name
+
+
+_FACTORIES = '''\
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def model():
+    return Net()
+
+
+def probe_set():
+    g = torch.Generator().manual_seed(3)
+    return TensorDataset(torch.randn(10, 6, generator=g), torch.randint(0, 2, (10,), generator=g))
+
+
+def forward(module, batch):
+    module(batch[0] * 2)
+'''
+
+
+def test_command_line_replays_a_directory(tmp_path, capsys):
+    factories = tmp_path / "factories.py"
+    factories.write_text(_FACTORIES)
+    namespace: dict = {}
+    exec(compile(_FACTORIES, str(factories), "exec"), namespace)
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    torch.manual_seed(0)
+    net = namespace["model"]()
+    for step in (0, 5):
+        torch.save(net.state_dict(), ckpts / f"net-step={step}.pt")
+        with torch.no_grad():
+            net.body[0].weight.add_(0.5)
+    out = tmp_path / "run"
+    argv = [str(ckpts), "--module", f"{factories}:model", "--probe", f"{factories}:probe_set", "-o", str(out),
+            "--batch-size", "4", "--forward", f"{factories}:forward", "--no-progress"]
+    assert replay_main(argv) == 0
+    assert "replayed 2 of 2 checkpoints" in capsys.readouterr().out
+    run = open_run(out)
+    assert run.sites == ["body.1"] and run.steps("body.1", "probe").tolist() == [0, 5]
+    # Independent truth: the saved weights of step 5, inputs doubled by the given forward, packed by numpy.
+    reference = namespace["model"]()
+    reference.load_state_dict(torch.load(ckpts / "net-step=5.pt"))
+    x = namespace["probe_set"]().tensors[0] * 2
+    z = reference.body[0](x).detach()
+    np.testing.assert_array_equal(run.read("body.1", 5, "probe").bits, np.packbits((z > 0).numpy(), axis=1,
+                                                                                    bitorder="little"))
+    assert replay_main([str(ckpts), "--module", f"{factories}:nothing", "--probe", f"{factories}:probe_set",
+                        "-o", str(out), "--no-progress"]) == 2
+    assert "--module" in capsys.readouterr().err
+    assert replay_main([str(tmp_path / "missing"), "--module", f"{factories}:model", "--probe",
+                        f"{factories}:probe_set", "-o", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,405 @@
+"""The probe protocol without a Trainer: plain training loops against independent truth.
+
+The truth never calls the library's hooks, packing or counting: the tests hook the ReLUs themselves,
+pack with ``np.packbits`` and count rows with ``collections.Counter``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import math
+import random
+import threading
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from actpat.analysis.live import live_measures
+from actpat.recorder import Prober, open_run
+from actpat.recorder.probe_module import ProbeModule
+from actpat.recorder.prober import ProbeForwardError
+
+N_PROBE = 20
+PROBE_BATCH = 8
+
+
+_spec = importlib.util.spec_from_file_location("actpat_test_toys", Path(__file__).resolve().parents[1] / "toys.py")
+toys = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toys)
+Net = toys.Net
+
+
+def data(n: int, seed: int) -> TensorDataset:
+    return toys.toy_data(n, seed)
+
+
+def train(prober_options: dict | None, out_dir, *, epochs: int = 2, seed: int = 0):
+    """A plain loop of 4 steps per epoch; returns the model and its weights after every step."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(data(32, 0), batch_size=8, shuffle=True)
+    weights = {0: copy.deepcopy(model.state_dict())}
+    prober = None
+    if prober_options is not None:
+        prober = Prober(model, data(N_PROBE, 1), out_dir, steps_per_epoch=len(loader), batch_size=PROBE_BATCH,
+                        **prober_options)
+        prober.maybe(0, epoch=0)
+    step = 0
+    for epoch in range(epochs):
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x) + 0.01 * np.random.randn() + 0.01 * random.random(), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            weights[step] = copy.deepcopy(model.state_dict())
+            if prober is not None:
+                prober.maybe(step, epoch=epoch)
+    if prober is not None:
+        prober.probe(step, epoch=epochs)
+        prober.close()
+    return model, weights
+
+
+def relu_bits(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    return {name: toys.channel_bits(z) for name, z in toys.relu_inputs(model, x).items()}
+
+
+def truth(weights: dict, mode: str, probe: TensorDataset) -> dict[str, np.ndarray]:
+    model = Net()
+    model.load_state_dict(weights)
+    model.train(mode == "train")
+    model.net[4].eval()  # no dropout noise in a probe
+    parts: dict[str, list] = {}
+    with torch.no_grad():
+        for start in range(0, len(probe), PROBE_BATCH):  # BatchNorm sees these batches in train mode
+            for site, bits in relu_bits(model, probe.tensors[0][start : start + PROBE_BATCH]).items():
+                parts.setdefault(site, []).append(bits)
+    return {site: np.concatenate(p) for site, p in parts.items()}
+
+
+# ---------------------------------------------------------------------- the protocol against truth
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("copy_model", [True, False])
+def test_probes_equal_recomputation_and_training_is_bit_identical(tmp_path, mode, copy_model):
+    plain, _ = train(None, None)
+    rng_after_plain = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    model, weights = train(dict(every=0.5, mode=mode, copy=copy_model), tmp_path)
+    for (key, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), key  # weights and BatchNorm buffers
+    assert torch.equal(torch.get_rng_state(), rng_after_plain[0])
+    assert np.array_equal(np.random.get_state()[1], rng_after_plain[1]) and random.getstate() == rng_after_plain[2]
+    assert model.training and all(m.training for m in model.modules())
+    run = open_run(tmp_path)
+    probe = data(N_PROBE, 1)
+    assert run.steps("net.2", "probe").tolist() == [0, 2, 4, 6, 8]
+    for step in (0, 2, 4, 6, 8):
+        expected = truth(weights[step], mode, probe)
+        assert sorted(expected) == sorted(run.sites)
+        for site, bits in expected.items():
+            p = run.read(site, step, "probe")
+            np.testing.assert_array_equal(p.bits, bits, err_msg=f"{site} at step {step}")
+            positions = 16 if site == "net.2" else 1
+            np.testing.assert_array_equal(p.sample_ids, np.repeat(np.arange(N_PROBE), positions))
+            np.testing.assert_array_equal(p.labels, np.repeat(probe.tensors[1].numpy(), positions))
+    assert [run.read("net.6", s, "probe").epoch for s in (0, 2, 4, 6, 8)] == [0, 0, 0, 1, 1]
+
+
+def test_schedule_is_the_first_step_at_or_after_each_multiple_of_the_interval(tmp_path):
+    prober = Prober(Net(), data(4, 1), tmp_path, 0.3, steps_per_epoch=7, batch_size=4)
+    interval = Fraction(3, 10) * 7  # 2.1 steps
+    assert prober.interval == interval
+    multiples = [k * interval for k in range(1, 20)]
+    expected = sorted({math.ceil(m) for m in multiples if m <= 30})
+    prober._init_step = prober._last_probe_step = 0  # as after the init probe
+    assert [s for s in range(1, 31) if prober.due(s)] == expected
+    assert Prober(Net(), data(4, 1), tmp_path, 0.01, steps_per_epoch=7, batch_size=4).interval == 1  # never below a step
+
+
+# ---------------------------------------------------------------------- the two ways of lending the model
+def test_the_copy_is_synced_in_place_without_a_state_dict_round_trip(monkeypatch):
+    model = Net()
+    lender = ProbeModule(model, "train", copy=True)
+    with lender.session() as first:
+        tensors = [t for t in first.state_dict(keep_vars=True).values()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.net[1].running_mean.add_(3.0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_state_dict was called")
+
+    monkeypatch.setattr(nn.Module, "load_state_dict", refuse)
+    monkeypatch.setattr(nn.Module, "state_dict", refuse)
+    with lender.session() as second:
+        assert second is first
+        copied = dict(second.named_parameters()) | dict(second.named_buffers())
+        for name, value in list(model.named_parameters()) + list(model.named_buffers()):
+            assert torch.equal(copied[name], value), name
+    monkeypatch.undo()
+    assert all(a is b for a, b in zip(tensors, first.state_dict(keep_vars=True).values()))
+    assert not any(p.requires_grad for p in first.parameters())
+
+
+class Stateful(nn.Module):
+    """Buffers a forward changes: one in place, one by reassignment; and a submodule left in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(3))
+
+    def forward(self, x):
+        out = self.net(x)
+        self.calls += 1
+        self.ema = 0.9 * self.ema + 0.1 * out.mean(0)
+        return out
+
+
+def test_without_a_copy_buffers_flags_and_rng_are_restored(tmp_path):
+    model = Stateful()
+    model.train()
+    model.net.net[5].eval()  # mixed flags must come back as they were
+    with torch.no_grad():
+        model(torch.randn(8, 1, 4, 4))  # non-trivial BatchNorm statistics and buffers
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = model.ema
+    flags = [m.training for m in model.modules()]
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    with Prober(model, data(N_PROBE, 1), tmp_path, 1, mode="train", copy=False, batch_size=PROBE_BATCH) as prober:
+        prober.maybe(0)
+        prober.maybe(1)
+    assert open_run(tmp_path).steps("net.net.2", "probe").tolist() == [0, 1]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.ema is ema  # the object training holds
+    assert [m.training for m in model.modules()] == flags
+    assert torch.equal(torch.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
+    assert random.getstate() == rng[2]
+
+
+def test_without_a_copy_a_forward_that_changes_a_parameter_raises(tmp_path):
+    model = Net()
+
+    def forward(module, batch):
+        module.net[0].weight.mul_(1.0)  # an in-place change, even of the same value
+        module(batch[0])
+
+    prober = Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8, forward=forward)
+    with pytest.raises(RuntimeError, match=r"changed parameters.*net.0.weight.*copy=True"):
+        prober.maybe(0)
+
+
+def test_without_a_copy_a_compiled_model_is_refused_at_construction(tmp_path):
+    model = Net()
+    model.net = torch.compile(model.net)
+    with pytest.raises(ValueError, match=r"copy=False.*compiled.*\bnet\b.*copy=True"):
+        Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8)
+
+
+# ---------------------------------------------------------------------- the probe set on the device
+class Counting(Dataset):
+    def __init__(self, n: int) -> None:
+        self.inner = data(n, 1)
+        self.reads = 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.inner[i]
+
+
+@pytest.mark.parametrize("cache_bytes, reads", [(1 << 20, 1), (0, 3), (100, 3)])
+def test_probe_set_is_read_once_when_it_fits_the_cache(tmp_path, cache_bytes, reads):
+    probe = Counting(N_PROBE)
+    model = Net()
+    with Prober(model, probe, tmp_path, 1, mode="eval", batch_size=PROBE_BATCH, cache_bytes=cache_bytes) as prober:
+        for step in range(3):
+            prober.maybe(step)
+        assert prober.cached == (reads == 1)
+    assert probe.reads == reads * N_PROBE
+    run = open_run(tmp_path)
+    expected = truth(model.state_dict(), "eval", probe.inner)
+    for step in range(3):
+        np.testing.assert_array_equal(run.read("net.6", step, "probe").bits, expected["net.6"])
+
+
+def test_a_forward_that_changes_its_input_in_place_ends_the_cache(tmp_path):
+    probe = Counting(N_PROBE)
+    model = Net()
+
+    def forward(module, batch):
+        module(batch[0])
+        batch[0].mul_(-1)  # a model that normalizes its input in place, after the fact
+
+    with Prober(model, probe, tmp_path, 1, mode="eval", batch_size=PROBE_BATCH, forward=forward) as prober:
+        for step in range(3):
+            prober.maybe(step)
+    assert probe.reads == 3 * N_PROBE  # cached at the first probe, found changed at the second: read every time
+    expected = truth(model.state_dict(), "eval", probe.inner)["net.6"]
+    for step in range(3):
+        np.testing.assert_array_equal(open_run(tmp_path).read("net.6", step, "probe").bits, expected)
+
+
+# ---------------------------------------------------------------------- live statistics
+def _entropy(counter: Counter) -> float:
+    n = sum(counter.values())
+    return -sum(c / n * math.log2(c / n) for c in counter.values())
+
+
+def test_live_statistics_equal_brute_force_counts_of_the_shards(tmp_path):
+    received = []
+    model, _ = train(dict(every=0.5, stats=live_measures, on_stats=lambda step, m: received.append((step, m))), tmp_path)
+    assert [step for step, _ in received] == [0, 2, 4, 6, 8]
+    run = open_run(tmp_path)
+    checked = 0
+    for site in run.sites:
+        init = last = None
+        for step, metrics in received:
+            p = run.read(site, step, "probe")
+            rows = [tuple(r) for r in p.unpack().astype(int).tolist()]
+            a = Counter(rows)
+            labels = p.labels.tolist()
+            expected = {
+                "entropy": _entropy(a),
+                "normalized_entropy": _entropy(a) / min(p.n_units, math.log2(len(rows))),
+                "distinct": len(a),
+                "top_mass": max(a.values()) / len(rows),
+                "mutual_information": _entropy(a) + _entropy(Counter(labels)) - _entropy(Counter(zip(rows, labels))),
+            }
+            for name, ref in (("init", init or a), ("last", last)):
+                if ref is not None:
+                    expected[f"jaccard_{name}"] = len(a.keys() & ref.keys()) / len(a.keys() | ref.keys())
+                    keys = a.keys() | ref.keys()
+                    expected[f"weighted_jaccard_{name}"] = (
+                        sum(min(a[k], ref[k]) for k in keys) / sum(max(a[k], ref[k]) for k in keys)
+                    )
+            assert set(metrics[site]) == set(expected), (site, step)
+            for name, value in expected.items():
+                assert metrics[site][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (site, step, name)
+                checked += 1
+            init, last = init or a, a
+    assert checked > 60
+
+
+def test_live_statistics_that_fall_behind_are_skipped_said_once_and_never_block(tmp_path, caplog):
+    release = threading.Event()
+    computed = []
+
+    def slow(patterns, references):
+        if not release.wait(timeout=60):  # a worker stuck for a minute fails the test, it does not hang it
+            raise TimeoutError
+        computed.append(patterns.step)
+        return live_measures(patterns, references)
+
+    received = {}
+    prober = Prober(Net(), data(N_PROBE, 1), tmp_path, 1, mode="eval", batch_size=PROBE_BATCH, stats=slow,
+                    on_stats=lambda step, metrics: received.__setitem__(step, metrics))
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        for step in range(5):  # 0 is being computed, 1 waits, 2, 3 and 4 find the worker two probes behind
+            prober.maybe(step)
+        assert not release.is_set() and computed == []  # every probe returned while the worker was stuck
+        release.set()
+        prober.poll(wait=True)
+        prober.maybe(5)  # the first probe after a gap: no `last` comparison
+        prober.maybe(6)
+        prober.close()
+    assert sorted(received) == [0, 1, 5, 6]
+    assert "jaccard_last" not in received[5]["net.6"] and "jaccard_init" in received[5]["net.6"]
+    assert "jaccard_last" in received[6]["net.6"]
+    warnings = [r.getMessage() for r in caplog.records if "fell 2 probes behind" in r.getMessage()]
+    assert len(warnings) == 1 and "step 2" in warnings[0]
+    assert open_run(tmp_path).steps("net.6", "probe").tolist() == list(range(7))  # the shards hold every probe
+
+
+# ---------------------------------------------------------------------- resume
+def test_resume_from_state_dict_continues_without_duplicates_and_rereads_references(tmp_path):
+    model = Net()
+    probe = data(N_PROBE, 1)
+    options = dict(every=2, batch_size=PROBE_BATCH, mode="eval", stats=live_measures)
+
+    def run(out, steps, state=None):
+        received = {}
+        prober = Prober(model, probe, out, on_stats=lambda s, m: received.__setitem__(s, m), **options)
+        if state is not None:
+            prober.load_state_dict(state)
+        for step in steps:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.9).add_(0.05 * torch.sin(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) + step))
+            prober.maybe(step)
+        prober.close()
+        return prober.state_dict(), received
+
+    torch.manual_seed(0)
+    start = copy.deepcopy(model.state_dict())
+    _, straight = run(tmp_path / "straight", range(9))
+    model.load_state_dict(start)
+    state, first = run(tmp_path / "resumed", range(5))
+    assert state == {"version": 1, "last_probe_step": 4, "init_step": 0}
+    # The process died after its probe at step 4 but before saving its state: the state says step 2.
+    _, second = run(tmp_path / "resumed", range(5, 9), state={**state, "last_probe_step": 2})
+    resumed = open_run(tmp_path / "resumed")
+    assert resumed.steps("net.6", "probe").tolist() == [0, 2, 4, 6, 8]
+    assert len(resumed.read("net.6", 4, "probe")) == N_PROBE  # recorded once, not twice
+    assert first.keys() | second.keys() == straight.keys() == {0, 2, 4, 6, 8}
+    for step, metrics in second.items():
+        assert metrics == straight[step], step  # init and last re-read from the shards
+
+
+# ---------------------------------------------------------------------- mistakes fail before training goes on
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(every=0.2), r"`steps_per_epoch` for `every=0.2`.*len\(train_loader\)"),
+        (dict(every=0), r"`every`.*but got 0"),
+        (dict(every=1, batch_size=None), r"`batch_size` for a Dataset probe.*train"),
+        (dict(every=1, mode="test"), r"`mode`.*'test'"),
+        (dict(every=1, copy="no"), r"`copy` to be True or False"),
+        (dict(every=1, cache_bytes=-1), r"`cache_bytes` to be an int >= 0"),
+        (dict(every=1, stats=live_measures), r"`stats` and `on_stats` together.*only `stats`"),
+        (dict(every=1, compression="zstd"), r"`compression`.*'zstd'"),
+        (dict(every=1, sites=[1]), r"`sites`"),
+    ],
+)
+def test_invalid_arguments_fail_at_construction(tmp_path, kwargs, message):
+    options = {"batch_size": 8, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Prober(Net(), data(8, 1), tmp_path, **options)
+
+
+def test_a_shuffling_probe_loader_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="shuffles"):
+        Prober(Net(), DataLoader(data(8, 1), shuffle=True), tmp_path, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(sites=["net.2", "net.9"]), ValueError, r"\['net.9'\] is not.*\['net.2', 'net.6'\]"),
+        (dict(sites="layer*"), ValueError, r"sites='layer\*'.*\['net.2', 'net.6'\]"),
+        (dict(labels_from=lambda batch: batch[1].float()), ValueError, r"float labels.*labels_from"),
+        (dict(inputs_from=lambda batch: batch[1]), ProbeForwardError, r"`module\(inputs\)`.*inputs_from.*forward="),
+        (dict(forward=lambda module, batch: module(batch)), ProbeForwardError, r"your `forward\(module, batch\)`"),
+    ],
+)
+def test_setup_mistakes_raise_at_the_first_probe_with_the_fix(tmp_path, kwargs, error, message):
+    prober = Prober(Net(), data(8, 1), tmp_path, 1, batch_size=8, **kwargs)
+    with pytest.raises(error, match=message):
+        prober.maybe(0)
+    prober.close(wait=False)
