@@ -83,16 +83,6 @@ def test_filter_that_selects_nothing_raises(tmp_path):
                 model(torch.randn(1, 1, 4, 4))
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_torch_compile_wrapper_is_rejected(tmp_path):
-    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
-    compiled = torch.compile(model)  # constructing the wrapper compiles nothing
-    with pytest.raises(ValueError, match="torch.compile") as excinfo:
-        ActivationRecorder(compiled, tmp_path)
-    assert "_orig_mod" in str(excinfo.value)
-    ActivationRecorder(compiled._orig_mod, tmp_path).close()
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
