@@ -226,12 +226,26 @@ class ActivationRecorder:
         self._hooks.attach()
         try:
             yield self
-        finally:
-            self._hooks.detach()
-            context, self._context = self._context, None
-            pending = list(self._pending)
-            self._pending.clear()
-        self._hand_over(context, pending)  # the records made before an error are kept
+        except BaseException:
+            self._end_capture(failing=True)
+            raise
+        self._end_capture(failing=False)
+
+    def _end_capture(self, failing: bool) -> None:
+        """Remove the hooks and queue the capture's records; ``failing``: the block raised, keep its error."""
+        self._hooks.detach()
+        context, self._context = self._context, None
+        pending = list(self._pending)
+        self._pending.clear()
+        try:
+            self._hand_over(context, pending)  # the records made before an error are kept
+        except Exception:
+            if not failing:
+                raise
+            log.exception("actpat: the records of step %d could not be queued", context.step)
+            return
+        if failing:
+            return
         if context.error is not None:
             raise RecorderError(
                 f"Recording step {context.step} failed inside the forward, which itself completed: "
