@@ -131,7 +131,7 @@ def pack_rows(obs: torch.Tensor) -> torch.Tensor:
 
 def _numpy_packable(z: torch.Tensor) -> bool:
     return (
-        z.device.type == "cpu"
+        z.is_cpu
         and z.dtype in _NUMPY_DTYPES
         and type(z) is torch.Tensor  # not a subclass (fake, functorch-batched, ...) that numpy cannot read
         and not torch.compiler.is_compiling()
@@ -153,7 +153,7 @@ def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int]
         packed = np.bitwise_or.reduce(words << _SHIFTS_NP, axis=2)  # (n, n_bytes, n_positions / 8)
         bits = packed.view(np.uint8).reshape(n, n_bytes, n_positions).transpose(0, 2, 1)
         return bits.reshape(n * n_positions, n_bytes), n_positions, n_units
-    rows = np.moveaxis(on, 1, -1).reshape(n * n_positions, n_units)
+    rows = on.transpose(0, *range(2, on.ndim), 1).reshape(n * n_positions, n_units)
     return _pack_rows_numpy(rows), n_positions, n_units
 
 

@@ -433,9 +433,11 @@ def _host_int64(values: Any) -> Any:
     if values is None:
         return None
     if isinstance(values, torch.Tensor):
-        values = values.detach().reshape(-1).to(torch.int64)
-        return _to_pinned(values) if values.is_cuda else values.clone()
-    return np.asarray(values, dtype=np.int64).reshape(-1).copy()
+        values = values.detach().reshape(-1)
+        if values.is_cuda:
+            return _to_pinned(values.to(torch.int64))
+        values = values.cpu().numpy()
+    return np.array(values, dtype=np.int64).reshape(-1)  # a copy: the caller may reuse its array
 
 
 def _to_pinned(tensor: Any) -> Any:

@@ -383,3 +383,25 @@ def test_idle_shard_is_finalized_after_max_shard_seconds(tmp_path):
             model(torch.randn(2, 3))
     assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["patterns-rank000-00000.h5", "patterns-rank000-00001.h5"]
     assert open_run(tmp_path).steps("1").tolist() == [0, 1]
+
+
+def test_hooks_never_read_a_device_tensor_on_the_host(tmp_path):
+    """On the meta device every host read (.item(), bool(), int(), .numpy(), .tolist()) raises.
+
+    The path a CUDA tensor takes (torch packing, NaN count left on the device) runs on meta tensors;
+    a host read there would be a device synchronization on CUDA. Only the pinned copies themselves
+    need CUDA (tested where it is available).
+    """
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(12 * 4 * 4, 5))
+    model = model.to("meta")
+    model[3].register_forward_pre_hook(lambda module, args: (F.relu(args[0]),))  # a functional site
+    records = []
+    with ActivationRecorder(model, tmp_path, max_observations=50, store_values=4) as rec:
+        rec.writer.put = records.append  # meta tensors cannot be written: keep the records
+        with rec.capture(0, labels=torch.arange(8)):
+            model(torch.randn(8, 3, 6, 6, device="meta"))
+    assert [r.meta.site for r in records] == ["1", "3:relu#0"]
+    first = records[0]
+    assert first.bits.device.type == "meta" and first.bits.shape == (50, 2)
+    assert isinstance(first.nan_count, torch.Tensor) and first.nan_count.device.type == "meta"
+    assert first.values.shape == (50, 4) and first.values.dtype == torch.float16
