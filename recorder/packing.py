@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -22,9 +23,14 @@ _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 _SHIFTS_NP = np.arange(8, dtype=np.uint64).reshape(8, 1)
 # Multiplier that gathers bit 8 k of a word (k = 0..7) into bit 56 + k: sum of 2 ** (56 - 7 k).
 _GATHER = np.uint64(sum(1 << (56 - 7 * k) for k in range(8)))
-# Channel-first tensors with at least this many positions per channel combine channels before moving
-# to the (sample, position) layout; fewer positions make the strided word ops slower than a transpose.
-_MIN_WORD_POSITIONS = 128
+_ROW_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+# The comparison's output is written into one reused buffer per thread of at most this many bytes.
+_SCRATCH_MAX_BYTES = 64 << 20
+_local = threading.local()
+# Channel-first tensors with at least this many positions per channel and elements in all combine
+# channels before moving to the (sample, position) layout; for fewer, a transposing copy is faster.
+_MIN_WORD_POSITIONS = 64
+_MIN_WORD_ELEMENTS = 1 << 16
 
 
 def _check_pattern(pattern: str) -> None:
@@ -139,22 +145,60 @@ def _numpy_packable(z: torch.Tensor) -> bool:
 
 
 def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int]:
-    on = np.greater(values, 0)  # NaN compares False: off
+    on = np.greater(values, 0, out=_scratch(values.shape))  # NaN compares False: off
     n = on.shape[0]
     if pattern == "flat" or on.ndim == 2:
         rows = on.reshape(n, -1)
         return _pack_rows_numpy(rows), 1, rows.shape[1]
     n_units, n_positions = on.shape[1], math.prod(on.shape[2:])
-    if n_units % 8 == 0 and n_positions % 8 == 0 and n_positions >= _MIN_WORD_POSITIONS and on.flags.c_contiguous:
-        n_bytes = n_units // 8
-        # Byte k of each word holds unit 8 b + k at 8 consecutive positions: shifting by k never
-        # carries across bytes, so the OR of the 8 shifted words packs 8 positions at once.
-        words = on.reshape(n, n_bytes, 8, n_positions).view(np.uint64)
-        packed = np.bitwise_or.reduce(words << _SHIFTS_NP, axis=2)  # (n, n_bytes, n_positions / 8)
-        bits = packed.view(np.uint8).reshape(n, n_bytes, n_positions).transpose(0, 2, 1)
-        return bits.reshape(n * n_positions, n_bytes), n_positions, n_units
+    if (
+        n_units % 8 == 0
+        and n_positions % 8 == 0
+        and n_positions >= _MIN_WORD_POSITIONS
+        and on.size >= _MIN_WORD_ELEMENTS
+        and on.flags.c_contiguous
+        and sys.byteorder == "little"
+    ):
+        return _pack_channels_first(on, n, n_units // 8, n_positions), n_positions, n_units
     rows = on.transpose(0, *range(2, on.ndim), 1).reshape(n * n_positions, n_units)
     return _pack_rows_numpy(rows), n_positions, n_units
+
+
+def _pack_channels_first(on: np.ndarray, n: int, n_bytes: int, n_positions: int) -> np.ndarray:
+    """Channel patterns of a C-contiguous ``(N, C, *rest)`` bool array, ``C = 8 n_bytes``."""
+    # Byte k of each word holds unit 8 b + k at 8 consecutive positions: shifting by k never carries
+    # across bytes, so the OR of the 8 shifted words packs 8 positions at once.
+    words = on.reshape(n, n_bytes, 8, n_positions).view(np.uint64)
+    packed = words[:, :, 0].copy()
+    shifted = np.empty_like(packed)
+    for k in range(1, 8):
+        np.left_shift(words[:, :, k], np.uint64(k), out=shifted)
+        packed |= shifted
+    by_unit = packed.view(np.uint8).reshape(n, n_bytes, n_positions)
+    word = _ROW_WORDS.get(n_bytes)
+    if word is None:
+        return by_unit.transpose(0, 2, 1).reshape(n * n_positions, n_bytes)
+    # Rows of 2, 4 or 8 bytes: assembled as one little-endian word per row, several times faster than
+    # numpy's transposing copy of so short rows.
+    rows = by_unit[:, 0].astype(word)
+    for b in range(1, n_bytes):
+        rows |= by_unit[:, b].astype(word) << word(8 * b)
+    return rows.view(np.uint8).reshape(n * n_positions, n_bytes)
+
+
+def _scratch(shape: tuple[int, ...]) -> np.ndarray | None:
+    """A C-contiguous bool array of ``shape`` reused across calls (per thread), or None if too large.
+
+    A fresh array of a few MiB comes from the kernel at each call, page faults included, which costs
+    more than the comparison that fills it.
+    """
+    size = math.prod(shape)
+    if size > _SCRATCH_MAX_BYTES:
+        return None
+    buffer = getattr(_local, "scratch", None)
+    if buffer is None or buffer.size < size:
+        buffer = _local.scratch = np.empty(max(size, 1 << 16), dtype=bool)
+    return buffer[:size].reshape(shape)
 
 
 def _pack_rows_numpy(on: np.ndarray) -> np.ndarray:

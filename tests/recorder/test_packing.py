@@ -139,7 +139,7 @@ def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, p
 @pytest.mark.parametrize("channels", [5, 8, 16, 64])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pack_patterns_of_large_conv_tensors_match_numpy(channels, channels_last):
-    # 40 x 48 positions: channels-first tensors of 8k channels take the word path (>= 128 positions).
+    # 40 x 48 positions: channels-first tensors of 8k channels take the word path (>= 64 positions).
     g = torch.Generator().manual_seed(channels)
     z = torch.randn(16, channels, 40, 48, generator=g)
     z[0, 0, 0, :3] = float("nan")
