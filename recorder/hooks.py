@@ -139,7 +139,12 @@ class SiteHooks:
         if self._active:
             return
         if not self.compiled:
-            compiled = [name or type(module).__name__ for name, module in self._modules if _compiled_module(module)]
+            # Compiled in place since (`.compile()`); a new torch.compile wrapper is caught by _pre_hook.
+            compiled = [
+                name or type(module).__name__
+                for name, module in self._modules
+                if getattr(module, "_compiled_call_impl", None) is not None
+            ]
             if compiled:
                 raise ValueError(
                     f"Expected the modules seen when the recorder was created, but {', '.join(compiled)} "
