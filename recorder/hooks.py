@@ -89,6 +89,8 @@ class SiteHooks:
         Further classes to treat as activation sites besides :data:`DEFAULT_MODULE_TYPES`.
     functional : bool
         Whether to record functional calls (:data:`FUNCTIONS`).
+    on_forward_end : callable(), optional
+        Called after each top-level forward of the model during a capture, outside any compiled graph.
     """
 
     def __init__(
@@ -99,11 +101,14 @@ class SiteHooks:
         sites: SiteFilter = None,
         module_types: Iterable[type[nn.Module]] = (),
         functional: bool = True,
+        on_forward_end: Callable[[], None] | None = None,
     ) -> None:
         self.module_types = DEFAULT_MODULE_TYPES + tuple(module_types)
         self.functional = functional
         self.compiled = is_compiled(model)
         self._callback = callback
+        self._on_forward_end = on_forward_end
+        self._forward_end = self._end_forward
         self._selected = site_filter(sites)
         self._selected_cache: dict[str, bool] = {}
         self._modules = list(_named_modules(uncompiled(model)))
@@ -187,6 +192,9 @@ class SiteHooks:
     # ------------------------------------------------------------------ compiled models
     def _install(self) -> None:
         torch.compiler.assume_constant_result(_is_selected)
+        # A graph break after each top-level forward: the lists a graph appends to are emptied there, so
+        # every forward starts with the state its graph was traced with (dynamo guards on their lengths).
+        self._forward_end = torch.compiler.disable(self._end_forward)
         for path, module in self._modules:
             key = id(module)
             handles = [
@@ -231,6 +239,13 @@ class SiteHooks:
     def _leave(self, key: int, module: nn.Module, args: tuple, output: object) -> None:
         if self._active and self._stack and self._stack[-1] == key:
             self._stack.pop()
+            if not self._stack:
+                self._forward_end()
+
+    def _end_forward(self) -> None:
+        self._calls.clear()
+        if self._on_forward_end is not None:
+            self._on_forward_end()
 
     def _on_function(self, func: Callable, z: object) -> None:
         if not self._stack:

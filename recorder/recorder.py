@@ -153,11 +153,16 @@ class ActivationRecorder:
         )
         self.on_record = on_record
         self._site_meta: dict[str, SiteMeta] = {}
-        # What the hooks gathered during the current capture: Records (eager) or the outputs of a
-        # compiled graph (see _on_site_traced). One list for the recorder's lifetime: dynamo guards on it.
+        # What the hooks gathered during the current forward: Records (eager) or the outputs of a
+        # compiled graph (see _on_site_traced), moved to _gathered after each forward. One list for the
+        # recorder's lifetime, empty whenever a forward starts: dynamo guards on it.
         self._pending: list = []
+        self._gathered: list = []
         self._site_called = False
-        self._hooks = SiteHooks(model, self._on_site, sites=sites, module_types=module_types, functional=functional)
+        self._hooks = SiteHooks(
+            model, self._on_site, sites=sites, module_types=module_types, functional=functional,
+            on_forward_end=self._on_forward_end,
+        )
         self._context: _Capture | None = None
         self._warned: set[str] = set()
 
@@ -222,6 +227,7 @@ class ActivationRecorder:
         self.open()
         self._context = _Capture(int(step), int(epoch), split, labels, sample_ids)
         self._pending.clear()
+        self._gathered.clear()
         self._site_called = False
         self._hooks.attach()
         try:
@@ -235,8 +241,8 @@ class ActivationRecorder:
         """Remove the hooks and queue the capture's records; ``failing``: the block raised, keep its error."""
         self._hooks.detach()
         context, self._context = self._context, None
-        pending = list(self._pending)
-        self._pending.clear()
+        self._on_forward_end()  # a forward that raised never ended
+        pending, self._gathered = self._gathered, []
         try:
             self._hand_over(context, pending)  # the records made before an error are kept
         except Exception:
@@ -275,6 +281,10 @@ class ActivationRecorder:
                 " with the given `sites` filter. Name other activation classes with `module_types=`, or "
                 "widen `sites=`." + stale
             )
+
+    def _on_forward_end(self) -> None:
+        self._gathered.extend(self._pending)
+        self._pending.clear()
 
     def _hand_over(self, context: "_Capture", pending: list) -> None:
         """Queue the records of a capture: one hand-off per capture instead of one per site call."""

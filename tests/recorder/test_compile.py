@@ -58,10 +58,10 @@ def _model(seed: int = 0) -> nn.Module:
     return nn.Sequential(_Block(), nn.Linear(16, 4))
 
 
-def _train(model, step_model, recorder, batches, *, record_every=1):
+def _train(model, step_model, recorder, batches, *, record_every=1, start=0):
     """SGD steps on ``batches``; the forward of every ``record_every``-th step inside a capture."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step, (x, y) in enumerate(batches):
+    for step, (x, y) in enumerate(batches, start=start):
         if recorder is not None and step % record_every == 0:
             with recorder.capture(step, labels=y):
                 loss = F.cross_entropy(step_model(x), y)
@@ -118,19 +118,31 @@ def test_compiled_training_records_the_eager_sites_and_bits(tmp_path, truth):
         assert torch.equal(p_eager, p_compiled)  # recording changed neither training
 
 
-def test_graphs_are_reused_between_captures(tmp_path):
-    """Once traced with and without an active capture, recording every other step compiles nothing new."""
+@pytest.mark.parametrize("how", ["wrapper", "method"])
+def test_graphs_are_reused_between_captures(how, tmp_path):
+    """Once traced with and without an active capture, further steps compile nothing new, also with
+    two forwards per capture (e.g. gradient accumulation)."""
     from torch._dynamo.utils import counters
 
     model = _model()
-    compiled = torch.compile(model, backend=BACKEND)
+    if how == "wrapper":
+        compiled = torch.compile(model, backend=BACKEND)
+    else:
+        model.compile(backend=BACKEND)
+        compiled = model
     batches = _batches(8)
     with ActivationRecorder(compiled, tmp_path) as rec:
         _train(model, compiled, rec, batches[:2], record_every=2)
         graphs = counters["stats"]["unique_graphs"]
-        _train(model, compiled, rec, batches[2:], record_every=2)
+        _train(model, compiled, rec, batches[2:6], record_every=2, start=2)
+        for step, (x, _) in enumerate(batches[6:], start=6):
+            with rec.capture(step):
+                compiled(x)
+                compiled(x)
         assert counters["stats"]["unique_graphs"] == graphs
-    assert open_run(tmp_path).steps("0.act").tolist() == [0, 2, 4]
+    run = open_run(tmp_path)
+    assert run.steps("0.act").tolist() == [0, 2, 4, 6, 7]
+    assert run.n_observations("0.leaky") == 6 * (3 + 2 * 2)
 
 
 def test_recorder_created_after_the_first_compiled_call_still_records(tmp_path):
