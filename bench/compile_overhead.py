@@ -17,7 +17,6 @@ there: dynamo traces the hooks the same way without building C++ kernels).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -29,22 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from actpat.recorder import ActivationRecorder, open_run
-from overhead import COMPRESSION_CHOICES, build, environment, median_ratio, recorder_kwargs, run_arms
+from overhead import build, median_ratio, parse_args, recorder_kwargs, run_arms, run_fields
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configuration, for the test suite")
-    parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet18", "digits"])
-    parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
-    parser.add_argument("--pairs", type=int, default=None, help="interleaved groups of the four arms")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--compression", default="default", choices=COMPRESSION_CHOICES)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, argv, ("--backend", {"default": "inductor", "help": "torch.compile backend"}))
     quick = args.quick
     groups = args.pairs or (3 if quick else 20)
 
@@ -102,12 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "compile_s": round(compile_s, 1),
         "sites": n_sites,
         "same_sites_as_eager": sites_equal,
-        "batch": len(x),
-        "input_shape": list(x.shape[1:]),
-        "groups": groups,
-        "compression": args.compression,
-        "quick": quick,
-        **environment(),
+        **run_fields(x, groups, args.compression, quick),
     }
     print(json.dumps(result), flush=True)
     return result

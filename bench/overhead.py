@@ -211,8 +211,32 @@ def run_arms(arms: dict, groups: int, warmup: int) -> dict[str, Clock]:
     return clocks
 
 
-def environment() -> dict:
+def parse_args(doc: str, argv: list[str] | None, *extra: tuple[str, dict]) -> argparse.Namespace:
+    """The options every overhead benchmark takes (plus ``extra`` ones); sets torch's thread count."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny configuration, for the test suite")
+    parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet18", "digits"])
+    parser.add_argument("--pairs", type=int, default=None, help="interleaved groups of the arms to time")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="input size of resnet18 (default 64)")
+    parser.add_argument("--compression", default="default", choices=COMPRESSION_CHOICES)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    for flag, kwargs in extra:
+        parser.add_argument(flag, **kwargs)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def run_fields(x: torch.Tensor, groups: int, compression: str, quick: bool) -> dict:
+    """The JSON fields that describe the run: input, groups, settings and environment."""
     return {
+        "batch": len(x),
+        "input_shape": list(x.shape[1:]),
+        "groups": groups,
+        "compression": compression,
+        "quick": quick,
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
@@ -221,17 +245,7 @@ def environment() -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configuration (seconds), for the test suite")
-    parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet18", "digits"])
-    parser.add_argument("--pairs", type=int, default=None, help="interleaved A/B/C groups to time")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--resolution", type=int, default=None, help="input size of resnet18 (default 64)")
-    parser.add_argument("--compression", default="default", choices=COMPRESSION_CHOICES)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, argv)
     quick = args.quick
     groups = args.pairs or (3 if quick else 20 if args.model != "digits" else 200)
     warmup = 1 if quick else 3
@@ -294,12 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pre_activation_values_per_step": sum(z.numel() for z in zs),
         "recorded_steps": recorded_steps,
         "bytes_on_disk_per_step": round(bytes_on_disk / max(recorded_steps, 1)),
-        "batch": len(x),
-        "input_shape": list(x.shape[1:]),
-        "groups": groups,
-        "compression": args.compression,
-        "quick": quick,
-        **environment(),
+        **run_fields(x, groups, args.compression, quick),
     }
     print(json.dumps(result), flush=True)
     return result

@@ -239,13 +239,7 @@ def test_model_compiled_after_the_recorder_was_created_is_a_clear_error(tmp_path
 @pytest.mark.slow
 def test_inductor_graph_records_eager_bits(tmp_path, truth):
     """Inductor fuses the packing into its kernels; integer-valued weights make every z exact."""
-    gen = torch.Generator().manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(16, 8, 1), nn.ReLU())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randint(-1, 2, p.shape, generator=gen).float())
-    x = torch.randint(-3, 4, (4, 3, 16, 16), generator=gen).float()
-    x[0, 0, 0, 0] = float("nan")
+    model, x = truth.exact_conv_net(16, 4, 16)
     compiled = torch.compile(model)
     taps = truth.Taps(model[1], model[3])
     try:

@@ -312,13 +312,7 @@ def test_recorder_can_be_reopened_and_resumes_numbering(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth):
     # Small integers make every pre-activation exact on both devices (TF32 included): bits must match.
-    gen = torch.Generator().manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(12, 5, 1), nn.ReLU())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randint(-1, 2, p.shape, generator=gen).float())
-    x = torch.randint(-3, 4, (8, 3, 9, 9), generator=gen).float()
-    x[0, 0, 0, 0] = float("nan")
+    model, x = truth.exact_conv_net(12, 8, 9)
     labels = torch.arange(8)
     taps = truth.Taps(model[1], model[3])
     runs = {}
