@@ -34,7 +34,7 @@ from overhead import build, median_ratio, parse_args, recorder_kwargs, run_arms,
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(__doc__, argv, ("--backend", {"default": "inductor", "help": "torch.compile backend"}))
     quick = args.quick
-    groups = args.pairs or (3 if quick else 20)
+    groups = args.pairs or (2 if quick else 20)
 
     eager, x, y = build(args.model, quick, args.batch, args.resolution)
     compiled_model = copy.deepcopy(eager)

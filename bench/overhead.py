@@ -114,10 +114,10 @@ def build(model: str, quick: bool, batch: int | None, resolution: int | None) ->
         net, shape, batch = digits_cnn(), (1, 8, 8), batch or (16 if quick else 64)
     elif model == "resnet18":
         blocks = (1, 1, 1, 1) if quick else (2, 2, 2, 2)
-        net, batch = ResNet(blocks, (64, 128, 256, 512), stem="imagenet"), batch or (8 if quick else 128)
+        net, batch = ResNet(blocks, (64, 128, 256, 512), stem="imagenet"), batch or (4 if quick else 128)
         shape = (3, resolution or (32 if quick else 64), resolution or (32 if quick else 64))
     else:
-        net, shape, batch = ResNet((1, 1, 1) if quick else (3, 3, 3)), (3, 32, 32), batch or (8 if quick else 128)
+        net, shape, batch = ResNet((1, 1, 1) if quick else (3, 3, 3)), (3, 32, 32), batch or (4 if quick else 128)
     return net, torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
 
 
@@ -247,7 +247,7 @@ def run_fields(x: torch.Tensor, groups: int, compression: str, quick: bool) -> d
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(__doc__, argv)
     quick = args.quick
-    groups = args.pairs or (3 if quick else 20 if args.model != "digits" else 200)
+    groups = args.pairs or (2 if quick else 20 if args.model != "digits" else 200)
     warmup = 1 if quick else 3
 
     model, x, y = build(args.model, quick, args.batch, args.resolution)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         with recorder, hooks_only:
             clocks = run_arms(arms, groups, warmup)
             n_sites = len(recorder.sites)
-            fixed_us = fixed_site_us(model, hooks_only, x[:1], n_sites, 20 if quick else 200)
+            fixed_us = fixed_site_us(model, hooks_only, x[:1], n_sites, 5 if quick else 200)
             close_start = time.perf_counter()
         close_ms = 1e3 * (time.perf_counter() - close_start)  # draining the writer queue at the end
         run = open_run(out)
