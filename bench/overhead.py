@@ -176,7 +176,7 @@ def recorder_kwargs(compression: str) -> dict:
 
 def discarding(recorder: ActivationRecorder) -> ActivationRecorder:
     """The recorder with its records dropped at the hand-off: hooks, packing and hand-off only."""
-    recorder.writer.put = lambda record: True
+    recorder.writer.put_many = len
     return recorder
 
 

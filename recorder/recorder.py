@@ -288,13 +288,15 @@ class ActivationRecorder:
 
     def _hand_over(self, context: "_Capture", pending: list) -> None:
         """Queue the records of a capture: one hand-off per capture instead of one per site call."""
+        records = []
         for item in pending:
             record = item if isinstance(item, Record) else self._make_record(context, *item)
-            if record is None:
-                continue
-            if self.on_record is not None:
-                self.on_record(record)
-            self.writer.put(record)
+            if record is not None:
+                records.append(record)
+                if self.on_record is not None:
+                    self.on_record(record)
+        if records:
+            self.writer.put_many(records)
 
     def _on_site(self, name: str, module_type: str, z: torch.Tensor) -> None:
         self._site_called = True

@@ -391,7 +391,7 @@ def test_hooks_never_read_a_device_tensor_on_the_host(tmp_path):
     model[3].register_forward_pre_hook(lambda module, args: (F.relu(args[0]),))  # a functional site
     records = []
     with ActivationRecorder(model, tmp_path, max_observations=50, store_values=4) as rec:
-        rec.writer.put = records.append  # meta tensors cannot be written: keep the records
+        rec.writer.put_many = records.extend  # meta tensors cannot be written: keep the records
         with rec.capture(0, labels=torch.arange(8)):
             model(torch.randn(8, 3, 6, 6, device="meta"))
     assert [r.meta.site for r in records] == ["1", "3:relu#0"]
