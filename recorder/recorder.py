@@ -28,10 +28,10 @@ class ActivationRecorder:
     CUDA device and never does I/O.
 
     On an eager model no hook is installed outside :meth:`capture`. A ``torch.compile``'d model
-    (``torch.compile(model)``, ``model.compile()``, compiled submodules) keeps a hook on each module
-    from construction to :meth:`close`, and dynamo traces the packing into its graph: create the
-    recorder before the compiled model's first call (an earlier graph is traced again when it is next
-    called), and prefer one forward per capture (each further forward of a capture is another graph).
+    (``torch.compile(model)``, ``model.compile()``, compiled submodules or forward) keeps an inactive
+    hook on each module from construction to :meth:`close`, and dynamo traces the hooks and the packing
+    into its graphs: one with and one without an active capture. Pass the compiled module itself;
+    graphs traced before the recorder existed are traced again at their next call.
 
     Parameters
     ----------
