@@ -41,6 +41,8 @@ SiteFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 SiteCallback = Callable[[str, str, torch.Tensor], None]
 
 _WRAPPER = "OptimizedModule"  # torch.compile's module wrapper, named so that torch._dynamo is not imported
+_ABSENT = object()  # no forward in a module's __dict__
+_UNCHANGED = object()  # a forward left as it was
 
 
 def site_filter(sites: SiteFilter) -> Callable[[str], bool]:
@@ -122,7 +124,7 @@ class SiteHooks:
         self._calls: dict[Any, int] = {}
         self._handles: list = []
         self._mode: _FunctionalMode | None = None
-        self._installed: list[tuple[nn.Module, list, bool]] = []
+        self._installed: list[tuple[nn.Module, list, Any]] = []  # module, hook handles, forward to restore
         self.forward_seen = False  # a forward of the model started since the last attach()
         self.compiled_elsewhere = False  # a torch.compile wrapper of the model ran during the capture
         if self.compiled:
@@ -182,11 +184,13 @@ class SiteHooks:
     def remove(self) -> None:
         """Remove every hook, including the lasting hooks of a compiled model (the end of recording)."""
         self.detach()
-        for module, handles, renewed in self._installed:
+        for module, handles, previous in self._installed:
             for handle in handles:
                 handle.remove()
-            if renewed:
+            if previous is _ABSENT:
                 module.__dict__.pop("forward", None)
+            elif previous is not _UNCHANGED:
+                module.forward = previous
         self._installed = []
 
     # ------------------------------------------------------------------ compiled models
@@ -201,13 +205,11 @@ class SiteHooks:
                 module.register_forward_pre_hook(_LastingHook(self._enter, key, path, self._site_types.get(key))),
                 module.register_forward_hook(_LastingHook(self._leave, key), always_call=True),
             ]
-            # Dynamo guards that `forward` is absent from a module's __dict__ and, as configured by
-            # default, not its hooks: giving each module a forward of its own makes graphs compiled
-            # before these hooks existed fail their guards, so they are traced again, with the hooks.
-            renewed = "forward" not in module.__dict__
-            if renewed:
-                module.forward = types.MethodType(type(module).forward, module)
-            self._installed.append((module, handles, renewed))
+            previous = module.__dict__.get("forward", _ABSENT)
+            fresh = _fresh_forward(module, previous)
+            if fresh is not None:
+                module.forward = fresh
+            self._installed.append((module, handles, previous if fresh is not None else _UNCHANGED))
 
     # ------------------------------------------------------------------ hook bodies
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
@@ -290,6 +292,31 @@ def _named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in root.named_modules():
         if type(module).__name__ != _WRAPPER:
             yield ".".join(part for part in name.split(".") if part != "_orig_mod"), module
+
+
+def _fresh_forward(module: nn.Module, previous: Any) -> Callable | None:
+    """The module's forward as a method whose code object is new, or None where it is not a plain method.
+
+    Dynamo does not guard on hooks (as configured by default), but it guards that `forward` is absent
+    from a module's __dict__, or else on the identity of its code object. A forward of the module's own,
+    with a code object no graph has seen, makes every graph traced before these hooks existed (by an
+    earlier recorder, too) fail its guards, so it is traced again, with the hooks.
+    """
+    if previous is _ABSENT:
+        function = type(module).forward
+    elif isinstance(previous, types.MethodType) and previous.__self__ is module:
+        function = previous.__func__
+    else:
+        return None  # a forward replaced by another kind of callable (e.g. a compiled one): left alone
+    if not isinstance(function, types.FunctionType):
+        return None
+    fresh = types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__,
+        function.__closure__,
+    )
+    fresh.__kwdefaults__ = function.__kwdefaults__
+    fresh.__qualname__, fresh.__doc__, fresh.__module__ = function.__qualname__, function.__doc__, function.__module__
+    return types.MethodType(fresh, module)
 
 
 def _compiled_module(module: nn.Module) -> bool:

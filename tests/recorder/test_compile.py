@@ -162,6 +162,25 @@ def test_recorder_created_after_the_first_compiled_call_still_records(tmp_path):
     _assert_same_runs(tmp_path / "eager", tmp_path / "compiled", [0, 1])
 
 
+def test_a_second_recorder_on_the_same_compiled_model_records(tmp_path):
+    """Graphs traced with a closed recorder's hooks are traced again for the next recorder (a new fit)."""
+    batches = _batches(2)
+    eager = _model()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend=BACKEND)
+    with ActivationRecorder(compiled, tmp_path / "first") as rec:
+        _train(compiled_model, compiled, rec, batches[:1])
+    with ActivationRecorder(eager, tmp_path / "eager") as rec:
+        _train(eager, eager, rec, batches[:1])
+        _train(eager, eager, rec, batches[1:], start=1)
+    with ActivationRecorder(compiled, tmp_path / "compiled") as rec:
+        _train(compiled_model, compiled, rec, batches[1:], start=1)
+    eager_run, second = open_run(tmp_path / "eager"), open_run(tmp_path / "compiled")
+    assert second.sites == SITES
+    for site in SITES:
+        np.testing.assert_array_equal(second.read(site, 1).bits, eager_run.read(site, 1).bits)
+
+
 @pytest.mark.parametrize("how", ["method", "submodule"])
 def test_in_place_compile_and_compiled_submodules_keep_eager_names(how, tmp_path):
     batches = _batches(2)
