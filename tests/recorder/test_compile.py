@@ -9,7 +9,9 @@ with inductor and skips where no C++ compiler works.
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -261,13 +263,15 @@ def test_inductor_graph_records_eager_bits(tmp_path, truth):
     model, x = truth.exact_conv_net(16, 4, 16)
     compiled = torch.compile(model)
     taps = truth.Taps(model[1], model[3])
+    if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        pytest.skip("inductor needs a C++ compiler on the CPU; none is installed")
     try:
         with torch.no_grad(), ActivationRecorder(compiled, tmp_path) as rec:
             with rec.capture(0):
                 compiled(x)
-    except Exception as exc:  # noqa: BLE001 - no working C++ toolchain: inductor cannot build kernels here
-        if "C++ compile" in str(exc) or "CppCompileError" in type(exc).__name__ or "InductorError" in type(exc).__name__:
-            pytest.skip(f"inductor cannot compile on this machine: {exc!r}"[:300])
+    except Exception as exc:
+        if "CppCompileError" in repr(exc) or "InvalidCxxCompiler" in repr(exc):  # a toolchain that cannot build
+            pytest.skip(f"inductor cannot build C++ kernels on this machine: {exc!r}"[:300])
         raise
     finally:
         taps.remove()
