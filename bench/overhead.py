@@ -166,7 +166,7 @@ def fixed_site_us(model: nn.Module, recorder: ActivationRecorder, x: torch.Tenso
                 plain.append(middle - start)
                 captured.append(end - middle)
     model.train()
-    return 1e6 * (statistics.median(captured) - statistics.median(plain)) / n_sites
+    return median_difference_us(captured, plain) / n_sites
 
 
 def recorder_kwargs(compression: str) -> dict:
