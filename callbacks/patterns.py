@@ -148,8 +148,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     shards (merging all ranks' with ``probe_on_all_ranks=True``), so the checkpoint stays a few bytes.
 
     Probe batches move to the module's device with Lightning's ``move_data_to_device`` (the module's
-    batch-transfer hooks are not called). Batch mode and ``probe_copy=False`` need the eager module:
-    with ``torch.compile`` they raise at setup.
+    batch-transfer hooks are not called). Batch mode records ``torch.compile``'d modules (compiled
+    children, or a compiled LightningModule given to fit) with the eager model's site names and bits;
+    ``probe_copy=False`` needs the eager module and raises at setup otherwise.
 
     References
     ----------
@@ -247,18 +248,13 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         if stage != "fit":
             return
         compiled = _trainer.compiled_parts(pl_module)
-        for needed, option, alternative in (
-            (self.batch_every_n_steps > 0, "batch-mode recording (`batch_every_n_steps > 0`)",
-             "Record with the probe only and `probe_copy=True` (it runs an eager copy)"),
-            (self._probe_set is not None and not self.probe_copy, "`probe_copy=False`",
-             "Pass `probe_copy=True` (the probe then runs an eager copy)"),
-        ):
-            if needed and compiled:
-                raise ValueError(
-                    f"Expected an eager module for {option}, but {type(pl_module).__name__} is compiled with "
-                    f"torch.compile ({', '.join(compiled)}): hooks cannot see inside a compiled graph. {alternative}, "
-                    "or train the eager module."
-                )
+        if self._probe_set is not None and not self.probe_copy and compiled:
+            raise ValueError(
+                f"Expected an eager module for `probe_copy=False`, but {type(pl_module).__name__} is compiled with "
+                f"torch.compile ({', '.join(compiled)}): the probe would run the compiled graph, whose saved and "
+                "restored state the probe cannot vouch for. Pass `probe_copy=True` (the probe then runs an eager "
+                "copy), or train the eager module."
+            )
         if self._probe_set is not None and self.live_stats and not trainer.loggers:
             raise ValueError(
                 "Expected a logger for `live_stats=True`, but the Trainer has none (logger=False). Pass a logger "

@@ -1,15 +1,21 @@
 """Find the activation sites of a model and hand each call's pre-activation to a callback.
 
-Hooks are installed only while a capture is active, so a forward pass outside ``capture()`` runs the
-model untouched. Module sites are seen through global forward pre-hooks (the input arrives before an
-in-place op can overwrite it); functional calls through a ``TorchFunctionMode``.
+Eager models: hooks are installed only while a capture is active, so a forward pass outside
+``capture()`` runs the model untouched. Module sites are seen through global forward pre-hooks (the
+input arrives before an in-place op can overwrite it); functional calls through a ``TorchFunctionMode``.
+
+Compiled models (``torch.compile``): dynamo sees only the hooks that exist when it traces a graph and
+does not notice hooks added later. Every module then gets its own pre- and post-hook for the lifetime
+of the :class:`SiteHooks`, each doing nothing unless a capture is active; dynamo traces them, the
+functional-call mode and the callback into the graph (one graph with and one without an active
+capture), so the callback's tensor ops run inside the compiled code.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections import Counter
-from typing import Callable, Iterable, Sequence, Union
+import types
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,10 @@ FUNCTIONS: dict[Callable, str] = {
 SiteFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 SiteCallback = Callable[[str, str, torch.Tensor], None]
 
+_WRAPPER = "OptimizedModule"  # torch.compile's module wrapper, named so that torch._dynamo is not imported
+_ABSENT = object()  # no forward in a module's __dict__
+_UNCHANGED = object()  # a forward left as it was
+
 
 def site_filter(sites: SiteFilter) -> Callable[[str], bool]:
     """Turn ``sites=`` (None, names or glob patterns, or a predicate on the name) into a predicate."""
@@ -47,25 +57,42 @@ def site_filter(sites: SiteFilter) -> Callable[[str], bool]:
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a part of it runs through ``torch.compile`` (wrapper, ``.compile()``, compiled forward)."""
+    return any(_compiled_module(m) for m in model.modules())
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (``model`` itself if it is no wrapper)."""
+    while type(model).__name__ == _WRAPPER:
+        model = model._orig_mod
+    return model
+
+
 class SiteHooks:
     """Name every activation-site call of ``model`` during a capture and pass its input to ``callback``.
 
     Names are stable across forwards: a module site is its module path (``layer1.0.relu``), with ``#k``
     appended for its k-th further call in the same forward; a functional call is the path of the module
     whose ``forward`` made it, a colon, the function and its call index there (``layer1.0:relu#1``).
-    A functional call made outside every forward of ``model``'s modules is not a site.
+    Functional calls outside every module's forward are not sites. Paths are those of the uncompiled
+    model: a ``torch.compile`` wrapper adds no ``_orig_mod`` to them.
 
     Parameters
     ----------
     model : nn.Module
+        Eager or compiled (``torch.compile(model)``, ``model.compile()``, compiled submodules).
     callback : callable(site, module_type, z)
-        Receives each selected site call's pre-activation ``z``.
+        Receives each selected site call's pre-activation ``z``. For a compiled model dynamo traces it
+        into the graph: it must use torch ops and plain Python containers only.
     sites : None, str, sequence of str, or callable
         Which sites to record: names, glob patterns, or a predicate on the name.
     module_types : sequence of module classes
         Further classes to treat as activation sites besides :data:`DEFAULT_MODULE_TYPES`.
     functional : bool
         Whether to record functional calls (:data:`FUNCTIONS`).
+    on_forward_end : callable(), optional
+        Called after each top-level forward of the model during a capture, outside any compiled graph.
     """
 
     def __init__(
@@ -76,65 +103,171 @@ class SiteHooks:
         sites: SiteFilter = None,
         module_types: Iterable[type[nn.Module]] = (),
         functional: bool = True,
+        on_forward_end: Callable[[], None] | None = None,
     ) -> None:
         self.module_types = DEFAULT_MODULE_TYPES + tuple(module_types)
         self.functional = functional
+        self.compiled = is_compiled(model)
         self._callback = callback
+        self._on_forward_end = on_forward_end
+        self._forward_end = self._end_forward
         self._selected = site_filter(sites)
         self._selected_cache: dict[str, bool] = {}
-        self._paths = {id(module): name for name, module in model.named_modules()}
-        self._site_modules = {
-            id(module) for module in model.modules() if isinstance(module, self.module_types)
+        self._modules = list(_named_modules(uncompiled(model)))
+        self._paths = {id(module): name for name, module in self._modules}
+        # Type names of the site modules, by module id.
+        self._site_types = {
+            id(module): type(module).__name__ for _, module in self._modules if isinstance(module, self.module_types)
         }
+        self._active = False
         self._stack: list[int] = []
-        self._calls: Counter = Counter()
+        self._calls: dict[Any, int] = {}
         self._handles: list = []
         self._mode: _FunctionalMode | None = None
-        self.forwards = 0  # top-level forwards of the model seen since the last attach()
+        self._installed: list[tuple[nn.Module, list, Any]] = []  # module, hook handles, forward to restore
+        self.forward_seen = False  # a forward of the model started since the last attach()
+        self.compiled_elsewhere = False  # a torch.compile wrapper of the model ran during the capture
+        if self.compiled:
+            self._install()
 
     @property
     def module_sites(self) -> list[str]:
         """Paths of the modules that are activation sites (functional sites appear only when called)."""
-        return [name for key, name in self._paths.items() if key in self._site_modules]
+        return [name for key, name in self._paths.items() if key in self._site_types]
 
     def describe_search(self) -> str:
         """What was searched for, for error messages."""
-        types = ", ".join(t.__name__ for t in self.module_types)
+        types_ = ", ".join(t.__name__ for t in self.module_types)
         funcs = "F.relu, torch.relu, Tensor.relu, F.relu6, F.leaky_relu (and in-place variants)"
-        return f"modules of type ({types})" + (f" and functional calls ({funcs})" if self.functional else "")
+        return f"modules of type ({types_})" + (f" and functional calls ({funcs})" if self.functional else "")
 
     def attach(self) -> None:
-        """Install the hooks for one capture."""
-        if self._handles:
+        """Start a capture: install the hooks (eager) or switch them on (compiled)."""
+        if self._active:
             return
+        if not self.compiled:
+            # Compiled in place since (`.compile()`); a new torch.compile wrapper is caught by _pre_hook.
+            compiled = [
+                name or type(module).__name__
+                for name, module in self._modules
+                if getattr(module, "_compiled_call_impl", None) is not None
+            ]
+            if compiled:
+                raise ValueError(
+                    f"Expected the modules seen when the recorder was created, but {', '.join(compiled)} "
+                    "was compiled with torch.compile afterwards: hooks installed for the eager model cannot "
+                    "see inside its graph. Create the recorder after compiling the model."
+                )
+            self._handles = [
+                nn.modules.module.register_module_forward_pre_hook(self._pre_hook),
+                nn.modules.module.register_module_forward_hook(self._post_hook, always_call=True),
+            ]
         self._stack.clear()
         self._calls.clear()
-        self.forwards = 0
-        self._handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._pre_hook),
-            nn.modules.module.register_module_forward_hook(self._post_hook, always_call=True),
-        ]
+        self.forward_seen = self.compiled_elsewhere = False
+        self._active = True
         if self.functional:
             self._mode = _FunctionalMode(self)
             self._mode.__enter__()
 
     def detach(self) -> None:
-        """Remove the hooks installed by :meth:`attach`."""
+        """End a capture: remove the hooks installed by :meth:`attach` (eager) or switch them off."""
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._active = False
         self._stack.clear()
 
-    def _emit(self, name: str, module_type: str, z: torch.Tensor) -> None:
-        selected = self._selected_cache.get(name)
-        if selected is None:
-            selected = self._selected_cache[name] = bool(self._selected(name))
-        if not selected:
+    def remove(self) -> None:
+        """Remove every hook, including the lasting hooks of a compiled model (the end of recording)."""
+        self.detach()
+        for module, handles, previous in self._installed:
+            for handle in handles:
+                handle.remove()
+            if previous is _ABSENT:
+                module.__dict__.pop("forward", None)
+            elif previous is not _UNCHANGED:
+                module.forward = previous
+        self._installed = []
+
+    # ------------------------------------------------------------------ compiled models
+    def _install(self) -> None:
+        torch.compiler.assume_constant_result(_is_selected)
+        # A graph break after each top-level forward: the lists a graph appends to are emptied there, so
+        # every forward starts with the state its graph was traced with (dynamo guards on their lengths).
+        self._forward_end = torch.compiler.disable(self._end_forward)
+        for path, module in self._modules:
+            key = id(module)
+            handles = [
+                module.register_forward_pre_hook(_LastingHook(self._enter, key, path, self._site_types.get(key))),
+                module.register_forward_hook(_LastingHook(self._leave, key), always_call=True),
+            ]
+            previous = module.__dict__.get("forward", _ABSENT)
+            fresh = _fresh_forward(module, previous)
+            if fresh is not None:
+                module.forward = fresh
+            self._installed.append((module, handles, previous if fresh is not None else _UNCHANGED))
+
+    # ------------------------------------------------------------------ hook bodies
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        key = id(module)
+        path = self._paths.get(key)
+        if path is None:
+            if type(module).__name__ == _WRAPPER and id(getattr(module, "_orig_mod", None)) in self._paths:
+                self.compiled_elsewhere = True  # our model, compiled after these hooks were made
             return
-        if self._mode is None:
+        self._enter(key, path, self._site_types.get(key), module, args)
+
+    def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._leave(id(module), module, args, output)
+
+    # _enter, _leave, _on_function and _emit are traced by dynamo for compiled models: no try/except,
+    # no id(), and no read of state that changes between forwards (each read becomes a guard).
+    def _enter(self, key: int, path: str, site_type: str | None, module: nn.Module, args: tuple) -> None:
+        if not self._active:
+            return
+        if not self._stack:
+            self._calls.clear()  # a new top-level forward: call indices restart
+            self.forward_seen = True
+        self._stack.append(key)
+        if site_type is not None and args and isinstance(args[0], torch.Tensor):
+            k = self._calls.get(key, 0)
+            self._calls[key] = k + 1
+            self._emit(path if k == 0 else f"{path}#{k}", site_type, args[0])
+
+    def _leave(self, key: int, module: nn.Module, args: tuple, output: object) -> None:
+        if self._active and self._stack and self._stack[-1] == key:
+            self._stack.pop()
+            if not self._stack:
+                self._forward_end()
+
+    def _end_forward(self) -> None:
+        self._calls.clear()
+        if self._on_forward_end is not None:
+            self._on_forward_end()
+
+    def _on_function(self, func: Callable, z: object) -> None:
+        if not self._stack:
+            return  # outside any module's forward (e.g. a loss computed inside the capture): not a site
+        if self._stack[-1] in self._site_types:
+            return  # the call an activation module makes itself is already recorded as the module
+        if not isinstance(z, torch.Tensor):
+            return
+        enclosing = self._paths[self._stack[-1]]
+        fname = FUNCTIONS[func]
+        key = (enclosing, fname)
+        k = self._calls.get(key, 0)
+        self._calls[key] = k + 1
+        name = f"{enclosing}:{fname}#{k}" if enclosing else f"{fname}#{k}"
+        self._emit(name, f"function:{fname}", z)
+
+    def _emit(self, name: str, module_type: str, z: torch.Tensor) -> None:
+        if not _is_selected(self, name):
+            return
+        if self._mode is None or self.compiled:
             self._callback(name, module_type, z)
             return
         # The recorder's own tensor ops need not pass through the functional-call interceptor (~20% of
@@ -142,38 +275,86 @@ class SiteHooks:
         with torch._C.DisableTorchFunction():
             self._callback(name, module_type, z)
 
-    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
-        key = id(module)
-        path = self._paths.get(key)
-        if path is None:
-            return
-        if not self._stack:
-            self._calls.clear()  # a new top-level forward: call indices restart
-            self.forwards += 1
-        self._stack.append(key)
-        if key in self._site_modules and args and isinstance(args[0], torch.Tensor):
-            k = self._calls[key]
-            self._calls[key] += 1
-            self._emit(path if k == 0 else f"{path}#{k}", type(module).__name__, args[0])
+    def _select(self, name: str) -> bool:
+        selected = self._selected_cache.get(name)
+        if selected is None:
+            selected = self._selected_cache[name] = bool(self._selected(name))
+        return selected
 
-    def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self._stack and self._stack[-1] == id(module):
-            self._stack.pop()
 
-    def _on_function(self, func: Callable, z: object) -> None:
-        # Only calls inside some module's forward are sites (not a hinge loss in `training_step`), and the
-        # call an activation module makes itself is already recorded as the module.
-        if not self._stack or self._stack[-1] in self._site_modules:
-            return
-        if not isinstance(z, torch.Tensor):
-            return
-        enclosing = self._paths[self._stack[-1]]
-        fname = FUNCTIONS[func]
-        key = (enclosing, fname)
-        k = self._calls[key]
-        self._calls[key] += 1
-        name = f"{enclosing}:{fname}#{k}" if enclosing else f"{fname}#{k}"
-        self._emit(name, f"function:{fname}", z)
+def _is_selected(hooks: SiteHooks, name: str) -> bool:
+    # Marked as a constant for dynamo (in _install): evaluated while tracing, never a guard or a break.
+    return hooks._select(name)
+
+
+def _named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``root.named_modules()`` without torch.compile wrappers and without their ``_orig_mod`` in paths."""
+    for name, module in root.named_modules():
+        if type(module).__name__ != _WRAPPER:
+            yield ".".join(part for part in name.split(".") if part != "_orig_mod"), module
+
+
+def _fresh_forward(module: nn.Module, previous: Any) -> Callable | None:
+    """The module's forward as a method whose code object is new, or None where it is not a plain method.
+
+    Dynamo does not guard on hooks (as configured by default), but it guards that `forward` is absent
+    from a module's __dict__, or else on the identity of its code object. A forward of the module's own,
+    with a code object no graph has seen, makes every graph traced before these hooks existed (by an
+    earlier recorder, too) fail its guards, so it is traced again, with the hooks.
+    """
+    if previous is _ABSENT:
+        function = type(module).forward
+    elif isinstance(previous, types.MethodType) and previous.__self__ is module:
+        function = previous.__func__
+    else:
+        return None  # a forward replaced by another kind of callable (e.g. a compiled one): left alone
+    if not isinstance(function, types.FunctionType):
+        return None
+    fresh = types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__,
+        function.__closure__,
+    )
+    fresh.__kwdefaults__ = function.__kwdefaults__
+    fresh.__qualname__, fresh.__doc__, fresh.__module__ = function.__qualname__, function.__doc__, function.__module__
+    return types.MethodType(fresh, module)
+
+
+def _compiled_module(module: nn.Module) -> bool:
+    if type(module).__name__ == _WRAPPER or getattr(module, "_compiled_call_impl", None) is not None:
+        return True
+    forward = module.__dict__.get("forward")  # a forward replaced by a compiled one (Lightning, by hand)
+    return getattr(forward, "_torchdynamo_orig_callable", None) is not None
+
+
+class _LastingHook:
+    """A hook that stays installed on a compiled model; copies of the model get an inert one.
+
+    ``copy.deepcopy`` (e.g. a probe copy) and pickling would otherwise copy the recorder along with
+    the model.
+    """
+
+    __slots__ = ("_body", "_args")
+
+    def __init__(self, body: Callable, *args: Any) -> None:
+        self._body = body
+        self._args = args
+
+    def __call__(self, module: nn.Module, *hook_args: Any) -> None:
+        self._body(*self._args, module, *hook_args)
+
+    def __deepcopy__(self, memo: dict) -> Callable:
+        return _inert_hook
+
+    def __reduce__(self) -> tuple:
+        return (_make_inert_hook, ())
+
+
+def _inert_hook(*args: Any) -> None:
+    return None
+
+
+def _make_inert_hook() -> Callable:
+    return _inert_hook
 
 
 class _FunctionalMode(TorchFunctionMode):
@@ -182,7 +363,9 @@ class _FunctionalMode(TorchFunctionMode):
         self._hooks = hooks
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
         if func in FUNCTIONS:
-            z = args[0] if args else (kwargs or {}).get("input")
+            z = args[0] if args else kwargs.get("input")
             self._hooks._on_function(func, z)
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)

@@ -1,28 +1,36 @@
-"""Turn a pre-activation tensor into packed on/off bits on the tensor's own device."""
+"""Turn a pre-activation tensor into packed on/off bits on the tensor's own device.
+
+CPU tensors are compared and packed with numpy: its float comparison is vectorized where torch's
+``z > 0`` with a bool result is not (3-5x slower on CPU), and a numpy call costs about 1 us against
+several for a torch op, which dominates the small tensors of small models. Tensors on an accelerator
+(and any code that ``torch.compile`` traces) are packed with a few plain torch ops, which inductor fuses
+into the graph.
+"""
 
 from __future__ import annotations
 
+import math
 import sys
+import threading
 
 import numpy as np
 import torch
 
 from actpat.recorder.schema import PATTERN_KINDS
 
-# From this many elements on, channel patterns are packed before they are moved (see pack_patterns).
-_IN_PLACE_PACK_MIN = 1 << 16
-# Byte weights of the little bit order: unit j -> bit j % 8 of byte j // 8.
-_WEIGHTS = {}
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+# Shifts that move the 0/1 byte of unit k of a byte group to bit k.
+_SHIFTS_NP = np.arange(8, dtype=np.uint64).reshape(8, 1)
 # Multiplier that gathers bit 8 k of a word (k = 0..7) into bit 56 + k: sum of 2 ** (56 - 7 k).
-_GATHER = sum(1 << (56 - 7 * k) for k in range(8))
-
-
-def _weights(device: torch.device) -> torch.Tensor:
-    weights = _WEIGHTS.get(device)
-    if weights is None:
-        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=device)
-        _WEIGHTS[device] = weights
-    return weights
+_GATHER = np.uint64(sum(1 << (56 - 7 * k) for k in range(8)))
+_ROW_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+# The comparison's output is written into one reused buffer per thread of at most this many bytes.
+_SCRATCH_MAX_BYTES = 64 << 20
+_local = threading.local()
+# Channel-first tensors with at least this many positions per channel and elements in all combine
+# channels before moving to the (sample, position) layout; for fewer, a transposing copy is faster.
+_MIN_WORD_POSITIONS = 64
+_MIN_WORD_ELEMENTS = 1 << 16
 
 
 def _check_pattern(pattern: str) -> None:
@@ -55,7 +63,7 @@ def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     if pattern == "flat" or z.dim() == 2:
         return z.reshape(n, -1), 1
     n_units = z.shape[1]
-    n_positions = z[0, 0].numel() if n else int(np.prod(z.shape[2:]))
+    n_positions = math.prod(z.shape[2:])
     return z.movedim(1, -1).reshape(n * n_positions, n_units), n_positions
 
 
@@ -73,8 +81,9 @@ def pack_patterns(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int
     Notes
     -----
     For a ``channel`` pattern of a tensor stored channels-first (NCHW), the 8 channels of each byte
-    are combined in place and only the packed bytes are moved to the (sample, position) layout: moving
-    the unpacked booleans first costs several times the ``> 0`` comparison.
+    are combined while the positions are still contiguous, 8 positions per 64-bit word, and only the
+    packed bytes are moved to the (sample, position) layout: moving the unpacked booleans first costs
+    more than the comparison itself.
 
     Examples
     --------
@@ -84,23 +93,13 @@ def pack_patterns(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int
     ([[1], [2], [3]], 3, 2)
     """
     _check_pattern(pattern)
-    on = z > 0
-    # Small tensors: fewer ops beat fewer bytes, since each op's dispatch costs microseconds.
-    if pattern == "flat" or on.dim() <= 2 or on.stride(1) == 1 or on.numel() < _IN_PLACE_PACK_MIN:
-        obs, n_positions = observation_view(on, pattern)
-        return pack_rows(obs), n_positions, obs.shape[1]
-    n, n_units = on.shape[:2]
-    rest = on.shape[2:]
-    pad = (-n_units) % 8
-    if pad:
-        on = torch.nn.functional.pad(on, (0, 0) * len(rest) + (0, pad))
-    n_bytes = (n_units + pad) // 8
-    unit = on.contiguous().view(torch.uint8).view(n, n_bytes, 8, *rest)
-    packed = unit[:, :, 0].clone()
-    for k in range(1, 8):
-        packed |= unit[:, :, k] << k
-    n_positions = int(np.prod(rest))
-    return packed.movedim(1, -1).reshape(n * n_positions, n_bytes), n_positions, n_units
+    if z.dim() == 1:
+        z = z.unsqueeze(0)
+    if _numpy_packable(z):
+        bits, n_positions, n_units = _pack_numpy(z.detach().numpy(), pattern)
+        return torch.from_numpy(bits), n_positions, n_units
+    obs, n_positions = observation_view(z > 0, pattern)
+    return pack_rows(obs), n_positions, obs.shape[1]
 
 
 def pack_rows(obs: torch.Tensor) -> torch.Tensor:
@@ -119,9 +118,8 @@ def pack_rows(obs: torch.Tensor) -> torch.Tensor:
 
     Notes
     -----
-    The 8 on/off bytes of each output byte are read as one little-endian int64 word and gathered into
-    one byte by a multiplication (bit ``8 k`` moves to bit ``56 + k``), which costs about as much as
-    the ``> 0`` comparison itself; a sum over a trailing dimension of 8 was ~20x slower on CPU.
+    Plain torch ops (compare, shift, sum over groups of 8): a handful of kernels on an accelerator,
+    and ops that ``torch.compile`` traces and fuses into the graph's kernels.
 
     Examples
     --------
@@ -131,14 +129,97 @@ def pack_rows(obs: torch.Tensor) -> torch.Tensor:
     rows, n_units = obs.shape
     on = obs if obs.dtype == torch.bool else obs > 0
     pad = (-n_units) % 8
+    n_bytes = (n_units + pad) // 8
+    if torch.compiler.is_compiling() and (pad or on.stride(-1) == 1):
+        # Units contiguous: inductor makes the OR of the 8 shifted lanes one pointwise loop over the output
+        # bytes; the sum over a trailing dimension of 8 below became a reduction ~10x slower.
+        on = on.to(torch.uint8)
+        if pad:
+            on = torch.nn.functional.pad(on, (0, pad))
+        lanes = on.reshape(rows, n_bytes, 8)
+        packed = lanes[..., 0]
+        for k in range(1, 8):
+            packed = packed | (lanes[..., k] << k)
+        return packed
+    on = on.to(torch.int32)
     if pad:
         on = torch.nn.functional.pad(on, (0, pad))
-    n_bytes = (n_units + pad) // 8
-    if rows == 0 or n_bytes == 0 or sys.byteorder != "little":
-        on = on.reshape(rows, n_bytes, 8).to(torch.uint8)
-        return (on * _weights(obs.device)).sum(dim=-1, dtype=torch.uint8)
-    on = on.contiguous()
-    if on.storage_offset() % 8:
-        on = on.clone()
-    words = on.view(torch.uint8).view(torch.int64)  # (rows, n_bytes), byte k of a word = unit 8 j + k
-    return ((words * _GATHER) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.int32, device=obs.device)
+    return (on.reshape(rows, n_bytes, 8) << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def _numpy_packable(z: torch.Tensor) -> bool:
+    return (
+        z.is_cpu
+        and z.dtype in _NUMPY_DTYPES
+        and type(z) is torch.Tensor  # not a subclass (fake, functorch-batched, ...) that numpy cannot read
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int]:
+    on = np.greater(values, 0, out=_scratch(values.shape))  # NaN compares False: off
+    n = on.shape[0]
+    if pattern == "flat" or on.ndim == 2:
+        rows = on.reshape(n, -1)
+        return _pack_rows_numpy(rows), 1, rows.shape[1]
+    n_units, n_positions = on.shape[1], math.prod(on.shape[2:])
+    if (
+        n_units % 8 == 0
+        and n_positions % 8 == 0
+        and n_positions >= _MIN_WORD_POSITIONS
+        and on.size >= _MIN_WORD_ELEMENTS
+        and on.flags.c_contiguous
+        and sys.byteorder == "little"
+    ):
+        return _pack_channels_first(on, n, n_units // 8, n_positions), n_positions, n_units
+    rows = on.transpose(0, *range(2, on.ndim), 1).reshape(n * n_positions, n_units)
+    return _pack_rows_numpy(rows), n_positions, n_units
+
+
+def _pack_channels_first(on: np.ndarray, n: int, n_bytes: int, n_positions: int) -> np.ndarray:
+    """Channel patterns of a C-contiguous ``(N, C, *rest)`` bool array, ``C = 8 n_bytes``."""
+    # Byte k of each word holds unit 8 b + k at 8 consecutive positions: shifting by k never carries
+    # across bytes, so the OR of the 8 shifted words packs 8 positions at once.
+    words = on.reshape(n, n_bytes, 8, n_positions).view(np.uint64)
+    packed = words[:, :, 0].copy()
+    shifted = np.empty_like(packed)
+    for k in range(1, 8):
+        np.left_shift(words[:, :, k], np.uint64(k), out=shifted)
+        packed |= shifted
+    by_unit = packed.view(np.uint8).reshape(n, n_bytes, n_positions)
+    word = _ROW_WORDS.get(n_bytes)
+    if word is None:
+        return by_unit.transpose(0, 2, 1).reshape(n * n_positions, n_bytes)
+    # Rows of 2, 4 or 8 bytes: assembled as one little-endian word per row, several times faster than
+    # numpy's transposing copy of so short rows.
+    rows = by_unit[:, 0].astype(word)
+    for b in range(1, n_bytes):
+        rows |= by_unit[:, b].astype(word) << word(8 * b)
+    return rows.view(np.uint8).reshape(n * n_positions, n_bytes)
+
+
+def _scratch(shape: tuple[int, ...]) -> np.ndarray | None:
+    """A C-contiguous bool array of ``shape`` reused across calls (per thread), or None if too large.
+
+    A fresh array of a few MiB comes from the kernel at each call, page faults included, which costs
+    more than the comparison that fills it.
+    """
+    size = math.prod(shape)
+    if size > _SCRATCH_MAX_BYTES:
+        return None
+    buffer = getattr(_local, "scratch", None)
+    if buffer is None or buffer.size < size:
+        buffer = _local.scratch = np.empty(max(size, 1 << 16), dtype=bool)
+    return buffer[:size].reshape(shape)
+
+
+def _pack_rows_numpy(on: np.ndarray) -> np.ndarray:
+    """``(rows, n_units)`` bool to little-endian packed bytes."""
+    n_units = on.shape[1]
+    if 0 < n_units <= 64 and n_units % 8 == 0 and sys.byteorder == "little":
+        # Short rows: the 8 bytes of each output byte, read as one little-endian word, are gathered
+        # by one multiplication (bit 8 k moves to bit 56 + k); packbits is slower below ~64 units.
+        words = np.ascontiguousarray(on).view(np.uint64)
+        return ((words * _GATHER) >> np.uint64(56)).astype(np.uint8)
+    return np.packbits(on, axis=-1, bitorder="little")

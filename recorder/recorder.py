@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import Any, Callable, Iterable, Iterator
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from actpat.recorder import schema
-from actpat.recorder.hooks import SiteFilter, SiteHooks
+from actpat.recorder.hooks import SiteFilter, SiteHooks, is_compiled
 from actpat.recorder.packing import observation_view, pack_patterns
 from actpat.recorder.shards import Record, RecorderError, ShardWriter, SiteMeta
 
@@ -22,14 +23,20 @@ log = logging.getLogger(__name__)
 class ActivationRecorder:
     """Record on/off patterns of every ReLU-family activation site of ``model`` into HDF5 shards.
 
-    Only forwards inside :meth:`capture` are recorded; outside it no hook is installed at all. Bits
-    are packed on the tensor's device and handed to a background writer; the hook never synchronizes
-    a CUDA device and never does I/O.
+    Only forwards inside :meth:`capture` are recorded. Bits are packed on the tensor's device; the
+    records of a capture are handed to a background writer when it ends. The hook never synchronizes a
+    CUDA device and never does I/O.
+
+    On an eager model no hook is installed outside :meth:`capture`. A ``torch.compile``'d model
+    (``torch.compile(model)``, ``model.compile()``, compiled submodules or forward) keeps an inactive
+    hook on each module from construction to :meth:`close`, and dynamo traces the hooks and the packing
+    into its graphs: one with and one without an active capture. Pass the compiled module itself;
+    graphs traced before the recorder existed are traced again at their next call.
 
     Parameters
     ----------
     model : nn.Module
-        The model to instrument (not a ``torch.compile`` wrapper: instrument the original module).
+        The model to instrument, eager or compiled. Site names are those of the eager model.
     out_dir : path
         Run directory for the shards (see the README for the format).
     sites : None, str, sequence of str, or callable, default None
@@ -78,9 +85,9 @@ class ActivationRecorder:
         into one run without two writers claiming the same shard names. ``rank``, ``compression``,
         ``max_queue_bytes``, ``on_backpressure`` and ``max_shard_bytes`` are the shared writer's.
     on_record : callable(Record), optional
-        Observer called in the hook with every record just before it is queued (also when it is then
-        dropped under backpressure). It must be cheap and must not do I/O: keep a reference and work on
-        it later. On CUDA the record's arrays are pinned host tensors still being filled; wait on
+        Observer called with every record just before it is queued, when its capture ends (also when
+        it is then dropped under backpressure). It must be cheap and must not do I/O: keep a reference
+        and work on it later. On CUDA the record's arrays are pinned host tensors still being filled; wait on
         ``record.ready`` (a CUDA event) before reading them.
 
     Examples
@@ -119,18 +126,18 @@ class ActivationRecorder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-        if _is_compiled(model):
-            raise ValueError(
-                "Expected an uncompiled model, but got a torch.compile wrapper: hooks cannot see inside a "
-                "compiled graph. Pass the original module (`compiled._orig_mod`) to the recorder and "
-                "record with the eager model."
-            )
         if pattern not in schema.PATTERN_KINDS:
             raise ValueError(f"Expected `pattern` to be one of {schema.PATTERN_KINDS}, but got {pattern!r}.")
         if not (store_values is None or store_values == "all" or (isinstance(store_values, int) and store_values >= 1)):
             raise ValueError(f"Expected `store_values` to be None, 'all' or a positive int, but got {store_values!r}.")
         if max_observations is not None and int(max_observations) < 1:
             raise ValueError(f"Expected `max_observations` to be None or at least 1, but got {max_observations}.")
+        if store_values is not None and is_compiled(model):
+            raise ValueError(
+                f"Expected `store_values=None` for a torch.compile'd model, but got {store_values!r}: stored "
+                "values are copied inside the forward, which the compiled graph does not do. Record values "
+                "with the eager model (the callback's probe runs an eager copy)."
+            )
         self.model = model
         self.out_dir = out_dir
         self.pattern = pattern
@@ -147,8 +154,17 @@ class ActivationRecorder:
             max_shard_seconds=max_shard_seconds,
         )
         self.on_record = on_record
-        self._hooks = SiteHooks(model, self._on_site, sites=sites, module_types=module_types, functional=functional)
         self._site_meta: dict[str, SiteMeta] = {}
+        # What the hooks gathered during the current forward: Records (eager) or the outputs of a
+        # compiled graph (see _on_site_traced), moved to _gathered after each forward. One list for the
+        # recorder's lifetime, empty whenever a forward starts: dynamo guards on it.
+        self._pending: list = []
+        self._gathered: list = []
+        self._site_called = False
+        self._hooks = SiteHooks(
+            model, self._on_site, sites=sites, module_types=module_types, functional=functional,
+            on_forward_end=self._on_forward_end,
+        )
         self._context: _Capture | None = None
         self._warned: set[str] = set()
 
@@ -165,8 +181,11 @@ class ActivationRecorder:
         self.writer.start()
 
     def close(self) -> None:
-        """Write what is queued and finalize the open shard; raises :class:`RecorderError` on write failure."""
-        self._hooks.detach()
+        """Remove the hooks, write what is queued and finalize the open shard.
+
+        Raises :class:`RecorderError` on write failure.
+        """
+        self._hooks.remove()
         self.writer.close()
 
     @property
@@ -209,48 +228,134 @@ class ActivationRecorder:
             raise ValueError(f"Expected `split` to be at most {schema.SPLIT_BYTES} bytes, but got {split!r}.")
         self.open()
         self._context = _Capture(int(step), int(epoch), split, labels, sample_ids)
+        self._pending.clear()
+        self._gathered.clear()
+        self._site_called = False
         self._hooks.attach()
         try:
             yield self
-        finally:
-            forwards = self._hooks.forwards
-            self._hooks.detach()
-            context, self._context = self._context, None
+        except BaseException:
+            self._end_capture(failing=True)
+            raise
+        self._end_capture(failing=False)
+
+    def _end_capture(self, failing: bool) -> None:
+        """Remove the hooks and queue the capture's records; ``failing``: the block raised, keep its error."""
+        self._hooks.detach()
+        context, self._context = self._context, None
+        self._on_forward_end()  # a forward that raised never ended
+        pending, self._gathered = self._gathered, []
+        try:
+            self._hand_over(context, pending)  # the records made before an error are kept
+        except Exception:
+            if not failing:
+                raise
+            log.exception("actpat: the records of step %d could not be queued", context.step)
+            return
+        if failing:
+            return
         if context.error is not None:
             raise RecorderError(
                 f"Recording step {context.step} failed inside the forward, which itself completed: "
                 f"{context.error!r}. Records of this capture may be incomplete; earlier shards are readable."
             ) from context.error
-        if forwards and not self._site_meta and not context.sites_seen:
+        self._check_sites_found()
+
+    def _check_sites_found(self) -> None:
+        hooks = self._hooks
+        if hooks.compiled_elsewhere:
+            raise ValueError(
+                f"Expected {type(self.model).__name__} to run as given to the recorder, but a torch.compile wrapper "
+                "of it ran inside `capture()`: the model was compiled after the recorder was created, and the "
+                "recorder's eager hooks either go unseen by the compiled graph or break it at every site. Create "
+                "the recorder with the compiled module (it records compiled models)."
+            )
+        if hooks.forward_seen and not self._site_meta and not self._site_called:
+            stale = (
+                " For a compiled model this also happens when dynamo reuses a graph traced before the recorder "
+                "existed: create the recorder before the compiled model's first call, or call "
+                "torch.compiler.reset() after creating it."
+                if hooks.compiled else ""
+            )
             raise ValueError(
                 f"Expected {type(self.model).__name__} to contain at least one activation site, but a forward "
-                f"ran inside `capture()` and none was found. Searched {self._hooks.describe_search()}"
+                f"ran inside `capture()` and none was found. Searched {hooks.describe_search()}"
                 " with the given `sites` filter. Name other activation classes with `module_types=`, or "
-                "widen `sites=`."
+                "widen `sites=`." + stale
             )
 
+    def _on_forward_end(self) -> None:
+        self._gathered.extend(self._pending)
+        self._pending.clear()
+
+    def _hand_over(self, context: "_Capture", pending: list) -> None:
+        """Queue the records of a capture: one hand-off per capture instead of one per site call."""
+        records = []
+        for item in pending:
+            record = item if isinstance(item, Record) else self._make_record(context, *item)
+            if record is not None:
+                records.append(record)
+                if self.on_record is not None:
+                    self.on_record(record)
+        if records:
+            self.writer.put_many(records)
+
     def _on_site(self, name: str, module_type: str, z: torch.Tensor) -> None:
+        self._site_called = True
+        if self._hooks.compiled:
+            self._on_site_traced(name, module_type, z)
+            return
         context = self._context
-        context.sites_seen = True
         if context.error is not None:
             return
         try:
-            self._record(context, name, module_type, z)
+            record = self._record(context, name, module_type, z)
         except Exception as exc:  # noqa: BLE001 - raised when the capture ends, never inside the forward
             context.error = exc
+            return
+        if record is not None:
+            self._pending.append(record)
 
-    def _record(self, context: "_Capture", name: str, module_type: str, z: torch.Tensor) -> None:
+    def _on_site_traced(self, name: str, module_type: str, z: torch.Tensor) -> None:
+        # Traced into a compiled graph: tensor ops and a list append only; the records are made when
+        # the capture ends, from the graph's outputs.
         n = z.shape[0] if z.dim() > 1 else 1
         if n == 0:
-            return  # an empty batch has no observation to record
-        meta = self._site_meta.get(name)
+            return
         bits, n_positions, n_units = pack_patterns(z, self.pattern)
+        nan_count = torch.isnan(z).sum() if z.is_floating_point() else 0
+        self._pending.append((name, module_type, tuple(z.shape[1:]), n, bits, n_positions, n_units, nan_count))
+
+    def _record(self, context: "_Capture", name: str, module_type: str, z: torch.Tensor) -> Record | None:
+        n = z.shape[0] if z.dim() > 1 else 1
+        if n == 0:
+            return None  # an empty batch has no observation to record
+        z = z.detach()  # the recorder's reductions need no autograd node
+        bits, n_positions, n_units = pack_patterns(z, self.pattern)
+        return self._make_record(
+            context, name, module_type, tuple(z.shape[1:]), n, bits, n_positions, n_units, _nan_count(z), z
+        )
+
+    def _make_record(
+        self,
+        context: "_Capture",
+        name: str,
+        module_type: str,
+        shape: tuple[int, ...],
+        n: int,
+        bits: torch.Tensor,
+        n_positions: int,
+        n_units: int,
+        nan_count: Any,
+        z: torch.Tensor | None = None,
+    ) -> Record | None:
+        meta = self._site_meta.get(name)
         if meta is None:
             meta = self._site_meta[name] = SiteMeta(
                 site=name,
                 site_index=len(self._site_meta),
                 module_type=module_type,
-                shape=tuple(z.shape[1:]),
+                shape=shape,
                 n_units=n_units,
                 pattern=self.pattern,
                 value_units=self._value_units(len(self._site_meta), n_units),
@@ -261,22 +366,24 @@ class ActivationRecorder:
                 f"actpat: site {name!r} changed width from {meta.n_units} to {n_units} units; "
                 "this call is not recorded.",
             )
-            return
+            return None
         obs_index = index = None
         if self.max_observations is not None and bits.shape[0] > self.max_observations:
             rng = np.random.default_rng([self.seed, context.step & 0x7FFFFFFF, meta.site_index])
             obs_index = np.sort(rng.choice(bits.shape[0], self.max_observations, replace=False))
-            index = torch.from_numpy(obs_index).to(bits.device, non_blocking=True)
+            index = torch.from_numpy(obs_index)
+            if bits.is_cuda:
+                index = index.pin_memory()  # a copy from pageable memory would wait for the device
+            index = index.to(bits.device, non_blocking=True)
             bits = bits.index_select(0, index)
         values = None
-        if meta.value_units is not None:
+        if meta.value_units is not None and z is not None:
             units = meta.value_units
-            kept = observation_view(z.detach(), self.pattern)[0]
+            kept = observation_view(z, self.pattern)[0]
             if index is not None:
                 kept = kept.index_select(0, index)
             kept = kept if len(units) == meta.n_units else kept[:, list(units)]
             values = kept.to(torch.float16, copy=True)  # a copy: an in-place activation may overwrite z
-        nan_count = _nan_count(z)
         labels, sample_ids = context.per_sample()
         if (labels is not None and len(labels) != n) or (sample_ids is not None and len(sample_ids) != n):
             self._warn_once(
@@ -290,14 +397,11 @@ class ActivationRecorder:
             bits, nan_count, values = _to_pinned(bits), _to_pinned(nan_count), _to_pinned(values)
             ready = torch.cuda.Event()
             ready.record()
-        record = Record(
+        return Record(
             meta=meta, step=context.step, epoch=context.epoch, split=context.split, bits=bits,
             n_positions=n_positions, n_samples=n, nan_count=nan_count,
             sample_ids=sample_ids, labels=labels, obs_index=obs_index, values=values, ready=ready,
         )
-        if self.on_record is not None:
-            self.on_record(record)
-        self.writer.put(record)
 
     def _value_units(self, site_index: int, n_units: int) -> tuple[int, ...] | None:
         if self.store_values is None:
@@ -318,7 +422,6 @@ class _Capture:
 
     def __init__(self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any) -> None:
         self.step, self.epoch, self.split = step, epoch, split
-        self.sites_seen = False  # a selected site was called (even if its batch was empty)
         self.error: Exception | None = None
         self._raw = (labels, sample_ids)
         self._host: tuple | None = None
@@ -337,16 +440,18 @@ def _nan_count(z: torch.Tensor) -> Any:
         return z.isnan().count_nonzero()
     # A sum is NaN whenever z holds a NaN (and rarely otherwise, inf - inf): only then count exactly.
     # One read-only reduction is ~3x cheaper than isnan + count_nonzero over every element.
-    return int(z.isnan().count_nonzero()) if bool(z.sum(dtype=torch.float32).isnan()) else 0
+    return int(z.isnan().count_nonzero()) if math.isnan(float(z.sum(dtype=torch.float32))) else 0
 
 
 def _host_int64(values: Any) -> Any:
     if values is None:
         return None
     if isinstance(values, torch.Tensor):
-        values = values.detach().reshape(-1).to(torch.int64)
-        return _to_pinned(values) if values.is_cuda else values.clone()
-    return np.asarray(values, dtype=np.int64).reshape(-1).copy()
+        values = values.detach().reshape(-1)
+        if values.is_cuda:
+            return _to_pinned(values.to(torch.int64))
+        values = values.cpu().numpy()
+    return np.array(values, dtype=np.int64).reshape(-1)  # a copy: the caller may reuse its array
 
 
 def _to_pinned(tensor: Any) -> Any:
@@ -355,10 +460,6 @@ def _to_pinned(tensor: Any) -> Any:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
 
 
 def _default_rank() -> int:

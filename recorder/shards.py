@@ -212,21 +212,41 @@ class ShardWriter:
             Another recorder sharing this writer described the same site differently (see
             :meth:`register_site`).
         """
+        return self.put_many([record]) == 1
+
+    def put_many(self, records: list[Record]) -> int:
+        """Queue records as one item (one wake-up of the writer thread); returns how many were queued.
+
+        Under ``on_backpressure="drop"`` the records that do not fit are dropped, each counted. Raises
+        as :meth:`put` does.
+        """
         self.raise_if_failed()
         if self._thread is None:
             raise RecorderError("The shard writer is not running: call `start()` (or enter the recorder) first.")
-        self.register_site(record.meta)
+        for record in records:
+            self.register_site(record.meta)
+        batch: list[Record] = []
+        n_queued = 0
         with self._space:
-            # A record larger than the whole budget still passes once the queue is empty.
-            while self._queued_bytes and self._queued_bytes + record.nbytes > self.max_queue_bytes:
-                if self.on_backpressure == "drop":
-                    self._count_drop()
-                    return False
-                self._space.wait(timeout=1.0)
-                self.raise_if_failed()
-            self._queued_bytes += record.nbytes
-        self._queue.put(record)
-        return True
+            for record in records:
+                # A record larger than the whole budget still passes once the queue is empty.
+                while self._queued_bytes and self._queued_bytes + record.nbytes > self.max_queue_bytes:
+                    if self.on_backpressure == "drop":
+                        break
+                    if batch:  # the writer can only free what is in the queue
+                        self._queue.put(batch)
+                        batch = []
+                    self._space.wait(timeout=1.0)
+                    self.raise_if_failed()
+                else:
+                    self._queued_bytes += record.nbytes
+                    batch.append(record)
+                    n_queued += 1
+                    continue
+                self._count_drop()
+            if batch:
+                self._queue.put(batch)
+        return n_queued
 
     def register_site(self, meta: SiteMeta) -> SiteMeta:
         """Check ``meta`` against what this writer already records under the same site name.
@@ -320,19 +340,21 @@ class ShardWriter:
         try:
             while True:
                 try:
-                    record = self._queue.get(timeout=self._seconds_to_next_deadline())
+                    records = self._queue.get(timeout=self._seconds_to_next_deadline())
                 except queue.Empty:
                     self._meet_deadlines()
                     continue
-                if record is _STOP:
+                if records is _STOP:
                     break
-                try:
-                    self._buffer(record)
-                finally:
-                    with self._space:
-                        self._queued_bytes -= record.nbytes
-                        self._space.notify_all()
-                self._meet_deadlines()
+                for record in records:
+                    try:
+                        if self._error is None:
+                            self._buffer(record)
+                    finally:
+                        with self._space:
+                            self._queued_bytes -= record.nbytes
+                            self._space.notify_all()
+                    self._meet_deadlines()
         except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
             with self._stop_lock:
                 self._error = exc
@@ -372,11 +394,11 @@ class ShardWriter:
     def _drain(self) -> None:
         # After a failure, keep emptying the queue so producers never wait on a dead writer.
         while True:
-            record = self._queue.get()
-            if record is _STOP:
+            records = self._queue.get()
+            if records is _STOP:
                 return
             with self._space:
-                self._queued_bytes -= record.nbytes
+                self._queued_bytes -= sum(record.nbytes for record in records)
                 self._space.notify_all()
 
     def _first_free_index(self) -> int:

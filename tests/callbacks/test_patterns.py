@@ -305,15 +305,32 @@ def test_the_probe_copy_of_a_compiled_module_records_like_the_eager_module(tmp_p
         make_trainer(tmp_path / "no_copy", [no_copy], max_epochs=1).fit(model(), DataLoader(toy_data(), batch_size=8))
 
 
-def test_batch_mode_with_a_compiled_module_fails_at_setup(tmp_path):
-    class Compiled(ToyNet):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.compile(self.net)
+@pytest.mark.parametrize("how", ["child", "module"])
+def test_batch_mode_records_a_compiled_module_like_the_eager_module(tmp_path, how):
+    def model():
+        net = ToyNet()
+        if how == "child":
+            net.net = torch.compile(net.net, backend="eager")
+        return torch.compile(net, backend="eager") if how == "module" else net
 
-    cb = ActivationPatternCallback(batch_every_n_steps=1, live_stats=False)
-    with pytest.raises(ValueError, match="compiled with torch.compile"):
-        make_trainer(tmp_path, [cb]).fit(Compiled(), DataLoader(toy_data(), batch_size=8))
+    runs = []
+    for name, make in (("eager", ToyNet), ("compiled", model)):
+        torch._dynamo.reset()
+        cb = ActivationPatternCallback(batch_every_n_steps=2, live_stats=False)
+        pl.seed_everything(0, verbose=False)
+        module = make()
+        make_trainer(tmp_path / name, [cb], max_epochs=1).fit(module, DataLoader(toy_data(), batch_size=8))
+        runs.append(open_run(cb.run_dir))
+    torch._dynamo.reset()
+    eager, compiled = runs
+    assert compiled.sites == eager.sites == ["net.2", "net.6"]
+    for site in eager.sites:
+        steps = eager.steps(site, "train").tolist()
+        assert steps == compiled.steps(site, "train").tolist() and len(steps) >= 3
+        for step in steps:
+            a, b = eager.read(site, step, "train"), compiled.read(site, step, "train")
+            np.testing.assert_array_equal(b.bits, a.bits)
+            np.testing.assert_array_equal(b.labels, a.labels)
 
 
 # ---------------------------------------------------------------------- kill and resume (subprocess)

@@ -59,6 +59,25 @@ class Taps:
             handle.remove()
 
 
+def exact_conv_net(channels: int, batch: int, size: int, seed: int = 3):
+    """Conv-ReLU-1x1 conv-ReLU with weights in {-1, 0, 1} and an integer input holding one NaN.
+
+    Every pre-activation is a small integer, exact on any device and in any fused kernel, so recorded
+    bits must equal ``z > 0`` of an eager CPU forward bit for bit.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, channels, 3, padding=1), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(channels, 5, 1), torch.nn.ReLU(),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-1, 2, p.shape, generator=gen).float())
+    x = torch.randint(-3, 4, (batch, 3, size, size), generator=gen).float()
+    x[0, 0, 0, 0] = float("nan")
+    return model, x
+
+
 @pytest.fixture
 def no_global_hooks():
     """Assert that a test leaves no global module hook and no torch function mode behind."""
@@ -79,6 +98,7 @@ def truth():
         on = staticmethod(on_bits)
         channel = staticmethod(channel_truth)
         flat = staticmethod(flat_truth)
+        exact_conv_net = staticmethod(exact_conv_net)
         Taps = Taps
 
     return _Truth

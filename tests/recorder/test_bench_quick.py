@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def _run(script: str) -> dict:
+def _run(script: str, *args: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(BENCH / script), "--quick", *args], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -22,13 +23,41 @@ def _run(script: str) -> dict:
     return json.loads(lines[0])
 
 
-def test_overhead_quick():
-    result = _run("overhead.py")
-    assert result["bench"] == "overhead" and result["quick"] is True
-    for key in ("ratio", "floor_ratio", "step_ms", "recorded_step_ms", "floor_ms"):
+@pytest.mark.parametrize("model, sites", [("resnet20", 7), ("digits", 3)])  # quick ResNet-20: 1 block per stage
+def test_overhead_quick(model, sites):
+    result = _run("overhead.py", "--model", model, "--compression", "none", "--threads", "1")
+    assert result["bench"] == "overhead" and result["quick"] is True and result["model"] == model
+    for key in ("ratio", "cpu_ratio", "hook_ratio", "floor_ratio", "step_ms", "recorded_step_ms", "floor_ms"):
         assert result[key] > 0
     assert result["floor_ratio"] >= 1.0
-    assert result["sites"] == result["floor_sites"] == 7  # stem + 3 stages x 1 block x 2 ReLUs
+    assert result["sites"] == result["floor_sites"] == sites
+    assert result["recorded_steps"] == 3  # one warm-up step and two groups
+    for key in ("site_us", "site_us_written", "floor_site_us", "fixed_site_us"):
+        assert isinstance(result[key], float)
+
+
+def test_resnet18_shape():
+    """The ResNet-18 of the benchmark: ImageNet stem, 4 stages x 2 BasicBlocks, 64-512 channels, 17 ReLUs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("overhead", BENCH / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    model, x, y = overhead.build("resnet18", quick=False, batch=None, resolution=None)
+    assert sum(isinstance(m, torch.nn.ReLU) for m in model.modules()) == 17
+    assert sum(p.numel() for p in model.parameters()) == 11_181_642  # torchvision's resnet18 with 10 classes
+    assert tuple(x.shape) == (128, 3, 64, 64) and tuple(y.shape) == (128,)
+
+
+@pytest.mark.slow
+def test_compile_overhead_quick():
+    result = _run(
+        "compile_overhead.py", "--backend", "eager", "--model", "digits", "--compression", "none", "--threads", "1"
+    )
+    assert result["bench"] == "compile_overhead" and result["backend"] == "eager"
+    assert result["same_sites_as_eager"] is True and result["sites"] == 3
+    for key in ("eager_ratio", "compiled_ratio", "speedup", "eager_step_ms", "compiled_step_ms"):
+        assert result[key] > 0
 
 
 def test_storage_quick():

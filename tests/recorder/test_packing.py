@@ -1,4 +1,4 @@
-"""pack_rows and observation_view against numpy's packbits and hand-written layouts."""
+"""pack_patterns, pack_rows and observation_view against numpy's packbits and hand-written layouts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actpat.recorder.packing import observation_view, pack_rows
+from actpat.recorder.packing import observation_view, pack_patterns, pack_rows
 
 
 @settings(max_examples=150, deadline=None)
@@ -91,18 +91,66 @@ def test_pack_rows_of_bool_input_and_offset_views():
     )
 
 
-@pytest.mark.parametrize("channels", [5, 8, 13])
+def _expected_bits(z: torch.Tensor, pattern: str) -> np.ndarray:
+    """np.packbits of ``z > 0`` (computed in float64) in the observation layout, built by numpy alone."""
+    with np.errstate(invalid="ignore"):
+        on = z.detach().double().numpy() > 0
+    if on.ndim == 1:
+        on = on[None]
+    if pattern == "flat" or on.ndim == 2:
+        rows = on.reshape(on.shape[0], -1)
+    else:
+        rows = np.moveaxis(on, 1, -1).reshape(-1, on.shape[1])
+    return np.packbits(rows, axis=-1, bitorder="little")
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    channels=st.sampled_from([1, 5, 8, 13, 16, 24, 64, 72]),
+    spatial=st.sampled_from([(), (7,), (3, 5), (8, 16), (16, 16), (2, 3, 4)]),
+    layout=st.sampled_from(["contiguous", "channels_last", "transposed"]),
+    pattern=st.sampled_from(["channel", "flat"]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, pattern, dtype, seed):
+    """CPU floats are packed by numpy, other dtypes (and devices) by torch ops: both equal packbits."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((n, channels, *spatial), generator=g)
+    flat = z.view(-1)
+    flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 10),), generator=g)] = 0.0
+    flat[0] = float("nan")
+    flat[-1] = -0.0
+    z = z.to(dtype)
+    if layout == "channels_last" and z.dim() == 4:
+        z = z.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed" and z.dim() >= 3:
+        z = z.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, non-contiguous strides
+    expected = _expected_bits(z, pattern)
+    bits, n_positions, n_units = pack_patterns(z, pattern)
+    np.testing.assert_array_equal(bits.numpy(), expected)
+    assert n_units == (channels if pattern == "channel" else channels * int(np.prod(spatial)))
+    assert n_positions == (int(np.prod(spatial)) if pattern == "channel" else 1)
+    torch_bits = pack_rows(observation_view(z > 0, pattern)[0])  # the accelerator path, run on the CPU
+    np.testing.assert_array_equal(torch_bits.numpy(), expected)
+
+
+@pytest.mark.parametrize("channels", [5, 8, 16, 32, 64, 128])  # 1, 2, 4, 8 and 16 bytes per row
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pack_patterns_of_large_conv_tensors_match_numpy(channels, channels_last):
-    from actpat.recorder.packing import _IN_PLACE_PACK_MIN, pack_patterns
-
+    # 40 x 48 positions: channels-first tensors of 8k channels take the word path (>= 64 positions).
     g = torch.Generator().manual_seed(channels)
-    z = torch.randn(16, channels, 40, 41, generator=g)
+    z = torch.randn(16, channels, 40, 48, generator=g)
     z[0, 0, 0, :3] = float("nan")
     if channels_last:
         z = z.contiguous(memory_format=torch.channels_last)
-    assert z.numel() >= _IN_PLACE_PACK_MIN
     bits, n_positions, n_units = pack_patterns(z, "channel")
-    on = np.moveaxis((z > 0).numpy(), 1, -1).reshape(-1, channels)
-    assert (n_positions, n_units) == (40 * 41, channels)
-    np.testing.assert_array_equal(bits.numpy(), np.packbits(on, axis=1, bitorder="little"))
+    assert (n_positions, n_units) == (40 * 48, channels)
+    np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
+
+
+def test_pack_patterns_of_a_1d_tensor_and_of_a_tensor_that_requires_grad():
+    z = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    bits, n_positions, n_units = pack_patterns(z * 1, "channel")
+    assert bits.tolist() == [[0b101]] and (n_positions, n_units) == (1, 3)
