@@ -10,26 +10,22 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 
 import numpy as np
-import pandas as pd
-from tqdm.auto import tqdm
 
 from actpat.analysis.counts import PatternCounts
+from actpat.analysis.driver import run_pass, tidy_table
 from actpat.analysis.measures import pattern_measures
 from actpat.analysis.similarity import jaccard, stability, weighted_jaccard
 from actpat.analysis.units import unit_stats
-from actpat.recorder.reader import Patterns, Run, open_run
+from actpat.recorder.reader import Patterns, Run
 
-__all__ = ["summarize"]
+__all__ = ["SummaryConsumer", "summarize"]
 
 log = logging.getLogger(__name__)
 
 REFERENCES = ("init", "last", "final")
-COLUMNS = ("step", "epoch", "split", "site", "site_index", "metric", "value")
 
 
 @dataclass
@@ -39,20 +35,6 @@ class _Step:
     patterns: Patterns
     counts: PatternCounts
     metrics: dict
-
-
-def _check_args(split, references, n_jobs, threshold) -> tuple[str, ...]:
-    if not isinstance(split, str):
-        raise ValueError(f"Expected `split` to be a str, but got {split!r}.")
-    references = (references,) if isinstance(references, str) else tuple(references)
-    unknown = [r for r in references if r not in REFERENCES]
-    if unknown:
-        raise ValueError(f"Expected `references` to be a subset of {REFERENCES}, but got {unknown}.")
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
-        raise ValueError(f"Expected `n_jobs` to be a positive int or -1 (all cores), but got {n_jobs!r}.")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
-        raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
-    return tuple(dict.fromkeys(references))
 
 
 def _warn_once(warned: set, key, message: str, *args) -> None:
@@ -122,79 +104,113 @@ def _similarity_metrics(cur: _Step, ref: _Step, name: str, threshold: int, site:
     return m
 
 
-def _summarize_site(run: Run, site: str, split: str, references: tuple, threshold: int, tick=None) -> list[tuple]:
-    """Rows of one site; ``tick()`` is called after each step."""
-    warned: set = set()
-    site_index = run.site_info(site)["site_index"]
-    steps = [int(s) for s in run.steps(site, split)]
-    cache: dict[int, _Step] = {}
+class _SiteSummary:
+    """summarize along one block of one site: its reference records, and the warnings given."""
 
-    def load(step: int) -> _Step | None:
-        if step not in cache:
-            p = run.read(site, step, split)
-            if len(p) == 0:
-                _warn_once(warned, ("empty", site), "actpat: site %r has records without observations; skipped.", site)
-                return None
-            pc, metrics = _own_metrics(p, site, warned)
-            cache[step] = _Step(p, pc, metrics)
-        return cache[step]
+    def __init__(self, site: str, steps: np.ndarray, start: int, load, references: tuple, threshold: int) -> None:
+        self.site, self.references, self.threshold = site, references, threshold
+        self.warned: set = set()
+        self._load = load
+        self.final = None
+        self.final = self._step(steps[-1]) if "final" in references else None
+        # A block that starts after the site's first step takes its references from the records before it:
+        # init is the first record with observations, last the latest one.
+        self.init = self.last = None
+        if start > 0 and "init" in references:
+            self.init = next((s for s in map(self._step, steps[:start]) if s is not None), None)
+        if start > 0 and "last" in references:
+            self.last = next((s for s in map(self._step, steps[start - 1 :: -1]) if s is not None), None)
 
-    rows: list[tuple] = []
-    final = load(steps[-1]) if steps and "final" in references else None
-    init = last = None
-    for step in steps:
-        cur = load(step)
+    def _from_record(self, p: Patterns) -> _Step | None:
+        if self.final is not None and p.step == self.final.patterns.step:
+            return self.final
+        if len(p) == 0:
+            _warn_once(
+                self.warned, ("empty", self.site), "actpat: site %r has records without observations; skipped.",
+                self.site,
+            )
+            return None
+        pc, metrics = _own_metrics(p, self.site, self.warned)
+        return _Step(p, pc, metrics)
+
+    def _step(self, step) -> _Step | None:
+        return self._from_record(self._load(int(step)))
+
+    def __call__(self, p: Patterns) -> tuple[int, dict] | None:
+        cur = self._from_record(p)
         if cur is None:
-            if tick:
-                tick()
-            continue
-        if init is None:
-            init = cur
+            return None
+        if self.init is None:
+            self.init = cur
         metrics = dict(cur.metrics)
-        for name, ref in (("init", init), ("last", last), ("final", final)):
-            if name in references and ref is not None:
-                metrics.update(_similarity_metrics(cur, ref, name, threshold, site, warned))
-        epoch = int(cur.patterns.epoch)
-        rows.extend((step, epoch, split, site, site_index, metric, float(value)) for metric, value in metrics.items())
-        # Keep only what later steps may still compare against.
-        keep = {id(init), id(cur), id(final)}
-        for key in [k for k, v in cache.items() if id(v) not in keep]:
-            del cache[key]
-        last = cur
-        if tick:
-            tick()
-    return rows
+        for name, ref in (("init", self.init), ("last", self.last), ("final", self.final)):
+            if name in self.references and ref is not None:
+                metrics.update(_similarity_metrics(cur, ref, name, self.threshold, self.site, self.warned))
+        self.last = cur
+        return int(cur.patterns.epoch), metrics
 
 
-def _summarize_site_in_worker(path: str, site: str, split: str, references: tuple, threshold: int) -> list[tuple]:
-    return _summarize_site(open_run(path), site, split, references, threshold)
+@dataclass(frozen=True)
+class SummaryConsumer:
+    """The consumer of :func:`~actpat.analysis.driver.run_pass` behind :func:`summarize`.
+
+    ``references`` and ``threshold`` as :func:`summarize`; validated here.
+    """
+
+    references: tuple = REFERENCES
+    threshold: int = 10
+
+    def __post_init__(self) -> None:
+        references = (self.references,) if isinstance(self.references, str) else tuple(self.references)
+        unknown = [r for r in references if r not in REFERENCES]
+        if unknown:
+            raise ValueError(f"Expected `references` to be a subset of {REFERENCES}, but got {unknown}.")
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
+            raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
+        object.__setattr__(self, "references", tuple(dict.fromkeys(references)))
+        object.__setattr__(self, "threshold", int(threshold))
+
+    def open_block(self, site: str, info: dict, steps: np.ndarray, start: int, load) -> _SiteSummary:
+        return _SiteSummary(site, steps, start, load, self.references, self.threshold)
+
+    def merge(self, results: list, split: str, infos: dict):
+        return tidy_table(results, split, infos)
 
 
 def summarize(
-    run_or_path,
-    split: str = "probe",
+    run_or_path: Run | str | os.PathLike,
+    split: str | None = None,
     references=("init", "last", "final"),
     progress: bool = True,
     n_jobs: int = 1,
     threshold: int = 10,
-) -> pd.DataFrame:
+    *,
+    client=None,
+):
     """Every measure of every site at every recorded step of ``split``, as a tidy table.
 
     Parameters
     ----------
     run_or_path : Run or path
         A :class:`~actpat.recorder.reader.Run` or the run directory to open.
-    split : str, default "probe"
-        Which recorded split to summarize (``run.splits`` lists them).
+    split : str or None, default None
+        Which recorded split to summarize (``run.splits`` lists them); None means the run's only split,
+        and a run with several splits must name one.
     references : sequence of {"init", "last", "final"}, default all three
         Time points to compare each step with: the first recorded step (``init``), the previous record
         (``last``; absent at the first step) and the last record of the run (``final``).
     progress : bool, default True
-        Show a ``tqdm`` progress bar over the steps.
+        Show a ``tqdm`` progress bar over the records (site and step).
     n_jobs : int, default 1
-        Sites summarized in parallel processes; ``-1`` uses every core.
+        Local worker processes; ``-1`` uses every core. Parallel pays from a few seconds of work on
+        (the README's benchmark measures the crossover).
     threshold : int, default 10
         ``T`` of the thresholded Jaccard index ``jaccard_t_<r>`` (patterns seen more than T times).
+    client : distributed.Client or None, default None
+        Summarize on a Dask cluster: each block of steps is a task on the workers, the table is merged
+        here. The run directory must be readable at the same path on every worker (a shared filesystem);
+        see :mod:`actpat.analysis.driver`. The table is identical to the one of a single process.
 
     Returns
     -------
@@ -212,7 +228,8 @@ def summarize(
     Raises
     ------
     ValueError
-        If ``split`` was not recorded or an argument is out of range.
+        If ``split`` was not recorded (or is None for a run of several splits) or an argument is out of
+        range.
 
     Notes
     -----
@@ -220,8 +237,9 @@ def summarize(
     they are left out where none has one. ``identical_fraction`` and ``hamming`` compare the same
     observations (equal sample ids and positions, or equal row order where sample ids are unknown) and
     are left out, with a warning, when two steps share no observation. ``jaccard_t`` is NaN where
-    neither step has a pattern seen more than ``T`` times. Memory holds at most four steps of one
-    site (current, previous, init and final) per process.
+    neither step has a pattern seen more than ``T`` times. Memory holds at most four records of one
+    site (current, previous, init and final) per process. To get the information plane and the firing
+    rates from the same pass over the shards, use :func:`~actpat.analysis.analyze_run`.
 
     References
     ----------
@@ -244,34 +262,7 @@ def summarize(
     >>> table.set_index(["step", "metric"]).loc[1, "value"][["distinct", "entropy", "hamming_init"]].tolist()
     [3.0, 1.5, 0.25]
     """
-    references = _check_args(split, references, n_jobs, threshold)
-    run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
-    if split not in run.splits:
-        raise ValueError(f"Expected `split` to be one of the recorded splits {run.splits}, but got {split!r}.")
-    sites = run.sites
-    total = sum(len(run.steps(site, split)) for site in sites)
-    rows: list[tuple] = []
-    with tqdm(total=total, disable=not progress, desc=f"actpat summarize {split}", unit="step") as bar:
-        workers = (os.cpu_count() or 1) if n_jobs == -1 else n_jobs
-        workers = min(workers, len(sites))
-        if workers <= 1:
-            for site in sites:
-                rows.extend(_summarize_site(run, site, split, references, threshold, tick=lambda: bar.update(1)))
-        else:
-            by_site: dict[str, list[tuple]] = {}
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = {
-                    pool.submit(_summarize_site_in_worker, str(run.path), site, split, references, threshold): site
-                    for site in sites
-                }
-                for future in as_completed(futures):
-                    site = futures[future]
-                    by_site[site] = future.result()
-                    bar.update(len(run.steps(site, split)))
-            for site in sites:
-                rows.extend(by_site[site])
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    return table.astype(
-        {"step": np.int64, "epoch": np.int64, "split": str, "site": str, "site_index": np.int64, "metric": str,
-         "value": np.float64}
-    )
+    consumers = {"summary": SummaryConsumer(references, threshold)}
+    result = run_pass(run_or_path, consumers, split, n_jobs=n_jobs, client=client, progress=progress,
+                      desc="actpat summarize")
+    return result["summary"]

@@ -129,21 +129,21 @@ def check_table(table, truth, references=("init", "last", "final")):
 def test_matches_brute_force(tmp_path):
     truth = make_run(tmp_path)
     assert len(open_run(tmp_path).shards) > 1
-    table = summarize(tmp_path, progress=False)
+    table = summarize(tmp_path, split="probe", progress=False)
     check_table(table, truth)
     assert len(table.groupby(["site", "step"])) == 2 * len(STEPS)
 
 
 def test_parallel_equals_serial_and_accepts_a_run(tmp_path):
     make_run(tmp_path)
-    serial = summarize(open_run(tmp_path), progress=False)
-    parallel = summarize(tmp_path, progress=False, n_jobs=2)
+    serial = summarize(open_run(tmp_path), split="probe", progress=False)
+    parallel = summarize(tmp_path, split="probe", progress=False, n_jobs=2)
     pd.testing.assert_frame_equal(serial, parallel)
 
 
 def test_reference_subset_and_threshold(tmp_path):
     truth = make_run(tmp_path)
-    table = summarize(tmp_path, references=["last"], threshold=10, progress=False)
+    table = summarize(tmp_path, references=["last"], threshold=10, split="probe", progress=False)
     check_table(table, truth, references=("last",))
     assert not table["metric"].str.endswith(("_init", "_final")).any()
 
@@ -151,11 +151,11 @@ def test_reference_subset_and_threshold(tmp_path):
 def test_labels_partial_and_missing(tmp_path, caplog):
     truth = make_run(tmp_path / "partial", labels="partial")
     with caplog.at_level(logging.WARNING, logger="actpat.analysis.summarize"):
-        table = summarize(tmp_path / "partial", progress=False)
+        table = summarize(tmp_path / "partial", split="probe", progress=False)
     check_table(table, truth)
     assert sum("have no label" in r.message for r in caplog.records) == 2  # once per site
     make_run(tmp_path / "none", labels="none")
-    table = summarize(tmp_path / "none", progress=False)
+    table = summarize(tmp_path / "none", split="probe", progress=False)
     assert not table["metric"].isin(["mutual_information", "label_entropy"]).any()
 
 
@@ -177,6 +177,7 @@ def test_different_observations_leave_out_stability(tmp_path, caplog):
     "kwargs, match",
     [
         ({"split": "val"}, r"recorded splits \['probe', 'train'\], but got 'val'"),
+        ({}, r"recorded splits \['probe', 'train'\], but got None, which means the run's only split"),
         ({"references": ("init", "best")}, r"subset of \('init', 'last', 'final'\), but got \['best'\]"),
         ({"n_jobs": 0}, "positive int or -1"),
         ({"threshold": -1}, "non-negative int, but got -1"),
