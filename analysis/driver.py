@@ -88,8 +88,10 @@ class Block:
         return self.stop - self.start
 
 
-def resolve_split(run: Run, split: str | None) -> str:
+def resolve_split(run: Run, split: str | None, *, name: str = "`split`") -> str:
     """The split a pass reads: ``split`` itself, or for None the run's only split.
+
+    ``name`` is how messages call the argument (the command line says ``--split``).
 
     Raises
     ------
@@ -101,11 +103,11 @@ def resolve_split(run: Run, split: str | None) -> str:
         if len(splits) == 1:
             return splits[0]
         raise ValueError(
-            f"Expected `split` to name one of the recorded splits {splits}, but got None, which means the run's "
+            f"Expected {name} to name one of the recorded splits {splits}, but got None, which means the run's "
             f"only split; {'the run has none' if not splits else 'this run has several: pass one'}."
         )
     if split not in splits:
-        raise ValueError(f"Expected `split` to be one of the recorded splits {splits}, but got {split!r}.")
+        raise ValueError(f"Expected {name} to be one of the recorded splits {splits}, but got {split!r}.")
     return split
 
 

@@ -33,6 +33,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -519,6 +520,7 @@ def save_all(
     heatmap_metrics: Sequence[str] | None = None,
     x: str = "step",
     dpi: int = 100,
+    progress: bool = False,
 ) -> list[Path]:
     """Write the standard figures of a metrics table as PNG files.
 
@@ -546,6 +548,8 @@ def save_all(
         Time axis of all figures.
     dpi : int, default 100
         Resolution of the PNG files.
+    progress : bool, default False
+        Show a ``tqdm`` counter of the figures written.
 
     Returns
     -------
@@ -568,9 +572,8 @@ def save_all(
     """
     out = Path(out_dir)
     written: list[Path] = []
-    for stem, fig in _iter_figures(
-        df, metrics=metrics, heatmap_metrics=heatmap_metrics, info_plane_df=info_plane_df, x=x
-    ):
+    figures = _iter_figures(df, metrics=metrics, heatmap_metrics=heatmap_metrics, info_plane_df=info_plane_df, x=x)
+    for stem, fig in tqdm(figures, desc="actpat figures", unit="figure", disable=not progress):
         if not written:
             out.mkdir(parents=True, exist_ok=True)
         path = out / f"{stem}.png"

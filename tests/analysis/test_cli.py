@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from actpat.callbacks.cli import main
+from actpat.analysis.cli import main
 from actpat.recorder import ActivationRecorder
 
 
@@ -30,9 +30,9 @@ def run_dir(tmp_path_factory):
 
 
 def test_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "actpat.callbacks.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "actpat.analysis.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("demo", "info", "analyze"):
+    for command in ("demo", "info", "analyze", "plot", "tensorboard", "report"):
         assert command in out.stdout
 
 
@@ -98,7 +98,8 @@ def test_tensorboard_export_scalars_and_histograms_read_back(run_dir, tmp_path, 
     assert hist.histogram_value.num == 3
     # A second export into the same run is refused rather than duplicating events.
     assert main(["tensorboard", str(run_dir), "--logdir", str(tmp_path), "--no-progress"]) == 2
-    assert "run_name" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "--run-name" in err and "run_name" not in err
 
 
 def test_demo_fast_trains_records_and_exports(tmp_path, capsys):
