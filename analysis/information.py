@@ -267,6 +267,8 @@ def information_plane(
     estimator: str = "binary",
     estimator_options: dict | None = None,
     apply_activation: bool = True,
+    n_jobs: int = 1,
+    client=None,
     progress: bool = False,
 ):
     """``I(X;T)`` and ``I(T;Y)`` of every site at every recorded step, as a tidy table.
@@ -307,6 +309,10 @@ def information_plane(
         Sigmoid, functional ``relu``/``relu6``) applied to the stored pre-activations. False: ``T`` is the
         pre-activations themselves (also the only choice for sites with a parametrized activation such as
         LeakyReLU or PReLU).
+    n_jobs : int, default 1
+        Local worker processes (``-1``: every core).
+    client : distributed.Client or None, default None
+        Compute on a Dask cluster (see :mod:`actpat.analysis.driver`).
     progress : bool, default False
         Show a ``tqdm`` progress bar over the records.
 
@@ -394,6 +400,6 @@ def information_plane(
             )
         if estimator != "binary":
             _check_values_site(run, site, estimator, apply_activation)
-    return run_pass(run, {"plane": consumer}, split, sites=sites, progress=progress, desc="actpat information plane")[
-        "plane"
-    ]
+    result = run_pass(run, {"plane": consumer}, split, sites=sites, n_jobs=n_jobs, client=client, progress=progress,
+                      desc="actpat information plane")
+    return result["plane"]

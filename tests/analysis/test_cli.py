@@ -73,18 +73,45 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert ".csv or .parquet" in capsys.readouterr().err
 
 
-def test_plot_writes_headline_heatmaps(run_dir, tmp_path):
-    assert main(["plot", str(run_dir), "-o", str(tmp_path / "figs"), "--no-progress"]) == 0
+HEADLINE = {"heatmap_normalized_entropy.png", "heatmap_jaccard_init.png", "heatmap_weighted_jaccard_final.png"}
+
+
+def read_table(path):
+    return pd.read_csv(path, dtype={"site": str, "split": str, "metric": str})
+
+
+@pytest.fixture(scope="module")
+def metrics_csv(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analyze") / "metrics.csv"
+    assert main(["analyze", str(run_dir), "-o", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_analyze_table_holds_the_information_plane(run_dir, metrics_csv, tmp_path):
+    from actpat.analysis import information_plane
+
+    df = read_table(metrics_csv)
+    plane = information_plane(run_dir, split="probe")
+    got = df[df["metric"].isin(set(plane["metric"]))].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, plane.sort_values(["site_index", "step"], kind="stable", ignore_index=True),
+                                  check_dtype=False)
+    out = tmp_path / "no_plane.csv"
+    assert main(["analyze", str(run_dir), "-o", str(out), "--no-progress", "--no-information-plane"]) == 0
+    assert not read_table(out)["metric"].isin(["I_XT", "I_TY"]).any()
+
+
+def test_plot_from_the_metrics_table_without_the_run(metrics_csv, tmp_path):
+    assert main(["plot", "--metrics", str(metrics_csv), "-o", str(tmp_path / "figs"), "--no-progress"]) == 0
     names = {p.name for p in (tmp_path / "figs").glob("*.png")}
-    assert {"heatmap_normalized_entropy.png", "heatmap_jaccard_init.png", "heatmap_weighted_jaccard_final.png"} <= names
-    assert "information_plane.png" in names
+    assert HEADLINE <= names and "information_plane.png" in names
     assert all((tmp_path / "figs" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
 
 
-def test_tensorboard_export_scalars_and_histograms_read_back(run_dir, tmp_path, capsys):
+def test_tensorboard_export_scalars_and_histograms_read_back(run_dir, metrics_csv, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert main(["tensorboard", str(run_dir), "--logdir", str(tmp_path), "--no-progress"]) == 0
+    args = ["tensorboard", str(run_dir), "--metrics", str(metrics_csv), "--logdir", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     acc.Reload()
@@ -96,10 +123,139 @@ def test_tensorboard_export_scalars_and_histograms_read_back(run_dir, tmp_path, 
     assert event.value == pytest.approx(on.mean(), rel=1e-6)
     (hist,) = [h for h in acc.Histograms("actpat/firing_rate/3") if h.step == 1]
     assert hist.histogram_value.num == 3
-    # A second export into the same run is refused rather than duplicating events.
-    assert main(["tensorboard", str(run_dir), "--logdir", str(tmp_path), "--no-progress"]) == 2
+    assert hist.histogram_value.sum == pytest.approx(on.mean(axis=0).sum(), rel=1e-6)
+    # A second export into the same run is refused before any work, in the command's own flags.
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "--overwrite" in err and "--run-name" in err and "run_name" not in err
+
+
+def test_report_writes_table_figures_and_events_from_one_pass(run_dir, metrics_csv, tmp_path, capsys, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from actpat.recorder.reader import Run
+
+    reads = Counter()
+    real = Run.read
+    monkeypatch.setattr(Run, "read", lambda self, site, step, split: reads.update([(site, step)]) or real(self, site, step, split))
+    out = tmp_path / "report"
+    assert main(["report", str(run_dir), "-o", str(out), "--no-progress"]) == 0
+    assert set(reads.values()) == {1} and len(reads) == 2 * 3  # each (site, step) record read once
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(read_table(out / "metrics.csv"), read_table(metrics_csv))
+    figures = {p.stem for p in (out / "figures").glob("*.png")}
+    assert {n.removesuffix(".png") for n in HEADLINE} | {"information_plane"} <= figures
+    acc = EventAccumulator(str(out / "tensorboard" / "actpat-offline"), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    assert {t.removeprefix("actpat/figures/") for t in acc.Tags()["images"]} == figures
+    assert acc.Histograms("actpat/firing_rate/1")
+    capsys.readouterr()
+    assert main(["report", str(run_dir), "-o", str(out), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["report", str(run_dir), "-o", str(out), "--no-progress", "--overwrite"]) == 0
+
+
+def test_unwritable_output_fails_before_any_work(run_dir, tmp_path, capsys, monkeypatch):
+    from actpat.recorder.reader import Run
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the run was read before the output was checked")
+
+    monkeypatch.setattr(Run, "read", no_read)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for argv in (
+        ["analyze", str(run_dir), "-o", str(blocker / "metrics.csv")],
+        ["plot", str(run_dir), "-o", str(blocker / "figs")],
+        ["tensorboard", str(run_dir), "--logdir", str(blocker)],
+        ["report", str(run_dir), "-o", str(blocker)],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "writable directory" in err and str(blocker) in err, argv
+    assert main(["plot", "-o", str(tmp_path / "figs")]) == 2
+    assert "RUN directory or --metrics" in capsys.readouterr().err
+
+
+def write_run(path, splits=("probe",)):
+    from actpat.recorder.shards import Record, ShardWriter, SiteMeta
+
+    writer = ShardWriter(path)
+    writer.start()
+    meta = SiteMeta("fc", 0, "ReLU", (4,), 4, "flat")
+    for split in splits:
+        for step in range(2):
+            bits = np.array([[step], [3], [5], [5]], dtype=np.uint8)
+            writer.put(Record(meta, step, 0, split, bits, 1, 4, 0, sample_ids=np.arange(4), labels=np.arange(4) % 2))
+    writer.close()
+
+
+def test_finds_the_run_below_a_lightning_log_folder(tmp_path, capsys):
+    version = tmp_path / "lightning_logs" / "version_0"
+    write_run(version / "activation_patterns")
+    (version / "checkpoints").mkdir()
+    assert main(["info", str(version)]) == 0
+    captured = capsys.readouterr()
+    assert f"reading the run in {version / 'activation_patterns'}" in captured.err
+    assert "fc" in captured.out
+    write_run(tmp_path / "lightning_logs" / "version_1" / "activation_patterns")
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "found 2" in err and "version_0" in err and "version_1" in err
+
+
+def test_split_flag_defaults_to_the_only_split_and_names_the_choices(tmp_path, capsys):
+    write_run(tmp_path / "one", splits=("train",))
+    assert main(["analyze", str(tmp_path / "one"), "-o", str(tmp_path / "one.csv"), "--no-progress"]) == 0
+    assert set(read_table(tmp_path / "one.csv")["split"]) == {"train"}
+    write_run(tmp_path / "two", splits=("probe", "train"))
+    assert main(["analyze", str(tmp_path / "two"), "-o", str(tmp_path / "two.csv"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--split" in err and "['probe', 'train']" in err and "`split`" not in err
+    assert main(["analyze", str(tmp_path / "two"), "-o", str(tmp_path / "two.csv"), "--split", "val"]) == 2
+    assert "Expected --split to be one of the recorded splits ['probe', 'train'], but got 'val'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2", "two"])
+def test_jobs_flag_is_checked_by_the_parser(tmp_path, capsys, jobs):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", str(tmp_path), "-o", str(tmp_path / "m.csv"), "--jobs", jobs])
+    assert exit_info.value.code == 2
+    assert "--jobs" in capsys.readouterr().err
+
+
+PROBE = """
+import sys
+from actpat.analysis.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as exc:
+    rc = exc.code
+print("RC", rc)
+print("MODULES", " ".join(sorted(sys.modules)))
+"""
+
+
+def loaded_modules(*argv):
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=300)
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("RC ", "MODULES ")))
+    assert lines["RC"] == "0", out.stderr
+    return set(lines["MODULES"].split())
+
+
+@pytest.mark.slow
+def test_read_only_commands_import_neither_torch_nor_lightning(tmp_path):
+    write_run(tmp_path / "run")
+    heavy = {"torch", "pytorch_lightning", "lightning"}
+    for argv, also_absent in (
+        (["--help"], {"h5py", "pandas", "matplotlib", "scipy", "tensorboard"}),
+        (["info", str(tmp_path / "run")], {"pandas", "matplotlib", "scipy", "tensorboard"}),
+        (["analyze", str(tmp_path / "run"), "-o", str(tmp_path / "m.csv"), "--no-progress"], {"matplotlib"}),
+        (["tensorboard", str(tmp_path / "run"), "--logdir", str(tmp_path / "tb"), "--no-progress"], set()),
+    ):
+        modules = loaded_modules(*argv)
+        assert not (heavy | also_absent) & modules, (argv, (heavy | also_absent) & modules)
+    assert "h5py" in loaded_modules("info", str(tmp_path / "run"))
 
 
 def test_demo_fast_trains_records_and_exports(tmp_path, capsys):
