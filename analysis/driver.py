@@ -183,13 +183,15 @@ def _read_block_collecting(run: Run, split: str, block: Block, consumers: Mappin
     logger = logging.getLogger("actpat")
     handler = _Collect()
     logger.addHandler(handler)
-    old_level = logger.level
+    old = logger.level, logger.propagate
     logger.setLevel(level)
+    logger.propagate = False  # the calling process logs it; the worker's own handlers stay silent
     try:
         return _read_block(run, split, block, consumers), handler.messages
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(old_level)
+        logger.setLevel(old[0])
+        logger.propagate = old[1]
 
 
 # ---------------------------------------------------------------------------------- local processes
