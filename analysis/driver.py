@@ -27,15 +27,18 @@ the current step, the previous one, ``init`` and ``final``), whatever the size o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from typing import Any, Protocol
 
 import numpy as np
@@ -216,30 +219,62 @@ def _mp_context(consumers: Mapping[str, Consumer]):
     # Takes effect when this process first starts its fork server; workers are then forked with these
     # modules already imported.
     context.set_forkserver_preload(sorted({__name__, *(type(c).__module__ for c in consumers.values())}))
+    if threading.current_thread() is threading.main_thread():
+        # Started with Ctrl-C ignored (inherited), the server and the workers it forks leave a Ctrl-C to
+        # this process, which stops them, instead of dying in their imports with a traceback each.
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, handler)
     return context
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    pool.shutdown(wait=False, cancel_futures=True)
+    """Stop the workers now, mid-task (``shutdown`` alone waits for the running tasks)."""
     terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
     if terminate is not None:
         terminate()
         return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    # Before 3.14 the workers are only reachable here; shutdown() forgets them.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
         process.terminate()
 
 
-def _map_local(run, split, blocks, consumers, workers, level, done):
-    pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=_mp_context(consumers), initializer=_init_worker, initargs=(run,)
-    )
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Hold a Ctrl-C that arrives inside the block until its end (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        order = sorted(range(len(blocks)), key=lambda i: -blocks[i].cost)
-        futures = {pool.submit(_worker_block, split, blocks[i], consumers, level): i for i in order}
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _map_local(run, split, blocks, consumers, workers, level, done):
+    pool = None
+    try:
+        # Workers start whole (a worker stopped while it unpickles its start-up data prints a traceback);
+        # a Ctrl-C meanwhile takes effect right after, and stops them.
+        with _deferred_interrupt():
+            pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=_mp_context(consumers), initializer=_init_worker, initargs=(run,)
+            )
+            order = sorted(range(len(blocks)), key=lambda i: -blocks[i].cost)
+            futures = {pool.submit(_worker_block, split, blocks[i], consumers, level): i for i in order}
         for future in as_completed(futures):
             done(futures[future], *future.result())
     except BaseException:
-        _stop_pool(pool)
+        if pool is not None:
+            _stop_pool(pool)
         raise
     pool.shutdown(wait=True)
 
