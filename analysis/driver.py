@@ -12,6 +12,8 @@ Work is cut into *blocks*, runs of consecutive steps of one site. Where blocks r
 - ``n_jobs > 1``: local worker processes forked from a server that has imported the analysis modules
   once (no interpreter start-up and no imports per worker), each given the run's index once at start.
   A site larger than a fair share of the run is cut into blocks of steps; the largest blocks go first.
+  As with any ``multiprocessing`` code that does not fork, a script that calls it must guard its entry
+  point with ``if __name__ == "__main__":`` (notebooks and the ``actpat`` command need nothing).
 - ``client=``, a :class:`distributed.Client`: blocks run as tasks on a Dask cluster, the run's index is
   scattered to every worker once, and each worker opens the shards at ``run.path`` itself. The run
   directory must therefore be readable at the same path on every worker (a shared filesystem: NFS,
@@ -37,6 +39,7 @@ import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import forkserver
 from typing import Any, Protocol
@@ -272,6 +275,12 @@ def _map_local(run, split, blocks, consumers, workers, level, done):
             futures = {pool.submit(_worker_block, split, blocks[i], consumers, level): i for i in order}
         for future in as_completed(futures):
             done(futures[future], *future.result())
+    except BrokenProcessPool as exc:
+        _stop_pool(pool)
+        raise RuntimeError(
+            f"A worker process of the pass died ({exc}): killed for memory, or a script that starts the pass "
+            "without an `if __name__ == '__main__':` guard. Use fewer `n_jobs` (`--jobs`), or add the guard."
+        ) from exc
     except BaseException:
         if pool is not None:
             _stop_pool(pool)

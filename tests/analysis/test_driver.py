@@ -1,6 +1,8 @@
 """The one-pass driver: blocks of steps, worker processes, bounded memory, each record read once."""
 
 import logging
+import subprocess
+import sys
 import weakref
 from collections import Counter
 
@@ -176,3 +178,12 @@ def test_a_failing_worker_stops_the_pass_with_its_error(tmp_path):
         information_plane(tmp_path, n_jobs=2)
     result = analyze_run(tmp_path, n_jobs=2, progress=False)
     assert set(result.information_plane["site"]) == {"fc"}
+
+
+@pytest.mark.slow
+def test_a_script_without_main_guard_gets_told(run_path, tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text(f"from actpat.analysis import summarize\nsummarize({str(run_path)!r}, progress=False, n_jobs=2)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "A worker process of the pass died" in out.stderr and "if __name__ == '__main__':" in out.stderr
