@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -99,6 +98,8 @@ def _split(run, args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------- outputs
 def _check_writable_dir(directory: Path, flag: str) -> None:
     """Create ``directory`` and prove a file can be written there, before any work."""
+    import tempfile
+
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):

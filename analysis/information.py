@@ -309,12 +309,9 @@ def information_plane(
         Sigmoid, functional ``relu``/``relu6``) applied to the stored pre-activations. False: ``T`` is the
         pre-activations themselves (also the only choice for sites with a parametrized activation such as
         LeakyReLU or PReLU).
-    n_jobs : int, default 1
-        Local worker processes (``-1``: every core).
-    client : distributed.Client or None, default None
-        Compute on a Dask cluster (see :mod:`actpat.analysis.driver`).
-    progress : bool, default False
-        Show a ``tqdm`` progress bar over the records.
+    n_jobs, client, progress
+        Local worker processes (default 1; ``-1``: every core) or a ``distributed.Client`` to compute on a
+        Dask cluster (see :mod:`actpat.analysis.driver`); a ``tqdm`` bar over the records (default off).
 
     Returns
     -------

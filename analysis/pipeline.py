@@ -93,18 +93,20 @@ def analyze_run(
     --------
     >>> import tempfile
     >>> from actpat.recorder.shards import Record, ShardWriter, SiteMeta
-    >>> with tempfile.TemporaryDirectory() as out:
-    ...     writer = ShardWriter(out)
-    ...     writer.start()
-    ...     bits = np.array([[1], [3], [1], [0]], dtype=np.uint8)
-    ...     _ = writer.put(Record(SiteMeta("fc", 0, "ReLU", (2,), 2, "flat"), 5, 0, "probe", bits, 1, 4, 0,
-    ...                           sample_ids=np.arange(4), labels=np.array([0, 0, 1, 1])))
-    ...     writer.close()
-    ...     result = analyze_run(out, progress=False)
-    >>> float(result.metrics.set_index("metric").loc["entropy", "value"]), result.firing_rates["fc"][5].tolist()
-    (1.5, [0.75, 0.25])
-    >>> float(result.information_plane.set_index("metric").loc["I_TY", "value"])  # H(T) = 1.5, H(T|Y) = 1
-    0.5
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> writer = ShardWriter(tmp.name)
+    >>> writer.start()
+    >>> for step, rows in ((0, [[1], [3], [1], [0]]), (1, [[3], [3], [1], [0]])):
+    ...     _ = writer.put(Record(SiteMeta("fc", 0, "ReLU", (2,), 2, "flat"), step, 0, "probe",
+    ...                           np.array(rows, dtype=np.uint8), 1, 4, 0, labels=np.array([0, 0, 1, 1])))
+    >>> writer.close()
+    >>> result = analyze_run(tmp.name, progress=False)
+    >>> result.firing_rates["fc"][1].tolist()  # unit 0 on in 3 of 4 observations, unit 1 in 2
+    [0.75, 0.5]
+    >>> wide = result.table().pivot_table(index="step", columns="metric", values="value")
+    >>> wide[["entropy", "I_XT", "I_TY"]].round(3).values.tolist()  # I_TY = H(T) - H(T|Y)
+    [[1.5, 1.5, 0.5], [1.5, 1.5, 1.0]]
+    >>> tmp.cleanup()
     """
     consumers = {"metrics": SummaryConsumer(references, threshold)}
     if information_plane:
