@@ -27,6 +27,8 @@ TABLE_SUFFIXES = (".csv", ".parquet")
 DEFAULT_RUN_NAME = "actpat-offline"
 # How deep below a given folder to look for a run directory (lightning_logs/version_0/activation_patterns).
 _SEARCH_DEPTH = 4
+# A table larger than this is written in parts, with a progress bar.
+_CSV_ROWS_PER_WRITE = 500_000
 
 
 class CommandError(ValueError):
@@ -136,14 +138,23 @@ def _check_events_dir(logdir: Path, run_name: str, overwrite: bool, flag: str) -
     return target
 
 
-def _write_table(df, path: Path) -> None:
+def _write_table(df, path: Path, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
     # Written beside and renamed: an interrupted command leaves no half table under the given name.
     partial = path.with_name(f".{path.name}.partial")
     try:
         if path.suffix == ".parquet":
             df.to_parquet(partial, index=False)
         else:
-            df.to_csv(partial, index=False)
+            rows = _CSV_ROWS_PER_WRITE
+            with open(partial, "w", newline="") as f, tqdm(
+                total=len(df), desc=f"actpat {path.name}", unit="row", disable=not progress or len(df) <= rows
+            ) as bar:
+                for start in range(0, max(len(df), 1), rows):
+                    part = df.iloc[start : start + rows]
+                    part.to_csv(f, index=False, header=start == 0)
+                    bar.update(len(part))
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -236,7 +247,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     run = _open(args.run_dir)
     split = _split(run, args)
     df = _analyze(args, run, split, plane=not args.no_information_plane).table()
-    _write_table(df, out)
+    _write_table(df, out, not args.no_progress)
     print(f"wrote {len(df)} rows ({df['site'].nunique()} sites, {df['step'].nunique()} steps) to {out}")
     return 0
 
@@ -290,7 +301,7 @@ def _report(
 
     result = _analyze(args, run, split, rates=True)
     df = result.table()
-    _write_table(df, table)
+    _write_table(df, table, not args.no_progress)
     paths = plots.save_all(df, figures, x=x, progress=not args.no_progress)
     board = to_tensorboard(df, logdir, run_name=run_name, figures=paths, unit_rates=result.firing_rates,
                            overwrite=overwrite, progress=not args.no_progress)

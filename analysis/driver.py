@@ -377,7 +377,19 @@ def run_pass(
         Unknown split or site, or bad ``n_jobs`` / ``client``.
     """
     workers = _check_parallel(n_jobs, client)
-    run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
+    if isinstance(run_or_path, Run):
+        return _run_pass(run_or_path, consumers, split, sites, workers, client, progress, desc)
+    run = open_run(run_or_path)
+    try:
+        return _run_pass(run, consumers, split, sites, workers, client, progress, desc)
+    finally:
+        # A run opened here is closed here (``Run.close`` comes with the reader's cache of open files).
+        close = getattr(run, "close", None)
+        if close is not None:
+            close()
+
+
+def _run_pass(run: Run, consumers, split, sites, workers: int, client, progress: bool, desc: str) -> dict[str, Any]:
     split = resolve_split(run, split)
     if sites is None:
         sites = run.sites

