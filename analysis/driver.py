@@ -375,6 +375,28 @@ def run_pass(
     ------
     ValueError
         Unknown split or site, or bad ``n_jobs`` / ``client``.
+
+    Examples
+    --------
+    A consumer that counts the observations of each record:
+
+    >>> import tempfile
+    >>> from actpat.recorder.shards import Record, ShardWriter, SiteMeta
+    >>> class Rows:
+    ...     def open_block(self, site, info, steps, start, load):
+    ...         return len
+    ...     def merge(self, results, split, infos):
+    ...         return {(site, step): n for site, step, n in results}
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> writer = ShardWriter(tmp.name)
+    >>> writer.start()
+    >>> for step, n in ((0, 4), (5, 3)):
+    ...     _ = writer.put(Record(SiteMeta("fc", 0, "ReLU", (3,), 3, "flat"), step, 0, "probe",
+    ...                           np.zeros((n, 1), dtype=np.uint8), 1, n, 0))
+    >>> writer.close()
+    >>> run_pass(tmp.name, {"rows": Rows()}, progress=False)
+    {'rows': {('fc', 0): 4, ('fc', 5): 3}}
+    >>> tmp.cleanup()
     """
     workers = _check_parallel(n_jobs, client)
     if isinstance(run_or_path, Run):
@@ -396,7 +418,9 @@ def _run_pass(run: Run, consumers, split, sites, workers: int, client, progress:
     unknown = [s for s in sites if s not in run.sites]
     if unknown:
         raise ValueError(f"Expected `sites` to be recorded sites {run.sites}, but got {unknown}.")
-    blocks = plan_blocks(run, split, sites, 1 if client is None and workers <= 1 else max(workers, 2))
+    if client is not None:
+        workers = max(2, sum(client.nthreads().values()))  # the cluster's task slots
+    blocks = plan_blocks(run, split, sites, workers)
     parts: list[dict[str, list] | None] = [None] * len(blocks)
     seen: set = set()
 
