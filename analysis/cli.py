@@ -259,6 +259,8 @@ def _table_for(args: argparse.Namespace, *, rates: bool):
     if args.metrics is not None:
         df = _read_table(args.metrics, args.split)
         if not rates:
+            if args.run_dir is not None:
+                print(f"actpat: plotting the table {args.metrics}; the run is not read.", file=sys.stderr)
             return df, None
         if args.run_dir is None:
             print("actpat: no RUN given with --metrics: firing-rate histograms left out.", file=sys.stderr)
