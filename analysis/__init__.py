@@ -1,47 +1,76 @@
 """Offline analysis of recorded activation patterns: pure numpy functions, tidy tables, figures.
 
 Nothing here imports torch: the core works on packed ``uint8`` patterns (see the README's format).
+Names are loaded on first access (PEP 562), so ``import actpat.analysis`` costs nothing and a command
+that only reads shards does not pay for pandas, matplotlib, scipy or TensorBoard it does not use.
 """
 
-from actpat.analysis import datasets, mi, plots
-from actpat.analysis.counts import PatternCounts, pattern_counts
-from actpat.analysis.entropy import (
-    conditional_entropy,
-    entropy,
-    label_information,
-    miller_madow,
-    mutual_information,
-    normalized_entropy,
-)
-from actpat.analysis.firing import firing_rates
-from actpat.analysis.information import information_plane
-from actpat.analysis.measures import pattern_measures
-from actpat.analysis.similarity import Stability, jaccard, stability, weighted_jaccard
-from actpat.analysis.summarize import summarize
-from actpat.analysis.tensorboard import to_tensorboard
-from actpat.analysis.units import UnitStats, unit_stats
+from __future__ import annotations
 
-__all__ = [
-    "PatternCounts",
-    "Stability",
-    "UnitStats",
-    "conditional_entropy",
-    "datasets",
-    "entropy",
-    "firing_rates",
-    "information_plane",
-    "jaccard",
-    "label_information",
-    "mi",
-    "miller_madow",
-    "mutual_information",
-    "normalized_entropy",
-    "pattern_counts",
-    "pattern_measures",
-    "plots",
-    "stability",
-    "summarize",
-    "to_tensorboard",
-    "unit_stats",
-    "weighted_jaccard",
-]
+import importlib
+import sys
+import types
+
+# Public name -> submodule that defines it.
+_EXPORTS = {
+    "PatternCounts": "counts",
+    "pattern_counts": "counts",
+    "conditional_entropy": "entropy",
+    "entropy": "entropy",
+    "label_information": "entropy",
+    "miller_madow": "entropy",
+    "mutual_information": "entropy",
+    "normalized_entropy": "entropy",
+    "firing_rates": "firing",
+    "information_plane": "information",
+    "pattern_measures": "measures",
+    "RunAnalysis": "pipeline",
+    "analyze_run": "pipeline",
+    "Stability": "similarity",
+    "jaccard": "similarity",
+    "stability": "similarity",
+    "weighted_jaccard": "similarity",
+    "summarize": "summarize",
+    "to_tensorboard": "tensorboard",
+    "UnitStats": "units",
+    "unit_stats": "units",
+    "compare": "compare",
+    "convergence_table": "convergence",
+    "dip_table": "convergence",
+    "live_measures": "live",
+    "metric": "metrics",
+    "metric_names": "metrics",
+    "pair_region_changes": "regions",
+    "region_table": "regions",
+    "segment_regions": "regions",
+    "width_controlled_table": "width",
+}
+_SUBMODULES = ("datasets", "metrics", "mi", "plots")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES], key=str.lower)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing submodule `entropy` or `summarize` binds it on the package; the function of the same
+        # name must stay what `actpat.analysis.entropy` means, whatever was imported first.
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

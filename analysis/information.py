@@ -17,22 +17,23 @@ import logging
 import math
 import os
 
+from dataclasses import dataclass
+
 import numpy as np
-import pandas as pd
 
 from actpat.analysis import mi
 from actpat.analysis._validation import NO_LABEL
 from actpat.analysis.counts import pattern_codes
+from actpat.analysis.driver import run_pass, tidy_table
 from actpat.analysis.entropy import entropy, label_information_from_codes, miller_madow
 from actpat.analysis.measures import SATURATION
 from actpat.recorder.reader import Patterns, Run, open_run
 
-__all__ = ["information_plane"]
+__all__ = ["InformationPlaneConsumer", "information_plane"]
 
 log = logging.getLogger(__name__)
 
 PATTERNS = ("flat", "channel")
-COLUMNS = ("step", "epoch", "split", "site", "site_index", "metric", "value")
 
 
 def _sample_order(p: Patterns) -> tuple[np.ndarray | None, int]:
@@ -200,6 +201,65 @@ def _step_values(p: Patterns, pattern: str, module_type: str, apply_activation: 
     return (_ACTIVATIONS[module_type](t) if apply_activation else t), labels
 
 
+@dataclass(frozen=True)
+class InformationPlaneConsumer:
+    """The consumer of :func:`~actpat.analysis.driver.run_pass` behind :func:`information_plane`.
+
+    With ``strict=False`` a step whose rows do not form complete samples is left out with a warning
+    (once per site and block) instead of stopping the pass: what a whole-run report wants.
+    """
+
+    pattern: str
+    saturation: float
+    estimator: str
+    options: dict
+    apply_activation: bool
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        saturation = self.saturation
+        if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) or not 0 < saturation <= 1:
+            raise ValueError(f"Expected `saturation` to be in (0, 1], but got {saturation!r}.")
+
+    def metrics(self, p: Patterns, info: dict) -> dict:
+        """The information-plane metrics of one step."""
+        site, step, pattern, estimator = p.site, p.step, self.pattern, self.estimator
+        if estimator == "binary":
+            bits, n_units, labels = _flat_patterns(p) if pattern == "flat" else (p.bits, p.n_units, p.labels)
+        else:
+            t, labels = _step_values(p, pattern, info["module_type"], self.apply_activation)
+        n_unlabelled = int(np.count_nonzero(labels < 0))
+        if 0 < n_unlabelled < labels.size:
+            log.warning(
+                "actpat: site %r step %d: %d of %d samples have no label; mutual_information uses the "
+                "labelled ones.",
+                site, int(step), n_unlabelled, labels.size,
+            )
+        if estimator == "binary":
+            return _compute_binary(bits, n_units, labels, self.saturation)
+        return _compute_continuous(t, labels, estimator, self.options)
+
+    def open_block(self, site: str, info: dict, steps, start: int, load):
+        skipped = []
+
+        def feed(p: Patterns) -> tuple[int, dict] | None:
+            if len(p) == 0 or skipped or p.lost_records:  # lost records: incomplete samples (the reader warned)
+                return None
+            try:
+                return int(p.epoch), self.metrics(p, info)
+            except ValueError as exc:
+                if self.strict:
+                    raise
+                skipped.append(p.step)
+                log.warning("actpat: information plane of site %r left out from step %d on: %s", site, p.step, exc)
+                return None
+
+        return feed
+
+    def merge(self, results: list, split: str, infos: dict):
+        return tidy_table(results, split, infos)
+
+
 def information_plane(
     run_or_path: Run | str | os.PathLike,
     split: str | None = None,
@@ -210,7 +270,10 @@ def information_plane(
     estimator: str = "binary",
     estimator_options: dict | None = None,
     apply_activation: bool = True,
-) -> pd.DataFrame:
+    n_jobs: int = 1,
+    client=None,
+    progress: bool = False,
+):
     """``I(X;T)`` and ``I(T;Y)`` of every site at every recorded step, as a tidy table.
 
     ``T`` is the site's binary pattern (``estimator="binary"``) or, for the continuous estimators, the
@@ -251,6 +314,9 @@ def information_plane(
         Sigmoid, functional ``relu``/``relu6``) applied to the stored pre-activations. False: ``T`` is the
         pre-activations themselves (also the only choice for sites with a parametrized activation such as
         LeakyReLU or PReLU).
+    n_jobs, client, progress
+        Local worker processes (default 1; ``-1``: every core) or a ``distributed.Client`` to compute on a
+        Dask cluster (see :mod:`actpat.analysis.driver`); a ``tqdm`` bar over the records (default off).
 
     Returns
     -------
@@ -326,9 +392,8 @@ def information_plane(
     if pattern not in PATTERNS:
         raise ValueError(f"Expected `pattern` to be one of {PATTERNS}, but got {pattern!r}.")
     split = run.resolve_split(split)
-    if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) or not 0 < saturation <= 1:
-        raise ValueError(f"Expected `saturation` to be in (0, 1], but got {saturation!r}.")
     options = _check_estimator(estimator, estimator_options)
+    consumer = InformationPlaneConsumer(pattern, saturation, estimator, options, apply_activation)
     if sites is None:
         sites = run.sites
     unknown = [s for s in sites if s not in run.sites]
@@ -343,34 +408,6 @@ def information_plane(
             )
         if estimator != "binary":
             _check_values_site(run, site, estimator, apply_activation)
-    rows = []
-    for site in sites:
-        info = run.site_info(site)
-        for step in run.steps(site, split):
-            p = run.read(site, int(step), split)
-            if len(p) == 0:
-                continue
-            if estimator == "binary":
-                bits, n_units, labels = _flat_patterns(p) if pattern == "flat" else (p.bits, p.n_units, p.labels)
-            else:
-                t, labels = _step_values(p, pattern, info["module_type"], apply_activation)
-            n_unlabelled = int(np.count_nonzero(labels < 0))
-            if 0 < n_unlabelled < labels.size:
-                log.warning(
-                    "actpat: site %r step %d: %d of %d samples have no label; mutual_information uses the "
-                    "labelled ones.",
-                    site, int(step), n_unlabelled, labels.size,
-                )
-            if estimator == "binary":
-                metrics = _compute_binary(bits, n_units, labels, saturation)
-            else:
-                metrics = _compute_continuous(t, labels, estimator, options)
-            rows.extend(
-                (int(step), int(p.epoch), split, site, info["site_index"], metric, float(value))
-                for metric, value in metrics.items()
-            )
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    return table.astype(
-        {"step": np.int64, "epoch": np.int64, "split": str, "site": str, "site_index": np.int64, "metric": str,
-         "value": np.float64}
-    )
+    result = run_pass(run, {"plane": consumer}, split, sites=sites, n_jobs=n_jobs, client=client, progress=progress,
+                      desc="actpat information plane")
+    return result["plane"]

@@ -48,6 +48,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from actpat.analysis.metrics import METRICS, label, metric, metric_names
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -709,6 +710,7 @@ def save_all(
     site_labels: Mapping[str, str] | None = None,
     format: str = "png",
     dpi: int = 100,
+    progress: bool = False,
 ) -> list[Path]:
     """Write the standard figures of a metrics table as files.
 
@@ -743,6 +745,8 @@ def save_all(
     format : {"png", "pdf", "svg"}, default "png"
     dpi : int, default 100
         Resolution of raster output.
+    progress : bool, default False
+        Show a ``tqdm`` counter of the figures written.
 
     Returns
     -------
@@ -770,10 +774,11 @@ def save_all(
         raise ValueError(f"Expected `dpi` to be a positive int, but got {dpi!r}.")
     out = Path(out_dir)
     written: list[Path] = []
-    for stem, fig in iter_figures(
+    figures = iter_figures(
         df, metrics=metrics, heatmap_metrics=heatmap_metrics, info_plane_df=info_plane_df, sites=sites, x=x,
         steps_per_epoch=steps_per_epoch, site_labels=site_labels,
-    ):
+    )
+    for stem, fig in tqdm(figures, desc="actpat figures", unit="figure", disable=not progress):
         if not written:
             out.mkdir(parents=True, exist_ok=True)
         path = out / f"{stem}.{format}"

@@ -195,11 +195,14 @@ def region_measures(packed) -> tuple[PatternCounts, dict[str, float]]:
     }
 
 
-def _regions_at(run: Run, sites: list[str], step: int, split: str) -> tuple[int, np.ndarray, np.ndarray, int]:
-    """``(epoch, ids, region patterns, bits per region)`` of one step."""
+def _regions_at(run: Run, sites: list[str], step: int, split: str) -> tuple[int, np.ndarray, np.ndarray, int] | None:
+    """``(epoch, ids, region patterns, bits per region)`` of one step; None where a site's records of the
+    step were lost (the reader warned): its regions are unknown."""
     parts, epoch, total = [], -1, 0
     for site in sites:
         p: Patterns = run.read(site, step, split)
+        if p.lost_records:
+            return None
         epoch = int(p.epoch)
         try:
             ids, packed, n_bits = sample_patterns(p.bits, p.n_units, p.sample_ids, p.positions)
@@ -273,9 +276,10 @@ def region_table(
     visited: PatternCounts | None = None
     rows: list[tuple] = []
     for step in tqdm(steps, disable=not progress, desc=f"actpat regions {split}", unit="step"):
-        epoch, ids, packed, n_bits = (
-            final if final is not None and step == steps[-1] else _regions_at(run, chosen, step, split)
-        )
+        regions = final if final is not None and step == steps[-1] else _regions_at(run, chosen, step, split)
+        if regions is None:
+            continue
+        epoch, ids, packed, n_bits = regions
         counts, metrics = region_measures(packed)
         visited = counts if visited is None else visited + counts
         metrics["region_visited"] = visited.k

@@ -8,29 +8,30 @@ of the contract: columns ``step, epoch, split, site, site_index, metric, value``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from tqdm.auto import tqdm
 
 from actpat.analysis._validation import NO_LABEL, check_n_classes
 from actpat.analysis.counts import PatternCounts
+from actpat.analysis.driver import run_pass, tidy_table
 from actpat.analysis.measures import pattern_measures
 from actpat.analysis.metrics import REFERENCES
 from actpat.analysis.similarity import jaccard, stability, weighted_jaccard
+from actpat.analysis.tables import check_references
 from actpat.analysis.units import unit_stats
-from actpat.recorder.reader import Patterns, Run, open_run
+from actpat.recorder.reader import Patterns, Run
 
-__all__ = ["summarize"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["SummaryConsumer", "summarize"]
 
 log = logging.getLogger(__name__)
-
-COLUMNS = ("step", "epoch", "split", "site", "site_index", "metric", "value")
 
 
 @dataclass
@@ -40,20 +41,6 @@ class _Step:
     patterns: Patterns
     counts: PatternCounts
     metrics: dict
-
-
-def _check_args(split, references, n_jobs, threshold) -> tuple[str, ...]:
-    if split is not None and not isinstance(split, str):
-        raise ValueError(f"Expected `split` to be a str or None, but got {split!r}.")
-    references = (references,) if isinstance(references, str) else tuple(references)
-    unknown = [r for r in references if r not in REFERENCES]
-    if unknown:
-        raise ValueError(f"Expected `references` to be a subset of {REFERENCES}, but got {unknown}.")
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
-        raise ValueError(f"Expected `n_jobs` to be a positive int or -1 (all cores), but got {n_jobs!r}.")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
-        raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
-    return tuple(dict.fromkeys(references))
 
 
 def _warn_once(warned: set, key, message: str, *args) -> None:
@@ -129,60 +116,120 @@ def _similarity_metrics(cur: _Step, ref: _Step, name: str, threshold: int, site:
     return m
 
 
-def _summarize_site(
-    run: Run, site: str, split: str, references: tuple, threshold: int, tick=None, n_classes: int | None = None
-) -> list[tuple]:
-    """Rows of one site; ``tick()`` is called after each step."""
-    warned: set = set()
-    site_index = run.site_info(site)["site_index"]
-    steps = [int(s) for s in run.steps(site, split)]
-    cache: dict[int, _Step] = {}
+class _SiteSummary:
+    """summarize along one block of one site: its reference records, and the warnings given."""
 
-    def load(step: int) -> _Step | None:
-        if step not in cache:
-            p = run.read(site, step, split)
-            if len(p) == 0:
-                _warn_once(warned, ("empty", site), "actpat: site %r has records without observations; skipped.", site)
-                return None
-            pc, metrics = _own_metrics(p, site, warned, n_classes=n_classes)
-            cache[step] = _Step(p, pc, metrics)
-        return cache[step]
+    def __init__(
+        self, site: str, steps: np.ndarray, start: int, load, references: tuple, threshold: int, n_classes: int | None
+    ) -> None:
+        self.site, self.references, self.threshold, self.n_classes = site, references, threshold, n_classes
+        self.warned: set = set()
+        self._load = load
+        self.init = self.last = self.final = None
+        self.final = self._from_record(load(int(steps[-1]))) if "final" in references else None
+        # A block that starts after the site's first step takes its references from the records before it:
+        # init is the first record with observations, last the latest one.
+        if start > 0 and "init" in references:
+            for step in steps[:start]:
+                p = load(int(step))
+                self._check_init(p)
+                self.init = self._from_record(p)
+                if self.init is not None or "init" not in self.references:
+                    break
+        if start > 0 and "last" in references:
+            self.last = next((s for s in (self._from_record(load(int(t))) for t in steps[start - 1 :: -1]) if s), None)
 
-    rows: list[tuple] = []
-    final = load(steps[-1]) if steps and "final" in references else None
-    init = last = None
-    for step in steps:
-        cur = load(step)
+    def _check_init(self, p: Patterns) -> None:
+        """A lost record before any readable one: the site's first record is lost, its init unknown."""
+        if p.lost_records and self.init is None and "init" in self.references:
+            self.references = tuple(r for r in self.references if r != "init")
+            log.warning("actpat: site %r: its first record may be among the lost ones; the *_init measures are "
+                        "left out.", self.site)
+
+    def _from_record(self, p: Patterns) -> _Step | None:
+        if self.final is not None and p.step == self.final.patterns.step:
+            return self.final
+        if p.lost_records:
+            log.warning(
+                "actpat: site %r step %d: %d record(s) failed verification; the step's measures are left out "
+                "(its observations are incomplete).", self.site, p.step, p.lost_records,
+            )
+            return None
+        if len(p) == 0:
+            _warn_once(
+                self.warned, ("empty", self.site), "actpat: site %r has records without observations; skipped.",
+                self.site,
+            )
+            return None
+        pc, metrics = _own_metrics(p, self.site, self.warned, n_classes=self.n_classes)
+        return _Step(p, pc, metrics)
+
+    def __call__(self, p: Patterns) -> tuple[int, dict] | None:
+        self._check_init(p)
+        cur = self._from_record(p)
         if cur is None:
-            if tick:
-                tick()
-            continue
-        if init is None:
-            init = cur
+            return None
+        if self.init is None:
+            self.init = cur
         metrics = dict(cur.metrics)
-        for name, ref in (("init", init), ("last", last), ("final", final)):
-            if name in references and ref is not None:
-                metrics.update(_similarity_metrics(cur, ref, name, threshold, site, warned))
-        epoch = int(cur.patterns.epoch)
-        rows.extend((step, epoch, split, site, site_index, metric, float(value)) for metric, value in metrics.items())
-        # Keep only what later steps may still compare against.
-        keep = {id(init), id(cur), id(final)}
-        for key in [k for k, v in cache.items() if id(v) not in keep]:
-            del cache[key]
-        last = cur
-        if tick:
-            tick()
-    return rows
+        for name, ref in (("init", self.init), ("last", self.last), ("final", self.final)):
+            if name in self.references and ref is not None:
+                metrics.update(_similarity_metrics(cur, ref, name, self.threshold, self.site, self.warned))
+        self.last = cur
+        return int(cur.patterns.epoch), metrics
 
 
-def _summarize_site_in_worker(
-    path: str, site: str, split: str, references: tuple, threshold: int, n_classes: int | None
-) -> list[tuple]:
-    return _summarize_site(open_run(path), site, split, references, threshold, n_classes=n_classes)
+@dataclass(frozen=True)
+class SummaryConsumer:
+    """The consumer of :func:`~actpat.analysis.driver.run_pass` behind :func:`summarize`.
+
+    ``references``, ``threshold`` and ``n_classes`` as :func:`summarize`; validated here.
+    ``lost_init`` names the sites whose first record may have been lost (set by :meth:`prepare`): they
+    get no ``*_init`` measures, since their first readable record is not their first record.
+    """
+
+    references: tuple = REFERENCES
+    threshold: int = 10
+    n_classes: int | None = None
+    lost_init: frozenset = frozenset()
+
+    def __post_init__(self) -> None:
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
+            raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
+        object.__setattr__(self, "references", check_references(self.references))
+        object.__setattr__(self, "threshold", int(threshold))
+        if self.n_classes is not None:
+            object.__setattr__(self, "n_classes", check_n_classes(self.n_classes, 0))
+
+    def prepare(self, run: Run, split: str, sites) -> SummaryConsumer:
+        """Find the sites whose first record is among the losses known before reading (unreadable or
+        missing shards, unwritten rows), and warn about each. Records that fail their checksum when
+        read are handled by the pass itself."""
+        if "init" not in self.references or not run.losses:
+            return self
+        lost = set()
+        for site in sites:
+            losses = run.start_lost(site, split)
+            if losses:
+                lost.add(site)
+                log.warning(
+                    "actpat: site %r (%s): its first record may be among the lost ones (%s); the *_init measures "
+                    "are left out.",
+                    site, split, "; ".join(sorted({loss.reason for loss in losses})),
+                )
+        return dataclasses.replace(self, lost_init=frozenset(lost)) if lost else self
+
+    def open_block(self, site: str, info: dict, steps: np.ndarray, start: int, load) -> _SiteSummary:
+        references = tuple(r for r in self.references if not (r == "init" and site in self.lost_init))
+        return _SiteSummary(site, steps, start, load, references, self.threshold, self.n_classes)
+
+    def merge(self, results: list, split: str, infos: dict):
+        return tidy_table(results, split, infos)
 
 
 def summarize(
-    run_or_path,
+    run_or_path: Run | str | os.PathLike,
     split: str | None = None,
     references=("init", "last", "final"),
     progress: bool = True,
@@ -190,6 +237,7 @@ def summarize(
     threshold: int = 10,
     *,
     n_classes: int | None = None,
+    client=None,
 ) -> pd.DataFrame:
     """Every measure of every site at every recorded step of ``split``, as a tidy table.
 
@@ -204,9 +252,10 @@ def summarize(
         Time points to compare each step with: the first recorded step (``init``), the previous record
         (``last``; absent at the first step) and the last record of the run (``final``).
     progress : bool, default True
-        Show a ``tqdm`` progress bar over the steps.
+        Show a ``tqdm`` progress bar over the records (site and step).
     n_jobs : int, default 1
-        Sites summarized in parallel processes; ``-1`` uses every core.
+        Local worker processes; ``-1`` uses every core. Parallel pays from a few seconds of work on
+        (the README's benchmark measures the crossover).
     threshold : int, default 10
         ``T`` of the thresholded Jaccard index ``jaccard_t_<r>`` (patterns seen more than T times).
     n_classes : int, optional
@@ -214,6 +263,10 @@ def summarize(
         ``mutual_information_nominal``, the convention of the reference implementation of Hartmann et
         al. (2021), and is the ``C`` of the normalizers of ``conditional_entropy_normalized`` and
         ``mutual_information_normalized`` (default: the classes present at each step).
+    client : distributed.Client or None, default None
+        Summarize on a Dask cluster: each block of steps is a task on the workers, the table is merged
+        here. The run directory must be readable at the same path on every worker (a shared filesystem);
+        see :mod:`actpat.analysis.driver`. The table is identical to the one of a single process.
 
     Returns
     -------
@@ -248,8 +301,11 @@ def summarize(
     are left out, with a warning, where sample ids are unknown (training batches recorded without
     them: row ``i`` of two shuffled batches is not the same input) or no observation is shared. Note
     that equal sample ids mean equal inputs only without random augmentation. ``jaccard_t`` is NaN where
-    neither step has a pattern seen more than ``T`` times. Memory holds at most four steps of one
-    site (current, previous, init and final) per process.
+    neither step has a pattern seen more than ``T`` times. Where the run's losses (``run.losses``:
+    corrupt or unreadable records) may hold a site's first record, its first readable step is not its
+    init: the site gets no ``*_init`` measures, with a warning. Memory holds at most four records of
+    one site (current, previous, init and final) per process. To get the information plane and the
+    firing rates from the same pass over the shards, use :func:`~actpat.analysis.analyze_run`.
 
     References
     ----------
@@ -272,39 +328,7 @@ def summarize(
     >>> table.set_index(["step", "metric"]).loc[1, "value"][["distinct", "entropy", "hamming_init"]].tolist()
     [3.0, 1.5, 0.25]
     """
-    references = _check_args(split, references, n_jobs, threshold)
-    if n_classes is not None:
-        n_classes = check_n_classes(n_classes, 0)
-    run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
-    split = run.resolve_split(split)
-    sites = run.sites
-    total = sum(len(run.steps(site, split)) for site in sites)
-    rows: list[tuple] = []
-    with tqdm(total=total, disable=not progress, desc=f"actpat summarize {split}", unit="step") as bar:
-        workers = (os.cpu_count() or 1) if n_jobs == -1 else n_jobs
-        workers = min(workers, len(sites))
-        if workers <= 1:
-            for site in sites:
-                rows.extend(_summarize_site(
-                    run, site, split, references, threshold, tick=lambda: bar.update(1), n_classes=n_classes
-                ))
-        else:
-            by_site: dict[str, list[tuple]] = {}
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = {
-                    pool.submit(
-                        _summarize_site_in_worker, str(run.path), site, split, references, threshold, n_classes
-                    ): site
-                    for site in sites
-                }
-                for future in as_completed(futures):
-                    site = futures[future]
-                    by_site[site] = future.result()
-                    bar.update(len(run.steps(site, split)))
-            for site in sites:
-                rows.extend(by_site[site])
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    return table.astype(
-        {"step": np.int64, "epoch": np.int64, "split": str, "site": str, "site_index": np.int64, "metric": str,
-         "value": np.float64}
-    )
+    consumers = {"summary": SummaryConsumer(references, threshold, n_classes)}
+    result = run_pass(run_or_path, consumers, split, n_jobs=n_jobs, client=client, progress=progress,
+                      desc="actpat summarize")
+    return result["summary"]

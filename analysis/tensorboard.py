@@ -21,7 +21,7 @@ import re
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tqdm.auto import tqdm
 
 from actpat.analysis import plots
 from actpat.analysis.metrics import FAMILIES, METRICS, metric
@@ -161,6 +162,7 @@ def _write_run(
     rates: dict[int, dict[str, np.ndarray]],
     images: list[tuple[str, bytes]],
     image_step: int,
+    progress: bool = False,
 ) -> None:
     """Write one run: layout, then per step (ascending) scalars + histograms, then the images."""
     scalars = df.dropna(subset=["value"])
@@ -172,7 +174,7 @@ def _write_run(
         writer.add_event(
             event_pb2.Event(wall_time=time.time(), step=start, summary=_layout_summary(_layout(df)))
         )
-        for step in steps:
+        for step in tqdm(steps, desc=f"actpat events {run_dir.name}", unit="step", disable=not progress):
             values = []
             if step in by_step:
                 rows = by_step[step]
@@ -210,10 +212,11 @@ def to_tensorboard(
     logdir: str | Path,
     *,
     run_name: str | None = None,
-    figures: bool = True,
+    figures: bool | Sequence[str | Path] = True,
     unit_rates=None,
     info_plane_df: pd.DataFrame | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write a metrics table to TensorBoard event files, for offline runs or re-analysis.
 
@@ -227,9 +230,11 @@ def to_tensorboard(
         TensorBoard log directory (what ``tensorboard --logdir`` is pointed at).
     run_name : str, optional
         Name of the run subdirectory ``logdir/<run_name>``; default ``"actpat-offline"``.
-    figures : bool, default True
+    figures : bool or sequence of paths, default True
         Also embed the figures of :func:`actpat.analysis.plots.save_all` as PNG images
-        ``actpat/figures/<name>`` at the last step of ``df``.
+        ``actpat/figures/<name>`` at the last step of ``df``. A sequence of PNG files (what ``save_all``
+        returned) is embedded as it is, named by file stem, without drawing the figures again; with
+        several splits these go with the first split's run.
     unit_rates : mapping or pandas.DataFrame, optional
         Per-unit firing rates (fraction of observations in which the unit is on, in [0, 1]) written
         as histograms ``actpat/firing_rate/<site>``. Either a mapping
@@ -242,6 +247,8 @@ def to_tensorboard(
         Information-plane table (metrics ``input_information``, ``mutual_information``) for its figure.
     overwrite : bool, default False
         Delete the event files already in the run directory instead of raising.
+    progress : bool, default False
+        Show ``tqdm`` progress of the figures drawn and the steps written.
 
     Returns
     -------
@@ -311,22 +318,25 @@ def to_tensorboard(
             path.unlink()
         log.info("Removed %d old event file(s) from %s.", len(existing), run_dir)
     rates = _normalize_unit_rates(unit_rates) if unit_rates is not None else {}
-
     splits = sorted(df["split"].unique().tolist())
     for split in splits:
         part = df[df["split"] == split]
         target = run_dir if len(splits) == 1 else run_dir / plots.safe_name(split)
         images: list[tuple[str, bytes]] = []
-        if figures:
+        if not isinstance(figures, bool):
+            if split == splits[0]:
+                images = [(Path(path).stem, Path(path).read_bytes()) for path in figures]
+        elif figures:
             plane = None
             if info_plane_df is not None:
                 plane = info_plane_df
                 if len(splits) > 1 and split in set(info_plane_df["split"]):
                     plane = info_plane_df[info_plane_df["split"] == split]
-            for stem, fig in plots.iter_figures(part, info_plane_df=plane):
+            drawn = plots.iter_figures(part, info_plane_df=plane)
+            for stem, fig in tqdm(drawn, desc="actpat figures", unit="figure", disable=not progress):
                 images.append((stem, plots.figure_to_png(fig)))
         target.mkdir(parents=True, exist_ok=True)
         # Firing-rate histograms are not split-specific; they go with the first split's run.
         scalars = part[~part["metric"].map(lambda name: metric(name).constant)]
-        _write_run(target, scalars, rates if split == splits[0] else {}, images, int(part["step"].max()))
+        _write_run(target, scalars, rates if split == splits[0] else {}, images, int(part["step"].max()), progress)
     return run_dir

@@ -345,6 +345,8 @@ def _site_rows(
 
     def counts_at(step: int):
         p = run.read(site, step, split)
+        if p.lost_records:
+            return None  # an incomplete step has no measures (the reader warned)
         if len(p) < n_obs:
             raise ValueError(
                 f"Expected at least n_obs = {n_obs} observations of site {site!r} at every step, but step {step} "
@@ -360,7 +362,11 @@ def _site_rows(
     init = last = None
     rows: list[tuple] = []
     for step in steps:
-        p, cur = at_end if at_end and step == steps[-1] else counts_at(step)
+        got = at_end if at_end and step == steps[-1] else counts_at(step)
+        if got is None:
+            tick()
+            continue
+        p, cur = got
         metrics = _step_metrics(cur, ceiling)
         init = cur if init is None else init
         for name, ref in (("init", init), ("last", last), ("final", final)):

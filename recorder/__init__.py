@@ -1,30 +1,35 @@
 """Record binary activation patterns of a PyTorch model into versioned HDF5 shards.
 
-The reader is importable without torch (``actpat.analysis`` depends on it); the torch-side
-recorder is loaded on first access.
+Names are loaded on first access (PEP 562): the reader needs h5py but not torch (``actpat.analysis``
+depends on it), the recorder needs torch, and ``import actpat.recorder`` alone needs neither.
 """
 
-from actpat.recorder.reader import Loss, Patterns, Run, ShardFormatError, ShardInfo, StopReason, open_run
-from actpat.recorder.schema import FORMAT_VERSION
+import importlib
 
-__all__ = [
-    "ActivationRecorder", "FORMAT_VERSION", "Loss", "Patterns", "Prober", "RecorderError", "Run", "ShardFormatError",
-    "ShardInfo", "StopReason", "open_run", "replay",
-]
+# Public name -> submodule that defines it.
+_EXPORTS = {
+    "ActivationRecorder": "recorder",
+    "RecorderError": "recorder",
+    "FORMAT_VERSION": "schema",
+    "Loss": "reader",
+    "Patterns": "reader",
+    "Run": "reader",
+    "ShardFormatError": "reader",
+    "ShardInfo": "reader",
+    "StopReason": "reader",
+    "open_run": "reader",
+    "Prober": "prober",
+    "replay": "checkpoint_replay",
+}
+
+__all__ = sorted(_EXPORTS, key=str.lower)
 
 
 def __getattr__(name: str):
-    # PEP 562: keep `import actpat.recorder.reader` free of torch.
-    if name in ("ActivationRecorder", "RecorderError"):
-        from actpat.recorder import recorder
-
-        return getattr(recorder, name)
-    if name == "Prober":
-        from actpat.recorder import prober
-
-        return prober.Prober
-    if name == "replay":
-        from actpat.recorder import checkpoint_replay
-
-        return checkpoint_replay.replay
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'actpat.recorder' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

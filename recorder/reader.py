@@ -9,6 +9,7 @@ Everything the reader allocates is bounded by what the file actually stores.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 import os
@@ -52,6 +53,10 @@ class Patterns:
         (``store_values``), else None.
     site, step, epoch, split, nan_count
         Where the observations come from; ``nan_count`` counts NaN pre-activations (stored as off).
+    lost_records : int
+        Records of this site, step and split left out because they failed verification (see
+        :attr:`Run.losses`): when > 0 the observations are only part of the step, and measures of the
+        whole step cannot be computed from them.
     """
 
     site: str
@@ -65,6 +70,7 @@ class Patterns:
     positions: np.ndarray
     nan_count: int
     values: np.ndarray | None = None
+    lost_records: int = 0
 
     def __len__(self) -> int:
         return len(self.bits)
@@ -564,8 +570,10 @@ class Run:
         """Names of the recorded splits, sorted."""
         return sorted({split for _, split in self._entries})
 
-    def resolve_split(self, split: str | None = None) -> str:
+    def resolve_split(self, split: str | None = None, *, name: str = "`split`") -> str:
         """The split a query means: ``None`` is the run's only split; a named split must be recorded.
+
+        ``name`` is what messages call the argument (the command line says ``--split``).
 
         Raises
         ------
@@ -578,14 +586,15 @@ class Run:
                 return splits[0]
             if not splits:
                 raise ValueError(f"Expected a run with at least one recorded split, but {self.path} has no records.")
+            example = f"{name} {splits[0]}" if name.startswith("--") else f"{name.strip('`')}={splits[0]!r}"
             raise ValueError(
-                f"Expected `split` to name one of the recorded splits {splits}, but got None "
-                f"(the run has several splits: pass split={splits[0]!r}, for example)."
+                f"Expected {name} to name one of the recorded splits {splits}, but got None "
+                f"(the run has several splits: pass {example}, for example)."
             )
         if not isinstance(split, str):
-            raise ValueError(f"Expected `split` to be a str or None, but got {split!r}.")
+            raise ValueError(f"Expected {name} to be a str or None, but got {split!r}.")
         if split not in splits:
-            raise ValueError(f"Expected `split` to be one of the recorded splits {splits}, but got {split!r}.")
+            raise ValueError(f"Expected {name} to be one of the recorded splits {splits}, but got {split!r}.")
         return split
 
     def site_info(self, site: str) -> dict:
@@ -609,8 +618,8 @@ class Run:
     def read(self, site: str, step: int, split: str | None = None) -> Patterns:
         """All observations of ``site`` at ``step`` in ``split``, from every shard and rank.
 
-        Records that fail verification are left out, with a warning (see :attr:`losses`); if none
-        verifies the result has no rows.
+        Records that fail verification are left out, with a warning (see :attr:`losses`), and counted
+        in the result's ``lost_records``; if none verifies the result has no rows.
         """
         split = self.resolve_split(split)
         self._check_site(site)
@@ -621,9 +630,9 @@ class Run:
                 f"recorded steps: {self.steps(site, split).tolist()}."
             )
         parts = [p for p in (self._read_entry(site, e) for e in entries) if p is not None]
-        if not parts:
-            return self._empty(site, entries[0])
-        return _concat(parts)
+        patterns = _concat(parts) if parts else self._empty(site, entries[0])
+        lost = len(entries) - len(parts)
+        return dataclasses.replace(patterns, lost_records=lost) if lost else patterns
 
     def iter_chunks(self, site: str, split: str | None = None, max_rows: int = 1_000_000) -> Iterator[Patterns]:
         """Yield the observations of ``site`` in step order, at most ``max_rows`` rows at a time.

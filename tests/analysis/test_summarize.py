@@ -183,6 +183,7 @@ def test_different_observations_leave_out_stability(tmp_path, caplog):
     "kwargs, match",
     [
         ({"split": "val"}, r"recorded splits \['probe', 'train'\], but got 'val'"),
+        ({"split": None}, r"recorded splits \['probe', 'train'\], but got None \(the run has several splits"),
         ({"references": ("init", "best")}, r"subset of \('init', 'last', 'final'\), but got \['best'\]"),
         ({"n_jobs": 0}, "positive int or -1"),
         ({"threshold": -1}, "non-negative int, but got -1"),
@@ -217,3 +218,71 @@ def test_stability_on_the_shared_observations_of_subsampled_records(tmp_path):
     b = units[0][np.searchsorted(kept[0], shared)]
     assert got["identical_fraction_init"] == pytest.approx(np.mean((a == b).all(axis=1)))
     assert got["hamming_init"] == pytest.approx((a != b).sum() / (shared.size * 12))
+
+
+def test_a_lost_first_record_is_not_taken_for_init(tmp_path, caplog):
+    """The record of step 0 fails its checksum: step 1 is the first readable one, but not the init."""
+    import h5py
+
+    from actpat.recorder import schema
+    from actpat.recorder.shards import Record, ShardWriter, SiteMeta
+
+    meta = SiteMeta("fc", 0, "ReLU", (8,), 8, "flat")
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for step in range(3):
+        bits = (np.arange(6, dtype=np.uint8) * (step + 1)).reshape(6, 1)
+        writer.put(Record(meta, step, 0, "probe", bits, 1, 6, 0, sample_ids=np.arange(6), labels=np.arange(6) % 2))
+    writer.close()
+    intact = summarize(tmp_path, progress=False)
+    assert intact["metric"].str.endswith("_init").any()
+    (shard,) = tmp_path.glob("*.h5")
+    with h5py.File(shard, "r+") as f:
+        group = f["sites"][schema.site_key("fc")]
+        group["bits"][0] = group["bits"][0] ^ 1  # row 0 belongs to step 0
+    with caplog.at_level("WARNING"):
+        table = summarize(tmp_path, progress=False)
+    assert table["step"].unique().tolist() == [1, 2]
+    assert not table["metric"].str.endswith("_init").any()
+    assert table["metric"].str.endswith("_last").any() and table["metric"].str.endswith("_final").any()
+    assert "first record may be among the lost ones" in caplog.text and "_init measures are left out" in caplog.text
+    # Everything else is what the intact run gives for the same steps.
+    keep = ~intact["metric"].str.endswith(("_init", "_last")) & intact["step"].isin([1, 2])
+    expected = intact[keep].reset_index(drop=True)
+    got = table[~table["metric"].str.endswith("_last")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected)
+
+
+def test_a_step_with_a_lost_record_is_left_out_not_measured_on_part_of_its_samples(tmp_path):
+    """Two ranks record each step; rank 1's record of step 1 fails its checksum."""
+    import h5py
+
+    from actpat.analysis import analyze_run
+    from actpat.recorder import schema
+
+    meta = SiteMeta("fc", 0, "ReLU", (8,), 8, "flat")
+    rng = np.random.default_rng(0)
+    for rank in (0, 1):
+        writer = ShardWriter(tmp_path, rank=rank)
+        writer.start()
+        for step in range(3):
+            bits = rng.integers(0, 256, (6, 1), dtype=np.uint8)
+            writer.put(Record(meta, step, 0, "probe", bits, 1, 6, 0, sample_ids=np.arange(6) + 6 * rank,
+                              labels=np.arange(6) % 2))
+        writer.close()
+    intact = analyze_run(tmp_path, progress=False)
+    shard = next(p for p in tmp_path.glob("*.h5") if "rank001" in p.name)
+    with h5py.File(shard, "r+") as f:
+        group = f["sites"][schema.site_key("fc")]
+        row = int(group["records"][1]["row_start"])
+        group["bits"][row] = group["bits"][row] ^ 1
+    run = open_run(tmp_path)
+    p = run.read("fc", 1)
+    assert (len(p), p.lost_records) == (6, 1)  # rank 0's half is readable, and says it is half
+    result = analyze_run(tmp_path, progress=False)
+    for table in (result.metrics, result.information_plane):
+        assert sorted(table["step"].unique()) == [0, 2]
+    assert sorted(result.firing_rates["fc"]) == [0, 2]
+    # Steps 0 and 2 keep their numbers, except those that compare with the lost step ("last" of step 2).
+    keep = lambda t: t[t["step"].isin([0, 2]) & ~t["metric"].str.endswith("_last")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(keep(result.metrics), keep(intact.metrics))
