@@ -55,13 +55,6 @@ log = logging.getLogger(__name__)
 
 #: Bands of :func:`band_curves`.
 BANDS = ("minmax", "bootstrap")
-# Entropy metrics and the flag that marks where they sit at their ceiling.
-_CEILING_FLAGS = {
-    "entropy": "saturated",
-    "normalized_entropy": "saturated",
-    "entropy_wc": "saturated_wc",
-    "normalized_entropy_wc": "saturated_wc",
-}
 
 
 class RunSpec(NamedTuple):
@@ -345,8 +338,8 @@ def heatmaps(
         Time value printed on the column ticks (one column per record, as in the paper's figures).
     cmap : str, default "viridis"
     mark_ceiling : bool, default True
-        For entropy metrics, mark with a small white ``x`` the cells where the entropy sits at its
-        ceiling (``saturated`` / ``saturated_wc`` = 1: nearly every pattern distinct),
+        For metrics that saturate (registry), mark with a small white ``x`` the cells where the value
+        sits at its ceiling (``saturated`` / ``saturated_wc`` = 1: nearly every pattern distinct),
         where it cannot rise and no dip can show.
 
     Returns
@@ -373,7 +366,7 @@ def heatmaps(
     n_sites = rows["site"].nunique()
     fig = Figure(figsize=(1.5 + 3.2 * n_cols, (0.9 + 0.25 * n_sites) * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), n_cols, squeeze=False)
-    flag = _CEILING_FLAGS.get(metric) if mark_ceiling else None
+    flag = registry.metric(metric).saturation_flag if mark_ceiling and metric in registry.METRICS else None
     marked, image = False, None
     for row, (group, run_names) in zip(axes, groups.items()):
         for col, (ax, run) in enumerate(zip(row, run_names + [None] * (n_cols - len(run_names)))):

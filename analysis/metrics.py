@@ -92,6 +92,14 @@ class MetricSpec:
     saturates: bool = False
     nan_reason: str = ""
 
+    @property
+    def saturation_flag(self) -> str | None:
+        """The table metric that says where this one is pinned (``saturated``, or ``saturated_wc`` for the
+        width-controlled measures); None for a metric that does not saturate."""
+        if not self.saturates:
+            return None
+        return "saturated_wc" if self.family == "width-controlled" else "saturated"
+
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise ValueError(f"Expected `unit` to be one of {UNITS}, but got {self.unit!r} for {self.name!r}.")
@@ -290,10 +298,10 @@ _declare("mutual_information_lower", "bits", "information plane", "KDE lower bou
 
 # ------------------------------------------------------------------ width-controlled (SPEC section 4; actpat.analysis.width)
 _WC = "on m random units and n_obs random observations, mean over subsets"
-_declare("entropy_wc", "bits", "width-controlled", f"H(A) {_WC}", "H_m(A)")
+_declare("entropy_wc", "bits", "width-controlled", f"H(A) {_WC}", "H_m(A)", **_SATURATES)
 _declare("normalized_entropy_wc", "fraction", "width-controlled", f"H(A) / min(m, log2 n_obs) {_WC}",
-         "H_m(A) / H_max", headline=True)
-_declare("distinct_fraction_wc", "fraction", "width-controlled", f"K / n_obs {_WC}", "K_m / n")
+         "H_m(A) / H_max", headline=True, **_SATURATES)
+_declare("distinct_fraction_wc", "fraction", "width-controlled", f"K / n_obs {_WC}", "K_m / n", **_SATURATES)
 _declare("saturated_wc", "flag", "width-controlled", "1 where the mean K / n_obs of the subsets is >= 0.9",
          "at ceiling (m units)")
 for _name in ("entropy_wc", "normalized_entropy_wc", "distinct_fraction_wc"):

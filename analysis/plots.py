@@ -265,10 +265,12 @@ def _nan_reason(name: str) -> str:
 
 
 def _saturated_cells(df: pd.DataFrame | None, name: str, split: str | None) -> set[tuple[str, int]]:
-    """``(site, step)`` of saturated points where ``name`` saturates and the table says so."""
-    if df is None or not metric(name).saturates or "saturated" not in set(df["metric"]):
+    """``(site, step)`` of saturated points where ``name`` saturates and the table says so (its flag:
+    ``saturated``, or ``saturated_wc`` for a width-controlled measure)."""
+    flag = metric(name).saturation_flag if df is not None else None
+    if flag is None or flag not in set(df["metric"]):
         return set()
-    rows = df[(df["metric"] == "saturated") & (df["value"] > 0)]
+    rows = df[(df["metric"] == flag) & (df["value"] > 0)]
     if split is not None:
         rows = rows[rows["split"] == split]
     return set(zip(rows["site"], rows["step"].astype(int)))

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from actpat.analysis._validation import check_bits
 from actpat.analysis.counts import PatternCounts, pattern_counts
 from actpat.analysis.entropy import entropy
 from actpat.analysis.metrics import REFERENCES
@@ -100,7 +101,7 @@ def sample_patterns(bits, n_units: int, sample_ids, positions) -> tuple[np.ndarr
     >>> ids.tolist(), packed.ravel().tolist(), n_bits
     ([5, 7], [3, 9], 4)
     """
-    bits = np.asarray(bits)
+    bits = check_bits(bits, n_units, allow_empty=True)
     sample_ids = np.asarray(sample_ids, dtype=np.int64)
     positions = np.asarray(positions, dtype=np.int64)
     n = bits.shape[0]

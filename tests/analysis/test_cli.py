@@ -362,3 +362,42 @@ def test_replay_is_a_command_with_its_own_flags(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--module" in out and "--probe" in out and "CKPT_DIR" in out.replace("ckpt_dir", "CKPT_DIR")
+
+
+def test_info_prints_the_format_version_of_each_shard(tmp_path, capsys):
+    """A run continued after an upgrade mixes versions: info says which, not the library's own."""
+    import h5py
+
+    from actpat.recorder.shards import Record, ShardWriter, SiteMeta
+
+    meta = SiteMeta("fc", 0, "ReLU", (8,), 8, "flat")
+    for step in (0, 1):  # one writer per step: two shards
+        writer = ShardWriter(tmp_path)
+        writer.start()
+        writer.put(Record(meta, step, 0, "probe", np.zeros((4, 1), dtype=np.uint8), 1, 4, 0))
+        writer.close()
+    with h5py.File(tmp_path / schema.shard_name(0, 0), "r+") as handle:  # as version 2 wrote it
+        handle.attrs["format_version"] = 2
+        del handle.attrs["compression"]
+        for group in handle["sites"].values():
+            records = group["records"][()]
+            names = schema.RECORD_FIELDS[2]
+            old = np.zeros(len(records), dtype=[(n, schema.RECORD_DTYPE[n]) for n in names])
+            for name in names:
+                old[name] = records[name]
+            del group["records"]
+            group.create_dataset("records", data=old, maxshape=(None,), chunks=(256,))
+    assert main(["info", str(tmp_path)]) == 0
+    assert f"format version: 2 (1 shard), {schema.FORMAT_VERSION} (1 shard)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["plot", "tensorboard"])
+def test_plot_and_tensorboard_of_a_run_read_each_record_once(run_dir, tmp_path, monkeypatch, command):
+    from actpat.recorder.reader import Run
+
+    reads = Counter()
+    real = Run.read
+    monkeypatch.setattr(Run, "read", lambda self, site, step, split: reads.update([(site, step)]) or real(self, site, step, split))
+    out = ["-o", str(tmp_path / "figs")] if command == "plot" else ["--logdir", str(tmp_path / "tb")]
+    assert main([command, str(run_dir), *out, "--no-progress"]) == 0
+    assert set(reads.values()) == {1} and len(reads) == 2 * 3

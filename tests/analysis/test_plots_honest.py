@@ -73,6 +73,21 @@ def test_saturated_points_are_marked_in_curves_and_heatmaps():
     assert not saturated_markers(plots.heatmap(df, "jaccard_init").axes[0])
 
 
+def test_width_controlled_entropies_are_marked_by_their_own_flag():
+    """entropy_wc is pinned where the m-unit subsets are (saturated_wc), not where the full layer is."""
+    steps = [0, 10, 20]
+    df = table({
+        ("a", "entropy_wc"): [1.0, 2.0, 2.5], ("a", "saturated_wc"): [0.0, 1.0, 1.0],
+        ("a", "entropy"): [1.0, 3.0, 4.0], ("a", "saturated"): [0.0, 0.0, 1.0],
+    }, steps=steps)
+    (marks,) = saturated_markers(plots.curves(df, "entropy_wc").axes[0])
+    assert sorted(map(tuple, marks.get_xydata().tolist())) == [(10.0, 2.0), (20.0, 2.5)]
+    (marks,) = saturated_markers(plots.heatmap(df, "entropy_wc").axes[0])
+    assert sorted(map(tuple, marks.get_xydata().tolist())) == [(1.0, 0.0), (2.0, 0.0)]
+    (marks,) = saturated_markers(plots.curves(df, "entropy").axes[0])
+    assert marks.get_xydata().tolist() == [[20.0, 4.0]]
+
+
 def test_saturated_points_are_marked_in_the_information_plane():
     """Fails before issue 11: the information plane drew saturated points like any other."""
     steps = [0, 10, 20]

@@ -138,3 +138,21 @@ def test_several_splits_must_be_named(tmp_path):
         with pytest.raises(ValueError, match=r"recorded splits \['probe', 'train'\], but got 'val'"):
             call(split="val")
         assert len(call(split="train")) > 0
+
+
+def test_float_bits_are_one_error_everywhere_bits_are_taken():
+    """Packed patterns are uint8; a float matrix of 0/1 (unpacked by mistake) gets the same message everywhere."""
+    from actpat.analysis.counts import pattern_counts
+    from actpat.analysis.regions import sample_patterns
+    from actpat.analysis.units import unit_stats
+
+    wrong = BITS.astype(np.float64)
+    calls = [
+        lambda: pattern_counts(wrong, 2),
+        lambda: unit_stats(wrong, 2),
+        lambda: pattern_measures(wrong, 2, Y),
+        lambda: sample_patterns(wrong, 2, np.arange(60), np.zeros(60, dtype=np.int64)),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"Expected `bits` to have dtype uint8 \(packed bits\), but got float64"):
+            call()

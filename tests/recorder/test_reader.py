@@ -324,3 +324,22 @@ def test_start_lost_names_what_may_hold_the_first_record(tmp_path, caplog):
     (lost,) = run.start_lost("4")
     assert (lost.site, lost.step, lost.kind) == ("4", 5, "corrupt")
     assert run.start_lost("1") == []
+
+
+def test_a_pass_over_the_run_opens_each_shard_once(tmp_path, monkeypatch):
+    """The reader keeps shards open for a pass (before: one open per record read)."""
+    from actpat.recorder import reader
+
+    _write_run(tmp_path, range(0, 10))
+    _write_run(tmp_path, range(10, 20), rank=1)
+    run = open_run(tmp_path)
+    opened = []
+    real = reader.h5py.File
+    monkeypatch.setattr(reader.h5py, "File", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    n_records = 0
+    for site in run.sites:
+        for step in run.steps(site):
+            n_records += len(run.read(site, int(step))) > 0
+    run.close()
+    assert n_records == 2 * 20
+    assert sorted(map(str, opened)) == sorted(str(p) for p in run.shards)  # each shard once, for 40 records

@@ -1,0 +1,47 @@
+"""Defaults chosen by measurement: shards are uncompressed unless asked (plain h5py reads them, no codec
+runs on the training cores); see the README's benchmark table (writer_codecs, overhead)."""
+
+from __future__ import annotations
+
+import h5py
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from actpat.recorder import ActivationRecorder, Prober
+
+
+def _datasets(run_dir):
+    """(compression attribute of each shard, filters of every dataset in it)."""
+    found = []
+    for path in sorted(run_dir.glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            filters = []
+            f.visititems(lambda name, obj: filters.append((name, obj.compression)) if isinstance(obj, h5py.Dataset) else None)
+            found.append((f.attrs["compression"], filters))
+    return found
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_the_recorder_writes_uncompressed_shards_by_default(tmp_path):
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec, rec.capture(0):
+        model(torch.randn(16, 4))
+    ((attr, filters),) = _datasets(tmp_path)
+    assert attr == "none"
+    assert filters and all(compression is None for _, compression in filters), filters
+
+
+def test_the_prober_and_the_callback_default_to_no_compression(tmp_path):
+    data = TensorDataset(torch.randn(8, 4), torch.arange(8) % 2)
+    with Prober(_model(), data, tmp_path, every=1, batch_size=4) as prober:
+        prober.maybe(0)
+    ((attr, filters),) = _datasets(tmp_path)
+    assert attr == "none" and all(compression is None for _, compression in filters)
+    from actpat.callbacks import ActivationPatternCallback
+
+    assert ActivationPatternCallback(probe=data).compression is None
