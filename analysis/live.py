@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+import numpy as np
+
 from actpat.analysis.counts import PatternCounts
 from actpat.analysis.measures import pattern_measures
 from actpat.analysis.metrics import metric_names
@@ -22,7 +24,10 @@ LIVE_METRICS: tuple[str, ...] = tuple(metric_names(live=True))
 
 
 def live_measures(
-    patterns, references: Mapping[str, Optional[PatternCounts]] = {}  # noqa: B006 - read only
+    patterns,
+    references: Mapping[str, Optional[PatternCounts]] = {},  # noqa: B006 - read only
+    *,
+    n_classes: int | str | None = None,
 ) -> tuple[PatternCounts, dict[str, float]]:
     """Exact per-site statistics of one probe, compared with reference probes of the same site.
 
@@ -33,6 +38,10 @@ def live_measures(
     references : mapping of str to PatternCounts or None, default {}
         Pattern counts of earlier probes of the same site by reference name (``"init"``, ``"last"``);
         None where this probe is the reference itself (``init`` at the first probe: indices of 1).
+    n_classes : int, "probe" or None, default None
+        The dataset's class count: adds ``conditional_entropy_nominal`` and
+        ``mutual_information_nominal`` (the reference implementation's convention). ``"probe"``: the
+        classes present among the probe's labels (a fixed probe set: the same count at every probe).
 
     Returns
     -------
@@ -55,7 +64,12 @@ def live_measures(
     >>> m0["entropy"], m0["jaccard_init"], m1["jaccard_init"], m1["weighted_jaccard_last"], m1["mutual_information"]
     (2.0, 1.0, 0.5, 0.3333333333333333, 1.0)
     """
-    counts, measures = pattern_measures(patterns.bits, patterns.n_units, patterns.labels, validate_args=False)
+    if n_classes == "probe":
+        labels = np.asarray(patterns.labels)
+        n_classes = int(np.unique(labels[labels >= 0]).size) or None
+    counts, measures = pattern_measures(
+        patterns.bits, patterns.n_units, patterns.labels, n_classes=n_classes, validate_args=False
+    )
     metrics = {name: float(measures[name]) for name in LIVE_METRICS if name in measures}
     for name, reference in references.items():
         reference = counts if reference is None else reference

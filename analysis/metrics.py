@@ -237,12 +237,12 @@ _declare(
 _declare(
     "conditional_entropy_nominal", "bits", "label information",
     "H(A,L) - log2 n_classes: the reference implementation's H(A|L), nominal prior 1/n_classes (given n_classes)",
-    "H(A,L) - log2 C", **_SATURATES,
+    "H(A,L) - log2 C", live=True, **_SATURATES,
 )
 _declare(
     "mutual_information_nominal", "bits", "label information",
     "H(A) - H(A,L) + log2 n_classes: the reference implementation's I(A;L) (given n_classes)",
-    "I_nominal(A;L)", **_SATURATES,
+    "I_nominal(A;L)", live=True, **_SATURATES,
 )
 
 # ------------------------------------------------------------------ unit level

@@ -25,6 +25,11 @@ def check_arguments(args: dict[str, Any]) -> None:
     arguments.expect_int("probe_cache_bytes", args["probe_cache_bytes"], 0)
     for name in ("live_stats", "probe_on_all_ranks", "probe_copy"):
         arguments.expect_bool(name, args[name])
+    n_classes = args["n_classes"]
+    if n_classes is not None and n_classes != "probe" and (
+        isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1
+    ):
+        raise ValueError(f"Expected `n_classes` to be None, an int >= 1 or \"probe\", but got {n_classes!r}.")
     for name in ("labels_from", "inputs_from", "probe_forward"):
         arguments.expect_callable(name, args[name])
     values = args["probe_values"]

@@ -11,6 +11,7 @@ Trainer, and its loggers) and :mod:`actpat.callbacks._lightning` (the names of e
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -90,6 +91,10 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         as ``actpat/<metric>/<site>`` at the probe's step, with a TensorBoard custom-scalars layout. They
         are counted on a bounded background worker that training never waits for
         (:mod:`actpat.recorder.live_stats`).
+    n_classes : int, "probe" or None, default None
+        The dataset's class count for the live statistics' ``conditional_entropy_nominal`` and
+        ``mutual_information_nominal`` (the reference implementation's convention); ``"probe"`` takes
+        the number of classes present in the probe set. None: those two are not logged.
     labels_from, inputs_from : callable(batch), optional
         Per-sample integer class labels of a batch (probe and training batches; one-hot is recorded as
         the argmax), and what the default probe forward feeds to ``module(inputs)``; see
@@ -178,6 +183,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         live_stats: bool = True,
         labels_from: Optional[Callable[[Any], Any]] = None,
         *,
+        n_classes: Optional[Union[int, str]] = None,
         inputs_from: Optional[Callable[[Any], Any]] = None,
         probe_forward: Optional[Callable[[Any, Any], Any]] = None,
         probe_batch_size: Optional[int] = None,
@@ -198,6 +204,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self.max_observations = max_observations
         self.compression = compression
         self.live_stats = live_stats
+        self.n_classes = n_classes
         self.probe_batch_size = probe_batch_size
         self.probe_on_all_ranks = probe_on_all_ranks
         self.on_error = on_error
@@ -362,6 +369,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             live = self.live_stats and trainer.is_global_zero
             if live:
                 from actpat.analysis.live import live_measures  # the analysis package is heavy: import when used
+
+                live_measures = functools.partial(live_measures, n_classes=self.n_classes)
             self._prober = Prober(
                 pl_module, self._probe_set, run_dir, self.probe_every, steps_per_epoch=per_epoch,
                 mode=self.probe_mode, copy=self.probe_copy, batch_size=batch_size, sites=self.sites,

@@ -175,8 +175,10 @@ def _brute_force(rows: list[tuple], labels: list[int], n_units: int, init: Count
     return out
 
 
-def test_logged_live_stats_equal_brute_force_counts_of_the_shards(tmp_path):
-    cb = ActivationPatternCallback(probe=toy_data(40, seed=2), probe_every=0.5, probe_batch_size=16)
+@pytest.mark.parametrize("n_classes", [None, "probe", 7])
+def test_logged_live_stats_equal_brute_force_counts_of_the_shards(tmp_path, n_classes):
+    cb = ActivationPatternCallback(probe=toy_data(40, seed=2), probe_every=0.5, probe_batch_size=16,
+                                   n_classes=n_classes)
     fit(tmp_path, [cb])
     run = open_run(cb.run_dir)
     metrics = pd.read_csv(Path(cb.run_dir).parent / "metrics.csv")
@@ -188,6 +190,13 @@ def test_logged_live_stats_equal_brute_force_counts_of_the_shards(tmp_path):
             rows = [tuple(r) for r in p.unpack().astype(int).tolist()]
             a = Counter(rows)
             truth = _brute_force(rows, p.labels.tolist(), p.n_units, init or a, last)
+            if n_classes is not None:  # the reference implementation's convention, from its formulas
+                c = len(set(p.labels.tolist())) if n_classes == "probe" else n_classes
+                joint = _entropy(Counter(zip(rows, p.labels.tolist())))
+                truth["conditional_entropy_nominal"] = joint - math.log2(c)
+                truth["mutual_information_nominal"] = _entropy(a) - joint + math.log2(c)
+            else:
+                assert not any("nominal" in column for column in metrics.columns)
             row = metrics[metrics["step"] == step]
             for metric, value in truth.items():
                 logged = row[f"actpat/{metric}/{site}"].dropna()
@@ -271,6 +280,8 @@ def test_invalid_arguments_are_rejected_with_the_value():
         ActivationPatternCallback(probe=DataLoader(toy_data(8), shuffle=True))
     with pytest.raises(ValueError, match="probe_every.*-1"):
         ActivationPatternCallback(probe=toy_data(8), probe_every=-1)
+    with pytest.raises(ValueError, match=r"`n_classes` to be None, an int >= 1 or \"probe\", but got 'all'"):
+        ActivationPatternCallback(probe=toy_data(8), n_classes="all")
 
 
 def test_live_stats_without_a_logger_fail_at_setup(tmp_path):
