@@ -474,10 +474,14 @@ def band_curves(
     Returns
     -------
     matplotlib.figure.Figure
-        One panel per site (forward order), one line and band per group.
+        One panel per site (forward order), one line and band per group; for a metric that saturates
+        (registry), hollow circles (gid :data:`actpat.analysis.plots.SATURATED_GID`) on the group's mean
+        at the steps where some run of the group is saturated.
     """
     from matplotlib import colormaps
     from matplotlib.figure import Figure
+
+    from actpat.analysis import plots
 
     _check_compared(df)
     if x not in ("step", "epoch"):
@@ -490,6 +494,11 @@ def band_curves(
     sites = rows.groupby("site")["site_index"].min().sort_values(kind="stable").index.tolist()
     groups = list(_runs_by_group(rows))
     colors = colormaps["tab10"]
+    flag = registry.metric(metric).saturation_flag if metric in registry.METRICS else None
+    flags = df[(df["metric"] == flag) & (df["value"] > 0)] if flag else df.iloc[:0]
+    if split is not None:
+        flags = flags[flags["split"] == split]
+    marked = False
     n_cols = min(max_cols, len(sites))
     n_rows = math.ceil(len(sites) / n_cols)
     fig = Figure(figsize=(3.6 * n_cols, 2.8 * n_rows), layout="constrained")
@@ -506,6 +515,14 @@ def band_curves(
             color = colors(i % 10)
             ax.plot(times, mean, color=color, label=f"{group} ({matrix.shape[0]})")
             ax.fill_between(times, lo, hi, color=color, alpha=0.25, linewidth=0)
+            # Steps at which some run of the group is saturated there: its estimate is pinned near log2 n.
+            pinned = set(flags.loc[(flags["site"] == site) & (flags["group"] == group), "step"].astype(int))
+            hit = np.array([int(step) in pinned for step in matrix.columns], dtype=bool)
+            if hit.any():
+                ax.plot(times[hit], mean[hit], linestyle="none", marker="o", markerfacecolor="none", color=color,
+                        markersize=7, gid=plots.SATURATED_GID,
+                        label=None if marked else "saturated in some run (K close to n)")
+                marked = True
         ax.set_title(str(site), fontsize="medium")
         ax.set_xlabel(x)
     for ax in axes[len(sites):]:

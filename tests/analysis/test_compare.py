@@ -176,6 +176,28 @@ def test_band_curves_one_line_and_band_per_group_and_site(table):
     np.testing.assert_allclose(panels[0].lines[0].get_ydata(), expected)
 
 
+def test_band_curves_mark_where_some_run_of_a_group_is_saturated(table):
+    from actpat.analysis.plots import SATURATED_GID
+
+    flags = table["metric"] == "saturated"
+    steps = sorted(table.loc[table["run"] == "a/0", "step"].unique())
+    marked = table.copy()
+    marked.loc[flags, "value"] = 0.0
+    # Run a/0 saturated at site layer0 at its last two steps; group b never.
+    chosen = flags & (marked["run"] == "a/0") & (marked["site"] == "layer0") & marked["step"].isin(steps[-2:])
+    marked.loc[chosen, "value"] = 1.0
+    fig = band_curves(marked, "entropy")
+    panels = [ax for ax in fig.axes if ax.lines]
+    marks = [line for ax in panels for line in ax.lines if line.get_gid() == SATURATED_GID]
+    assert len(marks) == 1 and marks[0] in panels[0].lines  # site layer0, group a only
+    mean = panels[0].lines[0]
+    assert marks[0].get_xdata().tolist() == [float(s) for s in steps[-2:]]
+    np.testing.assert_allclose(marks[0].get_ydata(), mean.get_ydata()[-2:])
+    assert not [line for ax in fig.axes for line in ax.lines if line.get_gid() == SATURATED_GID and line is not marks[0]]
+    jaccard = band_curves(marked, "jaccard_init")  # a similarity does not saturate with K
+    assert not [line for ax in jaccard.axes for line in ax.lines if line.get_gid() == SATURATED_GID]
+
+
 def test_report_writes_tables_and_figures(runs, tmp_path):
     written = report([f"a={runs['a0']}", f"a={runs['a1']}", f"b={runs['b0']}"], tmp_path / "out", n_subsets=2,
                      regions=True, progress=False, metrics=["weighted_jaccard_wc_final"], dpi=30)
