@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -80,6 +81,10 @@ def test_replayed_checkpoints_equal_the_live_probe_bit_for_bit(tmp_path, mode):
                 np.testing.assert_array_equal(b.sample_ids, a.sample_ids)
                 np.testing.assert_array_equal(b.labels, a.labels)
                 assert b.epoch == (a.epoch if epochs else -1)
+        if epochs:  # the analysis reads a replayed run as it reads a live one: the same table
+            from actpat.analysis import summarize
+
+            pd.testing.assert_frame_equal(summarize(out, progress=False), summarize(cb.run_dir, "probe", progress=False))
 
 
 def _state(model: nn.Module) -> dict:

@@ -40,3 +40,11 @@ def test_sigkill_leaves_only_exact_or_reported_records(seed, tmp_path, writer_ch
     assert finalized_steps <= set(range(max(sent) + 2))  # nothing invented (a step may be sent, unlogged)
     assert all(loss.kind in ("unwritten", "corrupt", "unreadable") for loss in run.losses)
     assert read > 0 or not list(out.glob("*.h5"))
+    if seed == 0 and read:
+        # The command line takes the killed run as it is: info says what was lost, analyze measures what is left.
+        from actpat.analysis.cli import main
+
+        assert main(["info", str(out)]) == 0
+        assert main(["analyze", str(out), "-o", str(tmp_path / "m.csv"), "--no-progress",
+                     "--no-information-plane"]) == 0
+        assert (tmp_path / "m.csv").stat().st_size > 0
