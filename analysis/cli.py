@@ -19,7 +19,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,6 +29,8 @@ TABLE_SUFFIXES = (".csv", ".parquet")
 DEFAULT_RUN_NAME = "actpat-offline"
 # How deep below a given folder to look for a run directory (lightning_logs/version_0/activation_patterns).
 _SEARCH_DEPTH = 4
+# Seconds a Ctrl-C leaves the command to stop on its own before it is made to exit.
+_EXIT_GRACE_SECONDS = 20
 # A table larger than this is written in parts, with a progress bar.
 _CSV_ROWS_PER_WRITE = 500_000
 
@@ -544,13 +548,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _interruptible(command: str):
+    """Ctrl-C raises KeyboardInterrupt as usual. Should it be lost on its way (one raised while a finalizer
+    runs is only printed), the command still ends: a watchdog started by the Ctrl-C exits with 130 after
+    a grace period, unless the interrupt reached :func:`main` first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    timers: list[threading.Timer] = []
+
+    def on_sigint(signum, frame):
+        timer = threading.Timer(_EXIT_GRACE_SECONDS, _exit_interrupted, args=(command,))
+        timer.daemon = True
+        timer.start()
+        timers.append(timer)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for timer in timers:
+            timer.cancel()
+
+
+def _exit_interrupted(command: str) -> None:
+    print(f"\nactpat {command}: interrupted (forced exit).", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``actpat`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        with _interruptible(args.command):
+            return func(args)
     except KeyboardInterrupt:
         print(f"\nactpat {args.command}: interrupted. Shards finalized so far are readable; figures and events "
               "of this command may be incomplete (tables are written whole or not at all).", file=sys.stderr)
