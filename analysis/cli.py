@@ -261,7 +261,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             steps = run.steps(site, split)
             cells.append(f"{len(steps):>8}/{run.n_observations(site, split):<11}")
         print(f"{info['site_index']:>3}  {site:<28} {info['module_type']:<16} {info['n_units']:>6}  " + "  ".join(cells))
-    return 0
+    return 1 if args.verify and run.losses else 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -296,14 +296,29 @@ def _table_for(args: argparse.Namespace, *, rates: bool):
     return result.table(), result.firing_rates, result.information_plane
 
 
+def _check_metric_names(args: argparse.Namespace) -> None:
+    """--metric names the registry does not know fail before any work (a typo costs no analysis)."""
+    from actpat.analysis.metrics import METRICS
+
+    unknown = [m for m in args.metric or () if m not in METRICS]
+    if unknown:
+        raise CommandError(f"Expected --metric to name metrics of actpat.analysis.metrics, but got {unknown}; "
+                           f"known: {', '.join(sorted(METRICS))}.")
+
+
 def _figure_options(args: argparse.Namespace, df) -> dict:
-    """The figure flags of ``plot`` as arguments of :func:`actpat.analysis.plots.save_all`, checked before drawing."""
+    """The figure flags of ``plot`` as arguments of :func:`actpat.analysis.plots.save_all`, checked before
+    drawing; with --metric, ``df`` keeps only those metrics (and their saturation flags)."""
     from actpat.analysis import plots
+    from actpat.analysis.metrics import METRICS, metric
 
     present_metrics, present_sites = set(df["metric"]), list(dict.fromkeys(df["site"]))
     unknown = [m for m in args.metric or () if m not in present_metrics]
     if unknown:
         raise CommandError(f"Expected --metric among the table's metrics {sorted(present_metrics)}, but got {unknown}.")
+    if args.metric:  # only the chosen metrics: their curves and heatmaps (and the plane if both axes are chosen)
+        flags = {metric(m).saturation_flag for m in args.metric if m in METRICS} - {None}
+        df.drop(df.index[~df["metric"].isin(set(args.metric) | flags)], inplace=True)
     unknown = [s for s in args.site or () if s not in present_sites]
     if unknown:
         raise CommandError(f"Expected --site among the table's sites {present_sites}, but got {unknown}.")
@@ -312,17 +327,20 @@ def _figure_options(args: argparse.Namespace, df) -> dict:
         if args.run_dir is None:
             raise CommandError("Expected RUN with --site-labels (module types and widths are read from the run).")
         labels = plots.describe_sites(_open(args.run_dir))
-    return dict(metrics=args.metric, sites=args.site, x=args.x, steps_per_epoch=args.steps_per_epoch,
-                site_labels=labels, format=args.format, dpi=args.dpi)
+    return dict(metrics=args.metric, heatmap_metrics=args.metric, sites=args.site, x=args.x,
+                steps_per_epoch=args.steps_per_epoch, site_labels=labels, format=args.format, dpi=args.dpi)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from actpat.analysis import plots
 
     _check_writable_dir(args.output, "-o")
+    _check_metric_names(args)
     df, _, plane = _table_for(args, rates=False)
-    paths = plots.save_all(df, args.output, info_plane_df=plane, progress=not args.no_progress,
-                           **_figure_options(args, df))
+    options = _figure_options(args, df)
+    if args.metric:
+        plane = None
+    paths = plots.save_all(df, args.output, info_plane_df=plane, progress=not args.no_progress, **options)
     print(f"wrote {len(paths)} figures to {args.output}")
     return 0
 
@@ -473,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="sites, steps, splits, observations and size of a recorded run")
     info.add_argument("run_dir", type=Path, metavar="RUN")
-    info.add_argument("--verify", action="store_true", help="check every record's checksum (reads the whole run)")
+    info.add_argument("--verify", action="store_true",
+                      help="check every record's checksum (reads the whole run); exit status 1 if anything is lost")
     info.add_argument("--no-progress", action="store_true", help="hide the progress bar of --verify")
     info.set_defaults(func=_cmd_info)
 
@@ -494,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--steps-per-epoch", type=float, default=None,
                       help="for --x epoch: steps per epoch (default: estimated from the table)")
     plot.add_argument("--metric", action="append", metavar="NAME",
-                      help="a metric to draw as curves (repeat; default: every non-constant metric)")
+                      help="draw only this metric, as curves and a heatmap (repeat; default: every non-constant "
+                      "metric as curves, the headline metrics as heatmaps, and the information plane)")
     plot.add_argument("--site", action="append", metavar="NAME", help="a site to draw (repeat; default: all)")
     plot.add_argument("--site-labels", action="store_true", help="label sites with module type and width (needs RUN)")
     plot.add_argument("--format", choices=("png", "pdf", "svg"), default="png", help="file format (default: png)")
@@ -587,6 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _interruptible(args.command):
             return func(args)
+    except BrokenPipeError:  # `actpat info RUN | head`: the reader has gone, nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print(f"\nactpat {args.command}: interrupted. Shards finalized so far are readable; figures and events "
               "of this command may be incomplete (tables are written whole or not at all).", file=sys.stderr)

@@ -59,7 +59,8 @@ def _sample_order(p: Patterns) -> tuple[np.ndarray | None, int]:
         raise ValueError(
             f"Expected every sample of site {p.site!r} at step {p.step} to have each of its {n_positions} positions "
             f"exactly once, but got {len(p)} rows that do not form complete samples (subsampled observations or "
-            "repeated sample ids); record the probe split without subsampling, or use pattern='channel'."
+            "repeated sample ids); record the probe split without subsampling and with unique sample ids, or "
+            "call information_plane(..., pattern='channel') for per-observation planes."
         )
     return order, n_positions
 

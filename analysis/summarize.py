@@ -70,25 +70,25 @@ def _own_metrics(p: Patterns, site: str, warned: set, *, n_classes: int | None =
     return pc, m
 
 
-def _row_aligned(a: Patterns, b: Patterns) -> tuple[np.ndarray, np.ndarray] | None:
-    """Bits of the observations provably present at both time points, in the same order (None if none).
+def _row_aligned(a: Patterns, b: Patterns) -> tuple[np.ndarray, np.ndarray] | str:
+    """Bits of the observations provably present at both time points, in the same order, or why there are none.
 
     Rows are the same observation only by their recorded (sample id, position); the callback's probe
     records the probe-set index as sample id. Without sample ids nothing pairs rows: row ``i`` of two
     shuffled batches are different inputs.
     """
     if (a.sample_ids < 0).any() or (b.sample_ids < 0).any():
-        return None
+        return "no sample ids were recorded"
     if len(a) == len(b) and np.array_equal(a.sample_ids, b.sample_ids) and np.array_equal(a.positions, b.positions):
         return a.bits, b.bits  # the same probe rows in the same order
     span = int(max(a.positions.max(initial=0), b.positions.max(initial=0))) + 1
     key_a = a.sample_ids * span + a.positions
     key_b = b.sample_ids * span + b.positions
     if np.unique(key_a).size != key_a.size or np.unique(key_b).size != key_b.size:
-        return None
+        return "a sample id occurs twice in one step (samples drawn with replacement?), so rows cannot be paired"
     _, ia, ib = np.intersect1d(key_a, key_b, assume_unique=True, return_indices=True)
     if ia.size == 0:
-        return None
+        return "the two steps share no sample id"
     return a.bits[ia], b.bits[ib]
 
 
@@ -99,13 +99,13 @@ def _similarity_metrics(cur: _Step, ref: _Step, name: str, threshold: int, site:
         f"weighted_jaccard_{name}": weighted_jaccard(cur.counts, ref.counts),
     }
     aligned = _row_aligned(cur.patterns, ref.patterns)
-    if aligned is None:
+    if isinstance(aligned, str):
         _warn_once(
             warned, ("stability", site, name),
             "actpat: site %r: the observations at step %d and its %r reference are not provably the same inputs "
-            "(no shared sample ids); identical_fraction and hamming are left out (record a fixed probe set, or "
-            "pass sample_ids to capture()).",
-            site, cur.patterns.step, name,
+            "(%s); identical_fraction and hamming are left out (record a fixed probe set, or pass unique "
+            "sample_ids to capture()).",
+            site, cur.patterns.step, name, aligned,
         )
     else:
         s = stability(aligned[0], aligned[1], cur.patterns.n_units, validate_args=False)

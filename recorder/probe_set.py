@@ -26,16 +26,39 @@ ProbeBatch = tuple[Any, torch.Tensor, Any]
 
 
 def check_probe_set(probe: Any) -> None:
-    """Reject what can never be a probe set: another type, or a DataLoader that shuffles."""
+    """Reject what can never be a probe set: another type, a list of tensors, an empty set, or a DataLoader
+    that shuffles."""
     if isinstance(probe, DataLoader):
         if isinstance(probe.sampler, RandomSampler):
             raise ValueError(
                 "Expected a probe DataLoader that iterates in a fixed order, but it shuffles (RandomSampler). "
                 "Pass the Dataset, or a DataLoader with shuffle=False."
             )
-        return
-    if not (isinstance(probe, Dataset) or hasattr(probe, "__getitem__")):
+    elif _tensors_of_several_shapes(probe):
+        shapes = [tuple(t.shape) for t in probe]
+        raise ValueError(
+            f"Expected `probe` to be a Dataset or a DataLoader, but got a {type(probe).__name__} of tensors with "
+            f"shapes {shapes}, which would be read as {len(probe)} samples. For inputs and labels, pass "
+            "`torch.utils.data.TensorDataset(inputs, labels)`."
+        )
+    elif not (isinstance(probe, Dataset) or hasattr(probe, "__getitem__")):
         raise ValueError(f"Expected `probe` to be a Dataset or a DataLoader, but got {type(probe).__name__}.")
+    size = _size(probe.dataset if isinstance(probe, DataLoader) else probe)
+    if size == 0:
+        raise ValueError("Expected a probe set with at least one sample, but `probe` is empty.")
+
+
+def _tensors_of_several_shapes(probe: Any) -> bool:
+    # [inputs, labels]: a list of samples would hold tensors of one shape.
+    return (isinstance(probe, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in probe)
+            and len({tuple(t.shape) for t in probe}) > 1)  # fmt: skip
+
+
+def _size(dataset: Any) -> Optional[int]:
+    try:
+        return len(dataset)
+    except TypeError:  # an IterableDataset, or a Dataset without __len__: its size shows at the first probe
+        return None
 
 
 def probe_loader(probe: Any, batch_size: Optional[int]) -> DataLoader:

@@ -100,6 +100,10 @@ class Loss:
         ``"corrupt"`` (a record failed its checksum or bounds), ``"unwritten"`` (rows of an
         unfinalized shard that never reached the disk), ``"unreadable"`` (a shard or site that cannot be
         read at all) or ``"missing"`` (a gap in a rank's shard numbering).
+    steps : (int or None, int or None) or None
+        For records whose records-table row cannot be trusted (its checksum fails, or it never reached
+        the disk): the steps it may belong to, from the sound rows around it (None: unbounded). ``step``
+        and ``split`` are then None. Reads of those steps count the record in ``lost_records``.
     """
 
     path: Path
@@ -111,6 +115,18 @@ class Loss:
     step: int | None = None
     records: int | None = None
     kind: str = "corrupt"
+    steps: tuple[int | None, int | None] | None = None
+
+    def may_hold(self, site: str, split: str, step: int) -> bool:
+        """Whether the lost records may be records of ``site`` at ``step`` in ``split``."""
+        if self.site != site or self.split not in (None, split):
+            return False
+        if self.step is not None:
+            return self.step == step
+        if self.steps is None:
+            return False
+        lo, hi = self.steps
+        return (lo is None or lo <= step) and (hi is None or step <= hi)
 
 
 @dataclass(frozen=True)
@@ -189,8 +205,9 @@ def open_run(path: str | os.PathLike, *, max_open: int = 8) -> "Run":
     FileNotFoundError
         The directory does not exist.
     ShardFormatError
-        A ``*.h5`` file is not an actpat shard, a shard was written by a newer format version, or two
-        shards describe one site differently.
+        A ``*.h5`` file is not an actpat shard, a shard was written by a newer format version, two
+        shards describe one site differently, or ``path`` holds no shard but directories below it do
+        (a folder above the run, such as a Lightning log version folder).
     """
     return Run(path, max_open=max_open)
 
@@ -217,9 +234,12 @@ class Run:
         self._info_source: dict[str, Path] = {}
         self._entries: dict[tuple[str, str], list[_Entry]] = defaultdict(list)
         self._lost_entries: set[_Entry] = set()
+        self._index_losses: dict[str, list[Loss]] = defaultdict(list)  # lost before any read, by site
         self._steps_cache: dict[tuple[str, str], list[int]] = {}
         self._init_handles()
         names = os.listdir(self.path)
+        if not any(schema.parse_shard_name(n) for n in names):
+            _refuse_a_folder_above_runs(self.path)
         finals = {n for n in names if n.endswith(schema.SHARD_SUFFIX)}
         for name in sorted(names, key=_shard_order):
             if name.endswith(schema.PARTIAL_SUFFIX) and name[: -len(".partial")] in finals:
@@ -340,6 +360,8 @@ class Run:
             f", {name} {value!r}" for name, value in (("site", loss.site), ("split", loss.split), ("step", loss.step))
             if value is not None
         )
+        if loss.steps is not None:
+            where += ", one of steps {}..{}".format(*("?" if b is None else b for b in loss.steps))
         count = "" if loss.records is None else f" ({loss.records} record{'s' * (loss.records != 1)})"
         log.warning("actpat: skipping records of %s%s%s: %s.", loss.path, where, count, loss.reason)
 
@@ -423,6 +445,8 @@ class Run:
             self.stop_reasons.extend(StopReason(rank, path, line) for line in stop.splitlines())
         for loss in losses:
             self._lose(loss)
+            if loss.site is not None and (loss.step is not None or loss.steps is not None):
+                self._index_losses[loss.site].append(loss)
         for site, entry in entries:
             self._entries[(site, entry.split)].append(entry)
 
@@ -469,9 +493,11 @@ class Run:
         if missing or wrong or records.dtype["split"].kind != "S":
             raise ValueError(f"its records table has fields {records.dtype.names} (missing {missing}, not integer {wrong})")
         stored = _stored_rows(records)
+        sound_at: list[np.ndarray] = []  # (index in the table, step) of the rows indexed
+        untrusted: list[tuple[int, str, str]] = []  # (index, reason, kind) of rows whose step is not known
         if stored < records.shape[0]:
-            kind = "unwritten" if shard.partial else "corrupt"
-            losses.append(loss("records-table rows never reached the disk", kind, records=records.shape[0] - stored))
+            untrusted.append((stored, "records-table rows never reached the disk",
+                              "unwritten" if shard.partial else "corrupt"))  # fmt: skip
         infos[site] = meta
         checksummed = shard.version >= schema.CHECKSUM_VERSION
         headers = {False: schema.site_header(site, meta["pattern"], meta["n_units"], None)}
@@ -489,15 +515,15 @@ class Run:
             else:
                 sound = np.ones(len(table), dtype=bool)
             ok = sound & _valid_rows(table, extents, meta["value_units"] is not None)
-            for row, row_sound in zip(table[~ok], sound[~ok]):
-                step = int(row["step"])
-                if shard.partial:
-                    losses.append(loss("it never fully reached the disk", "unwritten", step=step, records=1))
-                elif not row_sound:
-                    losses.append(loss("its records-table row fails its checksum", step=step, records=1))
+            sound_at.append(np.stack([np.flatnonzero(sound) + lo, table["step"][sound].astype(np.int64)], axis=1))
+            for i in np.flatnonzero(~ok):
+                row, kind = table[i], "unwritten" if shard.partial else "corrupt"
+                if not sound[i]:  # nothing in the row can be trusted, its step and split included
+                    reason = "it never fully reached the disk" if shard.partial else "its records-table row fails its checksum"
+                    untrusted.append((lo + int(i), reason, kind))
                 else:
-                    losses.append(loss("its records-table row points outside the data", step=step, records=1,
-                                       split=_split(row)))  # fmt: skip
+                    reason = "it never fully reached the disk" if shard.partial else "its records-table row points outside the data"
+                    losses.append(loss(reason, kind, step=int(row["step"]), split=_split(row), records=1))
             for row, row_checksum in zip(table[ok], row_crcs[ok]):
                 entries.append((site, _Entry(
                     shard_id, key, _split(row), int(row["step"]), int(row["epoch"]), int(row["row_start"]),
@@ -506,6 +532,11 @@ class Run:
                     int(row["value_start"]) if has_values else -1, int(row_checksum),
                     int(row["crc32"]) if checksummed else -1,
                 )))  # fmt: skip
+        if untrusted:
+            known = np.concatenate(sound_at) if sound_at else np.zeros((0, 2), dtype=np.int64)
+            for index, reason, kind in untrusted:
+                losses.append(loss(reason, kind, records=records.shape[0] - stored if index == stored else 1,
+                                   steps=_step_bracket(known, index)))  # fmt: skip
 
     def _read_stop_file(self, path: Path) -> None:
         rank, _ = schema.parse_stop_name(path.name)
@@ -619,7 +650,9 @@ class Run:
         """All observations of ``site`` at ``step`` in ``split``, from every shard and rank.
 
         Records that fail verification are left out, with a warning (see :attr:`losses`), and counted
-        in the result's ``lost_records``; if none verifies the result has no rows.
+        in the result's ``lost_records``, as are records lost before reading that may belong to this step
+        (a records-table row that fails its checksum counts for every step between its sound
+        neighbours'); if none verifies the result has no rows.
         """
         split = self.resolve_split(split)
         self._check_site(site)
@@ -632,6 +665,7 @@ class Run:
         parts = [p for p in (self._read_entry(site, e) for e in entries) if p is not None]
         patterns = _concat(parts) if parts else self._empty(site, entries[0])
         lost = len(entries) - len(parts)
+        lost += sum(loss.records or 1 for loss in self._index_losses.get(site, ()) if loss.may_hold(site, split, step))
         return dataclasses.replace(patterns, lost_records=lost) if lost else patterns
 
     def iter_chunks(self, site: str, split: str | None = None, max_rows: int = 1_000_000) -> Iterator[Patterns]:
@@ -701,6 +735,9 @@ class Run:
                 continue
             if loss.step is not None:
                 if first is None or loss.step <= first:
+                    lost.append(loss)
+            elif loss.steps is not None:
+                if loss.steps[0] is None or first is None or loss.steps[0] <= first:
                     lost.append(loss)
             elif earliest.get(loss.rank, loss.shard_index + 1) >= loss.shard_index:
                 lost.append(loss)
@@ -910,6 +947,38 @@ def _stored_rows(dataset: Any) -> int:
     while leading in present:
         leading += 1
     return min(n, leading * chunk_rows)
+
+
+def _refuse_a_folder_above_runs(path: Path, depth: int = 4) -> None:
+    """A directory without shards whose subdirectories hold runs (e.g. a Lightning log folder) is an error
+    that names them: reading it as an empty run would be a silent empty result."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        if any(schema.parse_shard_name(name) for name in filenames):
+            found.append(dirpath)
+            dirnames.clear()
+        elif len(Path(dirpath).relative_to(path).parts) >= depth:
+            dirnames.clear()
+        dirnames.sort()
+    if found:
+        raise ShardFormatError(
+            f"Expected the shards of a run in {path}, but it holds none; its subdirectories hold "
+            f"{'a run' if len(found) == 1 else 'runs'}: {', '.join(found)}. Pass the run directory itself."
+        )
+
+
+def _step_bracket(known: np.ndarray, index: int) -> tuple[int | None, int | None]:
+    """Steps a record at ``index`` of a records table may have: between the sound rows around it.
+
+    ``known`` holds ``(index, step)`` of the table's sound rows, ascending by index. Steps are recorded
+    in time order, so the record's step lies between its neighbours' (either bound None where there is
+    no neighbour on that side)."""
+    at = int(np.searchsorted(known[:, 0], index))
+    before = int(known[at - 1, 1]) if at > 0 else None
+    after = int(known[at, 1]) if at < len(known) else None
+    if before is not None and after is not None and before > after:
+        before, after = after, before
+    return before, after
 
 
 def _valid_rows(table: np.ndarray, extents: dict[str, int], has_values: bool) -> np.ndarray:

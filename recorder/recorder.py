@@ -220,6 +220,12 @@ class ActivationRecorder:
         split : str, default "train"
             Free-form name of what was recorded (``"train"``, ``"probe"``, ...), at most 32 bytes.
         epoch : int, default -1
+
+        Raises
+        ------
+        ValueError
+            ``out_dir`` already held records of this rank and split up to a step >= ``step`` when the
+            recorder started (a second run into the same directory would pool its records with the first's).
         """
         self.writer.raise_if_failed()
         if self._context is not None:
@@ -227,6 +233,14 @@ class ActivationRecorder:
         if len(split.encode()) > schema.SPLIT_BYTES:
             raise ValueError(f"Expected `split` to be at most {schema.SPLIT_BYTES} bytes, but got {split!r}.")
         self.open()
+        before = self.writer.recorded_before.get(split, -1)
+        if int(step) <= before:
+            raise ValueError(
+                f"Expected a step after {before} in split {split!r}: rank {self.writer.rank} had recorded up to "
+                f"step {before} in {self.writer.out_dir} before this recorder started, and records of step "
+                f"{int(step)} would be pooled with that run's. Record into a new `out_dir`, or continue from step "
+                f"{before + 1}."
+            )
         self._context = _Capture(int(step), int(epoch), split, labels, sample_ids)
         self._pending.clear()
         self._gathered.clear()

@@ -176,6 +176,9 @@ class ShardWriter:
         self._stop_file: Path | None = None
         self._io_failed = False
         self._pending: dict[str, list[_Buffered]] = {}
+        #: Last step of each split this rank had recorded in ``out_dir`` before :meth:`start` (a run
+        #: continued into the same directory), for recorders to refuse steps that would be pooled with it.
+        self.recorded_before: dict[str, int] = {}
         self._pending_bytes = 0
         self._pending_since = 0.0
         self._next_index = 0
@@ -198,6 +201,7 @@ class ShardWriter:
         self._io_failed = False
         self._stop_file = None
         self._next_index = self._first_free_index()
+        self.recorded_before = _last_steps(self.out_dir, self.rank)
         self._thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
         self._thread.start()
 
@@ -816,6 +820,27 @@ class _RunLock:
                     pass  # a stale file is taken over by the next writer
                 os.close(self.fd)  # releases the flock
                 self.fd = -1
+
+
+def _last_steps(out_dir: Path, rank: int) -> dict[str, int]:
+    """Last step per split in the shards ``rank`` left in ``out_dir`` (records-table rows as stored; a shard
+    that cannot be read is the reader's to report)."""
+    last: dict[str, int] = {}
+    for name in os.listdir(out_dir):
+        parsed = schema.parse_shard_name(name)
+        if parsed is None or parsed[0] != rank:
+            continue
+        try:
+            with h5py.File(out_dir / name, "r", locking=False) as handle:
+                for group in handle[schema.SITES_GROUP].values():
+                    rows = group[schema.RECORDS].fields(["step", "split"])[:]
+                    for split in np.unique(rows["split"]):
+                        step = int(rows["step"][rows["split"] == split].max())
+                        key = split.decode(errors="replace")
+                        last[key] = max(last.get(key, step), step)
+        except Exception:  # noqa: BLE001 - damaged: reading it is the reader's business, not the writer's
+            continue
+    return last
 
 
 def _move_no_replace(source: Path, target: Path) -> None:

@@ -311,7 +311,7 @@ def test_info_reports_stop_reasons_and_with_verify_the_corrupt_records(tmp_path,
     out = capsys.readouterr().out
     assert "stopped early:  rank 0: the disk filled up" in out
     assert "corrupt:        0 records" in out and "--verify" in out  # nothing read yet
-    assert main(["info", str(tmp_path), "--verify", "--no-progress"]) == 0
+    assert main(["info", str(tmp_path), "--verify", "--no-progress"]) == 1  # a check scripts can use
     out = capsys.readouterr().out
     assert "corrupt:        1 records (every record verified)" in out
     assert f"corrupt    {shard.name} fc/probe/1:" in out
@@ -327,12 +327,20 @@ def test_plot_selects_metrics_sites_format_and_labels(run_dir, metrics_csv, tmp_
             "--metric", "distinct", "--site", "3", "--format", "svg", "--dpi", "50", "--site-labels", "--no-progress"]
     assert main(argv) == 0
     names = {p.name for p in out.iterdir()}
-    assert {n for n in names if n.startswith("curves_")} == {"curves_entropy.svg", "curves_distinct.svg"}
-    assert all(n.endswith(".svg") for n in names)
+    assert names == {"curves_entropy.svg", "curves_distinct.svg", "heatmap_entropy.svg", "heatmap_distinct.svg"}
     curve = (out / "curves_entropy.svg").read_text()
     assert "3 (ReLU, 3)" in curve and "1 (ReLU, 6)" not in curve  # only site 3, labelled with type and width
-    assert main(["plot", "--metrics", str(metrics_csv), "-o", str(out), "--metric", "entropi"]) == 2
-    assert "--metric" in capsys.readouterr().err
+    # A typo fails before any work: the run is not analysed.
+    from actpat.recorder.reader import Run
+
+    reads = []
+    real = Run.read
+    Run.read = lambda self, *a: reads.append(a) or real(self, *a)
+    try:
+        assert main(["plot", str(run_dir), "-o", str(tmp_path / "typo"), "--metric", "entropi"]) == 2
+    finally:
+        Run.read = real
+    assert "Expected --metric to name metrics" in capsys.readouterr().err and not reads
     assert main(["plot", "--metrics", str(metrics_csv), "-o", str(out), "--site", "9"]) == 2
     assert "Expected --site among the table's sites ['1', '3']" in capsys.readouterr().err
 
@@ -401,3 +409,27 @@ def test_plot_and_tensorboard_of_a_run_read_each_record_once(run_dir, tmp_path, 
     out = ["-o", str(tmp_path / "figs")] if command == "plot" else ["--logdir", str(tmp_path / "tb")]
     assert main([command, str(run_dir), *out, "--no-progress"]) == 0
     assert set(reads.values()) == {1} and len(reads) == 2 * 3
+
+
+def test_info_into_a_closed_pipe_ends_quietly(run_dir, monkeypatch):
+    """`actpat info RUN | head -1` on a large run: the reader goes away mid-output."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return write_end
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert main(["info", str(run_dir)]) == 1  # no traceback
+    finally:
+        os.close(write_end)

@@ -42,7 +42,14 @@ def test_stability_needs_sample_ids(tmp_path, caplog):
     table = summarize(tmp_path / "no_ids", split="train", progress=False)
     assert not table.metric.str.startswith(("identical_fraction", "hamming")).any()
     assert {"jaccard_init", "weighted_jaccard_last"} <= set(table.metric)  # set measures stay
-    assert any("not provably the same inputs" in r.getMessage() for r in caplog.records)
+    assert any("not provably the same inputs (no sample ids were recorded)" in r.getMessage() for r in caplog.records)
+    # Ids drawn with replacement repeat within a step: the warning says so, not that ids are missing.
+    caplog.clear()
+    ids = [rng.integers(0, 8, 16) for _ in range(3)]
+    write(tmp_path / "repeated", [Record(META, s, 0, "train", rows[s], 1, 16, 0, sample_ids=ids[s]) for s in range(3)])
+    summarize(tmp_path / "repeated", split="train", progress=False)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "a sample id occurs twice in one step" in messages and "no sample ids were recorded" not in messages
     # With sample ids, the rows that share an id are compared (here all of them, in another order).
     perm = rng.permutation(16)
     write(tmp_path / "ids", [Record(META, 0, 0, "train", rows[0], 1, 16, 0, sample_ids=np.arange(16)),

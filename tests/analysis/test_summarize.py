@@ -286,3 +286,40 @@ def test_a_step_with_a_lost_record_is_left_out_not_measured_on_part_of_its_sampl
     # Steps 0 and 2 keep their numbers, except those that compare with the lost step ("last" of step 2).
     keep = lambda t: t[t["step"].isin([0, 2]) & ~t["metric"].str.endswith("_last")].reset_index(drop=True)
     pd.testing.assert_frame_equal(keep(result.metrics), keep(intact.metrics))
+
+
+@pytest.mark.parametrize("field, value, left_out, init_lost", [
+    ("nan_count", 7, [1, 2], False),  # step 1's second record: between sound rows of steps 1 and 2
+    ("step", 1000, [0, 1], True),  # step 0's second record now claims step 1000: its init is unknown
+])
+def test_a_damaged_records_row_marks_every_step_it_may_belong_to(tmp_path, field, value, left_out, init_lost):
+    """Two records per step (two probe batches). A records-table row that fails its checksum cannot say
+    which step it was: the steps between its sound neighbours are incomplete, never measured as whole."""
+    import h5py
+
+    from actpat.recorder import schema
+
+    meta = SiteMeta("fc", 0, "ReLU", (8,), 8, "flat")
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for step in range(4):
+        for half in range(2):
+            bits = rng.integers(0, 256, (6, 1), dtype=np.uint8)
+            writer.put(Record(meta, step, 0, "probe", bits, 1, 6, 0, sample_ids=np.arange(6) + 6 * half,
+                              labels=np.arange(6) % 2))
+    writer.close()
+    intact = summarize(tmp_path, progress=False)
+    (shard,) = tmp_path.glob("*.h5")
+    with h5py.File(shard, "r+") as f:
+        records = f["sites"][schema.site_key("fc")]["records"]
+        index = 3 if field == "nan_count" else 1
+        row = records[index]
+        row[field] = value
+        records[index] = row
+    table = summarize(tmp_path, progress=False)
+    kept = sorted(set(range(4)) - set(left_out))
+    assert sorted(table["step"].unique()) == kept
+    assert table["metric"].str.endswith("_init").any() != init_lost
+    own = lambda t: t[t["step"].isin(kept) & ~t["metric"].str.contains("_init|_last")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(own(table), own(intact))

@@ -850,6 +850,9 @@ def test_setup_mistake_raises_before_the_first_optimizer_step(name, tmp_path):
         (dict(module_types=[nn.Tanh, "Tanh"]), r"`module_types`"),
         (dict(sites=[1, 2]), r"`sites`"),
         (dict(out_dir=3), r"`out_dir`"),
+        (dict(probe=torch.utils.data.Subset(_tensors(4, 0), [])), r"probe set with at least one sample.*empty"),
+        (dict(probe=[torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)]),
+         r"list of tensors with shapes \[\(4, 1, 8, 8\), \(4,\)\].*TensorDataset\(inputs, labels\)"),
     ],
 )
 def test_invalid_arguments_fail_at_construction(options, message):

@@ -4,6 +4,7 @@ runs on the training cores); see the README's benchmark table (writer_codecs, ov
 from __future__ import annotations
 
 import h5py
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -45,3 +46,27 @@ def test_the_prober_and_the_callback_default_to_no_compression(tmp_path):
     from actpat.callbacks import ActivationPatternCallback
 
     assert ActivationPatternCallback(probe=data).compression is None
+
+
+def test_a_second_run_into_the_same_directory_cannot_pool_its_steps_with_the_first(tmp_path):
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        for step in range(3):
+            with rec.capture(step, split="probe"):
+                model(torch.randn(4, 4))
+            for _ in range(2):  # the same step twice in one session (e.g. micro-batches): one run
+                with rec.capture(step):
+                    model(torch.randn(4, 4))
+    with ActivationRecorder(model, tmp_path) as rec:
+        with pytest.raises(ValueError, match=r"step after 2 in split 'probe'.*rank 0.*pooled.*new `out_dir`.*step 3"):
+            with rec.capture(2, split="probe"):
+                model(torch.randn(4, 4))
+        with rec.capture(3, split="probe"):  # a continued run goes on after the last step
+            model(torch.randn(4, 4))
+    with ActivationRecorder(model, tmp_path, rank=1) as rec, rec.capture(0, split="probe"):
+        model(torch.randn(4, 4))  # another rank's records of the same step are the same run's
+    from actpat.recorder import open_run
+
+    run = open_run(tmp_path)
+    assert run.steps("1", "probe").tolist() == [0, 1, 2, 3] and len(run.read("1", 0, "probe")) == 8
+    assert len(run.read("1", 1, "train")) == 8

@@ -343,3 +343,13 @@ def test_a_pass_over_the_run_opens_each_shard_once(tmp_path, monkeypatch):
     run.close()
     assert n_records == 2 * 20
     assert sorted(map(str, opened)) == sorted(str(p) for p in run.shards)  # each shard once, for 40 records
+
+
+def test_a_folder_above_the_run_is_an_error_naming_the_run(tmp_path):
+    run_dir = tmp_path / "lightning_logs" / "version_0" / "activation_patterns"
+    _write_run(run_dir, [0])
+    for above in (tmp_path, tmp_path / "lightning_logs" / "version_0"):
+        with pytest.raises(ShardFormatError, match=rf"holds none; its subdirectories hold a run: {run_dir}\. Pass"):
+            open_run(above)
+    (tmp_path / "empty").mkdir()
+    assert open_run(tmp_path / "empty").sites == []  # nothing anywhere: an empty run (a writer not yet started)
