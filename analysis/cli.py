@@ -40,22 +40,6 @@ class CommandError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- runs
-def _shard_dirs(root: Path) -> list[Path]:
-    """Directories at most ``_SEARCH_DEPTH`` below ``root`` (itself included) that hold shards."""
-    from actpat.recorder.schema import parse_shard_name
-
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        depth = len(Path(dirpath).relative_to(root).parts)
-        if any(parse_shard_name(name) for name in filenames):
-            found.append(Path(dirpath))
-            dirnames.clear()  # a run directory holds no other run
-        elif depth >= _SEARCH_DEPTH:
-            dirnames.clear()
-        dirnames.sort()
-    return found
-
-
 def locate_run(path: Path) -> Path:
     """The run directory at ``path``, or the only one in a folder below it (e.g. a Lightning log folder).
 
@@ -72,7 +56,9 @@ def locate_run(path: Path) -> Path:
             f"Expected a run directory of actpat shards, but {str(path)!r} does not exist or is not a directory. "
             "Pass the `out_dir` given to the recorder or callback."
         )
-    found = _shard_dirs(path)
+    from actpat.recorder.reader import find_runs
+
+    found = find_runs(path, _SEARCH_DEPTH)
     if not found:
         raise CommandError(
             f"Expected shards (patterns-rank*.h5) in {path} or a folder below it, but found none: the run is empty. "

@@ -949,21 +949,30 @@ def _stored_rows(dataset: Any) -> int:
     return min(n, leading * chunk_rows)
 
 
-def _refuse_a_folder_above_runs(path: Path, depth: int = 4) -> None:
-    """A directory without shards whose subdirectories hold runs (e.g. a Lightning log folder) is an error
-    that names them: reading it as an empty run would be a silent empty result."""
-    found = []
+def find_runs(path: str | os.PathLike, depth: int = 4) -> list[Path]:
+    """Run directories (directories holding shards) at most ``depth`` levels below ``path``, itself included.
+
+    A run directory holds no other run: the search does not descend below one. Sorted by path.
+    """
+    path, found = Path(path), []
     for dirpath, dirnames, filenames in os.walk(path):
         if any(schema.parse_shard_name(name) for name in filenames):
-            found.append(dirpath)
+            found.append(Path(dirpath))
             dirnames.clear()
         elif len(Path(dirpath).relative_to(path).parts) >= depth:
             dirnames.clear()
         dirnames.sort()
+    return found
+
+
+def _refuse_a_folder_above_runs(path: Path) -> None:
+    """A directory without shards whose subdirectories hold runs (e.g. a Lightning log folder) is an error
+    that names them: reading it as an empty run would be a silent empty result."""
+    found = find_runs(path)
     if found:
         raise ShardFormatError(
             f"Expected the shards of a run in {path}, but it holds none; its subdirectories hold "
-            f"{'a run' if len(found) == 1 else 'runs'}: {', '.join(found)}. Pass the run directory itself."
+            f"{'a run' if len(found) == 1 else 'runs'}: {', '.join(map(str, found))}. Pass the run directory itself."
         )
 
 
