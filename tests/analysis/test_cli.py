@@ -14,10 +14,9 @@ from actpat.analysis.cli import main
 from actpat.recorder import ActivationRecorder, schema
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("run")
+def record_mlp(path, seed: int) -> None:
+    """Three probe steps of a small MLP (sites "1" and "3") whose first layer drifts between steps."""
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3), nn.ReLU())
     x = torch.randn(40, 5)
     with ActivationRecorder(model, path) as rec:
@@ -26,6 +25,12 @@ def run_dir(tmp_path_factory):
                 model(x)
             with torch.no_grad():
                 model[0].weight.add_(0.3 * torch.randn_like(model[0].weight))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    record_mlp(path, seed=0)
     return path
 
 
@@ -347,13 +352,7 @@ def test_plot_selects_metrics_sites_format_and_labels(run_dir, metrics_csv, tmp_
 
 def test_compare_writes_the_convergence_table_of_grouped_runs(run_dir, tmp_path, capsys):
     other = tmp_path / "other"
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3), nn.ReLU())
-    x = torch.randn(40, 5)
-    with ActivationRecorder(model, other) as rec:
-        for step in range(3):
-            with rec.capture(step, labels=torch.arange(40) % 2, sample_ids=torch.arange(40), split="probe"):
-                model(x)
+    record_mlp(other, seed=1)
     out = tmp_path / "cmp"
     argv = ["compare", f"mlp={run_dir}", f"mlp={other}", "-o", str(out), "--subsets", "2", "--no-progress"]
     assert main(argv) == 0
@@ -405,7 +404,8 @@ def test_plot_and_tensorboard_of_a_run_read_each_record_once(run_dir, tmp_path, 
 
     reads = Counter()
     real = Run.read
-    monkeypatch.setattr(Run, "read", lambda self, site, step, split: reads.update([(site, step)]) or real(self, site, step, split))
+    monkeypatch.setattr(Run, "read", lambda self, site, step, split: reads.update([(site, step)])
+                        or real(self, site, step, split))  # fmt: skip
     out = ["-o", str(tmp_path / "figs")] if command == "plot" else ["--logdir", str(tmp_path / "tb")]
     assert main([command, str(run_dir), *out, "--no-progress"]) == 0
     assert set(reads.values()) == {1} and len(reads) == 2 * 3

@@ -253,6 +253,19 @@ def test_a_lost_first_record_is_not_taken_for_init(tmp_path, caplog):
     pd.testing.assert_frame_equal(got, expected)
 
 
+def write_halves(path, rng, *, steps: int, halves, rank: int = 0) -> None:
+    """Site "fc" (8 units): per step one record of 6 random samples per half (sample ids 6 * half + 0..5)."""
+    meta = SiteMeta("fc", 0, "ReLU", (8,), 8, "flat")
+    writer = ShardWriter(path, rank=rank)
+    writer.start()
+    for step in range(steps):
+        for half in halves:
+            bits = rng.integers(0, 256, (6, 1), dtype=np.uint8)
+            writer.put(Record(meta, step, 0, "probe", bits, 1, 6, 0, sample_ids=np.arange(6) + 6 * half,
+                              labels=np.arange(6) % 2))
+    writer.close()
+
+
 def test_a_step_with_a_lost_record_is_left_out_not_measured_on_part_of_its_samples(tmp_path):
     """Two ranks record each step; rank 1's record of step 1 fails its checksum."""
     import h5py
@@ -260,16 +273,9 @@ def test_a_step_with_a_lost_record_is_left_out_not_measured_on_part_of_its_sampl
     from actpat.analysis import analyze_run
     from actpat.recorder import schema
 
-    meta = SiteMeta("fc", 0, "ReLU", (8,), 8, "flat")
     rng = np.random.default_rng(0)
     for rank in (0, 1):
-        writer = ShardWriter(tmp_path, rank=rank)
-        writer.start()
-        for step in range(3):
-            bits = rng.integers(0, 256, (6, 1), dtype=np.uint8)
-            writer.put(Record(meta, step, 0, "probe", bits, 1, 6, 0, sample_ids=np.arange(6) + 6 * rank,
-                              labels=np.arange(6) % 2))
-        writer.close()
+        write_halves(tmp_path, rng, steps=3, halves=(rank,), rank=rank)
     intact = analyze_run(tmp_path, progress=False)
     shard = next(p for p in tmp_path.glob("*.h5") if "rank001" in p.name)
     with h5py.File(shard, "r+") as f:
@@ -299,16 +305,7 @@ def test_a_damaged_records_row_marks_every_step_it_may_belong_to(tmp_path, field
 
     from actpat.recorder import schema
 
-    meta = SiteMeta("fc", 0, "ReLU", (8,), 8, "flat")
-    rng = np.random.default_rng(0)
-    writer = ShardWriter(tmp_path)
-    writer.start()
-    for step in range(4):
-        for half in range(2):
-            bits = rng.integers(0, 256, (6, 1), dtype=np.uint8)
-            writer.put(Record(meta, step, 0, "probe", bits, 1, 6, 0, sample_ids=np.arange(6) + 6 * half,
-                              labels=np.arange(6) % 2))
-    writer.close()
+    write_halves(tmp_path, np.random.default_rng(0), steps=4, halves=(0, 1))
     intact = summarize(tmp_path, progress=False)
     (shard,) = tmp_path.glob("*.h5")
     with h5py.File(shard, "r+") as f:

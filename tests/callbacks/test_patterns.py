@@ -290,50 +290,44 @@ def test_live_stats_without_a_logger_fail_at_setup(tmp_path):
         fit(tmp_path, [cb], logger=False)
 
 
-@pytest.mark.parametrize("how", ["child", "module"])
-def test_the_probe_copy_of_a_compiled_module_records_like_the_eager_module(tmp_path, how):
-    def model():
-        pl.seed_everything(0, verbose=False)
-        net = ToyNet()
-        if how == "child":
-            net.net = torch.compile(net.net, backend="eager")
-        return torch.compile(net, backend="eager") if how == "module" else net
+def compiled_toy(how: str) -> ToyNet:
+    """ToyNet with its ``net`` compiled (``child``) or compiled as a whole (``module``), dynamo's eager backend."""
+    net = ToyNet()
+    if how == "child":
+        net.net = torch.compile(net.net, backend="eager")
+    return torch.compile(net, backend="eager") if how == "module" else net
 
+
+def eager_and_compiled_runs(tmp_path, how: str, **options):
+    """The runs of the same fit of the eager and the compiled ToyNet, each with a fresh callback."""
     runs = []
-    for name, make in (("eager", ToyNet), ("compiled", model)):
-        cb = ActivationPatternCallback(probe=toy_data(16, seed=1), probe_every=4, live_stats=False)
+    for name, make in (("eager", ToyNet), ("compiled", lambda: compiled_toy(how))):
+        torch._dynamo.reset()
+        cb = ActivationPatternCallback(live_stats=False, **options)
         pl.seed_everything(0, verbose=False)
         module = make()
         make_trainer(tmp_path / name, [cb], max_epochs=1).fit(module, DataLoader(toy_data(), batch_size=8))
         runs.append(open_run(cb.run_dir))
-    eager, compiled = runs
+    torch._dynamo.reset()
+    return runs
+
+
+@pytest.mark.parametrize("how", ["child", "module"])
+def test_the_probe_copy_of_a_compiled_module_records_like_the_eager_module(tmp_path, how):
+    eager, compiled = eager_and_compiled_runs(tmp_path, how, probe=toy_data(16, seed=1), probe_every=4)
     assert compiled.sites == eager.sites == ["net.2", "net.6"]  # eager names: no `_orig_mod` in them
     for site in eager.sites:
         assert compiled.steps(site, "probe").tolist() == [0, 4, 8]
         np.testing.assert_array_equal(compiled.read(site, 0, "probe").bits, eager.read(site, 0, "probe").bits)
     no_copy = ActivationPatternCallback(probe=toy_data(16, seed=1), live_stats=False, probe_copy=False)
     with pytest.raises(ValueError, match=r"eager module for `probe_copy=False`.*compiled.*probe_copy=True"):
-        make_trainer(tmp_path / "no_copy", [no_copy], max_epochs=1).fit(model(), DataLoader(toy_data(), batch_size=8))
+        trainer = make_trainer(tmp_path / "no_copy", [no_copy], max_epochs=1)
+        trainer.fit(compiled_toy(how), DataLoader(toy_data(), batch_size=8))
 
 
 @pytest.mark.parametrize("how", ["child", "module"])
 def test_batch_mode_records_a_compiled_module_like_the_eager_module(tmp_path, how):
-    def model():
-        net = ToyNet()
-        if how == "child":
-            net.net = torch.compile(net.net, backend="eager")
-        return torch.compile(net, backend="eager") if how == "module" else net
-
-    runs = []
-    for name, make in (("eager", ToyNet), ("compiled", model)):
-        torch._dynamo.reset()
-        cb = ActivationPatternCallback(batch_every_n_steps=2, live_stats=False)
-        pl.seed_everything(0, verbose=False)
-        module = make()
-        make_trainer(tmp_path / name, [cb], max_epochs=1).fit(module, DataLoader(toy_data(), batch_size=8))
-        runs.append(open_run(cb.run_dir))
-    torch._dynamo.reset()
-    eager, compiled = runs
+    eager, compiled = eager_and_compiled_runs(tmp_path, how, batch_every_n_steps=2)
     assert compiled.sites == eager.sites == ["net.2", "net.6"]
     for site in eager.sites:
         steps = eager.steps(site, "train").tolist()
