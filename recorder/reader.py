@@ -968,7 +968,7 @@ def find_runs(path: str | os.PathLike, depth: int = 4) -> list[Path]:
 def _refuse_a_folder_above_runs(path: Path) -> None:
     """A directory without shards whose subdirectories hold runs (e.g. a Lightning log folder) is an error
     that names them: reading it as an empty run would be a silent empty result."""
-    found = find_runs(path)
+    found = [run for run in find_runs(path) if run != path]  # shards appearing in `path` meanwhile are its own
     if found:
         raise ShardFormatError(
             f"Expected the shards of a run in {path}, but it holds none; its subdirectories hold "
