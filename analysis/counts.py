@@ -116,9 +116,12 @@ def _rows_differ_from_previous(sorted_words: np.ndarray) -> np.ndarray:
     return out
 
 
-def _factorize_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact group codes of 1-D keys in ascending key order, and one row of each group."""
-    order = np.argsort(keys)
+def _factorize_keys(keys: np.ndarray, kind: str = "quicksort") -> tuple[np.ndarray, np.ndarray]:
+    """Exact group codes of 1-D keys in ascending key order, and one row of each group.
+
+    ``kind="stable"`` (timsort) for keys made of a few ascending runs, as when aligning two sorted
+    pattern lists: several times faster there than quicksort, slower on random keys."""
+    order = np.argsort(keys, kind=kind)
     new = _runs(keys[order])
     codes = np.empty(keys.shape[0], dtype=np.int64)
     codes[order] = np.cumsum(new) - 1
@@ -193,8 +196,8 @@ def _factorize_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, first
 
 
-def _factorize(bits: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact pattern codes of validated packed rows.
+def _factorize(bits: np.ndarray, n_units: int, kind: str = "quicksort") -> tuple[np.ndarray, np.ndarray]:
+    """Exact pattern codes of validated packed rows (``kind``: see :func:`_factorize_keys`).
 
     Returns
     -------
@@ -205,7 +208,7 @@ def _factorize(bits: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
     """
     words = _as_words(bits, n_units)
     if n_units <= _KEY_UNITS:
-        return _factorize_keys(words[:, 0])
+        return _factorize_keys(words[:, 0], kind)
     return _factorize_words(words)
 
 
@@ -347,7 +350,7 @@ class PatternCounts:
         if stacked.shape[0] == 0:
             empty = np.zeros(0, dtype=np.int64)
             return stacked, empty, empty.copy()
-        codes, first = _factorize(stacked, self.n_units)
+        codes, first = _factorize(stacked, self.n_units, kind="stable")  # two runs in canonical order
         k, ka = first.size, len(self)
         ca = _weighted_counts(codes[:ka], self.counts, k)
         cb = _weighted_counts(codes[ka:], other.counts, k)

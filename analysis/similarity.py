@@ -14,7 +14,7 @@ import numpy as np
 from actpat.analysis._validation import check_bits
 from actpat.analysis.counts import PatternCounts
 
-__all__ = ["Stability", "jaccard", "stability", "weighted_jaccard"]
+__all__ = ["Stability", "jaccard", "set_similarities", "stability", "weighted_jaccard"]
 
 # Rows compared per block in :func:`stability` (bounds temporaries to about 16 MiB).
 _BLOCK_BYTES = 1 << 24
@@ -68,15 +68,54 @@ def jaccard(c_t: PatternCounts, c_u: PatternCounts, threshold: int = 0) -> float
     nan
     """
     _check_counts(c_t, c_u)
+    _check_threshold(threshold)
+    _, ct, cu = c_t.align(c_u)
+    return _jaccard_aligned(ct, cu, threshold)
+
+
+def _check_threshold(threshold) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
         raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
-    _, ct, cu = c_t.align(c_u)
+
+
+def _jaccard_aligned(ct: np.ndarray, cu: np.ndarray, threshold: int) -> float:
     in_t = ct > threshold
     in_u = cu > threshold
     union = int(np.count_nonzero(in_t | in_u))
     if union == 0:
         return float("nan")
     return int(np.count_nonzero(in_t & in_u)) / union
+
+
+def _weighted_jaccard_aligned(ct: np.ndarray, cu: np.ndarray) -> float:
+    den = int(np.maximum(ct, cu).sum())
+    if den == 0:
+        return float("nan")
+    return int(np.minimum(ct, cu).sum()) / den
+
+
+def set_similarities(c_t: PatternCounts, c_u: PatternCounts, threshold: int = 10) -> dict[str, float]:
+    """:func:`jaccard`, thresholded :func:`jaccard` and :func:`weighted_jaccard` from one alignment of the counts.
+
+    Returns
+    -------
+    dict
+        ``jaccard``, ``jaccard_t`` (patterns seen more than ``threshold`` times) and ``weighted_jaccard``,
+        each exactly what the function of that name returns.
+
+    Examples
+    --------
+    >>> from actpat.analysis.counts import pattern_counts
+    >>> a = pattern_counts(np.array([[0], [0], [1]], dtype=np.uint8), 1)
+    >>> b = pattern_counts(np.array([[0], [1], [1]], dtype=np.uint8), 1)
+    >>> set_similarities(a, b, threshold=1)
+    {'jaccard': 1.0, 'jaccard_t': 0.0, 'weighted_jaccard': 0.5}
+    """
+    _check_counts(c_t, c_u)
+    _check_threshold(threshold)
+    _, ct, cu = c_t.align(c_u)
+    return {"jaccard": _jaccard_aligned(ct, cu, 0), "jaccard_t": _jaccard_aligned(ct, cu, threshold),
+            "weighted_jaccard": _weighted_jaccard_aligned(ct, cu)}
 
 
 def weighted_jaccard(c_t: PatternCounts, c_u: PatternCounts) -> float:
@@ -107,10 +146,7 @@ def weighted_jaccard(c_t: PatternCounts, c_u: PatternCounts) -> float:
     """
     _check_counts(c_t, c_u)
     _, ct, cu = c_t.align(c_u)
-    den = int(np.maximum(ct, cu).sum())
-    if den == 0:
-        return float("nan")
-    return int(np.minimum(ct, cu).sum()) / den
+    return _weighted_jaccard_aligned(ct, cu)
 
 
 class Stability(NamedTuple):

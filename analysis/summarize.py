@@ -21,7 +21,7 @@ from actpat.analysis.counts import PatternCounts
 from actpat.analysis.driver import run_pass, tidy_table
 from actpat.analysis.measures import pattern_measures
 from actpat.analysis.metrics import REFERENCES
-from actpat.analysis.similarity import jaccard, stability, weighted_jaccard
+from actpat.analysis.similarity import set_similarities, stability
 from actpat.analysis.tables import check_references
 from actpat.analysis.units import unit_stats
 from actpat.recorder.reader import Patterns, Run
@@ -93,11 +93,7 @@ def _row_aligned(a: Patterns, b: Patterns) -> tuple[np.ndarray, np.ndarray] | st
 
 
 def _similarity_metrics(cur: _Step, ref: _Step, name: str, threshold: int, site: str, warned: set) -> dict:
-    m = {
-        f"jaccard_{name}": jaccard(cur.counts, ref.counts),
-        f"jaccard_t_{name}": jaccard(cur.counts, ref.counts, threshold),
-        f"weighted_jaccard_{name}": weighted_jaccard(cur.counts, ref.counts),
-    }
+    m = {f"{measure}_{name}": value for measure, value in set_similarities(cur.counts, ref.counts, threshold).items()}
     aligned = _row_aligned(cur.patterns, ref.patterns)
     if isinstance(aligned, str):
         _warn_once(

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actpat.analysis.counts import pattern_counts
-from actpat.analysis.similarity import Stability, jaccard, stability, weighted_jaccard
+from actpat.analysis.similarity import Stability, jaccard, set_similarities, stability, weighted_jaccard
 
 WIDTHS = [1, 8, 63, 64, 65, 1000]
 
@@ -55,6 +55,11 @@ def test_jaccard_matches_brute_force(n_units, threshold):
     assert jaccard(pt, pu, threshold) == pytest.approx(expected)
     assert weighted_jaccard(pt, pu) == pytest.approx(brute_wjaccard(ct, cu))
     assert jaccard(pt, pt, threshold) == 1.0 and weighted_jaccard(pt, pt) == 1.0
+    # One alignment for all three (what summarize uses): the same numbers as the brute force.
+    together = set_similarities(pt, pu, threshold)
+    assert together["jaccard"] == pytest.approx(brute_jaccard(ct, cu, 0))
+    assert together["jaccard_t"] == pytest.approx(expected)
+    assert together["weighted_jaccard"] == pytest.approx(brute_wjaccard(ct, cu))
 
 
 def test_disjoint_and_empty_sets():
