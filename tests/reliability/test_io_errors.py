@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import numpy as np
 import pytest
@@ -34,7 +35,11 @@ def test_an_io_error_on_a_block_stops_recording_and_keeps_what_was_finalized(tmp
         with rec:
             for step in range(200):
                 if step == 20:
-                    finalized = list(tmp_path.glob("*.h5"))  # small shards: the first steps are finalized ...
+                    # Small shards: the writer finalizes the first ones (its blocks go out every second) ...
+                    deadline = time.monotonic() + 60
+                    while not list(tmp_path.glob("*.h5")) and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    finalized = list(tmp_path.glob("*.h5"))
                     failing.append(True)  # ... then the disk fails
                 with rec.capture(step):
                     model(x)
