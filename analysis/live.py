@@ -15,7 +15,7 @@ import numpy as np
 from actpat.analysis.counts import PatternCounts
 from actpat.analysis.measures import pattern_measures
 from actpat.analysis.metrics import metric_names
-from actpat.analysis.similarity import jaccard, weighted_jaccard
+from actpat.analysis.similarity import set_similarities
 
 __all__ = ["LIVE_METRICS", "live_measures"]
 
@@ -73,6 +73,7 @@ def live_measures(
     metrics = {name: float(measures[name]) for name in LIVE_METRICS if name in measures}
     for name, reference in references.items():
         reference = counts if reference is None else reference
-        metrics[f"jaccard_{name}"] = jaccard(counts, reference)
-        metrics[f"weighted_jaccard_{name}"] = weighted_jaccard(counts, reference)
+        both = set_similarities(counts, reference)  # one alignment of the two counts for both indices
+        metrics[f"jaccard_{name}"] = both["jaccard"]
+        metrics[f"weighted_jaccard_{name}"] = both["weighted_jaccard"]
     return counts, metrics
