@@ -102,3 +102,27 @@ def truth():
         Taps = Taps
 
     return _Truth
+
+
+@pytest.fixture
+def gated_writer(tmp_path):
+    """``make(**kwargs) -> (writer, gate)``: a started ShardWriter into ``tmp_path`` whose thread buffers
+    nothing until ``gate.set()`` (to fill its queue deterministically)."""
+    import threading
+
+    from actpat.recorder.shards import ShardWriter
+
+    def make(**kwargs):
+        writer = ShardWriter(tmp_path, **kwargs)
+        gate = threading.Event()
+        original = writer._buffer
+
+        def gated(record):
+            gate.wait(5)
+            original(record)
+
+        writer._buffer = gated
+        writer.start()
+        return writer, gate
+
+    return make

@@ -65,17 +65,8 @@ def test_a_batch_larger_than_the_queue_blocks_without_deadlock(tmp_path):
     assert run.read("s", 29).bits.tolist() == [[29, 29]] * 5
 
 
-def test_drop_keeps_what_fits_and_counts_the_rest(tmp_path):
-    writer = ShardWriter(tmp_path, max_queue_bytes=200, on_backpressure="drop")
-    gate = threading.Event()
-    original = writer._buffer
-
-    def gated(record):
-        gate.wait(5)
-        original(record)
-
-    writer._buffer = gated
-    writer.start()
+def test_drop_keeps_what_fits_and_counts_the_rest(tmp_path, gated_writer):
+    writer, gate = gated_writer(max_queue_bytes=200, on_backpressure="drop")
     assert writer.put_many([_record(s) for s in range(5)]) == 2  # 90 + 90 bytes fit, 270 does not
     gate.set()
     writer.close()

@@ -151,18 +151,9 @@ def test_drop_counts_stores_and_warns_once(tmp_path, monkeypatch, caplog):
     assert len(run.steps("1")) == n_steps - dropped
 
 
-def test_drop_count_kept_when_last_shard_was_already_finalized(tmp_path):
+def test_drop_count_kept_when_last_shard_was_already_finalized(tmp_path, gated_writer):
     # Drops counted while no shard is open (right after a rollover) must not be lost.
-    writer = ShardWriter(tmp_path, max_shard_bytes=1, on_backpressure="drop", max_queue_bytes=100)
-    gate = threading.Event()
-    original = writer._buffer
-
-    def gated(record):
-        gate.wait(5)
-        original(record)
-
-    writer._buffer = gated
-    writer.start()
+    writer, gate = gated_writer(max_shard_bytes=1, on_backpressure="drop", max_queue_bytes=100)
     assert writer.put(_record(0))  # written into shard 0, which then rolls over (1-byte shards)
     assert not writer.put(_record(1))  # queue full: dropped while shard 0 is still open or finalized
     assert not writer.put(_record(2))
