@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NO_LABEL", "check_bits", "check_labels", "check_n_classes"]
+__all__ = ["NO_LABEL", "check_bits", "check_labels", "check_n_classes", "check_threshold"]
 
 #: Label value of an observation without a label.
 NO_LABEL = -1
@@ -134,3 +134,20 @@ def check_n_classes(n_classes, n_present: int) -> int:
             f"Expected `n_classes` to be at least the {n_present} classes present in the labels, but got {n_classes}."
         )
     return int(n_classes)
+
+
+def check_threshold(threshold) -> int:
+    """The ``T`` of the thresholded Jaccard index (patterns seen more than ``T`` times): an int >= 0.
+
+    Examples
+    --------
+    >>> check_threshold(10)
+    10
+    >>> check_threshold(-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected `threshold` to be a non-negative int, but got -1.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
+        raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
+    return int(threshold)

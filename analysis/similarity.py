@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from actpat.analysis._validation import check_bits
+from actpat.analysis._validation import check_bits, check_threshold
 from actpat.analysis.counts import PatternCounts
 
 __all__ = ["Stability", "jaccard", "set_similarities", "stability", "weighted_jaccard"]
@@ -68,14 +68,9 @@ def jaccard(c_t: PatternCounts, c_u: PatternCounts, threshold: int = 0) -> float
     nan
     """
     _check_counts(c_t, c_u)
-    _check_threshold(threshold)
+    check_threshold(threshold)
     _, ct, cu = c_t.align(c_u)
     return _jaccard_aligned(ct, cu, threshold)
-
-
-def _check_threshold(threshold) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
-        raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
 
 
 def _jaccard_aligned(ct: np.ndarray, cu: np.ndarray, threshold: int) -> float:
@@ -112,7 +107,7 @@ def set_similarities(c_t: PatternCounts, c_u: PatternCounts, threshold: int = 10
     {'jaccard': 1.0, 'jaccard_t': 0.0, 'weighted_jaccard': 0.5}
     """
     _check_counts(c_t, c_u)
-    _check_threshold(threshold)
+    check_threshold(threshold)
     _, ct, cu = c_t.align(c_u)
     return {"jaccard": _jaccard_aligned(ct, cu, 0), "jaccard_t": _jaccard_aligned(ct, cu, threshold),
             "weighted_jaccard": _weighted_jaccard_aligned(ct, cu)}

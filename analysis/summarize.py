@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actpat.analysis._validation import NO_LABEL, check_n_classes
+from actpat.analysis._validation import NO_LABEL, check_n_classes, check_threshold
 from actpat.analysis.counts import PatternCounts
 from actpat.analysis.driver import run_pass, tidy_table
 from actpat.analysis.measures import pattern_measures
@@ -190,11 +190,8 @@ class SummaryConsumer:
     lost_init: frozenset = frozenset()
 
     def __post_init__(self) -> None:
-        threshold = self.threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
-            raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
         object.__setattr__(self, "references", check_references(self.references))
-        object.__setattr__(self, "threshold", int(threshold))
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
         if self.n_classes is not None:
             object.__setattr__(self, "n_classes", check_n_classes(self.n_classes, 0))
 
