@@ -294,17 +294,13 @@ def _check_metric_names(args: argparse.Namespace) -> None:
 
 def _figure_options(args: argparse.Namespace, df) -> dict:
     """The figure flags of ``plot`` as arguments of :func:`actpat.analysis.plots.save_all`, checked before
-    drawing; with --metric, ``df`` keeps only those metrics (and their saturation flags)."""
+    drawing."""
     from actpat.analysis import plots
-    from actpat.analysis.metrics import METRICS, metric
 
     present_metrics, present_sites = set(df["metric"]), list(dict.fromkeys(df["site"]))
     unknown = [m for m in args.metric or () if m not in present_metrics]
     if unknown:
         raise CommandError(f"Expected --metric among the table's metrics {sorted(present_metrics)}, but got {unknown}.")
-    if args.metric:  # only the chosen metrics: their curves and heatmaps (and the plane if both axes are chosen)
-        flags = {metric(m).saturation_flag for m in args.metric if m in METRICS} - {None}
-        df.drop(df.index[~df["metric"].isin(set(args.metric) | flags)], inplace=True)
     unknown = [s for s in args.site or () if s not in present_sites]
     if unknown:
         raise CommandError(f"Expected --site among the table's sites {present_sites}, but got {unknown}.")
@@ -324,8 +320,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     _check_metric_names(args)
     df, _, plane = _table_for(args, rates=False)
     options = _figure_options(args, df)
-    if args.metric:
-        plane = None
+    if args.metric:  # only the chosen metrics (and their saturation flags): no other figure
+        from actpat.analysis.metrics import metric
+
+        flags = {metric(name).saturation_flag for name in args.metric} - {None}
+        df, plane = df[df["metric"].isin(set(args.metric) | flags)], None
     paths = plots.save_all(df, args.output, info_plane_df=plane, progress=not args.no_progress, **options)
     print(f"wrote {len(paths)} figures to {args.output}")
     return 0
