@@ -516,14 +516,18 @@ class Run:
                 sound = np.ones(len(table), dtype=bool)
             ok = sound & _valid_rows(table, extents, meta["value_units"] is not None)
             sound_at.append(np.stack([np.flatnonzero(sound) + lo, table["step"][sound].astype(np.int64)], axis=1))
+            kind = "unwritten" if shard.partial else "corrupt"
             for i in np.flatnonzero(~ok):
-                row, kind = table[i], "unwritten" if shard.partial else "corrupt"
-                if not sound[i]:  # nothing in the row can be trusted, its step and split included
-                    reason = "it never fully reached the disk" if shard.partial else "its records-table row fails its checksum"
-                    untrusted.append((lo + int(i), reason, kind))
+                if shard.partial:
+                    reason = "it never fully reached the disk"
+                elif sound[i]:
+                    reason = "its records-table row points outside the data"
                 else:
-                    reason = "it never fully reached the disk" if shard.partial else "its records-table row points outside the data"
-                    losses.append(loss(reason, kind, step=int(row["step"]), split=_split(row), records=1))
+                    reason = "its records-table row fails its checksum"
+                if sound[i]:
+                    losses.append(loss(reason, kind, step=int(table[i]["step"]), split=_split(table[i]), records=1))
+                else:  # nothing in the row can be trusted, its step and split included
+                    untrusted.append((lo + int(i), reason, kind))
             for row, row_checksum in zip(table[ok], row_crcs[ok]):
                 entries.append((site, _Entry(
                     shard_id, key, _split(row), int(row["step"]), int(row["epoch"]), int(row["row_start"]),
