@@ -278,7 +278,9 @@ def region_table(
     rows: list[tuple] = []
     for step in tqdm(steps, disable=not progress, desc=f"actpat regions {split}", unit="step"):
         regions = final if final is not None and step == steps[-1] else _regions_at(run, chosen, step, split)
-        if regions is None:
+        if regions is None:  # an incomplete step: no measures, no `last` for the next step, and no init if first
+            last = None
+            references = references if init is not None else tuple(r for r in references if r != "init")
             continue
         epoch, ids, packed, n_bits = regions
         counts, metrics = region_measures(packed)

@@ -133,7 +133,19 @@ class _SiteSummary:
                 if self.init is not None or "init" not in self.references:
                     break
         if start > 0 and "last" in references:
-            self.last = next((s for s in (self._from_record(load(int(t))) for t in steps[start - 1 :: -1]) if s), None)
+            self.last = self._last_before(load, steps[start - 1 :: -1])
+
+    def _last_before(self, load, earlier) -> _Step | None:
+        """The latest readable record among ``earlier`` (newest first); None if a lost step comes first:
+        the record before the block's first step is then unknown, as in :meth:`__call__`."""
+        for step in earlier:
+            p = load(int(step))
+            if p.lost_records:
+                return None
+            found = self._from_record(p)
+            if found is not None:
+                return found
+        return None
 
     def _check_init(self, p: Patterns) -> None:
         """A lost record before any readable one: the site's first record is lost, its init unknown."""
@@ -163,6 +175,8 @@ class _SiteSummary:
     def __call__(self, p: Patterns) -> tuple[int, dict] | None:
         self._check_init(p)
         cur = self._from_record(p)
+        if p.lost_records:
+            self.last = None  # the next step's previous record is this incomplete one: no *_last there
         if cur is None:
             return None
         if self.init is None:

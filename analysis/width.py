@@ -283,8 +283,12 @@ def _as_run(run_or_path) -> Run:
 
 
 def _first_rows(run: Run, site: str, split: str) -> int | None:
-    steps = run.steps(site, split)
-    return len(run.read(site, int(steps[0]), split)) if len(steps) else None
+    """Observations of the first complete record of ``site`` (a step with lost records is not one)."""
+    for step in run.steps(site, split):
+        p = run.read(site, int(step), split)
+        if not p.lost_records:
+            return len(p)
+    return None
 
 
 def subset_sizes(runs: Iterable, split: str | None = None) -> tuple[int, int]:
@@ -363,7 +367,9 @@ def _site_rows(
     rows: list[tuple] = []
     for step in steps:
         got = at_end if at_end and step == steps[-1] else counts_at(step)
-        if got is None:
+        if got is None:  # an incomplete step: no measures, no `last` for the next step, and no init if first
+            last = None
+            references = references if init is not None else tuple(r for r in references if r != "init")
             tick()
             continue
         p, cur = got

@@ -289,9 +289,12 @@ def test_a_step_with_a_lost_record_is_left_out_not_measured_on_part_of_its_sampl
     for table in (result.metrics, result.information_plane):
         assert sorted(table["step"].unique()) == [0, 2]
     assert sorted(result.firing_rates["fc"]) == [0, 2]
-    # Steps 0 and 2 keep their numbers, except those that compare with the lost step ("last" of step 2).
+    # Step 2's previous record is the incomplete step 1: it has no *_last (not one measured against step 0).
+    assert not result.metrics.query("step == 2")["metric"].str.endswith("_last").any()
+    # Every other number is the intact run's.
     keep = lambda t: t[t["step"].isin([0, 2]) & ~t["metric"].str.endswith("_last")].reset_index(drop=True)
     pd.testing.assert_frame_equal(keep(result.metrics), keep(intact.metrics))
+    assert set(result.metrics.query("step == 2")["metric"]) == set(keep(intact.metrics).query("step == 2")["metric"])
 
 
 @pytest.mark.parametrize("field, value, left_out, init_lost", [
@@ -317,6 +320,29 @@ def test_a_damaged_records_row_marks_every_step_it_may_belong_to(tmp_path, field
     table = summarize(tmp_path, progress=False)
     kept = sorted(set(range(4)) - set(left_out))
     assert sorted(table["step"].unique()) == kept
+    after = max(left_out) + 1  # the step after an incomplete one has no previous record to compare with
+    assert not table.query("step == @after")["metric"].str.endswith("_last").any()
     assert table["metric"].str.endswith("_init").any() != init_lost
     own = lambda t: t[t["step"].isin(kept) & ~t["metric"].str.contains("_init|_last")].reset_index(drop=True)
     pd.testing.assert_frame_equal(own(table), own(intact))
+
+
+def test_width_controlled_and_region_tables_leave_out_a_lost_step_and_its_successors_last(tmp_path):
+    import h5py
+
+    from actpat.analysis.regions import region_table
+    from actpat.analysis.width import width_controlled_table
+    from actpat.recorder import schema
+
+    write_halves(tmp_path, np.random.default_rng(0), steps=4, halves=(0,))
+    (shard,) = tmp_path.glob("*.h5")
+    with h5py.File(shard, "r+") as f:
+        group = f["sites"][schema.site_key("fc")]
+        row = int(group["records"][0]["row_start"])  # step 0: the first record, so init is lost too
+        group["bits"][row] = group["bits"][row] ^ 1
+    for table in (width_controlled_table(tmp_path, m=4, n_subsets=2, progress=False),
+                  region_table(tmp_path, progress=False)):
+        assert sorted(table["step"].unique()) == [1, 2, 3]
+        assert not table["metric"].str.endswith("_init").any()
+        assert not table.query("step == 1")["metric"].str.endswith("_last").any()
+        assert table.query("step == 2")["metric"].str.endswith("_last").any()
