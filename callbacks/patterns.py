@@ -478,7 +478,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._warn_once(
             "error",
             f"actpat: {reason}; activation recording stops for the rest of this fit and training continues. "
-            "Records written before stay readable. Pass `on_error='raise'` to stop training instead.",
+            "Shards finalized before stay readable; of the open one, what verifies (`actpat info` says what was "
+            "lost). Pass `on_error='raise'` to stop training instead.",
         )
         self._close(abandon=True)
 

@@ -546,14 +546,15 @@ class Run:
         rank, _ = schema.parse_stop_name(path.name)
         try:
             with open(path, encoding="utf-8") as handle:
-                for line in handle:
-                    line = line.strip()
-                    if line:
-                        try:
-                            reason = str(json.loads(line))
-                        except ValueError:
-                            reason = line
-                        self.stop_reasons.append(StopReason(rank, path, reason))
+                lines = [line.strip() for line in handle if line.strip()]
+            for line in lines:
+                try:
+                    reason = str(json.loads(line))
+                except ValueError:
+                    reason = line
+                self.stop_reasons.append(StopReason(rank, path, reason))
+            if not lines:  # created, but the reason could not be written (a full disk, typically)
+                self.stop_reasons.append(StopReason(rank, path, "unknown: the writer could not store why"))
         except OSError as exc:
             log.warning("actpat: cannot read %s (why recording stopped): %s", path, exc)
 

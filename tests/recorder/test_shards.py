@@ -324,6 +324,8 @@ def test_stop_reasons_go_into_the_last_shard_or_a_side_file(tmp_path):
         "the probe at step 3 failed: ValueError('x')", "after close\nwith a newline"
     ]
     assert [s.path for s in run.stop_reasons] == [writer.finalized[-1], side]
+    side.write_text("")  # a full disk: the side file was created, its reason never written
+    assert [s.reason for s in open_run(tmp_path).stop_reasons][-1] == "unknown: the writer could not store why"
 
 
 def test_a_failed_block_is_never_retried_and_its_shard_never_finalized(tmp_path, monkeypatch):
