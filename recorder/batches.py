@@ -58,6 +58,12 @@ class BatchReader:
             labels, source = self._labels_from(batch), "`labels_from(batch)`"
         else:
             labels, source = default_labels(batch)
+            if labels is None and isinstance(batch, Mapping) and len(batch) > 1:
+                raise ValueError(
+                    f"Expected the labels of a dict batch under one of the keys {list(LABEL_KEYS)}, but its keys are "
+                    f"{list(batch)}: pass `labels_from=lambda batch: batch[KEY]` with the key of the class labels, or "
+                    "`labels_from=lambda batch: None` to record without labels."
+                )
         if labels is None:
             return None
         return self._check(labels, n, source)

@@ -283,6 +283,13 @@ class DictSet(ImageSet):
         return {"pixels": self.x[i], "target": self.y[i], "names": f"sample-{i}", "index": i}
 
 
+class UnknownLabelKeySet(ImageSet):
+    """Dict samples whose labels sit under a key the callback does not know."""
+
+    def __getitem__(self, i):
+        return {"pixels": self.x[i], "cls": self.y[i]}
+
+
 class IndexedSet(ImageSet):
     def __getitem__(self, i):
         return self.x[i], self.y[i], i
@@ -758,6 +765,11 @@ MISTAKES = {
     # name: (model factory, training loader, callback options, expected message)
     "dict_probe_with_other_keys": (
         lambda p: modules(p)["WithForward"](SmallCNN()), None, dict(probe=DictSet(N_PROBE, 1)), r"inputs_from",
+    ),
+    "dict_probe_with_an_unknown_label_key": (
+        lambda p: modules(p)["WithForward"](SmallCNN()), None,
+        dict(probe=UnknownLabelKeySet(N_PROBE, 1), inputs_from=lambda batch: batch["pixels"]),
+        r"labels of a dict batch under one of the keys.*\['pixels', 'cls'\].*labels_from=lambda batch: batch\[KEY\]",
     ),
     "iterable_dataset_with_float_probe_every": (
         lambda p: modules(p)["WithForward"](SmallCNN()), lambda: _loader(Stream()),
