@@ -179,6 +179,7 @@ class ShardWriter:
         #: Last step of each split this rank had recorded in ``out_dir`` before :meth:`start` (a run
         #: continued into the same directory), for recorders to refuse steps that would be pooled with it.
         self.recorded_before: dict[str, int] = {}
+        self._sites_on_disk: dict[str, tuple[int, str, str]] = {}  # site -> (n_units, pattern, shard)
         self._pending_bytes = 0
         self._pending_since = 0.0
         self._next_index = 0
@@ -201,7 +202,7 @@ class ShardWriter:
         self._io_failed = False
         self._stop_file = None
         self._next_index = self._first_free_index()
-        self.recorded_before = _last_steps(self.out_dir, self.rank)
+        self.recorded_before, self._sites_on_disk = _scan_existing(self.out_dir, self.rank)
         self._thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
         self._thread.start()
 
@@ -255,7 +256,8 @@ class ShardWriter:
     def register_site(self, meta: SiteMeta) -> SiteMeta:
         """Check ``meta`` against what this writer already records under the same site name.
 
-        A site is identified by its name within a run. Recorders sharing a writer (a model and its
+        A site is identified by its name within a run: the shards already in ``out_dir`` when the writer
+        started fix its ``n_units`` and ``pattern``. Recorders sharing a writer (a model and its
         probe copy) must agree on a site's ``n_units`` and ``pattern``, and on ``value_units`` where both
         store values; records without values may be mixed with records with values. The first
         description of a site (its ``site_index``, ``module_type``, ``shape``) is written in every shard.
@@ -265,6 +267,14 @@ class ShardWriter:
         SiteMeta
             The site as the shards describe it.
         """
+        on_disk = self._sites_on_disk.get(meta.site)
+        if on_disk is not None and on_disk[:2] != (meta.n_units, meta.pattern):
+            raise ValueError(
+                f"Expected site {meta.site!r} to be recorded as the shards already in {self.out_dir} describe it, "
+                f"with {on_disk[0]} units ({on_disk[1]!r} patterns, {on_disk[2]}), but got {meta.n_units} units "
+                f"({meta.pattern!r} patterns): the directory would no longer open as one run. Record into a new "
+                "`out_dir`."
+            )
         with self._sites_lock:
             known = self._sites.get(meta.site)
             if known is None or known is meta:
@@ -822,17 +832,23 @@ class _RunLock:
                 self.fd = -1
 
 
-def _last_steps(out_dir: Path, rank: int) -> dict[str, int]:
-    """Last step per split in the shards ``rank`` left in ``out_dir`` (records-table rows as stored; a shard
-    that cannot be read is the reader's to report)."""
+def _scan_existing(out_dir: Path, rank: int) -> tuple[dict[str, int], dict[str, tuple[int, str, str]]]:
+    """What earlier writers left in ``out_dir``: the last step per split of ``rank``'s records, and each
+    site's ``(n_units, pattern, shard name)`` in any rank's shards (records-table rows and attributes as
+    stored; a shard that cannot be read is the reader's to report)."""
     last: dict[str, int] = {}
+    sites: dict[str, tuple[int, str, str]] = {}
     for name in os.listdir(out_dir):
         parsed = schema.parse_shard_name(name)
-        if parsed is None or parsed[0] != rank:
+        if parsed is None:
             continue
         try:
             with h5py.File(out_dir / name, "r", locking=False) as handle:
                 for group in handle[schema.SITES_GROUP].values():
+                    attrs = group.attrs
+                    sites.setdefault(str(attrs["site"]), (int(attrs["n_units"]), str(attrs["pattern"]), name))
+                    if parsed[0] != rank:
+                        continue
                     rows = group[schema.RECORDS].fields(["step", "split"])[:]
                     for split in np.unique(rows["split"]):
                         step = int(rows["step"][rows["split"] == split].max())
@@ -840,7 +856,7 @@ def _last_steps(out_dir: Path, rank: int) -> dict[str, int]:
                         last[key] = max(last.get(key, step), step)
         except Exception:  # noqa: BLE001 - damaged: reading it is the reader's business, not the writer's
             continue
-    return last
+    return last, sites
 
 
 def _move_no_replace(source: Path, target: Path) -> None:

@@ -70,3 +70,23 @@ def test_a_second_run_into_the_same_directory_cannot_pool_its_steps_with_the_fir
     run = open_run(tmp_path)
     assert run.steps("1", "probe").tolist() == [0, 1, 2, 3] and len(run.read("1", 0, "probe")) == 8
     assert len(run.read("1", 1, "train")) == 8
+
+
+def test_a_second_run_with_other_site_shapes_is_refused_before_it_spoils_the_directory(tmp_path):
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec, rec.capture(0):
+        model(torch.randn(4, 4))
+    with ActivationRecorder(model, tmp_path, pattern="flat") as rec:
+        with pytest.raises(ValueError, match=r"site '1'.*8 units \('channel' patterns.*got 8 units \('flat'"):
+            with rec.capture(1):
+                model(torch.randn(4, 4))
+    with ActivationRecorder(model, tmp_path) as rec, rec.capture(1):  # the same description: one run
+        model(torch.randn(4, 4))
+    wider = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    with ActivationRecorder(wider, tmp_path) as rec:
+        with pytest.raises(ValueError, match=r"site '1'.*8 units.*got 16 units.*new `out_dir`"):
+            with rec.capture(2):
+                wider(torch.randn(4, 4))
+    from actpat.recorder import open_run
+
+    assert open_run(tmp_path).steps("1").tolist() == [0, 1]  # the directory still opens as one run
