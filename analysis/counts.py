@@ -18,12 +18,13 @@ The module imports numpy only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from actpat.analysis._validation import check_bits
 
-__all__ = ["PatternCounts", "pattern_codes", "pattern_counts"]
+__all__ = ["PatternCounts", "pattern_codes", "pattern_counts", "pattern_label_cells", "row_words"]
 
 # Rows up to this many units are one uint64 key.
 _KEY_UNITS = 64
@@ -53,6 +54,42 @@ def _as_words(bits: np.ndarray, n_units: int) -> np.ndarray:
     if tail:
         buf[:, n_bytes - 1] &= np.uint8((1 << tail) - 1)
     return buf.view("<u8").reshape(n, n_words)
+
+
+def _narrow_keys(bits: np.ndarray, n_units: int) -> np.ndarray:
+    """``(n,)`` uint64 key ``sum_j a_j 2**j`` of each packed row of at most 64 units, padding bits cleared.
+
+    Reads whole 1-, 2-, 4- or 8-byte rows as one integer (no padded copy of the rows)."""
+    n, n_bytes = bits.shape
+    if n_bytes in (1, 2, 4, 8) and bits.flags.c_contiguous:
+        keys = bits.view(f"<u{n_bytes}").reshape(n).astype(np.uint64)
+    else:
+        keys = np.zeros(n, dtype=np.uint64)
+        for b in range(n_bytes):
+            keys |= bits[:, b].astype(np.uint64) << np.uint64(8 * b)
+    if n_units < 64:
+        keys &= np.uint64((1 << n_units) - 1)
+    return keys
+
+
+def _compact(keys: np.ndarray, n_units: int) -> np.ndarray:
+    """Keys of at most 32 units as uint32: numpy sorts them about twice as fast as uint64."""
+    return keys.astype(np.uint32) if n_units <= 32 else keys
+
+
+def _keys_to_bits(keys: np.ndarray, n_units: int) -> np.ndarray:
+    """Inverse of :func:`_narrow_keys`: ``(k, n_bytes)`` uint8 rows."""
+    k = keys.shape[0]
+    return np.ascontiguousarray(keys.astype("<u8").view(np.uint8).reshape(k, 8)[:, : _n_bytes(n_units)])
+
+
+def row_words(bits: np.ndarray, n_units: int) -> np.ndarray:
+    """``(n, ceil(n_units / 64))`` little-endian uint64 words of packed rows, padding bits cleared.
+
+    Rows of at most 64 units are one word (a cheap conversion); wider rows a view or padded copy."""
+    if n_units <= _KEY_UNITS:
+        return _narrow_keys(np.ascontiguousarray(bits), n_units)[:, None]
+    return _as_words(bits, n_units)
 
 
 def _words_to_bits(words: np.ndarray, n_units: int) -> np.ndarray:
@@ -206,21 +243,20 @@ def _factorize(bits: np.ndarray, n_units: int, kind: str = "quicksort") -> tuple
     first : np.ndarray
         ``(K,)`` int64, one row of each pattern; codes follow the canonical pattern order.
     """
-    words = _as_words(bits, n_units)
     if n_units <= _KEY_UNITS:
-        return _factorize_keys(words[:, 0], kind)
-    return _factorize_words(words)
+        return _factorize_keys(_narrow_keys(bits, n_units), kind)
+    return _factorize_words(_as_words(bits, n_units))
 
 
 def _unique_counts(bits: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
     """``(patterns (K, n_bytes) uint8, counts (K,) int64)`` of validated packed rows, canonical order."""
-    words = _as_words(bits, n_units)
-    n = words.shape[0]
+    n = bits.shape[0]
     if n_units <= _KEY_UNITS:
-        keys = np.sort(words[:, 0])
+        keys = np.sort(_compact(_narrow_keys(bits, n_units), n_units))
         starts = np.flatnonzero(_runs(keys))
         counts = np.diff(np.append(starts, n)).astype(np.int64, copy=False)
-        return _words_to_bits(keys[starts, None], n_units), counts
+        return _keys_to_bits(keys[starts], n_units), counts
+    words = _as_words(bits, n_units)
     _, codes_sorted, first = _group_words(words)
     counts = np.bincount(codes_sorted, minlength=first.size).astype(np.int64, copy=False)
     return _words_to_bits(words[first], n_units), counts
@@ -234,6 +270,22 @@ def _weighted_counts(codes: np.ndarray, weights: np.ndarray, k: int) -> np.ndarr
     out = np.zeros(k, dtype=np.int64)
     np.add.at(out, codes, weights)
     return out
+
+
+def _label_cells_by_sort(keys: np.ndarray, label_codes: np.ndarray, label_bits: int, n_units: int):
+    """Cells of narrow keys from one sort of ``key << label_bits | label`` (no argsort, no row codes)."""
+    joint = _compact(keys << np.uint64(label_bits) | label_codes.astype(np.uint64), n_units + label_bits)
+    joint.sort()
+    starts = np.flatnonzero(_runs(joint))
+    cell_keys = joint[starts]
+    cell_count = np.diff(np.append(starts, joint.size)).astype(np.int64, copy=False)
+    pattern_of_cell = cell_keys >> cell_keys.dtype.type(label_bits)
+    new = _runs(pattern_of_cell)
+    first = np.flatnonzero(new)
+    counts = np.add.reduceat(cell_count, first) if first.size else cell_count
+    cell_label = (cell_keys & cell_keys.dtype.type((1 << label_bits) - 1)).astype(np.int64)
+    patterns = _keys_to_bits(pattern_of_cell[first], n_units)
+    return PatternCounts(patterns, counts, n_units), np.cumsum(new) - 1, cell_label, cell_count
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,15 +398,75 @@ class PatternCounts:
         ([1, 2, 3], [2, 1, 0], [0, 1, 1])
         """
         self._check_same_units(other)
+        stacked, codes, first = self._union_codes(other)
+        k, ka = first.size, len(self)
+        ca = _weighted_counts(codes[:ka], self.counts, k)
+        cb = _weighted_counts(codes[ka:], other.counts, k)
+        return stacked[first], ca, cb
+
+    def _union_codes(self, other: "PatternCounts") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Both pattern lists stacked, the code of each stacked row and one row of each code."""
         stacked = np.concatenate([self.patterns, other.patterns], axis=0)
         if stacked.shape[0] == 0:
             empty = np.zeros(0, dtype=np.int64)
             return stacked, empty, empty.copy()
         codes, first = _factorize(stacked, self.n_units, kind="stable")  # two runs in canonical order
-        k, ka = first.size, len(self)
-        ca = _weighted_counts(codes[:ka], self.counts, k)
-        cb = _weighted_counts(codes[ka:], other.counts, k)
-        return stacked[first], ca, cb
+        return stacked, codes, first
+
+    @cached_property
+    def _sorted_keys(self) -> np.ndarray | None:
+        """``(K,)`` uint64 key of each pattern (the pattern itself up to 64 units, else its row hash) when
+        they ascend strictly, as in canonical order without hash collisions; None otherwise."""
+        if self.n_units <= _KEY_UNITS:
+            keys = _narrow_keys(self.patterns, self.n_units)
+        else:
+            keys = _row_hash(_as_words(self.patterns, self.n_units))
+        return keys if keys.size < 2 or bool((keys[1:] > keys[:-1]).all()) else None
+
+    def shared(self, other: "PatternCounts") -> tuple[np.ndarray, np.ndarray]:
+        """Counts of ``self`` and ``other`` on the patterns that both list.
+
+        What the set similarities need (patterns on one side only add to neither an intersection nor a
+        minimum). For canonical counts this is a binary search of one sorted key list in the other,
+        which :class:`PatternCounts` keeps once computed; rows matched by hash (over 64 units) are
+        compared exactly, and any doubt falls back to :meth:`align`.
+
+        Parameters
+        ----------
+        other : PatternCounts
+            Counts with the same ``n_units``.
+
+        Returns
+        -------
+        counts_self, counts_other : np.ndarray
+            ``(K_shared,)`` int64 each, in canonical pattern order.
+
+        Examples
+        --------
+        >>> a = pattern_counts(np.array([[1], [1], [2]], dtype=np.uint8), 2)
+        >>> b = pattern_counts(np.array([[2], [3]], dtype=np.uint8), 2)
+        >>> [c.tolist() for c in a.shared(b)]
+        [[1], [1]]
+        """
+        self._check_same_units(other)
+        ka, kb = self._sorted_keys, other._sorted_keys
+        if ka is not None and kb is not None:
+            ib = np.searchsorted(kb, ka)
+            hit = ib < kb.size
+            hit[hit] = kb[ib[hit]] == ka[hit]
+            ia, ib = np.flatnonzero(hit), ib[hit]
+            if self.n_units <= _KEY_UNITS or np.array_equal(self.patterns[ia], other.patterns[ib]):
+                return self.counts[ia], other.counts[ib]
+        _, codes, first = self._union_codes(other)
+        k, n_self = first.size, len(self)
+        both = np.zeros(k, dtype=bool)
+        both[codes[:n_self]] = True
+        in_other = np.zeros(k, dtype=bool)
+        in_other[codes[n_self:]] = True
+        both &= in_other
+        ca = _weighted_counts(codes[:n_self], self.counts, k)
+        cb = _weighted_counts(codes[n_self:], other.counts, k)
+        return ca[both], cb[both]
 
     def __add__(self, other: "PatternCounts") -> "PatternCounts":
         if not isinstance(other, PatternCounts):
@@ -460,3 +572,61 @@ def pattern_codes(bits, n_units: int, *, validate_args: bool = True) -> tuple[Pa
     counts = np.bincount(codes, minlength=first.size).astype(np.int64, copy=False)
     patterns = _words_to_bits(_as_words(bits[first], n_units), n_units)
     return PatternCounts(patterns, counts, n_units), codes
+
+
+def pattern_label_cells(
+    bits, n_units: int, label_codes, n_label_codes: int, *, validate_args: bool = True
+) -> tuple[PatternCounts, np.ndarray, np.ndarray, np.ndarray]:
+    """Exact counts of the patterns in ``bits`` and of the non-empty ``(pattern, label)`` cells.
+
+    What every pattern-label measure needs, without a code per row: for patterns of up to 64 units
+    (with the label's bits) it takes one sort of ``(pattern, label)`` keys, several times faster than
+    :func:`pattern_codes` followed by a count of the pairs.
+
+    Parameters
+    ----------
+    bits : array_like
+        ``(n, ceil(n_units / 8))`` uint8 packed patterns.
+    n_units : int
+    label_codes : array_like
+        ``(n,)`` int in ``0 .. n_label_codes - 1``, the (dense) label of each observation.
+    n_label_codes : int
+        Number of label codes, at least 1.
+    validate_args : bool, default True
+
+    Returns
+    -------
+    counts : PatternCounts
+        As :func:`pattern_counts` (all ``n`` observations).
+    cell_pattern, cell_label, cell_count : np.ndarray
+        ``(K_cells,)`` int64 each, ordered by (pattern, label): the index of the cell's pattern in
+        ``counts.patterns``, its label code and its count (> 0).
+
+    Examples
+    --------
+    >>> bits = np.array([[1], [2], [1], [1]], dtype=np.uint8)
+    >>> counts, cp, cl, cc = pattern_label_cells(bits, 2, np.array([0, 1, 1, 0]), 2)
+    >>> counts.counts.tolist(), cp.tolist(), cl.tolist(), cc.tolist()
+    ([3, 1], [0, 0, 1], [0, 1, 1], [2, 1, 1])
+    """
+    if validate_args:
+        bits = check_bits(bits, n_units)
+        label_codes = np.asarray(label_codes)
+        n_label_codes = int(n_label_codes)
+        if (
+            label_codes.shape != (bits.shape[0],) or not np.issubdtype(label_codes.dtype, np.integer)
+            or n_label_codes < 1 or (label_codes.size and not 0 <= label_codes.min() <= label_codes.max() < n_label_codes)
+        ):
+            raise ValueError(
+                f"Expected `label_codes` to be {bits.shape[0]} ints in 0 .. n_label_codes - 1 = {n_label_codes - 1}, "
+                f"but got {label_codes.dtype} of shape {label_codes.shape}."
+            )
+    else:
+        bits = np.ascontiguousarray(bits)
+    n_units = int(n_units)
+    label_bits = max(1, (int(n_label_codes) - 1).bit_length())
+    if n_units + label_bits <= _KEY_UNITS:
+        return _label_cells_by_sort(_narrow_keys(bits, n_units), np.asarray(label_codes), label_bits, n_units)
+    counts, codes = pattern_codes(bits, n_units, validate_args=False)
+    cells, cell_count = np.unique(codes * int(n_label_codes) + label_codes, return_counts=True)
+    return counts, cells // n_label_codes, cells % n_label_codes, cell_count.astype(np.int64, copy=False)

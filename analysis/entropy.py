@@ -16,8 +16,10 @@ from actpat.analysis.counts import PatternCounts, pattern_codes
 
 __all__ = [
     "conditional_entropy",
+    "dense_labels",
     "entropy",
     "label_information",
+    "information_from_cells",
     "label_information_from_codes",
     "miller_madow",
     "mutual_information",
@@ -172,6 +174,21 @@ def _dense_codes(values: np.ndarray) -> tuple[np.ndarray, int]:
     return codes.reshape(-1).astype(np.int64, copy=False), int(unique.size)
 
 
+def dense_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense codes of int labels: ``0 .. L - 1`` for the ``L`` labels present (ascending), ``L`` for -1 (none).
+
+    Returns ``(codes (n,) int64, L)``."""
+    labelled = labels != NO_LABEL
+    if not labelled.any():
+        return np.zeros(labels.shape[0], dtype=np.int64), 0
+    codes, n_labels = _dense_codes(labels[labelled].astype(np.int64, copy=False))
+    if labelled.all():
+        return codes, n_labels
+    out = np.full(labels.shape[0], n_labels, dtype=np.int64)
+    out[labelled] = codes
+    return out, n_labels
+
+
 def _joint_cells(codes: np.ndarray, lab: np.ndarray, n_labels: int):
     """Non-empty ``(pattern, label)`` cells: pattern index, label index and count of each."""
     keys, cell_counts = np.unique(codes * n_labels + lab, return_counts=True)
@@ -296,13 +313,44 @@ def label_information_from_codes(
         codes, labels = codes[labelled], labels[labelled]
     dense, k = _dense_codes(codes.astype(np.int64, copy=False))
     lab, n_labels = _dense_codes(labels)
+    return information_from_cells(
+        *_joint_cells(dense, lab, n_labels), k=k, n_labels=n_labels, n_units=n_units, prior=prior, n_classes=n_classes
+    )
+
+
+def information_from_cells(
+    cell_pattern: np.ndarray, cell_label: np.ndarray, cell_count: np.ndarray, *, k: int, n_labels: int,
+    n_units: int | None = None, prior: str = "empirical", n_classes: int | None = None,
+) -> dict:
+    """All pattern-label measures from the non-empty ``(pattern, label)`` cells of labelled observations.
+
+    The core of :func:`label_information_from_codes`, for callers that counted the cells themselves
+    (:func:`actpat.analysis.counts.pattern_label_cells`). No argument is validated.
+
+    Parameters
+    ----------
+    cell_pattern, cell_label, cell_count : np.ndarray
+        ``(K_cells,)`` ints: pattern index in ``0 .. k - 1``, label index in ``0 .. n_labels - 1`` (every
+        label index occurring) and count (> 0) of each cell.
+    k, n_labels : int
+        Number of pattern indices (``k`` of the result counts those that occur in a cell) and of labels
+        present.
+    n_units, prior, n_classes
+        As in :func:`label_information_from_codes`.
+
+    Returns
+    -------
+    dict
+        As :func:`label_information`.
+    """
+    _check_prior(prior, n_classes)
     if n_classes is not None:
         n_classes = check_n_classes(n_classes, n_labels)
-    a_idx, l_idx, cell_counts = _joint_cells(dense, lab, n_labels)
     h_a, h_l, h_al, h_a_given_l, i_al, h_l_given_a = _COMPUTE[prior](
-        a_idx, l_idx, cell_counts, k, n_labels, n_classes
+        cell_pattern, cell_label, cell_count, k, n_labels, n_classes
     )
-    n = int(codes.size)
+    n = int(cell_count.sum())
+    k = int(np.count_nonzero(np.bincount(cell_pattern, minlength=k)))  # the patterns of labelled observations
     classes = n_labels if n_classes is None else n_classes
     h_cond_max, i_max = _normalizers(n, classes, math.inf if n_units is None else float(n_units))
     return {

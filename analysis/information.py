@@ -23,9 +23,9 @@ import numpy as np
 
 from actpat.analysis import mi
 from actpat.analysis._validation import NO_LABEL
-from actpat.analysis.counts import pattern_codes
+from actpat.analysis.counts import pattern_label_cells
 from actpat.analysis.driver import run_pass, tidy_table
-from actpat.analysis.entropy import entropy, label_information_from_codes, miller_madow
+from actpat.analysis.entropy import dense_labels, entropy, information_from_cells, miller_madow
 from actpat.analysis.measures import SATURATION
 from actpat.recorder.reader import Patterns, Run, open_run
 
@@ -88,20 +88,21 @@ def _flat_values(p: Patterns) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compute_binary(bits: np.ndarray, n_units: int, labels: np.ndarray, saturation: float) -> dict:
-    pc, codes = pattern_codes(bits, n_units)
+    label_codes, n_labels = dense_labels(labels)
+    pc, cell_pattern, cell_label, cell_count = pattern_label_cells(bits, n_units, label_codes, n_labels + 1)
     m = {
         "input_information": entropy(pc),
         "input_information_mm": miller_madow(pc),
         "saturated": float(pc.k >= saturation * pc.n),
     }
-    labelled = labels != NO_LABEL
-    if labelled.any():
-        info = label_information_from_codes(codes, labels, n_units=n_units, validate_args=False)
-        codes, labels = codes[labelled], labels[labelled]
-        _, label_codes = np.unique(labels, return_inverse=True)
-        k_ty = np.unique(codes * info["n_labels"] + label_codes.reshape(-1)).size
+    if n_labels:
+        keep = cell_label < n_labels  # the last code is "no label"
+        info = information_from_cells(
+            cell_pattern[keep], cell_label[keep], cell_count[keep], k=len(pc), n_labels=n_labels, n_units=n_units
+        )
+        k_ty = int(np.count_nonzero(keep))
         # Miller-Madow on each of H(T), H(Y), H(T, Y): I + (K_T - 1 + K_Y - 1 - (K_TY - 1)) / (2 n ln 2).
-        correction = (info["k"] + info["n_labels"] - k_ty - 1) / (2.0 * info["n"] * math.log(2.0))
+        correction = (info["k"] + n_labels - k_ty - 1) / (2.0 * info["n"] * math.log(2.0))
         m.update(mutual_information=info["mutual_information"],
                  mutual_information_mm=info["mutual_information"] + correction)
     return m

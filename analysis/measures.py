@@ -6,11 +6,12 @@ import math
 
 import numpy as np
 
-from actpat.analysis._validation import check_bits, check_labels
-from actpat.analysis.counts import PatternCounts, pattern_codes
+from actpat.analysis._validation import NO_LABEL, check_bits, check_labels
+from actpat.analysis.counts import PatternCounts, pattern_counts, pattern_label_cells
 from actpat.analysis.entropy import (
+    dense_labels,
     entropy,
-    label_information_from_codes,
+    information_from_cells,
     miller_madow,
     nominal_conditional_entropy,
     normalized_entropy,
@@ -79,7 +80,23 @@ def pattern_measures(
     """
     if validate_args:
         bits = check_bits(bits, n_units)
-    counts, codes = pattern_codes(bits, n_units, validate_args=False)
+        if labels is not None:
+            labels = check_labels(labels, bits.shape[0])
+    labels = None if labels is None else np.asarray(labels)
+    info = None
+    if labels is None or not (labels != NO_LABEL).any():
+        counts = pattern_counts(bits, n_units, validate_args=False)
+    else:
+        # Unlabelled observations get a code of their own: counted as patterns, left out of the cells.
+        label_codes, n_labels = dense_labels(labels)
+        counts, cell_pattern, cell_label, cell_count = pattern_label_cells(
+            bits, n_units, label_codes, n_labels + 1, validate_args=False
+        )
+        keep = cell_label < n_labels
+        info = information_from_cells(
+            cell_pattern[keep], cell_label[keep], cell_count[keep], k=len(counts), n_labels=n_labels,
+            n_units=n_units, n_classes=n_classes,
+        )
     n = counts.n
     top = int(counts.counts.max())
     measures = {
@@ -95,13 +112,7 @@ def pattern_measures(
         "top_mass": top / n,
         "saturated": float(counts.k >= saturation * n),
     }
-    if labels is None:
-        return counts, measures
-    labels = check_labels(labels, n) if validate_args else np.asarray(labels)
-    if (labels >= 0).any():
-        info = label_information_from_codes(
-            codes, labels, n_units=n_units, n_classes=n_classes, validate_args=False
-        )
+    if info is not None:
         measures.update((name, info[name]) for name in _LABEL_METRICS)
         if n_classes is not None:
             h_nominal = nominal_conditional_entropy(info["joint_entropy"], n_classes)

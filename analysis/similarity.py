@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from actpat.analysis._validation import check_bits, check_threshold
-from actpat.analysis.counts import PatternCounts
+from actpat.analysis.counts import PatternCounts, row_words
 
 __all__ = ["Stability", "jaccard", "set_similarities", "stability", "weighted_jaccard"]
 
@@ -69,28 +69,31 @@ def jaccard(c_t: PatternCounts, c_u: PatternCounts, threshold: int = 0) -> float
     """
     _check_counts(c_t, c_u)
     check_threshold(threshold)
-    _, ct, cu = c_t.align(c_u)
-    return _jaccard_aligned(ct, cu, threshold)
+    return _jaccard_shared(c_t, c_u, *c_t.shared(c_u), threshold)
 
 
-def _jaccard_aligned(ct: np.ndarray, cu: np.ndarray, threshold: int) -> float:
-    in_t = ct > threshold
-    in_u = cu > threshold
-    union = int(np.count_nonzero(in_t | in_u))
+def _jaccard_shared(c_t: PatternCounts, c_u: PatternCounts, shared_t: np.ndarray, shared_u: np.ndarray,
+                    threshold: int) -> float:
+    """JI from the counts on the shared patterns: ``|S_t & S_u| / (|S_t| + |S_u| - |S_t & S_u|)``."""
+    both = int(np.count_nonzero((shared_t > threshold) & (shared_u > threshold)))
+    union = int(np.count_nonzero(c_t.counts > threshold)) + int(np.count_nonzero(c_u.counts > threshold)) - both
     if union == 0:
         return float("nan")
-    return int(np.count_nonzero(in_t & in_u)) / union
+    return both / union
 
 
-def _weighted_jaccard_aligned(ct: np.ndarray, cu: np.ndarray) -> float:
-    den = int(np.maximum(ct, cu).sum())
+def _weighted_jaccard_shared(c_t: PatternCounts, c_u: PatternCounts, shared_t: np.ndarray,
+                             shared_u: np.ndarray) -> float:
+    """``sum min / sum max``; a pattern on one side only adds its count to the max and nothing to the min."""
+    overlap = int(np.minimum(shared_t, shared_u).sum())
+    den = c_t.n + c_u.n - overlap
     if den == 0:
         return float("nan")
-    return int(np.minimum(ct, cu).sum()) / den
+    return overlap / den
 
 
 def set_similarities(c_t: PatternCounts, c_u: PatternCounts, threshold: int = 10) -> dict[str, float]:
-    """:func:`jaccard`, thresholded :func:`jaccard` and :func:`weighted_jaccard` from one alignment of the counts.
+    """:func:`jaccard`, thresholded :func:`jaccard` and :func:`weighted_jaccard` from one match of the shared patterns.
 
     Returns
     -------
@@ -108,9 +111,9 @@ def set_similarities(c_t: PatternCounts, c_u: PatternCounts, threshold: int = 10
     """
     _check_counts(c_t, c_u)
     check_threshold(threshold)
-    _, ct, cu = c_t.align(c_u)
-    return {"jaccard": _jaccard_aligned(ct, cu, 0), "jaccard_t": _jaccard_aligned(ct, cu, threshold),
-            "weighted_jaccard": _weighted_jaccard_aligned(ct, cu)}
+    shared = c_t.shared(c_u)
+    return {"jaccard": _jaccard_shared(c_t, c_u, *shared, 0), "jaccard_t": _jaccard_shared(c_t, c_u, *shared, threshold),
+            "weighted_jaccard": _weighted_jaccard_shared(c_t, c_u, *shared)}
 
 
 def weighted_jaccard(c_t: PatternCounts, c_u: PatternCounts) -> float:
@@ -140,8 +143,7 @@ def weighted_jaccard(c_t: PatternCounts, c_u: PatternCounts) -> float:
     0.5
     """
     _check_counts(c_t, c_u)
-    _, ct, cu = c_t.align(c_u)
-    return _weighted_jaccard_aligned(ct, cu)
+    return _weighted_jaccard_shared(c_t, c_u, *c_t.shared(c_u))
 
 
 class Stability(NamedTuple):
@@ -153,10 +155,11 @@ class Stability(NamedTuple):
     """Mean Hamming distance per unit: total bit flips / (n * n_units), in ``[0, 1]``."""
 
 
-def _popcount(x: np.ndarray) -> np.ndarray:
+def _popcount_sum(x: np.ndarray) -> int:
+    """Number of set bits in an unsigned integer array."""
     if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x)
-    return _POPCOUNT[x]
+        return int(np.bitwise_count(x).sum(dtype=np.int64))
+    return int(_POPCOUNT[x.view(np.uint8)].sum(dtype=np.int64))
 
 
 def stability(bits_t, bits_u, n_units: int, *, validate_args: bool = True) -> Stability:
@@ -202,16 +205,13 @@ def stability(bits_t, bits_u, n_units: int, *, validate_args: bool = True) -> St
     else:
         bits_t, bits_u = np.asarray(bits_t), np.asarray(bits_u)
     n, n_bytes = bits_t.shape
-    tail = n_units % 8
-    last_mask = np.uint8((1 << tail) - 1) if tail else np.uint8(0xFF)
     block = max(1, _BLOCK_BYTES // n_bytes)
     identical = 0
     flips = 0
     for start in range(0, n, block):
-        x = np.bitwise_xor(bits_t[start : start + block], bits_u[start : start + block])
-        x[:, -1] &= last_mask
-        pc = _popcount(x)
-        per_row = pc.sum(axis=1, dtype=np.int64)
-        identical += int(np.count_nonzero(per_row == 0))
-        flips += int(per_row.sum())
+        # 64-bit words with padding cleared: one XOR and one popcount per word, not per byte.
+        x = row_words(bits_t[start : start + block], n_units) ^ row_words(bits_u[start : start + block], n_units)
+        differs = x[:, 0] != 0 if x.shape[1] == 1 else x.any(axis=1)
+        identical += x.shape[0] - int(np.count_nonzero(differs))
+        flips += _popcount_sum(x)
     return Stability(identical / n, flips / (n * n_units))

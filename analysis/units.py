@@ -15,9 +15,10 @@ from actpat.analysis._validation import check_bits
 
 __all__ = ["UnitStats", "unit_stats"]
 
-# Unpacked bytes per block (uint16 partial sums stay exact up to 65535 rows).
+# Bytes of packed rows read per block (rows may come from an HDF5 dataset).
 _BLOCK_BYTES = 1 << 23
-_MAX_BLOCK_ROWS = 65535
+# Bit j of byte value v (little-endian bit order, SPEC section 2).
+_BITS_OF_BYTE = (np.arange(256)[:, None] >> np.arange(8) & 1).astype(np.int64)
 
 
 def _binary_entropy(p: np.ndarray) -> np.ndarray:
@@ -138,10 +139,11 @@ def unit_stats(bits, n_units: int, *, validate_args: bool = True) -> UnitStats:
         # Validate on an empty slice of the same width so that a dataset is not read whole.
         check_bits(np.empty((int(bits.shape[0] > 0), bits.shape[1]), dtype=bits.dtype), n_units)
     n = int(bits.shape[0])
-    on = np.zeros(n_units, dtype=np.int64)
-    block = int(min(_MAX_BLOCK_ROWS, max(1, _BLOCK_BYTES // n_units)))
+    # A histogram of each byte column, times the bits of each byte value: no unpacked copy of the rows.
+    on = np.zeros(8 * bits.shape[1], dtype=np.int64)
+    block = int(max(1, _BLOCK_BYTES // bits.shape[1]))
     for start in range(0, n, block):
         chunk = np.asarray(bits[start : start + block])
-        unpacked = np.unpackbits(chunk, axis=1, count=n_units, bitorder="little")
-        on += np.add.reduce(unpacked, axis=0, dtype=np.uint16)
-    return UnitStats(on, n)
+        for b in range(chunk.shape[1]):
+            on[8 * b : 8 * b + 8] += np.bincount(chunk[:, b], minlength=256) @ _BITS_OF_BYTE
+    return UnitStats(on[:n_units], n)
