@@ -487,11 +487,11 @@ class Run:
         records = group.get(schema.RECORDS)
         if not isinstance(records, h5py.Dataset) or records.ndim != 1 or records.dtype.names is None:
             raise ValueError("its records table is missing or not a one-dimensional compound dataset")
-        fields = schema.RECORD_FIELDS[shard.version]
-        missing = [f for f in fields if f not in records.dtype.names]
-        wrong = [f for f in fields if f in records.dtype.names and f != "split" and records.dtype[f].kind not in "iu"]
-        if missing or wrong or records.dtype["split"].kind != "S":
-            raise ValueError(f"its records table has fields {records.dtype.names} (missing {missing}, not integer {wrong})")
+        fields, dtype = schema.RECORD_FIELDS[shard.version], records.dtype  # h5py builds a dtype per access
+        missing = [f for f in fields if f not in dtype.names]
+        wrong = [f for f in fields if f in dtype.names and f != "split" and dtype[f].kind not in "iu"]
+        if missing or wrong or dtype["split"].kind != "S":
+            raise ValueError(f"its records table has fields {dtype.names} (missing {missing}, not integer {wrong})")
         stored = _stored_rows(records)
         sound_at: list[np.ndarray] = []  # (index in the table, step) of the rows indexed
         untrusted: list[tuple[int, str, str]] = []  # (index, reason, kind) of rows whose step is not known
@@ -887,31 +887,32 @@ def _attr(attrs: Any, name: str, kind: type, default: Any = None) -> Any:
 
 
 def _site_meta(group: Any) -> dict:
-    site = _attr(group.attrs, "site", str)
+    attrs = dict(group.attrs.items())  # one read of each attribute (h5py reads again on every lookup)
+    site = _attr(attrs, "site", str)
     if site is None:
         raise ValueError("it has no 'site' attribute")
-    n_units = _attr(group.attrs, "n_units", int)
+    n_units = _attr(attrs, "n_units", int)
     if n_units is None or not 1 <= n_units <= _MAX_UNITS:
-        raise ValueError(f"its n_units is {group.attrs.get('n_units')!r}, not between 1 and {_MAX_UNITS}")
-    pattern = _attr(group.attrs, "pattern", str)
+        raise ValueError(f"its n_units is {attrs.get('n_units')!r}, not between 1 and {_MAX_UNITS}")
+    pattern = _attr(attrs, "pattern", str)
     if pattern not in schema.PATTERN_KINDS:
         raise ValueError(f"its pattern is {pattern!r}, not one of {schema.PATTERN_KINDS}")
-    shape = np.asarray(group.attrs.get("shape", ()))
+    shape = np.asarray(attrs.get("shape", ()))
     if shape.ndim != 1 or shape.dtype.kind not in "iu" or len(shape) > 32:
         raise ValueError(f"its shape attribute is {shape!r}")
     value_units = None
-    if "value_units" in group.attrs:
-        units = np.asarray(group.attrs["value_units"])
+    if "value_units" in attrs:
+        units = np.asarray(attrs["value_units"])
         if units.ndim != 1 or units.dtype.kind not in "iu" or not len(units) or units.min() < 0 or units.max() >= n_units:
             raise ValueError(f"its value_units attribute is not a list of units below n_units={n_units}")
         value_units = tuple(int(u) for u in units)
     return {
         "site": site,
-        "module_type": _attr(group.attrs, "module_type", str, "?"),
+        "module_type": _attr(attrs, "module_type", str, "?"),
         "shape": tuple(int(s) for s in shape),
         "n_units": n_units,
         "pattern": pattern,
-        "site_index": _attr(group.attrs, "site_index", int, 0),
+        "site_index": _attr(attrs, "site_index", int, 0),
         "value_units": value_units,
     }
 
