@@ -128,9 +128,11 @@ def miller_madow(counts) -> float:
     1.360674
     """
     c = _as_counts(counts)
-    k = int(np.count_nonzero(c))
-    n = float(c.sum())
-    return _entropy_of_counts(c) + (k - 1) / (2.0 * n * math.log(2.0))
+    return _miller_madow_from(_entropy_of_counts(c), int(np.count_nonzero(c)), float(c.sum()))
+
+
+def _miller_madow_from(h: float, k: int, n: float) -> float:
+    return h + (k - 1) / (2.0 * n * math.log(2.0))
 
 
 def normalized_entropy(counts: PatternCounts) -> float:
@@ -155,10 +157,14 @@ def normalized_entropy(counts: PatternCounts) -> float:
     if not isinstance(counts, PatternCounts):
         raise TypeError(f"Expected a PatternCounts (n_units is needed), but got {type(counts).__name__}.")
     c = _as_counts(counts)
-    h_max = min(float(counts.n_units), math.log2(float(c.sum())))
+    return _normalized_from(_entropy_of_counts(c), counts.n_units, float(c.sum()))
+
+
+def _normalized_from(h: float, n_units: int, n: float) -> float:
+    h_max = min(float(n_units), math.log2(n))
     if h_max <= 0:
         return float("nan")
-    return min(1.0, _entropy_of_counts(c) / h_max)
+    return min(1.0, h / h_max)
 
 
 # ---------------------------------------------------------------------------------------------------

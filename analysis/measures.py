@@ -10,11 +10,11 @@ from actpat.analysis._validation import NO_LABEL, check_bits, check_labels
 from actpat.analysis.counts import PatternCounts, pattern_counts, pattern_label_cells
 from actpat.analysis.entropy import (
     dense_labels,
+    _miller_madow_from,
+    _normalized_from,
     entropy,
     information_from_cells,
-    miller_madow,
     nominal_conditional_entropy,
-    normalized_entropy,
 )
 
 __all__ = ["SATURATION", "pattern_measures"]
@@ -98,14 +98,15 @@ def pattern_measures(
             n_units=n_units, n_classes=n_classes,
         )
     n = counts.n
+    h = entropy(counts)  # once: the corrected and normalized entropies derive from it
     top = int(counts.counts.max())
     measures = {
         "n_observations": n,
         "n_units": n_units,
-        "entropy": entropy(counts),
-        "entropy_mm": miller_madow(counts),
+        "entropy": h,
+        "entropy_mm": _miller_madow_from(h, counts.k, n),
         "entropy_max": min(float(n_units), math.log2(n)),
-        "normalized_entropy": normalized_entropy(counts),
+        "normalized_entropy": _normalized_from(h, n_units, n),
         "distinct": counts.k,
         "distinct_fraction": counts.k / n,
         "top_count": top,
