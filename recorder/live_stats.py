@@ -1,9 +1,11 @@
-"""Live statistics of each probe, computed on one bounded background worker that never blocks training.
+"""Live statistics of each probe, computed by one bounded background worker that never blocks training.
 
 The prober hands each probe's records here; the worker turns them into the reader's public
 :class:`~actpat.recorder.reader.Patterns` (one per site) and calls the statistics function it was given
 (for example :func:`actpat.analysis.live.live_measures`) with the ``init`` and ``last`` references of
-the site. Results come back, in step order, to the thread that asks for them.
+the site, in a child process where it can (:mod:`actpat.recorder.stats_process`: no shared
+interpreter lock with training), else on a thread. Results come back, in step order, to the thread
+that asks for them.
 
 At most :data:`BACKLOG` probes wait for their statistics. A probe that finds the worker that far behind
 gets no live statistics (said once); its patterns are in the shards like every other probe's, and the
@@ -13,6 +15,7 @@ probe after it gets no ``last`` comparison, since its previous record was not co
 from __future__ import annotations
 
 import logging
+import pickle
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -20,6 +23,7 @@ import numpy as np
 
 from actpat.recorder.reader import Patterns
 from actpat.recorder.shards import Record
+from actpat.recorder.stats_process import StatsFunctionError, StatsProcess, StatsProcessError
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +41,24 @@ class LiveStatsError(RuntimeError):
 
 
 class LiveStats:
-    """Compute ``stats`` of each probe's patterns on a background thread.
+    """Compute ``stats`` of each probe's patterns in the background: in a child process where it can.
+
+    A picklable ``stats`` (a module-level function such as
+    :func:`actpat.analysis.live.live_measures`, or a ``functools.partial`` of one) runs in a
+    :class:`~actpat.recorder.stats_process.StatsProcess`, which keeps the references and shares no
+    interpreter lock with training; any other ``stats`` (a closure, a lambda), or one whose process
+    cannot start, runs on a background thread of this process, as do the probes that come while the
+    process starts (it then continues from their references). One thread hands the probes on in
+    either case, so results come in probe order.
 
     Parameters
     ----------
     stats : StatsFunction
-        Called on the worker once per site and probe.
+        Called once per site and probe.
     references : dict, optional
         ``{"init" | "last": {site: summary}}`` to start from (a resumed run re-reads them from its shards).
     notify : callable(key, message)
-        Reports a fact once per key (here: that the worker fell behind).
+        Reports a fact once per key (here: that the worker fell behind, or runs on a thread).
     """
 
     def __init__(
@@ -55,9 +67,31 @@ class LiveStats:
         self._stats = stats
         self._references = references or {}  # touched by the worker only, once started
         self._notify = notify
+        self._process = self._start_process(stats)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actpat-live-stats")
         self._pending: list[tuple[int, Future]] = []
         self._gap = False
+        self._handed_over = False  # whether the process holds the references (touched by the worker thread only)
+
+    @property
+    def worker_pid(self) -> Optional[int]:
+        """The process id of the statistics process; None when they run on a thread of this process."""
+        return None if self._process is None else self._process.pid
+
+    def _start_process(self, stats: StatsFunction) -> Optional[StatsProcess]:
+        try:
+            pickle.dumps(stats)
+        except Exception:  # noqa: BLE001 - any pickling failure: the thread takes any callable
+            return None
+        try:
+            return StatsProcess(stats)
+        except (OSError, StatsProcessError) as exc:
+            self._notify(
+                "live-stats-thread",
+                f"actpat: the live-statistics process could not start ({exc!r}); the statistics run on a thread of "
+                "the training process instead, which slows training more.",
+            )
+            return None
 
     def submit(self, step: int, epoch: int, split: str, records: list[Record]) -> bool:
         """Queue one probe's records; False (and nothing queued) when :data:`BACKLOG` probes still wait."""
@@ -86,25 +120,62 @@ class LiveStats:
 
     def close(self, wait: bool) -> None:
         """Stop the worker; without ``wait``, statistics not yet computed are dropped."""
+        process = self._process  # the worker thread may drop it (a process that never answered)
+        if process is not None and not wait:
+            process.close(wait=False)  # unblocks a thread waiting for its answer
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
+        if process is not None and wait:
+            process.close(wait=True)
         self._pending.clear()
 
     def _compute(
         self, step: int, epoch: int, split: str, records: list[Record], use_last: bool
     ) -> dict[str, dict[str, float]]:
-        first = "init" not in self._references  # the first probe of a fresh run is `init`
-        init = self._references.setdefault("init", {})
-        last = self._references.get("last", {}) if use_last else {}
-        current, metrics = {}, {}
-        for site, patterns in site_patterns(records, step, epoch, split).items():
-            references = {name: ref[site] for name, ref in (("init", init), ("last", last)) if site in ref}
-            if first:
-                references["init"] = None
-            current[site], metrics[site] = self._stats(patterns, references)
-            if first:
-                init[site] = current[site]
-        self._references["last"] = current
-        return metrics
+        patterns = site_patterns(records, step, epoch, split)  # waits for device copies here, not in training
+        process = self._process
+        if process is not None:
+            try:
+                if self._handed_over or process.ready():
+                    metrics = process.compute(patterns, use_last, None if self._handed_over else self._references)
+                    self._handed_over = True
+                    return metrics
+            except StatsFunctionError:
+                raise  # the statistics themselves failed, as they would on a thread
+            except StatsProcessError as exc:
+                if self._handed_over:
+                    raise  # the references live in the process: nothing to continue from here
+                self._process = None
+                process.close(wait=False)
+                self._notify(
+                    "live-stats-thread",
+                    f"actpat: the live-statistics process failed before its first answer ({exc}); the statistics "
+                    "run on a thread of the training process instead, which slows training more.",
+                )
+        # On this thread: before the process is ready (it imports for a fraction of a second), or without one.
+        return probe_statistics(self._stats, self._references, patterns, use_last)
+
+
+def probe_statistics(
+    stats: StatsFunction, references: dict[str, dict[str, Any]], patterns: dict[str, Patterns], use_last: bool
+) -> dict[str, dict[str, float]]:
+    """``stats`` of each site of one probe against its references; updates ``references`` for the next probe.
+
+    ``references`` is ``{"init" | "last": {site: summary}}``; the first probe of a fresh run (no ``init``
+    yet) is ``init``. ``use_last=False`` after a gap: the previous probe was not counted.
+    """
+    first = "init" not in references
+    init = references.setdefault("init", {})
+    last = references.get("last", {}) if use_last else {}
+    current, metrics = {}, {}
+    for site, site_patterns_ in patterns.items():
+        refs = {name: ref[site] for name, ref in (("init", init), ("last", last)) if site in ref}
+        if first:
+            refs["init"] = None
+        current[site], metrics[site] = stats(site_patterns_, refs)
+        if first:
+            init[site] = current[site]
+    references["last"] = current
+    return metrics
 
 
 def site_patterns(records: list[Record], step: int, epoch: int, split: str) -> dict[str, Patterns]:

@@ -1,0 +1,186 @@
+"""A child Python that computes the live statistics, so that they never hold training's interpreter lock.
+
+Live statistics are many small numpy calls: on a thread of the training process they hold the
+interpreter lock for most of their time, and the training thread waits for it (measured on the digits
+CNN: about twice the statistics' own time per probe). :class:`StatsProcess` runs them in a child
+interpreter instead (``python -m actpat.recorder.stats_process``, started once per prober), which
+keeps the ``init``/``last`` references itself; each probe's patterns go to it as one pickle over a pipe.
+
+The child is a plain subprocess, not :mod:`multiprocessing`: it never re-imports the training script
+(which ``spawn`` and ``forkserver`` do, and which reruns a script without a ``__main__`` guard), and it
+does not fork a process that holds CUDA contexts or threads. What the statistics function prints
+goes to the child's standard error, never into the pipe.
+
+Frames are pickles. To the child: the parent's ``sys.path``, the statistics function, then per probe
+``("probe", patterns_by_site, use_last, references or None)``. From the child: ``("ok", "ready")``
+once it has imported everything, then ``("ok", metrics)`` per probe; ``("error", traceback text)``
+instead of either when something failed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import traceback
+from typing import Any, BinaryIO, Optional
+
+__all__ = ["StatsFunctionError", "StatsProcess", "StatsProcessError"]
+
+_CLOSE_SECONDS = 10.0
+# select() polls pipes on POSIX only; elsewhere the child is waited for at its first probe.
+_HAS_SELECT = os.name == "posix"
+
+
+class StatsProcessError(RuntimeError):
+    """The statistics process could not start, or ended."""
+
+
+class StatsFunctionError(StatsProcessError):
+    """The statistics function raised in the process (the traceback is in the message)."""
+
+
+class StatsProcess:
+    """The parent's side of the child: start it, hand it one probe at a time, stop it.
+
+    The child imports numpy and the statistics function first (a fraction of a second) and then says
+    it is ready; until :meth:`ready`, the caller computes on its own thread and hands its references
+    over with the child's first probe.
+
+    Parameters
+    ----------
+    stats : StatsFunction
+        Picklable (a module-level function, or a ``functools.partial`` of one).
+
+    Raises
+    ------
+    OSError, StatsProcessError
+        If the child cannot be started.
+    """
+
+    def __init__(self, stats: Any) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "actpat.recorder.stats_process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        self._ready = False
+        self._send(list(sys.path))
+        self._send(stats)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def ready(self) -> bool:
+        """Whether the child has started (never waits; always False where pipes cannot be polled).
+
+        Raises :class:`StatsProcessError` if it could not start (its statistics function not
+        importable there, say)."""
+        if not self._ready and _HAS_SELECT and select.select([self._proc.stdout], [], [], 0)[0]:
+            self._start()
+        return self._ready
+
+    def _start(self) -> None:
+        try:
+            self._receive()  # "ready"
+        except StatsFunctionError as exc:
+            raise StatsProcessError(f"the live-statistics process could not start: {exc}") from exc
+        self._ready = True
+
+    def compute(
+        self, patterns_by_site: dict[str, Any], use_last: bool, references: Optional[dict[str, dict[str, Any]]] = None
+    ) -> dict[str, dict[str, float]]:
+        """The metrics of one probe (blocks the calling thread, not the interpreter lock, while it waits).
+
+        ``references`` (``{"init" | "last": {site: summary}}``) replace the child's own before this
+        probe: the state to continue from after probes computed elsewhere.
+        """
+        if not self._ready:
+            self._start()
+        self._send(("probe", patterns_by_site, use_last, references))
+        return self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            status, payload = pickle.load(self._proc.stdout)
+        except (EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:  # ValueError: closed here
+            raise StatsProcessError(
+                f"the live-statistics process ended (exit code {self._proc.poll()}) before answering ({exc!r})"
+            ) from exc
+        if status != "ok":
+            raise StatsFunctionError(f"the live statistics failed in their process:\n{payload}")
+        return payload
+
+    def close(self, wait: bool) -> None:
+        """End the child: let it finish (``wait``) or kill it."""
+        try:
+            self._proc.stdin.close()  # end of input: the child exits after its current probe
+        except OSError:
+            pass
+        if wait:
+            try:
+                self._proc.wait(timeout=_CLOSE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stdout.close()
+
+    def _send(self, message: tuple) -> None:
+        try:
+            pickle.dump(message, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self._proc.stdin.flush()
+        except (OSError, ValueError) as exc:  # ValueError: closed here
+            raise StatsProcessError(
+                f"the live-statistics process ended (exit code {self._proc.poll()}) and takes no more probes"
+            ) from exc
+
+
+def _serve(inp: BinaryIO, out: BinaryIO) -> None:
+    def reply(status: str, payload: Any) -> None:
+        pickle.dump((status, payload), out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+
+    sys.path[:] = pickle.load(inp)  # the parent's, so that its statistics function unpickles here
+    try:
+        from actpat.recorder.live_stats import probe_statistics
+
+        stats = pickle.load(inp)
+    except EOFError:
+        return
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it there
+        reply("error", traceback.format_exc())
+        return
+    reply("ok", "ready")
+    references: dict = {}
+    while True:
+        try:
+            _, patterns_by_site, use_last, handed_over = pickle.load(inp)
+        except EOFError:  # the parent closed the pipe (or died)
+            return
+        try:
+            if handed_over is not None:
+                references = handed_over
+            reply("ok", probe_statistics(stats, references, patterns_by_site, use_last))
+        except Exception:  # noqa: BLE001 - reported to the parent, which raises it there
+            reply("error", traceback.format_exc())
+
+
+def main() -> None:
+    # Ctrl-C reaches the whole process group: the parent decides when this process ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Frames go to a private copy of the pipe; anything printed goes to standard error.
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    _serve(sys.stdin.buffer, out)
+
+
+if __name__ == "__main__":
+    main()

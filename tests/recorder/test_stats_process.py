@@ -1,0 +1,160 @@
+"""Live statistics in a child process: same numbers as on a thread, failures reported, never a hang."""
+
+import functools
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from actpat.analysis.live import live_measures
+from actpat.recorder.live_stats import LiveStats, LiveStatsError
+from actpat.recorder.shards import Record, SiteMeta
+from actpat.recorder.stats_process import StatsProcess, StatsProcessError
+
+META = SiteMeta("fc.relu", 0, "ReLU", (12,), 12, "flat")
+
+
+def record(step, seed):
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 16, (40, 2), dtype=np.uint8)
+    return Record(META, step, 0, "probe", bits, 1, 40, 0, sample_ids=np.arange(40), labels=np.arange(40) % 3)
+
+
+def wait_ready(live):
+    """Until the child has imported everything (probes before that run on the parent's thread)."""
+    deadline = time.monotonic() + 30
+    while live._process is not None and not live._process.ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def collect(stats, n_probes=4):
+    notes = []
+    live = LiveStats(stats, None, lambda key, message: notes.append(key))
+    results = {}
+    try:
+        wait_ready(live)
+        for step in range(n_probes):
+            assert live.submit(step, 0, "probe", [record(step, step % 2)])
+            results.update(live.results(wait=True))
+    finally:
+        live.close(wait=True)
+    return live, results, notes
+
+
+def test_a_picklable_function_runs_in_a_child_process_with_the_numbers_of_a_thread():
+    in_process, threaded, _ = collect(lambda patterns, references: live_measures(patterns, references))
+    assert in_process.worker_pid is None  # a lambda cannot be pickled: a thread of this process
+    child, processed, notes = collect(functools.partial(live_measures, n_classes=None))
+    assert child.worker_pid not in (None, os.getpid())
+    assert notes == []
+    assert processed == threaded  # exactly: the same function on the same patterns and references
+    assert sorted(processed) == [0, 1, 2, 3]
+    # The child kept the references: probe 2 repeats probe 0's patterns, so it equals init exactly.
+    assert processed[2]["fc.relu"]["jaccard_init"] == 1.0
+    assert processed[1]["fc.relu"]["jaccard_last"] < 1.0
+    with pytest.raises(ProcessLookupError):  # closed: the child has exited
+        os.kill(child.worker_pid, 0)
+
+
+def test_a_failing_statistics_function_is_reported_with_its_traceback_and_printing_does_not_break_the_pipe():
+    # print() writes to the child's stdout (the pipe, were it not redirected) and returns None, which the
+    # worker cannot unpack: an error from the child, not a garbled frame.
+    notes = []
+    live = LiveStats(print, None, lambda key, message: notes.append(message))
+    try:
+        wait_ready(live)
+        assert live.submit(0, 0, "probe", [record(0, 0)])
+        with pytest.raises(LiveStatsError, match="cannot unpack"):
+            list(live.results(wait=True))
+        assert live.submit(1, 0, "probe", [record(1, 1)])  # the process still answers
+        with pytest.raises(LiveStatsError, match="cannot unpack"):
+            list(live.results(wait=True))
+        assert live.worker_pid is not None and notes == []  # the function failed, not the process
+    finally:
+        live.close(wait=True)
+
+
+def test_a_killed_child_is_an_error_of_the_next_probes_not_a_hang():
+    live = LiveStats(functools.partial(live_measures), None, lambda key, message: None)
+    try:
+        wait_ready(live)
+        assert live.submit(0, 0, "probe", [record(0, 0)])
+        assert len(list(live.results(wait=True))) == 1 and live._handed_over
+        os.kill(live.worker_pid, signal.SIGKILL)
+        assert live.submit(1, 0, "probe", [record(1, 1)])
+        with pytest.raises(LiveStatsError, match="ended"):
+            list(live.results(wait=True))
+    finally:
+        live.close(wait=True)
+
+
+def test_close_without_waiting_kills_a_busy_child_and_frees_the_waiting_thread():
+    # eval(expression, {}, references) of the one site below sleeps for half a minute in the child.
+    process = StatsProcess(functools.partial(eval, "__import__('time').sleep(30)"))
+    errors = []
+
+    def wait_for_answer():
+        try:
+            process.compute({"fc.relu": {}}, True)
+        except StatsProcessError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_for_answer)
+    waiter.start()
+    time.sleep(1.0)  # the child is importing or sleeping: busy either way
+    start = time.monotonic()
+    process.close(wait=False)
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and time.monotonic() - start < 10
+    assert len(errors) == 1 and "ended" in str(errors[0])
+    with pytest.raises(StatsProcessError, match="ended"):
+        process.compute({}, True)
+
+
+def test_a_child_that_cannot_start_falls_back_to_a_thread_and_says_so(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr("actpat.recorder.live_stats.StatsProcess", refuse)
+    notes = []
+    live = LiveStats(functools.partial(live_measures), None, lambda key, message: notes.append(message))
+    try:
+        assert live.worker_pid is None
+        assert live.submit(0, 0, "probe", [record(0, 0)])
+        assert [step for step, _ in live.results(wait=True)] == [0]
+    finally:
+        live.close(wait=True)
+    assert len(notes) == 1 and "no processes here" in notes[0] and "thread" in notes[0]
+
+
+def test_probes_before_the_child_is_ready_run_here_and_the_child_continues_from_their_references():
+    _, threaded, _ = collect(lambda patterns, references: live_measures(patterns, references), n_probes=6)
+    live = LiveStats(functools.partial(live_measures), None, lambda key, message: None)
+    results = {}
+    try:
+        for step in range(6):
+            if step == 3:  # probes 0-2 ran while the child imported; from here it answers
+                wait_ready(live)
+            assert live.submit(step, 0, "probe", [record(step, step % 2)])
+            results.update(live.results(wait=True))
+        assert live._handed_over and live.worker_pid is not None
+    finally:
+        live.close(wait=True)
+    assert results == threaded  # init from probe 0 and last from probe 2 reached the child intact
+
+
+def test_a_child_that_dies_before_its_first_answer_hands_over_to_a_thread(monkeypatch):
+    monkeypatch.setattr("sys.executable", "/bin/false")  # starts, reads nothing, exits
+    notes = []
+    live = LiveStats(functools.partial(live_measures), None, lambda key, message: notes.append(message))
+    try:
+        for step in range(3):
+            assert live.submit(step, 0, "probe", [record(step, step % 2)])
+            assert [s for s, _ in live.results(wait=True)] == [step]
+        assert live.worker_pid is None
+    finally:
+        live.close(wait=True)
+    assert len(notes) == 1 and "thread" in notes[0]
