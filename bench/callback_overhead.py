@@ -1,26 +1,28 @@
 """Wall-time overhead of ``ActivationPatternCallback`` on a Lightning fit (CPU, digits CNN).
 
-Three arms fit :class:`~actpat.callbacks.demo.DigitsCNN` on scikit-learn's digits (1797 8x8 images,
+Five arms fit :class:`~actpat.callbacks.demo.DigitsCNN` on scikit-learn's digits (1797 8x8 images,
 batch 64, SGD, same seed): ``baseline`` (no callback), ``batch`` (``batch_every_n_steps=1``: every
-training batch recorded) and ``probe`` (a fixed 10% subset of the training set probed every 0.2
-epoch, live statistics on). Every arm logs to its own ``CSVLogger`` in a temporary directory, so the
-baseline pays the same logging cost as the probe arm's live statistics need. Rounds of one fit per arm
-are interleaved, the order rotating each round, so drift of the machine (other load, thermal) hits all
-arms alike; ``batch_ratio`` and ``probe_ratio`` are median(arm) / median(baseline) of the wall times.
+training batch recorded), ``probe`` (a fixed 10% subset of the training set probed every 0.2 epoch,
+live statistics on), ``probe_nolive`` (the same with ``live_stats=False``) and ``floor`` (a callback
+that only runs the probe forward passes on the probe arm's schedule: the probe set held in memory,
+under ``no_grad``, through a train-mode copy of the model). Every arm logs to its own ``CSVLogger`` in
+a temporary directory, so the baseline pays the same logging cost as the probe arm's live statistics
+need. Rounds of one fit per arm are interleaved, the order rotating each round, so drift of the machine
+(other load, thermal) hits all arms alike; ``batch_ratio``, ``probe_ratio``, ``probe_nolive_ratio`` and
+``floor_arm_ratio`` are median(arm) / median(baseline) of the wall times.
 
-``probe_floor_ratio`` is what even a perfect probe must pay: the probe forward passes themselves, one
-pass over the probe set (held in memory, as the prober caches it) under ``no_grad`` through a
-train-mode copy of the model (median of repeats) times the number of probes the probe arm recorded
-(read back from its shards), as ``(baseline + probe_forwards) / baseline``.
-
-``probe_vs_floor`` = probe arm / (baseline + probe forwards) is the probe mode's cost against its own
-floor (target: at most 1.10). Because whole fits on a shared machine are noisy, the costs of one probe
-are also measured in-process, interleaved, on the fitted model (``probe_costs_ms``, medians): the bare
-forward passes over the probe set held in memory (``floor``), one ``Prober.probe`` without live
-statistics with the copy (``probe_copy``) and without it (``probe_nocopy``), the probe's session alone
-(weight sync in place, RNG isolation, mode: ``session``) against a ``state_dict`` round trip
-(``state_dict_sync``), and the live statistics of one probe, all sites (``live_stats``), which run on
-the background worker.
+``probe_floor_ratio`` is what even a perfect probe must pay, derived: one pass over the probe set
+(measured in-process, median of repeats) times the number of probes the probe arm recorded (read back
+from its shards), as ``(baseline + probe_forwards) / baseline``. ``probe_vs_floor`` = probe arm /
+(baseline + probe forwards) is the probe mode's cost against that floor (target: at most 1.10).
+``probe_vs_floor_arm`` and ``probe_nolive_vs_floor_arm`` measure the same against the floor arm, as the
+median over rounds of the ratio within each round (a cross-check that needs no in-process timing).
+Because whole fits on a shared machine are noisy, the costs of one probe are also measured in-process,
+interleaved, on the fitted model (``probe_costs_ms``, medians): the bare forward passes over the probe
+set held in memory (``floor``), one ``Prober.probe`` without live statistics with the copy
+(``probe_copy``) and without it (``probe_nocopy``), the probe's session alone (weight sync in place,
+RNG isolation, mode: ``session``) against a ``state_dict`` round trip (``state_dict_sync``), and the
+live statistics of one probe, all sites (``live_stats``), which run in the worker process.
 
 Torch runs one intra-op thread by default (``--threads``): on a small shared machine, OpenMP worker
 threads that spin while other processes hold the cores made single fits swing by up to 10x.
@@ -34,12 +36,14 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from fractions import Fraction
 
 import pytorch_lightning as pl
 import torch
@@ -52,18 +56,52 @@ from actpat.callbacks.patterns import PROBE_SPLIT, ActivationPatternCallback
 from actpat.recorder import Prober, open_run
 from actpat.recorder.probe_module import ProbeModule
 
-ARMS = ("baseline", "batch", "probe")
+ARMS = ("baseline", "batch", "probe", "probe_nolive", "floor")
 BATCH_SIZE = 64
 PROBE_FRACTION = 0.1
 PROBE_EVERY = 0.2
 PROBE_BATCH_SIZE = 256
 
 
-def _callback(arm: str, probe: Subset) -> list[ActivationPatternCallback]:
+class _FloorCallback(pl.Callback):
+    """What a perfect probe must do, on the probe arm's schedule: the forward passes of the probe set (held
+    in memory) under ``no_grad`` through a train-mode copy of the model, and nothing else."""
+
+    def __init__(self, probe: Subset) -> None:
+        self._inputs = [x for x, _y in DataLoader(probe, batch_size=PROBE_BATCH_SIZE, shuffle=False)]
+        self._copy = None
+        self.n_probes, self.last_step = 0, -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._copy = copy.deepcopy(pl_module).requires_grad_(False).train()
+        self._interval = Fraction(PROBE_EVERY).limit_denominator(1000) * trainer.num_training_batches
+        self._forwards()  # the init probe
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        step = trainer.global_step  # due at the first step at or after each multiple of the interval
+        if math.floor(step / self._interval) > math.floor((step - 1) / self._interval):
+            self._forwards(step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > self.last_step:  # the prober's end-of-fit probe
+            self._forwards(trainer.global_step)
+
+    def _forwards(self, step: int = 0) -> None:
+        self.n_probes += 1
+        self.last_step = step
+        with torch.no_grad():
+            for x in self._inputs:
+                self._copy(x)
+
+
+def _callback(arm: str, probe: Subset) -> list[pl.Callback]:
     if arm == "batch":
         return [ActivationPatternCallback(batch_every_n_steps=1)]
-    if arm == "probe":
-        return [ActivationPatternCallback(probe=probe, probe_every=PROBE_EVERY, probe_batch_size=PROBE_BATCH_SIZE)]
+    if arm in ("probe", "probe_nolive"):
+        return [ActivationPatternCallback(probe=probe, probe_every=PROBE_EVERY, probe_batch_size=PROBE_BATCH_SIZE,
+                                          live_stats=arm == "probe")]
+    if arm == "floor":
+        return [_FloorCallback(probe)]
     return []
 
 
@@ -90,9 +128,11 @@ def _fit(arm: str, data, probe: Subset, epochs: int, limit_batches: int | float,
         trainer.fit(model, loader)
         seconds = time.perf_counter() - start
         n_probes = 0
-        if arm == "probe":
+        if arm.startswith("probe"):
             run = open_run(callbacks[0].run_dir)
             n_probes = len(run.steps(run.sites[0], PROBE_SPLIT))
+        if arm == "floor":
+            n_probes = callbacks[0].n_probes
     return {"seconds": seconds, "steps": trainer.global_step, "probes": n_probes, "model": model}
 
 
@@ -169,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         _fit(arm, data, probe, epochs=1, limit_batches=2, seed=args.seed)
     fits: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for i in range(rounds):
-        for arm in ARMS[i % 3:] + ARMS[: i % 3]:  # rotate the order each round
+        for arm in ARMS[i % len(ARMS):] + ARMS[: i % len(ARMS)]:  # rotate the order each round
             fits[arm].append(_fit(arm, data, probe, epochs, limit_batches, args.seed))
     steps = {fit["steps"] for arm_fits in fits.values() for fit in arm_fits}
     if len(steps) != 1:
@@ -182,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     probe_forwards_s = n_probes * probe_pass_s
     baseline_s = median["baseline"]
     probe_vs_floor = median["probe"] / (baseline_s + probe_forwards_s)
+    # The same against the floor arm, paired by round (arms of one round run minutes apart at most).
+    paired = {arm: statistics.median(p["seconds"] / f["seconds"] for p, f in zip(fits[arm], fits["floor"]))
+              for arm in ("probe", "probe_nolive")}
 
     result = {
         "bench": "callback_overhead",
@@ -190,6 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
         "probe_floor_ratio": round((baseline_s + probe_forwards_s) / baseline_s, 4),
         "probe_vs_floor": round(probe_vs_floor, 4),
         "probe_vs_floor_target": 1.10,
+        "probe_vs_floor_arm": round(paired["probe"], 4),
+        "probe_nolive_vs_floor_arm": round(paired["probe_nolive"], 4),
+        "floor_arm_ratio": round(median["floor"] / baseline_s, 4),
+        "probe_nolive_ratio": round(median["probe_nolive"] / baseline_s, 4),
         "probe_costs_ms": costs,
         "baseline_s": round(baseline_s, 3),
         "batch_s": round(median["batch"], 3),
@@ -203,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": n_steps,
         "epochs": epochs,
         "probes": n_probes,
+        "floor_arm_probes": fits["floor"][0]["probes"],
         "probe_size": n_probe,
         "train_size": len(data),
         "batch": BATCH_SIZE,

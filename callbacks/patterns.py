@@ -89,8 +89,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     live_stats : bool, default True
         After each probe, log exact per-site statistics (:data:`actpat.analysis.live.LIVE_METRICS`) to the trainer's loggers
         as ``actpat/<metric>/<site>`` at the probe's step, with a TensorBoard custom-scalars layout. They
-        are counted on a bounded background worker that training never waits for
-        (:mod:`actpat.recorder.live_stats`).
+        are counted on a bounded background worker that training never waits for, a child process
+        that shares no interpreter lock with training (:mod:`actpat.recorder.live_stats`).
     n_classes : int, "probe" or None, default None
         The dataset's class count for the live statistics' ``conditional_entropy_nominal`` and
         ``mutual_information_nominal`` (the reference implementation's convention); ``"probe"`` takes
