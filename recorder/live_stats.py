@@ -46,8 +46,8 @@ class LiveStats:
     A picklable ``stats`` (a module-level function such as
     :func:`actpat.analysis.live.live_measures`, or a ``functools.partial`` of one) runs in a
     :class:`~actpat.recorder.stats_process.StatsProcess`, which keeps the references and shares no
-    interpreter lock with training; any other ``stats`` (a closure, a lambda), or one whose process
-    cannot start, runs on a background thread of this process, as do the probes that come while the
+    interpreter lock with training; any other ``stats`` (a closure, a lambda, a function of the
+    ``__main__`` script or notebook), or one whose process cannot start, runs on a background thread of this process, as do the probes that come while the
     process starts (it then continues from their references). One thread hands the probes on in
     either case, so results come in probe order.
 
@@ -80,8 +80,10 @@ class LiveStats:
 
     def _start_process(self, stats: StatsFunction) -> Optional[StatsProcess]:
         try:
-            pickle.dumps(stats)
+            pickled = pickle.dumps(stats)
         except Exception:  # noqa: BLE001 - any pickling failure: the thread takes any callable
+            return None
+        if b"__main__" in pickled:  # defined in a script or notebook, which the child cannot import
             return None
         try:
             return StatsProcess(stats)

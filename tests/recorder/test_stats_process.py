@@ -3,6 +3,7 @@
 import functools
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -158,3 +159,21 @@ def test_a_child_that_dies_before_its_first_answer_hands_over_to_a_thread(monkey
     finally:
         live.close(wait=True)
     assert len(notes) == 1 and "thread" in notes[0]
+
+
+def test_a_function_of_the_main_script_runs_on_a_thread_without_a_warning(monkeypatch):
+    def stats(patterns, references):
+        return live_measures(patterns, references)
+
+    monkeypatch.setattr(stats, "__module__", "__main__")  # what a function of a script or notebook has
+    monkeypatch.setattr(stats, "__qualname__", "stats")
+    monkeypatch.setattr(sys.modules["__main__"], "stats", stats, raising=False)  # so that it pickles
+    notes = []
+    live = LiveStats(stats, None, lambda key, message: notes.append(message))
+    try:
+        assert live.worker_pid is None
+        assert live.submit(0, 0, "probe", [record(0, 0)])
+        assert [step for step, _ in live.results(wait=True)] == [0]
+    finally:
+        live.close(wait=True)
+    assert notes == []
