@@ -17,7 +17,11 @@ from its shards), as ``(baseline + probe_forwards) / baseline``. ``probe_vs_floo
 (baseline + probe forwards) is the probe mode's cost against that floor (target: at most 1.10).
 ``probe_vs_floor_arm`` and ``probe_nolive_vs_floor_arm`` measure the same against the floor arm, as the
 median over rounds of the ratio within each round (a cross-check that needs no in-process timing).
-Because whole fits on a shared machine are noisy, the costs of one probe are also measured in-process,
+``in_fit_ms_per_probe`` is the time the training thread spent inside the callback's hooks (probe
+arms) or the floor's forward passes, per probe, median over fits: measured within each fit, so far
+less noisy than whole fits, but without the contention of background work (the shard writer's thread,
+the hand-off of live statistics); ``probe_vs_floor_in_fit`` is ``(baseline + probes * probe ms) /
+(baseline + probes * floor ms)``. The costs of one probe are also measured in-process,
 interleaved, on the fitted model (``probe_costs_ms``, medians): the bare forward passes over the probe
 set held in memory (``floor``), one ``Prober.probe`` without live statistics with the copy
 (``probe_copy``) and without it (``probe_nocopy``), the probe's session alone (weight sync in place,
@@ -71,6 +75,7 @@ class _FloorCallback(pl.Callback):
         self._inputs = [x for x, _y in DataLoader(probe, batch_size=PROBE_BATCH_SIZE, shuffle=False)]
         self._copy = None
         self.n_probes, self.last_step = 0, -1
+        self.seconds = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._copy = copy.deepcopy(pl_module).requires_grad_(False).train()
@@ -87,19 +92,41 @@ class _FloorCallback(pl.Callback):
             self._forwards(trainer.global_step)
 
     def _forwards(self, step: int = 0) -> None:
+        start = time.perf_counter()
         self.n_probes += 1
         self.last_step = step
         with torch.no_grad():
             for x in self._inputs:
                 self._copy(x)
+        self.seconds += time.perf_counter() - start
+
+
+class _TimedCallback(ActivationPatternCallback):
+    """The callback, with the wall time spent in its hooks summed (``seconds``): what training waited for."""
+
+    seconds = 0.0
+
+    def __getattribute__(self, name: str):
+        attr = super().__getattribute__(name)
+        if not (name.startswith("on_") or name in ("setup", "teardown")) or not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                object.__setattr__(self, "seconds", self.seconds + time.perf_counter() - start)
+
+        return timed
 
 
 def _callback(arm: str, probe: Subset) -> list[pl.Callback]:
     if arm == "batch":
         return [ActivationPatternCallback(batch_every_n_steps=1)]
     if arm in ("probe", "probe_nolive"):
-        return [ActivationPatternCallback(probe=probe, probe_every=PROBE_EVERY, probe_batch_size=PROBE_BATCH_SIZE,
-                                          live_stats=arm == "probe")]
+        return [_TimedCallback(probe=probe, probe_every=PROBE_EVERY, probe_batch_size=PROBE_BATCH_SIZE,
+                               live_stats=arm == "probe")]
     if arm == "floor":
         return [_FloorCallback(probe)]
     return []
@@ -133,7 +160,9 @@ def _fit(arm: str, data, probe: Subset, epochs: int, limit_batches: int | float,
             n_probes = len(run.steps(run.sites[0], PROBE_SPLIT))
         if arm == "floor":
             n_probes = callbacks[0].n_probes
-    return {"seconds": seconds, "steps": trainer.global_step, "probes": n_probes, "model": model}
+    hooks = [c.seconds for c in callbacks if isinstance(c, (_TimedCallback, _FloorCallback))]
+    return {"seconds": seconds, "steps": trainer.global_step, "probes": n_probes, "model": model,
+            "hook_seconds": hooks[0] if hooks else None}
 
 
 def _probe_costs(model: pl.LightningModule, probe: Subset, repeats: int) -> dict[str, float]:
@@ -225,6 +254,12 @@ def main(argv: list[str] | None = None) -> dict:
     # The same against the floor arm, paired by round (arms of one round run minutes apart at most).
     paired = {arm: statistics.median(p["seconds"] / f["seconds"] for p, f in zip(fits[arm], fits["floor"]))
               for arm in ("probe", "probe_nolive")}
+    # Time the training thread spent inside the callback (probe arms) or the floor's forwards, per probe:
+    # measured within each fit, so far less noisy than whole fits; contention from background work
+    # (the writer thread, the live-statistics hand-off) is not in it.
+    in_fit_ms = {arm: 1e3 * statistics.median(f["hook_seconds"] / max(f["probes"], 1) for f in fits[arm])
+                 for arm in ("probe", "probe_nolive", "floor")}
+    floor_in_fit_s = in_fit_ms["floor"] * n_probes / 1e3
 
     result = {
         "bench": "callback_overhead",
@@ -236,6 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
         "probe_vs_floor_arm": round(paired["probe"], 4),
         "probe_nolive_vs_floor_arm": round(paired["probe_nolive"], 4),
         "floor_arm_ratio": round(median["floor"] / baseline_s, 4),
+        "in_fit_ms_per_probe": {arm: round(v, 3) for arm, v in in_fit_ms.items()},
+        "probe_vs_floor_in_fit": round((baseline_s + in_fit_ms["probe"] * n_probes / 1e3) / (baseline_s + floor_in_fit_s), 4),
+        "probe_nolive_vs_floor_in_fit": round(
+            (baseline_s + in_fit_ms["probe_nolive"] * n_probes / 1e3) / (baseline_s + floor_in_fit_s), 4),
         "probe_nolive_ratio": round(median["probe_nolive"] / baseline_s, 4),
         "probe_costs_ms": costs,
         "baseline_s": round(baseline_s, 3),

@@ -15,6 +15,7 @@ probe after it gets no ``last`` comparison, since its previous record was not co
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -79,6 +80,8 @@ class LiveStats:
         return None if self._process is None else self._process.pid
 
     def _start_process(self, stats: StatsFunction) -> Optional[StatsProcess]:
+        if os.name != "posix":  # the handover needs a pipe that can be polled
+            return None
         try:
             pickled = pickle.dumps(stats)
         except Exception:  # noqa: BLE001 - any pickling failure: the thread takes any callable

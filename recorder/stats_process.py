@@ -12,9 +12,9 @@ does not fork a process that holds CUDA contexts or threads. What the statistics
 goes to the child's standard error, never into the pipe.
 
 Frames are pickles. To the child: the parent's ``sys.path``, the statistics function, then per probe
-``("probe", patterns_by_site, use_last, references or None)``. From the child: ``("ok", "ready")``
-once it has imported everything, then ``("ok", metrics)`` per probe; ``("error", traceback text)``
-instead of either when something failed.
+``("probe", patterns_by_site, use_last, references or None)``, and ``("stop",)`` at the end. From the
+child: ``("ok", "ready")`` once it has imported everything, then ``("ok", metrics)`` per probe;
+``("error", traceback text)`` instead of either when something failed.
 """
 
 from __future__ import annotations
@@ -119,8 +119,13 @@ class StatsProcess:
 
     def close(self, wait: bool) -> None:
         """End the child: let it finish (``wait``) or kill it."""
+        if wait:  # a frame, not only the end of input: forked processes (loader workers) may hold the pipe too
+            try:
+                self._send(("stop",))
+            except StatsProcessError:
+                pass
         try:
-            self._proc.stdin.close()  # end of input: the child exits after its current probe
+            self._proc.stdin.close()
         except OSError:
             pass
         if wait:
@@ -162,9 +167,12 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
     references: dict = {}
     while True:
         try:
-            _, patterns_by_site, use_last, handed_over = pickle.load(inp)
-        except EOFError:  # the parent closed the pipe (or died)
+            message = pickle.load(inp)
+        except EOFError:  # the parent died
             return
+        if message[0] == "stop":
+            return
+        _, patterns_by_site, use_last, handed_over = message
         try:
             if handed_over is not None:
                 references = handed_over

@@ -177,3 +177,26 @@ def test_a_function_of_the_main_script_runs_on_a_thread_without_a_warning(monkey
     finally:
         live.close(wait=True)
     assert notes == []
+
+
+def test_close_does_not_wait_for_forked_processes_that_hold_the_pipe():
+    # Data loader workers forked after the child started hold copies of its input pipe: closing it
+    # here is then no end of input for the child, so close tells it to stop.
+    live = LiveStats(functools.partial(live_measures), None, lambda key, message: None)
+    wait_ready(live)
+    assert live.submit(0, 0, "probe", [record(0, 0)])
+    assert len(list(live.results(wait=True))) == 1 and live._handed_over
+    worker = os.fork()
+    if worker == 0:  # pragma: no cover - the forked copy only holds the descriptors
+        time.sleep(60)
+        os._exit(0)
+    try:
+        start = time.monotonic()
+        pid = live.worker_pid
+        live.close(wait=True)
+        assert time.monotonic() - start < 5
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)
