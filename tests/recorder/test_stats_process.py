@@ -31,6 +31,19 @@ def wait_ready(live):
         time.sleep(0.05)
 
 
+def one_probe_on_a_thread(stats):
+    """Run one probe's statistics, checking they ran on a thread of this process; returns the notes given."""
+    notes = []
+    live = LiveStats(stats, None, lambda key, message: notes.append(message))
+    try:
+        assert live.worker_pid is None
+        assert live.submit(0, 0, "probe", [record(0, 0)])
+        assert [step for step, _ in live.results(wait=True)] == [0]
+    finally:
+        live.close(wait=True)
+    return notes
+
+
 def collect(stats, n_probes=4):
     notes = []
     live = LiveStats(stats, None, lambda key, message: notes.append(key))
@@ -120,14 +133,7 @@ def test_a_child_that_cannot_start_falls_back_to_a_thread_and_says_so(monkeypatc
         raise OSError("no processes here")
 
     monkeypatch.setattr("actpat.recorder.live_stats.StatsProcess", refuse)
-    notes = []
-    live = LiveStats(functools.partial(live_measures), None, lambda key, message: notes.append(message))
-    try:
-        assert live.worker_pid is None
-        assert live.submit(0, 0, "probe", [record(0, 0)])
-        assert [step for step, _ in live.results(wait=True)] == [0]
-    finally:
-        live.close(wait=True)
+    notes = one_probe_on_a_thread(functools.partial(live_measures))
     assert len(notes) == 1 and "no processes here" in notes[0] and "thread" in notes[0]
 
 
@@ -168,15 +174,7 @@ def test_a_function_of_the_main_script_runs_on_a_thread_without_a_warning(monkey
     monkeypatch.setattr(stats, "__module__", "__main__")  # what a function of a script or notebook has
     monkeypatch.setattr(stats, "__qualname__", "stats")
     monkeypatch.setattr(sys.modules["__main__"], "stats", stats, raising=False)  # so that it pickles
-    notes = []
-    live = LiveStats(stats, None, lambda key, message: notes.append(message))
-    try:
-        assert live.worker_pid is None
-        assert live.submit(0, 0, "probe", [record(0, 0)])
-        assert [step for step, _ in live.results(wait=True)] == [0]
-    finally:
-        live.close(wait=True)
-    assert notes == []
+    assert one_probe_on_a_thread(stats) == []
 
 
 def test_close_does_not_wait_for_forked_processes_that_hold_the_pipe():
