@@ -383,7 +383,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     runs = []
     for spec in args.runs:
         group, sep, path = spec.rpartition("=")
-        runs.append(f"{group}={locate_run(Path(path))}" if sep else str(locate_run(Path(spec))))
+        # A bare directory is named as typed, not by the run folder found inside it.
+        runs.append(f"{group if sep else spec}={locate_run(Path(path))}")
     written = report(
         runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, kind=args.band,
         width_controlled=not args.no_width_controlled, regions=args.regions, n_subsets=args.subsets,

@@ -363,6 +363,17 @@ def test_compare_writes_the_convergence_table_of_grouped_runs(run_dir, tmp_path,
     assert "wrote" in capsys.readouterr().out
 
 
+def test_compare_names_a_bare_directory_as_typed_even_when_the_run_is_inside_it(run_dir, tmp_path, monkeypatch):
+    version = tmp_path / "logs" / "version_0"  # the Lightning log folder around a run directory
+    version.mkdir(parents=True)
+    record_mlp(version / "activation_patterns", seed=1)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cmp"
+    assert main(["compare", "logs/version_0", str(run_dir), "-o", str(out), "--subsets", "2", "--no-progress"]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["run"].tolist() == ["logs/version_0", str(run_dir)]
+
+
 def test_replay_is_a_command_with_its_own_flags(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["replay", "--help"])
