@@ -25,6 +25,7 @@ from actpat.callbacks._arguments import check_arguments
 from actpat.callbacks._lightning import CALLBACK_BASES, move_data_to_device, rank_zero_warn
 from actpat.recorder import schema
 from actpat.recorder.batches import BatchReader
+from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
 from actpat.recorder.prober import PROBE_SPLIT, ProbeForwardError, Prober, last_recorded_step
 from actpat.recorder.recorder import ActivationRecorder
@@ -394,11 +395,21 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         step = trainer.global_step
         first = "first " if not prober.verified else ""
         with self._guard(f"the {first}probe at step {step}", "probe"):
-            if final:
-                prober.probe(step, trainer.current_epoch)
-                prober.poll(wait=True)
-            else:
-                prober.maybe(step, trainer.current_epoch)
+            try:
+                if final:
+                    prober.probe(step, trainer.current_epoch)
+                    prober.poll(wait=True)
+                else:
+                    prober.maybe(step, trainer.current_epoch)
+            except LiveStatsError as exc:
+                if self.on_error == "raise":
+                    raise
+                prober.stop_stats()  # the probes themselves are recorded: keep recording them
+                self._warn_once(
+                    "live-stats",
+                    f"actpat: {exc}\nLive statistics stop for the rest of this fit; the probes go on being recorded "
+                    "(`actpat analyze` computes every measure from the shards).",
+                )
 
     def _end_capture(self) -> None:
         stack, self._capture = self._capture, None

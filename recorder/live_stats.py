@@ -120,7 +120,9 @@ class LiveStats:
             try:
                 result = future.result()
             except Exception as exc:
-                raise LiveStatsError(f"The live statistics of the probe at step {step} failed with {exc!r}.") from exc
+                raise LiveStatsError(
+                    f"The live statistics of the probe at step {step} failed with {type(exc).__name__}: {exc}"
+                ) from exc
             yield step, result
 
     def close(self, wait: bool) -> None:
@@ -147,14 +149,20 @@ class LiveStats:
             except StatsFunctionError:
                 raise  # the statistics themselves failed, as they would on a thread
             except StatsProcessError as exc:
-                if self._handed_over:
-                    raise  # the references live in the process: nothing to continue from here
                 self._process = None
                 process.close(wait=False)
+                if self._handed_over:
+                    # Its references died with it: init only if it came from this side, last from the next probe.
+                    self._references = {"init": self._references.get("init", {}), "last": {}}
+                    use_last = False
+                    lost = ("comparisons with the previous probe resume from the next probe; those with init "
+                            + ("continue" if self._references["init"] else "are lost for the rest of the run"))
+                else:
+                    lost = "nothing is lost"
                 self._notify(
                     "live-stats-thread",
-                    f"actpat: the live-statistics process failed before its first answer ({exc}); the statistics "
-                    "run on a thread of the training process instead, which slows training more.",
+                    f"actpat: the live-statistics process failed ({exc}); the statistics run on a thread of the "
+                    f"training process from here, which slows training more ({lost}).",
                 )
         # On this thread: before the process is ready (it imports for a fraction of a second), or without one.
         return probe_statistics(self._stats, self._references, patterns, use_last)

@@ -345,6 +345,13 @@ class Prober:
         for step, metrics in self._stats.results(wait=wait):
             self._on_stats(step, metrics)
 
+    def stop_stats(self) -> None:
+        """Stop the live statistics (after a :class:`~actpat.recorder.live_stats.LiveStatsError`, say); probes go
+        on being recorded. Statistics not handed on yet are dropped."""
+        if self._stats is not None:
+            self._stats.close(wait=False)
+            self._stats = None
+
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
         """Prepare for the first probe (idempotent; :meth:`probe` calls it): read what ``out_dir`` holds."""

@@ -11,7 +11,10 @@ The child is a plain subprocess, not :mod:`multiprocessing`: it never re-imports
 does not fork a process that holds CUDA contexts or threads. What the statistics function prints
 goes to the child's standard error, never into the pipe.
 
-Frames are pickles. To the child: the parent's ``sys.path``, the statistics function, then per probe
+The child gets the parent's ``sys.path`` (as ``PYTHONPATH``) and a session of its own: a Ctrl-C at the
+terminal reaches the parent only, which ends the child when it closes.
+
+Frames are pickles. To the child: the statistics function, then per probe
 ``("probe", patterns_by_site, use_last, references or None)``, and ``("stop",)`` at the end. From the
 child: ``("ok", "ready")`` once it has imported everything, then ``("ok", metrics)`` per probe;
 ``("error", traceback text)`` instead of either when something failed.
@@ -22,7 +25,6 @@ from __future__ import annotations
 import os
 import pickle
 import select
-import signal
 import subprocess
 import sys
 import traceback
@@ -62,11 +64,14 @@ class StatsProcess:
     """
 
     def __init__(self, stats: Any) -> None:
+        # The parent's import path (actpat itself may be on it only here); a session of its own, so that a
+        # Ctrl-C at the terminal reaches the parent alone, which then decides when the child ends.
+        path = os.pathsep.join(p for p in sys.path if p)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "actpat.recorder.stats_process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-m", "actpat.recorder.stats_process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": path}, start_new_session=True,
         )
         self._ready = False
-        self._send(list(sys.path))
         self._send(stats)
 
     @property
@@ -153,7 +158,6 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
         pickle.dump((status, payload), out, protocol=pickle.HIGHEST_PROTOCOL)
         out.flush()
 
-    sys.path[:] = pickle.load(inp)  # the parent's, so that its statistics function unpickles here
     try:
         from actpat.recorder.live_stats import probe_statistics
 
@@ -182,8 +186,6 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 
 def main() -> None:
-    # Ctrl-C reaches the whole process group: the parent decides when this process ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Frames go to a private copy of the pipe; anything printed goes to standard error.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

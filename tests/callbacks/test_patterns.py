@@ -284,6 +284,27 @@ def test_invalid_arguments_are_rejected_with_the_value():
         ActivationPatternCallback(probe=toy_data(8), n_classes="all")
 
 
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+def test_failing_live_statistics_stop_themselves_not_the_recording(tmp_path, monkeypatch, on_error):
+    def broken(patterns, references, n_classes=None):
+        raise ZeroDivisionError("a broken statistic")
+
+    monkeypatch.setattr("actpat.analysis.live.live_measures", broken)
+    cb = ActivationPatternCallback(probe=toy_data(24, seed=1), probe_every=0.5, probe_batch_size=12,
+                                   on_error=on_error)
+    if on_error == "raise":
+        with pytest.raises(Exception, match="a broken statistic"):
+            fit(tmp_path, [cb])
+        return
+    with pytest.warns(UserWarning, match="(?s)a broken statistic.*Live statistics stop.*go on being recorded"):
+        fit(tmp_path, [cb])
+    run = open_run(cb.run_dir)
+    assert run.steps("net.2", "probe").tolist() == [0, 4, 8, 12, 16]  # every probe, before and after the failure
+    assert not run.stop_reasons
+    logged = Path(cb.run_dir).parent / "metrics.csv"  # written only where something was logged
+    assert not logged.exists() or not any(c.startswith("actpat/") for c in pd.read_csv(logged).columns)
+
+
 def test_live_stats_without_a_logger_fail_at_setup(tmp_path):
     cb = ActivationPatternCallback(probe=toy_data(8))
     with pytest.raises(ValueError, match="Expected a logger"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from actpat.analysis.live import live_measures
-from actpat.recorder.live_stats import LiveStats, LiveStatsError
+from actpat.recorder.live_stats import LiveStats, LiveStatsError, site_patterns
 from actpat.recorder.shards import Record, SiteMeta
 from actpat.recorder.stats_process import StatsProcess, StatsProcessError
 
@@ -91,18 +91,29 @@ def test_a_failing_statistics_function_is_reported_with_its_traceback_and_printi
         live.close(wait=True)
 
 
-def test_a_killed_child_is_an_error_of_the_next_probes_not_a_hang():
-    live = LiveStats(functools.partial(live_measures), None, lambda key, message: None)
+def test_a_killed_child_hands_over_to_a_thread_without_losing_a_probe():
+    notes = []
+    live = LiveStats(functools.partial(live_measures), None, lambda key, message: notes.append(message))
+    results = {}
     try:
         wait_ready(live)
-        assert live.submit(0, 0, "probe", [record(0, 0)])
-        assert len(list(live.results(wait=True))) == 1 and live._handed_over
-        os.kill(live.worker_pid, signal.SIGKILL)
-        assert live.submit(1, 0, "probe", [record(1, 1)])
-        with pytest.raises(LiveStatsError, match="ended"):
-            list(live.results(wait=True))
+        for step in range(4):
+            if step == 2:
+                os.kill(live.worker_pid, signal.SIGKILL)  # killed for memory, say
+            assert live.submit(step, 0, "probe", [record(step, step % 2)])
+            results.update(live.results(wait=True))
+        assert live.worker_pid is None
     finally:
         live.close(wait=True)
+    assert sorted(results) == [0, 1, 2, 3]
+    assert len(notes) == 1 and "thread" in notes[0] and "init" in notes[0]
+    # init was computed in the child and died with it; last resumes one probe after the death.
+    assert "jaccard_init" in results[1]["fc.relu"] and "jaccard_last" in results[1]["fc.relu"]
+    assert not {"jaccard_init", "jaccard_last"} & set(results[2]["fc.relu"])
+    assert "jaccard_last" in results[3]["fc.relu"] and "jaccard_init" not in results[3]["fc.relu"]
+    expected = live_measures(site_patterns([record(3, 1)], 3, 0, "probe")["fc.relu"],
+                             {"last": live_measures(site_patterns([record(2, 0)], 2, 0, "probe")["fc.relu"])[0]})[1]
+    assert results[3]["fc.relu"] == expected
 
 
 def test_close_without_waiting_kills_a_busy_child_and_frees_the_waiting_thread():
@@ -198,3 +209,24 @@ def test_close_does_not_wait_for_forked_processes_that_hold_the_pipe():
     finally:
         os.kill(worker, signal.SIGKILL)
         os.waitpid(worker, 0)
+
+
+def test_the_child_gets_the_parents_import_path_and_a_session_of_its_own(tmp_path, monkeypatch):
+    # A module importable here only through sys.path (as actpat itself may be): the child finds it.
+    (tmp_path / "my_site_stats.py").write_text(
+        "from actpat.analysis.live import live_measures\n\n\ndef stats(patterns, references):\n"
+        "    return live_measures(patterns, references)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_site_stats
+
+    live = LiveStats(my_site_stats.stats, None, lambda key, message: None)
+    try:
+        wait_ready(live)
+        assert live.submit(0, 0, "probe", [record(0, 0)])
+        assert [step for step, _ in live.results(wait=True)] == [0]
+        assert live._handed_over  # computed in the child, which imported the module
+        # Its own session: a Ctrl-C at the terminal (to the foreground process group) does not reach it.
+        assert os.getsid(live.worker_pid) != os.getsid(0)
+    finally:
+        live.close(wait=True)
