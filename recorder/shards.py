@@ -9,14 +9,17 @@ fsynced.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,17 @@ _WRITE_SECONDS = 1.0
 # Staging buffers for a block's columns are reused across blocks up to this size; larger columns are
 # written record by record rather than concatenated.
 _STAGING_BYTES = 8 << 20
+
+
+def _close_at_exit(ref: "weakref.ref[ShardWriter]") -> None:
+    writer = ref()
+    if writer is None:
+        return
+    log.warning("actpat: a shard writer for %s was not closed; closing it at exit.", writer.out_dir)
+    try:
+        writer.close()
+    except RecorderError as exc:  # at exit there is no caller left to raise to
+        log.error("actpat: %s", exc)
 
 
 class RecorderError(RuntimeError):
@@ -205,6 +219,10 @@ class ShardWriter:
         self.recorded_before, self._sites_on_disk = _scan_existing(self.out_dir, self.rank)
         self._thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
         self._thread.start()
+        # A writer never closed would be stopped mid-write by the interpreter's exit (h5py then crashes
+        # or hangs): close it at exit instead, which finalizes what was recorded.
+        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
 
     def put(self, record: Record) -> bool:
         """Queue a record; returns False if it was dropped under backpressure.
@@ -321,6 +339,7 @@ class ShardWriter:
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
+        atexit.unregister(self._at_exit)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
