@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -223,6 +224,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._last_batch_step = -1
         self._probe_state: dict[str, int] = {"last_probe_step": -1, "init_step": -1}  # the prober's, between fits
         self._resumed = False
+        self._trainer: weakref.ref | None = None  # of the last fit: the same Trainer fitting again continues
         # Per-fit state.
         self._default_dir: Path | None = None
         self._rank = 0
@@ -255,6 +257,12 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._trainer is not None and self._trainer() is not trainer:
+            # Another Trainer (a seed sweep, a re-run notebook cell) is a new run: its own directory and
+            # schedule. A checkpoint it resumes from restores this state after setup.
+            self._run_dir, self._last_batch_step, self._resumed = None, -1, False
+            self._probe_state = {"last_probe_step": -1, "init_step": -1}
+        self._trainer = weakref.ref(trainer)
         compiled = _trainer.compiled_parts(pl_module)
         if self._probe_set is not None and not self.probe_copy and compiled:
             raise ValueError(

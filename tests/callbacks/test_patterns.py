@@ -284,6 +284,22 @@ def test_invalid_arguments_are_rejected_with_the_value():
         ActivationPatternCallback(probe=toy_data(8), n_classes="all")
 
 
+def test_one_callback_reused_by_a_second_trainer_records_a_new_run(tmp_path):
+    # A seed sweep or a re-run notebook cell: the second fit recorded nothing into the first's directory.
+    cb = ActivationPatternCallback(probe=toy_data(24, seed=1), probe_every=0.5, probe_batch_size=12,
+                                   live_stats=False, batch_every_n_steps=4)
+    runs = []
+    for seed in range(2):
+        fit(tmp_path / f"seed{seed}", [cb], seed=seed)
+        runs.append(cb.run_dir)
+    assert runs[0] != runs[1] and runs[1].is_relative_to(tmp_path / "seed1")
+    for run_dir in runs:
+        run = open_run(run_dir)
+        assert run.steps("net.2", "probe").tolist() == [0, 4, 8, 12, 16]
+        assert run.steps("net.2", "train").tolist() == [0, 4, 8, 12]
+        assert not run.stop_reasons
+
+
 @pytest.mark.parametrize("on_error", ["warn", "raise"])
 def test_failing_live_statistics_stop_themselves_not_the_recording(tmp_path, monkeypatch, on_error):
     def broken(patterns, references, n_classes=None):
