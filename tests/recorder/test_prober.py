@@ -198,9 +198,9 @@ def test_without_a_copy_a_forward_that_changes_a_parameter_raises(tmp_path):
         module.net[0].weight.mul_(1.0)  # an in-place change, even of the same value
         module(batch[0])
 
-    prober = Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8, forward=forward)
-    with pytest.raises(RuntimeError, match=r"changed parameters.*net.0.weight.*copy=True"):
-        prober.maybe(0)
+    with Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8, forward=forward) as prober:
+        with pytest.raises(RuntimeError, match=r"changed parameters.*net.0.weight.*copy=True"):
+            prober.maybe(0)
 
 
 def test_without_a_copy_a_compiled_model_is_refused_at_construction(tmp_path):
