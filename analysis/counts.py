@@ -77,12 +77,6 @@ def _compact(keys: np.ndarray, n_units: int) -> np.ndarray:
     return keys.astype(np.uint32) if n_units <= 32 else keys
 
 
-def _keys_to_bits(keys: np.ndarray, n_units: int) -> np.ndarray:
-    """Inverse of :func:`_narrow_keys`: ``(k, n_bytes)`` uint8 rows."""
-    k = keys.shape[0]
-    return np.ascontiguousarray(keys.astype("<u8").view(np.uint8).reshape(k, 8)[:, : _n_bytes(n_units)])
-
-
 def row_words(bits: np.ndarray, n_units: int) -> np.ndarray:
     """``(n, ceil(n_units / 64))`` little-endian uint64 words of packed rows, padding bits cleared.
 
@@ -93,7 +87,7 @@ def row_words(bits: np.ndarray, n_units: int) -> np.ndarray:
 
 
 def _words_to_bits(words: np.ndarray, n_units: int) -> np.ndarray:
-    """Inverse of :func:`_as_words`: ``(k, n_bytes)`` uint8 rows."""
+    """Inverse of :func:`_as_words` (and of :func:`_narrow_keys` for ``keys[:, None]``): ``(k, n_bytes)`` uint8 rows."""
     words = np.ascontiguousarray(words, dtype="<u8")
     k = words.shape[0]
     return np.ascontiguousarray(words.view(np.uint8).reshape(k, -1)[:, : _n_bytes(n_units)])
@@ -255,7 +249,7 @@ def _unique_counts(bits: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarr
         keys = np.sort(_compact(_narrow_keys(bits, n_units), n_units))
         starts = np.flatnonzero(_runs(keys))
         counts = np.diff(np.append(starts, n)).astype(np.int64, copy=False)
-        return _keys_to_bits(keys[starts], n_units), counts
+        return _words_to_bits(keys[starts, None], n_units), counts
     words = _as_words(bits, n_units)
     _, codes_sorted, first = _group_words(words)
     counts = np.bincount(codes_sorted, minlength=first.size).astype(np.int64, copy=False)
@@ -284,7 +278,7 @@ def _label_cells_by_sort(keys: np.ndarray, label_codes: np.ndarray, label_bits: 
     first = np.flatnonzero(new)
     counts = np.add.reduceat(cell_count, first) if first.size else cell_count
     cell_label = (cell_keys & cell_keys.dtype.type((1 << label_bits) - 1)).astype(np.int64)
-    patterns = _keys_to_bits(pattern_of_cell[first], n_units)
+    patterns = _words_to_bits(pattern_of_cell[first, None], n_units)
     return PatternCounts(patterns, counts, n_units), np.cumsum(new) - 1, cell_label, cell_count
 
 
