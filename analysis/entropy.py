@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from actpat.analysis._validation import NO_LABEL, check_labels, check_n_classes
-from actpat.analysis.counts import PatternCounts, pattern_codes
+from actpat.analysis.counts import PatternCounts, pattern_codes, pattern_counts, pattern_label_cells
 
 __all__ = [
     "conditional_entropy",
@@ -25,6 +25,7 @@ __all__ = [
     "mutual_information",
     "nominal_conditional_entropy",
     "normalized_entropy",
+    "pattern_label_information",
 ]
 
 #: Label priors of the label measures (see :func:`label_information`).
@@ -322,6 +323,43 @@ def label_information_from_codes(
     return information_from_cells(
         *_joint_cells(dense, lab, n_labels), k=k, n_labels=n_labels, n_units=n_units, prior=prior, n_classes=n_classes
     )
+
+
+def pattern_label_information(
+    bits: np.ndarray, n_units: int, labels: np.ndarray, *, n_classes: int | None = None
+) -> tuple[PatternCounts, dict | None]:
+    """Exact counts of all observations and the label measures of the labelled ones, from one sort.
+
+    Parameters
+    ----------
+    bits : np.ndarray
+        ``(n, ceil(n_units / 8))`` uint8 packed patterns, validated by the caller.
+    n_units : int
+    labels : np.ndarray
+        ``(n,)`` int labels, ``-1`` where unknown: such observations count as patterns only.
+    n_classes : int, optional
+        As in :func:`information_from_cells`.
+
+    Returns
+    -------
+    counts : PatternCounts
+        Of all ``n`` observations.
+    info : dict or None
+        As :func:`information_from_cells` (empirical prior), plus ``k_joint``, the number of non-empty
+        ``(pattern, label)`` cells; None when no observation is labelled.
+    """
+    label_codes, n_labels = dense_labels(labels)
+    if not n_labels:
+        return pattern_counts(bits, n_units, validate_args=False), None
+    counts, cell_pattern, cell_label, cell_count = pattern_label_cells(
+        bits, n_units, label_codes, n_labels + 1, validate_args=False
+    )
+    keep = cell_label < n_labels  # the last code is "no label"
+    info = information_from_cells(
+        cell_pattern[keep], cell_label[keep], cell_count[keep], k=len(counts), n_labels=n_labels, n_units=n_units,
+        n_classes=n_classes,
+    )
+    return counts, {**info, "k_joint": int(np.count_nonzero(keep))}
 
 
 def information_from_cells(

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from actpat.analysis import mi
-from actpat.analysis._validation import NO_LABEL
-from actpat.analysis.counts import pattern_label_cells
+from actpat.analysis._validation import NO_LABEL, check_bits
 from actpat.analysis.driver import run_pass, tidy_table
-from actpat.analysis.entropy import dense_labels, entropy, information_from_cells, miller_madow
+from actpat.analysis.entropy import entropy, miller_madow, pattern_label_information
 from actpat.analysis.measures import SATURATION
 from actpat.recorder.reader import Patterns, Run, open_run
 
@@ -88,21 +87,15 @@ def _flat_values(p: Patterns) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compute_binary(bits: np.ndarray, n_units: int, labels: np.ndarray, saturation: float) -> dict:
-    label_codes, n_labels = dense_labels(labels)
-    pc, cell_pattern, cell_label, cell_count = pattern_label_cells(bits, n_units, label_codes, n_labels + 1)
+    pc, info = pattern_label_information(check_bits(bits, n_units), n_units, labels)
     m = {
         "input_information": entropy(pc),
         "input_information_mm": miller_madow(pc),
         "saturated": float(pc.k >= saturation * pc.n),
     }
-    if n_labels:
-        keep = cell_label < n_labels  # the last code is "no label"
-        info = information_from_cells(
-            cell_pattern[keep], cell_label[keep], cell_count[keep], k=len(pc), n_labels=n_labels, n_units=n_units
-        )
-        k_ty = int(np.count_nonzero(keep))
+    if info is not None:
         # Miller-Madow on each of H(T), H(Y), H(T, Y): I + (K_T - 1 + K_Y - 1 - (K_TY - 1)) / (2 n ln 2).
-        correction = (info["k"] + n_labels - k_ty - 1) / (2.0 * info["n"] * math.log(2.0))
+        correction = (info["k"] + info["n_labels"] - info["k_joint"] - 1) / (2.0 * info["n"] * math.log(2.0))
         m.update(mutual_information=info["mutual_information"],
                  mutual_information_mm=info["mutual_information"] + correction)
     return m

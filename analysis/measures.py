@@ -6,15 +6,14 @@ import math
 
 import numpy as np
 
-from actpat.analysis._validation import NO_LABEL, check_bits, check_labels
-from actpat.analysis.counts import PatternCounts, pattern_counts, pattern_label_cells
+from actpat.analysis._validation import check_bits, check_labels
+from actpat.analysis.counts import PatternCounts, pattern_counts
 from actpat.analysis.entropy import (
-    dense_labels,
     _miller_madow_from,
     _normalized_from,
     entropy,
-    information_from_cells,
     nominal_conditional_entropy,
+    pattern_label_information,
 )
 
 __all__ = ["SATURATION", "pattern_measures"]
@@ -82,21 +81,10 @@ def pattern_measures(
         bits = check_bits(bits, n_units)
         if labels is not None:
             labels = check_labels(labels, bits.shape[0])
-    labels = None if labels is None else np.asarray(labels)
-    info = None
-    if labels is None or not (labels != NO_LABEL).any():
-        counts = pattern_counts(bits, n_units, validate_args=False)
+    if labels is None:
+        counts, info = pattern_counts(bits, n_units, validate_args=False), None
     else:
-        # Unlabelled observations get a code of their own: counted as patterns, left out of the cells.
-        label_codes, n_labels = dense_labels(labels)
-        counts, cell_pattern, cell_label, cell_count = pattern_label_cells(
-            bits, n_units, label_codes, n_labels + 1, validate_args=False
-        )
-        keep = cell_label < n_labels
-        info = information_from_cells(
-            cell_pattern[keep], cell_label[keep], cell_count[keep], k=len(counts), n_labels=n_labels,
-            n_units=n_units, n_classes=n_classes,
-        )
+        counts, info = pattern_label_information(bits, n_units, np.asarray(labels), n_classes=n_classes)
     n = counts.n
     h = entropy(counts)  # once: the corrected and normalized entropies derive from it
     top = int(counts.counts.max())
