@@ -15,7 +15,6 @@ probe after it gets no ``last`` comparison, since its previous record was not co
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -24,6 +23,7 @@ import numpy as np
 
 from actpat.recorder.reader import Patterns
 from actpat.recorder.shards import Record
+from actpat.recorder import stats_process
 from actpat.recorder.stats_process import StatsFunctionError, StatsProcess, StatsProcessError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class LiveStats:
         return None if self._process is None else self._process.pid
 
     def _start_process(self, stats: StatsFunction) -> Optional[StatsProcess]:
-        if os.name != "posix":  # the handover needs a pipe that can be polled
+        if not stats_process.SUPPORTED:
             return None
         try:
             pickled = pickle.dumps(stats)

@@ -30,11 +30,11 @@ import sys
 import traceback
 from typing import Any, BinaryIO, Optional
 
-__all__ = ["StatsFunctionError", "StatsProcess", "StatsProcessError"]
+__all__ = ["SUPPORTED", "StatsFunctionError", "StatsProcess", "StatsProcessError"]
 
 _CLOSE_SECONDS = 10.0
-# select() polls pipes on POSIX only; elsewhere the child is waited for at its first probe.
-_HAS_SELECT = os.name == "posix"
+#: Whether the child can be used here: its readiness is polled with select(), which takes pipes on POSIX only.
+SUPPORTED = os.name == "posix"
 
 
 class StatsProcessError(RuntimeError):
@@ -83,11 +83,11 @@ class StatsProcess:
         return self._proc.poll() is None
 
     def ready(self) -> bool:
-        """Whether the child has started (never waits; always False where pipes cannot be polled).
+        """Whether the child has started (never waits; POSIX only, see :data:`SUPPORTED`).
 
         Raises :class:`StatsProcessError` if it could not start (its statistics function not
         importable there, say)."""
-        if not self._ready and _HAS_SELECT and select.select([self._proc.stdout], [], [], 0)[0]:
+        if not self._ready and select.select([self._proc.stdout], [], [], 0)[0]:
             self._start()
         return self._ready
 
