@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+# pytest-xdist worker processes of `make test` (the CI machine has 2 cores): make test TEST_WORKERS=8
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench clean
 
@@ -25,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/actpat demo --out demo_out
 
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
