@@ -17,7 +17,10 @@ from its shards), as ``(baseline + probe_forwards) / baseline``. ``probe_vs_floo
 (baseline + probe forwards) is the probe mode's cost against that floor (target: at most 1.10).
 ``probe_vs_floor_arm`` and ``probe_nolive_vs_floor_arm`` measure the same against the floor arm, as the
 median over rounds of the ratio within each round (a cross-check that needs no in-process timing).
-``in_fit_ms_per_probe`` is the time the training thread spent inside the callback's hooks (probe
+``probe_vs_floor_cpu`` (and ``probe_nolive_vs_floor_cpu``) is the same pairing on the CPU seconds of each
+fit: every thread of the process (the shard writer, the live-statistics hand-off) and the statistics
+process included, so it counts all the work recording adds, while other processes on the machine,
+which swing wall times by a fifth here, barely touch it. ``in_fit_ms_per_probe`` is the time the training thread spent inside the callback's hooks (probe
 arms) or the floor's forward passes, per probe, median over fits: measured within each fit, so far
 less noisy than whole fits, but without the contention of background work (the shard writer's thread,
 the hand-off of live statistics); ``probe_vs_floor_in_fit`` is ``(baseline + probes * probe ms) /
@@ -43,6 +46,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -151,9 +155,11 @@ def _fit(arm: str, data, probe: Subset, epochs: int, limit_batches: int | float,
         )
         model = DigitsCNN()
         loader = DataLoader(data, batch_size=BATCH_SIZE, shuffle=True)
+        cpu_start = _cpu_seconds()
         start = time.perf_counter()
         trainer.fit(model, loader)
         seconds = time.perf_counter() - start
+        cpu_seconds = _cpu_seconds() - cpu_start
         n_probes = 0
         if arm.startswith("probe"):
             run = open_run(callbacks[0].run_dir)
@@ -161,8 +167,14 @@ def _fit(arm: str, data, probe: Subset, epochs: int, limit_batches: int | float,
         if arm == "floor":
             n_probes = callbacks[0].n_probes
     hooks = [c.seconds for c in callbacks if isinstance(c, (_TimedCallback, _FloorCallback))]
-    return {"seconds": seconds, "steps": trainer.global_step, "probes": n_probes, "model": model,
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "steps": trainer.global_step, "probes": n_probes, "model": model,
             "hook_seconds": hooks[0] if hooks else None}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) and of its ended children (the statistics process)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _probe_costs(model: pl.LightningModule, probe: Subset, repeats: int) -> dict[str, float]:
@@ -257,6 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
     # Time the training thread spent inside the callback (probe arms) or the floor's forwards, per probe:
     # measured within each fit, so far less noisy than whole fits; contention from background work
     # (the writer thread, the live-statistics hand-off) is not in it.
+    # CPU seconds of each fit, all threads and the statistics process included: what recording takes from
+    # training on a CPU-bound machine, and far less sensitive than wall time to other processes' load.
+    paired_cpu = {arm: statistics.median(p["cpu_seconds"] / f["cpu_seconds"] for p, f in zip(fits[arm], fits["floor"]))
+                  for arm in ("probe", "probe_nolive")}
     in_fit_ms = {arm: 1e3 * statistics.median(f["hook_seconds"] / max(f["probes"], 1) for f in fits[arm])
                  for arm in ("probe", "probe_nolive", "floor")}
     floor_in_fit_s = in_fit_ms["floor"] * n_probes / 1e3
@@ -271,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
         "probe_vs_floor_arm": round(paired["probe"], 4),
         "probe_nolive_vs_floor_arm": round(paired["probe_nolive"], 4),
         "floor_arm_ratio": round(median["floor"] / baseline_s, 4),
+        "probe_vs_floor_cpu": round(paired_cpu["probe"], 4),
+        "probe_nolive_vs_floor_cpu": round(paired_cpu["probe_nolive"], 4),
+        "cpu_s": {arm: round(statistics.median(fit["cpu_seconds"] for fit in fits[arm]), 3) for arm in ARMS},
         "in_fit_ms_per_probe": {arm: round(v, 3) for arm, v in in_fit_ms.items()},
         "probe_vs_floor_in_fit": round((baseline_s + in_fit_ms["probe"] * n_probes / 1e3) / (baseline_s + floor_in_fit_s), 4),
         "probe_nolive_vs_floor_in_fit": round(
