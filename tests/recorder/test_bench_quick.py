@@ -60,6 +60,17 @@ def test_compile_overhead_quick():
         assert result[key] > 0
 
 
+@pytest.mark.slow
+def test_probe_overhead_quick():
+    result = _run("probe_overhead.py", "--threads", "1")
+    assert result["bench"] == "probe_overhead" and result["model"] == "resnet18" and result["quick"] is True
+    for key in ("probe_vs_floor", "probe_nolive_vs_floor", "floor_ratio", "probe_vs_floor_cpu", "stats_process_cpu_s"):
+        assert result[key] > 0
+    assert all(len(blocks) == result["rounds"] for blocks in result["block_s"].values())
+    # Live statistics of every probe of the probe arm: the one before timing, the warm-up block's, one per round.
+    assert result["live_stats_probes"] == 2 + result["rounds"] * result["probes_per_block"]
+
+
 def test_storage_quick():
     result = _run("storage.py")
     assert result["bench"] == "storage" and result["quick"] is True
