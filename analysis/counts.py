@@ -421,7 +421,7 @@ class PatternCounts:
         """Counts of ``self`` and ``other`` on the patterns that both list.
 
         What the set similarities need (patterns on one side only add to neither an intersection nor a
-        minimum). For canonical counts this is a binary search of one sorted key list in the other,
+        minimum). For canonical counts this is a merge of the two sorted key lists,
         which :class:`PatternCounts` keeps once computed; rows matched by hash (over 64 units) are
         compared exactly, and any doubt falls back to :meth:`align`.
 
@@ -445,10 +445,13 @@ class PatternCounts:
         self._check_same_units(other)
         ka, kb = self._sorted_keys, other._sorted_keys
         if ka is not None and kb is not None:
-            ib = np.searchsorted(kb, ka)
-            hit = ib < kb.size
-            hit[hit] = kb[ib[hit]] == ka[hit]
-            ia, ib = np.flatnonzero(hit), ib[hit]
+            # Merge the two ascending lists (a stable sort finds the two runs: linear time, several times
+            # faster than a binary search of each key); a shared key is an adjacent pair, self's first.
+            keys = np.concatenate([ka, kb])
+            order = np.argsort(keys, kind="stable")
+            merged = keys[order]
+            pair = np.flatnonzero(merged[1:] == merged[:-1])
+            ia, ib = order[pair], order[pair + 1] - ka.size
             if self.n_units <= _KEY_UNITS or np.array_equal(self.patterns[ia], other.patterns[ib]):
                 return self.counts[ia], other.counts[ib]
         _, codes, first = self._union_codes(other)
