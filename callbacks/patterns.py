@@ -28,7 +28,7 @@ from actpat.recorder import schema
 from actpat.recorder.batches import BatchReader
 from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
-from actpat.recorder.prober import PROBE_SPLIT, ProbeForwardError, Prober, last_recorded_step
+from actpat.recorder.prober import PROBE_SPLIT, ProbeForwardError, Prober, resume_point
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection
 
@@ -355,7 +355,11 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         run_dir = self._run_dir
         self._rank = trainer.global_rank
         if self._resumed:
-            self._last_batch_step = max(self._last_batch_step, last_recorded_step(run_dir, TRAIN_SPLIT))
+            self._last_batch_step, note = resume_point(
+                run_dir, TRAIN_SPLIT, self._last_batch_step, resume_step=trainer.global_step
+            )
+            if note:
+                self._warn_once("ahead-train", note)
         elif _has_shards(run_dir, trainer.global_rank):
             self._warn_once(
                 "existing",
@@ -393,7 +397,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 writer=writer, notify=self._warn_once, **options,
             )
             if self._resumed or self._probe_state["init_step"] >= 0:  # a resumed fit, or another fit of this callback
-                self._prober.load_state_dict(self._probe_state)
+                self._prober.load_state_dict(self._probe_state, step=trainer.global_step)
 
     def _probe(self, trainer: Trainer, final: bool = False) -> None:
         """Let the prober probe if due (always at the end of fit) and log the statistics it finished."""

@@ -242,6 +242,7 @@ class Prober:
         self._last_probe_step = -1
         self._init_step = -1
         self._resumed = False
+        self._resume_step: Optional[int] = None
         #: Whether a probe (or the check of a resumed prober) has worked since this prober was made.
         self.verified = False
 
@@ -360,7 +361,11 @@ class Prober:
         self._opened = True
         recorded = recorded_steps(self.out_dir, PROBE_SPLIT)
         if self._resumed:
-            self._last_probe_step = max([self._last_probe_step, *recorded])
+            self._last_probe_step, note = resume_point(
+                self.out_dir, PROBE_SPLIT, self._last_probe_step, recorded, self._resume_step
+            )
+            if note:
+                self._notify("ahead", note)
             short = _short_probe(self.out_dir, self._last_probe_step, self._batches.loader)
             if short:
                 self._notify("short", f"actpat: {short}; it is kept as it is (records are never rewritten).")
@@ -397,12 +402,17 @@ class Prober:
         """The state to resume from: the last probe's step and the ``init`` probe's step."""
         return {"version": _STATE_VERSION, "last_probe_step": self._last_probe_step, "init_step": self._init_step}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state_dict` (before the first probe; missing keys keep their defaults)."""
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, step: Optional[int] = None) -> None:
+        """Continue from :meth:`state_dict` (before the first probe; missing keys keep their defaults).
+
+        ``step``, the training step the fit resumes at, where known: probe records in ``out_dir`` after it
+        (and after the state's last probe) are reported as another fit's when the prober opens.
+        """
         if self._opened:
             raise RuntimeError("Expected `load_state_dict` before the first probe, but this prober has started already.")
         self._last_probe_step = int(state_dict.get("last_probe_step", -1))
         self._init_step = int(state_dict.get("init_step", -1))
+        self._resume_step = step
         self._resumed = True
 
     # ------------------------------------------------------------------ helpers
@@ -511,9 +521,35 @@ def _log_once() -> Callable[[str, str], None]:
     return notify
 
 
-def last_recorded_step(run_dir: Union[str, os.PathLike], split: str) -> int:
-    """The last step recorded in ``split`` in ``run_dir`` by any rank (-1 if none), for resuming."""
-    return max(recorded_steps(run_dir, split), default=-1)
+def resume_point(
+    run_dir: Union[str, os.PathLike],
+    split: str,
+    checkpoint_step: int,
+    recorded: Optional[list[int]] = None,
+    resume_step: Optional[int] = None,
+) -> tuple[int, Optional[str]]:
+    """Where a resumed fit goes on recording ``split``, and a note when ``run_dir`` is ahead of its checkpoint.
+
+    Returns the last step recorded by the checkpoint's fit (``checkpoint_step``) or found in ``run_dir``
+    (``recorded``, read when not given; -1 if none): the resumed fit records after it, since records are
+    never rewritten. The note (None if there is nothing to say) names the records after the step the fit
+    resumes at (``resume_step``, default ``checkpoint_step``): written by the fit that went on from
+    there, they belong to another trajectory unless the resumed fit retraces it exactly.
+    """
+    recorded = recorded_steps(run_dir, split) if recorded is None else recorded
+    start = checkpoint_step if resume_step is None else max(checkpoint_step, resume_step)
+    ahead = [step for step in recorded if step > start]
+    last = max([checkpoint_step, *recorded])
+    if not ahead:
+        return last, None
+    note = (
+        f"actpat: {run_dir} holds {split} records at {len(ahead)} step(s) after step {start}, where this fit resumes: "
+        f"steps {ahead[0]} to {ahead[-1]}, written by the fit that went on from there (killed, or resumed here from an "
+        f"older checkpoint). They are kept (records are never rewritten) and this fit records after step {last}; where "
+        "it does not retrace that fit exactly (nondeterministic kernels, other settings), the run holds two "
+        "trajectories. To record this fit alone, pass another `out_dir`."
+    )
+    return last, note
 
 
 def recorded_steps(run_dir: Union[str, os.PathLike], split: str) -> list[int]:
@@ -549,4 +585,4 @@ def _short_probe(run_dir: Path, step: int, loader: DataLoader) -> Optional[str]:
     return None
 
 
-__all__ = ["PROBE_SPLIT", "ProbeForward", "ProbeForwardError", "Prober", "last_recorded_step", "recorded_steps"]
+__all__ = ["PROBE_SPLIT", "ProbeForward", "ProbeForwardError", "Prober", "recorded_steps", "resume_point"]

@@ -16,6 +16,7 @@ import copy
 import importlib
 import importlib.util
 import textwrap
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache
@@ -610,7 +611,10 @@ def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path)
     second = ActivationPatternCallback(**options)
     torch.manual_seed(0)
     model = modules(package)["WithForward"](style.net())
-    trainer(package, tmp_path, [second, saver.callback(package)], max_epochs=2).fit(model, style.train(), ckpt_path=ckpt)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(package, tmp_path, [second, saver.callback(package)], max_epochs=2).fit(model, style.train(), ckpt_path=ckpt)
+    assert not [w for w in seen if "where this fit resumes" in str(w.message)]  # the end-of-fit probe is at step 4
     assert second.run_dir == first.run_dir
     run = open_run(second.run_dir)
     batches = [probe.tensors[0][i : i + BATCH] for i in range(0, N_PROBE, BATCH)]
@@ -620,6 +624,18 @@ def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path)
             assert run.steps(site, "probe").tolist() == [0, 3, 4, 6, 8]
             assert run.steps(site, "train").tolist() == [0, 2, 4, 6]
             np.testing.assert_array_equal(run.read(site, step, "probe").bits, bits, err_msg=f"{site} at {step}")
+    # Resumed once more from that checkpoint, now older than the run: the second fit's records after it
+    # are kept (never twice), and said so for both splits.
+    third = ActivationPatternCallback(**options)
+    with pytest.warns(UserWarning) as caught:
+        trainer(package, tmp_path, [third], max_epochs=2).fit(
+            modules(package)["WithForward"](style.net()), style.train(), ckpt_path=ckpt
+        )
+    notes = " ".join(str(w.message) for w in caught)
+    assert "probe records at 2 step(s) after step 4, where this fit resumes: steps 6 to 8" in notes
+    assert "train records at 1 step(s) after step 4, where this fit resumes: steps 6 to 6" in notes
+    again = open_run(third.run_dir)
+    assert all(again.steps(site, "probe").tolist() == [0, 3, 4, 6, 8] for site in again.sites)
     # A resumed fit's first probe ran before the checkpoint; a mistake is still caught before its first step.
     wrong = ActivationPatternCallback(**options, sites=["net.head.9"])
     steps = OptimizerSteps(package)
