@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import pickle
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -138,12 +138,13 @@ class LiveStats:
     def _compute(
         self, step: int, epoch: int, split: str, records: list[Record], use_last: bool
     ) -> dict[str, dict[str, float]]:
-        patterns = site_patterns(records, step, epoch, split)  # waits for device copies here, not in training
+        rows = probe_rows(records)  # waits for device copies here, not in training
         process = self._process
         if process is not None:
             try:
                 if self._handed_over or process.ready():
-                    metrics = process.compute(patterns, use_last, None if self._handed_over else self._references)
+                    references = None if self._handed_over else self._references
+                    metrics = process.compute(rows, (step, epoch, split), use_last, references)
                     self._handed_over = True
                     return metrics
             except StatsFunctionError:
@@ -165,7 +166,7 @@ class LiveStats:
                     f"training process from here, which slows training more ({lost}).",
                 )
         # On this thread: before the process is ready (it imports for a fraction of a second), or without one.
-        return probe_statistics(self._stats, self._references, patterns, use_last)
+        return probe_statistics(self._stats, self._references, site_patterns(rows, step, epoch, split), use_last)
 
 
 def probe_statistics(
@@ -191,35 +192,63 @@ def probe_statistics(
     return metrics
 
 
-def site_patterns(records: list[Record], step: int, epoch: int, split: str) -> dict[str, Patterns]:
-    """The records of one probe as one :class:`Patterns` per site, rows in record order (as the reader gives)."""
-    parts: dict[str, list[Record]] = {}
-    for record in records:
-        parts.setdefault(record.meta.site, []).append(record)
-    return {site: _patterns(site, site_records, step, epoch, split) for site, site_records in parts.items()}
+class ProbeRows(NamedTuple):
+    """One record of a probe as the statistics need it: its packed rows, and labels and ids per sample.
+
+    What the statistics process receives: per-row labels, ids and positions (eight bytes each per row,
+    where a row's bits take a few) are made there, not pickled."""
+
+    site: str
+    n_units: int
+    bits: np.ndarray
+    n_positions: int
+    obs_index: Optional[np.ndarray]
+    labels: Optional[np.ndarray]
+    sample_ids: Optional[np.ndarray]
+    nan_count: int
 
 
-def _patterns(site: str, records: list[Record], step: int, epoch: int, split: str) -> Patterns:
-    bits, labels, ids, positions, nan_count = [], [], [], [], 0
+def probe_rows(records: list[Record]) -> list[ProbeRows]:
+    """The records of one probe as :class:`ProbeRows` (waits for their device copies first)."""
+    rows = []
     for record in records:
         if record.ready is not None:
             record.ready.synchronize()
-        rows_bits = np.asarray(record.bits)
-        rows = np.arange(len(rows_bits)) if record.obs_index is None else np.asarray(record.obs_index)
-        sample_row = rows // record.n_positions
-        bits.append(rows_bits)
-        labels.append(_per_row(record.labels, sample_row))
-        ids.append(_per_row(record.sample_ids, sample_row))
-        positions.append(rows % record.n_positions)
-        nan_count += int(record.nan_count)
+        rows.append(ProbeRows(
+            record.meta.site, record.meta.n_units, np.asarray(record.bits), record.n_positions,
+            None if record.obs_index is None else np.asarray(record.obs_index),
+            None if record.labels is None else np.asarray(record.labels, dtype=np.int64),
+            None if record.sample_ids is None else np.asarray(record.sample_ids, dtype=np.int64),
+            int(record.nan_count),
+        ))
+    return rows
+
+
+def site_patterns(rows: list[ProbeRows], step: int, epoch: int, split: str) -> dict[str, Patterns]:
+    """The records of one probe as one :class:`Patterns` per site, rows in record order (as the reader gives)."""
+    parts: dict[str, list[ProbeRows]] = {}
+    for part in rows:
+        parts.setdefault(part.site, []).append(part)
+    return {site: _patterns(site, site_rows, step, epoch, split) for site, site_rows in parts.items()}
+
+
+def _patterns(site: str, parts: list[ProbeRows], step: int, epoch: int, split: str) -> Patterns:
+    bits, labels, ids, positions = [], [], [], []
+    for part in parts:
+        rows = np.arange(len(part.bits)) if part.obs_index is None else part.obs_index
+        sample_row = rows // part.n_positions
+        bits.append(part.bits)
+        labels.append(_per_row(part.labels, sample_row))
+        ids.append(_per_row(part.sample_ids, sample_row))
+        positions.append(rows % part.n_positions)
     return Patterns(
-        site=site, step=step, epoch=epoch, split=split, n_units=records[0].meta.n_units, bits=np.concatenate(bits),
+        site=site, step=step, epoch=epoch, split=split, n_units=parts[0].n_units, bits=np.concatenate(bits),
         labels=np.concatenate(labels), sample_ids=np.concatenate(ids), positions=np.concatenate(positions),
-        nan_count=nan_count,
+        nan_count=sum(part.nan_count for part in parts),
     )
 
 
-def _per_row(per_sample: Any, sample_row: np.ndarray) -> np.ndarray:
+def _per_row(per_sample: Optional[np.ndarray], sample_row: np.ndarray) -> np.ndarray:
     if per_sample is None:
         return np.full(len(sample_row), -1, dtype=np.int64)
-    return np.asarray(per_sample, dtype=np.int64)[sample_row]
+    return per_sample[sample_row]

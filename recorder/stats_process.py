@@ -15,7 +15,8 @@ The child gets the parent's ``sys.path`` (as ``PYTHONPATH``) and a session of it
 terminal reaches the parent only, which ends the child when it closes.
 
 Frames are pickles. To the child: the statistics function, then per probe
-``("probe", patterns_by_site, use_last, references or None)``, and ``("stop",)`` at the end. From the
+``("probe", rows, (step, epoch, split), use_last, references or None)`` (``rows``: the probe's
+:class:`~actpat.recorder.live_stats.ProbeRows`, from which the child makes each site's ``Patterns``), and ``("stop",)`` at the end. From the
 child: ``("ok", "ready")`` once it has imported everything, then ``("ok", metrics)`` per probe;
 ``("error", traceback text)`` instead of either when something failed.
 """
@@ -99,16 +100,18 @@ class StatsProcess:
         self._ready = True
 
     def compute(
-        self, patterns_by_site: dict[str, Any], use_last: bool, references: Optional[dict[str, dict[str, Any]]] = None
+        self, rows: list[Any], where: tuple[int, int, str], use_last: bool,
+        references: Optional[dict[str, dict[str, Any]]] = None,
     ) -> dict[str, dict[str, float]]:
         """The metrics of one probe (blocks the calling thread, not the interpreter lock, while it waits).
 
-        ``references`` (``{"init" | "last": {site: summary}}``) replace the child's own before this
-        probe: the state to continue from after probes computed elsewhere.
+        ``rows`` are the probe's :class:`~actpat.recorder.live_stats.ProbeRows`, ``where`` its ``(step,
+        epoch, split)``. ``references`` (``{"init" | "last": {site: summary}}``) replace the child's own
+        before this probe: the state to continue from after probes computed elsewhere.
         """
         if not self._ready:
             self._start()
-        self._send(("probe", patterns_by_site, use_last, references))
+        self._send(("probe", rows, where, use_last, references))
         return self._receive()
 
     def _receive(self) -> Any:
@@ -159,7 +162,7 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
         out.flush()
 
     try:
-        from actpat.recorder.live_stats import probe_statistics
+        from actpat.recorder.live_stats import probe_statistics, site_patterns
 
         stats = pickle.load(inp)
     except EOFError:
@@ -176,11 +179,11 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
             return
         if message[0] == "stop":
             return
-        _, patterns_by_site, use_last, handed_over = message
+        _, rows, where, use_last, handed_over = message
         try:
             if handed_over is not None:
                 references = handed_over
-            reply("ok", probe_statistics(stats, references, patterns_by_site, use_last))
+            reply("ok", probe_statistics(stats, references, site_patterns(rows, *where), use_last))
         except Exception:  # noqa: BLE001 - reported to the parent, which raises it there
             reply("error", traceback.format_exc())
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from actpat.analysis.live import live_measures
-from actpat.recorder.live_stats import LiveStats, LiveStatsError, site_patterns
+from actpat.recorder.live_stats import LiveStats, LiveStatsError, probe_rows, site_patterns
 from actpat.recorder.shards import Record, SiteMeta
 from actpat.recorder.stats_process import StatsProcess, StatsProcessError
 
@@ -111,19 +111,23 @@ def test_a_killed_child_hands_over_to_a_thread_without_losing_a_probe():
     assert "jaccard_init" in results[1]["fc.relu"] and "jaccard_last" in results[1]["fc.relu"]
     assert not {"jaccard_init", "jaccard_last"} & set(results[2]["fc.relu"])
     assert "jaccard_last" in results[3]["fc.relu"] and "jaccard_init" not in results[3]["fc.relu"]
-    expected = live_measures(site_patterns([record(3, 1)], 3, 0, "probe")["fc.relu"],
-                             {"last": live_measures(site_patterns([record(2, 0)], 2, 0, "probe")["fc.relu"])[0]})[1]
+    expected = live_measures(site_patterns(probe_rows([record(3, 1)]), 3, 0, "probe")["fc.relu"],
+                             {"last": live_measures(site_patterns(probe_rows([record(2, 0)]), 2, 0, "probe")["fc.relu"])[0]})[1]
     assert results[3]["fc.relu"] == expected
 
 
-def test_close_without_waiting_kills_a_busy_child_and_frees_the_waiting_thread():
-    # eval(expression, {}, references) of the one site below sleeps for half a minute in the child.
-    process = StatsProcess(functools.partial(eval, "__import__('time').sleep(30)"))
+def test_close_without_waiting_kills_a_busy_child_and_frees_the_waiting_thread(tmp_path, monkeypatch):
+    # A statistics function the child can import (it gets this sys.path) that sleeps for half a minute.
+    (tmp_path / "slow_statistics.py").write_text("import time\n\ndef stats(patterns, references):\n    time.sleep(30)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from slow_statistics import stats
+
+    process = StatsProcess(stats)
     errors = []
 
     def wait_for_answer():
         try:
-            process.compute({"fc.relu": {}}, True)
+            process.compute(probe_rows([record(0, 0)]), (0, 0, "probe"), True)
         except StatsProcessError as exc:
             errors.append(exc)
 
@@ -136,7 +140,7 @@ def test_close_without_waiting_kills_a_busy_child_and_frees_the_waiting_thread()
     assert not waiter.is_alive() and time.monotonic() - start < 10
     assert len(errors) == 1 and "ended" in str(errors[0])
     with pytest.raises(StatsProcessError, match="ended"):
-        process.compute({}, True)
+        process.compute([], (1, 0, "probe"), True)
 
 
 def test_a_child_that_cannot_start_falls_back_to_a_thread_and_says_so(monkeypatch):
