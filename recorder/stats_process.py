@@ -38,6 +38,10 @@ _CLOSE_SECONDS = 10.0
 SUPPORTED = os.name == "posix"
 
 
+#: Niceness the statistics process adds to its own (POSIX scheduling priority: higher runs less).
+NICE = 10
+
+
 class StatsProcessError(RuntimeError):
     """The statistics process could not start, or ended."""
 
@@ -192,6 +196,9 @@ def main() -> None:
     # Frames go to a private copy of the pipe; anything printed goes to standard error.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    # Below training in the scheduler: where training keeps every core busy, the statistics take what is
+    # left and fall behind (probes without live statistics, said once) instead of slowing training.
+    os.nice(NICE)
     _serve(sys.stdin.buffer, out)
 
 

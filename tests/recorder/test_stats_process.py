@@ -13,6 +13,7 @@ import pytest
 from actpat.analysis.live import live_measures
 from actpat.recorder.live_stats import LiveStats, LiveStatsError, probe_rows, site_patterns
 from actpat.recorder.shards import Record, SiteMeta
+from actpat.recorder import stats_process
 from actpat.recorder.stats_process import StatsProcess, StatsProcessError
 
 META = SiteMeta("fc.relu", 0, "ReLU", (12,), 12, "flat")
@@ -114,6 +115,17 @@ def test_a_killed_child_hands_over_to_a_thread_without_losing_a_probe():
     expected = live_measures(site_patterns(probe_rows([record(3, 1)]), 3, 0, "probe")["fc.relu"],
                              {"last": live_measures(site_patterns(probe_rows([record(2, 0)]), 2, 0, "probe")["fc.relu"])[0]})[1]
     assert results[3]["fc.relu"] == expected
+
+
+def test_the_child_runs_below_the_training_process_in_the_scheduler():
+    process = StatsProcess(functools.partial(live_measures))
+    try:
+        deadline = time.monotonic() + 60
+        while not process.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, process.pid) >= os.getpriority(os.PRIO_PROCESS, 0) + stats_process.NICE
+    finally:
+        process.close(wait=True)
 
 
 def test_close_without_waiting_kills_a_busy_child_and_frees_the_waiting_thread(tmp_path, monkeypatch):
