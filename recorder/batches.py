@@ -21,6 +21,18 @@ INPUT_KEYS = ("x", "input", "inputs", "image", "images")
 LABEL_KEYS = ("y", "label", "labels", "target", "targets")
 
 
+def _call(option: str, fn: Callable[[Any], Any], batch: Any) -> Any:
+    """``fn(batch)``; its failure names the option and what the batch holds (not the disk, say)."""
+    try:
+        return fn(batch)
+    except Exception as exc:
+        raise ValueError(
+            f"Expected `{option}` to take a probe batch, but `{option}(batch)` raised {exc!r} on a batch of "
+            f"{describe(batch)}. Fix `{option}` for the batches of the probe set (the same structure as "
+            "its loader yields)."
+        ) from exc
+
+
 class BatchReader:
     """Read inputs, labels and the batch size of a batch, by the user's functions or the default rules.
 
@@ -46,16 +58,16 @@ class BatchReader:
 
     def inputs(self, batch: Any) -> Any:
         """What the default probe forward feeds to ``module(...)``."""
-        return self._inputs_from(batch) if self._inputs_from is not None else default_inputs(batch)
+        return _call("inputs_from", self._inputs_from, batch) if self._inputs_from is not None else default_inputs(batch)
 
     def size(self, batch: Any) -> int:
         """Samples in ``batch``: of ``inputs_from(batch)`` if given, else of the batch's first tensor."""
-        return batch_size(self._inputs_from(batch) if self._inputs_from is not None else batch)
+        return batch_size(_call("inputs_from", self._inputs_from, batch) if self._inputs_from is not None else batch)
 
     def labels(self, batch: Any, n: int) -> Any:
         """Integer class labels of shape ``(n,)``, or None when the batch has none."""
         if self._labels_from is not None:
-            labels, source = self._labels_from(batch), "`labels_from(batch)`"
+            labels, source = _call("labels_from", self._labels_from, batch), "`labels_from(batch)`"
         else:
             labels, source = default_labels(batch)
             if labels is None and isinstance(batch, Mapping) and len(batch) > 1:
