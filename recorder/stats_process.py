@@ -16,9 +16,9 @@ terminal reaches the parent only, which ends the child when it closes.
 
 Frames are pickles. To the child: the statistics function, then per probe
 ``("probe", rows, (step, epoch, split), use_last, references or None)`` (``rows``: the probe's
-:class:`~actpat.recorder.live_stats.ProbeRows`, from which the child makes each site's ``Patterns``), and ``("stop",)`` at the end. From the
-child: ``("ok", "ready")`` once it has imported everything, then ``("ok", metrics)`` per probe;
-``("error", traceback text)`` instead of either when something failed.
+:class:`~actpat.recorder.live_stats.ProbeRows`, from which the child makes each site's ``Patterns``),
+and ``("stop",)`` at the end. From the child: ``("ok", "ready")`` once it has imported everything, then
+``("ok", metrics)`` per probe; ``("error", traceback text)`` instead of either when something failed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ __all__ = ["SUPPORTED", "StatsFunctionError", "StatsProcess", "StatsProcessError
 _CLOSE_SECONDS = 10.0
 #: Whether the child can be used here: its readiness is polled with select(), which takes pipes on POSIX only.
 SUPPORTED = os.name == "posix"
-
 
 #: Niceness the statistics process adds to its own (POSIX scheduling priority: higher runs less).
 NICE = 10
