@@ -27,9 +27,8 @@ def _call(option: str, fn: Callable[[Any], Any], batch: Any) -> Any:
         return fn(batch)
     except Exception as exc:
         raise ValueError(
-            f"Expected `{option}` to take a probe batch, but `{option}(batch)` raised {exc!r} on a batch of "
-            f"{describe(batch)}. Fix `{option}` for the batches of the probe set (the same structure as "
-            "its loader yields)."
+            f"Expected `{option}` to take a batch as its loader yields it, but `{option}(batch)` raised {exc!r} "
+            f"on a batch of {describe(batch)}. Fix `{option}` for batches of this structure."
         ) from exc
 
 

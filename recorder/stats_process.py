@@ -11,8 +11,8 @@ The child is a plain subprocess, not :mod:`multiprocessing`: it never re-imports
 does not fork a process that holds CUDA contexts or threads. What the statistics function prints
 goes to the child's standard error, never into the pipe.
 
-The child gets the parent's ``sys.path`` (as ``PYTHONPATH``) and a session of its own: a Ctrl-C at the
-terminal reaches the parent only, which ends the child when it closes.
+The child gets the parent's ``sys.path`` (as ``PYTHONPATH``) and a process group of its own in the
+parent's session: a Ctrl-C at the terminal reaches the parent only, which ends the child when it closes.
 
 Frames are pickles. To the child: the statistics function, then per probe
 ``("probe", rows, (step, epoch, split), use_last, references or None)`` (``rows``: the probe's
@@ -68,12 +68,15 @@ class StatsProcess:
     """
 
     def __init__(self, stats: Any) -> None:
-        # The parent's import path (actpat itself may be on it only here); a session of its own, so that a
-        # Ctrl-C at the terminal reaches the parent alone, which then decides when the child ends.
+        # The parent's import path (actpat itself may be on it only here); a process group of its own, so that
+        # a Ctrl-C at the terminal reaches the parent alone, which then decides when the child ends. In the
+        # parent's session: Linux schedules each session as a group (autogroup), and only within one group
+        # does the child's niceness rank it below training (Python 3.10 has no `process_group`: a session).
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
         path = os.pathsep.join(p for p in sys.path if p)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "actpat.recorder.stats_process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": path}, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": path}, **group,
         )
         self._ready = False
         self._send(stats)

@@ -480,6 +480,16 @@ def test_ddp_two_processes_write_per_rank_shards(tmp_path):
     assert per_rank[1].splits == ["train"]
 
 
+@pytest.mark.parametrize("mode", ["batch", "probe"])
+def test_a_labels_from_that_fails_on_the_batches_is_named_before_training(tmp_path, mode):
+    options = dict(batch_every_n_steps=1) if mode == "batch" else dict(probe=toy_data(16, seed=1), probe_batch_size=8)
+    cb = ActivationPatternCallback(labels_from=lambda batch: batch["label"], live_stats=False, **options)
+    steps = []
+    with pytest.raises(ValueError, match=r"`labels_from\(batch\)` raised TypeError.*on a batch of list\(Tensor"):
+        fit(tmp_path, [cb, pl.callbacks.LambdaCallback(on_train_batch_end=lambda *args: steps.append(1))])
+    assert steps == []  # before the first optimizer step
+
+
 def test_batch_capture_ends_before_backward(tmp_path):
     from torch.nn.modules import module as torch_module
     from torch.overrides import _get_current_function_mode_stack

@@ -400,7 +400,7 @@ def test_a_shuffling_probe_loader_is_refused(tmp_path):
         (dict(labels_from=lambda batch: batch[1].float()), ValueError, r"float labels.*labels_from"),
         (dict(inputs_from=lambda batch: batch[1]), ProbeForwardError, r"`module\(inputs\)`.*inputs_from.*forward="),
         (dict(forward=lambda module, batch: module(batch)), ProbeForwardError, r"your `forward\(module, batch\)`"),
-        # Functions written for dict batches, given the tuples of a TensorDataset: named, with the batch.
+        # Functions written for dict batches, given the lists of a TensorDataset's loader: named, with the batch.
         (dict(labels_from=lambda batch: batch["label"]), ValueError,
          r"`labels_from\(batch\)` raised TypeError.*list\(Tensor\[8, 1, 4, 4\] float32, Tensor\[8\] int64\)"),
         (dict(inputs_from=lambda batch: batch["image"]), ValueError, r"`inputs_from\(batch\)` raised TypeError"),

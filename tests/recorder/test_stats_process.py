@@ -123,7 +123,12 @@ def test_the_child_runs_below_the_training_process_in_the_scheduler():
         deadline = time.monotonic() + 60
         while not process.ready() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert os.getpriority(os.PRIO_PROCESS, process.pid) >= os.getpriority(os.PRIO_PROCESS, 0) + stats_process.NICE
+        expected = min(os.getpriority(os.PRIO_PROCESS, 0) + stats_process.NICE, 19)  # 19: the lowest priority
+        assert os.getpriority(os.PRIO_PROCESS, process.pid) >= expected
+        # In this session: under Linux's autogroup scheduling, niceness only ranks the processes of one
+        # session against each other.
+        if sys.version_info >= (3, 11):
+            assert os.getsid(process.pid) == os.getsid(0)
     finally:
         process.close(wait=True)
 
@@ -227,7 +232,7 @@ def test_close_does_not_wait_for_forked_processes_that_hold_the_pipe():
         os.waitpid(worker, 0)
 
 
-def test_the_child_gets_the_parents_import_path_and_a_session_of_its_own(tmp_path, monkeypatch):
+def test_the_child_gets_the_parents_import_path_and_a_process_group_of_its_own(tmp_path, monkeypatch):
     # A module importable here only through sys.path (as actpat itself may be): the child finds it.
     (tmp_path / "my_site_stats.py").write_text(
         "from actpat.analysis.live import live_measures\n\n\ndef stats(patterns, references):\n"
@@ -242,7 +247,7 @@ def test_the_child_gets_the_parents_import_path_and_a_session_of_its_own(tmp_pat
         assert live.submit(0, 0, "probe", [record(0, 0)])
         assert [step for step, _ in live.results(wait=True)] == [0]
         assert live._handed_over  # computed in the child, which imported the module
-        # Its own session: a Ctrl-C at the terminal (to the foreground process group) does not reach it.
-        assert os.getsid(live.worker_pid) != os.getsid(0)
+        # Its own process group: a Ctrl-C at the terminal (to the foreground process group) does not reach it.
+        assert os.getpgid(live.worker_pid) != os.getpgid(0)
     finally:
         live.close(wait=True)
