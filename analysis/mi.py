@@ -324,8 +324,8 @@ def _compute_kde_terms(t: np.ndarray, classes: np.ndarray | None, noise_var: flo
         d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (t[start:stop] @ t.T)
         np.maximum(d2, 0.0, out=d2)
         # The self-distance is 0 exactly; the expansion above leaves rounding error that tiny noise amplifies.
-        d2[np.arange(stop - start), np.arange(start, stop)] = 0.0
         rows = np.arange(stop - start)
+        d2[rows, np.arange(start, stop)] = 0.0
         for j, var in enumerate((noise_var, 4.0 * noise_var)):
             # Every exponent is <= 0 and a row's own term is exp(0) = 1, so the plain sum neither
             # overflows nor underflows to 0: log-sum-exp needs no shift by the row maximum.
@@ -389,7 +389,8 @@ def kde_bounds(t, y, noise_var: float, *, chunk_size: int = _KDE_CHUNK) -> KDEBo
     noise_var : float
         Variance of the added isotropic Gaussian noise, ``> 0``, in the units of ``t`` squared.
     chunk_size : int, default 256
-        Rows of the distance block held at once: memory is ``O(chunk_size * n)``, not ``O(n^2)``.
+        Rows of the distance block held at once: memory is ``O(chunk_size * n)``, not ``O(n^2)``, beside
+        a copy of ``t`` grouped by class (two where some labels are ``-1``).
 
     Returns
     -------

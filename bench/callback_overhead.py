@@ -20,8 +20,9 @@ median over rounds of the ratio within each round (a cross-check that needs no i
 ``probe_vs_floor_cpu`` (and ``probe_nolive_vs_floor_cpu``) is the same pairing on the CPU seconds of each
 fit: every thread of the process (the shard writer, the live-statistics hand-off) and the statistics
 process included, so it counts all the work recording adds, while other processes on the machine,
-which swing wall times by a fifth here, barely touch it. ``in_fit_ms_per_probe`` is the time the training thread spent inside the callback's hooks (probe
-arms) or the floor's forward passes, per probe, median over fits: measured within each fit, so far
+which swing wall times by a fifth here, barely touch it. ``in_fit_ms_per_probe`` is the time the
+training thread spent inside the callback's hooks (probe arms) or the floor's forward passes, per
+probe, median over fits: measured within each fit, so far
 less noisy than whole fits, but without the contention of background work (the shard writer's thread,
 the hand-off of live statistics); ``probe_vs_floor_in_fit`` is ``(baseline + probes * probe ms) /
 (baseline + probes * floor ms)``. The costs of one probe are also measured in-process,

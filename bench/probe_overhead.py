@@ -23,8 +23,9 @@ no arm's work spills into the next arm's block.
 ``probe_vs_floor`` is the median over rounds of probe / floor (wall time; target at most 1.10),
 ``probe_nolive_vs_floor`` the same without live statistics, ``floor_ratio`` floor / baseline. The
 ``*_cpu`` ratios divide CPU seconds summed over rounds: every thread of this process and, for the probe
-arm, the statistics process (its start included). ``probe_ms`` is the median wall time of one probe
-arm's block minus the floor's, per probe.
+arm, all the statistics process's CPU (its start and the untimed probes before the rounds included, so
+a little pessimistic). ``probe_ms_over_floor`` is the median over rounds of a probe arm's block minus
+the floor's, per probe, in milliseconds.
 
 Prints one JSON line. ``--quick`` runs a tiny configuration for the test suite.
 """

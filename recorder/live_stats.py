@@ -196,7 +196,8 @@ class ProbeRows(NamedTuple):
     """One record of a probe as the statistics need it: its packed rows, and labels and ids per sample.
 
     What the statistics process receives: per-row labels, ids and positions (eight bytes each per row,
-    where a row's bits take a few) are made there, not pickled."""
+    where a row's bits take a few) are made there, not pickled.
+    """
 
     site: str
     n_units: int

@@ -405,8 +405,13 @@ class Prober:
     def load_state_dict(self, state_dict: Mapping[str, Any], *, step: Optional[int] = None) -> None:
         """Continue from :meth:`state_dict` (before the first probe; missing keys keep their defaults).
 
-        ``step``, the training step the fit resumes at, where known: probe records in ``out_dir`` after it
-        (and after the state's last probe) are reported as another fit's when the prober opens.
+        Parameters
+        ----------
+        state_dict : mapping
+            What :meth:`state_dict` returned.
+        step : int, optional
+            The training step the fit resumes at, where known: probe records in ``out_dir`` after it (and
+            after the state's last probe) are named in a warning as another fit's when the prober opens.
         """
         if self._opened:
             raise RuntimeError("Expected `load_state_dict` before the first probe, but this prober has started already.")
@@ -530,11 +535,27 @@ def resume_point(
 ) -> tuple[int, Optional[str]]:
     """Where a resumed fit goes on recording ``split``, and a note when ``run_dir`` is ahead of its checkpoint.
 
-    Returns the last step recorded by the checkpoint's fit (``checkpoint_step``) or found in ``run_dir``
-    (``recorded``, read when not given; -1 if none): the resumed fit records after it, since records are
-    never rewritten. The note (None if there is nothing to say) names the records after the step the fit
-    resumes at (``resume_step``, default ``checkpoint_step``): written by the fit that went on from
-    there, they belong to another trajectory unless the resumed fit retraces it exactly.
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        The run directory.
+    split : str
+        The split (``"probe"``, ``"train"``).
+    checkpoint_step : int
+        The last step the checkpoint's fit recorded in ``split`` (-1 if none).
+    recorded : list of int, optional
+        The steps recorded in ``run_dir`` (:func:`recorded_steps`, read when not given).
+    resume_step : int, optional
+        The training step the fit resumes at (default ``checkpoint_step``).
+
+    Returns
+    -------
+    last : int
+        The last step recorded, by the checkpoint's fit or in ``run_dir``: the resumed fit records after
+        it, since records are never rewritten.
+    note : str or None
+        Names the records after the resumed step (and ``checkpoint_step``): written by the fit that went
+        on from there, another trajectory unless this fit retraces it exactly. None if there are none.
     """
     recorded = recorded_steps(run_dir, split) if recorded is None else recorded
     start = checkpoint_step if resume_step is None else max(checkpoint_step, resume_step)
