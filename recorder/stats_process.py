@@ -37,9 +37,6 @@ _CLOSE_SECONDS = 10.0
 #: Whether the child can be used here: its readiness is polled with select(), which takes pipes on POSIX only.
 SUPPORTED = os.name == "posix"
 
-#: Niceness the statistics process adds to its own (POSIX scheduling priority: higher runs less).
-NICE = 10
-
 
 class StatsProcessError(RuntimeError):
     """The statistics process could not start, or ended."""
@@ -70,8 +67,8 @@ class StatsProcess:
     def __init__(self, stats: Any) -> None:
         # The parent's import path (actpat itself may be on it only here); a process group of its own, so that
         # a Ctrl-C at the terminal reaches the parent alone, which then decides when the child ends. In the
-        # parent's session: Linux schedules each session as a group (autogroup), and only within one group
-        # does the child's niceness rank it below training (Python 3.10 has no `process_group`: a session).
+        # parent's session: Linux schedules each session as a group (autogroup), so a session of its own
+        # would get as much CPU as all of training (Python 3.10 has no `process_group`: a session).
         group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
         path = os.pathsep.join(p for p in sys.path if p)
         self._proc = subprocess.Popen(
@@ -198,9 +195,6 @@ def main() -> None:
     # Frames go to a private copy of the pipe; anything printed goes to standard error.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    # Below training in the scheduler: where training keeps every core busy, the statistics take what is
-    # left and fall behind (probes without live statistics, said once) instead of slowing training.
-    os.nice(NICE)
     _serve(sys.stdin.buffer, out)
 
 
