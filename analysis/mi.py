@@ -309,14 +309,14 @@ def adaptive_binning(t, y, *, n_bins: int = 30) -> InformationEstimate:
 def _compute_kde_terms(t: np.ndarray, classes: np.ndarray | None, noise_var: float, chunk: int) -> np.ndarray:
     """Means over samples of the four log-sum-exp terms, in nats: (all, own class) x (KL, BD).
 
-    Without ``classes`` only the two terms over all samples are computed (the others stay 0).
+    ``classes`` are dense codes ``0 .. L - 1`` (:func:`_classes`), every code present. Without them only the
+    two terms over all samples are computed (the others stay 0).
     """
     n = t.shape[0]
-    if classes is not None:  # samples grouped by class: a row's own-class sum is one contiguous slice
+    if classes is not None:  # samples grouped by class: class c's columns are one slice, the c-th
         order = np.argsort(classes, kind="stable")
         t, classes = t[order], classes[order]
         starts = np.flatnonzero(np.r_[True, classes[1:] != classes[:-1]])
-        block_of = np.cumsum(np.r_[False, classes[1:] != classes[:-1]])
     sq = np.einsum("ij,ij->i", t, t)
     sums = np.zeros(4)
     for start in range(0, n, chunk):
@@ -332,7 +332,7 @@ def _compute_kde_terms(t: np.ndarray, classes: np.ndarray | None, noise_var: flo
             e = np.exp(d2 * (-0.5 / var))
             sums[2 * j] += np.log(e.sum(axis=1)).sum()
             if classes is not None:
-                own = np.add.reduceat(e, starts, axis=1)[rows, block_of[start:stop]]
+                own = np.add.reduceat(e, starts, axis=1)[rows, classes[start:stop]]
                 sums[2 * j + 1] += np.log(own).sum()
     return sums / n
 
