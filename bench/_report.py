@@ -1,4 +1,4 @@
-"""The one JSON line every analysis benchmark of this folder prints, with the machine it ran on."""
+"""The one JSON line a benchmark of this folder prints, with the machine it ran on."""
 
 from __future__ import annotations
 

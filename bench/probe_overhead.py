@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -51,6 +49,7 @@ from torch.utils.data import TensorDataset
 from actpat.analysis.live import live_measures
 from actpat.recorder import Prober
 
+from _report import emit
 from overhead import build
 
 ARMS = ("baseline", "floor", "probe", "probe_nolive")
@@ -176,12 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
         "input_shape": list(x.shape[1:]),
         "quick": quick,
         "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
-        "python": platform.python_version(),
     }
-    print(json.dumps(result), flush=True)
+    emit(result)
     return result
 
 
