@@ -124,6 +124,7 @@ class SiteHooks:
         self._calls: dict[Any, int] = {}
         self._handles: list = []
         self._mode: _FunctionalMode | None = None
+        self._mode_entered = False
         self._installed: list[tuple[nn.Module, list, Any]] = []  # module, hook handles, forward to restore
         self.forward_seen = False  # a forward of the model started since the last attach()
         self.compiled_elsewhere = False  # a torch.compile wrapper of the model ran during the capture
@@ -168,13 +169,16 @@ class SiteHooks:
         self._active = True
         if self.functional:
             self._mode = _FunctionalMode(self)
-            self._mode.__enter__()
+            if self.compiled:
+                self._enter_mode()
+            # Eager: entered only while a forward of the model runs (_pre_hook, _post_hook). Every torch
+            # call made under the mode goes through Python; the loss, Lightning's logging, backward and
+            # the optimizer need not (on a small model that was a fifth of a recorded step).
 
     def detach(self) -> None:
         """End a capture: remove the hooks installed by :meth:`attach` (eager) or switch them off."""
-        if self._mode is not None:
-            self._mode.__exit__(None, None, None)
-            self._mode = None
+        self._exit_mode()
+        self._mode = None
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -219,10 +223,24 @@ class SiteHooks:
             if type(module).__name__ == _WRAPPER and id(getattr(module, "_orig_mod", None)) in self._paths:
                 self.compiled_elsewhere = True  # our model, compiled after these hooks were made
             return
+        if not self._stack and self._mode is not None:
+            self._enter_mode()
         self._enter(key, path, self._site_types.get(key), module, args)
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         self._leave(id(module), module, args, output)
+        if not self._stack:
+            self._exit_mode()
+
+    def _enter_mode(self) -> None:
+        if not self._mode_entered:
+            self._mode.__enter__()
+            self._mode_entered = True
+
+    def _exit_mode(self) -> None:
+        if self._mode_entered:
+            self._mode_entered = False
+            self._mode.__exit__(None, None, None)
 
     # _enter, _leave, _on_function and _emit are traced by dynamo for compiled models: no try/except,
     # no id(), and no read of state that changes between forwards (each read becomes a guard).

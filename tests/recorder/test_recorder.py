@@ -108,7 +108,6 @@ def test_nothing_recorded_and_no_hook_outside_capture(tmp_path, truth, no_global
         model(torch.randn(2, 1, 4, 4))  # before any capture
         with rec.capture(5):
             assert len(module_mod._global_forward_pre_hooks) == n_pre + 1
-            assert torch._C._len_torch_function_stack() == 1
             model(torch.randn(2, 1, 4, 4))
         assert len(module_mod._global_forward_pre_hooks) == n_pre
         assert len(module_mod._global_forward_hooks) == n_post
@@ -117,6 +116,31 @@ def test_nothing_recorded_and_no_hook_outside_capture(tmp_path, truth, no_global
     run = open_run(tmp_path)
     assert all(run.steps(site).tolist() == [5] for site in run.sites)
     assert run.n_observations("act") == 2 * 16
+
+
+def test_functional_interceptor_only_inside_forwards_of_the_model(tmp_path, no_global_hooks):
+    # Torch calls outside the model's forwards (loss, backward, optimizer, logging) must not pay for the
+    # interception of functional calls, nor see it.
+    class Probe(nn.Module):
+        def forward(self, x):
+            depths.append(torch._C._len_torch_function_stack())
+            return F.relu(x)
+
+    depths = []
+    model = nn.Sequential(nn.Linear(4, 4), Probe())
+    with ActivationRecorder(model, tmp_path) as rec:
+        with rec.capture(0):
+            assert torch._C._len_torch_function_stack() == 0
+            model(torch.randn(2, 4)).sum().backward()
+            assert torch._C._len_torch_function_stack() == 0
+            Probe()(torch.randn(2, 4))  # not part of the model: no interception
+            with pytest.raises(RuntimeError):
+                model(torch.randn(2, 5))  # an error inside the forward leaves no interceptor behind
+            assert torch._C._len_torch_function_stack() == 0
+        assert torch._C._len_torch_function_stack() == 0
+        assert rec.sites == ["1:relu#0"]
+    assert depths == [1, 0]
+    assert open_run(tmp_path).n_observations("1:relu#0") == 2
 
 
 def test_nested_capture_and_long_split_are_rejected(tmp_path, no_global_hooks):
