@@ -12,6 +12,9 @@ from a cold page cache (every shard is flushed and dropped from the cache before
 - the crossover of ``n_jobs=2`` against one process on small runs (fresh process each: the cost of
   starting the workers included);
 - wall time of ``actpat --help`` and ``actpat info RUN`` against ``python -c "import h5py"`` (best of 5).
+- ``sort_floor_mb_s``: the shards' MB over the time of one ``np.sort`` of a 64-bit key per observation of
+  every record (reading excluded), a bound on any analysis that counts distinct patterns exactly by
+  sorting, as ``summarize`` does (entropies, label information and similarities all need the counts).
 
 Targets: one-process analysis at >= 50% of the raw read speed; ``--help`` and ``info`` within 0.5 s of
 the h5py import; peak RSS under 1 GB. Prints ONE JSON line; deletes the run unless ``--keep``.
@@ -138,6 +141,30 @@ def measure(mode: str, run_dir: str) -> dict:
             "workers_rss_mb": workers_rss, "table_hash": int(pd.util.hash_pandas_object(table, index=False).sum())}
 
 
+def sort_floor(run_dir: str) -> dict:
+    """Seconds of one ``np.sort`` of a 64-bit key per observation of every record, reading excluded.
+
+    Exact counting of distinct patterns by sorting needs at least this one sort per (site, step) (wider
+    rows need more than one 64-bit word of key): whatever else the analysis does, its MB/s on one core
+    cannot exceed the shards' MB over these seconds.
+    """
+    from actpat.recorder import open_run
+
+    run = open_run(run_dir)
+    seconds = 0.0
+    for site in run.sites:
+        for step in run.steps(site):
+            bits = run.read(site, int(step)).bits
+            keys = np.zeros((len(bits), 8), dtype=np.uint8)
+            width = min(8, bits.shape[1])
+            keys[:, :width] = bits[:, :width]
+            keys = keys.view(np.uint64).ravel()
+            start = time.perf_counter()
+            np.sort(keys)
+            seconds += time.perf_counter() - start
+    return {"seconds": seconds}
+
+
 def best_wall(cmd: list[str], repeats: int = 5) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -174,7 +201,8 @@ def main() -> None:
     parser.add_argument("--measure", nargs=2, metavar=("MODE", "RUN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(*args.measure)))
+        mode, run_dir = args.measure
+        print(json.dumps(sort_floor(run_dir) if mode == "sort" else measure(mode, run_dir)))
         return
     if args.quick:
         args.size_gb, args.ranks, args.samples_per_rank, args.repeats = 0.002, 2, 64, 1
@@ -204,6 +232,7 @@ def main() -> None:
             drop_cache(shards)
             results[mode] = child(["--measure", mode, str(run_dir)])
         identical = len({(r["rows"], r["table_hash"]) for r in results.values()}) == 1
+        sort_s = child(["--measure", "sort", str(run_dir)])["seconds"]
 
         actpat = Path(sys.executable).with_name("actpat")
         cli = [str(actpat)] if actpat.exists() else [sys.executable, "-m", "actpat.analysis.cli"]
@@ -234,6 +263,8 @@ def main() -> None:
             "summarize_jobs2_mb_s": round(mb / results["2"]["seconds"], 1),
             "summarize_dask2_mb_s": None if args.no_dask else round(mb / results["dask"]["seconds"], 1),
             "ratio_1_to_raw": round(one_mb_s / raw_mb_s, 3),
+            "sort_floor_mb_s": round(mb / sort_s, 1),
+            "sort_floor_to_raw": round(mb / sort_s / raw_mb_s, 3),
             "tables_identical": identical,
             "speedup_jobs2": round(results["1"]["seconds"] / results["2"]["seconds"], 2),
             "speedup_dask2": None if args.no_dask else round(results["1"]["seconds"] / results["dask"]["seconds"], 2),

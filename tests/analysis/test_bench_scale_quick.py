@@ -23,7 +23,7 @@ def test_quick_scale_benchmark(tmp_path):
     assert result["shards"] >= 2 * result["ranks"] and result["size_mb"] > 1
     # One process and two processes produced the same table (the Dask path: tests/analysis/test_dask.py).
     assert result["tables_identical"] is True
-    for key in ("raw_read_cold_mb_s", "summarize_1_mb_s", "summarize_jobs2_mb_s"):
+    for key in ("raw_read_cold_mb_s", "summarize_1_mb_s", "summarize_jobs2_mb_s", "sort_floor_mb_s"):
         assert result[key] > 0, key
     assert result["summarize_dask2_mb_s"] is None
     assert set(result["targets"]) == {
