@@ -154,6 +154,49 @@ def test_functional_relu_at_root_is_named_without_path(tmp_path, truth):
         _assert_site(run, "relu#1", step, truth.channel(z1), truth)
 
 
+def test_functional_calls_in_library_modules_subclasses_and_hooks_are_sites(tmp_path, truth):
+    """The interceptor skips torch.nn's own layers; what they cannot see must still be recorded.
+
+    A functional ReLU inside a torch.nn module that calls one (TransformerEncoderLayer), in a subclass of a
+    plain layer that overrides forward, and in a forward hook on a plain layer inside a Sequential.
+    """
+    torch.manual_seed(6)
+
+    class GatedLinear(nn.Linear):
+        def forward(self, x):
+            z = super().forward(x)
+            self.tap = z.detach().clone()
+            return F.relu(z)
+
+    hooked = []
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), GatedLinear(4 * 4 * 4, 8))
+    cnn[0].register_forward_hook(lambda module, args, out: hooked.append(out.detach().clone()) or F.relu(out))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn = cnn
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+        def forward(self, x, t):
+            return self.cnn(x), self.enc(t)
+
+    model = Model()
+    x, t = torch.randn(2, 3, 6, 6), torch.randn(2, 5, 8)
+    linear1 = []  # the encoder's pre-activation, its first linear layer's output, from a forward of its own
+    handle = model.enc.linear1.register_forward_hook(lambda module, args, out: linear1.append(out.detach().clone()))
+    model(x, t)
+    handle.remove()
+    with ActivationRecorder(model, tmp_path) as rec:
+        with rec.capture(0):
+            model(x, t)
+    run = open_run(tmp_path)
+    assert run.sites == ["cnn:relu#0", "cnn.2:relu#0", "enc:relu#0"]
+    _assert_site(run, "cnn.2:relu#0", 0, truth.channel(cnn[2].tap), truth)
+    _assert_site(run, "cnn:relu#0", 0, truth.channel(hooked[-1]), truth)
+    _assert_site(run, "enc:relu#0", 0, truth.channel(linear1[0]), truth)
+
+
 def test_functional_leaky_relu_and_relu6_names(tmp_path):
     class Mixed(nn.Module):
         def forward(self, x):
