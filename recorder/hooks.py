@@ -3,9 +3,8 @@
 Eager models: hooks are installed only while a capture is active, so a forward pass outside
 ``capture()`` runs the model untouched. Module sites are seen through global forward pre-hooks (the
 input arrives before an in-place op can overwrite it); functional calls through a ``TorchFunctionMode``,
-entered only while the innermost running module of the model is one whose forward (or hooks) can make
-such a call: not for the convolutions, norms and other layers of ``torch.nn`` listed in
-``_NO_FUNCTIONAL_CALLS``, whose torch calls would otherwise each pay the mode's Python dispatch.
+entered on the capturing thread only while a forward of the model runs, so that the loss, backward and
+the optimizer do not pay its Python dispatch on every torch call.
 
 Compiled models (``torch.compile``): dynamo sees only the hooks that exist when it traces a graph and
 does not notice hooks added later. Every module then gets its own pre- and post-hook for the lifetime
@@ -17,6 +16,7 @@ capture), so the callback's tensor ops run inside the compiled code.
 from __future__ import annotations
 
 import fnmatch
+import threading
 import types
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
@@ -43,22 +43,6 @@ FUNCTIONS: dict[Callable, str] = {
 SiteFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 SiteCallback = Callable[[str, str, torch.Tensor], None]
 
-# torch.nn classes whose own forward calls no activation function: while one of them is the innermost
-# module of a forward, torch calls bypass the functional-call interceptor (its Python dispatch costs
-# 2-20 us per call, a BatchNorm's most of all). Exact types only: a subclass may override forward.
-_NO_FUNCTIONAL_CALLS: frozenset[type[nn.Module]] = frozenset({
-    nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten,
-    nn.Linear, nn.Bilinear, nn.LazyLinear, nn.Embedding, nn.EmbeddingBag,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
-    nn.Softmax, nn.LogSoftmax, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU,
-})
 _WRAPPER = "OptimizedModule"  # torch.compile's module wrapper, named so that torch._dynamo is not imported
 _ABSENT = object()  # no forward in a module's __dict__
 _UNCHANGED = object()  # a forward left as it was
@@ -138,17 +122,13 @@ class SiteHooks:
         self._site_types = {
             id(module): type(module).__name__ for _, module in self._modules if isinstance(module, self.module_types)
         }
-        # Modules inside whose own forward a functional call can be a site (eager models).
-        self._functional_scope = {
-            id(module) for _, module in self._modules
-            if id(module) not in self._site_types and type(module) not in _NO_FUNCTIONAL_CALLS
-        }
         self._active = False
         self._stack: list[int] = []
         self._calls: dict[Any, int] = {}
         self._handles: list = []
         self._mode: _FunctionalMode | None = None
         self._mode_entered = False
+        self._mode_thread: int | None = None  # the capturing thread: the only one whose forwards are intercepted
         self._installed: list[tuple[nn.Module, list, Any]] = []  # module, hook handles, forward to restore
         self.forward_seen = False  # a forward of the model started since the last attach()
         self.compiled_elsewhere = False  # a torch.compile wrapper of the model ran during the capture
@@ -193,12 +173,12 @@ class SiteHooks:
         self._active = True
         if self.functional:
             self._mode = _FunctionalMode(self)
+            self._mode_thread = threading.get_ident()
             if self.compiled:
                 self._enter_mode()
-            # Eager: entered only while the innermost running module of the model is one in whose forward
-            # a functional call can be a site (_pre_hook, _post_hook). Every torch call made under the
-            # mode goes through Python: the loss, logging, backward, the optimizer and the convolutions
-            # and norms of library modules need not (on a small CNN, a third of the recording cost).
+            # Eager: entered only while a forward of the model runs (_pre_hook, _post_hook). Every torch
+            # call made under the mode goes through Python; the loss, Lightning's logging, backward and
+            # the optimizer need not (on a small model that was a fifth of a recorded step).
 
     def detach(self) -> None:
         """End a capture: remove the hooks installed by :meth:`attach` (eager) or switch them off."""
@@ -248,20 +228,18 @@ class SiteHooks:
             if type(module).__name__ == _WRAPPER and id(getattr(module, "_orig_mod", None)) in self._paths:
                 self.compiled_elsewhere = True  # our model, compiled after these hooks were made
             return
-        if self._mode is not None:
-            # A module's own hooks run after these global ones and may make functional calls too.
-            self._set_mode(key in self._functional_scope or bool(module._forward_pre_hooks or module._forward_hooks))
+        if (
+            not self._stack
+            and self._mode is not None
+            and threading.get_ident() == self._mode_thread
+            and torch._C._current_graph_task_id() == -1  # not a recomputation inside backward (checkpointing)
+        ):
+            self._enter_mode()
         self._enter(key, path, self._site_types.get(key), module, args)
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         self._leave(id(module), module, args, output)
-        if self._mode is not None:
-            self._set_mode(bool(self._stack) and (self._stack[-1] in self._functional_scope or bool(module._forward_hooks)))
-
-    def _set_mode(self, entered: bool) -> None:
-        if entered:
-            self._enter_mode()
-        else:
+        if not self._stack:
             self._exit_mode()
 
     def _enter_mode(self) -> None:
@@ -270,7 +248,9 @@ class SiteHooks:
             self._mode_entered = True
 
     def _exit_mode(self) -> None:
-        if self._mode_entered:
+        # Popping takes whatever mode is on top: only ours, and only on the thread that pushed it. A mode
+        # someone pushed above ours and left there keeps ours below it (harmless: no site outside a capture).
+        if self._mode_entered and threading.get_ident() == self._mode_thread and _top_mode() is self._mode:
             self._mode_entered = False
             self._mode.__exit__(None, None, None)
 
@@ -317,7 +297,7 @@ class SiteHooks:
     def _emit(self, name: str, module_type: str, z: torch.Tensor) -> None:
         if not _is_selected(self, name):
             return
-        if self.compiled or not self._mode_entered:
+        if self._mode is None or self.compiled:
             self._callback(name, module_type, z)
             return
         # The recorder's own tensor ops need not pass through the functional-call interceptor (~20% of
@@ -330,6 +310,11 @@ class SiteHooks:
         if selected is None:
             selected = self._selected_cache[name] = bool(self._selected(name))
         return selected
+
+
+def _top_mode() -> Any:
+    depth = torch._C._len_torch_function_stack()
+    return torch._C._get_function_stack_at(depth - 1) if depth else None
 
 
 def _is_selected(hooks: SiteHooks, name: str) -> bool:
