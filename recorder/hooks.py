@@ -228,12 +228,9 @@ class SiteHooks:
             if type(module).__name__ == _WRAPPER and id(getattr(module, "_orig_mod", None)) in self._paths:
                 self.compiled_elsewhere = True  # our model, compiled after these hooks were made
             return
-        if (
-            not self._stack
-            and self._mode is not None
-            and threading.get_ident() == self._mode_thread
-            and torch._C._current_graph_task_id() == -1  # not a recomputation inside backward (checkpointing)
-        ):
+        if torch._C._current_graph_task_id() != -1:
+            return  # a recomputation inside backward (activation checkpointing), not a forward of its own
+        if not self._stack and self._mode is not None and threading.get_ident() == self._mode_thread:
             self._enter_mode()
         self._enter(key, path, self._site_types.get(key), module, args)
 

@@ -143,6 +143,68 @@ def test_functional_interceptor_only_inside_forwards_of_the_model(tmp_path, no_g
     assert open_run(tmp_path).n_observations("1:relu#0") == 2
 
 
+def test_interceptor_keeps_modes_of_the_forward_threads_and_recomputation_as_they_were(tmp_path, no_global_hooks):
+    """What the interceptor's entering and leaving must not disturb (each found broken in a review).
+
+    A mode the forward itself enters around a child call (``torch.device``) stays in force and the output
+    is that of an unrecorded forward; forwards of other threads during a capture do not fail, and only
+    their module sites are recorded (as before the interceptor became per forward); a checkpointed block recomputed inside ``backward()`` is not recorded a second time
+    (neither its functional nor its module sites).
+    """
+    import threading
+
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            with torch.device("cpu"):
+                return F.relu(self.lin(x)) + self.act(x) + torch.zeros(4)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Block(), Block()
+
+        def forward(self, x):
+            return F.relu(checkpoint(self.b, self.a(x), use_reentrant=False))
+
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(3, 4, requires_grad=True)
+    expected = model(x)
+    errors = []
+
+    def other_thread():
+        try:
+            for _ in range(50):
+                model(torch.randn(2, 4))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    with ActivationRecorder(model, tmp_path) as rec:
+        with rec.capture(0):
+            thread = threading.Thread(target=other_thread)  # before the forward: the site stack is shared
+            thread.start()
+            thread.join()
+            out = model(x)
+            out.sum().backward()
+        assert torch._C._len_torch_function_stack() == 0
+    assert errors == []
+    assert torch.equal(out, expected)
+    run = open_run(tmp_path)
+    assert sorted(run.sites) == ["a.act", "a:relu#0", "b.act", "b:relu#0", "relu#0"]
+    for site in ("a:relu#0", "b:relu#0", "relu#0"):  # functional: the capturing thread's forward of 3 samples only
+        assert run.n_observations(site) == 3, site
+    for site in ("a.act", "b.act"):  # module sites: every thread's forwards, but not b's recomputation in backward
+        assert run.n_observations(site) == 3 + 50 * 2, site
+    np.testing.assert_array_equal(run.read("relu#0", 0).unpack(), (out.detach() > 0).numpy())  # relu(z) > 0 iff z > 0
+
+
 def test_nested_capture_and_long_split_are_rejected(tmp_path, no_global_hooks):
     model = _net()
     with ActivationRecorder(model, tmp_path) as rec:
