@@ -172,6 +172,7 @@ class SiteHooks:
         self.forward_seen = self.compiled_elsewhere = False
         self._active = True
         if self.functional:
+            _discard_inert_modes()
             self._mode = _FunctionalMode(self)
             self._mode_thread = threading.get_ident()
             if self.compiled:
@@ -183,7 +184,13 @@ class SiteHooks:
     def detach(self) -> None:
         """End a capture: remove the hooks installed by :meth:`attach` (eager) or switch them off."""
         self._exit_mode()
-        self._mode = None
+        if self._mode is not None:
+            # Still entered when a mode the forward pushed is left above it: it stays there, inert, until
+            # it is on top again (popped by _discard_inert_modes).
+            self._mode._hooks = None
+            self._mode = None
+            self._mode_entered = False
+            _discard_inert_modes()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -314,6 +321,11 @@ def _top_mode() -> Any:
     return torch._C._get_function_stack_at(depth - 1) if depth else None
 
 
+def _discard_inert_modes() -> None:
+    while isinstance(_top_mode(), _FunctionalMode) and _top_mode()._hooks is None:
+        torch._C._pop_torch_function_stack()
+
+
 def _is_selected(hooks: SiteHooks, name: str) -> bool:
     # Marked as a constant for dynamo (in _install): evaluated while tracing, never a guard or a break.
     return hooks._select(name)
@@ -397,7 +409,7 @@ class _FunctionalMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if func in FUNCTIONS:
+        if func in FUNCTIONS and self._hooks is not None:  # None: left behind by an ended capture, inert
             z = args[0] if args else kwargs.get("input")
             self._hooks._on_function(func, z)
         return func(*args, **kwargs)

@@ -205,6 +205,32 @@ def test_interceptor_keeps_modes_of_the_forward_threads_and_recomputation_as_the
     np.testing.assert_array_equal(run.read("relu#0", 0).unpack(), (out.detach() > 0).numpy())  # relu(z) > 0 iff z > 0
 
 
+def test_a_mode_left_open_by_a_forward_neither_doubles_later_records_nor_stays(tmp_path, no_global_hooks):
+    # The forward enters a mode and leaves it open: the interceptor below it cannot be popped at the end of
+    # the forward or of the capture. It must not record the next capture's calls a second time, and it goes
+    # once it is on top again.
+    opened = []
+
+    class Leaky(nn.Module):
+        def forward(self, x):
+            if not opened:
+                opened.append(torch.device("cpu"))
+                opened[0].__enter__()
+            return F.relu(x)
+
+    model = Leaky()
+    with ActivationRecorder(model, tmp_path) as rec:
+        with rec.capture(0):
+            model(torch.randn(3, 4))
+        opened[0].__exit__(None, None, None)
+        with rec.capture(1):
+            model(torch.randn(3, 4))
+        assert torch._C._len_torch_function_stack() == 0
+    run = open_run(tmp_path)
+    assert run.sites == ["relu#0"]
+    assert [run.read("relu#0", step).bits.shape[0] for step in (0, 1)] == [3, 3]
+
+
 def test_nested_capture_and_long_split_are_rejected(tmp_path, no_global_hooks):
     model = _net()
     with ActivationRecorder(model, tmp_path) as rec:
