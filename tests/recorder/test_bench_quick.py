@@ -71,6 +71,14 @@ def test_probe_overhead_quick():
     assert result["live_stats_probes"] == 2 + result["rounds"] * result["probes_per_block"]
 
 
+def test_packing_widths_quick():
+    result = _run("packing_widths.py")
+    assert result["bench"] == "packing_widths" and result["quick"] is True
+    widths = {row["channels"] for row in result["shapes"]}
+    assert {3, 12, 100, 128} <= widths  # on and off whole bytes
+    assert all(row["pack_us"] > 0 and row["floor_us"] > 0 for row in result["shapes"])
+
+
 def test_storage_quick():
     result = _run("storage.py")
     assert result["bench"] == "storage" and result["quick"] is True

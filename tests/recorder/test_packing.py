@@ -136,7 +136,8 @@ def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, p
     np.testing.assert_array_equal(torch_bits.numpy(), expected)
 
 
-@pytest.mark.parametrize("channels", [5, 8, 16, 32, 64, 128])  # 1, 2, 4, 8 and 16 bytes per row
+# 1, 2, 4, 8 and 16 bytes per row; widths off whole bytes (3, 5, 12, 20, 100) are padded with off units
+@pytest.mark.parametrize("channels", [3, 5, 8, 12, 16, 20, 32, 64, 100, 128])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pack_patterns_of_large_conv_tensors_match_numpy(channels, channels_last):
     # 40 x 48 positions: channels-first tensors of 8k channels take the word path (>= 64 positions).
