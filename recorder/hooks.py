@@ -179,7 +179,7 @@ class SiteHooks:
                 self._enter_mode()
             # Eager: entered only while a forward of the model runs (_pre_hook, _post_hook). Every torch
             # call made under the mode goes through Python; the loss, Lightning's logging, backward and
-            # the optimizer need not (on a small model that was a fifth of a recorded step).
+            # the optimizer need not.
 
     def detach(self) -> None:
         """End a capture: remove the hooks installed by :meth:`attach` (eager) or switch them off."""

@@ -170,7 +170,7 @@ def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int]
         ):
             # Channels padded to whole bytes with off units (the comparison fills the first n_units), so
             # that widths like 3, 12 or 100 take the word path too (numpy's packbits of rows of a few
-            # bits was 10-80x slower than the comparison).
+            # bits took 9-24x the comparison: bench/packing_widths.py).
             on = _buffer((n, 8 * n_bytes, *values.shape[2:]))
             on[:, n_units:] = False
             np.greater(values, 0, out=on[:, :n_units])  # NaN compares False: off
