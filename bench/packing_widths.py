@@ -13,29 +13,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
 
 from _report import emit
+from overhead import run_arms
 
 from actpat.recorder.packing import pack_patterns
 
 # channels, spatial: widths of 1-16 bytes and off whole bytes, 64-4096 positions and 9 (transposing path)
 SHAPES = ((3, (64, 64)), (12, (32, 32)), (16, (32, 32)), (20, (16, 16)), (24, (16, 16)), (64, (16, 16)),
           (100, (8, 8)), (128, (8, 8)), (13, (3, 3)), (512, (4, 4)))
-
-
-def median_us(fns: list, repeats: int) -> list[float]:
-    """Median wall time of each function in microseconds, the functions called in turn each repeat."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, own in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            own.append(time.perf_counter() - start)
-    return [1e6 * statistics.median(own) for own in times]
 
 
 def main() -> None:
@@ -49,7 +38,9 @@ def main() -> None:
     for channels, spatial in SHAPES:
         z = torch.randn(batch, channels, *spatial, generator=generator)
         values, out = z.numpy(), np.empty(z.shape, dtype=bool)
-        pack, floor = median_us([lambda: pack_patterns(z, "channel"), lambda: np.greater(values, 0, out=out)], repeats)
+        clocks = run_arms({"pack": lambda: pack_patterns(z, "channel"), "floor": lambda: np.greater(values, 0, out=out)},
+                          repeats, warmup=1)
+        pack, floor = (1e6 * statistics.median(clocks[arm].wall) for arm in ("pack", "floor"))
         rows.append({"channels": channels, "positions": int(np.prod(spatial)), "pack_us": round(pack, 1),
                      "floor_us": round(floor, 1), "ratio": round(pack / floor, 2)})
     emit({"bench": "packing_widths", "quick": args.quick, "batch": batch, "torch_threads": torch.get_num_threads(),
