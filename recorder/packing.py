@@ -159,33 +159,30 @@ def _numpy_packable(z: torch.Tensor) -> bool:
 
 def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int]:
     n = values.shape[0]
-    if pattern == "channel" and values.ndim > 2:
-        n_units, n_positions = values.shape[1], math.prod(values.shape[2:])
-        n_bytes = (n_units + 7) // 8
-        if (
-            n_positions % 8 == 0
-            and n_positions >= _MIN_WORD_POSITIONS
-            and values.size >= _MIN_WORD_ELEMENTS
-            and sys.byteorder == "little"
-        ):
-            # Channels padded to whole bytes with off units (the comparison fills the first n_units), so
-            # that widths like 3, 12 or 100 take the word path too (numpy's packbits of rows of a few
-            # bits took 9-24x the comparison: bench/packing_widths.py).
-            on = _buffer((n, 8 * n_bytes, *values.shape[2:]))
-            on[:, n_units:] = False
-            np.greater(values, 0, out=on[:, :n_units])  # NaN compares False: off
-            return _pack_channels_first(on, n, n_bytes, n_positions), n_positions, n_units
-    on = np.greater(values, 0, out=_scratch(values.shape))
-    if pattern == "flat" or on.ndim == 2:
-        rows = on.reshape(n, -1)
+    if pattern == "flat" or values.ndim == 2:
+        rows = np.greater(values, 0, out=_scratch(values.shape)).reshape(n, -1)  # NaN compares False: off
         return _pack_rows_numpy(rows), 1, rows.shape[1]
-    n_units, n_positions = on.shape[1], math.prod(on.shape[2:])
-    if n_units < 64 and n_units % 8:
-        # Rows padded to whole bytes by the transposing copy itself: the gather of _pack_rows_numpy then
-        # applies, where packbits of many rows of a few bits is slow.
-        rows = np.zeros((n, *on.shape[2:], 8 * ((n_units + 7) // 8)), dtype=bool)
+    n_units, n_positions = values.shape[1], math.prod(values.shape[2:])
+    # Units padded to whole bytes with off units, so that widths like 3, 12 or 100 take the fast paths of
+    # whole-byte widths (numpy's packbits of rows of a few bits took 9-24x the comparison:
+    # bench/packing_widths.py).
+    padded = 8 * ((n_units + 7) // 8)
+    if (
+        n_positions % 8 == 0
+        and n_positions >= _MIN_WORD_POSITIONS
+        and values.size >= _MIN_WORD_ELEMENTS
+        and sys.byteorder == "little"
+    ):
+        on = _buffer((n, padded, *values.shape[2:]))
+        on[:, n_units:] = False
+        np.greater(values, 0, out=on[:, :n_units])  # the comparison fills the first n_units
+        return _pack_channels_first(on, n, padded // 8, n_positions), n_positions, n_units
+    on = np.greater(values, 0, out=_scratch(values.shape))
+    if n_units < 64 and n_units != padded:
+        # Padded by the transposing copy itself: the gather of _pack_rows_numpy then applies.
+        rows = np.zeros((n, *values.shape[2:], padded), dtype=bool)
         rows[..., :n_units] = np.moveaxis(on, 1, -1)
-        return _pack_rows_numpy(rows.reshape(n * n_positions, -1)), n_positions, n_units
+        return _pack_rows_numpy(rows.reshape(n * n_positions, padded)), n_positions, n_units
     rows = on.transpose(0, *range(2, on.ndim), 1).reshape(n * n_positions, n_units)
     return _pack_rows_numpy(rows), n_positions, n_units
 
