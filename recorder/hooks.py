@@ -322,7 +322,7 @@ def _top_mode() -> Any:
 
 
 def _discard_inert_modes() -> None:
-    while isinstance(_top_mode(), _FunctionalMode) and _top_mode()._hooks is None:
+    while isinstance(top := _top_mode(), _FunctionalMode) and top._hooks is None:
         torch._C._pop_torch_function_stack()
 
 
