@@ -1,10 +1,11 @@
 """Turn a pre-activation tensor into packed on/off bits on the tensor's own device.
 
-CPU tensors are compared and packed with numpy: its float comparison is vectorized where torch's
-``z > 0`` with a bool result is not (3-5x slower on CPU), and a numpy call costs about 1 us against
-several for a torch op, which dominates the small tensors of small models. Tensors on an accelerator
-(and any code that ``torch.compile`` traces) are packed with a few plain torch ops, which inductor fuses
-into the graph.
+Channel patterns of channels-first float32/float64 CPU tensors are packed by the compiled one-pass
+kernel of :mod:`~actpat.recorder.kernels` where numba is installed. Other CPU tensors are compared and
+packed with numpy: its float comparison is vectorized where torch's ``z > 0`` with a bool result is not
+(3-5x slower on CPU), and a numpy call costs about 1 us against several for a torch op, which dominates
+the small tensors of small models. Tensors on an accelerator (and any code that ``torch.compile``
+traces) are packed with a few plain torch ops, which inductor fuses into the graph.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from typing import Any
 
 import numpy as np
 import torch
 
+from actpat.recorder import kernels
 from actpat.recorder.schema import PATTERN_KINDS
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
@@ -31,6 +34,8 @@ _local = threading.local()
 # channels before moving to the (sample, position) layout; for fewer, a transposing copy is faster.
 _MIN_WORD_POSITIONS = 64
 _MIN_WORD_ELEMENTS = 1 << 16
+# The kernel vectorizes over positions: with fewer it is no faster than numpy (bench/packing_widths.py).
+_MIN_KERNEL_POSITIONS = 8
 
 
 def _check_pattern(pattern: str) -> None:
@@ -92,14 +97,56 @@ def pack_patterns(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int
     >>> bits.tolist(), p, n
     ([[1], [2], [3]], 3, 2)
     """
+    bits, n_positions, n_units, _ = _pack(z, pattern)
+    return bits, n_positions, n_units
+
+
+def pack_and_count_nans(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, Any]:
+    """:func:`pack_patterns` and the number of NaNs in ``z``.
+
+    Returns
+    -------
+    bits, n_positions, n_units
+        As :func:`pack_patterns`.
+    nan_count : int or torch.Tensor
+        An int on the CPU; a 0-d tensor on an accelerator, so that the hook never waits for the device.
+    """
+    bits, n_positions, n_units, has_nan = _pack(z, pattern)
+    if has_nan is None:
+        return bits, n_positions, n_units, nan_count(z)
+    return bits, n_positions, n_units, int(z.isnan().count_nonzero()) if has_nan else 0
+
+
+def nan_count(z: torch.Tensor) -> Any:
+    """Number of NaNs in ``z``: an int on CPU, a device tensor on an accelerator (no sync in the hook)."""
+    if not z.is_floating_point():
+        return 0
+    if z.device.type != "cpu":
+        return z.isnan().count_nonzero()
+    # A sum is NaN whenever z holds a NaN (and rarely otherwise, inf - inf): only then count exactly.
+    # One read-only reduction is ~3x cheaper than isnan + count_nonzero over every element.
+    return int(z.isnan().count_nonzero()) if math.isnan(float(z.sum(dtype=torch.float32))) else 0
+
+
+def load_kernels() -> bool:
+    """Compile (or load from numba's cache) the packing kernel now; whether it is in use.
+
+    The recorder calls this when it is made, so that a first compile (a few seconds, once per machine)
+    happens before training rather than inside its first recorded forward.
+    """
+    return kernels.load() is not None
+
+
+def _pack(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, bool | None]:
+    """Bits, positions, units and whether ``z`` holds a NaN (None: not looked at)."""
     _check_pattern(pattern)
     if z.dim() == 1:
         z = z.unsqueeze(0)
     if _numpy_packable(z):
-        bits, n_positions, n_units = _pack_numpy(z.detach().numpy(), pattern)
-        return torch.from_numpy(bits), n_positions, n_units
+        bits, n_positions, n_units, has_nan = _pack_numpy(z.detach().numpy(), pattern)
+        return torch.from_numpy(bits), n_positions, n_units, has_nan
     obs, n_positions = observation_view(z > 0, pattern)
-    return pack_rows(obs), n_positions, obs.shape[1]
+    return pack_rows(obs), n_positions, obs.shape[1], None
 
 
 def pack_rows(obs: torch.Tensor) -> torch.Tensor:
@@ -157,12 +204,19 @@ def _numpy_packable(z: torch.Tensor) -> bool:
     )
 
 
-def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int]:
+def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int, bool | None]:
     n = values.shape[0]
     if pattern == "flat" or values.ndim == 2:
         rows = np.greater(values, 0, out=_scratch(values.shape)).reshape(n, -1)  # NaN compares False: off
-        return _pack_rows_numpy(rows), 1, rows.shape[1]
+        return _pack_rows_numpy(rows), 1, rows.shape[1], None
     n_units, n_positions = values.shape[1], math.prod(values.shape[2:])
+    kernel = None
+    if n_positions >= _MIN_KERNEL_POSITIONS and values.dtype in kernels.DTYPES and values.flags.c_contiguous:
+        kernel = kernels.load()
+    if kernel is not None:
+        out = np.empty((n, n_positions, (n_units + 7) // 8), dtype=np.uint8)
+        has_nan = kernel(values.reshape(n, n_units, n_positions), out)
+        return out.reshape(n * n_positions, -1), n_positions, n_units, bool(has_nan)
     # Units padded to whole bytes with off units, so that widths like 3, 12 or 100 take the fast paths of
     # whole-byte widths (numpy's packbits of rows of a few bits took 9-24x the comparison:
     # bench/packing_widths.py).
@@ -176,15 +230,15 @@ def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int]
         on = _buffer((n, padded, *values.shape[2:]))
         on[:, n_units:] = False
         np.greater(values, 0, out=on[:, :n_units])  # the comparison fills the first n_units
-        return _pack_channels_first(on, n, padded // 8, n_positions), n_positions, n_units
+        return _pack_channels_first(on, n, padded // 8, n_positions), n_positions, n_units, None
     on = np.greater(values, 0, out=_scratch(values.shape))
     if n_units < 64 and n_units != padded:
         # Padded by the transposing copy itself: the gather of _pack_rows_numpy then applies.
         rows = np.zeros((n, *values.shape[2:], padded), dtype=bool)
         rows[..., :n_units] = np.moveaxis(on, 1, -1)
-        return _pack_rows_numpy(rows.reshape(n * n_positions, padded)), n_positions, n_units
+        return _pack_rows_numpy(rows.reshape(n * n_positions, padded)), n_positions, n_units, None
     rows = on.transpose(0, *range(2, on.ndim), 1).reshape(n * n_positions, n_units)
-    return _pack_rows_numpy(rows), n_positions, n_units
+    return _pack_rows_numpy(rows), n_positions, n_units, None
 
 
 def _pack_channels_first(on: np.ndarray, n: int, n_bytes: int, n_positions: int) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from typing import Any, Callable, Iterable, Iterator
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from actpat.recorder import schema
 from actpat.recorder.hooks import SiteFilter, SiteHooks, is_compiled
-from actpat.recorder.packing import observation_view, pack_patterns
+from actpat.recorder.packing import load_kernels, observation_view, pack_and_count_nans, pack_patterns
 from actpat.recorder.shards import Record, RecorderError, ShardWriter, SiteMeta
 
 log = logging.getLogger(__name__)
@@ -161,6 +160,7 @@ class ActivationRecorder:
         self._pending: list = []
         self._gathered: list = []
         self._site_called = False
+        load_kernels()  # a first compile happens here, not in the first recorded forward
         self._hooks = SiteHooks(
             model, self._on_site, sites=sites, module_types=module_types, functional=functional,
             on_forward_end=self._on_forward_end,
@@ -345,9 +345,9 @@ class ActivationRecorder:
         if n == 0:
             return None  # an empty batch has no observation to record
         z = z.detach()  # the recorder's reductions need no autograd node
-        bits, n_positions, n_units = pack_patterns(z, self.pattern)
+        bits, n_positions, n_units, nan_count = pack_and_count_nans(z, self.pattern)
         return self._make_record(
-            context, name, module_type, tuple(z.shape[1:]), n, bits, n_positions, n_units, _nan_count(z), z
+            context, name, module_type, tuple(z.shape[1:]), n, bits, n_positions, n_units, nan_count, z
         )
 
     def _make_record(
@@ -444,17 +444,6 @@ class _Capture:
         if self._host is None:
             self._host = tuple(_host_int64(a) for a in self._raw)
         return self._host
-
-
-def _nan_count(z: torch.Tensor) -> Any:
-    """Number of NaNs in ``z``: an int on CPU, a device tensor on an accelerator (no sync in the hook)."""
-    if not z.is_floating_point():
-        return 0
-    if z.device.type != "cpu":
-        return z.isnan().count_nonzero()
-    # A sum is NaN whenever z holds a NaN (and rarely otherwise, inf - inf): only then count exactly.
-    # One read-only reduction is ~3x cheaper than isnan + count_nonzero over every element.
-    return int(z.isnan().count_nonzero()) if math.isnan(float(z.sum(dtype=torch.float32))) else 0
 
 
 def _host_int64(values: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -76,7 +77,8 @@ def test_packing_widths_quick():
     assert result["bench"] == "packing_widths" and result["quick"] is True
     widths = {row["channels"] for row in result["shapes"]}
     assert {3, 12, 100, 128} <= widths  # on and off whole bytes
-    assert all(row["pack_us"] > 0 and row["floor_us"] > 0 for row in result["shapes"])
+    assert all(row["pack_us"] > 0 and row["numpy_us"] > 0 and row["floor_us"] > 0 for row in result["shapes"])
+    assert result["kernel"] is (importlib.util.find_spec("numba") is not None)
 
 
 def test_storage_quick():

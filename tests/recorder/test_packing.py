@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actpat.recorder.packing import observation_view, pack_patterns, pack_rows
+from actpat.recorder import kernels
+from actpat.recorder.packing import load_kernels, observation_view, pack_and_count_nans, pack_patterns, pack_rows
+
+BACKENDS = ["kernel", "numpy"]
+
+
+def _backend(name: str) -> contextlib.AbstractContextManager:
+    """CPU packing with the compiled kernel (where numba is installed) or with numpy alone."""
+    return contextlib.nullcontext() if name == "kernel" else kernels.disabled()
 
 
 @settings(max_examples=150, deadline=None)
@@ -113,9 +124,10 @@ def _expected_bits(z: torch.Tensor, pattern: str) -> np.ndarray:
     pattern=st.sampled_from(["channel", "flat"]),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
+    backend=st.sampled_from(BACKENDS),
 )
-def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, pattern, dtype, seed):
-    """CPU floats are packed by numpy, other dtypes (and devices) by torch ops: both equal packbits."""
+def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, pattern, dtype, seed, backend):
+    """CPU floats are packed by the kernel or numpy, other dtypes (and devices) by torch ops: all equal packbits."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n, channels, *spatial), generator=g)
     flat = z.view(-1)
@@ -128,7 +140,8 @@ def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, p
     elif layout == "transposed" and z.dim() >= 3:
         z = z.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, non-contiguous strides
     expected = _expected_bits(z, pattern)
-    bits, n_positions, n_units = pack_patterns(z, pattern)
+    with _backend(backend):
+        bits, n_positions, n_units = pack_patterns(z, pattern)
     np.testing.assert_array_equal(bits.numpy(), expected)
     assert n_units == (channels if pattern == "channel" else channels * int(np.prod(spatial)))
     assert n_positions == (int(np.prod(spatial)) if pattern == "channel" else 1)
@@ -139,14 +152,16 @@ def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, p
 # 1, 2, 4, 8 and 16 bytes per row; widths off whole bytes (3, 5, 12, 20, 100) are padded with off units
 @pytest.mark.parametrize("channels", [3, 5, 8, 12, 16, 20, 32, 64, 100, 128])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pack_patterns_of_large_conv_tensors_match_numpy(channels, channels_last):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pack_patterns_of_large_conv_tensors_match_numpy(channels, channels_last, backend):
     # 40 x 48 positions: channels-first tensors of 8k channels take the word path (>= 64 positions).
     g = torch.Generator().manual_seed(channels)
     z = torch.randn(16, channels, 40, 48, generator=g)
     z[0, 0, 0, :3] = float("nan")
     if channels_last:
         z = z.contiguous(memory_format=torch.channels_last)
-    bits, n_positions, n_units = pack_patterns(z, "channel")
+    with _backend(backend):
+        bits, n_positions, n_units = pack_patterns(z, "channel")
     assert (n_positions, n_units) == (40 * 48, channels)
     np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
 
@@ -155,3 +170,48 @@ def test_pack_patterns_of_a_1d_tensor_and_of_a_tensor_that_requires_grad():
     z = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
     bits, n_positions, n_units = pack_patterns(z * 1, "channel")
     assert bits.tolist() == [[0b101]] and (n_positions, n_units) == (1, 3)
+
+
+def test_the_kernel_is_in_use_where_numba_is_installed():
+    pytest.importorskip("numba")
+    assert load_kernels() and kernels.load() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65])
+@pytest.mark.parametrize("spatial", [(), (1,), (3,), (5, 7), (16, 16)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channel_patterns_and_nan_counts_of_every_width(dtype, channels, spatial, backend):
+    g = torch.Generator().manual_seed(channels * 31 + len(spatial))
+    z = torch.randn((3, channels, *spatial), generator=g, dtype=torch.float64)
+    flat = z.view(-1)
+    tiny = torch.finfo(dtype).tiny / 4  # subnormal, still > 0: on
+    specials = [float("inf"), -float("inf"), -0.0, 0.0, tiny, -tiny, float("nan")]
+    for k, value in enumerate(specials[: flat.numel()]):
+        flat[(k * 7919) % flat.numel()] = value
+    z = z.to(dtype)
+    with _backend(backend):
+        bits, n_positions, n_units, nan_count = pack_and_count_nans(z, "channel")
+    np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
+    assert (n_positions, n_units) == (int(np.prod(spatial)), channels)
+    assert nan_count == int(np.isnan(z.numpy()).sum())
+    clean = torch.nan_to_num(z, nan=1.0)
+    with _backend(backend):
+        assert pack_and_count_nans(clean, "channel")[3] == 0
+
+
+def test_a_kernel_that_fails_to_compile_leaves_the_numpy_path(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("no cache locator")
+
+    monkeypatch.setattr(kernels, "_compile", broken)
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_kernel", None)
+    with caplog.at_level(logging.WARNING, logger="actpat.recorder.kernels"):
+        assert load_kernels() is False
+    assert "no cache locator" in caplog.text and "packed with numpy" in caplog.text
+    z = torch.randn(4, 12, 9, 9)
+    z[1, 3, 2, 2] = float("nan")
+    bits, _, _, nan_count = pack_and_count_nans(z, "channel")
+    np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
+    assert nan_count == 1

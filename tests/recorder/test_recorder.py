@@ -462,12 +462,12 @@ def test_error_inside_a_hook_never_raises_inside_the_forward(tmp_path, monkeypat
     with ActivationRecorder(model, tmp_path) as rec:
         with rec.capture(0):
             model(x)
-        monkeypatch.setattr(recorder, "pack_patterns", broken_pack)
+        monkeypatch.setattr(recorder, "pack_and_count_nans", broken_pack)
         outputs = []
         with pytest.raises(RecorderError, match="packing broke"):
             with rec.capture(1):
                 outputs.append(model(x))  # the forward itself completes
-        monkeypatch.setattr(recorder, "pack_patterns", packing.pack_patterns)
+        monkeypatch.setattr(recorder, "pack_and_count_nans", packing.pack_and_count_nans)
     assert torch.equal(outputs[0], expected)
     assert open_run(tmp_path).steps("1").tolist() == [0]
 
