@@ -45,14 +45,17 @@ def load() -> Callable[[np.ndarray, np.ndarray], bool] | None:
     with _lock:
         if not _loaded:
             try:
-                _kernel = _compile()
+                _kernel = _compile(cache=True)
             except ImportError:
                 log.debug("actpat: numba is not installed; channel patterns are packed with numpy.")
-            except Exception as exc:  # noqa: BLE001 - any compile or cache failure leaves the numpy path
-                log.warning(
-                    "actpat: the compiled packing kernel is unavailable (%s: %s); channel patterns are "
-                    "packed with numpy (same bits, slower).", type(exc).__name__, exc,
-                )
+            except Exception:  # noqa: BLE001 - e.g. no writable cache directory: compile without one
+                try:
+                    _kernel = _compile(cache=False)
+                except Exception as exc:  # noqa: BLE001 - any compile failure leaves the numpy path
+                    log.warning(
+                        "actpat: the compiled packing kernel is unavailable (%s: %s); channel patterns are "
+                        "packed with numpy (same bits, slower).", type(exc).__name__, exc,
+                    )
             _loaded = True
     return _kernel
 
@@ -71,10 +74,14 @@ def disabled() -> Iterator[None]:
             _loaded, _kernel = saved
 
 
-def _compile() -> Callable[[np.ndarray, np.ndarray], bool]:
+def _compile(cache: bool) -> Callable[[np.ndarray, np.ndarray], bool] | None:
     import numba
 
-    @numba.njit(_SIGNATURES, cache=True, nogil=True, boundscheck=False)
+    if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 would run the loops below in Python
+        log.info("actpat: NUMBA_DISABLE_JIT is set; channel patterns are packed with numpy.")
+        return None
+
+    @numba.njit(_SIGNATURES, cache=cache, nogil=True, boundscheck=False)
     def pack_planes(values, out):  # pragma: no cover - compiled; tested through its callers
         n, n_units, n_positions = values.shape
         n_bytes = out.shape[2]

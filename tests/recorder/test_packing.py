@@ -201,7 +201,10 @@ def test_channel_patterns_and_nan_counts_of_every_width(dtype, channels, spatial
 
 
 def test_a_kernel_that_fails_to_compile_leaves_the_numpy_path(monkeypatch, caplog):
-    def broken():
+    tries = []
+
+    def broken(cache):
+        tries.append(cache)
         raise RuntimeError("no cache locator")
 
     monkeypatch.setattr(kernels, "_compile", broken)
@@ -210,8 +213,34 @@ def test_a_kernel_that_fails_to_compile_leaves_the_numpy_path(monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="actpat.recorder.kernels"):
         assert load_kernels() is False
     assert "no cache locator" in caplog.text and "packed with numpy" in caplog.text
+    assert tries == [True, False]  # without a cache before giving up
     z = torch.randn(4, 12, 9, 9)
     z[1, 3, 2, 2] = float("nan")
     bits, _, _, nan_count = pack_and_count_nans(z, "channel")
     np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
     assert nan_count == 1
+
+
+def test_a_cache_that_cannot_be_written_still_compiles_the_kernel(monkeypatch):
+    pytest.importorskip("numba")
+    real = kernels._compile
+
+    def no_cache(cache):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(cache)
+
+    monkeypatch.setattr(kernels, "_compile", no_cache)
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_kernel", None)
+    assert load_kernels()
+    z = torch.randn(2, 9, 4, 4)
+    np.testing.assert_array_equal(pack_patterns(z, "channel")[0].numpy(), _expected_bits(z, "channel"))
+
+
+def test_numba_disable_jit_takes_the_numpy_path(monkeypatch):
+    numba = pytest.importorskip("numba")
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_kernel", None)
+    assert load_kernels() is False
