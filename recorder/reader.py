@@ -271,13 +271,13 @@ class Run:
             if shard.codec in schema.PLUGIN_CODECS:
                 schema.load_plugins(f"Shard {shard.path} (compressed with {shard.codec!r})")
             try:
-                handle = h5py.File(shard.path, "r", locking=False)
+                handle = schema.open_for_reading(shard.path)
             except FileNotFoundError:
                 final = shard.path.with_name(shard.path.name[: -len(".partial")])
                 if not shard.partial or not final.exists():
                     raise
                 shard.path, shard.partial = final, False  # finalized by its writer since we indexed it
-                handle = h5py.File(shard.path, "r", locking=False)
+                handle = schema.open_for_reading(shard.path)
             self._handles[shard_id] = handle
             while len(self._handles) > self.max_open:
                 old_id, old = self._handles.popitem(last=False)
@@ -371,7 +371,7 @@ class Run:
         parsed = schema.parse_shard_name(path.name)
         rank, index, partial = parsed if parsed else (-1, -1, path.name.endswith(schema.PARTIAL_SUFFIX))
         try:
-            handle = h5py.File(path, "r", locking=False)
+            handle = schema.open_for_reading(path)
         except OSError as exc:
             self._damaged(path, rank, index, partial, f"it cannot be opened ({_short(exc)})", exc)
             return

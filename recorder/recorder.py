@@ -295,7 +295,7 @@ class ActivationRecorder:
                 f"Expected {type(self.model).__name__} to contain at least one activation site, but a forward "
                 f"ran inside `capture()` and none was found. Searched {hooks.describe_search()}"
                 " with the given `sites` filter. Name other activation classes with `module_types=`, or "
-                "widen `sites=`." + stale
+                f"widen `sites=`. The model's module sites: {hooks.module_sites or 'none'}." + stale
             )
 
     def _on_forward_end(self) -> None:
@@ -344,6 +344,19 @@ class ActivationRecorder:
         n = z.shape[0] if z.dim() > 1 else 1
         if n == 0:
             return None  # an empty batch has no observation to record
+        if z.numel() == 0:
+            self._warn_once(
+                f"empty:{name}",
+                f"actpat: site {name!r} was called on a pre-activation of shape {tuple(z.shape)}, which has "
+                "no unit or no position; such calls are not recorded.",
+            )
+            return None
+        if torch._C._functorch.is_functorch_wrapped_tensor(z):
+            raise RecorderError(
+                f"Site {name!r} was called inside a torch.func transform (vmap, grad, jacrev, ...), whose "
+                "tensors have no storage to record. Run the transformed computation outside "
+                "`capture()`, or record the plain forward."
+            )
         z = z.detach()  # the recorder's reductions need no autograd node
         bits, n_positions, n_units, nan_count = pack_and_count_nans(z, self.pattern)
         return self._make_record(

@@ -134,6 +134,24 @@ def codec_options(compression: str | None) -> dict[str, Any]:
     return dict(filters[compression]())
 
 
+def open_for_reading(path: Any) -> Any:
+    """Open a shard read-only as an ``h5py.File``.
+
+    With h5py's default file locking first, so that a plain ``h5py.File(path)`` in the same process
+    opens the shard too (HDF5 refuses a second handle whose locking flag differs); without locking where
+    that fails: a shard still being written, or left unfinalized by a crash, carries HDF5's "open for
+    writing" flag, which only a reader without locking ignores, and some file systems refuse locks.
+    """
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return h5py.File(path, "r", locking=False)
+
+
 def load_plugins(what: str) -> Any:
     """Import ``hdf5plugin`` (registering its HDF5 filters), or say which extra to install for ``what``."""
     try:

@@ -858,7 +858,7 @@ def _scan_existing(out_dir: Path, rank: int) -> tuple[dict[str, int], dict[str, 
         if parsed is None:
             continue
         try:
-            with h5py.File(out_dir / name, "r", locking=False) as handle:
+            with schema.open_for_reading(out_dir / name) as handle:
                 for group in handle[schema.SITES_GROUP].values():
                     attrs = group.attrs
                     sites.setdefault(str(attrs["site"]), (int(attrs["n_units"]), str(attrs["pattern"]), name))

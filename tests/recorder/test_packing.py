@@ -244,3 +244,23 @@ def test_numba_disable_jit_takes_the_numpy_path(monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", False)
     monkeypatch.setattr(kernels, "_kernel", None)
     assert load_kernels() is False
+
+
+def test_without_numba_a_warning_names_the_fix_and_numpy_packs(monkeypatch, caplog):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ImportError("No module named 'numba'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_numba)
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_kernel", None)
+    with caplog.at_level(logging.WARNING, logger="actpat.recorder.kernels"):
+        assert load_kernels() is False
+    assert "numba cannot be imported" in caplog.text and "pip install numba" in caplog.text
+    z = torch.randn(3, 10, 6, 6)
+    np.testing.assert_array_equal(pack_patterns(z, "channel")[0].numpy(), _expected_bits(z, "channel"))

@@ -353,3 +353,20 @@ def test_a_folder_above_the_run_is_an_error_naming_the_run(tmp_path):
             open_run(above)
     (tmp_path / "empty").mkdir()
     assert open_run(tmp_path / "empty").sites == []  # nothing anywhere: an empty run (a writer not yet started)
+
+
+def test_open_run_and_plain_h5py_open_the_same_shard_in_one_process(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    x = torch.randn(5, 3)
+    with ActivationRecorder(model, tmp_path) as rec:
+        with rec.capture(0):
+            model(x)
+    shard = next(tmp_path.glob("*.h5"))
+    expected = np.packbits((x @ model[0].weight.T + model[0].bias > 0).detach().numpy(), axis=-1, bitorder="little")
+    run = open_run(tmp_path)
+    np.testing.assert_array_equal(run.read("1", 0).bits, expected)
+    with h5py.File(shard, "r") as handle:  # h5py's default locking, while the run holds the file open
+        assert "sites" in handle
+    with h5py.File(shard, "r") as handle:  # and the reverse: the run opened while h5py holds it
+        np.testing.assert_array_equal(open_run(tmp_path).read("1", 0).bits, expected)
+        assert "sites" in handle

@@ -511,3 +511,48 @@ def test_hooks_never_read_a_device_tensor_on_the_host(tmp_path):
     assert first.bits.device.type == "meta" and first.bits.shape == (50, 2)
     assert isinstance(first.nan_count, torch.Tensor) and first.nan_count.device.type == "meta"
     assert first.values.shape == (50, 4) and first.values.dtype == torch.float16
+
+
+def test_pre_activations_without_units_or_positions_are_skipped_not_recorded_broken(tmp_path, caplog):
+    class Degenerate(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.relu, self.other = shape, nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            self.other(x)
+            return self.relu(torch.zeros(self.shape))
+
+    for k, shape in enumerate([(3, 10, 0, 9), (3, 0, 9)]):
+        model, x = Degenerate(shape), torch.randn(3, 5, 9)
+        out = tmp_path / str(k)
+        with caplog.at_level(logging.WARNING), ActivationRecorder(model, out) as rec:
+            for step in range(2):
+                with rec.capture(step):
+                    model(x)
+        assert f"shape {shape}" in caplog.text and "not recorded" in caplog.text
+        run = open_run(out)
+        assert run.sites == ["other"] and run.corrupt_records == 0
+        expected = np.packbits(np.moveaxis((x > 0).numpy(), 1, -1).reshape(-1, 5), axis=-1, bitorder="little")
+        for step in range(2):
+            np.testing.assert_array_equal(run.read("other", step).bits, expected)
+
+
+def test_a_site_inside_a_torch_func_transform_fails_with_a_clear_error(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    with ActivationRecorder(model, tmp_path) as rec:
+        with pytest.raises(RecorderError, match=r"torch\.func transform.*outside `capture\(\)`"):
+            with rec.capture(0):
+                torch.func.vmap(model)(x)
+        with rec.capture(1):
+            model(x)
+    assert open_run(tmp_path).steps("1").tolist() == [1]
+
+
+def test_a_sites_filter_that_selects_nothing_names_the_module_sites(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    with ActivationRecorder(model, tmp_path, sites="layer*") as rec:
+        with pytest.raises(ValueError, match=r"widen `sites=`\. The model's module sites: \['1', '3'\]"):
+            with rec.capture(0):
+                model(torch.randn(2, 3, 8, 8))
