@@ -200,7 +200,14 @@ def test_channel_patterns_and_nan_counts_of_every_width(dtype, channels, spatial
         assert pack_and_count_nans(clean, "channel")[3] == 0
 
 
-def test_a_kernel_that_fails_to_compile_leaves_the_numpy_path(monkeypatch, caplog):
+@pytest.fixture
+def unloaded_kernels(monkeypatch):
+    """The kernel module as before its first load, restored after the test."""
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_kernel", None)
+
+
+def test_a_kernel_that_fails_to_compile_leaves_the_numpy_path(unloaded_kernels, monkeypatch, caplog):
     tries = []
 
     def broken(cache):
@@ -208,8 +215,6 @@ def test_a_kernel_that_fails_to_compile_leaves_the_numpy_path(monkeypatch, caplo
         raise RuntimeError("no cache locator")
 
     monkeypatch.setattr(kernels, "_compile", broken)
-    monkeypatch.setattr(kernels, "_loaded", False)
-    monkeypatch.setattr(kernels, "_kernel", None)
     with caplog.at_level(logging.WARNING, logger="actpat.recorder.kernels"):
         assert load_kernels() is False
     assert "no cache locator" in caplog.text and "packed with numpy" in caplog.text
@@ -221,7 +226,7 @@ def test_a_kernel_that_fails_to_compile_leaves_the_numpy_path(monkeypatch, caplo
     assert nan_count == 1
 
 
-def test_a_cache_that_cannot_be_written_still_compiles_the_kernel(monkeypatch):
+def test_a_cache_that_cannot_be_written_still_compiles_the_kernel(unloaded_kernels, monkeypatch):
     pytest.importorskip("numba")
     real = kernels._compile
 
@@ -231,22 +236,18 @@ def test_a_cache_that_cannot_be_written_still_compiles_the_kernel(monkeypatch):
         return real(cache)
 
     monkeypatch.setattr(kernels, "_compile", no_cache)
-    monkeypatch.setattr(kernels, "_loaded", False)
-    monkeypatch.setattr(kernels, "_kernel", None)
     assert load_kernels()
     z = torch.randn(2, 9, 4, 4)
     np.testing.assert_array_equal(pack_patterns(z, "channel")[0].numpy(), _expected_bits(z, "channel"))
 
 
-def test_numba_disable_jit_takes_the_numpy_path(monkeypatch):
+def test_numba_disable_jit_takes_the_numpy_path(unloaded_kernels, monkeypatch):
     numba = pytest.importorskip("numba")
     monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
-    monkeypatch.setattr(kernels, "_loaded", False)
-    monkeypatch.setattr(kernels, "_kernel", None)
     assert load_kernels() is False
 
 
-def test_without_numba_a_warning_names_the_fix_and_numpy_packs(monkeypatch, caplog):
+def test_without_numba_a_warning_names_the_fix_and_numpy_packs(unloaded_kernels, monkeypatch, caplog):
     import builtins
 
     real_import = builtins.__import__
@@ -257,8 +258,6 @@ def test_without_numba_a_warning_names_the_fix_and_numpy_packs(monkeypatch, capl
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_numba)
-    monkeypatch.setattr(kernels, "_loaded", False)
-    monkeypatch.setattr(kernels, "_kernel", None)
     with caplog.at_level(logging.WARNING, logger="actpat.recorder.kernels"):
         assert load_kernels() is False
     assert "numba cannot be imported" in caplog.text and "pip install numba" in caplog.text
