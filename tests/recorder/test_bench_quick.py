@@ -32,7 +32,9 @@ def test_overhead_quick(model, sites):
         assert result[key] > 0
     assert result["floor_ratio"] >= 1.0
     assert result["sites"] == result["floor_sites"] == sites
-    assert result["recorded_steps"] == 3  # one warm-up step and two groups
+    # one warm-up step, two groups, and two sustained blocks of two steps
+    assert result["recorded_steps"] == 3 + result["sustained_pairs"] * result["sustained_steps"] == 7
+    assert result["sustained_cpu_ratio"] > 0
     for key in ("site_us", "site_us_written", "floor_site_us", "fixed_site_us"):
         assert isinstance(result[key], float)
 
