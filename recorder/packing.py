@@ -113,11 +113,11 @@ def pack_and_count_nans(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, in
     """
     bits, n_positions, n_units, has_nan = _pack(z, pattern)
     if has_nan is None:
-        return bits, n_positions, n_units, nan_count(z)
+        return bits, n_positions, n_units, _nan_count(z)
     return bits, n_positions, n_units, int(z.isnan().count_nonzero()) if has_nan else 0
 
 
-def nan_count(z: torch.Tensor) -> Any:
+def _nan_count(z: torch.Tensor) -> Any:
     """Number of NaNs in ``z``: an int on CPU, a device tensor on an accelerator (no sync in the hook)."""
     if not z.is_floating_point():
         return 0
