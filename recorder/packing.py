@@ -199,7 +199,8 @@ def _numpy_packable(z: torch.Tensor) -> bool:
     return (
         z.is_cpu
         and z.dtype in _NUMPY_DTYPES
-        and type(z) is torch.Tensor  # not a subclass (fake, functorch-batched, ...) that numpy cannot read
+        and type(z) is torch.Tensor  # not a subclass (fake, ...) that numpy cannot read; functorch-wrapped
+        # tensors pass this check (same type): the recorder refuses them before packing
         and not torch.compiler.is_compiling()
     )
 
