@@ -241,13 +241,8 @@ def parse_args(doc: str, argv: list[str] | None, *extra: tuple[str, dict]) -> ar
 
 
 def sustained_cpu(plain, captured, recorder: ActivationRecorder, n_sites: int, steps: int, pairs: int) -> dict:
-    """CPU seconds of blocks of ``steps`` plain against ``steps`` recorded steps, the writer's included.
-
-    In the interleaved arms the writer thread writes a recorded step's records while the next arm runs,
-    so its cost lands in whichever arm follows (the hooks-only or the plain one): ``ratio`` misses it.
-    Here a recorded block's process CPU time runs until the writer has written every record of the block
-    (waiting costs no CPU), so the writer's work is charged to the block that made it.
-    """
+    """``sustained_cpu_ratio`` (module docstring): a recorded block's process CPU time runs until the
+    writer has written every record of the block (waiting costs no CPU)."""
     cpu = {"plain": [], "recorded": []}
     for i in range(pairs):
         for arm in ("plain", "recorded") if i % 2 == 0 else ("recorded", "plain"):
