@@ -6,7 +6,7 @@ channel patterns over 32x32 down to 4x4 positions, labels and sample ids), so th
 and the producer blocks. Each configuration runs in its own process and reports the growth of the
 resident set size (VmRSS, sampled every 5 ms, and VmHWM) over the process's RSS right before the
 writer started, against the writer's documented bound: ``max_queue_bytes`` + the block being written
-(4 MiB plus one record) + reused staging buffers (8 MiB) + HDF5's chunk cache (64 KiB per open dataset,
+(``_WRITE_BYTES``, 16 MiB, plus one record) + reused staging buffers (8 MiB) + HDF5's chunk cache (64 KiB per open dataset,
 up to 5 per site) and metadata cache (4 MiB).
 
 ``ratio`` is the measured growth over that bound (at most 1: the bound holds). Prints one JSON line;
@@ -35,6 +35,7 @@ def _rss_kib(field: str = "VmRSS") -> int:
 def _child(steps: int, max_queue: int) -> dict:
     import numpy as np
 
+    from actpat.recorder import shards
     from actpat.recorder.shards import Record, ShardWriter, SiteMeta
 
     widths = [16] * 7 + [32] * 6 + [64] * 6 + [512]
@@ -71,7 +72,7 @@ def _child(steps: int, max_queue: int) -> dict:
         sampler.join()
         hwm = _rss_kib("VmHWM")
     largest = max(t.nbytes + 2 * labels.nbytes for t in templates)
-    bound = max_queue + (4 << 20) + largest + (8 << 20) + len(metas) * 5 * (64 << 10) + (4 << 20)
+    bound = max_queue + shards._WRITE_BYTES + largest + (8 << 20) + len(metas) * 5 * (64 << 10) + (4 << 20)
     return {
         "rss_growth_mib": round((peak[0] - base) / 1024, 1),
         "hwm_growth_mib": round((hwm - base) / 1024, 1),

@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 # Records are buffered per site and written in blocks: each h5py call holds the GIL, and many small
-# appends (and flushes) would slow the training thread.
-_WRITE_BYTES = 4 << 20
+# appends (and flushes) would slow the training thread. A block's fixed cost is about four appends per
+# site and two flushes; 16 MiB blocks wrote 1.7x the MB per CPU second of 4 MiB ones (ResNet-20's
+# 19 sites), at 12 MiB more memory.
+_WRITE_BYTES = 16 << 20
 _WRITE_SECONDS = 1.0
 # Staging buffers for a block's columns are reused across blocks up to this size; larger columns are
 # written record by record rather than concatenated.
@@ -136,9 +138,9 @@ class ShardWriter:
     Notes
     -----
     Memory: records waiting in the queue (at most ``max_queue_bytes``, or one record larger than that),
-    the block being written (at most ``4 MiB`` plus one record), staging buffers reused across blocks
+    the block being written (at most ``16 MiB`` plus one record), staging buffers reused across blocks
     (at most ``8 MiB``) and HDF5's caches (one ``64 KiB`` chunk per open dataset, at most five per site,
-    and up to ``4 MiB`` of file metadata): ``max_queue_bytes + 16 MiB + 320 KiB`` per site in all, plus
+    and up to ``4 MiB`` of file metadata): ``max_queue_bytes + 28 MiB + 320 KiB`` per site in all, plus
     the largest record. ``bench/writer_rss.py`` measures the resident memory under ``block``
     backpressure against this bound.
     """
@@ -561,7 +563,7 @@ class ShardWriter:
             # killed at any point leaves no row pointing at data that was never written.
             shard.flush("writing a block of patterns")
             for records, entries in blocks:
-                _append(records, entries)
+                records.append(entries)
             shard.flush("writing a block of records")
         except BaseException as exc:
             self._abandon(shard, exc)
@@ -570,7 +572,7 @@ class ShardWriter:
         self._pending.clear()
         self._pending_bytes = 0
 
-    def _write_site_data(self, shard: _Shard, items: list[_Buffered]) -> tuple[h5py.Dataset, np.ndarray]:
+    def _write_site_data(self, shard: _Shard, items: list[_Buffered]) -> tuple[_Column, np.ndarray]:
         """Append one site's block of data columns; returns its records table and the rows to append."""
         meta = self._sites[items[0].record.meta.site]
         columns = {
@@ -581,10 +583,10 @@ class ShardWriter:
             schema.VALUES: [item.values for item in items if item.values is not None],
         }
         # Optional columns are created by the first record that carries them, in every shard.
-        datasets = {name: shard.column(meta, name, self._codec) for name, parts in columns.items()
-                    if parts or name not in schema.OPTIONAL_COLUMNS}  # fmt: skip
+        targets = {name: shard.column(meta, name, self._codec) for name, parts in columns.items()
+                   if parts or name not in schema.OPTIONAL_COLUMNS}  # fmt: skip
         row, sample, obs, value = (
-            datasets[name].id.shape[0] if name in datasets else 0
+            targets[name].length if name in targets else 0
             for name in (schema.BITS, schema.SAMPLE_IDS, schema.OBS_INDEX, schema.VALUES)
         )
         entries = np.zeros(len(items), dtype=schema.RECORD_DTYPE)
@@ -605,16 +607,16 @@ class ShardWriter:
             row, sample = row + len(item.bits), sample + rec.n_samples
             obs += 0 if item.obs_index is None else len(item.obs_index)
             value += 0 if item.values is None else len(item.values)
-        for name, dataset in datasets.items():
-            self._append_parts(dataset, name, columns[name])
+        for name, target in targets.items():
+            self._append_parts(target, name, columns[name])
         return shard.column(meta, schema.RECORDS, self._codec), entries
 
-    def _append_parts(self, dataset: h5py.Dataset, name: str, parts: list[np.ndarray]) -> None:
+    def _append_parts(self, target: _Column, name: str, parts: list[np.ndarray]) -> None:
         total = sum(len(p) for p in parts)
         row_bytes = parts[0].nbytes // max(1, len(parts[0])) if len(parts[0]) else 0
         if len(parts) == 1 or total * row_bytes > _STAGING_BYTES:
             for part in parts:
-                _append(dataset, part)
+                target.append(part)
             return
         # Concatenate into a buffer kept across blocks: no fresh multi-megabyte allocation per block.
         shape = (total,) + parts[0].shape[1:]
@@ -623,7 +625,7 @@ class ShardWriter:
             buffer = self._staging[name] = np.empty(max(int(np.prod(shape)), 1 << 16), dtype=parts[0].dtype)
         staged = buffer[: int(np.prod(shape))].reshape(shape)
         np.concatenate(parts, out=staged)
-        _append(dataset, staged)
+        target.append(staged)
 
 
 class _Shard:
@@ -633,7 +635,7 @@ class _Shard:
         self.path, self.index, self.guarded, self.handle = path, index, guarded, handle
         self.opened = time.monotonic()
         self.bytes = 0
-        self._columns: dict[tuple[str, str], h5py.Dataset] = {}
+        self._columns: dict[tuple[str, str], _Column] = {}
 
     @classmethod
     def create(cls, path: Path, index: int) -> _Shard:
@@ -646,11 +648,11 @@ class _Shard:
             raise
         return cls(path, index, guarded, handle)
 
-    def column(self, meta: SiteMeta, name: str, codec: dict[str, Any]) -> h5py.Dataset:
+    def column(self, meta: SiteMeta, name: str, codec: dict[str, Any]) -> _Column:
         """The dataset ``name`` of a site, creating the site group and the dataset on first use."""
         key = (meta.site, name)
-        dataset = self._columns.get(key)
-        if dataset is None:
+        column = self._columns.get(key)
+        if column is None:
             sites = self.handle[schema.SITES_GROUP]
             group_name = schema.site_key(meta.site)
             if group_name in sites:
@@ -659,10 +661,10 @@ class _Shard:
                 group = sites.create_group(group_name)
                 schema.write_site_attrs(group, meta)
                 for required in (schema.BITS, *schema.SAMPLE_COLUMNS, schema.RECORDS):
-                    self._columns[(meta.site, required)] = schema.create_column(group, required, meta, codec)
-            dataset = self._columns.get(key) or schema.create_column(group, name, meta, codec)
-            self._columns[key] = dataset
-        return dataset
+                    self._columns[(meta.site, required)] = _Column(schema.create_column(group, required, meta, codec))
+            column = self._columns.get(key) or _Column(schema.create_column(group, name, meta, codec))
+            self._columns[key] = column
+        return column
 
     def flush(self, what: str) -> None:
         self.handle.flush()
@@ -919,24 +921,39 @@ class _Buffered:
     nan_count: int
 
 
-def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
-    """Append ``values`` along axis 0 of an extensible dataset of the same dtype and row shape.
+class _Column:
+    """An extensible dataset of an open shard, appended to along axis 0 with h5py's low-level calls.
 
-    h5py's low-level calls: the high-level ``resize`` and ``dataset[a:b] = values`` took about 0.4 ms of
-    Python per call, which at four columns per site per block was most of the writer's CPU time. The
-    file's own type is given as the memory type (the layouts are equal): HDF5 then skips its
-    conversion, which for the records table's compound rows took 2.5x the rest of the write.
+    The high-level ``resize`` and ``dataset[a:b] = values`` took about 0.4 ms of Python per call, and
+    even the low-level calls cost 10-15 us each for what never changes between appends (the length,
+    the file's type and dataspace), which at four columns per site per block was most of the writer's
+    CPU time: those are kept here. The file's own type is given as the memory type (the layouts are
+    equal): HDF5 then skips its conversion, which for the records table's compound rows took 2.5x the
+    rest of the write.
     """
-    if not len(values):
-        return
-    values = np.ascontiguousarray(values)
-    dataset_id = dataset.id
-    start = dataset_id.shape[0]
-    dataset_id.set_extent((start + len(values), *values.shape[1:]))
-    file_space = dataset_id.get_space()
-    file_space.select_hyperslab((start,) + (0,) * (values.ndim - 1), values.shape)
-    memory_type = dataset_id.get_type() if values.dtype == dataset.dtype else None
-    dataset_id.write(h5py.h5s.create_simple(values.shape), file_space, values, mtype=memory_type)
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self.dataset = dataset
+        self._id = dataset.id
+        self._space = self._id.get_space()
+        self._type = self._id.get_type()
+        self._dtype = dataset.dtype
+        self._max_shape = self._space.get_simple_extent_dims(True)
+        self.length = self._space.get_simple_extent_dims()[0]
+
+    def append(self, values: np.ndarray) -> None:
+        """Append ``values`` (the dataset's row shape; any dtype h5py converts) after the last row."""
+        if not len(values):
+            return
+        values = np.ascontiguousarray(values)
+        start, stop = self.length, self.length + len(values)
+        shape = (stop, *values.shape[1:])
+        self._id.set_extent(shape)
+        self._space.set_extent_simple(shape, self._max_shape)
+        self._space.select_hyperslab((start,) + (0,) * (values.ndim - 1), values.shape)
+        memory_type = self._type if values.dtype == self._dtype else None
+        self._id.write(h5py.h5s.create_simple(values.shape), self._space, values, mtype=memory_type)
+        self.length = stop
 
 
 __all__ = ["Record", "RecorderError", "ShardWriter", "SiteMeta"]

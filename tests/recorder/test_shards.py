@@ -328,6 +328,28 @@ def test_stop_reasons_go_into_the_last_shard_or_a_side_file(tmp_path):
     assert [s.reason for s in open_run(tmp_path).stop_reasons][-1] == "unknown: the writer could not store why"
 
 
+def test_a_block_is_written_once_its_bytes_reach_the_bound_without_waiting_for_the_deadline(tmp_path, monkeypatch):
+    from actpat.recorder import shards
+
+    record_bytes = _record(0).nbytes
+    monkeypatch.setattr(shards, "_WRITE_SECONDS", 3600.0)
+    monkeypatch.setattr(shards, "_WRITE_BYTES", 3 * record_bytes)
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for step in range(7):
+        writer.put(_record(step))
+    deadline = time.monotonic() + 10
+    while writer.written_records < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.written_records == 6  # two full blocks; the seventh record waits for more or for close
+    writer.close()
+    assert writer.written_records == 7
+    run = open_run(tmp_path)
+    assert run.steps("a/b").tolist() == list(range(7))
+    for step in range(7):
+        np.testing.assert_array_equal(run.read("a/b", step).bits, _record(step).bits)
+
+
 def test_a_failed_block_is_never_retried_and_its_shard_never_finalized(tmp_path, monkeypatch):
     from actpat.recorder import shards
 
