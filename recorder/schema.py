@@ -141,9 +141,16 @@ def open_for_reading(path: Any) -> Any:
     opens the shard too (HDF5 refuses a second handle whose locking flag differs); without locking where
     that fails: a shard still being written, or left unfinalized by a crash, carries HDF5's "open for
     writing" flag, which only a reader without locking ignores, and some file systems refuse locks.
+    A shard whose superblock a crash left behind the rest of the file is opened with it raised
+    (:mod:`~actpat.recorder.superblock`).
     """
     import h5py
 
+    from actpat.recorder import superblock
+
+    head = superblock.raised_eoa(path)
+    if head is not None:
+        return h5py.File(superblock.WithSuperblock(path, head), "r")
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:

@@ -27,7 +27,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from actpat.recorder import schema
+from actpat.recorder import schema, superblock
 from actpat.recorder.schema import SiteMeta
 
 try:  # POSIX; elsewhere only writers within one process are kept apart
@@ -731,14 +731,7 @@ class _GuardedFile:
         return self.pos
 
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], self.pos + done)
-            if n == 0:  # past the end: HDF5 expects zeros
-                view[done:] = bytes(len(view) - done)
-                break
-            done += n
+        view = superblock.read_at(self.fd, buffer, self.pos)
         self.pos += len(view)
         return len(view)
 
