@@ -585,8 +585,10 @@ class ShardWriter:
         # Optional columns are created by the first record that carries them, in every shard.
         targets = {name: shard.column(meta, name, self._codec) for name, parts in columns.items()
                    if parts or name not in schema.OPTIONAL_COLUMNS}  # fmt: skip
+        for target in targets.values():
+            target.begin_block()
         row, sample, obs, value = (
-            targets[name].length if name in targets else 0
+            targets[name].next_row if name in targets else 0
             for name in (schema.BITS, schema.SAMPLE_IDS, schema.OBS_INDEX, schema.VALUES)
         )
         entries = np.zeros(len(items), dtype=schema.RECORD_DTYPE)
@@ -926,27 +928,39 @@ class _Column:
     """
 
     def __init__(self, dataset: h5py.Dataset) -> None:
-        self.dataset = dataset
         self._id = dataset.id
         self._space = self._id.get_space()
         self._type = self._id.get_type()
         self._dtype = dataset.dtype
         self._max_shape = self._space.get_simple_extent_dims(True)
-        self.length = self._space.get_simple_extent_dims()[0]
+        compressed = self._id.get_create_plist().get_nfilters() > 0
+        self._chunk_rows = dataset.chunks[0] if compressed else 1
+        #: The row the next append starts at.
+        self.next_row = self._space.get_simple_extent_dims()[0]
+
+    def begin_block(self) -> None:
+        """Start the next block on a fresh chunk where the column is compressed.
+
+        HDF5 writes a compressed chunk that an append extends to a new place, and may reuse the old one
+        before the index that points there is rewritten: a kill in between would lose the records
+        already in it. A block that starts on a fresh chunk never touches a chunk an earlier block wrote;
+        the rows it skips belong to no record and compress to almost nothing.
+        """
+        self.next_row = -(-self.next_row // self._chunk_rows) * self._chunk_rows
 
     def append(self, values: np.ndarray) -> None:
-        """Append ``values`` (the dataset's row shape; any dtype h5py converts) after the last row."""
+        """Append ``values`` (the dataset's row shape; any dtype h5py converts) at :attr:`next_row`."""
         if not len(values):
             return
         values = np.ascontiguousarray(values)
-        start, stop = self.length, self.length + len(values)
+        start, stop = self.next_row, self.next_row + len(values)
         shape = (stop, *values.shape[1:])
         self._id.set_extent(shape)
         self._space.set_extent_simple(shape, self._max_shape)
         self._space.select_hyperslab((start,) + (0,) * (values.ndim - 1), values.shape)
         memory_type = self._type if values.dtype == self._dtype else None
         self._id.write(h5py.h5s.create_simple(values.shape), self._space, values, mtype=memory_type)
-        self.length = stop
+        self.next_row = stop
 
 
 __all__ = ["Record", "RecorderError", "ShardWriter", "SiteMeta"]
