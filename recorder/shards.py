@@ -701,7 +701,7 @@ class _Shard:
         self.guarded.abort()
 
 
-class _GuardedFile:
+class _GuardedFile(superblock.FileAt):
     """The file object h5py writes a shard through (its ``fileobj`` driver).
 
     HDF5 reports some write errors only through its close, or as "Exception ignored" when a handle is
@@ -711,36 +711,10 @@ class _GuardedFile:
     """
 
     def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        super().__init__(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644))
         self.path = path
-        self.pos = 0
         self.error: OSError | None = None
         self.discard = False
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET:
-            self.pos = offset
-        elif whence == os.SEEK_CUR:
-            self.pos += offset
-        else:
-            self.pos = os.fstat(self.fd).st_size + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = superblock.read_at(self.fd, buffer, self.pos)
-        self.pos += len(view)
-        return len(view)
-
-    def read(self, size: int = -1) -> bytes:
-        buffer = bytearray(size)
-        self.readinto(buffer)
-        return bytes(buffer)
 
     def write(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")

@@ -11,7 +11,6 @@ every record read is still checked against its CRC-32, so a torn write is report
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
@@ -70,58 +69,67 @@ def raised_eoa(path: str | os.PathLike) -> bytes | None:
     return raised + lookup3(raised).to_bytes(4, "little")
 
 
-def read_at(fd: int, buffer: Any, offset: int) -> memoryview:
-    """Fill ``buffer`` with the bytes of ``fd`` from ``offset`` on, zeros past the end (what HDF5's
-    file-object driver expects); returns it as a byte view."""
-    view = memoryview(buffer).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            view[done:] = bytes(len(view) - done)
-            break
-        done += n
-    return view
+class FileAt:
+    """The reading half of a file object for h5py's file-object driver: a descriptor read at a position
+    kept here (``pread``, so nothing else moves it)."""
 
-
-class WithSuperblock(io.RawIOBase):
-    """A read-only file object for ``h5py.File``: the file at ``path`` with its first bytes replaced by
-    ``head``. The descriptor is closed with the object (h5py drops it when its file is closed)."""
-
-    def __init__(self, path: str | os.PathLike, head: bytes) -> None:
-        super().__init__()
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self._head = head
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pos = 0
 
     def seekable(self) -> bool:
         return True
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_SET:
-            self._pos = offset
+            self.pos = offset
         elif whence == os.SEEK_CUR:
-            self._pos += offset
+            self.pos += offset
         else:
-            self._pos = os.fstat(self._fd).st_size + offset
-        return self._pos
+            self.pos = os.fstat(self.fd).st_size + offset
+        return self.pos
 
     def tell(self) -> int:
-        return self._pos
+        return self.pos
 
     def readinto(self, buffer: Any) -> int:
-        view = read_at(self._fd, buffer, self._pos)
-        if self._pos < len(self._head):
-            stop = min(len(self._head), self._pos + len(view))
-            view[: stop - self._pos] = self._head[self._pos : stop]
-        self._pos += len(view)
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], self.pos + done)
+            if n == 0:  # past the end: HDF5 expects zeros
+                view[done:] = bytes(len(view) - done)
+                break
+            done += n
+        self.pos += len(view)
         return len(view)
 
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+
+class WithSuperblock(FileAt):
+    """A read-only file object for ``h5py.File``: the file at ``path`` with its first bytes replaced by
+    ``head``. The descriptor is closed with the object (h5py drops it when its file is closed)."""
+
+    def __init__(self, path: str | os.PathLike, head: bytes) -> None:
+        super().__init__(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        self._head = head
+
+    def readinto(self, buffer: Any) -> int:
+        start = self.pos
+        n = super().readinto(buffer)
+        if start < len(self._head):
+            stop = min(len(self._head), start + n)
+            memoryview(buffer).cast("B")[: stop - start] = self._head[start:stop]
+        return n
+
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        super().close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()

@@ -67,3 +67,23 @@ def test_data_past_a_stale_end_of_allocation_is_read_through_the_raised_superblo
     assert head is not None and int.from_bytes(head[28:36], "little") == len(data)
     with h5py.File(superblock.WithSuperblock(path, head), "r") as handle:
         np.testing.assert_array_equal(handle["x"][:], np.arange(1000))
+
+
+def test_a_shard_opened_with_a_raised_superblock_gives_its_descriptor_back_when_closed(tmp_path):
+    import os
+
+    from actpat.recorder import schema
+
+    path = tmp_path / "stale.h5"
+    with h5py.File(path, "w", libver="v110") as handle:
+        handle["x"] = np.arange(100)
+    with open(path, "ab") as handle:  # the file longer than the superblock says: opened with it raised
+        handle.write(bytes(4096))
+    assert superblock.raised_eoa(path) is not None
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for _ in range(50):
+        handle = schema.open_for_reading(path)
+        np.testing.assert_array_equal(handle["x"][:], np.arange(100))
+        handle.close()
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) <= before + 1
