@@ -508,9 +508,7 @@ class Run:
             has_values = shard.version >= 2
             row_crcs = np.full(len(table), -1, dtype=np.int64)
             if checksummed:  # a row is trusted as an index entry only once its own checksum matches
-                for i, row in enumerate(table):
-                    header = headers.get(bool(row["value_start"] >= 0))
-                    row_crcs[i] = -2 if header is None else schema.row_crc(header, row)
+                row_crcs = schema.row_crcs(table, headers[False], headers.get(True))
                 sound = row_crcs == table["row_crc32"].astype(np.int64)
             else:
                 sound = np.ones(len(table), dtype=bool)

@@ -17,7 +17,7 @@ HDF5 file that ``h5py`` alone can read::
 Rows of a record are ordered sample-major then by flattened spatial position, unless the record was
 subsampled, in which case ``obs_index`` names each kept row's place in that grid. A record with values
 has one ``values`` row per ``bits`` row, starting at ``value_start``. Each record row carries two CRC-32:
-of itself (:func:`row_crc`) and of itself and its data (:func:`record_crc`), so a reader can tell an
+of itself (:func:`row_crcs`) and of itself and its data (:func:`record_crc`), so a reader can tell an
 exact record from a damaged one.
 
 Version history: 1 = patterns only; 2 adds ``values``, the ``value_units`` attribute and the
@@ -239,29 +239,34 @@ def site_header(site: str, pattern: str, n_units: int, value_units: Iterable[int
     return header
 
 
-def row_crc(header: bytes, row: np.ndarray) -> int:
-    """CRC-32 (``zlib.crc32``) of a record's site header, then its records-table row with both checksum
-    fields set to 0: checked when a run is opened, before the row is trusted as an index entry."""
-    return zlib.crc32(row_bytes(row), zlib.crc32(header))
+def row_crcs(table: np.ndarray, header: bytes, values_header: bytes | None = None) -> np.ndarray:
+    """CRC-32 (``zlib.crc32``) of each row of a records table, as int64: of the site header, then the row
+    itself (little-endian) with both checksum fields set to 0. Checked when a run is opened, before a row
+    is trusted as an index entry. Rows with values (``value_start >= 0``) start from ``values_header``;
+    -2 for such rows where it is None (nothing they could match)."""
+    plain = np.zeros(len(table), dtype=RECORD_DTYPE)
+    for name in RECORD_DTYPE.names:
+        if name not in _CRC_FIELDS:
+            plain[name] = table[name]
+    raw = plain.view(np.uint8).reshape(len(table), RECORD_DTYPE.itemsize)
+    start = zlib.crc32(header)
+    values_start = -2 if values_header is None else zlib.crc32(values_header)
+    with_values = (plain["value_start"] >= 0).tolist()
+    out = np.empty(len(table), dtype=np.int64)
+    for i, has_values in enumerate(with_values):
+        first = values_start if has_values else start
+        out[i] = -2 if first < 0 else zlib.crc32(raw[i], first)
+    return out
 
 
 def record_crc(row_checksum: int, columns: Iterable[np.ndarray]) -> int:
-    """CRC-32 of a whole record: :func:`row_crc` continued over its data, in column order ``bits,
+    """CRC-32 of a whole record: its row's checksum (:func:`row_crcs`) continued over its data, in column order ``bits,
     sample_ids, labels[, obs_index][, values]`` (each the record's slice, dtypes of
     :data:`COLUMN_DTYPES`, C order). Checked when the record is read."""
     crc = row_checksum
     for column in columns:
         crc = crc_update(crc, column)
     return crc
-
-
-def row_bytes(row: np.ndarray) -> bytes:
-    """A records-table row as the checksums see it: little-endian, checksum fields set to 0."""
-    plain = np.zeros(1, dtype=RECORD_DTYPE)
-    plain[0] = row  # a copy: a numpy void scalar may be a view into its table
-    for name in _CRC_FIELDS:
-        plain[name] = 0
-    return plain.tobytes()
 
 
 def crc_update(crc: int, array: np.ndarray | bytes) -> int:

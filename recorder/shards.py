@@ -591,24 +591,36 @@ class ShardWriter:
             targets[name].next_row if name in targets else 0
             for name in (schema.BITS, schema.SAMPLE_IDS, schema.OBS_INDEX, schema.VALUES)
         )
+        def starts(first: int, counts: list[int], present: list[bool]) -> np.ndarray:
+            offsets = first + np.cumsum([0] + counts[:-1], dtype=np.int64)
+            return np.where(present, offsets, -1)
+
+        records = [item.record for item in items]
+        rows = [len(item.bits) for item in items]
+        samples = [rec.n_samples for rec in records]
+        has_obs = [item.obs_index is not None for item in items]
+        has_values = [item.values is not None for item in items]
         entries = np.zeros(len(items), dtype=schema.RECORD_DTYPE)
-        plain = schema.site_header(meta.site, meta.pattern, meta.n_units, None)
-        with_values = schema.site_header(meta.site, meta.pattern, meta.n_units, meta.value_units)
-        for entry, item in zip(entries, items):
-            rec = item.record
-            entry["step"], entry["epoch"], entry["split"] = rec.step, rec.epoch, rec.split.encode()
-            entry["row_start"], entry["row_count"] = row, len(item.bits)
-            entry["sample_start"], entry["sample_count"] = sample, rec.n_samples
-            entry["obs_start"] = -1 if item.obs_index is None else obs
-            entry["value_start"] = -1 if item.values is None else value
-            entry["n_positions"], entry["nan_count"] = rec.n_positions, item.nan_count
-            data = [item.bits, item.sample_ids, item.labels]
-            data += [a for a in (item.obs_index, item.values) if a is not None]
-            entry["row_crc32"] = schema.row_crc(plain if item.values is None else with_values, entry)
-            entry["crc32"] = schema.record_crc(int(entry["row_crc32"]), data)
-            row, sample = row + len(item.bits), sample + rec.n_samples
-            obs += 0 if item.obs_index is None else len(item.obs_index)
-            value += 0 if item.values is None else len(item.values)
+        entries["step"] = [rec.step for rec in records]
+        entries["epoch"] = [rec.epoch for rec in records]
+        entries["split"] = [rec.split.encode() for rec in records]
+        entries["row_start"], entries["row_count"] = starts(row, rows, [True] * len(items)), rows
+        entries["sample_start"], entries["sample_count"] = starts(sample, samples, [True] * len(items)), samples
+        entries["obs_start"] = starts(obs, [n if o else 0 for n, o in zip(rows, has_obs)], has_obs)
+        entries["value_start"] = starts(value, [n if v else 0 for n, v in zip(rows, has_values)], has_values)
+        entries["n_positions"] = [rec.n_positions for rec in records]
+        entries["nan_count"] = [item.nan_count for item in items]
+        row_crcs = schema.row_crcs(
+            entries,
+            schema.site_header(meta.site, meta.pattern, meta.n_units, None),
+            schema.site_header(meta.site, meta.pattern, meta.n_units, meta.value_units) if any(has_values) else None,
+        )
+        entries["row_crc32"] = row_crcs
+        entries["crc32"] = [
+            schema.record_crc(row_crc, [item.bits, item.sample_ids, item.labels]
+                              + [a for a in (item.obs_index, item.values) if a is not None])  # fmt: skip
+            for row_crc, item in zip(row_crcs.tolist(), items)
+        ]
         for name, target in targets.items():
             self._append_parts(target, name, columns[name])
         return shard.column(meta, schema.RECORDS, self._codec), entries

@@ -441,3 +441,62 @@ def test_verify_checks_every_record_without_reading_it_first(tmp_path):
     assert run.corrupt_records == 0  # nothing read yet
     (loss,) = run.verify()
     assert (loss.step, loss.kind, run.corrupt_records) == (1, "corrupt", 1)
+
+
+def test_every_row_and_record_checksum_matches_an_independent_computation(tmp_path, monkeypatch):
+    """Records with and without values and subsampling, several per block, over several blocks."""
+    import zlib
+
+    from actpat.recorder import shards
+
+    monkeypatch.setattr(shards, "_WRITE_SECONDS", 3600.0)
+    meta = SiteMeta("conv/relu", 0, "ReLU", (11, 2), 11, "channel", value_units=(0, 4, 9))
+    rng = np.random.default_rng(7)
+    sent = []
+    for step in range(9):
+        n, positions = 3 + step % 4, 2
+        bits = rng.integers(0, 256, (n * positions, 2), dtype=np.uint8) & np.array([255, 7], dtype=np.uint8)
+        obs = np.sort(rng.choice(n * positions, n * positions - 2, replace=False)) if step % 3 == 2 else None
+        kept = bits if obs is None else bits[obs]
+        values = rng.standard_normal((len(kept), 3)).astype(np.float16) if step % 2 else None
+        sent.append(Record(meta, step, 1, "train", kept, positions, n, step % 2, sample_ids=np.arange(n) + 100 * step,
+                           labels=np.arange(n) % 4, obs_index=obs, values=values))  # fmt: skip
+    monkeypatch.setattr(shards, "_WRITE_BYTES", sum(r.nbytes for r in sent[:4]))  # blocks of 4, 4 and 1
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for record in sent:
+        writer.put(record)
+    writer.close()
+    with h5py.File(writer.finalized[0], "r") as handle:
+        group = handle["sites"]["conv%2Frelu"]
+        table = group["records"][:]
+        columns = {name: group[name][:] for name in ("bits", "sample_ids", "labels", "obs_index", "values")}
+    assert len(table) == len(sent)
+    for row, record in zip(table, sent):
+        header = b"actpat-record\0conv/relu\0channel\0" + (11).to_bytes(8, "little")
+        if record.values is not None:
+            header += b"".join(u.to_bytes(8, "little") for u in (0, 4, 9))
+        plain = np.array([row], dtype=table.dtype)
+        plain["row_crc32"] = plain["crc32"] = 0
+        assert zlib.crc32(plain.tobytes(), zlib.crc32(header)) == row["row_crc32"]
+        data = [columns["bits"][row["row_start"] : row["row_start"] + row["row_count"]],
+                columns["sample_ids"][row["sample_start"] : row["sample_start"] + row["sample_count"]],
+                columns["labels"][row["sample_start"] : row["sample_start"] + row["sample_count"]]]  # fmt: skip
+        np.testing.assert_array_equal(data[0], record.bits)
+        np.testing.assert_array_equal(data[1], record.sample_ids)
+        if record.obs_index is not None:
+            data.append(columns["obs_index"][row["obs_start"] : row["obs_start"] + row["row_count"]])
+            np.testing.assert_array_equal(data[-1], record.obs_index)
+        else:
+            assert row["obs_start"] == -1
+        if record.values is not None:
+            data.append(columns["values"][row["value_start"] : row["value_start"] + row["row_count"]])
+            np.testing.assert_array_equal(data[-1], record.values)
+        else:
+            assert row["value_start"] == -1
+        crc = int(row["row_crc32"])
+        for array in data:
+            crc = zlib.crc32(np.ascontiguousarray(array).tobytes(), crc)
+        assert crc == row["crc32"]
+        assert (row["step"], row["epoch"], row["nan_count"], row["n_positions"]) == (record.step, 1, record.step % 2, 2)
+    assert open_run(tmp_path).verify() == []
