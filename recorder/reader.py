@@ -370,6 +370,10 @@ class Run:
         one (a crash) is skipped with a warning and listed in :attr:`losses`."""
         parsed = schema.parse_shard_name(path.name)
         rank, index, partial = parsed if parsed else (-1, -1, path.name.endswith(schema.PARTIAL_SUFFIX))
+        if partial and _is_empty(path):
+            reason = "it is empty: its writer stopped before the first block reached the disk"
+            self._lose(Loss(path, reason, rank, index, kind="unwritten"))
+            return
         try:
             handle = schema.open_for_reading(path)
         except OSError as exc:
@@ -423,9 +427,14 @@ class Run:
         shard_id = len(self._shards)
         # Index the whole file before keeping anything of it, so a failure leaves no half shard.
         infos, entries, losses = {}, [], []
-        sites = handle.get(schema.SITES_GROUP)
-        if not isinstance(sites, h5py.Group):
+        if schema.SITES_GROUP not in handle:
             raise ValueError(f"it has no {schema.SITES_GROUP!r} group")
+        try:
+            sites = handle[schema.SITES_GROUP]
+        except Exception as exc:  # noqa: BLE001 - HDF5's reason (a failed metadata checksum, typically)
+            raise ValueError(f"its {schema.SITES_GROUP!r} group cannot be read ({_short(exc)})") from exc
+        if not isinstance(sites, h5py.Group):
+            raise ValueError(f"its {schema.SITES_GROUP!r} is not a group")
         for key in sites:
             try:
                 self._index_site(sites[key], key, shard, shard_id, infos, entries, losses)
@@ -1014,6 +1023,13 @@ def _valid_rows(table: np.ndarray, extents: dict[str, int], has_values: bool) ->
     splits = table["split"]
     ok &= np.array([_decodes(s) for s in splits], dtype=bool) if len(splits) else np.zeros(0, bool)
     return ok
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False  # opening it says why
 
 
 def _decodes(split: bytes) -> bool:

@@ -370,3 +370,29 @@ def test_open_run_and_plain_h5py_open_the_same_shard_in_one_process(tmp_path):
     with h5py.File(shard, "r") as handle:  # and the reverse: the run opened while h5py holds it
         np.testing.assert_array_equal(open_run(tmp_path).read("1", 0).bits, expected)
         assert "sites" in handle
+
+
+def test_an_empty_partial_shard_is_reported_as_never_written_not_as_damaged(tmp_path, caplog):
+    _write_run(tmp_path, [0])
+    empty = tmp_path / schema.shard_name(0, 1, partial=True)  # a writer killed before its first block
+    empty.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    (loss,) = run.losses
+    assert loss.path == empty and loss.kind == "unwritten" and "empty" in loss.reason
+    assert not any("damaged" in r.getMessage() for r in caplog.records)
+    assert run.steps("1").tolist() == [0]
+
+
+def test_a_finalized_shard_whose_sites_group_fails_its_checksum_is_named_with_that_cause(tmp_path):
+    _write_run(tmp_path, [0])
+    (shard,) = tmp_path.glob("*.h5")
+    with h5py.File(shard, "r") as handle:
+        address = h5py.h5g.get_objinfo(handle.id, schema.SITES_GROUP.encode()).objno[0]
+    data = bytearray(shard.read_bytes())
+    data[address + 8] ^= 0x20  # inside the group's object header: HDF5's metadata checksum fails
+    shard.write_bytes(data)
+    with h5py.File(shard, "r") as handle:
+        assert schema.SITES_GROUP in handle
+    with pytest.raises(ShardFormatError, match=r"'sites' group cannot be read \(.*checksum"):
+        open_run(tmp_path)
