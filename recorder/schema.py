@@ -260,8 +260,8 @@ def row_crcs(table: np.ndarray, header: bytes, values_header: bytes | None = Non
 
 
 def record_crc(row_checksum: int, columns: Iterable[np.ndarray]) -> int:
-    """CRC-32 of a whole record: its row's checksum (:func:`row_crcs`) continued over its data, in column order ``bits,
-    sample_ids, labels[, obs_index][, values]`` (each the record's slice, dtypes of
+    """CRC-32 of a whole record: its row's checksum (:func:`row_crcs`) continued over its data, in
+    column order ``bits, sample_ids, labels[, obs_index][, values]`` (each the record's slice, dtypes of
     :data:`COLUMN_DTYPES`, C order). Checked when the record is read."""
     crc = row_checksum
     for column in columns:

@@ -591,10 +591,6 @@ class ShardWriter:
             targets[name].next_row if name in targets else 0
             for name in (schema.BITS, schema.SAMPLE_IDS, schema.OBS_INDEX, schema.VALUES)
         )
-        def starts(first: int, counts: list[int], present: list[bool]) -> np.ndarray:
-            offsets = first + np.cumsum([0] + counts[:-1], dtype=np.int64)
-            return np.where(present, offsets, -1)
-
         records = [item.record for item in items]
         rows = [len(item.bits) for item in items]
         samples = [rec.n_samples for rec in records]
@@ -604,10 +600,10 @@ class ShardWriter:
         entries["step"] = [rec.step for rec in records]
         entries["epoch"] = [rec.epoch for rec in records]
         entries["split"] = [rec.split.encode() for rec in records]
-        entries["row_start"], entries["row_count"] = starts(row, rows, [True] * len(items)), rows
-        entries["sample_start"], entries["sample_count"] = starts(sample, samples, [True] * len(items)), samples
-        entries["obs_start"] = starts(obs, [n if o else 0 for n, o in zip(rows, has_obs)], has_obs)
-        entries["value_start"] = starts(value, [n if v else 0 for n, v in zip(rows, has_values)], has_values)
+        entries["row_start"], entries["row_count"] = _starts(row, rows), rows
+        entries["sample_start"], entries["sample_count"] = _starts(sample, samples), samples
+        entries["obs_start"] = _starts(obs, [n * o for n, o in zip(rows, has_obs)], has_obs)
+        entries["value_start"] = _starts(value, [n * v for n, v in zip(rows, has_values)], has_values)
         entries["n_positions"] = [rec.n_positions for rec in records]
         entries["nan_count"] = [item.nan_count for item in items]
         row_crcs = schema.row_crcs(
@@ -900,6 +896,12 @@ class _Buffered:
     obs_index: np.ndarray | None
     values: np.ndarray | None
     nan_count: int
+
+
+def _starts(first: int, counts: list[int], present: list[bool] | None = None) -> np.ndarray:
+    """Where each of consecutive runs of ``counts`` rows from row ``first`` on starts; -1 where not ``present``."""
+    offsets = first + np.cumsum([0] + counts[:-1], dtype=np.int64)
+    return offsets if present is None else np.where(present, offsets, -1)
 
 
 class _Column:

@@ -59,7 +59,7 @@ def test_a_crash_after_any_write_keeps_every_block_flushed_before_it(
     # Small chunks: every block also fills chunks and starts new ones.
     monkeypatch.setattr(schema, "CHUNK_BYTES", chunk_bytes)
     steps_per_block = 2
-    writes, committed = _write_logged(tmp_path, monkeypatch, rel, compression, blocks=10, steps_per_block=steps_per_block)
+    writes, committed = _write_logged(tmp_path, monkeypatch, rel, compression, 10, steps_per_block)
     assert len(writes) > committed[0] + 50  # enough crash points to mean something
     image = bytearray()
     name = schema.shard_name(0, 0, partial=True)
