@@ -12,11 +12,11 @@ import pytest
 from actpat.recorder import open_run
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_sigkill_leaves_only_exact_or_reported_records(seed, tmp_path, writer_child, rel, caplog):
+@pytest.mark.parametrize(("seed", "compression"), [(s, None) for s in range(8)] + [(s, "gzip") for s in range(8, 12)])
+def test_sigkill_leaves_only_exact_or_reported_records(seed, compression, tmp_path, writer_child, rel, caplog):
     out, log = tmp_path / "run", tmp_path / "sent.txt"
     # Blocks every 10 ms and shards of ~40 KB: kills land inside block writes, flushes and finalizes.
-    argv = writer_child(out, log, write_seconds=0.01, max_shard_bytes=40_000)
+    argv = writer_child(out, log, write_seconds=0.01, max_shard_bytes=40_000, compression=compression)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "started", proc.stderr.read()[-2000:]
