@@ -15,6 +15,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -27,7 +28,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from actpat.recorder import schema, superblock
+from actpat.recorder import schema
+from actpat.recorder.fileobj import FileAt
 from actpat.recorder.schema import SiteMeta
 
 try:  # POSIX; elsewhere only writers within one process are kept apart
@@ -138,8 +140,8 @@ class ShardWriter:
     Notes
     -----
     Memory: records waiting in the queue (at most ``max_queue_bytes``, or one record larger than that),
-    the block being written (at most ``16 MiB`` plus one record), staging buffers reused across blocks
-    (at most ``8 MiB``) and HDF5's caches (one ``64 KiB`` chunk per open dataset, at most five per site,
+    the block being written (at most ``16 MiB`` plus one record), one staging buffer that every column
+    shares, reused across blocks (at most ``8 MiB``) and HDF5's caches (one ``64 KiB`` chunk per open dataset, at most five per site,
     and up to ``4 MiB`` of file metadata): ``max_queue_bytes + 28 MiB + 320 KiB`` per site in all, plus
     the largest record. ``bench/writer_rss.py`` measures the resident memory under ``block``
     backpressure against this bound.
@@ -199,7 +201,7 @@ class ShardWriter:
         self._pending_bytes = 0
         self._pending_since = 0.0
         self._next_index = 0
-        self._staging: dict[str, np.ndarray] = {}
+        self._staging = np.empty(0, dtype=np.uint8)
 
     # ------------------------------------------------------------------ producer side
     def start(self) -> None:
@@ -585,8 +587,9 @@ class ShardWriter:
         # Optional columns are created by the first record that carries them, in every shard.
         targets = {name: shard.column(meta, name, self._codec) for name, parts in columns.items()
                    if parts or name not in schema.OPTIONAL_COLUMNS}  # fmt: skip
-        for target in targets.values():
-            target.begin_block()
+        for name, target in targets.items():
+            if any(len(part) for part in columns[name]):  # a column that gets no row keeps its place
+                target.begin_block()
         row, sample, obs, value = (
             targets[name].next_row if name in targets else 0
             for name in (schema.BITS, schema.SAMPLE_IDS, schema.OBS_INDEX, schema.VALUES)
@@ -602,8 +605,11 @@ class ShardWriter:
         entries["split"] = [rec.split.encode() for rec in records]
         entries["row_start"], entries["row_count"] = _starts(row, rows), rows
         entries["sample_start"], entries["sample_count"] = _starts(sample, samples), samples
-        entries["obs_start"] = _starts(obs, [n * o for n, o in zip(rows, has_obs)], has_obs)
-        entries["value_start"] = _starts(value, [n * v for n, v in zip(rows, has_values)], has_values)
+        # From each array's own length: a record whose arrays disagree fails its own checksum only.
+        entries["obs_start"] = _starts(obs, [0 if item.obs_index is None else len(item.obs_index) for item in items],
+                                       has_obs)  # fmt: skip
+        entries["value_start"] = _starts(value, [0 if item.values is None else len(item.values) for item in items],
+                                         has_values)  # fmt: skip
         entries["n_positions"] = [rec.n_positions for rec in records]
         entries["nan_count"] = [item.nan_count for item in items]
         row_crcs = schema.row_crcs(
@@ -618,22 +624,22 @@ class ShardWriter:
             for row_crc, item in zip(row_crcs.tolist(), items)
         ]
         for name, target in targets.items():
-            self._append_parts(target, name, columns[name])
+            self._append_parts(target, columns[name])
         return shard.column(meta, schema.RECORDS, self._codec), entries
 
-    def _append_parts(self, target: _Column, name: str, parts: list[np.ndarray]) -> None:
-        total = sum(len(p) for p in parts)
-        row_bytes = parts[0].nbytes // max(1, len(parts[0])) if len(parts[0]) else 0
-        if len(parts) == 1 or total * row_bytes > _STAGING_BYTES:
+    def _append_parts(self, target: _Column, parts: list[np.ndarray]) -> None:
+        first = parts[0]
+        total = sum(len(part) for part in parts)
+        nbytes = total * first.dtype.itemsize * math.prod(first.shape[1:])
+        if len(parts) == 1 or nbytes > _STAGING_BYTES:
             for part in parts:
                 target.append(part)
             return
-        # Concatenate into a buffer kept across blocks: no fresh multi-megabyte allocation per block.
-        shape = (total,) + parts[0].shape[1:]
-        buffer = self._staging.get(name)
-        if buffer is None or buffer.size < int(np.prod(shape)):
-            buffer = self._staging[name] = np.empty(max(int(np.prod(shape)), 1 << 16), dtype=parts[0].dtype)
-        staged = buffer[: int(np.prod(shape))].reshape(shape)
+        # Concatenated in one byte buffer that every column shares and that is kept across blocks: no
+        # fresh multi-megabyte allocation per block, and at most _STAGING_BYTES of staging in all.
+        if self._staging.size < nbytes:
+            self._staging = np.empty(max(nbytes, 1 << 16), dtype=np.uint8)
+        staged = self._staging[:nbytes].view(first.dtype).reshape((total, *first.shape[1:]))
         np.concatenate(parts, out=staged)
         target.append(staged)
 
@@ -709,7 +715,7 @@ class _Shard:
         self.guarded.abort()
 
 
-class _GuardedFile(superblock.FileAt):
+class _GuardedFile(FileAt):
     """The file object h5py writes a shard through (its ``fileobj`` driver).
 
     HDF5 reports some write errors only through its close, or as "Exception ignored" when a handle is
@@ -899,7 +905,8 @@ class _Buffered:
 
 
 def _starts(first: int, counts: list[int], present: list[bool] | None = None) -> np.ndarray:
-    """Where each of consecutive runs of ``counts`` rows from row ``first`` on starts; -1 where not ``present``."""
+    """The first row (int64, one per record) of consecutive runs of ``counts`` rows appended from row
+    ``first`` on; -1 where not ``present``."""
     offsets = first + np.cumsum([0] + counts[:-1], dtype=np.int64)
     return offsets if present is None else np.where(present, offsets, -1)
 

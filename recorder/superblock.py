@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from actpat.recorder.fileobj import FileAt
+
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 SIZE = 48
 _EOA = slice(28, 36)
@@ -67,47 +69,6 @@ def raised_eoa(path: str | os.PathLike) -> bytes | None:
         return None
     raised = head[: _EOA.start] + size.to_bytes(8, "little") + head[_EOA.stop : _CHECKSUM.start]
     return raised + lookup3(raised).to_bytes(4, "little")
-
-
-class FileAt:
-    """The reading half of a file object for h5py's file-object driver: a descriptor read at a position
-    kept here (``pread``, so nothing else moves it)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.pos = 0
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET:
-            self.pos = offset
-        elif whence == os.SEEK_CUR:
-            self.pos += offset
-        else:
-            self.pos = os.fstat(self.fd).st_size + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], self.pos + done)
-            if n == 0:  # past the end: HDF5 expects zeros
-                view[done:] = bytes(len(view) - done)
-                break
-            done += n
-        self.pos += len(view)
-        return len(view)
-
-    def read(self, size: int = -1) -> bytes:
-        buffer = bytearray(size)
-        self.readinto(buffer)
-        return bytes(buffer)
 
 
 class WithSuperblock(FileAt):

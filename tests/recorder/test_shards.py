@@ -443,8 +443,10 @@ def test_verify_checks_every_record_without_reading_it_first(tmp_path):
     assert (loss.step, loss.kind, run.corrupt_records) == (1, "corrupt", 1)
 
 
-def test_every_row_and_record_checksum_matches_an_independent_computation(tmp_path, monkeypatch):
-    """Records with and without values and subsampling, several per block, over several blocks."""
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_every_row_and_record_checksum_matches_an_independent_computation(compression, tmp_path, monkeypatch):
+    """Records with and without values and subsampling, several per block, over several blocks; the
+    subsampling index first appears in the second block (a column created mid-shard)."""
     import zlib
 
     from actpat.recorder import shards
@@ -456,13 +458,13 @@ def test_every_row_and_record_checksum_matches_an_independent_computation(tmp_pa
     for step in range(9):
         n, positions = 3 + step % 4, 2
         bits = rng.integers(0, 256, (n * positions, 2), dtype=np.uint8) & np.array([255, 7], dtype=np.uint8)
-        obs = np.sort(rng.choice(n * positions, n * positions - 2, replace=False)) if step % 3 == 2 else None
+        obs = np.sort(rng.choice(n * positions, n * positions - 2, replace=False)) if step in (5, 6, 8) else None
         kept = bits if obs is None else bits[obs]
         values = rng.standard_normal((len(kept), 3)).astype(np.float16) if step % 2 else None
         sent.append(Record(meta, step, 1, "train", kept, positions, n, step % 2, sample_ids=np.arange(n) + 100 * step,
                            labels=np.arange(n) % 4, obs_index=obs, values=values))  # fmt: skip
     monkeypatch.setattr(shards, "_WRITE_BYTES", sum(r.nbytes for r in sent[:4]))  # blocks of 4, 4 and 1
-    writer = ShardWriter(tmp_path)
+    writer = ShardWriter(tmp_path, compression=compression)
     writer.start()
     for record in sent:
         writer.put(record)
@@ -500,3 +502,47 @@ def test_every_row_and_record_checksum_matches_an_independent_computation(tmp_pa
         assert crc == row["crc32"]
         assert (row["step"], row["epoch"], row["nan_count"], row["n_positions"]) == (record.step, 1, record.step % 2, 2)
     assert open_run(tmp_path).verify() == []
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_a_block_whose_only_record_has_no_rows_reads_back(compression, tmp_path, monkeypatch):
+    from actpat.recorder import shards
+
+    monkeypatch.setattr(shards, "_WRITE_SECONDS", 0.0)  # every record its own block
+    writer = ShardWriter(tmp_path, compression=compression)
+    writer.start()
+    writer.put(_record(0, rows=100))
+    deadline = time.monotonic() + 10
+    while writer.written_records < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writer.put(_record(1, rows=0))
+    writer.close()
+    run = open_run(tmp_path)
+    assert run.verify() == [] and run.steps("a/b").tolist() == [0, 1]
+    np.testing.assert_array_equal(run.read("a/b", 0).bits, _record(0, rows=100).bits)
+    assert len(run.read("a/b", 1)) == 0 and run.read("a/b", 1).lost_records == 0
+
+
+def test_staging_stays_within_its_bound_across_columns(tmp_path, monkeypatch):
+    """Columns share one staging buffer: a block of many small records with values stages each column
+    in turn, never more than ``_STAGING_BYTES`` in all."""
+    from actpat.recorder import shards
+
+    monkeypatch.setattr(shards, "_WRITE_SECONDS", 3600.0)
+    monkeypatch.setattr(shards, "_STAGING_BYTES", 64 << 10)
+    meta = SiteMeta("v", 0, "ReLU", (8,), 8, "flat", value_units=tuple(range(8)))
+    rng = np.random.default_rng(3)
+    sent = [Record(meta, step, 0, "train", rng.integers(0, 256, (64, 1), dtype=np.uint8), 1, 64, 0,
+                   labels=np.arange(64) % 3, values=rng.standard_normal((64, 8)).astype(np.float16))
+            for step in range(100)]  # fmt: skip
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for record in sent:
+        writer.put(record)
+    writer.close()
+    assert 0 < writer._staging.nbytes <= shards._STAGING_BYTES  # bits 6 KiB, ids and labels 50 KiB, values 100 KiB
+    run = open_run(tmp_path)
+    for record in sent:
+        got = run.read("v", record.step)
+        np.testing.assert_array_equal(got.bits, record.bits)
+        np.testing.assert_array_equal(got.values, record.values)
