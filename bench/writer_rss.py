@@ -6,8 +6,8 @@ channel patterns over 32x32 down to 4x4 positions, labels and sample ids), so th
 and the producer blocks. Each configuration runs in its own process and reports the growth of the
 resident set size (VmRSS, sampled every 5 ms, and VmHWM) over the process's RSS right before the
 writer started, against the writer's documented bound: ``max_queue_bytes`` + the block being written
-(``_WRITE_BYTES``, 16 MiB, plus one record) + reused staging buffers (8 MiB) + HDF5's chunk cache (64 KiB per open dataset,
-up to 5 per site) and metadata cache (4 MiB).
+(``_WRITE_BYTES``, 16 MiB, plus one record) + the reused staging buffer (8 MiB) + HDF5's chunk cache
+(64 KiB per open dataset, up to 5 per site) and metadata cache (4 MiB).
 
 ``ratio`` is the measured growth over that bound (at most 1: the bound holds). Prints one JSON line;
 ``--quick`` runs a tiny configuration for the test suite.

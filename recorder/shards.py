@@ -141,8 +141,9 @@ class ShardWriter:
     -----
     Memory: records waiting in the queue (at most ``max_queue_bytes``, or one record larger than that),
     the block being written (at most ``16 MiB`` plus one record), one staging buffer that every column
-    shares, reused across blocks (at most ``8 MiB``) and HDF5's caches (one ``64 KiB`` chunk per open dataset, at most five per site,
-    and up to ``4 MiB`` of file metadata): ``max_queue_bytes + 28 MiB + 320 KiB`` per site in all, plus
+    shares, reused across blocks (at most ``8 MiB``), and HDF5's caches (one ``64 KiB`` chunk per open
+    dataset, at most five per site, and up to ``4 MiB`` of file metadata): ``max_queue_bytes + 28 MiB +
+    320 KiB`` per site in all, plus
     the largest record. ``bench/writer_rss.py`` measures the resident memory under ``block``
     backpressure against this bound.
     """
@@ -599,17 +600,17 @@ class ShardWriter:
         samples = [rec.n_samples for rec in records]
         has_obs = [item.obs_index is not None for item in items]
         has_values = [item.values is not None for item in items]
+        # From each array's own length: a record whose arrays disagree fails its own checksum only.
+        obs_rows = [len(item.obs_index) if present else 0 for item, present in zip(items, has_obs)]
+        value_rows = [len(item.values) if present else 0 for item, present in zip(items, has_values)]
         entries = np.zeros(len(items), dtype=schema.RECORD_DTYPE)
         entries["step"] = [rec.step for rec in records]
         entries["epoch"] = [rec.epoch for rec in records]
         entries["split"] = [rec.split.encode() for rec in records]
         entries["row_start"], entries["row_count"] = _starts(row, rows), rows
         entries["sample_start"], entries["sample_count"] = _starts(sample, samples), samples
-        # From each array's own length: a record whose arrays disagree fails its own checksum only.
-        entries["obs_start"] = _starts(obs, [0 if item.obs_index is None else len(item.obs_index) for item in items],
-                                       has_obs)  # fmt: skip
-        entries["value_start"] = _starts(value, [0 if item.values is None else len(item.values) for item in items],
-                                         has_values)  # fmt: skip
+        entries["obs_start"] = _starts(obs, obs_rows, has_obs)
+        entries["value_start"] = _starts(value, value_rows, has_values)
         entries["n_positions"] = [rec.n_positions for rec in records]
         entries["nan_count"] = [item.nan_count for item in items]
         row_crcs = schema.row_crcs(
