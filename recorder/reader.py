@@ -515,11 +515,11 @@ class Run:
         for lo in range(0, stored, _INDEX_SLICE):
             table = records[lo : min(stored, lo + _INDEX_SLICE)]
             has_values = shard.version >= 2
-            row_crcs = np.full(len(table), -1, dtype=np.int64)
             if checksummed:  # a row is trusted as an index entry only once its own checksum matches
                 row_crcs = schema.row_crcs(table, headers[False], headers.get(True))
                 sound = row_crcs == table["row_crc32"].astype(np.int64)
             else:
+                row_crcs = np.full(len(table), -1, dtype=np.int64)
                 sound = np.ones(len(table), dtype=bool)
             ok = sound & _valid_rows(table, extents, meta["value_units"] is not None)
             sound_at.append(np.stack([np.flatnonzero(sound) + lo, table["step"][sound].astype(np.int64)], axis=1))
