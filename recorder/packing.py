@@ -199,8 +199,9 @@ def _numpy_packable(z: torch.Tensor) -> bool:
     return (
         z.is_cpu
         and z.dtype in _NUMPY_DTYPES
-        and type(z) is torch.Tensor  # not a subclass (fake, ...) that numpy cannot read; functorch-wrapped
-        # tensors pass this check (same type): the recorder refuses them before packing
+        # Not a subclass (fake, ...) that numpy cannot read. Functorch-wrapped tensors have the plain type
+        # and pass: the recorder refuses them before packing.
+        and type(z) is torch.Tensor
         and not torch.compiler.is_compiling()
     )
 
