@@ -106,9 +106,12 @@ class BatchReader:
             )
             return labels.argmax(1) if isinstance(labels, torch.Tensor) else np.argmax(labels, axis=1)
         if len(shape) != 1:
+            why = ""
+            if len(shape) == 2 and shape[0] == n and shape[1] >= 2:  # the shape of one-hot, not its values
+                why = ", whose rows are not one-hot (one 1 per row): soft or multi-label targets are no classes"
             raise ValueError(
-                f"Expected class labels of shape ({n},) or one-hot ({n}, K), but got shape {shape} from {source}. "
-                f"{fix}"
+                f"Expected class labels of shape ({n},) or one-hot ({n}, K), but got shape {shape} from "
+                f"{source}{why}. {fix}"
             )
         if shape[0] != n:
             raise ValueError(

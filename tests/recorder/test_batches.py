@@ -58,7 +58,7 @@ def test_one_hot_labels_become_class_indices_and_are_noted_once(as_numpy):
     [
         (torch.tensor([0.0, 1.0, 1.0]), r"float labels \(torch.float32\) of shape \(3,\)"),
         (np.array([0.5, 0.2, 0.1]), r"float labels \(float64\) of shape \(3,\)"),
-        (torch.full((3, 4), 0.25), r"shape \(3,\) or one-hot \(3, K\), but got shape \(3, 4\)"),
+        (torch.full((3, 4), 0.25), r"shape \(3,\) or one-hot \(3, K\), but got shape \(3, 4\) .*rows are not one-hot"),
         (torch.tensor([[2], [0], [1]]), r"but got shape \(3, 1\)"),
         (torch.tensor([1, 2]), r"3 for this batch, but got labels of shape \(2,\)"),
         (torch.tensor(1), r"but got shape \(\)"),
