@@ -292,7 +292,10 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             labels = self._reader.labels(batch, self._reader.size(batch))
             stack = contextlib.ExitStack()
             stack.enter_context(
-                self._batch_recorder.capture(step, labels=labels, split=TRAIN_SPLIT, epoch=trainer.current_epoch)
+                self._batch_recorder.capture(
+                    step, labels=labels, split=TRAIN_SPLIT, epoch=trainer.current_epoch,
+                    check=None if self._batch_verified else self._check_first_batch,
+                )
             )
             self._capture, self._capture_step = stack, step
             self._last_batch_step = step
@@ -430,9 +433,11 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         first = "first " if not self._batch_verified else ""
         with self._guard(f"recording the {first}training batch at step {self._capture_step}", "batch"):
             stack.close()
-            if first:
-                self._selection.check("the first recorded training batch")
-                self._batch_verified = True
+            self._batch_verified = True
+
+    def _check_first_batch(self) -> None:
+        # Run by the recorder before the batch's records are written: a `sites` mistake leaves out_dir as it was.
+        self._selection.check("the first recorded training batch")
 
     def _close(self, abandon: bool) -> None:
         """Finalize the shards. When fit is failing anyway (``abandon``), quietly and without waiting for stats."""

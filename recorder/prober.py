@@ -8,6 +8,7 @@ One implementation serves three entry points: a plain PyTorch or Fabric loop cal
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -129,7 +130,8 @@ class Prober:
     **Fail fast.** The first probe (and the check of a resumed prober) raises with the cause and the
     option that fixes it: a probe forward that fails (:class:`ProbeForwardError`), labels of the
     wrong kind, a ``sites`` filter that selects nothing or names no site of the model (the error
-    lists the sites that exist), a model without any activation site.
+    lists the sites that exist; checked on the first batch, before its records are written), a model
+    without any activation site.
 
     References
     ----------
@@ -302,9 +304,14 @@ class Prober:
         try:
             with self._session() as module:
                 recorder = self._recorder_for(module)
+                # The sites are checked after the first batch of the first probe, before its records are
+                # written: a `sites` mistake leaves `out_dir` as it was, so the corrected run can use it.
+                check = functools.partial(self._selection.check, "the first probe") if first else None
                 for batch, ids, labels in self._batches(self._module.device):
-                    with recorder.capture(step, labels=labels, sample_ids=ids, split=PROBE_SPLIT, epoch=epoch):
+                    with recorder.capture(step, labels=labels, sample_ids=ids, split=PROBE_SPLIT, epoch=epoch,
+                                          check=check):
                         self._forward(module, batch)
+                    check = None
         except Exception as exc:
             self._observed.clear()
             if first and self._selection.seen and not isinstance(exc, ProbeForwardError):
@@ -312,8 +319,6 @@ class Prober:
                 if problem is not None:
                     raise problem from exc  # a `sites` mistake explains the failure best
             raise
-        if first:
-            self._selection.check("the first probe")
         self.verified = True
         self._last_probe_step = step
         if self._init_step < 0:

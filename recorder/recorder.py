@@ -208,6 +208,7 @@ class ActivationRecorder:
         sample_ids: Any = None,
         split: str = "train",
         epoch: int = -1,
+        check: Callable[[], None] | None = None,
     ) -> Iterator["ActivationRecorder"]:
         """Record every site call of the forwards run inside this block as time point ``step``.
 
@@ -220,6 +221,10 @@ class ActivationRecorder:
         split : str, default "train"
             Free-form name of what was recorded (``"train"``, ``"probe"``, ...), at most 32 bytes.
         epoch : int, default -1
+        check : callable(), optional
+            Called when the block ends without an error, before its records are queued: an exception
+            from it is raised with none of the capture's records written (a setup check, such as the
+            ``sites`` selection of a first capture, then leaves ``out_dir`` as it was).
 
         Raises
         ------
@@ -241,7 +246,7 @@ class ActivationRecorder:
                 f"{int(step)} would be pooled with that run's. Record into a new `out_dir`, or continue from step "
                 f"{before + 1}."
             )
-        self._context = _Capture(int(step), int(epoch), split, labels, sample_ids)
+        self._context = _Capture(int(step), int(epoch), split, labels, sample_ids, check)
         self._pending.clear()
         self._gathered.clear()
         self._site_called = False
@@ -259,6 +264,10 @@ class ActivationRecorder:
         context, self._context = self._context, None
         self._on_forward_end()  # a forward that raised never ended
         pending, self._gathered = self._gathered, []
+        if not failing and context.error is None:
+            self._check_sites_found()
+            if context.check is not None:
+                context.check()
         try:
             self._hand_over(context, pending)  # the records made before an error are kept
         except Exception:
@@ -273,7 +282,6 @@ class ActivationRecorder:
                 f"Recording step {context.step} failed inside the forward, which itself completed: "
                 f"{context.error!r}. Records of this capture may be incomplete; earlier shards are readable."
             ) from context.error
-        self._check_sites_found()
 
     def _check_sites_found(self) -> None:
         hooks = self._hooks
@@ -447,8 +455,10 @@ class ActivationRecorder:
 class _Capture:
     """Per-capture context: the time point and the per-sample arrays, moved to the host once."""
 
-    def __init__(self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any) -> None:
-        self.step, self.epoch, self.split = step, epoch, split
+    def __init__(
+        self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any, check: Callable[[], None] | None
+    ) -> None:
+        self.step, self.epoch, self.split, self.check = step, epoch, split, check
         self.error: Exception | None = None
         self._raw = (labels, sample_ids)
         self._host: tuple | None = None

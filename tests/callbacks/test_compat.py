@@ -826,7 +826,7 @@ MISTAKES = {
         r"\['net.head.0'\] is not.*\['net.features.2', 'net.head.1'\]",
     ),
     "named_site_does_not_exist_batch_mode": (
-        lambda p: modules(p)["WithForward"](SmallCNN()), None, dict(batch_every_n_steps=1, sites=["relu"]),
+        lambda p: modules(p)["WithForward"](SmallCNN()), None, dict(batch_every_n_steps=1, sites=["net.head.1", "relu"]),
         r"\['relu'\] is not.*first training batch.*\['net.features.2', 'net.head.1'\]",
     ),
     "no_module_forward_runs": (
@@ -856,6 +856,27 @@ def test_setup_mistake_raises_before_the_first_optimizer_step(name, tmp_path):
         fit_trainer.fit(make_model(package), loader)
     assert steps.count == 0, error.value
     assert fit_trainer.global_step == 0
+    assert not list(tmp_path.rglob("*.h5*")), "a setup mistake wrote records"
+
+
+@pytest.mark.parametrize("mode", ["batch", "probe"])
+def test_a_sites_mistake_leaves_out_dir_for_the_corrected_run(package, mode, tmp_path):
+    """A wrong name beside a right one: the first capture's records of the right one are not written."""
+    options = dict(out_dir=tmp_path / "run", live_stats=False)
+    options.update(dict(batch_every_n_steps=1) if mode == "batch" else dict(probe=_tensors(N_PROBE, 1)))
+    wrong = ActivationPatternCallback(**options, sites=["net.features.2", "net.head.0"])
+    with pytest.raises(ValueError, match=r"\['net.head.0'\] is not"):
+        trainer(package, tmp_path, [wrong], max_steps=2).fit(
+            modules(package)["WithForward"](SmallCNN()), _loader(_tensors(32, 0))
+        )
+    assert not list((tmp_path / "run").rglob("*.h5*"))
+    fixed = ActivationPatternCallback(**options, sites=["net.features.2", "net.head.1"])
+    trainer(package, tmp_path, [fixed], max_steps=2).fit(modules(package)["WithForward"](SmallCNN()), _loader(_tensors(32, 0)))
+    split = "train" if mode == "batch" else "probe"
+    run = open_run(tmp_path / "run")
+    assert sorted(run.sites) == ["net.features.2", "net.head.1"]
+    # Batch mode records steps 0 and 1 of max_steps=2; the probe also runs at the end of fit.
+    assert run.steps("net.features.2", split).tolist() == ([0, 1] if mode == "batch" else [0, 1, 2])
 
 
 @pytest.mark.parametrize(

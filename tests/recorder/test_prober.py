@@ -411,3 +411,4 @@ def test_setup_mistakes_raise_at_the_first_probe_with_the_fix(tmp_path, kwargs, 
     with pytest.raises(error, match=message):
         prober.maybe(0)
     prober.close(wait=False)
+    assert not list(tmp_path.rglob("*.h5*")), "a setup mistake wrote records"

@@ -357,6 +357,29 @@ def test_exception_inside_capture_leaves_finalized_readable_shards(tmp_path, tru
         np.testing.assert_array_equal(truth.unpack(run.read("1", step).bits, 10), truth.channel(z))
 
 
+def test_a_failing_check_writes_none_of_its_capture(tmp_path, truth):
+    """``check=`` runs before the capture's records are queued: raising there writes none of them."""
+    model = nn.Sequential(nn.Linear(3, 10), nn.ReLU())
+    taps = truth.Taps(model[1])
+    calls = []
+
+    def refuse():
+        calls.append("refused")
+        raise ValueError("not these sites")
+
+    with ActivationRecorder(model, tmp_path) as rec:
+        with pytest.raises(ValueError, match="not these sites"):
+            with rec.capture(0, check=refuse):
+                model(torch.randn(4, 3))
+        with rec.capture(0, check=lambda: calls.append("passed")):  # the same step again: nothing was written
+            model(torch.randn(4, 3))
+    taps.remove()
+    assert calls == ["refused", "passed"]
+    run = open_run(tmp_path)
+    assert run.steps("1").tolist() == [0]
+    np.testing.assert_array_equal(truth.unpack(run.read("1", 0).bits, 10), truth.channel(taps.inputs[1]))
+
+
 def test_exception_in_training_after_captures(tmp_path, truth):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2))
