@@ -357,7 +357,7 @@ def test_resume_from_state_dict_continues_without_duplicates_and_rereads_referen
     _, second = run(tmp_path / "resumed", range(5, 9), state={**state, "last_probe_step": 2})
     # The record of step 4 is the dead process's: kept, and said so, with the way to keep fits apart.
     (note,) = [r.getMessage() for r in caplog.records if "where this fit resumes" in r.getMessage()]
-    assert "1 step(s) after step 2, where this fit resumes: steps 4 to 4" in note and "another `out_dir`" in note
+    assert "1 step(s) after step 2, where this fit resumes: step 4," in note and "another `out_dir`" in note
     resumed = open_run(tmp_path / "resumed")
     assert resumed.steps("net.6", "probe").tolist() == [0, 2, 4, 6, 8]
     assert len(resumed.read("net.6", 4, "probe")) == N_PROBE  # recorded once, not twice
