@@ -763,8 +763,20 @@ class Run:
         return entries[bisect.bisect_left(steps, step) : bisect.bisect_right(steps, step)]
 
     def _check_site(self, site: str) -> None:
-        if site not in self._info:
-            raise KeyError(f"Expected one of the recorded sites {self.sites}, but got {site!r}.")
+        if site in self._info:
+            return
+        named = [loss for loss in self.losses if loss.site == site]
+        unknown = [loss for loss in self.losses if loss.site is None and loss.kind in ("unreadable", "missing")]
+        if named:
+            why = (f" Its records are in damaged parts of the run: {len(named)} loss(es), the first "
+                   f"{named[0].path.name}: {named[0].reason}. See `losses` (or `actpat info --verify`).")
+        elif unknown:
+            why = (f" {len(unknown)} shard(s) of the run cannot be read or are missing (the first "
+                   f"{unknown[0].path.name}: {unknown[0].reason}); the site may have been recorded there. See "
+                   "`losses` (or `actpat info --verify`).")
+        else:
+            why = ""
+        raise KeyError(f"Expected one of the recorded sites {self.sites}, but got {site!r}.{why}")
 
     # ------------------------------------------------------------------ reading records
     def _empty(self, site: str, e: _Entry) -> Patterns:

@@ -396,3 +396,25 @@ def test_a_finalized_shard_whose_sites_group_fails_its_checksum_is_named_with_th
         assert schema.SITES_GROUP in handle
     with pytest.raises(ShardFormatError, match=r"'sites' group cannot be read \(.*checksum"):
         open_run(tmp_path)
+
+
+def test_a_site_known_only_from_damaged_parts_is_named_as_damaged_not_as_never_recorded(tmp_path):
+    _write_run(tmp_path / "a", [0, 1])
+    with h5py.File(next((tmp_path / "a").glob("*.h5")), "r+") as f:
+        del f[schema.SITES_GROUP]["4"].attrs["n_units"]
+    run = open_run(tmp_path / "a")
+    assert run.sites == ["1"]
+    with pytest.raises(KeyError, match=r"got '4'\. Its records are in damaged parts of the run: 1 loss.*`losses`"):
+        run.read("4", 0)
+    # A shard missing from a rank's numbering: any site may have been there.
+    other = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Identity(), nn.ReLU(), nn.Identity(), nn.Identity())
+    _write_run(tmp_path / "b", [0, 1], model=other)
+    _write_run(tmp_path / "b", [2, 3])
+    (tmp_path / "b" / "patterns-rank000-00000.h5").unlink()
+    run = open_run(tmp_path / "b")
+    assert run.sites == ["1", "4"]
+    with pytest.raises(KeyError, match=r"got '2'\. 1 shard\(s\) of the run cannot be read or are missing.*00000.*may have"):
+        run.steps("2")  # recorded in the deleted shard only
+    _write_run(tmp_path / "c", [0])
+    with pytest.raises(KeyError, match=r"got '3'\.\W*$"):  # a run without losses names no damage
+        open_run(tmp_path / "c").read("3", 0)
