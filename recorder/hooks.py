@@ -4,7 +4,9 @@ Eager models: hooks are installed only while a capture is active, so a forward p
 ``capture()`` runs the model untouched. Module sites are seen through global forward pre-hooks (the
 input arrives before an in-place op can overwrite it); functional calls through a ``TorchFunctionMode``,
 entered on the capturing thread only while a forward of the model runs, so that the loss, backward and
-the optimizer do not pay its Python dispatch on every torch call.
+the optimizer do not pay its Python dispatch on every torch call, and paused inside leaf layers that
+cannot make a functional site call (torch's own layers of the exact type, without hooks of their own,
+and the activation modules, whose own call is the site).
 
 Compiled models (``torch.compile``): dynamo sees only the hooks that exist when it traces a graph and
 does not notice hooks added later. Every module then gets its own pre- and post-hook for the lifetime
@@ -43,6 +45,23 @@ FUNCTIONS: dict[Callable, str] = {
 SiteFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 SiteCallback = Callable[[str, str, torch.Tensor], None]
 
+# Leaf layers of torch whose forward makes no ReLU-family call: the functional-call interceptor is
+# paused inside them (with the activation modules, whose own call is recorded as the module), so their
+# torch calls do not each pass through Python. Exact types only: a subclass may override forward.
+_QUIET_TYPES: frozenset[type[nn.Module]] = frozenset({
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.Softmax, nn.LogSoftmax, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish,
+})
 _WRAPPER = "OptimizedModule"  # torch.compile's module wrapper, named so that torch._dynamo is not imported
 _ABSENT = object()  # no forward in a module's __dict__
 _UNCHANGED = object()  # a forward left as it was
@@ -122,6 +141,12 @@ class SiteHooks:
         self._site_types = {
             id(module): type(module).__name__ for _, module in self._modules if isinstance(module, self.module_types)
         }
+        # Where the interceptor pauses: leaves that make no functional site call of their own.
+        self._quiet = {
+            id(module) for _, module in self._modules
+            if next(module.children(), None) is None and (type(module) in _QUIET_TYPES or id(module) in self._site_types)
+        }
+        self._paused_depth = 0  # the stack depth of the quiet module the interceptor is paused for; 0: none
         self._active = False
         self._stack: list[int] = []
         self._calls: dict[Any, int] = {}
@@ -169,6 +194,7 @@ class SiteHooks:
             ]
         self._stack.clear()
         self._calls.clear()
+        self._paused_depth = 0
         self.forward_seen = self.compiled_elsewhere = False
         self._active = True
         if self.functional:
@@ -196,6 +222,7 @@ class SiteHooks:
         self._handles = []
         self._active = False
         self._stack.clear()
+        self._paused_depth = 0
 
     def remove(self) -> None:
         """Remove every hook, including the lasting hooks of a compiled model (the end of recording)."""
@@ -237,14 +264,33 @@ class SiteHooks:
             return
         if torch._C._current_graph_task_id() != -1:
             return  # a recomputation inside backward (activation checkpointing), not a forward of its own
-        if not self._stack and self._mode is not None and threading.get_ident() == self._mode_thread:
-            self._enter_mode()
+        if self._mode_entered or (not self._stack and self._mode is not None):
+            if threading.get_ident() == self._mode_thread:
+                if self._paused_depth:
+                    self._resume_mode()  # a module called inside a quiet one (unusual): intercepted as before
+                elif not self._stack:
+                    self._enter_mode()
+                self._enter(key, path, self._site_types.get(key), module, args)
+                if key in self._quiet and not (module._forward_pre_hooks or module._forward_hooks):
+                    self._pause_mode()  # (the module's own hooks might make a functional call)
+                return
         self._enter(key, path, self._site_types.get(key), module, args)
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         self._leave(id(module), module, args, output)
+        if self._paused_depth and len(self._stack) < self._paused_depth and threading.get_ident() == self._mode_thread:
+            self._resume_mode()
         if not self._stack:
             self._exit_mode()
+
+    def _pause_mode(self) -> None:
+        if self._mode_entered and _top_mode() is self._mode:
+            torch._C._pop_torch_function_stack()
+            self._paused_depth = len(self._stack)
+
+    def _resume_mode(self) -> None:
+        torch._C._push_on_torch_function_stack(self._mode)
+        self._paused_depth = 0
 
     def _enter_mode(self) -> None:
         if not self._mode_entered:

@@ -143,6 +143,62 @@ def test_functional_interceptor_only_inside_forwards_of_the_model(tmp_path, no_g
     assert open_run(tmp_path).n_observations("1:relu#0") == 2
 
 
+def test_interceptor_pauses_inside_torch_layers_only_where_no_functional_site_can_hide(tmp_path, no_global_hooks, monkeypatch):
+    """Inside torch's own leaf layers (and the activation modules) no torch call passes the interceptor;
+    a subclass with its own forward, a layer with hooks of its own and a module called inside a paused
+    layer still have their functional calls recorded."""
+    from actpat.recorder import hooks as hooks_mod
+
+    seen = []
+    intercept = hooks_mod._FunctionalMode.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", str(func)))
+        return intercept(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(hooks_mod._FunctionalMode, "__torch_function__", counting)
+
+    class ReluConv(nn.Conv2d):  # not the exact type: its forward may do anything
+        def forward(self, x):
+            return F.relu(super().forward(x))
+
+    class Shared(nn.Module):
+        def forward(self, x):
+            return F.relu(x)
+
+    class Act(nn.Module):  # an activation class of the user's (a quiet leaf) that calls a module of the model
+        def __init__(self, shared):
+            super().__init__()
+            object.__setattr__(self, "shared", shared)  # not a child: Act stays a leaf
+
+        def forward(self, x):
+            return self.shared(x)
+
+    shared = Shared()
+    def relu_before(module, args):
+        F.relu(args[0])
+
+    hooked = nn.Conv2d(2, 2, 1)  # functional calls in a layer's own hooks
+    hooked.register_forward_pre_hook(relu_before)
+    hooked.register_forward_hook(lambda module, args, out: F.relu(out))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), ReluConv(2, 2, 1), hooked,
+                          Act(shared), nn.Flatten(), nn.Linear(8, 2), nn.Dropout(0.0), shared)
+    with ActivationRecorder(model, tmp_path, module_types=[Act]) as rec:
+        with rec.capture(0):
+            seen.clear()
+            model(torch.randn(3, 1, 4, 4))
+            quiet = list(seen)
+        sites = rec.sites
+    # The forward hook's call comes after the layer has left the module stack: named after the enclosing module.
+    assert sites == ["2", "3:relu#0", "4:relu#0", "relu#0", "5", "9:relu#0", "9:relu#1"]
+    # Intercepted: ReluConv's calls, the hook's, and those of the module called inside Act; no plain layer's.
+    assert quiet == ["conv2d", "relu", "relu", "conv2d", "relu", "relu", "relu"]
+    assert not {"linear", "batch_norm", "flatten", "dropout"} & set(quiet)
+    run = open_run(tmp_path)
+    rows = {site: run.read(site, 0).bits.shape[0] for site in sites}
+    assert rows == {"2": 12, "3:relu#0": 12, "4:relu#0": 12, "relu#0": 12, "5": 12, "9:relu#0": 12, "9:relu#1": 3}  # 3 samples x positions
+
+
 def test_interceptor_keeps_modes_of_the_forward_threads_and_recomputation_as_they_were(tmp_path, no_global_hooks):
     """What the interceptor's entering and leaving must not disturb (each found broken in a review).
 
