@@ -5,8 +5,8 @@ Eager models: hooks are installed only while a capture is active, so a forward p
 input arrives before an in-place op can overwrite it); functional calls through a ``TorchFunctionMode``,
 entered on the capturing thread only while a forward of the model runs, so that the loss, backward and
 the optimizer do not pay its Python dispatch on every torch call, and paused inside leaf layers that
-cannot make a functional site call (torch's own layers of the exact type, without hooks of their own,
-and the activation modules, whose own call is the site).
+cannot make a functional site call (torch's own layers of the exact type, without hooks or a forward
+set on the instance, and the activation modules, whose own call is the site).
 
 Compiled models (``torch.compile``): dynamo sees only the hooks that exist when it traces a graph and
 does not notice hooks added later. Every module then gets its own pre- and post-hook for the lifetime
@@ -271,8 +271,10 @@ class SiteHooks:
                 elif not self._stack:
                     self._enter_mode()
                 self._enter(key, path, self._site_types.get(key), module, args)
-                if key in self._quiet and not (module._forward_pre_hooks or module._forward_hooks):
-                    self._pause_mode()  # (the module's own hooks might make a functional call)
+                if key in self._quiet and not (
+                    module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__
+                ):
+                    self._pause_mode()  # (its own hooks, or a forward set on the instance, might make one)
                 return
         self._enter(key, path, self._site_types.get(key), module, args)
 

@@ -175,6 +175,9 @@ def test_interceptor_pauses_inside_torch_layers_only_where_no_functional_site_ca
             return self.shared(x)
 
     shared = Shared()
+    patched = nn.Linear(8, 2)
+    plain_forward = patched.forward
+    patched.forward = lambda x: F.relu(plain_forward(x))  # a forward set on the instance of a torch layer
     def relu_before(module, args):
         F.relu(args[0])
 
@@ -182,7 +185,7 @@ def test_interceptor_pauses_inside_torch_layers_only_where_no_functional_site_ca
     hooked.register_forward_pre_hook(relu_before)
     hooked.register_forward_hook(lambda module, args, out: F.relu(out))
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), ReluConv(2, 2, 1), hooked,
-                          Act(shared), nn.Flatten(), nn.Linear(8, 2), nn.Dropout(0.0), shared)
+                          Act(shared), nn.Flatten(), patched, nn.Linear(2, 2), nn.Dropout(0.0), shared)
     with ActivationRecorder(model, tmp_path, module_types=[Act]) as rec:
         with rec.capture(0):
             seen.clear()
@@ -190,13 +193,14 @@ def test_interceptor_pauses_inside_torch_layers_only_where_no_functional_site_ca
             quiet = list(seen)
         sites = rec.sites
     # The forward hook's call comes after the layer has left the module stack: named after the enclosing module.
-    assert sites == ["2", "3:relu#0", "4:relu#0", "relu#0", "5", "9:relu#0", "9:relu#1"]
-    # Intercepted: ReluConv's calls, the hook's, and those of the module called inside Act; no plain layer's.
-    assert quiet == ["conv2d", "relu", "relu", "conv2d", "relu", "relu", "relu"]
-    assert not {"linear", "batch_norm", "flatten", "dropout"} & set(quiet)
+    assert sites == ["2", "3:relu#0", "4:relu#0", "relu#0", "5", "10:relu#0", "7:relu#0", "10:relu#1"]
+    # Intercepted: the calls of ReluConv, of the hooked layer, of the module called inside Act and of the
+    # patched Linear; none of the plain layers' (conv2d, batch_norm, flatten, linear, dropout).
+    assert quiet == ["conv2d", "relu", "relu", "conv2d", "relu", "relu", "linear", "relu", "relu"]
     run = open_run(tmp_path)
     rows = {site: run.read(site, 0).bits.shape[0] for site in sites}
-    assert rows == {"2": 12, "3:relu#0": 12, "4:relu#0": 12, "relu#0": 12, "5": 12, "9:relu#0": 12, "9:relu#1": 3}  # 3 samples x positions
+    assert rows == {"2": 12, "3:relu#0": 12, "4:relu#0": 12, "relu#0": 12, "5": 12, "10:relu#0": 12, "7:relu#0": 3,
+                    "10:relu#1": 3}  # 3 samples x positions
 
 
 def test_interceptor_keeps_modes_of_the_forward_threads_and_recomputation_as_they_were(tmp_path, no_global_hooks):
