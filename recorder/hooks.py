@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals
 from torch.overrides import TorchFunctionMode
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU)
@@ -153,7 +154,8 @@ class SiteHooks:
         self._handles: list = []
         self._mode: _FunctionalMode | None = None
         self._mode_entered = False
-        self._mode_thread: int | None = None  # the capturing thread: the only one whose forwards are intercepted
+        self._thread: int | None = None  # the capturing thread: the only one whose functional calls are intercepted
+        self._elsewhere = threading.local()  # the module stack and call counts of forwards on other threads
         self._installed: list[tuple[nn.Module, list, Any]] = []  # module, hook handles, forward to restore
         self.forward_seen = False  # a forward of the model started since the last attach()
         self.compiled_elsewhere = False  # a torch.compile wrapper of the model ran during the capture
@@ -195,12 +197,13 @@ class SiteHooks:
         self._stack.clear()
         self._calls.clear()
         self._paused_depth = 0
+        self._thread = threading.get_ident()
+        self._elsewhere = threading.local()
         self.forward_seen = self.compiled_elsewhere = False
         self._active = True
         if self.functional:
             _discard_inert_modes()
             self._mode = _FunctionalMode(self)
-            self._mode_thread = threading.get_ident()
             if self.compiled:
                 self._enter_mode()
             # Eager: entered only while a forward of the model runs (_pre_hook, _post_hook). Every torch
@@ -264,26 +267,43 @@ class SiteHooks:
             return
         if torch._C._current_graph_task_id() != -1:
             return  # a recomputation inside backward (activation checkpointing), not a forward of its own
-        if self._mode_entered or (not self._stack and self._mode is not None):
-            if threading.get_ident() == self._mode_thread:
-                if self._paused_depth:
-                    self._resume_mode()  # a module called inside a quiet one (unusual): intercepted as before
-                elif not self._stack:
-                    self._enter_mode()
-                self._enter(key, path, self._site_types.get(key), module, args)
-                if key in self._quiet and not (
-                    module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__
-                ):
-                    self._pause_mode()  # (its own hooks, or a forward set on the instance, might make one)
-                return
+        if threading.get_ident() != self._thread:
+            self._enter_elsewhere(key, path, self._site_types.get(key), args)
+            return
+        if self._mode is not None:
+            if self._paused_depth:
+                self._resume_mode()  # a module called inside a quiet one (unusual): intercepted as before
+            elif not self._stack:
+                self._enter_mode()
         self._enter(key, path, self._site_types.get(key), module, args)
+        if self._mode_entered and key in self._quiet and _may_pause_in(module):
+            self._pause_mode()
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        if threading.get_ident() != self._thread:
+            self._leave_elsewhere(id(module))
+            return
         self._leave(id(module), module, args, output)
-        if self._paused_depth and len(self._stack) < self._paused_depth and threading.get_ident() == self._mode_thread:
+        if self._paused_depth and len(self._stack) < self._paused_depth:
             self._resume_mode()
         if not self._stack:
             self._exit_mode()
+
+    def _enter_elsewhere(self, key: int, path: str, site_type: str | None, args: tuple) -> None:
+        # A forward on another thread: its module sites only, named by that thread's own module stack, which
+        # leaves the capturing thread's stack (names, pauses of the interceptor) untouched.
+        if not self._active:
+            return
+        local = self._elsewhere
+        if not getattr(local, "stack", None):
+            local.stack, local.calls = [], {}
+        local.stack.append(key)
+        self._emit_module(local.calls, key, path, site_type, args)
+
+    def _leave_elsewhere(self, key: int) -> None:
+        stack = getattr(self._elsewhere, "stack", None)
+        if stack and stack[-1] == key:
+            stack.pop()
 
     def _pause_mode(self) -> None:
         if self._mode_entered and _top_mode() is self._mode:
@@ -302,7 +322,7 @@ class SiteHooks:
     def _exit_mode(self) -> None:
         # Popping takes whatever mode is on top: only ours, and only on the thread that pushed it. A mode
         # someone pushed above ours and left there keeps ours below it (harmless: no site outside a capture).
-        if self._mode_entered and threading.get_ident() == self._mode_thread and _top_mode() is self._mode:
+        if self._mode_entered and threading.get_ident() == self._thread and _top_mode() is self._mode:
             self._mode_entered = False
             self._mode.__exit__(None, None, None)
 
@@ -315,9 +335,12 @@ class SiteHooks:
             self._calls.clear()  # a new top-level forward: call indices restart
             self.forward_seen = True
         self._stack.append(key)
+        self._emit_module(self._calls, key, path, site_type, args)
+
+    def _emit_module(self, calls: dict, key: int, path: str, site_type: str | None, args: tuple) -> None:
         if site_type is not None and args and isinstance(args[0], torch.Tensor):
-            k = self._calls.get(key, 0)
-            self._calls[key] = k + 1
+            k = calls.get(key, 0)
+            calls[key] = k + 1
             self._emit(path if k == 0 else f"{path}#{k}", site_type, args[0])
 
     def _leave(self, key: int, module: nn.Module, args: tuple, output: object) -> None:
@@ -362,6 +385,15 @@ class SiteHooks:
         if selected is None:
             selected = self._selected_cache[name] = bool(self._selected(name))
         return selected
+
+
+def _may_pause_in(module: nn.Module) -> bool:
+    """Whether nothing but the module's own forward runs during its call: no hooks of its own, no forward
+    set on the instance, no global forward hooks but the capture's own pair (any might call F.relu)."""
+    return not (
+        module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__
+        or len(_module_globals._global_forward_pre_hooks) > 1 or len(_module_globals._global_forward_hooks) > 1
+    )
 
 
 def _top_mode() -> Any:

@@ -307,8 +307,9 @@ class ActivationRecorder:
             )
 
     def _on_forward_end(self) -> None:
-        self._gathered.extend(self._pending)
-        self._pending.clear()
+        n = len(self._pending)  # a forward on another thread may append meanwhile: only these n move
+        self._gathered.extend(self._pending[:n])
+        del self._pending[:n]
 
     def _hand_over(self, context: "_Capture", pending: list) -> None:
         """Queue the records of a capture: one hand-off per capture instead of one per site call."""
@@ -328,8 +329,8 @@ class ActivationRecorder:
             self._on_site_traced(name, module_type, z)
             return
         context = self._context
-        if context.error is not None:
-            return
+        if context is None or context.error is not None:
+            return  # None: a forward on another thread that outlasted the capture
         try:
             record = self._record(context, name, module_type, z)
         except Exception as exc:  # noqa: BLE001 - raised when the capture ends, never inside the forward

@@ -248,7 +248,7 @@ def test_interceptor_keeps_modes_of_the_forward_threads_and_recomputation_as_the
 
     with ActivationRecorder(model, tmp_path) as rec:
         with rec.capture(0):
-            thread = threading.Thread(target=other_thread)  # before the forward: the site stack is shared
+            thread = threading.Thread(target=other_thread)
             thread.start()
             thread.join()
             out = model(x)
@@ -263,6 +263,66 @@ def test_interceptor_keeps_modes_of_the_forward_threads_and_recomputation_as_the
     for site in ("a.act", "b.act"):  # module sites: every thread's forwards, but not b's recomputation in backward
         assert run.n_observations(site) == 3 + 50 * 2, site
     np.testing.assert_array_equal(run.read("relu#0", 0).unpack(), (out.detach() > 0).numpy())  # relu(z) > 0 iff z > 0
+
+
+def test_forwards_on_another_thread_during_captures_leave_the_capturing_threads_records_exact(
+    tmp_path, no_global_hooks, truth
+):
+    """Another thread's forwards of the same model, running while the capturing thread's forwards run,
+    neither rename nor drop the capturing thread's functional sites (each thread keeps its own module
+    stack); their module sites are recorded besides, named as in a forward of their own."""
+    import copy
+    import threading
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(F.relu(self.conv(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    twin = copy.deepcopy(model)  # the truth: the conv outputs of the capturing thread's inputs
+    taps = [truth.Taps(twin[i].act) for i in (0, 1)]  # act's input is relu(conv(x)): same sign pattern
+    xs = [torch.randn(3, 2, 5, 5) for _ in range(6)]
+    stop, errors, others = threading.Event(), [], [0]
+
+    def other_thread():
+        try:
+            while not stop.is_set():
+                with torch.no_grad():
+                    model(torch.randn(1, 2, 5, 5))
+                others[0] += 1
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    with ActivationRecorder(model, tmp_path) as rec:
+        thread.start()
+        try:
+            for step, x in enumerate(xs):
+                with rec.capture(step):
+                    for _ in range(20):  # many forwards, so that the threads interleave
+                        model(x)
+                twin(x)
+        finally:
+            stop.set()
+            thread.join()
+    for tap in taps:
+        tap.remove()
+    assert errors == [] and others[0] > 0
+    run = open_run(tmp_path)
+    assert {s for s in run.sites if ":" in s} == {"0:relu#0", "1:relu#0"}  # no name made of another thread's stack
+    assert {s.split("#")[0] for s in run.sites if ":" not in s} == {"0.act", "1.act"}
+    for step in range(len(xs)):
+        for i, site in enumerate(("0:relu#0", "1:relu#0")):
+            bits = run.read(site, step).bits
+            assert bits.shape[0] == 20 * 3 * 25, (site, step)  # the capturing thread's 20 forwards, all of them
+            expected = truth.channel(taps[i].inputs[step])
+            for k in range(20):
+                np.testing.assert_array_equal(truth.unpack(bits[k * 75 : (k + 1) * 75], 2), expected)
 
 
 def test_a_mode_left_open_by_a_forward_neither_doubles_later_records_nor_stays(tmp_path, no_global_hooks):
