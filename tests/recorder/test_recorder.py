@@ -265,6 +265,22 @@ def test_interceptor_keeps_modes_of_the_forward_threads_and_recomputation_as_the
     np.testing.assert_array_equal(run.read("relu#0", 0).unpack(), (out.detach() > 0).numpy())  # relu(z) > 0 iff z > 0
 
 
+def test_a_global_forward_hook_of_the_user_keeps_its_functional_calls_recorded(tmp_path, no_global_hooks):
+    """Global hooks of others run inside every layer's call: the interceptor does not pause for them."""
+    handle = module_mod.register_module_forward_hook(
+        lambda module, args, out: F.relu(out) if isinstance(module, nn.Linear) else None
+    )
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        with ActivationRecorder(model, tmp_path) as rec:
+            with rec.capture(0):
+                model(torch.randn(5, 3))
+    finally:
+        handle.remove()
+    assert sorted(open_run(tmp_path).sites) == ["0:relu#0", "1"]
+    assert open_run(tmp_path).n_observations("0:relu#0") == 5
+
+
 def test_forwards_on_another_thread_during_captures_leave_the_capturing_threads_records_exact(
     tmp_path, no_global_hooks, truth
 ):
