@@ -286,19 +286,25 @@ class ActivationPatternCallback(*CALLBACK_BASES):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self._batch_recorder is None or self._failed or step % self.batch_every_n_steps or step <= self._batch_floor:
+        if self._batch_recorder is None or self._failed:
             return
+        due = not (step % self.batch_every_n_steps or step <= self._batch_floor)
+        if not (due or not self._batch_verified):
+            return
+        # A first batch that is not recorded (a resumed fit) is still checked, recording nothing, so that
+        # a setup mistake stops fit before its first optimizer step here too.
         with self._guard(f"recording the training batch at step {step}", "batch"):
             labels = self._reader.labels(batch, self._reader.size(batch))
             stack = contextlib.ExitStack()
             stack.enter_context(
                 self._batch_recorder.capture(
                     step, labels=labels, split=TRAIN_SPLIT, epoch=trainer.current_epoch,
-                    check=None if self._batch_verified else self._check_first_batch,
+                    check=None if self._batch_verified else self._check_first_batch, record=due,
                 )
             )
             self._capture, self._capture_step = stack, step
-            self._last_batch_step = step
+            if due:
+                self._last_batch_step = step
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         # The forward is over: backward, the optimizer and logging run outside the capture.

@@ -209,6 +209,7 @@ class ActivationRecorder:
         split: str = "train",
         epoch: int = -1,
         check: Callable[[], None] | None = None,
+        record: bool = True,
     ) -> Iterator["ActivationRecorder"]:
         """Record every site call of the forwards run inside this block as time point ``step``.
 
@@ -225,6 +226,9 @@ class ActivationRecorder:
             Called when the block ends without an error, before its records are queued: an exception
             from it is raised with none of the capture's records written (a setup check, such as the
             ``sites`` selection of a first capture, then leaves ``out_dir`` as it was).
+        record : bool, default True
+            False: run the hooks and the checks of a capture (``check``, a model without sites) but
+            record nothing, for a check on a forward that is not recorded (``step`` is then not checked).
 
         Raises
         ------
@@ -239,14 +243,14 @@ class ActivationRecorder:
             raise ValueError(f"Expected `split` to be at most {schema.SPLIT_BYTES} bytes, but got {split!r}.")
         self.open()
         before = self.writer.recorded_before.get(split, -1)
-        if int(step) <= before:
+        if record and int(step) <= before:
             raise ValueError(
                 f"Expected a step after {before} in split {split!r}: rank {self.writer.rank} had recorded up to "
                 f"step {before} in {self.writer.out_dir} before this recorder started, and records of step "
                 f"{int(step)} would be pooled with that run's. Record into a new `out_dir`, or continue from step "
                 f"{before + 1}."
             )
-        self._context = _Capture(int(step), int(epoch), split, labels, sample_ids, check)
+        self._context = _Capture(int(step), int(epoch), split, labels, sample_ids, check, record)
         self._pending.clear()
         self._gathered.clear()
         self._site_called = False
@@ -263,7 +267,7 @@ class ActivationRecorder:
         self._hooks.detach()
         context, self._context = self._context, None
         self._on_forward_end()  # a forward that raised never ended
-        pending, self._gathered = self._gathered, []
+        pending, self._gathered = (self._gathered if context.record else []), []
         if not failing and context.error is None:
             self._check_sites_found()
             if context.check is not None:
@@ -329,7 +333,7 @@ class ActivationRecorder:
             self._on_site_traced(name, module_type, z)
             return
         context = self._context
-        if context is None or context.error is not None:
+        if context is None or context.error is not None or not context.record:
             return  # None: a forward on another thread that outlasted the capture
         try:
             record = self._record(context, name, module_type, z)
@@ -457,9 +461,10 @@ class _Capture:
     """Per-capture context: the time point and the per-sample arrays, moved to the host once."""
 
     def __init__(
-        self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any, check: Callable[[], None] | None
+        self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any, check: Callable[[], None] | None,
+        record: bool,
     ) -> None:
-        self.step, self.epoch, self.split, self.check = step, epoch, split, check
+        self.step, self.epoch, self.split, self.check, self.record = step, epoch, split, check, record
         self.error: Exception | None = None
         self._raw = (labels, sample_ids)
         self._host: tuple | None = None

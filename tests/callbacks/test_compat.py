@@ -646,6 +646,35 @@ def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path)
     assert steps.count == 0
 
 
+def test_a_resumed_batch_only_fit_checks_its_sites_before_its_first_step(package, tmp_path):
+    """The resumed fit's first batches were recorded by the fit it resumes: checked all the same, recording nothing."""
+    pl = importlib.import_module(package)
+    options = dict(out_dir=tmp_path / "run", batch_every_n_steps=1, probe=None, live_stats=False)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=2)
+    torch.manual_seed(0)
+    trainer(package, tmp_path, [ActivationPatternCallback(**options), checkpoints], max_steps=6,
+            enable_checkpointing=True).fit(modules(package)["WithForward"](SmallCNN()), _loader(_tensors(32, 0)))
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    steps = OptimizerSteps(package)
+    wrong = ActivationPatternCallback(**options, sites=["net.features.2", "net.head.0"])
+    with pytest.raises(ValueError, match=r"\['net.head.0'\] is not.*first training batch"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the note that the run holds records after step 2
+            trainer(package, tmp_path, [wrong, steps.callback], max_steps=8).fit(
+                modules(package)["WithForward"](SmallCNN()), _loader(_tensors(32, 0)), ckpt_path=ckpt
+            )
+    assert steps.count == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # nothing written
+    fixed = ActivationPatternCallback(**options, sites=["net.features.2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(package, tmp_path, [fixed], max_steps=8).fit(
+            modules(package)["WithForward"](SmallCNN()), _loader(_tensors(32, 0)), ckpt_path=ckpt
+        )
+    assert open_run(tmp_path / "run").steps("net.features.2", "train").tolist() == list(range(8))
+
+
 def test_single_callback_not_in_a_list_and_its_checkpoint_key(package, tmp_path):
     """Each package's Trainer wraps a lone callback only if it is that package's Callback."""
     pl = importlib.import_module(package)

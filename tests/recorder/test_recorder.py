@@ -509,8 +509,10 @@ def test_a_failing_check_writes_none_of_its_capture(tmp_path, truth):
                 model(torch.randn(4, 3))
         with rec.capture(0, check=lambda: calls.append("passed")):  # the same step again: nothing was written
             model(torch.randn(4, 3))
+        with rec.capture(0, check=lambda: calls.append("checked only"), record=False):  # step 0 is recorded
+            model(torch.randn(4, 3))
     taps.remove()
-    assert calls == ["refused", "passed"]
+    assert calls == ["refused", "passed", "checked only"]
     run = open_run(tmp_path)
     assert run.steps("1").tolist() == [0]
     np.testing.assert_array_equal(truth.unpack(run.read("1", 0).bits, 10), truth.channel(taps.inputs[1]))
