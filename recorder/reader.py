@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -673,6 +673,7 @@ class Run:
             raise KeyError(
                 f"Expected a recorded step of site {site!r} in split {split!r}, but step {step} has no record; "
                 f"recorded steps: {self.steps(site, split).tolist()}."
+                + self._damage_note(site, lambda loss: loss.may_hold(site, split, step) or loss.step is loss.steps is None)
             )
         parts = [p for p in (self._read_entry(site, e) for e in entries) if p is not None]
         patterns = _concat(parts) if parts else self._empty(site, entries[0])
@@ -763,20 +764,25 @@ class Run:
         return entries[bisect.bisect_left(steps, step) : bisect.bisect_right(steps, step)]
 
     def _check_site(self, site: str) -> None:
-        if site in self._info:
-            return
-        named = [loss for loss in self.losses if loss.site == site]
-        unknown = [loss for loss in self.losses if loss.site is None and loss.kind in ("unreadable", "missing")]
+        if site not in self._info:
+            raise KeyError(
+                f"Expected one of the recorded sites {self.sites}, but got {site!r}."
+                + self._damage_note(site, lambda loss: True)
+            )
+
+    def _damage_note(self, site: str, may_hold: Callable[[Loss], bool]) -> str:
+        """Where records asked for may have been lost: losses of ``site`` that ``may_hold`` them, else
+        shards that cannot be read or are missing (any site's records may have been there); "" if none."""
+        named = [loss for loss in self.losses if loss.site == site and may_hold(loss)]
         if named:
-            why = (f" Its records are in damaged parts of the run: {len(named)} loss(es), the first "
-                   f"{named[0].path.name}: {named[0].reason}. See `losses` (or `actpat info --verify`).")
-        elif unknown:
-            why = (f" {len(unknown)} shard(s) of the run cannot be read or are missing (the first "
-                   f"{unknown[0].path.name}: {unknown[0].reason}); the site may have been recorded there. See "
-                   "`losses` (or `actpat info --verify`).")
-        else:
-            why = ""
-        raise KeyError(f"Expected one of the recorded sites {self.sites}, but got {site!r}.{why}")
+            return (f" Records of {site!r} may be in damaged parts of the run: {len(named)} loss(es), the first "
+                    f"{named[0].path.name}: {named[0].reason}. See `losses` (or `actpat info --verify`).")
+        unknown = [loss for loss in self.losses if loss.site is None and loss.kind in ("unreadable", "missing")]
+        if unknown:
+            return (f" {len(unknown)} shard(s) of the run cannot be read or are missing (the first "
+                    f"{unknown[0].path.name}: {unknown[0].reason}); records of {site!r} may have been there. See "
+                    "`losses` (or `actpat info --verify`).")
+        return ""
 
     # ------------------------------------------------------------------ reading records
     def _empty(self, site: str, e: _Entry) -> Patterns:

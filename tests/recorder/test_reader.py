@@ -404,7 +404,7 @@ def test_a_site_known_only_from_damaged_parts_is_named_as_damaged_not_as_never_r
         del f[schema.SITES_GROUP]["4"].attrs["n_units"]
     run = open_run(tmp_path / "a")
     assert run.sites == ["1"]
-    with pytest.raises(KeyError, match=r"got '4'\. Its records are in damaged parts of the run: 1 loss.*`losses`"):
+    with pytest.raises(KeyError, match=r"got '4'\. Records of '4' may be in damaged parts of the run: 1 loss.*`losses`"):
         run.read("4", 0)
     # A shard missing from a rank's numbering: any site may have been there.
     other = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Identity(), nn.ReLU(), nn.Identity(), nn.Identity())
@@ -413,8 +413,10 @@ def test_a_site_known_only_from_damaged_parts_is_named_as_damaged_not_as_never_r
     (tmp_path / "b" / "patterns-rank000-00000.h5").unlink()
     run = open_run(tmp_path / "b")
     assert run.sites == ["1", "4"]
-    with pytest.raises(KeyError, match=r"got '2'\. 1 shard\(s\) of the run cannot be read or are missing.*00000.*may have"):
+    with pytest.raises(KeyError, match=r"got '2'\. 1 shard\(s\) of the run cannot be read or are missing.*00000.*'2' may have"):
         run.steps("2")  # recorded in the deleted shard only
+    with pytest.raises(KeyError, match=r"step 1 has no record; recorded steps: \[2, 3\]\. 1 shard\(s\).*missing"):
+        run.read("1", 1)  # a step of the deleted shard
     _write_run(tmp_path / "c", [0])
     with pytest.raises(KeyError, match=r"got '3'\.\W*$"):  # a run without losses names no damage
         open_run(tmp_path / "c").read("3", 0)
