@@ -568,10 +568,11 @@ def resume_point(
     last = max([checkpoint_step, *recorded])
     if not ahead:
         return last, None
-    which = f"step {ahead[0]}" if len(ahead) == 1 else f"steps {ahead[0]} to {ahead[-1]}"
+    n = len(ahead)
+    which = ", ".join(map(str, ahead)) if n <= 4 else f"{ahead[0]} to {ahead[-1]}"
     note = (
-        f"actpat: {run_dir} holds {split} records at {len(ahead)} step(s) after step {start}, where this fit resumes: "
-        f"{which}, written by the fit that went on from there (killed, or resumed here from an "
+        f"actpat: {run_dir} holds {split} records at {n} step{'s' * (n > 1)} after step {start}, where this fit "
+        f"resumes: step{'s' * (n > 1)} {which}, written by the fit that went on from there (killed, or resumed here from an "
         f"older checkpoint). They are kept (records are never rewritten) and this fit records after step {last}; where "
         "it does not retrace that fit exactly (nondeterministic kernels, other settings), the run holds two "
         "trajectories. To record this fit alone, pass another `out_dir`."

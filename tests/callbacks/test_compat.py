@@ -632,8 +632,8 @@ def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path)
             modules(package)["WithForward"](style.net()), style.train(), ckpt_path=ckpt
         )
     notes = " ".join(str(w.message) for w in caught)
-    assert "probe records at 2 step(s) after step 4, where this fit resumes: steps 6 to 8" in notes
-    assert "train records at 1 step(s) after step 4, where this fit resumes: step 6," in notes
+    assert "probe records at 2 steps after step 4, where this fit resumes: steps 6, 8," in notes
+    assert "train records at 1 step after step 4, where this fit resumes: step 6," in notes
     again = open_run(third.run_dir)
     assert all(again.steps(site, "probe").tolist() == [0, 3, 4, 6, 8] for site in again.sites)
     # A resumed fit's first probe ran before the checkpoint; a mistake is still caught before its first step.

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from actpat.analysis.live import live_measures
 from actpat.recorder import Prober, open_run
 from actpat.recorder.probe_module import ProbeModule
-from actpat.recorder.prober import ProbeForwardError
+from actpat.recorder.prober import ProbeForwardError, resume_point
 
 N_PROBE = 20
 PROBE_BATCH = 8
@@ -357,7 +357,7 @@ def test_resume_from_state_dict_continues_without_duplicates_and_rereads_referen
     _, second = run(tmp_path / "resumed", range(5, 9), state={**state, "last_probe_step": 2})
     # The record of step 4 is the dead process's: kept, and said so, with the way to keep fits apart.
     (note,) = [r.getMessage() for r in caplog.records if "where this fit resumes" in r.getMessage()]
-    assert "1 step(s) after step 2, where this fit resumes: step 4," in note and "another `out_dir`" in note
+    assert "1 step after step 2, where this fit resumes: step 4," in note and "another `out_dir`" in note
     resumed = open_run(tmp_path / "resumed")
     assert resumed.steps("net.6", "probe").tolist() == [0, 2, 4, 6, 8]
     assert len(resumed.read("net.6", 4, "probe")) == N_PROBE  # recorded once, not twice
@@ -412,3 +412,13 @@ def test_setup_mistakes_raise_at_the_first_probe_with_the_fix(tmp_path, kwargs, 
         prober.maybe(0)
     prober.close(wait=False)
     assert not list(tmp_path.rglob("*.h5*")), "a setup mistake wrote records"
+
+
+def test_resume_point_names_the_steps_ahead_of_the_resumed_fit(tmp_path):
+    assert resume_point(tmp_path, "train", 2, recorded=[0, 1, 2]) == (2, None)
+    last, note = resume_point(tmp_path, "train", 2, recorded=[0, 1, 2, 5, 8])
+    assert last == 8 and "train records at 2 steps after step 2, where this fit resumes: steps 5, 8, written" in note
+    last, note = resume_point(tmp_path, "probe", 2, recorded=[0, 2, 3, 4, 5, 6, 9], resume_step=3)
+    assert last == 9 and "probe records at 4 steps after step 3, where this fit resumes: steps 4, 5, 6, 9," in note
+    last, note = resume_point(tmp_path, "probe", 2, recorded=[0, 2, 3, 4, 5, 6, 9])
+    assert "at 5 steps after step 2, where this fit resumes: steps 3 to 9," in note
