@@ -30,7 +30,7 @@ from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
 from actpat.recorder.prober import PROBE_SPLIT, ProbeForwardError, Prober, resume_point
 from actpat.recorder.recorder import ActivationRecorder
-from actpat.recorder.selection import SiteSelection
+from actpat.recorder.selection import SiteSelection, SiteSelectionError
 
 # Either package's Trainer and LightningModule (see actpat.callbacks._lightning).
 Trainer = LightningModule = Any
@@ -233,7 +233,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._prober: Prober | None = None
         self._capture: contextlib.ExitStack | None = None
         self._capture_step = -1
-        self._batch_verified = False
+        self._capture_records = True  # whether the open capture records (False: it only checks)
+        self._batch_checked = False  # a training batch of this fit has passed the setup checks
+        self._batch_verified = False  # a training batch of this fit has been recorded
         self._layout_written: set[int] = set()  # id() of the TensorBoard loggers that have the layout
         self._failed = False
         self._stop_reason: str | None = None
@@ -280,7 +282,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._default_dir = Path(self.out_dir) if self.out_dir is not None else Path(trainer.log_dir) / "activation_patterns"
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._failed, self._stop_reason, self._batch_verified, self._warned = False, None, False, set()
+        self._failed, self._stop_reason, self._warned = False, None, set()
+        self._batch_checked = self._batch_verified = False
         self._start(trainer, pl_module)
         self._probe(trainer)  # "init" before the first optimizer step; a resumed fit checks its probe and goes on
 
@@ -289,7 +292,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         if self._batch_recorder is None or self._failed:
             return
         due = not (step % self.batch_every_n_steps or step <= self._batch_floor)
-        if not (due or not self._batch_verified):
+        if not (due or not self._batch_checked):
             return
         # A first batch that is not recorded (a resumed fit) is still checked, recording nothing, so that
         # a setup mistake stops fit before its first optimizer step here too.
@@ -299,10 +302,10 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             stack.enter_context(
                 self._batch_recorder.capture(
                     step, labels=labels, split=TRAIN_SPLIT, epoch=trainer.current_epoch,
-                    check=None if self._batch_verified else self._check_first_batch, record=due,
+                    check=None if self._batch_checked else self._check_first_batch, record=due,
                 )
             )
-            self._capture, self._capture_step = stack, step
+            self._capture, self._capture_step, self._capture_records = stack, step, due
             if due:
                 self._last_batch_step = step
 
@@ -436,14 +439,17 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         stack, self._capture = self._capture, None
         if stack is None:
             return
-        first = "first " if not self._batch_verified else ""
-        with self._guard(f"recording the {first}training batch at step {self._capture_step}", "batch"):
+        first = "" if self._batch_verified else "first "
+        what = "recording" if self._capture_records else "checking"
+        with self._guard(f"{what} the {first}training batch at step {self._capture_step}", "batch"):
             stack.close()
-            self._batch_verified = True
+            self._batch_checked = True
+            # Only a recorded batch shows that recording works: until then a failure stops fit.
+            self._batch_verified = self._batch_verified or self._capture_records
 
     def _check_first_batch(self) -> None:
         # Run by the recorder before the batch's records are written: a `sites` mistake leaves out_dir as it was.
-        self._selection.check("the first recorded training batch")
+        self._selection.check("the first training batch")
 
     def _close(self, abandon: bool) -> None:
         """Finalize the shards. When fit is failing anyway (``abandon``), quietly and without waiting for stats."""
@@ -472,7 +478,10 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             yield
         except Exception as exc:
             if protocol is not None and not self._verified(protocol):
-                raise self._setup_error(what, exc) from exc
+                error = self._setup_error(what, exc)
+                if error is exc:
+                    raise
+                raise error from exc
             if self.on_error == "raise":
                 raise
             log.debug("actpat: recording error", exc_info=True)
@@ -485,7 +494,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
 
     def _setup_error(self, what: str, exc: Exception) -> Exception:
         """The error to raise for a failure before recording worked: the clearest one about its cause."""
-        if isinstance(exc, ProbeForwardError):
+        if isinstance(exc, (ProbeForwardError, SiteSelectionError)):
             return exc
         if self._selection.seen:  # batch-mode sites ran: a `sites` filter that selects none explains it best
             problem = self._selection.problem(what)

@@ -165,7 +165,7 @@ class SiteHooks:
     @property
     def module_sites(self) -> list[str]:
         """Paths of the modules that are activation sites (functional sites appear only when called)."""
-        return [name for key, name in self._paths.items() if key in self._site_types]
+        return [name or self._site_types[key] for key, name in self._paths.items() if key in self._site_types]
 
     def describe_search(self) -> str:
         """What was searched for, for error messages."""
@@ -341,7 +341,8 @@ class SiteHooks:
         if site_type is not None and args and isinstance(args[0], torch.Tensor):
             k = calls.get(key, 0)
             calls[key] = k + 1
-            self._emit(path if k == 0 else f"{path}#{k}", site_type, args[0])
+            name = path or site_type  # the model itself an activation module: named by its type
+            self._emit(name if k == 0 else f"{name}#{k}", site_type, args[0])
 
     def _leave(self, key: int, module: nn.Module, args: tuple, output: object) -> None:
         if self._active and self._stack and self._stack[-1] == key:

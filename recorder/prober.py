@@ -28,7 +28,7 @@ from actpat.recorder.probe_module import MODES, ProbeModule
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES, ProbeBatches, check_probe_set, probe_loader
 from actpat.recorder.reader import open_run
 from actpat.recorder.recorder import ActivationRecorder
-from actpat.recorder.selection import SiteSelection
+from actpat.recorder.selection import SiteSelection, SiteSelectionError
 from actpat.recorder.shards import Record, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ class Prober:
                     check = None
         except Exception as exc:
             self._observed.clear()
-            if first and self._selection.seen and not isinstance(exc, ProbeForwardError):
+            if first and self._selection.seen and not isinstance(exc, (ProbeForwardError, SiteSelectionError)):
                 problem = self._selection.problem("the first probe")
                 if problem is not None:
                     raise problem from exc  # a `sites` mistake explains the failure best
@@ -569,7 +569,12 @@ def resume_point(
     if not ahead:
         return last, None
     n = len(ahead)
-    which = ", ".join(map(str, ahead)) if n <= 4 else f"{ahead[0]} to {ahead[-1]}"
+    if n <= 4:
+        which = ", ".join(map(str, ahead))
+    elif ahead[-1] - ahead[0] == n - 1:
+        which = f"{ahead[0]} to {ahead[-1]}"
+    else:
+        which = f"{ahead[0]}, {ahead[1]}, ..., {ahead[-1]}"  # not a range: not every step between
     note = (
         f"actpat: {run_dir} holds {split} records at {n} step{'s' * (n > 1)} after step {start}, where this fit "
         f"resumes: step{'s' * (n > 1)} {which}, written by the fit that went on from there (killed, or resumed here from an "

@@ -673,7 +673,8 @@ class Run:
             raise KeyError(
                 f"Expected a recorded step of site {site!r} in split {split!r}, but step {step} has no record; "
                 f"recorded steps: {self.steps(site, split).tolist()}."
-                + self._damage_note(site, lambda loss: loss.may_hold(site, split, step) or loss.step is loss.steps is None)
+                + self._damage_note(site, lambda loss: loss.may_hold(site, split, step)
+                                    or (loss.split in (None, split) and loss.step is loss.steps is None))
             )
         parts = [p for p in (self._read_entry(site, e) for e in entries) if p is not None]
         patterns = _concat(parts) if parts else self._empty(site, entries[0])
@@ -772,16 +773,17 @@ class Run:
 
     def _damage_note(self, site: str, may_hold: Callable[[Loss], bool]) -> str:
         """Where records asked for may have been lost: losses of ``site`` that ``may_hold`` them, else
-        shards that cannot be read or are missing (any site's records may have been there); "" if none."""
+        shards that cannot be read, are missing or were never written (any site's records may have been
+        there); "" if none."""
         named = [loss for loss in self.losses if loss.site == site and may_hold(loss)]
         if named:
             return (f" Records of {site!r} may be in damaged parts of the run: {len(named)} loss(es), the first "
                     f"{named[0].path.name}: {named[0].reason}. See `losses` (or `actpat info --verify`).")
-        unknown = [loss for loss in self.losses if loss.site is None and loss.kind in ("unreadable", "missing")]
+        unknown = [loss for loss in self.losses if loss.site is None and loss.kind != "corrupt"]
         if unknown:
-            return (f" {len(unknown)} shard(s) of the run cannot be read or are missing (the first "
-                    f"{unknown[0].path.name}: {unknown[0].reason}); records of {site!r} may have been there. See "
-                    "`losses` (or `actpat info --verify`).")
+            return (f" {len(unknown)} shard(s) of the run cannot be read, are missing or never reached the disk "
+                    f"(the first {unknown[0].path.name}: {unknown[0].reason}); records of {site!r} may have been "
+                    "there. See `losses` (or `actpat info --verify`).")
         return ""
 
     # ------------------------------------------------------------------ reading records

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -159,6 +160,9 @@ class ActivationRecorder:
         # recorder's lifetime, empty whenever a forward starts: dynamo guards on it.
         self._pending: list = []
         self._gathered: list = []
+        # Held while an eager site call reads the capture and queues its record, and while a capture ends: a
+        # forward on another thread is either in the capture's records or not recorded, never left behind.
+        self._lock = threading.Lock()
         self._site_called = False
         load_kernels()  # a first compile happens here, not in the first recorded forward
         self._hooks = SiteHooks(
@@ -265,9 +269,10 @@ class ActivationRecorder:
     def _end_capture(self, failing: bool) -> None:
         """Remove the hooks and queue the capture's records; ``failing``: the block raised, keep its error."""
         self._hooks.detach()
-        context, self._context = self._context, None
-        self._on_forward_end()  # a forward that raised never ended
-        pending, self._gathered = (self._gathered if context.record else []), []
+        with self._lock:
+            context, self._context = self._context, None
+            self._on_forward_end()  # a forward that raised never ended
+            pending, self._gathered = (self._gathered if context.record else []), []
         if not failing and context.error is None:
             self._check_sites_found()
             if context.check is not None:
@@ -332,16 +337,17 @@ class ActivationRecorder:
         if self._hooks.compiled:
             self._on_site_traced(name, module_type, z)
             return
-        context = self._context
-        if context is None or context.error is not None or not context.record:
-            return  # None: a forward on another thread that outlasted the capture
-        try:
-            record = self._record(context, name, module_type, z)
-        except Exception as exc:  # noqa: BLE001 - raised when the capture ends, never inside the forward
-            context.error = exc
-            return
-        if record is not None:
-            self._pending.append(record)
+        with self._lock:
+            context = self._context
+            if context is None or context.error is not None or not context.record:
+                return  # None: a forward on another thread that outlasted the capture
+            try:
+                record = self._record(context, name, module_type, z)
+            except Exception as exc:  # noqa: BLE001 - raised when the capture ends, never inside the forward
+                context.error = exc
+                return
+            if record is not None:
+                self._pending.append(record)
 
     def _on_site_traced(self, name: str, module_type: str, z: torch.Tensor) -> None:
         # Traced into a compiled graph: tensor ops and a list append only; the records are made when

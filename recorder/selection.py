@@ -9,6 +9,10 @@ from actpat.recorder.hooks import site_filter
 _GLOB = set("*?[")
 
 
+class SiteSelectionError(ValueError):
+    """A ``sites`` filter, or a model, that selects no activation site, or names one that does not exist."""
+
+
 class SiteSelection:
     """The user's ``sites`` filter that remembers every site name it was asked about.
 
@@ -37,10 +41,10 @@ class SiteSelection:
         if error is not None:
             raise error
 
-    def problem(self, where: str) -> Optional[ValueError]:
+    def problem(self, where: str) -> Optional[SiteSelectionError]:
         """The error :meth:`check` would raise, or None: a failure's clearest explanation when sites ran."""
         if not self.seen:
-            return ValueError(
+            return SiteSelectionError(
                 f"Expected the model to call at least one activation site, but none ran inside a module forward "
                 f"during {where}. Name other activation classes with `module_types=`; if the probe ran no forward of "
                 "the module, pass your own probe forward (`probe_forward=` of the callback, `forward=` of the "
@@ -49,12 +53,12 @@ class SiteSelection:
         existing = list(self.seen)
         missing = [name for name in self.literal if name not in self.seen]
         if missing:
-            return ValueError(
+            return SiteSelectionError(
                 f"Expected every name in `sites` to be an activation site of the model, but {missing} "
                 f"{'is' if len(missing) == 1 else 'are'} not. The sites called during {where}: {existing}."
             )
         if not any(self.seen.values()):
-            return ValueError(
+            return SiteSelectionError(
                 f"Expected `sites={self.sites!r}` to select at least one activation site, but it matches none of "
                 f"the sites called during {where}: {existing}. Pass names or glob patterns from this list."
             )

@@ -675,6 +675,36 @@ def test_a_resumed_batch_only_fit_checks_its_sites_before_its_first_step(package
     assert open_run(tmp_path / "run").steps("net.features.2", "train").tolist() == list(range(8))
 
 
+class _VmapNet(nn.Module):
+    """Its activation runs inside torch.func.vmap, which the recorder refuses to record (a clear error)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return torch.func.vmap(lambda row: F.relu(self.lin(row)))(x.flatten(1))
+
+
+def test_a_check_only_first_batch_does_not_count_as_recording_that_worked(package, tmp_path):
+    """A resumed fit whose first batch is only checked still stops at a failure of its first recorded
+    batch, whatever `on_error` says: recording has not worked once in this fit."""
+    pl = importlib.import_module(package)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=4)
+    torch.manual_seed(0)
+    trainer(package, tmp_path, [checkpoints], max_steps=4, enable_checkpointing=True).fit(
+        modules(package)["WithForward"](_VmapNet()), _loader(_tensors(32, 0))
+    )
+    steps = OptimizerSteps(package)
+    cb = ActivationPatternCallback(out_dir=tmp_path / "run", batch_every_n_steps=3, probe=None, live_stats=False)
+    with pytest.raises(RuntimeError, match=r"recording the first training batch at step 6 failed.*torch.func"):
+        trainer(package, tmp_path, [cb, steps.callback], max_steps=12).fit(
+            modules(package)["WithForward"](_VmapNet()), _loader(_tensors(32, 0)),
+            ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt",
+        )
+    assert steps.count == 2  # steps 4 (its batch checked) and 5; stopped at 6, the first recorded batch
+
+
 def test_single_callback_not_in_a_list_and_its_checkpoint_key(package, tmp_path):
     """Each package's Trainer wraps a lone callback only if it is that package's Callback."""
     pl = importlib.import_module(package)
@@ -894,10 +924,11 @@ def test_a_sites_mistake_leaves_out_dir_for_the_corrected_run(package, mode, tmp
     options = dict(out_dir=tmp_path / "run", live_stats=False)
     options.update(dict(batch_every_n_steps=1) if mode == "batch" else dict(probe=_tensors(N_PROBE, 1)))
     wrong = ActivationPatternCallback(**options, sites=["net.features.2", "net.head.0"])
-    with pytest.raises(ValueError, match=r"\['net.head.0'\] is not"):
+    with pytest.raises(ValueError, match=r"\['net.head.0'\] is not") as error:
         trainer(package, tmp_path, [wrong], max_steps=2).fit(
             modules(package)["WithForward"](SmallCNN()), _loader(_tensors(32, 0))
         )
+    assert error.value.__cause__ is None  # said once, not again as its own cause
     assert not list((tmp_path / "run").rglob("*.h5*"))
     fixed = ActivationPatternCallback(**options, sites=["net.features.2", "net.head.1"])
     trainer(package, tmp_path, [fixed], max_steps=2).fit(modules(package)["WithForward"](SmallCNN()), _loader(_tensors(32, 0)))

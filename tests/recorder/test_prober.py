@@ -408,9 +408,10 @@ def test_a_shuffling_probe_loader_is_refused(tmp_path):
 )
 def test_setup_mistakes_raise_at_the_first_probe_with_the_fix(tmp_path, kwargs, error, message):
     prober = Prober(Net(), data(8, 1), tmp_path, 1, batch_size=8, **kwargs)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as caught:
         prober.maybe(0)
     prober.close(wait=False)
+    assert str(caught.value.__cause__) != str(caught.value)  # said once, not again as its own cause
     assert not list(tmp_path.rglob("*.h5*")), "a setup mistake wrote records"
 
 
@@ -421,4 +422,6 @@ def test_resume_point_names_the_steps_ahead_of_the_resumed_fit(tmp_path):
     last, note = resume_point(tmp_path, "probe", 2, recorded=[0, 2, 3, 4, 5, 6, 9], resume_step=3)
     assert last == 9 and "probe records at 4 steps after step 3, where this fit resumes: steps 4, 5, 6, 9," in note
     last, note = resume_point(tmp_path, "probe", 2, recorded=[0, 2, 3, 4, 5, 6, 9])
-    assert "at 5 steps after step 2, where this fit resumes: steps 3 to 9," in note
+    assert "at 5 steps after step 2, where this fit resumes: steps 3, 4, ..., 9," in note
+    _, note = resume_point(tmp_path, "probe", 2, recorded=[0, 2, 3, 4, 5, 6, 7])
+    assert "at 5 steps after step 2, where this fit resumes: steps 3 to 7," in note

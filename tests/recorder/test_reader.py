@@ -382,6 +382,8 @@ def test_an_empty_partial_shard_is_reported_as_never_written_not_as_damaged(tmp_
     assert loss.path == empty and loss.kind == "unwritten" and "empty" in loss.reason
     assert not any("damaged" in r.getMessage() for r in caplog.records)
     assert run.steps("1").tolist() == [0]
+    with pytest.raises(KeyError, match=r"step 1 has no record.*never reached the disk.*00001"):
+        run.read("1", 1)  # the killed writer may have been about to write it
 
 
 def test_a_finalized_shard_whose_sites_group_fails_its_checksum_is_named_with_that_cause(tmp_path):
@@ -413,7 +415,7 @@ def test_a_site_known_only_from_damaged_parts_is_named_as_damaged_not_as_never_r
     (tmp_path / "b" / "patterns-rank000-00000.h5").unlink()
     run = open_run(tmp_path / "b")
     assert run.sites == ["1", "4"]
-    with pytest.raises(KeyError, match=r"got '2'\. 1 shard\(s\) of the run cannot be read or are missing.*00000.*'2' may have"):
+    with pytest.raises(KeyError, match=r"got '2'\. 1 shard\(s\) of the run cannot be read, are missing.*00000.*'2' may have"):
         run.steps("2")  # recorded in the deleted shard only
     with pytest.raises(KeyError, match=r"step 1 has no record; recorded steps: \[2, 3\]\. 1 shard\(s\).*missing"):
         run.read("1", 1)  # a step of the deleted shard

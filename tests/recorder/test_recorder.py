@@ -265,6 +265,44 @@ def test_interceptor_keeps_modes_of_the_forward_threads_and_recomputation_as_the
     np.testing.assert_array_equal(run.read("relu#0", 0).unpack(), (out.detach() > 0).numpy())  # relu(z) > 0 iff z > 0
 
 
+def test_an_activation_module_as_the_whole_model_is_a_site_named_by_its_type(tmp_path, no_global_hooks):
+    model = nn.LeakyReLU()
+    z = torch.randn(4, 3)
+    with ActivationRecorder(model, tmp_path) as rec:
+        with rec.capture(0):
+            model(z)
+            model(z)
+        assert rec._hooks.module_sites == ["LeakyReLU"]
+    run = open_run(tmp_path)
+    assert run.sites == ["LeakyReLU"]  # one call per forward: the two forwards' records of step 0
+    np.testing.assert_array_equal(run.read("LeakyReLU", 0).unpack(), np.concatenate([(z > 0).numpy()] * 2))
+
+
+def test_a_site_call_on_another_thread_in_flight_when_the_capture_ends_is_in_its_records(tmp_path, no_global_hooks):
+    import threading
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    entered, release = threading.Event(), threading.Event()
+    with ActivationRecorder(model, tmp_path) as rec:
+        record = rec._record
+
+        def slow_elsewhere(*args):  # the other thread's site call holds on until the capture is ending
+            if threading.current_thread() is not threading.main_thread():
+                entered.set()
+                release.wait(10)
+            return record(*args)
+
+        rec._record = slow_elsewhere
+        other = threading.Thread(target=lambda: model(torch.randn(5, 3)))
+        with rec.capture(0):
+            model(torch.randn(3, 3))
+            other.start()
+            assert entered.wait(10)
+            threading.Timer(0.2, release.set).start()  # while the capture's end waits for that call
+        other.join()
+    assert open_run(tmp_path).n_observations("1") == 3 + 5
+
+
 def test_a_global_forward_hook_of_the_user_keeps_its_functional_calls_recorded(tmp_path, no_global_hooks):
     """Global hooks of others run inside every layer's call: the interceptor does not pause for them."""
     handle = module_mod.register_module_forward_hook(
