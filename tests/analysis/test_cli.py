@@ -264,7 +264,8 @@ def test_read_only_commands_import_neither_torch_nor_lightning(tmp_path):
     ):
         modules = loaded_modules(*argv)
         assert not (heavy | also_absent) & modules, (argv, (heavy | also_absent) & modules)
-    assert "h5py" in loaded_modules("info", str(tmp_path / "run"))
+        if argv[0] == "info":
+            assert "h5py" in modules  # the check above can see what a command imports
 
 
 def test_demo_fast_trains_records_and_exports(tmp_path, capsys):
