@@ -306,7 +306,7 @@ class SiteHooks:
             stack.pop()
 
     def _pause_mode(self) -> None:
-        if self._mode_entered and _top_mode() is self._mode:
+        if _top_mode() is self._mode:  # (the caller checked that the mode is entered)
             torch._C._pop_torch_function_stack()
             self._paused_depth = len(self._stack)
 
