@@ -291,8 +291,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         step = trainer.global_step
         if self._batch_recorder is None or self._failed:
             return
-        due = not (step % self.batch_every_n_steps or step <= self._batch_floor)
-        if not (due or not self._batch_checked):
+        due = step % self.batch_every_n_steps == 0 and step > self._batch_floor
+        if not due and self._batch_checked:
             return
         # A first batch that is not recorded (a resumed fit) is still checked, recording nothing, so that
         # a setup mistake stops fit before its first optimizer step here too.
@@ -444,8 +444,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         with self._guard(f"{what} the {first}training batch at step {self._capture_step}", "batch"):
             stack.close()
             self._batch_checked = True
-            # Only a recorded batch shows that recording works: until then a failure stops fit.
-            self._batch_verified = self._batch_verified or self._capture_records
+            if self._capture_records:  # only a recorded batch shows that recording works: until then a failure stops fit
+                self._batch_verified = True
 
     def _check_first_batch(self) -> None:
         # Run by the recorder before the batch's records are written: a `sites` mistake leaves out_dir as it was.
