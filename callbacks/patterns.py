@@ -444,7 +444,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         with self._guard(f"{what} the {first}training batch at step {self._capture_step}", "batch"):
             stack.close()
             self._batch_checked = True
-            if self._capture_records:  # only a recorded batch shows that recording works: until then a failure stops fit
+            # Only a recorded batch shows that recording works: until then a failure stops fit.
+            if self._capture_records:
                 self._batch_verified = True
 
     def _check_first_batch(self) -> None:

@@ -145,7 +145,8 @@ class SiteHooks:
         # Where the interceptor pauses: leaves that make no functional site call of their own.
         self._quiet = {
             id(module) for _, module in self._modules
-            if next(module.children(), None) is None and (type(module) in _QUIET_TYPES or id(module) in self._site_types)
+            if next(module.children(), None) is None
+            and (type(module) in _QUIET_TYPES or id(module) in self._site_types)
         }
         self._paused_depth = 0  # the stack depth of the quiet module the interceptor is paused for; 0: none
         self._active = False
