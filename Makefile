@@ -14,14 +14,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# One pip run each: the torch pin and the package (with the dev extras for `make test`, which then also
+# serves `make demo`) resolved together.
+INSTALL := $(BIN)/python -m pip install -q $(TORCH_PIN) -e
+
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e .
+	$(INSTALL) .
 	touch $@
 
-$(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	touch $@
+$(DEV_STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(INSTALL) ".[dev]"
+	touch $(STAMP) $@
 
 demo: $(STAMP)
 	$(BIN)/actpat demo --out demo_out
