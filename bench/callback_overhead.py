@@ -1,4 +1,4 @@
-"""Wall-time overhead of ``ActivationPatternCallback`` on a Lightning fit (CPU, digits CNN).
+"""Wall-time overhead of ``ActivationPatternCallback`` on a Lightning fit (digits CNN; CPU, or a GPU).
 
 Five arms fit :class:`~actpat.callbacks.demo.DigitsCNN` on scikit-learn's digits (1797 8x8 images,
 batch 64, SGD, same seed): ``baseline`` (no callback), ``batch`` (``batch_every_n_steps=1``: every
@@ -32,7 +32,8 @@ set held in memory (``floor``), one ``Prober.probe`` without live statistics wit
 RNG isolation, mode: ``session``) against a ``state_dict`` round trip (``state_dict_sync``), and the
 live statistics of one probe, all sites (``live_stats``), which run in the worker process.
 
-Torch runs one intra-op thread by default (``--threads``): on a small shared machine, OpenMP worker
+``--accelerator gpu`` fits on a GPU (the probe set and the floor's copy on it; the in-process timings
+end with a device synchronization). Torch runs one intra-op thread by default (``--threads``): on a small shared machine, OpenMP worker
 threads that spin while other processes hold the cores made single fits swing by up to 10x.
 
 Prints one JSON line. ``--quick`` runs a tiny configuration for the test suite.
@@ -84,6 +85,7 @@ class _FloorCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._copy = copy.deepcopy(pl_module).requires_grad_(False).train()
+        self._inputs = [x.to(pl_module.device) for x in self._inputs]
         self._interval = Fraction(PROBE_EVERY).limit_denominator(1000) * trainer.num_training_batches
         self._forwards()  # the init probe
 
@@ -103,6 +105,7 @@ class _FloorCallback(pl.Callback):
         with torch.no_grad():
             for x in self._inputs:
                 self._copy(x)
+        _synchronize(self._inputs[0].device)
         self.seconds += time.perf_counter() - start
 
 
@@ -126,6 +129,12 @@ class _TimedCallback(ActivationPatternCallback):
         return timed
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a timed call ends with it on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _callback(arm: str, probe: Subset) -> list[pl.Callback]:
     if arm == "batch":
         return [ActivationPatternCallback(batch_every_n_steps=1)]
@@ -137,7 +146,7 @@ def _callback(arm: str, probe: Subset) -> list[pl.Callback]:
     return []
 
 
-def _fit(arm: str, data, probe: Subset, epochs: int, limit_batches: int | float, seed: int) -> dict:
+def _fit(arm: str, data, probe: Subset, epochs: int, limit_batches: int | float, seed: int, accelerator: str) -> dict:
     """One fit in a fresh temporary directory: wall seconds, optimizer steps, probes recorded, the model."""
     with tempfile.TemporaryDirectory() as tmp:
         pl.seed_everything(seed, verbose=False)
@@ -145,7 +154,7 @@ def _fit(arm: str, data, probe: Subset, epochs: int, limit_batches: int | float,
         trainer = pl.Trainer(
             max_epochs=epochs,
             limit_train_batches=limit_batches,
-            accelerator="cpu",
+            accelerator=accelerator,
             devices=1,
             logger=CSVLogger(tmp, name="logs"),
             callbacks=callbacks,
@@ -178,10 +187,11 @@ def _cpu_seconds() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def _probe_costs(model: pl.LightningModule, probe: Subset, repeats: int) -> dict[str, float]:
+def _probe_costs(model: pl.LightningModule, probe: Subset, repeats: int, device: torch.device) -> dict[str, float]:
     """Median milliseconds of the parts of one probe, measured interleaved (see the module docstring)."""
+    model = model.to(device)
     floor_module = copy.deepcopy(model).requires_grad_(False).train()
-    inputs = [x for x, _y in DataLoader(probe, batch_size=PROBE_BATCH_SIZE, shuffle=False)]
+    inputs = [x.to(device) for x, _y in DataLoader(probe, batch_size=PROBE_BATCH_SIZE, shuffle=False)]
     lender = ProbeModule(model, "train", copy=True)
     state_copy = copy.deepcopy(model)
     times: dict[str, list[float]] = {}
@@ -189,6 +199,7 @@ def _probe_costs(model: pl.LightningModule, probe: Subset, repeats: int) -> dict
     def timed(name: str, fn) -> None:
         start = time.perf_counter()
         fn()
+        _synchronize(device)
         times.setdefault(name, []).append(1e3 * (time.perf_counter() - start))
 
     def floor() -> None:
@@ -233,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="Lightning's accelerator")
     args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     quick = args.quick
     rounds = args.rounds or (1 if quick else 7)
     epochs = args.epochs or (1 if quick else 25)
@@ -248,18 +261,18 @@ def main(argv: list[str] | None = None) -> dict:
     probe = Subset(data, probe_ids.tolist())
 
     for arm in ARMS:  # warm-up (lazy imports, first-call allocations), untimed
-        _fit(arm, data, probe, epochs=1, limit_batches=2, seed=args.seed)
+        _fit(arm, data, probe, epochs=1, limit_batches=2, seed=args.seed, accelerator=args.accelerator)
     fits: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for i in range(rounds):
         for arm in ARMS[i % len(ARMS):] + ARMS[: i % len(ARMS)]:  # rotate the order each round
-            fits[arm].append(_fit(arm, data, probe, epochs, limit_batches, args.seed))
+            fits[arm].append(_fit(arm, data, probe, epochs, limit_batches, args.seed, args.accelerator))
     steps = {fit["steps"] for arm_fits in fits.values() for fit in arm_fits}
     if len(steps) != 1:
         raise RuntimeError(f"Expected every fit to run the same number of optimizer steps, but got {sorted(steps)}.")
     n_steps = steps.pop()
     n_probes = fits["probe"][0]["probes"]
     median = {arm: statistics.median(fit["seconds"] for fit in fits[arm]) for arm in ARMS}
-    costs = _probe_costs(fits["baseline"][0]["model"], probe, repeats=5 if quick else 30)
+    costs = _probe_costs(fits["baseline"][0]["model"], probe, repeats=5 if quick else 30, device=device)
     probe_pass_s = costs["floor"] / 1e3
     probe_forwards_s = n_probes * probe_pass_s
     baseline_s = median["baseline"]
@@ -314,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
         "train_size": len(data),
         "batch": BATCH_SIZE,
         "quick": quick,
+        "accelerator": args.accelerator,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),

@@ -1,4 +1,4 @@
-"""Recording overhead of a ``torch.compile``'d model against that of the same eager model (CPU).
+"""Recording overhead of a ``torch.compile``'d model against that of the same eager model (CPU or GPU).
 
 The model (``--model``, as in ``overhead.py``; default the ResNet-20) trains with SGD in four arms,
 interleaved in groups with the order reversed every other group: eager steps (A), eager steps whose
@@ -9,7 +9,8 @@ without an active capture) and their backward graphs.
 
 ``eager_ratio`` = median over groups of B / A, ``compiled_ratio`` of D / C, both in wall time
 (``*_cpu_ratio``: process CPU time); ``speedup`` = A / C, what compiling buys. ``compile_s`` is the
-wall time of the warm-up, mostly compilation.
+wall time of the warm-up, mostly compilation. ``--device cuda`` runs on a GPU (timed calls end with a
+device synchronization, as in ``overhead.py``).
 
 Prints one JSON line. ``--quick`` runs a tiny configuration for the test suite (pass ``--backend eager``
 there: dynamo traces the hooks the same way without building C++ kernels).
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from actpat.recorder import ActivationRecorder, open_run
-from overhead import build, median_ratio, parse_args, recorder_kwargs, run_arms, run_fields
+from overhead import build, median_ratio, parse_args, recorder_kwargs, run_arms, run_fields, synchronizer
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     quick = args.quick
     groups = args.pairs or (2 if quick else 20)
 
-    eager, x, y = build(args.model, quick, args.batch, args.resolution)
+    eager, x, y = build(args.model, quick, args.batch, args.resolution, args.device)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, backend=args.backend)
     steps = {"eager": 0, "compiled": 0}
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(2):  # the first calls compile, the second ones check that nothing recompiles
                 arms["c"]()
                 arms["d"]()
+            synchronizer(args.device)()
             compile_s = time.perf_counter() - start
-            clocks = run_arms(arms, groups, warmup=1)
+            clocks = run_arms(arms, groups, warmup=1, device=args.device)
         eager_run, compiled_run = open_run(eager_out), open_run(compiled_out)
         sites_equal = eager_run.sites == compiled_run.sites
         n_sites = len(compiled_run.sites)

@@ -1,4 +1,4 @@
-"""Training-step overhead of recording every activation site at every step (CPU).
+"""Training-step overhead of recording every activation site at every step (CPU, or a GPU with ``--device``).
 
 Models (``--model``):
 
@@ -28,6 +28,10 @@ its cost lands in the arm that follows (the hooks-only or the plain one): ``rati
 leave it out, and ``hook_ratio`` can come out above ``ratio``. ``sustained_cpu_ratio`` charges it:
 process CPU seconds of alternating blocks of plain and recorded steps, each recorded block timed until
 the writer has written all its records (median over pairs of blocks).
+
+On a GPU (``--device cuda``) every timed call ends with a device synchronization, so that a time
+holds the work its call queued; ``floor_ratio`` then times ``z > 0`` on the device, ``device_name``
+names the card.
 
 Prints one JSON line. ``--quick`` runs a tiny configuration for the test suite.
 """
@@ -113,8 +117,10 @@ def digits_cnn() -> nn.Module:
     )
 
 
-def build(model: str, quick: bool, batch: int | None, resolution: int | None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """The model, a batch of inputs and labels for ``--model``."""
+def build(
+    model: str, quick: bool, batch: int | None, resolution: int | None, device: torch.device = torch.device("cpu")
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The model, a batch of inputs and labels for ``--model``, on ``device``."""
     torch.manual_seed(0)
     if model == "digits":
         net, shape, batch = digits_cnn(), (1, 8, 8), batch or (16 if quick else 64)
@@ -124,7 +130,7 @@ def build(model: str, quick: bool, batch: int | None, resolution: int | None) ->
         shape = (3, resolution or (32 if quick else 64), resolution or (32 if quick else 64))
     else:
         net, shape, batch = ResNet((1, 1, 1) if quick else (3, 3, 3)), (3, 32, 32), batch or (4 if quick else 128)
-    return net, torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+    return net.to(device), torch.randn(batch, *shape).to(device), torch.randint(0, 10, (batch,)).to(device)
 
 
 def site_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -142,13 +148,21 @@ def site_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return zs
 
 
+def synchronizer(device: torch.device):
+    """What makes a timed call wait for the work it queued: nothing on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
 def floor_ms(zs: list[torch.Tensor], repeats: int) -> float:
     """Median time of one bare ``z > 0`` over every site's pre-activation of one forward."""
+    sync = synchronizer(zs[0].device)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         for z in zs:
             z > 0  # noqa: B015 - the work being timed
+        sync()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
@@ -159,14 +173,17 @@ def fixed_site_us(model: nn.Module, recorder: ActivationRecorder, x: torch.Tenso
     The model runs in eval mode (BatchNorm cannot normalize a batch of one) and is put back in train mode.
     """
     plain, captured = [], []
+    sync = synchronizer(x.device)
     model.eval()
     with torch.no_grad():
         for i in range(repeats + 3):
             start = time.perf_counter()
             model(x)
+            sync()
             middle = time.perf_counter()
             with recorder.capture(10**9 + i):
                 model(x)
+            sync()
             end = time.perf_counter()
             if i >= 3:
                 plain.append(middle - start)
@@ -187,15 +204,17 @@ def discarding(recorder: ActivationRecorder) -> ActivationRecorder:
 
 
 class Clock:
-    """Wall and process CPU time of one call."""
+    """Wall and process CPU time of one call, until ``sync()`` returns after it."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync) -> None:
+        self.sync = sync
         self.wall: list[float] = []
         self.cpu: list[float] = []
 
     def time(self, fn) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         fn()
+        self.sync()
         self.cpu.append(time.process_time() - cpu)
         self.wall.append(time.perf_counter() - wall)
 
@@ -209,12 +228,12 @@ def median_difference_us(num: list[float], den: list[float]) -> float:
     return 1e6 * statistics.median(b - a for a, b in zip(den, num))
 
 
-def run_arms(arms: dict, groups: int, warmup: int) -> dict[str, Clock]:
+def run_arms(arms: dict, groups: int, warmup: int, device: torch.device = torch.device("cpu")) -> dict[str, Clock]:
     """Time ``groups`` interleaved rounds of every arm, the order reversed every other round."""
     for _ in range(warmup):
         for arm in arms.values():
             arm()
-    clocks = {name: Clock() for name in arms}
+    clocks = {name: Clock(synchronizer(device)) for name in arms}
     names = list(arms)
     for i in range(groups):
         for name in names if i % 2 == 0 else names[::-1]:
@@ -232,15 +251,20 @@ def parse_args(doc: str, argv: list[str] | None, *extra: tuple[str, dict]) -> ar
     parser.add_argument("--resolution", type=int, default=None, help="input size of resnet18 (default 64)")
     parser.add_argument("--compression", default="default", choices=COMPRESSION_CHOICES)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu (default) or cuda")
     for flag, kwargs in extra:
         parser.add_argument(flag, **kwargs)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     return args
 
 
-def sustained_cpu(plain, captured, recorder: ActivationRecorder, n_sites: int, steps: int, pairs: int) -> dict:
+def sustained_cpu(
+    plain, captured, recorder: ActivationRecorder, n_sites: int, steps: int, pairs: int, sync
+) -> dict:
     """``sustained_cpu_ratio`` (module docstring): a recorded block's process CPU time runs until the
     writer has written every record of the block (waiting costs no CPU)."""
     cpu = {"plain": [], "recorded": []}
@@ -250,10 +274,12 @@ def sustained_cpu(plain, captured, recorder: ActivationRecorder, n_sites: int, s
             if arm == "plain":
                 for _ in range(steps):
                     plain()
+                sync()
             else:
                 target = recorder.writer.written_records + steps * n_sites
                 for _ in range(steps):
                     captured()
+                sync()
                 deadline = time.monotonic() + 60
                 while recorder.writer.written_records < target and time.monotonic() < deadline:
                     time.sleep(0.005)
@@ -269,7 +295,10 @@ def sustained_cpu(plain, captured, recorder: ActivationRecorder, n_sites: int, s
 
 def run_fields(x: torch.Tensor, groups: int, compression: str, quick: bool) -> dict:
     """The JSON fields that describe the run: input, groups, settings and environment."""
+    cuda = x.device.type == "cuda"
     return {
+        "device": x.device.type,
+        "device_name": torch.cuda.get_device_name(x.device) if cuda else platform.processor() or platform.machine(),
         "batch": len(x),
         "input_shape": list(x.shape[1:]),
         "groups": groups,
@@ -288,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     groups = args.pairs or (2 if quick else 20 if args.model != "digits" else 200)
     warmup = 1 if quick else 3
 
-    model, x, y = build(args.model, quick, args.batch, args.resolution)
+    model, x, y = build(args.model, quick, args.batch, args.resolution, args.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     step = 0
 
@@ -311,11 +340,12 @@ def main(argv: list[str] | None = None) -> dict:
         hooks_only = discarding(ActivationRecorder(model, null_out))
         arms = {"a": plain, "b": lambda: captured(recorder), "c": lambda: captured(hooks_only)}
         with recorder, hooks_only:
-            clocks = run_arms(arms, groups, warmup)
+            clocks = run_arms(arms, groups, warmup, args.device)
             n_sites = len(recorder.sites)
             sustained = sustained_cpu(
                 plain, lambda: captured(recorder), recorder, n_sites,
                 steps=2 if quick else 200 if args.model == "digits" else 8, pairs=2 if quick else 6,
+                sync=synchronizer(args.device),
             )
             fixed_us = fixed_site_us(model, hooks_only, x[:1], n_sites, 5 if quick else 200)
             close_start = time.perf_counter()

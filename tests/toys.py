@@ -74,7 +74,7 @@ def relu_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def channel_bits(z: torch.Tensor) -> np.ndarray:
     """Channel patterns of ``z``, packed little-endian by numpy."""
-    on = (z > 0).numpy()
+    on = (z > 0).cpu().numpy()
     if on.ndim > 2:
         on = np.moveaxis(on, 1, -1).reshape(-1, on.shape[1])
     return np.packbits(on, axis=1, bitorder="little")

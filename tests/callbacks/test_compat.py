@@ -359,7 +359,7 @@ class Taps(TorchFunctionMode):
 
 
 def channel_bits(z: torch.Tensor) -> np.ndarray:
-    on = (z > 0).numpy()
+    on = (z > 0).cpu().numpy()
     if on.ndim > 2:
         on = np.moveaxis(on, 1, -1).reshape(-1, on.shape[1])
     return np.packbits(on, axis=1, bitorder="little")
@@ -370,7 +370,7 @@ def patterns(module: nn.Module, call, batches: list[torch.Tensor], *, bf16: bool
     parts: dict[str, list] = {}
     with torch.no_grad():
         for x in batches:
-            with Taps(module) as taps, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with Taps(module) as taps, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 call(module, x)
             for site, z in taps.z.items():
                 parts.setdefault(site, []).append(channel_bits(z))
@@ -525,8 +525,8 @@ def _fit_style(style: Style, package: str, root: Path, callbacks: list, **fit_op
     return model
 
 
-def _truth_module(model: nn.Module, weights: dict, mode: str) -> nn.Module:
-    module = copy.deepcopy(model)
+def _truth_module(model: nn.Module, weights: dict, mode: str, device: str = "cpu") -> nn.Module:
+    module = copy.deepcopy(model).to(device)
     module.load_state_dict(weights)
     module.train(mode == "train")
     for sub in module.modules():
@@ -550,21 +550,38 @@ def test_style_without_a_probe_copy_records_exactly_and_trains_bit_identically(n
         assert torch.equal(a, b), key
 
 
-def _check_style(name: str, package: str, tmp_path: Path, **options) -> Any:
-    """Fit a style with the callback; every record must equal the truth from the saved weights."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "name, probe_copy",
+    [("forward", True), ("forward", False), ("no_forward", False), ("dict_batches", True),
+     ("functional_and_reused_relu", False), ("bf16_mixed", True), ("resnet18_shaped", False)],
+)
+def test_style_on_a_gpu_records_exactly_and_trains_bit_identically(name, probe_copy, package, tmp_path, monkeypatch):
+    """The fit on a GPU: records against the truth computed on the same GPU, training unchanged."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same kernels for fit and truth
+    model = _check_style(name, package, tmp_path / "probed", device="cuda", probe_copy=probe_copy)
+    plain = _fit_style(STYLES[name], package, tmp_path / "plain", [], accelerator="gpu")
+    for (key, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def _check_style(name: str, package: str, tmp_path: Path, device: str = "cpu", **options) -> Any:
+    """Fit a style with the callback on ``device``; every record must equal the truth from the saved weights,
+    computed on the same device."""
     style = STYLES[name]
     probe = style.probe()
     cb = ActivationPatternCallback(probe=probe, **{"probe_every": 0.5, "live_stats": False, **style.callback, **options})
     saver = SaveWeights()
-    model = _fit_style(style, package, tmp_path, [cb, saver.callback(package)])
+    accelerator = {"accelerator": "gpu"} if device == "cuda" else {}
+    model = _fit_style(style, package, tmp_path, [cb, saver.callback(package)], **accelerator)
     run = open_run(cb.run_dir)
     x, y = style.probe_x(probe), style.probe_y(probe)
-    batches = [x[i : i + BATCH] for i in range(0, len(x), BATCH)]  # the default probe batch = the training batch
+    batches = [x[i : i + BATCH].to(device) for i in range(0, len(x), BATCH)]  # the default probe batch = the training batch
     bf16 = style.fit.get("precision") == "bf16-mixed"
     mode = style.callback.get("probe_mode", "train")
     truth_sites = None
     for step in style.probe_steps:
-        truth = patterns(_truth_module(model, saver.weights[step], mode), style.call, batches, bf16=bf16)
+        truth = patterns(_truth_module(model, saver.weights[step], mode, device), style.call, batches, bf16=bf16)
         truth_sites = truth_sites or list(truth)
         assert sorted(run.sites) == sorted(truth), (step, run.sites)
         for site, bits in truth.items():
@@ -582,8 +599,9 @@ def _check_style(name: str, package: str, tmp_path: Path, **options) -> Any:
         assert "train" not in run.splits
         return model
     for step in style.batch_steps:
-        module = _truth_module(model, saver.weights[step], "train")
+        module = _truth_module(model, saver.weights[step], "train", device)
         inputs, labels = zip(*(style.batch_xy(batch) for batch in saver.batches[step]))
+        labels = [label.cpu() for label in labels]
         assert sum(map(len, labels)) == style.batch_samples  # every micro-batch of the step
         truth = patterns(module, style.call, list(inputs))
         assert sorted(run.sites) == sorted(truth)

@@ -30,6 +30,8 @@ from actpat.recorder import open_run
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
+# Lightning's accelerator names; the GPU runs only where torch sees one (never needed for `make test`).
+ACCELERATORS = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 # ---------------------------------------------------------------------- tiny model and data
@@ -65,13 +67,14 @@ def fit(root, callbacks=(), seed: int = 0, **kwargs) -> ToyNet:
 
 
 # ---------------------------------------------------------------------- bit-identical training
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("probe_mode", ["train", "eval"])
 @pytest.mark.parametrize("probe_copy", [True, False])
-def test_training_is_bit_identical_with_the_callback(tmp_path, probe_mode, probe_copy):
-    plain = fit(tmp_path / "plain")
+def test_training_is_bit_identical_with_the_callback(tmp_path, probe_mode, probe_copy, accelerator):
+    plain = fit(tmp_path / "plain", accelerator=accelerator)
     cb = ActivationPatternCallback(probe=toy_data(24, seed=1), probe_every=0.2, probe_mode=probe_mode,
                                    probe_batch_size=10, batch_every_n_steps=3, probe_copy=probe_copy)
-    recorded = fit(tmp_path / "recorded", [cb])
+    recorded = fit(tmp_path / "recorded", [cb], accelerator=accelerator)
     for (key, a), b in zip(plain.state_dict().items(), recorded.state_dict().values()):
         assert torch.equal(a, b), key  # weights and BatchNorm buffers
     run = open_run(cb.run_dir)
@@ -91,25 +94,27 @@ class SaveWeights(pl.Callback):
         self.weights[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
 
 
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("probe_mode", ["train", "eval"])
-def test_probe_patterns_equal_recomputation_from_saved_weights(tmp_path, probe_mode):
+def test_probe_patterns_equal_recomputation_from_saved_weights(tmp_path, probe_mode, accelerator):
     probe = toy_data(24, seed=1)
     cb = ActivationPatternCallback(probe=probe, probe_every=4, probe_mode=probe_mode, probe_batch_size=10,
                                    live_stats=False)
     saver = SaveWeights()
-    fit(tmp_path, [cb, saver], max_epochs=1)
+    fit(tmp_path, [cb, saver], max_epochs=1, accelerator=accelerator)
     run = open_run(cb.run_dir)
     steps = run.steps("net.6", "probe").tolist()
     assert steps == [0, 4, 8]
+    device = "cuda" if accelerator == "gpu" else "cpu"  # the truth runs on the fit's device
     for step in steps:
-        model = ToyNet()
+        model = ToyNet().to(device)
         model.load_state_dict(saver.weights[step])
         model.train(probe_mode == "train")
         model.net[4].eval()  # the probe runs without dropout noise
         truth: dict[str, list] = {}
         with torch.no_grad():
             for start in range(0, len(probe), 10):  # the probe's batches: BatchNorm sees these in train mode
-                for site, z in relu_inputs(model, probe.tensors[0][start : start + 10]).items():
+                for site, z in relu_inputs(model, probe.tensors[0][start : start + 10].to(device)).items():
                     truth.setdefault(site, []).append(channel_bits(z))
         assert sorted(truth) == sorted(run.sites)
         for site, parts in truth.items():

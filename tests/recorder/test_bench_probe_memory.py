@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "probe_memory.py"
 
@@ -16,9 +17,12 @@ def bench():
     return module
 
 
-def test_the_copy_holds_one_set_of_weights_and_no_copy_only_the_buffers(bench):
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+)
+def test_the_copy_holds_one_set_of_weights_and_no_copy_only_the_buffers(bench, device):
     widths = (64, 128)  # 1 MiB of weights
-    results = {arm: bench.run_arm(arm, widths, steps=2) for arm in bench.ARMS}
+    results = {arm: bench.run_arm(arm, widths, steps=2, device=device) for arm in bench.ARMS}
     model = bench.vgg_shaped(widths)
     weights = sum(p.numel() * 4 for p in model.parameters()) / 2**20
     buffers = sum(b.numel() * b.element_size() for b in model.buffers()) / 2**20

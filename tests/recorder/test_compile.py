@@ -258,12 +258,17 @@ def test_model_compiled_after_the_recorder_was_created_is_a_clear_error(tmp_path
 
 
 @pytest.mark.slow
-def test_inductor_graph_records_eager_bits(tmp_path, truth):
-    """Inductor fuses the packing into its kernels; integer-valued weights make every z exact."""
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+)
+def test_inductor_graph_records_eager_bits(tmp_path, truth, device):
+    """Inductor fuses the packing into its kernels (C++ on the CPU, Triton on a GPU); integer-valued weights
+    make every z exact."""
     model, x = truth.exact_conv_net(16, 4, 16)
+    model, x = model.to(device), x.to(device)
     compiled = torch.compile(model)
     taps = truth.Taps(model[1], model[3])
-    if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+    if device == "cpu" and not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "c++", "clang++")):
         pytest.skip("inductor needs a C++ compiler on the CPU; none is installed")
     try:
         with torch.no_grad(), ActivationRecorder(compiled, tmp_path) as rec:

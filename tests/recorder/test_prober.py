@@ -41,12 +41,12 @@ def data(n: int, seed: int) -> TensorDataset:
     return toys.toy_data(n, seed)
 
 
-def train(prober_options: dict | None, out_dir, *, epochs: int = 2, seed: int = 0):
-    """A plain loop of 4 steps per epoch; returns the model and its weights after every step."""
+def train(prober_options: dict | None, out_dir, *, epochs: int = 2, seed: int = 0, device: str = "cpu"):
+    """A plain loop of 4 steps per epoch on ``device``; returns the model and its weights after every step."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    model = Net()
+    model = Net().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = DataLoader(data(32, 0), batch_size=8, shuffle=True)
     weights = {0: copy.deepcopy(model.state_dict())}
@@ -58,6 +58,7 @@ def train(prober_options: dict | None, out_dir, *, epochs: int = 2, seed: int = 
     step = 0
     for epoch in range(epochs):
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             loss = nn.functional.cross_entropy(model(x) + 0.01 * np.random.randn() + 0.01 * random.random(), y)
             optimizer.zero_grad()
             loss.backward()
@@ -76,28 +77,33 @@ def relu_bits(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     return {name: toys.channel_bits(z) for name, z in toys.relu_inputs(model, x).items()}
 
 
-def truth(weights: dict, mode: str, probe: TensorDataset) -> dict[str, np.ndarray]:
-    model = Net()
+def truth(weights: dict, mode: str, probe: TensorDataset, device: str = "cpu") -> dict[str, np.ndarray]:
+    model = Net().to(device)
     model.load_state_dict(weights)
     model.train(mode == "train")
     model.net[4].eval()  # no dropout noise in a probe
     parts: dict[str, list] = {}
     with torch.no_grad():
         for start in range(0, len(probe), PROBE_BATCH):  # BatchNorm sees these batches in train mode
-            for site, bits in relu_bits(model, probe.tensors[0][start : start + PROBE_BATCH]).items():
+            for site, bits in relu_bits(model, probe.tensors[0][start : start + PROBE_BATCH].to(device)).items():
                 parts.setdefault(site, []).append(bits)
     return {site: np.concatenate(p) for site, p in parts.items()}
 
 
 # ---------------------------------------------------------------------- the protocol against truth
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("copy_model", [True, False])
-def test_probes_equal_recomputation_and_training_is_bit_identical(tmp_path, mode, copy_model):
-    plain, _ = train(None, None)
-    rng_after_plain = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
-    model, weights = train(dict(every=0.5, mode=mode, copy=copy_model), tmp_path)
+def test_probes_equal_recomputation_and_training_is_bit_identical(tmp_path, mode, copy_model, device):
+    cuda_rng = torch.cuda.get_rng_state if device == "cuda" else lambda: torch.zeros(0)  # dropout's stream there
+    plain, _ = train(None, None, device=device)
+    rng_after_plain = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(), cuda_rng())
+    model, weights = train(dict(every=0.5, mode=mode, copy=copy_model), tmp_path, device=device)
     for (key, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), key  # weights and BatchNorm buffers
+    assert torch.equal(cuda_rng(), rng_after_plain[3])
     assert torch.equal(torch.get_rng_state(), rng_after_plain[0])
     assert np.array_equal(np.random.get_state()[1], rng_after_plain[1]) and random.getstate() == rng_after_plain[2]
     assert model.training and all(m.training for m in model.modules())
@@ -105,7 +111,7 @@ def test_probes_equal_recomputation_and_training_is_bit_identical(tmp_path, mode
     probe = data(N_PROBE, 1)
     assert run.steps("net.2", "probe").tolist() == [0, 2, 4, 6, 8]
     for step in (0, 2, 4, 6, 8):
-        expected = truth(weights[step], mode, probe)
+        expected = truth(weights[step], mode, probe, device)
         assert sorted(expected) == sorted(run.sites)
         for site, bits in expected.items():
             p = run.read(site, step, "probe")

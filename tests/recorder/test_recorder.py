@@ -649,6 +649,49 @@ def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth):
             np.testing.assert_array_equal(truth.unpack(b.bits, b.n_units), full[(b.sample_ids - 50) * 81 + b.positions])
 
 
+class _ShiftedRelu(nn.Module):
+    """A net and a functional site after it, ``F.relu(net(x) - 1)``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return F.relu(self.net(x) - 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_hooks_never_wait_for_the_device(tmp_path, truth):
+    """Every path of a hook on a GPU (packing, NaN count, subsampling, stored values, labels, a functional
+    site) queues its work and copies without a synchronization: torch's sync debug mode raises on one."""
+    net, x = truth.exact_conv_net(12, 8, 9)  # integer pre-activations: exact on any device
+    model, x = _ShiftedRelu(net).cuda(), x.cuda()
+    labels = torch.arange(8, device="cuda")
+    taps = truth.Taps(net[1], net[3])
+    with ActivationRecorder(model, tmp_path, max_observations=300, store_values="all") as rec:
+        for step in range(3):
+            with rec.capture(step, labels=labels, sample_ids=labels + 50):
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    model(x)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+    taps.remove()
+    run = open_run(tmp_path)
+    assert run.sites == ["net.1", "net.3", "relu#0"]
+    for step in range(3):
+        z_first, z_second = taps.inputs[2 * step], taps.inputs[2 * step + 1]
+        for site, z in zip(run.sites, (z_first, z_second, torch.relu(z_second) - 1)):
+            got = run.read(site, step)
+            assert len(got.bits) == 300 and got.nan_count == int(torch.isnan(z).sum())
+            rows = (got.sample_ids - 50) * 81 + got.positions
+            np.testing.assert_array_equal(truth.unpack(got.bits, got.n_units), truth.channel(z)[rows])
+            np.testing.assert_array_equal(got.labels, got.sample_ids - 50)
+            values = z.movedim(1, -1).reshape(-1, z.shape[1]).cpu().half().numpy()
+            np.testing.assert_array_equal(got.values, values[rows])
+    assert run.read("net.1", 0).nan_count > 0  # the NaN path is taken
+
+
 def test_error_inside_a_hook_never_raises_inside_the_forward(tmp_path, monkeypatch):
     from actpat.recorder import packing, recorder
 
