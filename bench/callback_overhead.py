@@ -33,7 +33,9 @@ RNG isolation, mode: ``session``) against a ``state_dict`` round trip (``state_d
 live statistics of one probe, all sites (``live_stats``), which run in the worker process.
 
 ``--accelerator gpu`` fits on a GPU (the probe set and the floor's copy on it; the in-process timings
-end with a device synchronization). Torch runs one intra-op thread by default (``--threads``): on a small shared machine, OpenMP worker
+end with a device synchronization).
+
+Torch runs one intra-op thread by default (``--threads``): on a small shared machine, OpenMP worker
 threads that spin while other processes hold the cores made single fits swing by up to 10x.
 
 Prints one JSON line. ``--quick`` runs a tiny configuration for the test suite.

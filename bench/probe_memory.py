@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for i in range(rounds):
         for arm in ARMS[i % 3:] + ARMS[: i % 3]:  # rotate the order each round
-            command = [sys.executable, __file__, "--arm", arm, "--device", args.device] + (["--quick"] if args.quick else [])
+            command = [sys.executable, __file__, "--arm", arm, "--device", args.device]
+            command += ["--quick"] if args.quick else []
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             runs[arm].append(json.loads(done.stdout.strip().splitlines()[-1]))
     peak = {arm: statistics.median(r["peak_rss_mb"] for r in runs[arm]) for arm in ARMS}

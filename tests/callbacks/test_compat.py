@@ -576,7 +576,7 @@ def _check_style(name: str, package: str, tmp_path: Path, device: str = "cpu", *
     model = _fit_style(style, package, tmp_path, [cb, saver.callback(package)], **accelerator)
     run = open_run(cb.run_dir)
     x, y = style.probe_x(probe), style.probe_y(probe)
-    batches = [x[i : i + BATCH].to(device) for i in range(0, len(x), BATCH)]  # the default probe batch = the training batch
+    batches = [x[i : i + BATCH].to(device) for i in range(0, len(x), BATCH)]  # the default probe batch: BATCH
     bf16 = style.fit.get("precision") == "bf16-mixed"
     mode = style.callback.get("probe_mode", "train")
     truth_sites = None

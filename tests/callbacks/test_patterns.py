@@ -30,8 +30,7 @@ from actpat.recorder import open_run
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
-# Lightning's accelerator names; the GPU runs only where torch sees one (never needed for `make test`).
-ACCELERATORS = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+ACCELERATORS = {"cpu": "cpu", "cuda": "gpu"}  # Lightning's name of each device of the `device` fixture
 
 
 # ---------------------------------------------------------------------- tiny model and data
@@ -67,10 +66,10 @@ def fit(root, callbacks=(), seed: int = 0, **kwargs) -> ToyNet:
 
 
 # ---------------------------------------------------------------------- bit-identical training
-@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("probe_mode", ["train", "eval"])
 @pytest.mark.parametrize("probe_copy", [True, False])
-def test_training_is_bit_identical_with_the_callback(tmp_path, probe_mode, probe_copy, accelerator):
+def test_training_is_bit_identical_with_the_callback(tmp_path, probe_mode, probe_copy, device):
+    accelerator = ACCELERATORS[device]
     plain = fit(tmp_path / "plain", accelerator=accelerator)
     cb = ActivationPatternCallback(probe=toy_data(24, seed=1), probe_every=0.2, probe_mode=probe_mode,
                                    probe_batch_size=10, batch_every_n_steps=3, probe_copy=probe_copy)
@@ -94,18 +93,17 @@ class SaveWeights(pl.Callback):
         self.weights[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
 
 
-@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("probe_mode", ["train", "eval"])
-def test_probe_patterns_equal_recomputation_from_saved_weights(tmp_path, probe_mode, accelerator):
+def test_probe_patterns_equal_recomputation_from_saved_weights(tmp_path, probe_mode, device):
     probe = toy_data(24, seed=1)
     cb = ActivationPatternCallback(probe=probe, probe_every=4, probe_mode=probe_mode, probe_batch_size=10,
                                    live_stats=False)
     saver = SaveWeights()
-    fit(tmp_path, [cb, saver], max_epochs=1, accelerator=accelerator)
+    fit(tmp_path, [cb, saver], max_epochs=1, accelerator=ACCELERATORS[device])
     run = open_run(cb.run_dir)
     steps = run.steps("net.6", "probe").tolist()
     assert steps == [0, 4, 8]
-    device = "cuda" if accelerator == "gpu" else "cpu"  # the truth runs on the fit's device
+    # The truth runs on the fit's device.
     for step in steps:
         model = ToyNet().to(device)
         model.load_state_dict(saver.weights[step])

@@ -4,7 +4,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "probe_memory.py"
 
@@ -17,9 +16,6 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
-)
 def test_the_copy_holds_one_set_of_weights_and_no_copy_only_the_buffers(bench, device):
     widths = (64, 128)  # 1 MiB of weights
     results = {arm: bench.run_arm(arm, widths, steps=2, device=device) for arm in bench.ARMS}

@@ -258,9 +258,6 @@ def test_model_compiled_after_the_recorder_was_created_is_a_clear_error(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
-)
 def test_inductor_graph_records_eager_bits(tmp_path, truth, device):
     """Inductor fuses the packing into its kernels (C++ on the CPU, Triton on a GPU); integer-valued weights
     make every z exact."""

@@ -91,9 +91,6 @@ def truth(weights: dict, mode: str, probe: TensorDataset, device: str = "cpu") -
 
 
 # ---------------------------------------------------------------------- the protocol against truth
-@pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
-)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("copy_model", [True, False])
 def test_probes_equal_recomputation_and_training_is_bit_identical(tmp_path, mode, copy_model, device):
