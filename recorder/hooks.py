@@ -136,6 +136,7 @@ class SiteHooks:
         self._forward_end = self._end_forward
         self._selected = site_filter(sites)
         self._selected_cache: dict[str, bool] = {}
+        self._is_selected = self._select  # a dynamo constant for a compiled model (_install)
         self._modules = list(_named_modules(uncompiled(model)))
         self._paths = {id(module): name for name, module in self._modules}
         # Type names of the site modules, by module id.
@@ -242,7 +243,14 @@ class SiteHooks:
 
     # ------------------------------------------------------------------ compiled models
     def _install(self) -> None:
-        torch.compiler.assume_constant_result(_is_selected)
+        select = self._select
+
+        def is_selected(name: str) -> bool:
+            return select(name)
+
+        # A constant for dynamo: evaluated while tracing, never a guard or a break. Its one argument is a
+        # constant string; torch before 2.13 refused such a function called with the hooks object itself.
+        self._is_selected = torch.compiler.assume_constant_result(is_selected)
         # A graph break after each top-level forward: the lists a graph appends to are emptied there, so
         # every forward starts with the state its graph was traced with (dynamo guards on their lengths).
         self._forward_end = torch.compiler.disable(self._end_forward)
@@ -372,7 +380,7 @@ class SiteHooks:
         self._emit(name, f"function:{fname}", z)
 
     def _emit(self, name: str, module_type: str, z: torch.Tensor) -> None:
-        if not _is_selected(self, name):
+        if not self._is_selected(name):
             return
         if self._mode is None or self.compiled:
             self._callback(name, module_type, z)
@@ -406,11 +414,6 @@ def _top_mode() -> Any:
 def _discard_inert_modes() -> None:
     while isinstance(top := _top_mode(), _FunctionalMode) and top._hooks is None:
         torch._C._pop_torch_function_stack()
-
-
-def _is_selected(hooks: SiteHooks, name: str) -> bool:
-    # Marked as a constant for dynamo (in _install): evaluated while tracing, never a guard or a break.
-    return hooks._select(name)
 
 
 def _named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
