@@ -188,11 +188,11 @@ def pack_rows(obs: torch.Tensor) -> torch.Tensor:
         for k in range(1, 8):
             packed = packed | (lanes[..., k] << k)
         return packed
-    on = on.to(torch.int32)
+    on = on.view(torch.uint8)  # the same bytes: no conversion kernel
     if pad:
         on = torch.nn.functional.pad(on, (0, pad))
-    shifts = torch.arange(8, dtype=torch.int32, device=obs.device)
-    return (on.reshape(rows, n_bytes, 8) << shifts).sum(dim=-1).to(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=obs.device)
+    return (on.reshape(rows, n_bytes, 8) << shifts).sum(dim=-1, dtype=torch.uint8)  # distinct bits: no carry
 
 
 def _numpy_packable(z: torch.Tensor) -> bool:

@@ -327,8 +327,10 @@ class ActivationRecorder:
             record = item if isinstance(item, Record) else self._make_record(context, *item)
             if record is not None:
                 records.append(record)
-                if self.on_record is not None:
-                    self.on_record(record)
+        to_host(records)
+        if self.on_record is not None:
+            for record in records:
+                self.on_record(record)
         if records:
             self.writer.put_many(records)
 
@@ -438,15 +440,11 @@ class ActivationRecorder:
                 "they are not stored for this site.",
             )
             labels = sample_ids = None
-        ready = None
-        if bits.is_cuda:
-            bits, nan_count, values = _to_pinned(bits), _to_pinned(nan_count), _to_pinned(values)
-            ready = torch.cuda.Event()
-            ready.record()
         return Record(
             meta=meta, step=context.step, epoch=context.epoch, split=context.split, bits=bits,
             n_positions=n_positions, n_samples=n, nan_count=nan_count,
-            sample_ids=sample_ids, labels=labels, obs_index=obs_index, values=values, ready=ready,
+            sample_ids=sample_ids, labels=labels, obs_index=obs_index, values=values,
+            stream=_stream(bits),
         )
 
     def _value_units(self, site_index: int, n_units: int) -> tuple[int, ...] | None:
@@ -490,6 +488,48 @@ def _host_int64(values: Any) -> Any:
             return _to_pinned(values.to(torch.int64))
         values = values.cpu().numpy()
     return np.array(values, dtype=np.int64).reshape(-1)  # a copy: the caller may reuse its array
+
+
+_DEVICE_FIELDS = ("nan_count", "values", "bits")
+
+
+def to_host(records: list[Record]) -> None:
+    """Move the device tensors of ``records`` to host memory, one copy per stream that computed them.
+
+    On CUDA, per stream: one concatenation on the device, one pinned host buffer, one non-blocking copy
+    and one event in each record's ``ready`` (waited on by the writer thread), instead of a buffer, a
+    copy and an event per tensor, each microseconds of launch time at every site. Another accelerator
+    (``stream`` is then its device) is copied synchronously. The host buffer is sliced into each field,
+    wider element types first so that every slice is aligned for its type.
+    """
+    by_stream: dict[Any, list[tuple[Record, str, torch.Tensor]]] = {}
+    for record in records:
+        if record.stream is not None:
+            tensors = [(record, name, getattr(record, name)) for name in _DEVICE_FIELDS]
+            by_stream.setdefault(record.stream, []).extend(t for t in tensors if isinstance(t[2], torch.Tensor))
+    for stream, fields in by_stream.items():
+        fields.sort(key=lambda item: -item[2].element_size())
+        cuda = isinstance(stream, torch.cuda.Stream)
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            flat = torch.cat([tensor.reshape(-1).view(torch.uint8) for _, _, tensor in fields])
+            host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=cuda)
+            host.copy_(flat, non_blocking=cuda)
+            ready = torch.cuda.Event() if cuda else None
+            if cuda:
+                ready.record()
+        offset = 0
+        for record, name, tensor in fields:
+            size = tensor.numel() * tensor.element_size()
+            setattr(record, name, host[offset : offset + size].view(tensor.dtype).reshape(tensor.shape))
+            offset += size
+            record.ready, record.stream = ready, None
+
+
+def _stream(tensor: torch.Tensor) -> Any:
+    """What computes ``tensor``, for :func:`to_host`: None on the CPU, a CUDA stream, or another device."""
+    if tensor.is_cuda:
+        return torch.cuda.current_stream(tensor.device)
+    return None if tensor.is_cpu else tensor.device
 
 
 def _to_pinned(tensor: Any) -> Any:

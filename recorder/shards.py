@@ -71,7 +71,9 @@ class Record:
     """One recorded call of one site, as handed from a hook to the writer.
 
     Array fields are numpy arrays or CPU tensors still being filled by a non-blocking device copy;
-    ``ready`` (a CUDA event, or None) is waited on by the writer thread, never by the hook.
+    ``ready`` (a CUDA event, or None) is waited on by the writer thread, never by the hook. Until the
+    hand-off, a hook's record may hold device tensors instead, computed on ``stream``: the recorder
+    copies those of a whole capture to the host at once (:func:`actpat.recorder.recorder.to_host`).
     """
 
     meta: SiteMeta
@@ -87,6 +89,7 @@ class Record:
     obs_index: Any = None
     values: Any = None
     ready: Any = None
+    stream: Any = None
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:

@@ -733,13 +733,16 @@ def test_idle_shard_is_finalized_after_max_shard_seconds(tmp_path):
     assert open_run(tmp_path).steps("1").tolist() == [0, 1]
 
 
-def test_hooks_never_read_a_device_tensor_on_the_host(tmp_path):
+def test_hooks_never_read_a_device_tensor_on_the_host(tmp_path, monkeypatch):
     """On the meta device every host read (.item(), bool(), int(), .numpy(), .tolist()) raises.
 
     The path a CUDA tensor takes (torch packing, NaN count left on the device) runs on meta tensors;
-    a host read there would be a device synchronization on CUDA. Only the pinned copies themselves
-    need CUDA (tested where it is available).
+    a host read there would be a device synchronization on CUDA. The copy to the host at the hand-off
+    needs data (tested below, and on CUDA where it is available): here the records keep their tensors.
     """
+    from actpat.recorder import recorder
+
+    monkeypatch.setattr(recorder, "to_host", lambda records: None)
     model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(12 * 4 * 4, 5))
     model = model.to("meta")
     model[3].register_forward_pre_hook(lambda module, args: (F.relu(args[0]),))  # a functional site
@@ -753,6 +756,40 @@ def test_hooks_never_read_a_device_tensor_on_the_host(tmp_path):
     assert first.bits.device.type == "meta" and first.bits.shape == (50, 2)
     assert isinstance(first.nan_count, torch.Tensor) and first.nan_count.device.type == "meta"
     assert first.values.shape == (50, 4) and first.values.dtype == torch.float16
+
+
+def test_device_tensors_of_a_capture_reach_the_host_in_one_copy_each_field_intact():
+    """``to_host`` on CPU tensors standing in for a device's (``stream``: a device that is not CUDA):
+    fields of three element sizes, non-contiguous and 0-d, from records of two streams."""
+    from actpat.recorder.recorder import to_host
+    from actpat.recorder.shards import Record, SiteMeta
+
+    meta = SiteMeta(site="s", site_index=0, module_type="ReLU", shape=(3,), n_units=3, pattern="channel")
+    g = torch.Generator().manual_seed(0)
+    records, expected = [], []
+    for i, stream in enumerate([torch.device("cpu"), torch.device("cpu"), torch.device("cpu", 1), None]):
+        bits = torch.randint(0, 256, (7 + i, 5), dtype=torch.uint8, generator=g)[:, 1:4]  # odd sizes, strided
+        nan_count = torch.tensor(1000 + i) if i != 1 else 0  # a 0-d int64, or a plain int
+        values = torch.randn(3 + i, 2, generator=g).half().t() if i != 2 else None
+        expected.append((bits.clone(), nan_count, None if values is None else values.clone()))
+        records.append(Record(meta=meta, step=i, epoch=0, split="train", bits=bits, n_positions=1, n_samples=7 + i,
+                              nan_count=nan_count, values=values, stream=stream))
+    cat = torch.cat
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "cat", lambda tensors, *a, **k: calls.append(len(tensors)) or cat(tensors, *a, **k))
+        to_host(records)
+    assert calls == [5, 2]  # one copy per stream: records 0 and 1 (3 + 2 tensors), record 2; not record 3
+    for record, (bits, nan_count, values) in zip(records, expected):
+        assert record.stream is None and record.ready is None
+        assert torch.equal(record.bits, bits) and record.bits.dtype == torch.uint8
+        if isinstance(nan_count, int):
+            assert record.nan_count == nan_count
+        else:
+            assert record.nan_count.shape == () and int(record.nan_count) == int(nan_count)
+        assert (record.values is None) == (values is None)
+        if values is not None:
+            assert record.values.dtype == torch.float16 and torch.equal(record.values, values)
 
 
 def test_pre_activations_without_units_or_positions_are_skipped_not_recorded_broken(tmp_path, caplog):
