@@ -35,7 +35,7 @@ def test_sigkill_leaves_only_exact_or_reported_records(seed, compression, tmp_pa
     finalized_steps = set()
     for info in run.shard_infos:
         assert info.format_version == 3
-    for site in run.sites:
+    for site in run.sites if run.splits else []:  # a kill before the first verified record: sites, no split
         finalized_steps |= set(run.steps(site).tolist())
     assert finalized_steps <= set(range(max(sent) + 2))  # nothing invented (a step may be sent, unlogged)
     assert all(loss.kind in ("unwritten", "corrupt", "unreadable") for loss in run.losses)
