@@ -18,8 +18,10 @@ capture), so the callback's tensor ops run inside the compiled code.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import threading
 import types
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
@@ -136,7 +138,10 @@ class SiteHooks:
         self._forward_end = self._end_forward
         self._selected = site_filter(sites)
         self._selected_cache: dict[str, bool] = {}
-        self._is_selected = self._select  # a dynamo constant for a compiled model (_install)
+        # A token per hooks object: dynamo guards on it, so that a graph traced for another recorder (other
+        # `sites`) is never reused with this one's selection baked in.
+        self._token = str(next(_TOKENS))
+        _SELECTIONS[self._token] = self
         self._modules = list(_named_modules(uncompiled(model)))
         self._paths = {id(module): name for name, module in self._modules}
         # Type names of the site modules, by module id.
@@ -243,14 +248,6 @@ class SiteHooks:
 
     # ------------------------------------------------------------------ compiled models
     def _install(self) -> None:
-        select = self._select
-
-        def is_selected(name: str) -> bool:
-            return select(name)
-
-        # A constant for dynamo: evaluated while tracing, never a guard or a break. Its one argument is a
-        # constant string; torch before 2.13 refused such a function called with the hooks object itself.
-        self._is_selected = torch.compiler.assume_constant_result(is_selected)
         # A graph break after each top-level forward: the lists a graph appends to are emptied there, so
         # every forward starts with the state its graph was traced with (dynamo guards on their lengths).
         self._forward_end = torch.compiler.disable(self._end_forward)
@@ -380,7 +377,7 @@ class SiteHooks:
         self._emit(name, f"function:{fname}", z)
 
     def _emit(self, name: str, module_type: str, z: torch.Tensor) -> None:
-        if not self._is_selected(name):
+        if not _is_selected(self._token, name):
             return
         if self._mode is None or self.compiled:
             self._callback(name, module_type, z)
@@ -414,6 +411,17 @@ def _top_mode() -> Any:
 def _discard_inert_modes() -> None:
     while isinstance(top := _top_mode(), _FunctionalMode) and top._hooks is None:
         torch._C._pop_torch_function_stack()
+
+
+_TOKENS = itertools.count()
+_SELECTIONS: "weakref.WeakValueDictionary[str, SiteHooks]" = weakref.WeakValueDictionary()
+
+
+@torch.compiler.assume_constant_result
+def _is_selected(token: str, name: str) -> bool:
+    # A constant for dynamo: evaluated while tracing, never a break; its arguments are constant strings
+    # (torch before 2.13 refused the hooks object as one), the token guarded where it is read.
+    return _SELECTIONS[token]._select(name)
 
 
 def _named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -183,6 +183,22 @@ def test_a_second_recorder_on_the_same_compiled_model_records(tmp_path):
         np.testing.assert_array_equal(second.read(site, 1).bits, eager_run.read(site, 1).bits)
 
 
+@pytest.mark.parametrize("same_model", [True, False])
+def test_recorders_one_after_another_each_record_their_own_sites(tmp_path, same_model):
+    """A graph traced for one recorder's `sites` is never reused with another's (torch 2.11 reused it)."""
+    def make():
+        torch.manual_seed(0)
+        return torch.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()), backend=BACKEND)
+
+    compiled, x = make(), torch.randn(6, 4)
+    for k, (sites, expected) in enumerate([(None, ["1", "3"]), (["3"], ["3"]), ("1", ["1"]), (None, ["1", "3"])]):
+        compiled = compiled if same_model else make()
+        with ActivationRecorder(compiled, tmp_path / str(k), sites=sites) as rec:
+            with rec.capture(0):
+                compiled(x)
+        assert open_run(tmp_path / str(k)).sites == expected, sites
+
+
 @pytest.mark.parametrize("how", ["method", "submodule"])
 def test_in_place_compile_and_compiled_submodules_keep_eager_names(how, tmp_path):
     batches = _batches(2)
