@@ -502,26 +502,28 @@ def to_host(records: list[Record]) -> None:
     (``stream`` is then its device) is copied synchronously. The host buffer is sliced into each field,
     wider element types first so that every slice is aligned for its type.
     """
-    by_stream: dict[Any, list[tuple[Record, str, torch.Tensor]]] = {}
+    by_stream: dict[Any, list[Record]] = {}
     for record in records:
         if record.stream is not None:
-            tensors = [(record, name, getattr(record, name)) for name in _DEVICE_FIELDS]
-            by_stream.setdefault(record.stream, []).extend(t for t in tensors if isinstance(t[2], torch.Tensor))
-    for stream, fields in by_stream.items():
-        fields.sort(key=lambda item: -item[2].element_size())
+            by_stream.setdefault(record.stream, []).append(record)
+    for stream, group in by_stream.items():
+        fields = [(r, name, getattr(r, name)) for r in group for name in _DEVICE_FIELDS]
+        fields = sorted((f for f in fields if isinstance(f[2], torch.Tensor)), key=lambda f: -f[2].element_size())
         cuda = isinstance(stream, torch.cuda.Stream)
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            flat = torch.cat([tensor.reshape(-1).view(torch.uint8) for _, _, tensor in fields])
-            host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=cuda)
-            host.copy_(flat, non_blocking=cuda)
-            ready = torch.cuda.Event() if cuda else None
-            if cuda:
+            if fields:
+                flat = torch.cat([tensor.reshape(-1).view(torch.uint8) for _, _, tensor in fields])
+                host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=cuda)
+                host.copy_(flat, non_blocking=cuda)
+            ready = torch.cuda.Event() if cuda else None  # also after the labels' copy, made on this stream
+            if ready is not None:
                 ready.record()
         offset = 0
         for record, name, tensor in fields:
             size = tensor.numel() * tensor.element_size()
             setattr(record, name, host[offset : offset + size].view(tensor.dtype).reshape(tensor.shape))
             offset += size
+        for record in group:
             record.ready, record.stream = ready, None
 
 

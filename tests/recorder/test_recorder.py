@@ -663,19 +663,20 @@ class _ShiftedRelu(nn.Module):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_hooks_never_wait_for_the_device(tmp_path, truth):
     """Every path of a hook on a GPU (packing, NaN count, subsampling, stored values, labels, a functional
-    site) queues its work and copies without a synchronization: torch's sync debug mode raises on one."""
+    site) and the hand-off to the host at the capture's end queue their work and copies without a
+    synchronization: torch's sync debug mode raises on one (the writer thread's event wait is not one)."""
     net, x = truth.exact_conv_net(12, 8, 9)  # integer pre-activations: exact on any device
     model, x = _ShiftedRelu(net).cuda(), x.cuda()
     labels = torch.arange(8, device="cuda")
     taps = truth.Taps(net[1], net[3])
     with ActivationRecorder(model, tmp_path, max_observations=300, store_values="all") as rec:
         for step in range(3):
-            with rec.capture(step, labels=labels, sample_ids=labels + 50):
-                torch.cuda.set_sync_debug_mode("error")
-                try:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                with rec.capture(step, labels=labels, sample_ids=labels + 50):
                     model(x)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     taps.remove()
     run = open_run(tmp_path)
     assert run.sites == ["net.1", "net.3", "relu#0"]
@@ -774,12 +775,15 @@ def test_device_tensors_of_a_capture_reach_the_host_in_one_copy_each_field_intac
         expected.append((bits.clone(), nan_count, None if values is None else values.clone()))
         records.append(Record(meta=meta, step=i, epoch=0, split="train", bits=bits, n_positions=1, n_samples=7 + i,
                               nan_count=nan_count, values=values, stream=stream))
+    no_tensor = Record(meta=meta, step=9, epoch=0, split="train", bits=np.zeros((2, 1), np.uint8), n_positions=1,
+                       n_samples=2, nan_count=0, stream=torch.device("cpu", 2))
     cat = torch.cat
     calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "cat", lambda tensors, *a, **k: calls.append(len(tensors)) or cat(tensors, *a, **k))
-        to_host(records)
+        to_host(records + [no_tensor])
     assert calls == [5, 2]  # one copy per stream: records 0 and 1 (3 + 2 tensors), record 2; not record 3
+    assert no_tensor.stream is None and no_tensor.bits.shape == (2, 1)  # a stream with nothing to copy
     for record, (bits, nan_count, values) in zip(records, expected):
         assert record.stream is None and record.ready is None
         assert torch.equal(record.bits, bits) and record.bits.dtype == torch.uint8
