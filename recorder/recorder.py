@@ -132,6 +132,14 @@ class ActivationRecorder:
             raise ValueError(f"Expected `store_values` to be None, 'all' or a positive int, but got {store_values!r}.")
         if max_observations is not None and int(max_observations) < 1:
             raise ValueError(f"Expected `max_observations` to be None or at least 1, but got {max_observations}.")
+        if is_compiled(model) and _torch_release() < MIN_COMPILED_TORCH:
+            raise ValueError(
+                f"Expected torch {'.'.join(map(str, MIN_COMPILED_TORCH))} or later to record a torch.compile'd model, "
+                f"but this is torch {torch.__version__}, whose dynamo traces the recorder's hooks wrongly (torch "
+                "2.5 drops functional sites, 2.4 returns tensors the writer cannot read). Upgrade torch, or record "
+                "the eager module (`model._orig_mod` of a compiled wrapper; the callback's probes, whose copy is "
+                "eager, work on any torch)."
+            )
         if store_values is not None and is_compiled(model):
             raise ValueError(
                 f"Expected `store_values=None` for a torch.compile'd model, but got {store_values!r}: stored "
@@ -525,6 +533,16 @@ def to_host(records: list[Record]) -> None:
             offset += size
         for record in group:
             record.ready, record.stream = ready, None
+
+
+#: The oldest torch whose dynamo records compiled models exactly (tested: 2.6, 2.7, 2.11, 2.13; 2.4 and 2.5 fail).
+MIN_COMPILED_TORCH = (2, 6)
+
+
+def _torch_release() -> tuple[int, int]:
+    """(major, minor) of the running torch, from its version string (``2.6.0+cu124`` -> (2, 6))."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def _stream(tensor: torch.Tensor) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -255,6 +256,17 @@ def test_compiled_model_refuses_stored_values(tmp_path):
     compiled = torch.compile(_model(), backend=BACKEND)
     with pytest.raises(ValueError, match="store_values"):
         ActivationRecorder(compiled, tmp_path, store_values="all")
+
+
+@pytest.mark.parametrize("version", ["2.5.1+cu124", "2.4.1"])
+def test_a_compiled_model_on_a_torch_too_old_to_trace_it_is_refused_at_construction(tmp_path, monkeypatch, version):
+    model = _model()
+    compiled = torch.compile(model, backend=BACKEND)
+    monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(ValueError, match=rf"torch 2.6 or later.*this is torch {re.escape(version)}.*_orig_mod"):
+        ActivationRecorder(compiled, tmp_path)
+    ActivationRecorder(model, tmp_path).close()  # the eager module records on any supported torch
+    assert not list(tmp_path.glob("*.h5"))
 
 
 def test_model_compiled_after_the_recorder_was_created_is_a_clear_error(tmp_path):
