@@ -67,6 +67,7 @@ from actpat.callbacks.demo import DigitsCNN, digits_dataset
 from actpat.callbacks.patterns import PROBE_SPLIT, ActivationPatternCallback
 from actpat.recorder import Prober, open_run
 from actpat.recorder.probe_module import ProbeModule
+from overhead import synchronizer
 
 ARMS = ("baseline", "batch", "probe", "probe_nolive", "floor")
 BATCH_SIZE = 64
@@ -107,7 +108,7 @@ class _FloorCallback(pl.Callback):
         with torch.no_grad():
             for x in self._inputs:
                 self._copy(x)
-        _synchronize(self._inputs[0].device)
+        synchronizer(self._inputs[0].device)()
         self.seconds += time.perf_counter() - start
 
 
@@ -129,12 +130,6 @@ class _TimedCallback(ActivationPatternCallback):
                 object.__setattr__(self, "seconds", self.seconds + time.perf_counter() - start)
 
         return timed
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for the work queued on ``device`` (a timed call ends with it on a GPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _callback(arm: str, probe: Subset) -> list[pl.Callback]:
@@ -198,10 +193,12 @@ def _probe_costs(model: pl.LightningModule, probe: Subset, repeats: int, device:
     state_copy = copy.deepcopy(model)
     times: dict[str, list[float]] = {}
 
+    sync = synchronizer(device)
+
     def timed(name: str, fn) -> None:
         start = time.perf_counter()
         fn()
-        _synchronize(device)
+        sync()
         times.setdefault(name, []).append(1e3 * (time.perf_counter() - start))
 
     def floor() -> None:
