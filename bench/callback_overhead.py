@@ -113,21 +113,26 @@ class _FloorCallback(pl.Callback):
 
 
 class _TimedCallback(ActivationPatternCallback):
-    """The callback, with the wall time spent in its hooks summed (``seconds``): what training waited for."""
+    """The callback, with the wall time spent in its hooks summed (``seconds``): what training waited for.
 
-    seconds = 0.0
+    The hooks are wrapped once, as attributes of the instance (which Lightning's ``getattr`` finds first),
+    so the callback's own attribute reads pay nothing for the timing.
+    """
 
-    def __getattribute__(self, name: str):
-        attr = super().__getattribute__(name)
-        if not (name.startswith("on_") or name in ("setup", "teardown")) or not callable(attr):
-            return attr
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seconds = 0.0
+        for name in dir(ActivationPatternCallback):
+            if name.startswith("on_") or name in ("setup", "teardown"):
+                setattr(self, name, self._timed(getattr(self, name)))
 
+    def _timed(self, hook):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return attr(*args, **kwargs)
+                return hook(*args, **kwargs)
             finally:
-                object.__setattr__(self, "seconds", self.seconds + time.perf_counter() - start)
+                self.seconds += time.perf_counter() - start
 
         return timed
 

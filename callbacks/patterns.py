@@ -219,6 +219,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._inputs_from, self._labels_from = inputs_from, labels_from
         self._reader = BatchReader(inputs_from, labels_from, self._warn_once)
         self._selection = SiteSelection(sites)  # of batch mode; the prober checks its own
+        self._state_key: tuple[tuple, str] | None = None
         # Resumable state (state_dict).
         self._run_dir: Path | None = None
         self._last_batch_step = -1
@@ -243,12 +244,17 @@ class ActivationPatternCallback(*CALLBACK_BASES):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            out_dir=None if self.out_dir is None else str(self.out_dir),
-            batch_every_n_steps=self.batch_every_n_steps,
-            probe_every=self.probe_every,
-            probe_mode=self.probe_mode,
-        )
+        # Lightning reads it at every hook call of every step (its profiler's action name): made once per
+        # setting, not formatted each time (about 1% of a small model's step).
+        settings = (self.out_dir, self.batch_every_n_steps, self.probe_every, self.probe_mode)
+        if self._state_key is None or self._state_key[0] != settings:
+            self._state_key = settings, self._generate_state_key(
+                out_dir=None if self.out_dir is None else str(self.out_dir),
+                batch_every_n_steps=self.batch_every_n_steps,
+                probe_every=self.probe_every,
+                probe_mode=self.probe_mode,
+            )
+        return self._state_key[1]
 
     @property
     def run_dir(self) -> Path | None:
