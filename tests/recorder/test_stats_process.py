@@ -236,3 +236,17 @@ def test_the_child_gets_the_parents_import_path_and_a_process_group_of_its_own(t
             assert os.getsid(live.worker_pid) == os.getsid(0)
     finally:
         live.close(wait=True)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the child's threads from /proc (Linux)")
+def test_the_child_runs_numpy_on_one_thread_whatever_training_uses(monkeypatch):
+    # A BLAS thread pool started at numpy's import spins on the cores that train; the statistics need none.
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    live = LiveStats(functools.partial(live_measures, n_classes=None), None, lambda key, message: None)
+    try:
+        wait_ready(live)
+        assert live._process.ready()
+        assert os.listdir(f"/proc/{live.worker_pid}/task") == [str(live.worker_pid)]  # its main thread alone
+    finally:
+        live.close(wait=True)
