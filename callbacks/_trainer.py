@@ -53,7 +53,8 @@ def log_metrics(trainer: Trainer, stats: dict[str, dict[str, float]], step: int,
     """Send one probe's ``{site: {metric: value}}`` to every logger as ``actpat/<metric>/<site>`` at ``step``.
 
     A TensorBoard logger also gets the custom-scalars layout, once (``layout_written`` holds the ids of
-    the loggers that have it).
+    the loggers that have it). The loggers write them out when Lightning saves its own metrics (every
+    ``log_every_n_steps``, and at the end of fit), not at each probe.
     """
     metrics = {f"actpat/{metric}/{site}": value for site, values in stats.items() for metric, value in values.items()}
     if not metrics or not trainer.is_global_zero:
@@ -63,7 +64,6 @@ def log_metrics(trainer: Trainer, stats: dict[str, dict[str, float]], step: int,
         if isinstance(logger, TENSORBOARD_LOGGERS) and id(logger) not in layout_written:
             logger.experiment.add_custom_scalars(custom_scalars_layout())
             layout_written.add(id(logger))
-        logger.save()
 
 
 def custom_scalars_layout() -> dict:
