@@ -73,9 +73,10 @@ def test_a_picklable_function_runs_in_a_child_process_with_the_numbers_of_a_thre
         os.kill(child.worker_pid, 0)
 
 
-def test_a_failing_statistics_function_is_reported_with_its_traceback_and_printing_does_not_break_the_pipe():
+def test_a_failing_statistics_function_is_reported_with_its_traceback_and_printing_does_not_break_the_pipe(capfd, monkeypatch):
     # print() writes to the child's stdout (the pipe, were it not redirected) and returns None, which the
     # worker cannot unpack: an error from the child, not a garbled frame.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the child's stdout buffered, as it is by default
     notes = []
     live = LiveStats(print, None, lambda key, message: notes.append(message))
     try:
@@ -89,6 +90,8 @@ def test_a_failing_statistics_function_is_reported_with_its_traceback_and_printi
         assert live.worker_pid is not None and notes == []  # the function failed, not the process
     finally:
         live.close(wait=True)
+    # What it printed reached standard error, also what was still buffered when the child ended.
+    assert capfd.readouterr().err.count("Patterns(site='fc.relu'") == 2
 
 
 def test_a_killed_child_hands_over_to_a_thread_without_losing_a_probe():
