@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Optional
 
 from torch import nn
@@ -49,21 +50,36 @@ def compiled_parts(module: nn.Module) -> list[str]:
     return parts
 
 
-def log_metrics(trainer: Trainer, stats: dict[str, dict[str, float]], step: int, layout_written: set[int]) -> None:
-    """Send one probe's ``{site: {metric: value}}`` to every logger as ``actpat/<metric>/<site>`` at ``step``.
+class LiveLog:
+    """Send each probe's ``{site: {metric: value}}`` to every logger of the trainer as ``actpat/<metric>/<site>``.
 
-    A TensorBoard logger also gets the custom-scalars layout, once (``layout_written`` holds the ids of
-    the loggers that have it). The loggers write them out when Lightning saves its own metrics (every
-    ``log_every_n_steps``, and at the end of fit), not at each probe.
+    A TensorBoard logger also gets the custom-scalars layout, once. A logger writes out (``save``) at most
+    every :attr:`SAVE_SECONDS`, besides whenever Lightning saves its own metrics and at the end of fit: a
+    probe every few steps need not rewrite a file each time, and a module that logs nothing itself still
+    shows its statistics while it trains.
     """
-    metrics = {f"actpat/{metric}/{site}": value for site, values in stats.items() for metric, value in values.items()}
-    if not metrics or not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-        if isinstance(logger, TENSORBOARD_LOGGERS) and id(logger) not in layout_written:
-            logger.experiment.add_custom_scalars(custom_scalars_layout())
-            layout_written.add(id(logger))
+
+    #: Seconds between the saves of a logger for the live statistics.
+    SAVE_SECONDS = 5.0
+
+    def __init__(self) -> None:
+        self._layout_written: set[int] = set()  # id() of the TensorBoard loggers that have the layout
+        self._saved: dict[int, float] = {}  # id() of a logger -> time.monotonic() of its last save by us
+
+    def __call__(self, trainer: Trainer, stats: dict[str, dict[str, float]], step: int) -> None:
+        metrics = {f"actpat/{metric}/{site}": value for site, values in stats.items() for metric, value in values.items()}
+        if not metrics or not trainer.is_global_zero:
+            return
+        now = time.monotonic()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            key = id(logger)
+            if isinstance(logger, TENSORBOARD_LOGGERS) and key not in self._layout_written:
+                logger.experiment.add_custom_scalars(custom_scalars_layout())
+                self._layout_written.add(key)
+            if now - self._saved.get(key, -math.inf) >= self.SAVE_SECONDS:
+                logger.save()
+                self._saved[key] = now
 
 
 def custom_scalars_layout() -> dict:

@@ -328,6 +328,77 @@ def test_failing_live_statistics_stop_themselves_not_the_recording(tmp_path, mon
     assert not logged.exists() or not any(c.startswith("actpat/") for c in pd.read_csv(logged).columns)
 
 
+class HandedCSVLogger(CSVLogger):
+    """A CSVLogger that notes the steps at which it was handed live statistics."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.handed: list[int] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if any(key.startswith("actpat/") for key in metrics):
+            self.handed.append(step)
+        super().log_metrics(metrics, step)
+
+
+class SavedLiveStats(pl.Callback):
+    """At the end of each epoch: the steps of live statistics handed to the logger, and those in its file."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[int], list[int]]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        path = Path(trainer.logger.log_dir) / "metrics.csv"
+        table = pd.read_csv(path) if path.exists() else pd.DataFrame()
+        column = "actpat/entropy/net.2"
+        in_file = sorted(table.dropna(subset=[column])["step"].tolist()) if column in table else []
+        self.seen.append((list(trainer.logger.handed), in_file))
+
+
+def test_live_stats_reach_the_logger_file_while_training_also_when_the_module_logs_nothing(tmp_path, monkeypatch):
+    # ToyNet logs nothing itself, so Lightning never saves its loggers during fit: the callback does.
+    monkeypatch.setattr("actpat.callbacks._trainer.LiveLog.SAVE_SECONDS", 0.0)  # at each probe's statistics
+    cb = ActivationPatternCallback(probe=toy_data(16, seed=1), probe_every=4, probe_batch_size=8)
+    seen = SavedLiveStats()
+    fit(tmp_path, [cb, seen], max_epochs=3, logger=HandedCSVLogger(tmp_path))
+    assert seen.seen[-1][0], "no live statistics reached the logger during the fit"
+    for handed, in_file in seen.seen:
+        assert in_file == handed
+    final = pd.read_csv(Path(cb.run_dir).parent / "metrics.csv").dropna(subset=["actpat/entropy/net.2"])
+    assert sorted(final["step"].tolist()) == [0, 4, 8, 12, 16, 20, 24]
+
+
+def test_live_log_saves_each_logger_at_most_every_save_seconds(monkeypatch):
+    from actpat.callbacks._trainer import LiveLog
+
+    class Logger:
+        def __init__(self) -> None:
+            self.logged, self.saves = [], 0
+
+        def log_metrics(self, metrics, step) -> None:
+            self.logged.append((step, metrics))
+
+        def save(self) -> None:
+            self.saves += 1
+
+    clock = [100.0]
+    monkeypatch.setattr("actpat.callbacks._trainer.time.monotonic", lambda: clock[0])
+    loggers = [Logger(), Logger()]
+    trainer = type("Trainer", (), {"loggers": loggers, "is_global_zero": True})()
+    log = LiveLog()
+    saves = []
+    for step, now in enumerate([100.0, 101.0, 104.9, 105.0, 105.1, 111.0]):
+        clock[0] = now
+        log(trainer, {"fc": {"entropy": float(step)}}, step)
+        saves.append(loggers[0].saves)
+    assert saves == [1, 1, 1, 2, 2, 3]  # the first at once, then after 5 s (LiveLog.SAVE_SECONDS) each
+    assert loggers[1].saves == 3
+    assert [step for step, _ in loggers[0].logged] == [0, 1, 2, 3, 4, 5]  # every probe is logged
+    assert loggers[0].logged[2][1] == {"actpat/entropy/fc": 2.0}
+    log(trainer, {}, 6)  # nothing computed: nothing logged, nothing saved
+    assert len(loggers[0].logged) == 6 and loggers[0].saves == 3
+
+
 def test_live_stats_without_a_logger_fail_at_setup(tmp_path):
     cb = ActivationPatternCallback(probe=toy_data(8))
     with pytest.raises(ValueError, match="Expected a logger"):
