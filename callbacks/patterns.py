@@ -246,7 +246,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     def state_key(self) -> str:
         # Lightning reads it at every hook call of every step (its profiler's action name): made once per
         # setting, not formatted each time (about 1% of a small model's step).
-        settings = (self.out_dir, self.batch_every_n_steps, self.probe_every, self.probe_mode)
+        # probe_every's type too: 1 == 1.0, but an int counts optimizer steps and a float epochs.
+        settings = (self.out_dir, self.batch_every_n_steps, self.probe_every, type(self.probe_every), self.probe_mode)
         if self._state_key is None or self._state_key[0] != settings:
             self._state_key = settings, self._generate_state_key(
                 out_dir=None if self.out_dir is None else str(self.out_dir),

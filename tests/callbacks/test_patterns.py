@@ -233,6 +233,10 @@ def test_state_dict_round_trip_and_state_key(tmp_path):
     assert a.state_key == b.state_key  # a setting changed after a read changes the key too
     b.batch_every_n_steps, b.out_dir = 2, tmp_path / "b"
     assert str(tmp_path / "b") in b.state_key and "batch_every_n_steps': 2" in b.state_key
+    b.probe_every = 1.0
+    assert "'probe_every': 1.0," in b.state_key
+    b.probe_every = 1  # equal to 1.0, but optimizer steps instead of epochs: another key
+    assert "'probe_every': 1," in b.state_key
     fit(tmp_path, [a], max_epochs=1)
     state = a.state_dict()
     assert state["last_batch_step"] == 7 and state["run_dir"] == str(a.run_dir)
