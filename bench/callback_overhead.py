@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 from fractions import Fraction
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -119,15 +120,17 @@ class _TimedCallback(ActivationPatternCallback):
     so the callback's own attribute reads pay nothing for the timing.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.seconds = 0.0
         for name in dir(ActivationPatternCallback):
             if name.startswith("on_") or name in ("setup", "teardown"):
                 setattr(self, name, self._timed(getattr(self, name)))
 
-    def _timed(self, hook):
-        def timed(*args, **kwargs):
+    def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        """``hook``, adding its wall time to ``seconds``."""
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return hook(*args, **kwargs)

@@ -9,6 +9,7 @@ from typing import Any, Optional
 from torch import nn
 
 from actpat.callbacks._lightning import TENSORBOARD_LOGGERS
+from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_module import compiled_parts as _compiled_submodules
 
 Trainer = Any  # either package's Trainer (see actpat.callbacks._lightning)
@@ -51,35 +52,47 @@ def compiled_parts(module: nn.Module) -> list[str]:
 
 
 class LiveLog:
-    """Send each probe's ``{site: {metric: value}}`` to every logger of the trainer as ``actpat/<metric>/<site>``.
+    """Send each probe's live statistics to every logger of one fit's trainer as ``actpat/<metric>/<site>``.
 
-    A TensorBoard logger also gets the custom-scalars layout, once. A logger writes out (``save``) at most
-    every :attr:`SAVE_SECONDS`, besides whenever Lightning saves its own metrics and at the end of fit: a
-    probe every few steps need not rewrite a file each time, and a module that logs nothing itself still
-    shows its statistics while it trains.
+    A TensorBoard logger also gets the custom-scalars layout, once. When a probe's statistics arrive, the
+    loggers write out (``save``) if :attr:`SAVE_SECONDS` have passed since they last did for them, besides
+    Lightning's own saves and the one at the end of fit: a probe every few steps need not rewrite a file
+    each time, and a module that logs nothing itself still shows its statistics while it trains.
+
+    Raises :class:`~actpat.recorder.live_stats.LiveStatsError` when a logger fails, so that the live
+    statistics stop and the probes go on being recorded.
     """
 
-    #: Seconds between the saves of a logger for the live statistics.
+    #: Seconds between the saves of the loggers for the live statistics.
     SAVE_SECONDS = 5.0
 
-    def __init__(self) -> None:
+    def __init__(self, trainer: Trainer) -> None:
+        self._trainer = trainer
         self._layout_written: set[int] = set()  # id() of the TensorBoard loggers that have the layout
-        self._saved: dict[int, float] = {}  # id() of a logger -> time.monotonic() of its last save by us
+        self._last_save = -math.inf  # time.monotonic()
 
-    def __call__(self, trainer: Trainer, stats: dict[str, dict[str, float]], step: int) -> None:
+    def __call__(self, step: int, stats: dict[str, dict[str, float]]) -> None:
+        """Log one probe's ``{site: {metric: value}}`` at ``step``."""
         metrics = {f"actpat/{metric}/{site}": value for site, values in stats.items() for metric, value in values.items()}
-        if not metrics or not trainer.is_global_zero:
+        if not metrics or not self._trainer.is_global_zero:
             return
         now = time.monotonic()
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-            key = id(logger)
-            if isinstance(logger, TENSORBOARD_LOGGERS) and key not in self._layout_written:
-                logger.experiment.add_custom_scalars(custom_scalars_layout())
-                self._layout_written.add(key)
-            if now - self._saved.get(key, -math.inf) >= self.SAVE_SECONDS:
-                logger.save()
-                self._saved[key] = now
+        save = now - self._last_save >= self.SAVE_SECONDS
+        for logger in self._trainer.loggers:
+            try:
+                logger.log_metrics(metrics, step=step)
+                if isinstance(logger, TENSORBOARD_LOGGERS) and id(logger) not in self._layout_written:
+                    logger.experiment.add_custom_scalars(custom_scalars_layout())
+                    self._layout_written.add(id(logger))
+                if save:
+                    logger.save()
+            except Exception as exc:
+                raise LiveStatsError(
+                    f"Logging the live statistics of the probe at step {step} to {type(logger).__name__} failed with "
+                    f"{exc!r}."
+                ) from exc
+        if save:
+            self._last_save = now
 
 
 def custom_scalars_layout() -> dict:

@@ -237,7 +237,6 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._capture_records = True  # whether the open capture records (False: it only checks)
         self._batch_checked = False  # a training batch of this fit has passed the setup checks
         self._batch_verified = False  # a training batch of this fit has been recorded
-        self._live_log = _trainer.LiveLog()
         self._failed = False
         self._stop_reason: str | None = None
         self._warned: set[str] = set()
@@ -411,7 +410,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                                                  trainer.precision_plugin.forward_context),
                 context=lambda module: _probe.inert(module, trainer), to_device=move_data_to_device,
                 cache_bytes=self.probe_cache_bytes, stats=live_measures if live else None,
-                on_stats=(lambda step, stats: self._live_log(trainer, stats, step)) if live else None,
+                on_stats=_trainer.LiveLog(trainer) if live else None,
                 writer=writer, notify=self._warn_once, **options,
             )
             if self._resumed or self._probe_state["init_step"] >= 0:  # a resumed fit, or another fit of this callback

@@ -99,7 +99,8 @@ class Prober:
         bytes, so later probes skip the loader; 0 reads it from the loader at every probe.
     stats : callable(patterns, references) -> (summary, metrics), optional
         Live statistics of each probe, per site, computed on a background worker, e.g.
-        :func:`actpat.analysis.live.live_measures`. See :mod:`actpat.recorder.live_stats`.
+        :func:`actpat.analysis.live.live_measures`. See :mod:`actpat.recorder.live_stats`: a picklable
+        function runs in a child process whose numpy (BLAS, OpenMP) uses one thread.
     on_stats : callable(step, {site: metrics}), optional
         Receives each probe's statistics, in step order, on the thread that calls :meth:`maybe`,
         :meth:`probe`, :meth:`poll` or :meth:`close`.

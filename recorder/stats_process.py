@@ -34,8 +34,8 @@ from typing import Any, BinaryIO, Optional
 __all__ = ["SUPPORTED", "StatsFunctionError", "StatsProcess", "StatsProcessError"]
 
 _CLOSE_SECONDS = 10.0
-# The child's numpy runs single-threaded: the statistics use no BLAS, and a BLAS thread pool started at import
-# spins on the cores that train (0.1 s of CPU per start on two cores, 60% of the child's start).
+# The child's numpy runs single-threaded: a BLAS thread pool started at import spins on the cores that train
+# (0.1 s of CPU per start on two cores, 60% of the child's start), and the live statistics use no BLAS.
 _ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 #: Whether the child can be used here: its readiness is polled with select(), which takes pipes on POSIX only.
 SUPPORTED = os.name == "posix"

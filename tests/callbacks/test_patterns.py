@@ -372,7 +372,7 @@ def test_live_stats_reach_the_logger_file_while_training_also_when_the_module_lo
     assert sorted(final["step"].tolist()) == [0, 4, 8, 12, 16, 20, 24]
 
 
-def test_live_log_saves_each_logger_at_most_every_save_seconds(monkeypatch):
+def test_live_log_saves_the_loggers_at_most_every_save_seconds(monkeypatch):
     from actpat.callbacks._trainer import LiveLog
 
     class Logger:
@@ -388,19 +388,42 @@ def test_live_log_saves_each_logger_at_most_every_save_seconds(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr("actpat.callbacks._trainer.time.monotonic", lambda: clock[0])
     loggers = [Logger(), Logger()]
-    trainer = type("Trainer", (), {"loggers": loggers, "is_global_zero": True})()
-    log = LiveLog()
+    log = LiveLog(type("Trainer", (), {"loggers": loggers, "is_global_zero": True})())
     saves = []
     for step, now in enumerate([100.0, 101.0, 104.9, 105.0, 105.1, 111.0]):
         clock[0] = now
-        log(trainer, {"fc": {"entropy": float(step)}}, step)
+        log(step, {"fc": {"entropy": float(step)}})
         saves.append(loggers[0].saves)
     assert saves == [1, 1, 1, 2, 2, 3]  # the first at once, then after 5 s (LiveLog.SAVE_SECONDS) each
     assert loggers[1].saves == 3
     assert [step for step, _ in loggers[0].logged] == [0, 1, 2, 3, 4, 5]  # every probe is logged
     assert loggers[0].logged[2][1] == {"actpat/entropy/fc": 2.0}
-    log(trainer, {}, 6)  # nothing computed: nothing logged, nothing saved
+    log(6, {})  # nothing computed: nothing logged, nothing saved
     assert len(loggers[0].logged) == 6 and loggers[0].saves == 3
+
+
+class FailingSaveLogger(CSVLogger):
+    """A logger whose second save fails (a full disk, say, freed again before Lightning's save at the end)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.saves = 0
+
+    def save(self) -> None:
+        self.saves += 1
+        if self.saves == 2:
+            raise OSError(28, "No space left on device")
+        super().save()
+
+
+def test_a_failing_logger_stops_the_live_stats_and_the_probes_go_on(tmp_path, monkeypatch):
+    monkeypatch.setattr("actpat.callbacks._trainer.LiveLog.SAVE_SECONDS", 0.0)
+    cb = ActivationPatternCallback(probe=toy_data(16, seed=1), probe_every=4, probe_batch_size=8)
+    with pytest.warns(UserWarning, match="(?s)to FailingSaveLogger failed with OSError.*Live statistics stop"):
+        fit(tmp_path, [cb], logger=FailingSaveLogger(tmp_path))
+    run = open_run(cb.run_dir)
+    assert run.steps("net.2", "probe").tolist() == [0, 4, 8, 12, 16]  # every probe, before and after the failure
+    assert not run.stop_reasons
 
 
 def test_live_stats_without_a_logger_fail_at_setup(tmp_path):
