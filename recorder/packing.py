@@ -36,6 +36,10 @@ _MIN_WORD_POSITIONS = 64
 _MIN_WORD_ELEMENTS = 1 << 16
 # The kernel vectorizes over positions: with fewer it is no faster than numpy (bench/packing_widths.py).
 _MIN_KERNEL_POSITIONS = 8
+# Flat patterns (one position) up to this many values also take the kernel: one call instead of numpy's
+# comparison, gather and NaN sum, whose fixed costs (50-60 us inside a training step, caches cold) it saves;
+# beyond, numpy's vectorized passes are faster.
+_MAX_FLAT_KERNEL_ELEMENTS = 1 << 14
 
 
 def _check_pattern(pattern: str) -> None:
@@ -208,17 +212,20 @@ def _numpy_packable(z: torch.Tensor) -> bool:
 
 def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int, bool | None]:
     n = values.shape[0]
-    if pattern == "flat" or values.ndim == 2:
-        rows = np.greater(values, 0, out=_scratch(values.shape)).reshape(n, -1)  # NaN compares False: off
-        return _pack_rows_numpy(rows), 1, rows.shape[1], None
-    n_units, n_positions = values.shape[1], math.prod(values.shape[2:])
-    kernel = None
-    if n_positions >= _MIN_KERNEL_POSITIONS and values.dtype in kernels.DTYPES and values.flags.c_contiguous:
+    flat = pattern == "flat" or values.ndim == 2
+    n_units, n_positions = (math.prod(values.shape[1:]), 1) if flat else (values.shape[1], math.prod(values.shape[2:]))
+    if (
+        (values.size <= _MAX_FLAT_KERNEL_ELEMENTS if flat else n_positions >= _MIN_KERNEL_POSITIONS)
+        and values.dtype in kernels.DTYPES and values.flags.c_contiguous
+    ):
         kernel = kernels.load()
-    if kernel is not None:
-        out = np.empty((n, n_positions, (n_units + 7) // 8), dtype=np.uint8)
-        has_nan = kernel(values.reshape(n, n_units, n_positions), out)
-        return out.reshape(n * n_positions, -1), n_positions, n_units, bool(has_nan)
+        if kernel is not None:
+            out = np.empty((n, n_positions, (n_units + 7) // 8), dtype=np.uint8)
+            has_nan = kernel(values.reshape(n, n_units, n_positions), out)
+            return out.reshape(n * n_positions, -1), n_positions, n_units, bool(has_nan)
+    if flat:
+        rows = np.greater(values, 0, out=_scratch(values.shape)).reshape(n, -1)  # NaN compares False: off
+        return _pack_rows_numpy(rows), 1, n_units, None
     # Units padded to whole bytes with off units, so that widths like 3, 12 or 100 take the fast paths of
     # whole-byte widths (numpy's packbits of rows of a few bits took 9-24x the comparison:
     # bench/packing_widths.py).

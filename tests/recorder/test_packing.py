@@ -181,7 +181,8 @@ def test_the_kernel_is_in_use_where_numba_is_installed():
 @pytest.mark.parametrize("channels", [1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65])
 @pytest.mark.parametrize("spatial", [(), (1,), (3,), (5, 7), (16, 16)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_channel_patterns_and_nan_counts_of_every_width(dtype, channels, spatial, backend):
+@pytest.mark.parametrize("pattern", ["channel", "flat"])
+def test_patterns_and_nan_counts_of_every_width(dtype, channels, spatial, backend, pattern):
     g = torch.Generator().manual_seed(channels * 31 + len(spatial))
     z = torch.randn((3, channels, *spatial), generator=g, dtype=torch.float64)
     flat = z.view(-1)
@@ -191,13 +192,14 @@ def test_channel_patterns_and_nan_counts_of_every_width(dtype, channels, spatial
         flat[(k * 7919) % flat.numel()] = value
     z = z.to(dtype)
     with _backend(backend):
-        bits, n_positions, n_units, nan_count = pack_and_count_nans(z, "channel")
-    np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
-    assert (n_positions, n_units) == (int(np.prod(spatial)), channels)
+        bits, n_positions, n_units, nan_count = pack_and_count_nans(z, pattern)
+    np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, pattern))
+    positions = int(np.prod(spatial))
+    assert (n_positions, n_units) == ((positions, channels) if pattern == "channel" else (1, channels * positions))
     assert nan_count == int(np.isnan(z.numpy()).sum())
     clean = torch.nan_to_num(z, nan=1.0)
     with _backend(backend):
-        assert pack_and_count_nans(clean, "channel")[3] == 0
+        assert pack_and_count_nans(clean, pattern)[3] == 0
 
 
 @pytest.fixture
