@@ -9,14 +9,19 @@ that asks for them.
 
 At most :data:`BACKLOG` probes wait for their statistics. A probe that finds the worker that far behind
 gets no live statistics (said once); its patterns are in the shards like every other probe's, and the
-probe after it gets no ``last`` comparison, since its previous record was not counted.
+probe after it gets no ``last`` comparison, since its previous record was not counted. Waiting for the
+last probes' statistics (at the end of training) takes at most :data:`FINAL_WAIT_SECONDS`: statistics
+not done by then are dropped (said once) and the statistics process is ended.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_futures
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Probes that may wait for their statistics before a new probe's statistics are skipped.
 BACKLOG = 2
+#: Seconds that waiting for the statistics still to come (``results(wait=True)``, ``close(wait=True)``) may take.
+FINAL_WAIT_SECONDS = 60.0
 
 #: ``stats(patterns, references) -> (summary, metrics)``: ``references`` maps ``"init"``/``"last"`` to
 #: the summaries returned for earlier probes of the same site (where they exist), or to None where this
@@ -73,6 +80,7 @@ class LiveStats:
         self._pending: list[tuple[int, Future]] = []
         self._gap = False
         self._handed_over = False  # whether the process holds the references (touched by the worker thread only)
+        self._given_up = False  # the wait for the last statistics ran out: nothing more is computed
 
     @property
     def worker_pid(self) -> Optional[int]:
@@ -99,7 +107,10 @@ class LiveStats:
             return None
 
     def submit(self, step: int, epoch: int, split: str, records: list[Record]) -> bool:
-        """Queue one probe's records; False (and nothing queued) when :data:`BACKLOG` probes still wait."""
+        """Queue one probe's records; False (and nothing queued) when :data:`BACKLOG` probes still wait, or
+        after the statistics still to come were dropped (see :data:`FINAL_WAIT_SECONDS`)."""
+        if self._given_up:
+            return False
         if sum(not future.done() for _, future in self._pending) >= BACKLOG:
             self._gap = True
             self._notify(
@@ -114,19 +125,30 @@ class LiveStats:
         return True
 
     def results(self, wait: bool) -> Iterator[tuple[int, dict[str, dict[str, float]]]]:
-        """Yield ``(step, {site: metrics})`` of finished probes in step order (all of them if ``wait``)."""
+        """Yield ``(step, {site: metrics})`` of finished probes in step order (all of them if ``wait``, within
+        :data:`FINAL_WAIT_SECONDS`; those not done by then are dropped)."""
+        deadline = time.monotonic() + FINAL_WAIT_SECONDS
         while self._pending and (wait or self._pending[0][1].done()):
-            step, future = self._pending.pop(0)
+            step, future = self._pending[0]
             try:
-                result = future.result()
+                result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                self._give_up()
+                return
             except Exception as exc:
+                self._pending.pop(0)
                 raise LiveStatsError(
                     f"The live statistics of the probe at step {step} failed with {type(exc).__name__}: {exc}"
                 ) from exc
+            self._pending.pop(0)
             yield step, result
 
     def close(self, wait: bool) -> None:
-        """Stop the worker; without ``wait``, statistics not yet computed are dropped."""
+        """Stop the worker; without ``wait``, statistics not yet computed are dropped (with ``wait``, those not
+        done within :data:`FINAL_WAIT_SECONDS`)."""
+        if wait and wait_futures([future for _, future in self._pending], timeout=FINAL_WAIT_SECONDS).not_done:
+            self._give_up()
+        wait = wait and not self._given_up
         process = self._process  # the worker thread may drop it (a process that never answered)
         if process is not None and not wait:
             process.close(wait=False)  # unblocks a thread waiting for its answer
@@ -134,6 +156,20 @@ class LiveStats:
         if process is not None and wait:
             process.close(wait=True)
         self._pending.clear()
+
+    def _give_up(self) -> None:
+        """Drop the statistics still to come and end the process, whose answer the worker thread waits for."""
+        steps = [step for step, future in self._pending if not future.done()]
+        self._notify(
+            "live-stats-late",
+            f"actpat: the live statistics of the probes at steps {steps} were not done {FINAL_WAIT_SECONDS:g} s after "
+            "training waited for them, and are dropped (the shards hold every probe: `actpat analyze` computes all).",
+        )
+        self._given_up = True
+        self._pending.clear()
+        process = self._process
+        if process is not None:
+            process.close(wait=False)
 
     def _compute(
         self, step: int, epoch: int, split: str, records: list[Record], use_last: bool
@@ -152,6 +188,8 @@ class LiveStats:
             except StatsProcessError as exc:
                 self._process = None
                 process.close(wait=False)
+                if self._given_up:
+                    return {}  # ended by _give_up: nobody waits for this probe any more
                 if self._handed_over:
                     # Its references died with it: init only if it came from this side, last from the next probe.
                     self._references = {"init": self._references.get("init", {}), "last": {}}

@@ -11,8 +11,11 @@ import copy
 import importlib.util
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -424,6 +427,44 @@ def test_a_failing_logger_stops_the_live_stats_and_the_probes_go_on(tmp_path, mo
     run = open_run(cb.run_dir)
     assert run.steps("net.2", "probe").tolist() == [0, 4, 8, 12, 16]  # every probe, before and after the failure
     assert not run.stop_reasons
+
+
+class StopsTheStatisticsProcess(pl.Callback):
+    """Stops (SIGSTOP) the callback's statistics process at the end of the first epoch, once it is ready."""
+
+    def __init__(self, cb: ActivationPatternCallback) -> None:
+        self.cb, self.pid = cb, None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.pid is not None:
+            return
+        live = self.cb._prober._stats
+        deadline = time.monotonic() + 30
+        while not live._process.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.pid = live.worker_pid
+        os.kill(self.pid, signal.SIGSTOP)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="stops a process (POSIX)")
+def test_a_stuck_statistics_process_holds_the_end_of_fit_for_a_bounded_time(tmp_path, monkeypatch):
+    monkeypatch.setattr("actpat.recorder.live_stats.FINAL_WAIT_SECONDS", 1.0)
+    cb = ActivationPatternCallback(probe=toy_data(16, seed=1), probe_every=4, probe_batch_size=8)
+    stopper = StopsTheStatisticsProcess(cb)
+    # Frees a wait without bound (so that the failure is reported, not a hung test).
+    watchdog = threading.Timer(60, lambda: stopper.pid and os.kill(stopper.pid, signal.SIGKILL))
+    watchdog.start()
+    start = time.monotonic()
+    try:
+        with pytest.warns(UserWarning, match="were not done 1 s after training waited for them, and are dropped"):
+            fit(tmp_path, [cb, stopper], max_epochs=3)
+    finally:
+        watchdog.cancel()
+    assert time.monotonic() - start < 45
+    with pytest.raises(ProcessLookupError):  # ended by the callback
+        os.kill(stopper.pid, 0)
+    run = open_run(cb.run_dir)
+    assert run.steps("net.2", "probe").tolist() == [0, 4, 8, 12, 16, 20, 24]  # every probe is recorded
 
 
 def test_live_stats_without_a_logger_fail_at_setup(tmp_path):

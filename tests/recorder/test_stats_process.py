@@ -253,3 +253,38 @@ def test_the_child_runs_numpy_on_one_thread_whatever_training_uses(monkeypatch):
         assert os.listdir(f"/proc/{live.worker_pid}/task") == [str(live.worker_pid)]  # its main thread alone
     finally:
         live.close(wait=True)
+
+
+@pytest.mark.parametrize("how", ["results", "close"])
+def test_the_wait_for_the_last_statistics_is_bounded_when_the_child_is_stuck(monkeypatch, how):
+    # A child that never answers (stopped here; swapped out or deadlocked elsewhere): waiting for it at the
+    # end of training takes FINAL_WAIT_SECONDS, then its statistics are dropped with a note and it is ended.
+    monkeypatch.setattr("actpat.recorder.live_stats.FINAL_WAIT_SECONDS", 1.0)
+    notes = []
+    live = LiveStats(functools.partial(live_measures), None, lambda key, message: notes.append(message))
+    wait_ready(live)
+    pid = live.worker_pid
+    assert live.submit(0, 0, "probe", [record(0, 0)])
+    assert dict(live.results(wait=True))[0]["fc.relu"]["jaccard_init"] == 1.0  # it answered while running
+    os.kill(pid, signal.SIGSTOP)
+    assert live.submit(1, 0, "probe", [record(1, 1)])
+    got, done = [], threading.Event()
+
+    def finish():
+        if how == "results":
+            got.extend(live.results(wait=True))
+        live.close(wait=True)
+        done.set()
+
+    waiter = threading.Thread(target=finish, daemon=True)
+    waiter.start()
+    bounded = done.wait(20)
+    if not bounded:
+        os.kill(pid, signal.SIGKILL)  # frees a wait without bound, so that the failure below is reported
+    waiter.join(30)
+    assert bounded, "the wait for the statistics of a stuck child had no bound"
+    assert got == []
+    assert len(notes) == 1 and "steps [1]" in notes[0] and "dropped" in notes[0]
+    with pytest.raises(ProcessLookupError):  # ended
+        os.kill(pid, 0)
+    assert not live.submit(2, 0, "probe", [record(2, 0)])  # nothing more is computed
