@@ -181,6 +181,14 @@ def _brute_force(rows: list[tuple], labels: list[int], n_units: int, init: Count
     return out
 
 
+@pytest.fixture
+def every_probe_gets_statistics(monkeypatch):
+    """No probe's statistics skipped for a worker two probes behind (by design, tested in test_prober.py):
+    on a loaded machine that can happen with a probe every few steps of these tiny fits."""
+    monkeypatch.setattr("actpat.recorder.live_stats.BACKLOG", 100)
+
+
+@pytest.mark.usefixtures("every_probe_gets_statistics")
 @pytest.mark.parametrize("n_classes", [None, "probe", 7])
 def test_logged_live_stats_equal_brute_force_counts_of_the_shards(tmp_path, n_classes):
     cb = ActivationPatternCallback(probe=toy_data(40, seed=2), probe_every=0.5, probe_batch_size=16,
@@ -213,6 +221,7 @@ def test_logged_live_stats_equal_brute_force_counts_of_the_shards(tmp_path, n_cl
     assert checked > 50
 
 
+@pytest.mark.usefixtures("every_probe_gets_statistics")
 def test_tensorboard_logger_gets_scalars_and_a_custom_scalars_layout(tmp_path):
     from pytorch_lightning.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -362,6 +371,7 @@ class SavedLiveStats(pl.Callback):
         self.seen.append((list(trainer.logger.handed), in_file))
 
 
+@pytest.mark.usefixtures("every_probe_gets_statistics")
 def test_live_stats_reach_the_logger_file_while_training_also_when_the_module_logs_nothing(tmp_path, monkeypatch):
     # ToyNet logs nothing itself, so Lightning never saves its loggers during fit: the callback does.
     monkeypatch.setattr("actpat.callbacks._trainer.LiveLog.SAVE_SECONDS", 0.0)  # at each probe's statistics
