@@ -10,8 +10,10 @@ that asks for them.
 At most :data:`BACKLOG` probes wait for their statistics. A probe that finds the worker that far behind
 gets no live statistics (said once); its patterns are in the shards like every other probe's, and the
 probe after it gets no ``last`` comparison, since its previous record was not counted. Waiting for the
-last probes' statistics (at the end of training) takes at most :data:`FINAL_WAIT_SECONDS`: statistics
-not done by then are dropped (said once) and the statistics process is ended.
+statistics still to come (at the end of training, or ``poll(wait=True)``) takes at most
+:data:`FINAL_WAIT_SECONDS`: those not done by then are dropped (said once), the statistics process is
+ended and no more statistics are computed. A function that runs on a thread instead cannot be ended:
+when it never returns, its thread keeps the interpreter from exiting.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import logging
 import pickle
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
@@ -130,17 +131,16 @@ class LiveStats:
         deadline = time.monotonic() + FINAL_WAIT_SECONDS
         while self._pending and (wait or self._pending[0][1].done()):
             step, future = self._pending[0]
-            try:
-                result = future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                self._give_up()
+            if not wait_futures([future], timeout=max(0.0, deadline - time.monotonic())).done:
+                self._give_up()  # not a TimeoutError of the statistics themselves: those are the probe's failure
                 return
+            self._pending.pop(0)
+            try:
+                result = future.result()
             except Exception as exc:
-                self._pending.pop(0)
                 raise LiveStatsError(
                     f"The live statistics of the probe at step {step} failed with {type(exc).__name__}: {exc}"
                 ) from exc
-            self._pending.pop(0)
             yield step, result
 
     def close(self, wait: bool) -> None:
@@ -159,13 +159,16 @@ class LiveStats:
 
     def _give_up(self) -> None:
         """Drop the statistics still to come and end the process, whose answer the worker thread waits for."""
-        steps = [step for step, future in self._pending if not future.done()]
+        steps = [step for step, _ in self._pending]
         self._notify(
             "live-stats-late",
-            f"actpat: the live statistics of the probes at steps {steps} were not done {FINAL_WAIT_SECONDS:g} s after "
-            "training waited for them, and are dropped (the shards hold every probe: `actpat analyze` computes all).",
+            f"actpat: the live statistics of the probes at steps {steps} were not done after a wait of "
+            f"{FINAL_WAIT_SECONDS:g} s (`actpat.recorder.live_stats.FINAL_WAIT_SECONDS`) and are dropped; no more live "
+            "statistics are computed in this run. The shards hold every probe: `actpat analyze` computes all.",
         )
         self._given_up = True
+        for _, future in self._pending:
+            future.cancel()  # those still queued: nothing more is computed (on a thread, the one running goes on)
         self._pending.clear()
         process = self._process
         if process is not None:

@@ -28,6 +28,7 @@ import pickle
 import select
 import subprocess
 import sys
+import threading
 import traceback
 from typing import Any, BinaryIO, Optional
 
@@ -79,6 +80,7 @@ class StatsProcess:
             env={**os.environ, "PYTHONPATH": path, **_ONE_THREAD}, **group,
         )
         self._ready = False
+        self._ready_lock = threading.Lock()  # the worker thread and another thread may both ask
         self._send(stats)
 
     @property
@@ -94,9 +96,10 @@ class StatsProcess:
 
         Raises :class:`StatsProcessError` if it could not start (its statistics function not
         importable there, say)."""
-        if not self._ready and select.select([self._proc.stdout], [], [], 0)[0]:
-            self._start()
-        return self._ready
+        with self._ready_lock:
+            if not self._ready and select.select([self._proc.stdout], [], [], 0)[0]:
+                self._start()
+            return self._ready
 
     def _start(self) -> None:
         try:
@@ -133,6 +136,10 @@ class StatsProcess:
 
     def close(self, wait: bool) -> None:
         """End the child: let it finish (``wait``) or kill it."""
+        if not wait and self._proc.poll() is None:
+            # First: a thread blocked writing a probe to a child that does not read (stopped) holds the pipe's
+            # lock, which closing the pipe below waits for; the kill frees that thread (EPIPE; EOF for a reader).
+            self._proc.kill()
         if wait:  # a frame, not only the end of input: forked processes (loader workers) may hold the pipe too
             try:
                 self._send(("stop",))

@@ -255,8 +255,17 @@ def test_the_child_runs_numpy_on_one_thread_whatever_training_uses(monkeypatch):
         live.close(wait=True)
 
 
+def big_record(step, seed):
+    """A probe whose pickle (200 kB) does not fit a pipe's buffer (64 kB on Linux): its sending blocks."""
+    rng = np.random.default_rng(seed)
+    meta = SiteMeta("fc.relu", 0, "ReLU", (8192,), 8192, "flat")
+    bits = rng.integers(0, 256, (200, 1024), dtype=np.uint8)
+    return Record(meta, step, 0, "probe", bits, 1, 200, 0, sample_ids=np.arange(200), labels=np.arange(200) % 3)
+
+
+@pytest.mark.parametrize("size", ["small", "bigger than the pipe"])
 @pytest.mark.parametrize("how", ["results", "close"])
-def test_the_wait_for_the_last_statistics_is_bounded_when_the_child_is_stuck(monkeypatch, how):
+def test_the_wait_for_the_last_statistics_is_bounded_when_the_child_is_stuck(monkeypatch, how, size):
     # A child that never answers (stopped here; swapped out or deadlocked elsewhere): waiting for it at the
     # end of training takes FINAL_WAIT_SECONDS, then its statistics are dropped with a note and it is ended.
     monkeypatch.setattr("actpat.recorder.live_stats.FINAL_WAIT_SECONDS", 1.0)
@@ -267,7 +276,7 @@ def test_the_wait_for_the_last_statistics_is_bounded_when_the_child_is_stuck(mon
     assert live.submit(0, 0, "probe", [record(0, 0)])
     assert dict(live.results(wait=True))[0]["fc.relu"]["jaccard_init"] == 1.0  # it answered while running
     os.kill(pid, signal.SIGSTOP)
-    assert live.submit(1, 0, "probe", [record(1, 1)])
+    assert live.submit(1, 0, "probe", [record(1, 1) if size == "small" else big_record(1, 1)])
     got, done = [], threading.Event()
 
     def finish():
@@ -284,7 +293,27 @@ def test_the_wait_for_the_last_statistics_is_bounded_when_the_child_is_stuck(mon
     waiter.join(30)
     assert bounded, "the wait for the statistics of a stuck child had no bound"
     assert got == []
-    assert len(notes) == 1 and "steps [1]" in notes[0] and "dropped" in notes[0]
+    assert len(notes) == 1 and "steps [1] were not done after a wait of 1 s" in notes[0] and "dropped" in notes[0]
     with pytest.raises(ProcessLookupError):  # ended
         os.kill(pid, 0)
     assert not live.submit(2, 0, "probe", [record(2, 0)])  # nothing more is computed
+
+
+def test_a_timeout_error_of_the_statistics_is_their_failure_not_a_late_answer():
+    # concurrent.futures.TimeoutError is the builtin TimeoutError: raised by the function, it is the probe's
+    # failure (LiveStatsError), not the end of the wait for late statistics.
+    def stats(patterns, references):
+        raise TimeoutError("a statistic timed out")
+
+    notes = []
+    live = LiveStats(stats, None, lambda key, message: notes.append(message))
+    try:
+        assert live.submit(0, 0, "probe", [record(0, 0)])
+        with pytest.raises(LiveStatsError, match="failed with TimeoutError: a statistic timed out"):
+            list(live.results(wait=True))
+        assert live.submit(1, 0, "probe", [record(1, 1)])  # live statistics go on
+        with pytest.raises(LiveStatsError):
+            list(live.results(wait=True))
+    finally:
+        live.close(wait=True)
+    assert notes == []
