@@ -1,7 +1,7 @@
 """Live statistics of each probe, computed by one bounded background worker that never blocks training.
 
 The prober hands each probe's records here; the worker turns them into the reader's public
-:class:`~actpat.recorder.reader.Patterns` (one per site) and calls the statistics function it was given
+:class:`~actpat.recorder.observations.Patterns` (one per site) and calls the statistics function it was given
 (for example :func:`actpat.analysis.live.live_measures`) with the ``init`` and ``last`` references of
 the site, in a child process where it can (:mod:`actpat.recorder.stats_process`: no shared
 interpreter lock with training), else on a thread. Results come back, in step order, to the thread
@@ -23,14 +23,16 @@ import pickle
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from actpat.recorder.reader import Patterns
-from actpat.recorder.shards import Record
+from actpat.recorder.observations import Patterns
 from actpat.recorder import stats_process
 from actpat.recorder.stats_process import StatsFunctionError, StatsProcess, StatsProcessError
+
+if TYPE_CHECKING:  # the statistics process imports this module: no h5py there
+    from actpat.recorder.shards import Record
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 import functools
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -317,3 +318,15 @@ def test_a_timeout_error_of_the_statistics_is_their_failure_not_a_late_answer():
     finally:
         live.close(wait=True)
     assert notes == []
+
+
+def test_the_child_imports_neither_h5py_nor_torch():
+    # What the child imports to serve live_measures: h5py and the reader would add a third to its start
+    # at every fit, torch several times its whole start.
+    code = (
+        "import sys; import actpat.recorder.stats_process; "
+        "from actpat.recorder.live_stats import probe_statistics, site_patterns; import actpat.analysis.live; "
+        "print(sorted(m for m in ('h5py', 'torch', 'actpat.recorder.reader') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
