@@ -751,6 +751,7 @@ class ProbeSet(TensorDataset):
 """
 
 
+@pytest.mark.usefixtures("every_probe_gets_statistics")
 def test_lightning_cli_class_path_and_tensorboard_layout(package, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

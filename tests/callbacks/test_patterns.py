@@ -181,13 +181,6 @@ def _brute_force(rows: list[tuple], labels: list[int], n_units: int, init: Count
     return out
 
 
-@pytest.fixture
-def every_probe_gets_statistics(monkeypatch):
-    """No probe's statistics skipped for a worker two probes behind (by design, tested in test_prober.py):
-    on a loaded machine that can happen with a probe every few steps of these tiny fits."""
-    monkeypatch.setattr("actpat.recorder.live_stats.BACKLOG", 100)
-
-
 @pytest.mark.usefixtures("every_probe_gets_statistics")
 @pytest.mark.parametrize("n_classes", [None, "probe", 7])
 def test_logged_live_stats_equal_brute_force_counts_of_the_shards(tmp_path, n_classes):

@@ -73,10 +73,8 @@ def _assert_same_records(expected: Path, got: Path) -> None:
             assert (b.epoch, b.split) == (a.epoch, a.split), (site, step)
 
 
+@pytest.mark.usefixtures("every_probe_gets_statistics")
 def test_plain_loop_example_writes_the_callbacks_shards(callback_run, tmp_path, monkeypatch):
-    # A probe at every step of this tiny loop can find the statistics worker two probes behind, whose
-    # statistics are then skipped by design (test_prober.py tests that): here every probe is to be logged.
-    monkeypatch.setattr("actpat.recorder.live_stats.BACKLOG", 100)
     _run_example("plain-loop", tmp_path, monkeypatch)
     _assert_same_records(callback_run, tmp_path / "runs" / "plain" / "patterns")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

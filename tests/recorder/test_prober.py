@@ -265,6 +265,7 @@ def _entropy(counter: Counter) -> float:
     return -sum(c / n * math.log2(c / n) for c in counter.values())
 
 
+@pytest.mark.usefixtures("every_probe_gets_statistics")
 def test_live_statistics_equal_brute_force_counts_of_the_shards(tmp_path):
     received = []
     model, _ = train(dict(every=0.5, stats=live_measures, on_stats=lambda step, m: received.append((step, m))), tmp_path)
@@ -331,6 +332,7 @@ def test_live_statistics_that_fall_behind_are_skipped_said_once_and_never_block(
 
 
 # ---------------------------------------------------------------------- resume
+@pytest.mark.usefixtures("every_probe_gets_statistics")
 def test_resume_from_state_dict_continues_without_duplicates_and_rereads_references(tmp_path, caplog):
     model = Net()
     probe = data(N_PROBE, 1)
