@@ -30,6 +30,7 @@ _ROW_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 # The comparison's output is written into one reused buffer per thread of at most this many bytes.
 _SCRATCH_MAX_BYTES = 64 << 20
 _local = threading.local()
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
 # Channel-first tensors with at least this many positions per channel and elements in all combine
 # channels before moving to the (sample, position) layout; for fewer, a transposing copy is faster.
 _MIN_WORD_POSITIONS = 64
@@ -68,12 +69,8 @@ def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     _check_pattern(pattern)
     if z.dim() == 1:
         z = z.unsqueeze(0)
-    n = z.shape[0]
-    if pattern == "flat" or z.dim() == 2:
-        return z.reshape(n, -1), 1
-    n_units = z.shape[1]
-    n_positions = math.prod(z.shape[2:])
-    return z.movedim(1, -1).reshape(n * n_positions, n_units), n_positions
+    units_last, n_positions = _units_last(z, pattern)
+    return units_last.reshape(-1, units_last.shape[-1]), n_positions
 
 
 def pack_patterns(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int]:
@@ -126,7 +123,7 @@ def _nan_count(z: torch.Tensor) -> Any:
     if not z.is_floating_point():
         return 0
     if z.device.type != "cpu":
-        return z.isnan().count_nonzero()
+        return z.isnan().sum()  # one reduction; count_nonzero is a comparison and a sum on CUDA
     # A sum is NaN whenever z holds a NaN (and rarely otherwise, inf - inf): only then count exactly.
     # One read-only reduction is ~3x cheaper than isnan + count_nonzero over every element.
     return int(z.isnan().count_nonzero()) if math.isnan(float(z.sum(dtype=torch.float32))) else 0
@@ -149,8 +146,16 @@ def _pack(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, bool |
     if _numpy_packable(z):
         bits, n_positions, n_units, has_nan = _pack_numpy(z.detach().numpy(), pattern)
         return torch.from_numpy(bits), n_positions, n_units, has_nan
-    obs, n_positions = observation_view(z > 0, pattern)
-    return pack_rows(obs), n_positions, obs.shape[1], None
+    units_last, n_positions = _units_last(z, pattern)
+    return _pack_units_last(units_last), n_positions, units_last.shape[-1], None
+
+
+def _units_last(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
+    """``z`` (at least 2-d) as a view ``(N, *positions, n_units)`` (flat: ``(N, n_units)``) and ``P``."""
+    n = z.shape[0]
+    if pattern == "flat" or z.dim() == 2:
+        return z.reshape(n, -1), 1
+    return z.movedim(1, -1), math.prod(z.shape[2:])
 
 
 def pack_rows(obs: torch.Tensor) -> torch.Tensor:
@@ -177,13 +182,49 @@ def pack_rows(obs: torch.Tensor) -> torch.Tensor:
     >>> pack_rows(torch.tensor([[1.0, -1.0, 2.0], [0.0, float("nan"), 3.0]])).tolist()
     [[5], [4]]
     """
-    rows, n_units = obs.shape
-    on = obs if obs.dtype == torch.bool else obs > 0
+    return _pack_units_last(obs)
+
+
+def _pack_units_last(x: torch.Tensor) -> torch.Tensor:
+    """Pack ``x`` of shape ``(..., n_units)``, any strides, into ``(prod(...), ceil(n_units / 8))`` uint8."""
+    *lead, n_units = x.shape
+    rows = math.prod(lead)
     pad = (-n_units) % 8
     n_bytes = (n_units + pad) // 8
-    if torch.compiler.is_compiling() and (pad or on.stride(-1) == 1):
+    if torch.compiler.is_compiling():
+        return _pack_traced((x if x.dtype == torch.bool else x > 0).reshape(rows, n_units), pad, n_bytes)
+    # Eager, each op is a kernel launch on an accelerator (tens of us of the training thread's time at each
+    # site): the comparison writes straight into a contiguous, padded buffer (no transposing copy, no pad
+    # copy), and the shifts are made once per device.
+    if x.dtype == torch.bool and not pad and x.is_contiguous():
+        on = x
+    else:
+        on = torch.empty((*lead, n_units + pad), dtype=torch.bool, device=x.device)
+        units = on[..., :n_units] if pad else on
+        if x.dtype == torch.bool:
+            units.copy_(x)
+        else:
+            torch.gt(x, 0, out=units)
+        if pad:
+            on[..., n_units:] = False
+    lanes = on.view(torch.uint8).reshape(rows, n_bytes, 8)
+    return (lanes << _shifts(x.device)).sum(dim=-1, dtype=torch.uint8)  # distinct bits: no carry
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    """``[0, 1, ..., 7]`` as uint8 on ``device``, made once per device."""
+    shifts = _SHIFTS.get(device)
+    if shifts is None:
+        shifts = _SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return shifts
+
+
+def _pack_traced(on: torch.Tensor, pad: int, n_bytes: int) -> torch.Tensor:
+    """:func:`pack_rows` of bool ``(rows, n_units)`` in ops that inductor fuses well."""
+    rows = on.shape[0]
+    if pad or on.stride(-1) == 1:
         # Units contiguous: inductor makes the OR of the 8 shifted lanes one pointwise loop over the output
-        # bytes; the sum over a trailing dimension of 8 below became a reduction ~10x slower.
+        # bytes; the sum over a trailing dimension of 8 became a reduction ~10x slower.
         on = on.to(torch.uint8)
         if pad:
             on = torch.nn.functional.pad(on, (0, pad))
@@ -192,11 +233,8 @@ def pack_rows(obs: torch.Tensor) -> torch.Tensor:
         for k in range(1, 8):
             packed = packed | (lanes[..., k] << k)
         return packed
-    on = on.view(torch.uint8)  # the same bytes: no conversion kernel
-    if pad:
-        on = torch.nn.functional.pad(on, (0, pad))
-    shifts = torch.arange(8, dtype=torch.uint8, device=obs.device)
-    return (on.reshape(rows, n_bytes, 8) << shifts).sum(dim=-1, dtype=torch.uint8)  # distinct bits: no carry
+    shifts = torch.arange(8, dtype=torch.uint8, device=on.device)
+    return (on.view(torch.uint8).reshape(rows, n_bytes, 8) << shifts).sum(dim=-1, dtype=torch.uint8)
 
 
 def _numpy_packable(z: torch.Tensor) -> bool:

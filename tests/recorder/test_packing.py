@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -11,14 +12,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actpat.recorder import kernels
+from actpat.recorder import kernels, packing
 from actpat.recorder.packing import load_kernels, observation_view, pack_and_count_nans, pack_patterns, pack_rows
 
-BACKENDS = ["kernel", "numpy"]
+BACKENDS = ["kernel", "numpy", "torch"]
 
 
 def _backend(name: str) -> contextlib.AbstractContextManager:
-    """CPU packing with the compiled kernel (where numba is installed) or with numpy alone."""
+    """CPU packing with the compiled kernel (where numba is installed), with numpy alone, or with the torch
+    ops that pack tensors on an accelerator (run here on the CPU)."""
+    if name == "torch":
+        return mock.patch.object(packing, "_numpy_packable", lambda z: False)
     return contextlib.nullcontext() if name == "kernel" else kernels.disabled()
 
 
@@ -127,7 +131,9 @@ def _expected_bits(z: torch.Tensor, pattern: str) -> np.ndarray:
     backend=st.sampled_from(BACKENDS),
 )
 def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, pattern, dtype, seed, backend):
-    """CPU floats are packed by the kernel or numpy, other dtypes (and devices) by torch ops: all equal packbits."""
+    """CPU floats are packed by the kernel or numpy, other dtypes (and devices) by torch ops: all equal packbits.
+
+    Every layout reaches the torch path: bfloat16 always, other dtypes with the ``torch`` backend."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n, channels, *spatial), generator=g)
     flat = z.view(-1)
@@ -145,8 +151,7 @@ def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, p
     np.testing.assert_array_equal(bits.numpy(), expected)
     assert n_units == (channels if pattern == "channel" else channels * int(np.prod(spatial)))
     assert n_positions == (int(np.prod(spatial)) if pattern == "channel" else 1)
-    torch_bits = pack_rows(observation_view(z > 0, pattern)[0])  # the accelerator path, run on the CPU
-    np.testing.assert_array_equal(torch_bits.numpy(), expected)
+    np.testing.assert_array_equal(pack_rows(observation_view(z, pattern)[0]).numpy(), expected)
 
 
 # 1, 2, 4, 8 and 16 bytes per row; widths off whole bytes (3, 5, 12, 20, 100) are padded with off units
