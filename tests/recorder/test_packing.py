@@ -207,6 +207,27 @@ def test_patterns_and_nan_counts_of_every_width(dtype, channels, spatial, backen
         assert pack_and_count_nans(clean, pattern)[3] == 0
 
 
+@pytest.mark.parametrize("channels", [3, 8, 13, 64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_patterns_and_nan_counts_on_the_device_of_the_tensor(device, channels, layout):
+    """On CUDA the torch path with its device NaN count (a 0-d tensor); the same bits as numpy's."""
+    g = torch.Generator().manual_seed(channels)
+    z = torch.randn(5, channels, 6, 7, generator=g)
+    z.view(-1)[:: 11] = float("nan")
+    z.view(-1)[5:: 13] = 0.0
+    expected_nans = int(torch.isnan(z).sum())
+    z = z.to(device)
+    if layout == "channels_last":
+        z = z.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        z = z.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for pattern in ("channel", "flat"):
+        bits, _, _, nan_count = pack_and_count_nans(z, pattern)
+        assert bits.device == z.device
+        np.testing.assert_array_equal(bits.cpu().numpy(), _expected_bits(z.cpu(), pattern))
+        assert int(nan_count) == expected_nans
+
+
 @pytest.fixture
 def unloaded_kernels(monkeypatch):
     """The kernel module as before its first load, restored after the test."""
