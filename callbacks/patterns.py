@@ -454,7 +454,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 self._batch_verified = True
 
     def _check_first_batch(self) -> None:
-        # Run by the recorder before the batch's records are written: a `sites` mistake leaves out_dir as it was.
+        # Run by the recorder before the batch's records are written: a `sites` mistake writes no shard.
         self._selection.check("the first training batch")
 
     def _close(self, abandon: bool) -> None:
