@@ -30,6 +30,7 @@ _ROW_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 # The comparison's output is written into one reused buffer per thread of at most this many bytes.
 _SCRATCH_MAX_BYTES = 64 << 20
 _local = threading.local()
+# [0, 1, ..., 7] as uint8 per device: made once, not at every site call (a kernel launch on an accelerator).
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 # Channel-first tensors with at least this many positions per channel and elements in all combine
 # channels before moving to the (sample, position) layout; for fewer, a transposing copy is faster.
@@ -70,7 +71,7 @@ def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     if z.dim() == 1:
         z = z.unsqueeze(0)
     units_last, n_positions = _units_last(z, pattern)
-    return units_last.reshape(-1, units_last.shape[-1]), n_positions
+    return units_last.reshape(math.prod(units_last.shape[:-1]), units_last.shape[-1]), n_positions
 
 
 def pack_patterns(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int]:
@@ -152,9 +153,8 @@ def _pack(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, bool |
 
 def _units_last(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     """``z`` (at least 2-d) as a view ``(N, *positions, n_units)`` (flat: ``(N, n_units)``) and ``P``."""
-    n = z.shape[0]
     if pattern == "flat" or z.dim() == 2:
-        return z.reshape(n, -1), 1
+        return z.reshape(z.shape[0], math.prod(z.shape[1:])), 1  # explicit: -1 is ambiguous with 0 values
     return z.movedim(1, -1), math.prod(z.shape[2:])
 
 
@@ -164,8 +164,8 @@ def pack_rows(obs: torch.Tensor) -> torch.Tensor:
     Parameters
     ----------
     obs : torch.Tensor
-        ``(rows, n_units)`` of any real dtype, on any device; a bool tensor is taken as the on/off
-        bits themselves.
+        ``(rows, n_units)`` of any real dtype, on any device, any strides; a bool tensor is taken as
+        the on/off bits themselves. More leading dimensions (``(..., n_units)``) are rows too.
 
     Returns
     -------
@@ -206,16 +206,22 @@ def _pack_units_last(x: torch.Tensor) -> torch.Tensor:
         else:
             torch.gt(x, 0, out=units)
         if pad:
-            on[..., n_units:] = False
+            on[..., n_units:].fill_(False)
     lanes = on.view(torch.uint8).reshape(rows, n_bytes, 8)
-    return (lanes << _shifts(x.device)).sum(dim=-1, dtype=torch.uint8)  # distinct bits: no carry
+    return (lanes << _shifts(x)).sum(dim=-1, dtype=torch.uint8)  # distinct bits: no carry
 
 
-def _shifts(device: torch.device) -> torch.Tensor:
-    """``[0, 1, ..., 7]`` as uint8 on ``device``, made once per device."""
-    shifts = _SHIFTS.get(device)
+def _shifts(x: torch.Tensor) -> torch.Tensor:
+    """``[0, 1, ..., 7]`` as uint8 on the device of ``x``, made once per device for plain tensors."""
+    if type(x) is not torch.Tensor:
+        # A fake tensor (made under a FakeTensorMode) or another subclass: a cached tensor would be of
+        # the wrong kind for it, and one made under its mode would break later plain tensors.
+        return torch.arange(8, dtype=torch.uint8, device=x.device)
+    shifts = _SHIFTS.get(x.device)
     if shifts is None:
-        shifts = _SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+        # Copied from the host synchronously: complete for every stream before its first use (and an
+        # error, not garbage, inside a CUDA graph capture).
+        shifts = _SHIFTS[x.device] = torch.arange(8, dtype=torch.uint8).to(x.device)
     return shifts
 
 
@@ -233,7 +239,7 @@ def _pack_traced(on: torch.Tensor, pad: int, n_bytes: int) -> torch.Tensor:
         for k in range(1, 8):
             packed = packed | (lanes[..., k] << k)
         return packed
-    shifts = torch.arange(8, dtype=torch.uint8, device=on.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=on.device)  # made in the graph: no tensor from outside it
     return (on.view(torch.uint8).reshape(rows, n_bytes, 8) << shifts).sum(dim=-1, dtype=torch.uint8)
 
 

@@ -87,6 +87,10 @@ def test_observation_view_layouts():
     assert n_positions == 1 and single.shape == (1, 7)
     empty, n_positions = observation_view(torch.ones(0, 3, 4, 5), "channel")
     assert n_positions == 20 and empty.shape == (0, 3)
+    # No value to infer a -1 from: no samples, or no units.
+    assert observation_view(torch.ones(0, 3, 4), "flat")[0].shape == (0, 12)
+    assert observation_view(torch.ones(3, 0), "flat")[0].shape == (3, 0)
+    assert observation_view(torch.ones(2, 0, 5), "channel")[0].shape == (10, 0)
     channels_last = z.to(memory_format=torch.channels_last)
     assert torch.equal(observation_view(channels_last, "channel")[0], obs)
     with pytest.raises(ValueError, match="pattern"):
@@ -130,7 +134,7 @@ def _expected_bits(z: torch.Tensor, pattern: str) -> np.ndarray:
     seed=st.integers(0, 2**31 - 1),
     backend=st.sampled_from(BACKENDS),
 )
-def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, pattern, dtype, seed, backend):
+def test_pack_patterns_of_every_backend_match_numpy(n, channels, spatial, layout, pattern, dtype, seed, backend):
     """CPU floats are packed by the kernel or numpy, other dtypes (and devices) by torch ops: all equal packbits.
 
     Every layout reaches the torch path: bfloat16 always, other dtypes with the ``torch`` backend."""
@@ -152,6 +156,17 @@ def test_pack_patterns_both_backends_match_numpy(n, channels, spatial, layout, p
     assert n_units == (channels if pattern == "channel" else channels * int(np.prod(spatial)))
     assert n_positions == (int(np.prod(spatial)) if pattern == "channel" else 1)
     np.testing.assert_array_equal(pack_rows(observation_view(z, pattern)[0]).numpy(), expected)
+
+
+def test_packing_under_a_fake_tensor_mode_leaves_later_real_tensors_packable():
+    """Fake tensors (shape propagation) take the torch path; nothing of theirs may be kept for real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake_bits, _, _ = pack_patterns(torch.randn(2, 9, dtype=torch.bfloat16), "flat")
+    assert fake_bits.shape == (2, 2)
+    z = torch.tensor([[1.0, -1.0, 2.0, 0.0, 3.0, -2.0, 1.0, 1.0, 5.0]], dtype=torch.bfloat16)
+    assert pack_patterns(z, "flat")[0].tolist() == [[0b11010101, 0b1]]
 
 
 # 1, 2, 4, 8 and 16 bytes per row; widths off whole bytes (3, 5, 12, 20, 100) are padded with off units
