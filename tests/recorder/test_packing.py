@@ -243,6 +243,16 @@ def test_patterns_and_nan_counts_on_the_device_of_the_tensor(device, channels, l
         assert int(nan_count) == expected_nans
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_device_nan_count_is_exact_past_a_byte(dtype):
+    """The count an accelerator's sites keep on the device (run here on the CPU): 0-d int64, any count."""
+    z = torch.randn(7, 50, 3).to(dtype)
+    z.view(-1)[::3] = float("nan")
+    count = packing._device_nan_count(z)
+    assert count.dtype == torch.int64 and count.dim() == 0
+    assert int(count) == int(np.isnan(z.float().numpy()).sum()) == 350
+
+
 @pytest.fixture
 def unloaded_kernels(monkeypatch):
     """The kernel module as before its first load, restored after the test."""
