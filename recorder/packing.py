@@ -271,9 +271,9 @@ def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int,
         if kernel is not None:
             out = np.empty((n, n_positions, (n_units + 7) // 8), dtype=np.uint8)
             has_nan = kernel(values.reshape(n, n_units, n_positions), out)
-            return out.reshape(n * n_positions, -1), n_positions, n_units, bool(has_nan)
+            return out.reshape(n * n_positions, out.shape[-1]), n_positions, n_units, bool(has_nan)
     if flat:
-        rows = np.greater(values, 0, out=_scratch(values.shape)).reshape(n, -1)  # NaN compares False: off
+        rows = np.greater(values, 0, out=_scratch(values.shape)).reshape(n, n_units)  # NaN compares False: off
         return _pack_rows_numpy(rows), 1, n_units, None
     # Units padded to whole bytes with off units, so that widths like 3, 12 or 100 take the fast paths of
     # whole-byte widths (numpy's packbits of rows of a few bits took 9-24x the comparison:

@@ -158,6 +158,18 @@ def test_pack_patterns_of_every_backend_match_numpy(n, channels, spatial, layout
     np.testing.assert_array_equal(pack_rows(observation_view(z, pattern)[0]).numpy(), expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["channel", "flat"])
+@pytest.mark.parametrize("shape", [(0, 5), (0, 3, 4), (0, 12, 3, 3)])
+def test_an_empty_batch_packs_to_no_rows_of_the_right_width(backend, pattern, shape):
+    with _backend(backend):
+        bits, n_positions, n_units, nan_count = pack_and_count_nans(torch.zeros(shape), pattern)
+    flat = pattern == "flat" or len(shape) == 2
+    expected_units = int(np.prod(shape[1:])) if flat else shape[1]
+    assert (n_positions, n_units) == ((1, expected_units) if flat else (int(np.prod(shape[2:])), expected_units))
+    assert bits.shape == (0, (expected_units + 7) // 8) and nan_count == 0
+
+
 def test_packing_under_a_fake_tensor_mode_leaves_later_real_tensors_packable():
     """Fake tensors (shape propagation) take the torch path; nothing of theirs may be kept for real tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
