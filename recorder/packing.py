@@ -124,14 +124,17 @@ def _nan_count(z: torch.Tensor) -> Any:
     if not z.is_floating_point():
         return 0
     if z.device.type != "cpu":
-        return _device_nan_count(z)
+        return device_nan_count(z)
     # A sum is NaN whenever z holds a NaN (and rarely otherwise, inf - inf): only then count exactly.
     # One read-only reduction is ~3x cheaper than isnan + count_nonzero over every element.
     return int(z.isnan().count_nonzero()) if math.isnan(float(z.sum(dtype=torch.float32))) else 0
 
 
-def _device_nan_count(z: torch.Tensor) -> torch.Tensor:
-    """NaNs in ``z`` as a 0-d int64 tensor on its device: no host read, so no wait for the device."""
+def device_nan_count(z: torch.Tensor) -> Any:
+    """NaNs in ``z`` without a host read (no wait for the device, no graph break when traced): a 0-d int64
+    tensor on its device, or 0 where ``z`` is not floating point."""
+    if not z.is_floating_point():
+        return 0
     return z.isnan().sum()  # one reduction; count_nonzero is a comparison and a sum on CUDA
 
 

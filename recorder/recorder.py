@@ -14,7 +14,9 @@ from torch import nn
 
 from actpat.recorder import schema
 from actpat.recorder.hooks import SiteFilter, SiteHooks, is_compiled
-from actpat.recorder.packing import load_kernels, observation_view, pack_and_count_nans, pack_patterns
+from actpat.recorder.packing import (
+    device_nan_count, load_kernels, observation_view, pack_and_count_nans, pack_patterns,
+)
 from actpat.recorder.shards import Record, RecorderError, ShardWriter, SiteMeta
 
 log = logging.getLogger(__name__)
@@ -366,7 +368,7 @@ class ActivationRecorder:
         if n == 0:
             return
         bits, n_positions, n_units = pack_patterns(z, self.pattern)
-        nan_count = torch.isnan(z).sum() if z.is_floating_point() else 0
+        nan_count = device_nan_count(z)
         self._pending.append((name, module_type, tuple(z.shape[1:]), n, bits, n_positions, n_units, nan_count))
 
     def _record(self, context: "_Capture", name: str, module_type: str, z: torch.Tensor) -> Record | None:

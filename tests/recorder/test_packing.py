@@ -260,9 +260,10 @@ def test_the_device_nan_count_is_exact_past_a_byte(dtype):
     """The count an accelerator's sites keep on the device (run here on the CPU): 0-d int64, any count."""
     z = torch.randn(7, 50, 3).to(dtype)
     z.view(-1)[::3] = float("nan")
-    count = packing._device_nan_count(z)
+    count = packing.device_nan_count(z)
     assert count.dtype == torch.int64 and count.dim() == 0
     assert int(count) == int(np.isnan(z.float().numpy()).sum()) == 350
+    assert packing.device_nan_count(torch.arange(5)) == 0  # no NaN in integers
 
 
 @pytest.fixture
