@@ -33,7 +33,7 @@ part environment 60 bash -c "nvidia-smi -L; $python -c 'import torch, pytorch_li
 part cuda-tests 200 "$python" -m pytest -q -p no:cacheprovider -o addopts= --import-mode=importlib -n 4 \
     -k "cuda or gpu" --junitxml="$out/tests.xml" \
     tests/recorder/test_recorder.py tests/recorder/test_prober.py tests/recorder/test_compile.py \
-    tests/recorder/test_bench_probe_memory.py tests/callbacks/test_patterns.py tests/callbacks/test_compat.py
+    tests/recorder/test_bench_probe_memory.py tests/callbacks/test_patterns.py tests/callbacks/test_compat.py tests/recorder/test_packing.py
 bench() {  # bench NAME SECONDS SCRIPT ARGS...: its JSON line goes to bench.jsonl
     local name=$1 limit=$2
     shift 2

@@ -33,12 +33,16 @@ On a GPU (``--device cuda``) every timed call ends with a device synchronization
 holds the work its call queued; ``floor_ratio`` then times ``z > 0`` on the device, ``device_name``
 names the card.
 
+``--packing ops`` packs with numpy and torch ops alone (no numba kernel on the CPU, no Triton kernel on a
+CUDA device), to compare with the kernels (the default).
+
 Prints one JSON line. ``--quick`` runs a tiny configuration for the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -51,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actpat.recorder import ActivationRecorder, open_run
+from actpat.recorder import ActivationRecorder, kernels, open_run
 
 COMPRESSION_CHOICES = ("default", "none", "lzf", "gzip")
 
@@ -312,7 +316,15 @@ def run_fields(x: torch.Tensor, groups: int, compression: str, quick: bool) -> d
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, ("--packing", {
+        "default": "kernels", "choices": ["kernels", "ops"],
+        "help": "ops: pack with numpy and torch ops alone, without the numba and Triton kernels (a comparison)",
+    }))
+    with contextlib.nullcontext() if args.packing == "kernels" else kernels.disabled():
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> dict:
     quick = args.quick
     groups = args.pairs or (2 if quick else 20 if args.model != "digits" else 200)
     warmup = 1 if quick else 3
@@ -381,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pre_activation_values_per_step": sum(z.numel() for z in zs),
         "recorded_steps": recorded_steps,
         "bytes_on_disk_per_step": round(bytes_on_disk / max(recorded_steps, 1)),
+        "packing": args.packing,
         **run_fields(x, groups, args.compression, quick),
     }
     print(json.dumps(result), flush=True)

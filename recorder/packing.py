@@ -4,8 +4,10 @@ Channel patterns of channels-first float32/float64 CPU tensors are packed by the
 kernel of :mod:`~actpat.recorder.kernels` where numba is installed. Other CPU tensors are compared and
 packed with numpy: its float comparison is vectorized where torch's ``z > 0`` with a bool result is not
 (3-5x slower on CPU), and a numpy call costs about 1 us against several for a torch op, which dominates
-the small tensors of small models. Tensors on an accelerator (and any code that ``torch.compile``
-traces) are packed with a few plain torch ops, which inductor fuses into the graph.
+the small tensors of small models. Float tensors on a CUDA device are packed by the Triton kernel of
+the same module, with their NaN count, in one pass (where Triton is installed). Other tensors on an
+accelerator, and any code that ``torch.compile`` traces, take a few plain torch ops, which inductor
+fuses into the graph.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from actpat.recorder import kernels
 from actpat.recorder.schema import PATTERN_KINDS
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Shifts that move the 0/1 byte of unit k of a byte group to bit k.
 _SHIFTS_NP = np.arange(8, dtype=np.uint64).reshape(8, 1)
 # Multiplier that gathers bit 8 k of a word (k = 0..7) into bit 56 + k: sum of 2 ** (56 - 7 k).
@@ -113,10 +116,8 @@ def pack_and_count_nans(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, in
     nan_count : int or torch.Tensor
         An int on the CPU; a 0-d tensor on an accelerator, so that the hook never waits for the device.
     """
-    bits, n_positions, n_units, has_nan = _pack(z, pattern)
-    if has_nan is None:
-        return bits, n_positions, n_units, _nan_count(z)
-    return bits, n_positions, n_units, int(z.isnan().count_nonzero()) if has_nan else 0
+    bits, n_positions, n_units, nan_count = _pack(z, pattern)
+    return bits, n_positions, n_units, _nan_count(z) if nan_count is None else nan_count
 
 
 def _nan_count(z: torch.Tensor) -> Any:
@@ -147,16 +148,50 @@ def load_kernels() -> bool:
     return kernels.load() is not None
 
 
-def _pack(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, bool | None]:
-    """Bits, positions, units and whether ``z`` holds a NaN (None: not looked at)."""
+def _pack(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, Any]:
+    """Bits, positions, units and the NaN count where the packing noted NaNs (None: not looked at)."""
     _check_pattern(pattern)
     if z.dim() == 1:
         z = z.unsqueeze(0)
     if _numpy_packable(z):
         bits, n_positions, n_units, has_nan = _pack_numpy(z.detach().numpy(), pattern)
-        return torch.from_numpy(bits), n_positions, n_units, has_nan
+        nan_count = None if has_nan is None else int(z.isnan().count_nonzero()) if has_nan else 0
+        return torch.from_numpy(bits), n_positions, n_units, nan_count
+    packed = _pack_with_triton(z, pattern)
+    if packed is not None:
+        return packed
     units_last, n_positions = _units_last(z, pattern)
     return _pack_units_last(units_last), n_positions, units_last.shape[-1], None
+
+
+def _pack_with_triton(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
+    """One Triton launch for a float tensor on the current CUDA device, eager; None: take the torch ops."""
+    if not (
+        _on_current_cuda_device(z) and z.dtype in _TRITON_DTYPES and type(z) is torch.Tensor and z.numel()
+        and not torch.compiler.is_compiling()
+    ):
+        return None
+    pack = kernels.load_triton()
+    if pack is None:
+        return None
+    n = z.shape[0]
+    flat = pattern == "flat" or z.dim() == 2
+    n_units, n_positions = (math.prod(z.shape[1:]), 1) if flat else (z.shape[1], math.prod(z.shape[2:]))
+    try:
+        values = z.view(n, n_units, n_positions)
+    except RuntimeError:  # positions (or flat units) whose strides do not merge: the torch ops copy them
+        return None
+    try:
+        bits, nan_count = pack(values)
+    except Exception as exc:  # noqa: BLE001 - e.g. no C compiler for Triton's launcher: the torch ops instead
+        kernels.drop_triton(exc)
+        return None
+    return bits, n_positions, n_units, nan_count
+
+
+def _on_current_cuda_device(z: torch.Tensor) -> bool:
+    """Whether ``z`` is on the CUDA device that a Triton kernel launches on: the current one."""
+    return z.is_cuda and z.device.index == torch.cuda.current_device()
 
 
 def _units_last(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:

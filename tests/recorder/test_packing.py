@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 from unittest import mock
 
 import numpy as np
@@ -269,8 +271,7 @@ def test_the_device_nan_count_is_exact_past_a_byte(dtype):
 @pytest.fixture
 def unloaded_kernels(monkeypatch):
     """The kernel module as before its first load, restored after the test."""
-    monkeypatch.setattr(kernels, "_loaded", False)
-    monkeypatch.setattr(kernels, "_kernel", None)
+    monkeypatch.setattr(kernels, "_kernels", {})
 
 
 def test_a_kernel_that_fails_to_compile_leaves_the_numpy_path(unloaded_kernels, monkeypatch, caplog):
@@ -329,3 +330,121 @@ def test_without_numba_a_warning_names_the_fix_and_numpy_packs(unloaded_kernels,
     assert "numba cannot be imported" in caplog.text and "pip install numba" in caplog.text
     z = torch.randn(3, 10, 6, 6)
     np.testing.assert_array_equal(pack_patterns(z, "channel")[0].numpy(), _expected_bits(z, "channel"))
+
+
+@pytest.fixture
+def triton_on_the_cpu(monkeypatch, unloaded_kernels):
+    """Float CPU tensors packed the way a CUDA device packs them: by the Triton kernel, run here in Triton's
+    interpreter (the same kernel code that a GPU compiles). Yields the shapes the kernel was launched on."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is set up where no CUDA device is (tests/conftest.py)")
+    monkeypatch.setattr(packing, "_numpy_packable", lambda z: False)
+    monkeypatch.setattr(packing, "_on_current_cuda_device", lambda z: True)
+    pack, launches = kernels.load_triton(), []
+    kernels._kernels["triton"] = lambda values: launches.append(tuple(values.shape)) or pack(values)
+    return launches
+
+
+def _with_nans_and_zeros(z: torch.Tensor) -> torch.Tensor:
+    flat = z.view(-1)
+    flat[::11] = float("nan")
+    flat[5::13] = 0.0
+    return z
+
+
+def _check_triton_packing(z: torch.Tensor, launches: list, kernel_for: dict[str, bool]) -> None:
+    expected_nans = int(torch.isnan(z).sum())
+    for pattern, kernel in kernel_for.items():
+        launches.clear()
+        bits, n_positions, n_units, nan_count = pack_and_count_nans(z, pattern)
+        np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, pattern))
+        positions = math.prod(z.shape[2:])
+        assert (n_positions, n_units) == ((positions, z.shape[1]) if pattern == "channel" else (1, z.shape[1] * positions))
+        assert int(nan_count) == expected_nans
+        assert len(launches) == kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_transposed", "positions_transposed"])
+def test_the_triton_kernel_packs_every_dtype_and_layout(triton_on_the_cpu, dtype, layout):
+    g = torch.Generator().manual_seed(3)
+    z = _with_nans_and_zeros(torch.randn((3, 13, 5, 7), generator=g)).to(dtype)
+    if layout == "channels_last":
+        z = z.contiguous(memory_format=torch.channels_last)
+    elif layout == "batch_transposed":  # strides of a batch-second buffer: the kernel reads them as they are
+        z = z.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "positions_transposed":
+        z = z.transpose(-1, -2).contiguous().transpose(-1, -2)
+    # Positions (or, flat, units) whose strides no view merges take the torch ops, which copy them.
+    merged = {"contiguous": (True, True), "channels_last": (True, False), "batch_transposed": (True, False),
+              "positions_transposed": (False, False)}[layout]
+    _check_triton_packing(z, triton_on_the_cpu, dict(zip(("channel", "flat"), merged)))
+
+
+@pytest.mark.parametrize("channels", [1, 7, 8, 9, 33, 64, 65])
+@pytest.mark.parametrize("spatial", [(), (3,), (5, 7)])
+def test_the_triton_kernel_packs_every_width(triton_on_the_cpu, channels, spatial):
+    g = torch.Generator().manual_seed(channels * 7 + len(spatial))
+    z = _with_nans_and_zeros(torch.randn((3, channels, *spatial), generator=g))
+    _check_triton_packing(z, triton_on_the_cpu, {"channel": True, "flat": True})
+
+
+def test_the_triton_kernel_counts_nans_of_many_programs_exactly(triton_on_the_cpu):
+    """Rows and bytes spread over several programs, each adding its own count."""
+    z = torch.randn(2, 70, 9, 17)  # 306 rows (3 row blocks) x 9 bytes (3 byte blocks)
+    z.view(-1)[::3] = float("nan")
+    bits, _, _, nan_count = pack_and_count_nans(z, "channel")
+    np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
+    assert nan_count.dtype == torch.int64 and int(nan_count) == int(np.isnan(z.numpy()).sum()) == 7140
+    assert triton_on_the_cpu == [(2, 70, 153)]
+
+
+def test_a_failed_triton_launch_warns_once_and_torch_ops_pack_from_then_on(triton_on_the_cpu, caplog):
+    calls = []
+
+    def broken(values):
+        calls.append(values.shape)
+        raise RuntimeError("Failed to find C compiler")
+
+    kernels._kernels["triton"] = broken
+    z = _with_nans_and_zeros(torch.randn(4, 12, 5, 5))
+    with caplog.at_level(logging.WARNING, logger="actpat.recorder.kernels"):
+        for _ in range(2):
+            bits, _, _, nan_count = pack_and_count_nans(z, "channel")
+            np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
+            assert int(nan_count) == int(torch.isnan(z).sum())
+    assert len(calls) == 1 and caplog.text.count("Failed to find C compiler") == 1
+    assert "packed with torch ops from now on" in caplog.text
+
+
+def test_without_triton_torch_ops_pack(triton_on_the_cpu, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    z = _with_nans_and_zeros(torch.randn(3, 10, 4, 4))
+    bits, _, _, nan_count = pack_and_count_nans(z, "channel")
+    np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
+    assert int(nan_count) == int(torch.isnan(z).sum())
+    assert kernels.load_triton() is None
+
+
+def test_on_a_cuda_device_a_site_is_packed_in_one_triton_launch():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("triton")
+    launches = []
+    pack = kernels.load_triton()
+    z = _with_nans_and_zeros(torch.randn(6, 24, 8, 8)).cuda()
+    with mock.patch.dict(kernels._kernels, triton=lambda values: launches.append(values.shape) or pack(values)):
+        bits, _, _, nan_count = pack_and_count_nans(z, "channel")
+    assert launches == [(6, 24, 64)]
+    np.testing.assert_array_equal(bits.cpu().numpy(), _expected_bits(z.cpu(), "channel"))
+    assert int(nan_count) == int(torch.isnan(z).sum())
