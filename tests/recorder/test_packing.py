@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import math
@@ -268,6 +269,18 @@ def test_the_device_nan_count_is_exact_past_a_byte(dtype):
     assert packing.device_nan_count(torch.arange(5)) == 0  # no NaN in integers
 
 
+def _block_import(monkeypatch, package: str) -> None:
+    """Make ``import package`` (and its submodules) raise ImportError, as where it is not installed."""
+    real_import = builtins.__import__
+
+    def blocked(name, *args, **kwargs):
+        if name == package or name.startswith(package + "."):
+            raise ImportError(f"No module named {package!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)
+
+
 @pytest.fixture
 def unloaded_kernels(monkeypatch):
     """The kernel module as before its first load, restored after the test."""
@@ -315,16 +328,7 @@ def test_numba_disable_jit_takes_the_numpy_path(unloaded_kernels, monkeypatch):
 
 
 def test_without_numba_a_warning_names_the_fix_and_numpy_packs(unloaded_kernels, monkeypatch, caplog):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_numba(name, *args, **kwargs):
-        if name == "numba" or name.startswith("numba."):
-            raise ImportError("No module named 'numba'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_numba)
+    _block_import(monkeypatch, "numba")
     with caplog.at_level(logging.WARNING, logger="actpat.recorder.kernels"):
         assert load_kernels() is False
     assert "numba cannot be imported" in caplog.text and "pip install numba" in caplog.text
@@ -426,16 +430,7 @@ def test_a_failed_triton_launch_warns_once_and_torch_ops_pack_from_then_on(trito
 
 
 def test_without_triton_torch_ops_pack(triton_on_the_cpu, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_triton(name, *args, **kwargs):
-        if name == "triton" or name.startswith("triton."):
-            raise ImportError("No module named 'triton'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_triton)
+    _block_import(monkeypatch, "triton")
     z = _with_nans_and_zeros(torch.randn(3, 10, 4, 4))
     bits, _, _, nan_count = pack_and_count_nans(z, "channel")
     np.testing.assert_array_equal(bits.numpy(), _expected_bits(z, "channel"))
