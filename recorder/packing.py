@@ -179,11 +179,9 @@ def _pack_with_triton(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int,
     pack = kernels.load_triton()
     if pack is None:
         return None
-    n = z.shape[0]
-    flat = pattern == "flat" or z.dim() == 2
-    n_units, n_positions = (math.prod(z.shape[1:]), 1) if flat else (z.shape[1], math.prod(z.shape[2:]))
+    _, n_units, n_positions = _layout(z.shape, pattern)
     try:
-        values = z.view(n, n_units, n_positions)
+        values = z.view(z.shape[0], n_units, n_positions)
     except RuntimeError:  # positions (or flat units) whose strides do not merge: the torch ops copy them
         return None
     try:
@@ -199,11 +197,20 @@ def _on_current_cuda_device(z: torch.Tensor) -> bool:
     return z.is_cuda and z.device.index == torch.cuda.current_device()
 
 
+def _layout(shape: tuple[int, ...], pattern: str) -> tuple[bool, int, int]:
+    """For a pre-activation of ``shape`` (at least 2-d): whether each sample is one observation (flat
+    patterns, dense layers), the units of an observation and the observations (positions) per sample."""
+    if pattern == "flat" or len(shape) == 2:
+        return True, math.prod(shape[1:]), 1
+    return False, shape[1], math.prod(shape[2:])
+
+
 def _units_last(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     """``z`` (at least 2-d) as a view ``(N, *positions, n_units)`` (flat: ``(N, n_units)``) and ``P``."""
-    if pattern == "flat" or z.dim() == 2:
-        return z.reshape(z.shape[0], math.prod(z.shape[1:])), 1  # explicit: -1 is ambiguous with 0 values
-    return z.movedim(1, -1), math.prod(z.shape[2:])
+    flat, n_units, n_positions = _layout(z.shape, pattern)
+    if flat:
+        return z.reshape(z.shape[0], n_units), 1  # explicit: -1 is ambiguous with 0 values
+    return z.movedim(1, -1), n_positions
 
 
 def pack_rows(obs: torch.Tensor) -> torch.Tensor:
@@ -304,8 +311,7 @@ def _numpy_packable(z: torch.Tensor) -> bool:
 
 def _pack_numpy(values: np.ndarray, pattern: str) -> tuple[np.ndarray, int, int, bool | None]:
     n = values.shape[0]
-    flat = pattern == "flat" or values.ndim == 2
-    n_units, n_positions = (math.prod(values.shape[1:]), 1) if flat else (values.shape[1], math.prod(values.shape[2:]))
+    flat, n_units, n_positions = _layout(values.shape, pattern)
     if (
         (values.size <= _MAX_FLAT_KERNEL_ELEMENTS if flat else n_positions >= _MIN_KERNEL_POSITIONS)
         and values.dtype in kernels.DTYPES and values.flags.c_contiguous
