@@ -127,10 +127,10 @@ def pack_and_count_nans(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, in
 
 def _nan_count(z: torch.Tensor) -> Any:
     """Number of NaNs in ``z``: an int on CPU, a device tensor on an accelerator (no sync in the hook)."""
-    if not z.is_floating_point():
-        return 0
     if z.device.type != "cpu":
         return device_nan_count(z)
+    if not z.is_floating_point():
+        return 0
     # A sum is NaN whenever z holds a NaN (and rarely otherwise, inf - inf): only then count exactly.
     # One read-only reduction is ~3x cheaper than isnan + count_nonzero over every element.
     return int(z.isnan().count_nonzero()) if math.isnan(float(z.sum(dtype=torch.float32))) else 0
@@ -173,7 +173,7 @@ def _pack_with_triton(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int,
     """One Triton launch for a large float tensor on the current CUDA device, eager; None: take the torch ops."""
     if not (
         _on_current_cuda_device(z) and z.dtype in _TRITON_DTYPES and type(z) is torch.Tensor
-        and z.numel() >= max(_MIN_TRITON_VALUES, 1) and not torch.compiler.is_compiling()
+        and z.numel() >= _MIN_TRITON_VALUES and not torch.compiler.is_compiling()
     ):
         return None
     pack = kernels.load_triton()

@@ -345,7 +345,7 @@ def triton_on_the_cpu(monkeypatch, unloaded_kernels):
         pytest.skip("Triton's interpreter is set up where no CUDA device is (tests/conftest.py)")
     monkeypatch.setattr(packing, "_numpy_packable", lambda z: False)
     monkeypatch.setattr(packing, "_on_current_cuda_device", lambda z: True)
-    monkeypatch.setattr(packing, "_MIN_TRITON_VALUES", 0)  # the interpreter is slow: small tensors here
+    monkeypatch.setattr(packing, "_MIN_TRITON_VALUES", 1)  # the interpreter is slow: small tensors here
     pack, launches = kernels.load_triton(), []
     kernels._kernels["triton"] = lambda values: launches.append(tuple(values.shape)) or pack(values)
     return launches
