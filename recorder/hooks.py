@@ -76,7 +76,7 @@ def site_filter(sites: SiteFilter) -> Callable[[str], bool]:
         return lambda name: True
     if callable(sites):
         return sites
-    patterns = [sites] if isinstance(sites, str) else list(sites)
+    patterns = [sites] if isinstance(sites, str) else list(sites) if isinstance(sites, Iterable) else [sites]
     if not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"Expected `sites` to be None, names, glob patterns or a callable, but got {sites!r}.")
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -390,3 +390,9 @@ def test_site_filter_forms():
     assert site_filter(lambda s: s.endswith("#1"))("x#1")
     with pytest.raises(ValueError, match="sites"):
         site_filter([1, 2])
+
+
+@pytest.mark.parametrize("sites", [3, 2.5, object(), ["relu", 3]])
+def test_sites_of_the_wrong_kind_get_a_clear_error(sites):
+    with pytest.raises(ValueError, match="Expected `sites` to be None, names, glob patterns or a callable"):
+        site_filter(sites)
