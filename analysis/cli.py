@@ -222,15 +222,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
           + (f", {partial} unfinalized (.partial)" if partial else ""))
     print(f"splits:         {', '.join(run.splits)}")
     print(f"dropped:        {run.dropped_records} records (backpressure)")
-    losses = Counter()
-    for loss in run.losses:
-        losses[loss.kind] += loss.records or 0
-    unknown = sum(1 for loss in run.losses if loss.records is None)
     checked = "every record verified" if args.verify else "records read so far; --verify checks every record"
     print(f"corrupt:        {run.corrupt_records} records ({checked})")
     if run.losses:
-        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(losses.items()))
-        print(f"lost:           {kinds} records" + (f"; {unknown} shard(s) or site(s) of unknown size" if unknown else ""))
+        print(f"lost:           {_count_losses(run.losses)}")
         for loss in run.losses:
             where = "/".join(str(v) for v in (loss.site, loss.split, loss.step) if v is not None)
             print(f"  {loss.kind:<10} {loss.path.name}{' ' + where if where else ''}: {loss.reason}")
@@ -584,6 +579,20 @@ def _exit_interrupted(command: str) -> None:
     print(f"\nactpat {command}: interrupted (forced exit).", file=sys.stderr, flush=True)
     os._exit(130)
 
+
+
+def _count_losses(losses) -> str:
+    """Per kind of loss: how many, and the records they hold where known ("corrupt 2 (2 records)")."""
+    by_kind: dict[str, list] = {}
+    for loss in losses:
+        by_kind.setdefault(loss.kind, []).append(loss.records)
+    parts = []
+    for kind, records in sorted(by_kind.items()):
+        known, unknown = sum(r for r in records if r is not None), sum(r is None for r in records)
+        sizes = [f"{known} record{'s' * (known != 1)}"] if unknown < len(records) else []
+        sizes += [f"{unknown} of unknown size"] if unknown else []
+        parts.append(f"{kind} {len(records)} ({', '.join(sizes)})")
+    return ", ".join(parts)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``actpat`` console script."""

@@ -122,7 +122,8 @@ class _SiteSummary:
         self.warned: set = set()
         self._load = load
         self.init = self.last = self.final = None
-        self.final = self._from_record(load(int(steps[-1]))) if "final" in references else None
+        self._last_step = int(steps[-1])
+        self.final = self._from_record(load(self._last_step)) if "final" in references else None
         # A block that starts after the site's first step takes its references from the records before it:
         # init is the first record with observations, last the latest one.
         if start > 0 and "init" in references:
@@ -158,9 +159,12 @@ class _SiteSummary:
         if self.final is not None and p.step == self.final.patterns.step:
             return self.final
         if p.lost_records:
-            log.warning(
-                "actpat: site %r step %d: %d record(s) failed verification; the step's measures are left out "
-                "(its observations are incomplete).", self.site, p.step, p.lost_records,
+            _warn_once(
+                self.warned, ("lost", self.site, p.step),
+                "actpat: site %r step %d: %d record(s) are lost (failed verification, or never reached the disk); "
+                "the step's measures are left out (its observations are incomplete)%s.", self.site, p.step,
+                p.lost_records, ", and so are the *_final measures, whose reference it is"
+                if "final" in self.references and self.final is None and p.step == self._last_step else "",
             )
             return None
         if len(p) == 0:

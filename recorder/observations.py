@@ -33,9 +33,9 @@ class Patterns:
     site, step, epoch, split, nan_count
         Where the observations come from; ``nan_count`` counts NaN pre-activations (stored as off).
     lost_records : int
-        Records of this site, step and split left out because they failed verification (see
-        :attr:`actpat.recorder.reader.Run.losses`): when > 0 the observations are only part of the
-        step, and measures of the whole step cannot be computed from them.
+        Records of this site, step and split left out because they failed verification or never reached
+        the disk (see :attr:`actpat.recorder.reader.Run.losses`): when > 0 the observations are only part
+        of the step, and measures of the whole step cannot be computed from them.
     """
 
     site: str

@@ -14,7 +14,7 @@ import math
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from torch import nn
@@ -308,9 +308,9 @@ class Prober:
                 # The sites are checked after the first batch of the first probe, before its records are
                 # written: a `sites` mistake leaves `out_dir` as it was, so the corrected run can use it.
                 check = functools.partial(self._selection.check, "the first probe") if first else None
-                for batch, ids, labels in self._batches(self._module.device):
+                for (batch, ids, labels), last in _mark_last(self._batches(self._module.device)):
                     with recorder.capture(step, labels=labels, sample_ids=ids, split=PROBE_SPLIT, epoch=epoch,
-                                          check=check):
+                                          check=check, ends_step=last):
                         self._forward(module, batch)
                     check = None
         except Exception as exc:
@@ -514,6 +514,19 @@ class ProbeForward:
             raise ProbeForwardError(
                 f"The probe forward, {self.rule}, failed on a probe batch {describe(batch)} with {exc!r}. {self._hint}"
             ) from exc
+
+
+def _mark_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """``(item, is_last)`` for each item, reading one item ahead."""
+    iterator = iter(items)
+    try:
+        item = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield item, False
+        item = following
+    yield item, True
 
 
 def _on_schedule(step: int, interval: Fraction) -> bool:

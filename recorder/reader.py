@@ -1,8 +1,9 @@
 """Read a run directory of activation-pattern shards (torch-free: the analysis package imports it).
 
-Every record read back is either exact or reported missing: a record of a version-3 shard is checked
-against its CRC-32 before it is returned; one that fails, or whose records-table row points outside
-its data, is skipped with a warning naming the file, site and step and listed in :attr:`Run.losses`.
+Every record read back is either exact or reported missing: a record of a shard of version 3 or later
+is checked against its CRC-32 before it is returned; one that fails, or whose records-table row points
+outside its data, is skipped with a warning naming the file, site and step and listed in
+:attr:`Run.losses`, as is a step of version 4 or later whose records stop before the one that ends it.
 Everything the reader allocates is bounded by what the file actually stores.
 """
 
@@ -34,6 +35,7 @@ _INDEX_SLICE = 1 << 16  # records-table rows read at a time
 _VERIFY_ROWS = 1 << 20  # rows per slice when a record is verified without holding it whole
 _READ_AHEAD = 1 << 20  # bytes per read-ahead slab
 _SLABS = 16  # read-ahead slabs kept (at most 16 MiB)
+_PARTS = np.dtype([("split", "<i8"), ("step", "<i8"), ("part", "<i8"), ("ends_step", "u1"), ("shard", "<i8")])
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,9 @@ class Loss:
     kind : str
         ``"corrupt"`` (a record failed its checksum or bounds), ``"unwritten"`` (rows of an
         unfinalized shard that never reached the disk), ``"unreadable"`` (a shard or site that cannot be
-        read at all) or ``"missing"`` (a gap in a rank's shard numbering).
+        read at all), ``"missing"`` (a gap in a rank's shard numbering) or ``"incomplete"`` (a step whose
+        records stop before its last one, or miss one between: a writer killed in the middle of a probe,
+        records dropped under backpressure; format 4 and later).
     steps : (int or None, int or None) or None
         For records whose records-table row cannot be trusted (its checksum fails, or it never reached
         the disk): the steps it may belong to, from the sound rows around it (None: unbounded). ``step``
@@ -191,6 +195,9 @@ class Run:
         self._entries: dict[tuple[str, str], list[_Entry]] = defaultdict(list)
         self._lost_entries: set[_Entry] = set()
         self._index_losses: dict[str, list[Loss]] = defaultdict(list)  # lost before any read, by site
+        # (site, rank) -> _PARTS arrays of the sound rows written with step tracking; used while indexing
+        self._step_parts: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
+        self._split_codes: dict[bytes, int] = {}
         self._steps_cache: dict[tuple[str, str], list[int]] = {}
         self._init_handles()
         names = os.listdir(self.path)
@@ -205,6 +212,7 @@ class Run:
             elif schema.parse_stop_name(name) is not None:
                 self._read_stop_file(self.path / name)
         self._find_numbering_gaps()
+        self._find_incomplete_steps()
         for entries in self._entries.values():
             entries.sort(key=lambda e: e.step)  # stable: shard order kept within a step
         self._close_handles()
@@ -382,7 +390,7 @@ class Run:
         shard = _Shard(path, rank, index, version, not finalized, codec)
         shard_id = len(self._shards)
         # Index the whole file before keeping anything of it, so a failure leaves no half shard.
-        infos, entries, losses = {}, [], []
+        infos, entries, losses, parts = {}, [], [], []
         if schema.SITES_GROUP not in handle:
             raise ValueError(f"it has no {schema.SITES_GROUP!r} group")
         try:
@@ -393,7 +401,7 @@ class Run:
             raise ValueError(f"its {schema.SITES_GROUP!r} is not a group")
         for key in sites:
             try:
-                self._index_site(sites[key], key, shard, shard_id, infos, entries, losses)
+                self._index_site(sites[key], key, shard, shard_id, infos, entries, losses, parts)
             except Exception as exc:  # noqa: BLE001 - one damaged site loses its own records only
                 losses.append(Loss(path, f"site group {key!r} cannot be read ({_short(exc)})", rank, index,
                                    site=_unescape(key), kind="unreadable"))  # fmt: skip
@@ -414,6 +422,9 @@ class Run:
                 self._index_losses[loss.site].append(loss)
         for site, entry in entries:
             self._entries[(site, entry.split)].append(entry)
+        for site, rows in parts:
+            rows["shard"] = shard_id
+            self._step_parts[(site, rank)].append(rows)
 
     def _check_site_consistency(self, site: str, info: dict, path: Path) -> None:
         known = self._info.get(site)
@@ -431,7 +442,7 @@ class Run:
             known["value_units"] = info["value_units"]
 
     def _index_site(self, group: Any, key: str, shard: _Shard, shard_id: int, infos: dict, entries: list,
-                    losses: list) -> None:  # fmt: skip
+                    losses: list, parts: list) -> None:  # fmt: skip
         if not isinstance(group, h5py.Group):
             raise ValueError("it is not a group")
         meta = _site_meta(group)
@@ -472,13 +483,15 @@ class Run:
             table = records[lo : min(stored, lo + _INDEX_SLICE)]
             has_values = shard.version >= 2
             if checksummed:  # a row is trusted as an index entry only once its own checksum matches
-                row_crcs = schema.row_crcs(table, headers[False], headers.get(True))
+                row_crcs = schema.row_crcs(table, headers[False], headers.get(True), shard.version)
                 sound = row_crcs == table["row_crc32"].astype(np.int64)
             else:
                 row_crcs = np.full(len(table), -1, dtype=np.int64)
                 sound = np.ones(len(table), dtype=bool)
             ok = sound & _valid_rows(table, extents, meta["value_units"] is not None)
             sound_at.append(np.stack([np.flatnonzero(sound) + lo, table["step"][sound].astype(np.int64)], axis=1))
+            if shard.version >= schema.STEP_PARTS_VERSION:
+                parts.append((site, self._tracked_parts(table[sound & (table["part"] >= 0)])))
             kind = "unwritten" if shard.partial else "corrupt"
             for i in np.flatnonzero(~ok):
                 if shard.partial:
@@ -520,6 +533,50 @@ class Run:
                 self.stop_reasons.append(StopReason(rank, path, "unknown: the writer could not store why"))
         except OSError as exc:
             log.warning("actpat: cannot read %s (why recording stopped): %s", path, exc)
+
+    def _tracked_parts(self, rows: np.ndarray) -> np.ndarray:
+        """The ``part`` and ``ends_step`` of records-table ``rows``, with their step and split (as a code)."""
+        out = np.zeros(len(rows), dtype=_PARTS)
+        splits, inverse = np.unique(rows["split"], return_inverse=True)
+        codes = [self._split_codes.setdefault(bytes(split), len(self._split_codes)) for split in splits]
+        out["split"] = np.asarray(codes, dtype=np.int64)[inverse] if len(rows) else 0
+        for name in ("step", "part", "ends_step"):
+            out[name] = rows[name]
+        return out
+
+    def _find_incomplete_steps(self) -> None:
+        """Lose the steps whose records, as numbered by their writer, stop before the one that ends the
+        step or miss one in between: what a kill in the middle of a probe, or a drop, leaves."""
+        names = {code: split.decode(errors="replace") for split, code in self._split_codes.items()}
+        for (site, rank), arrays in self._step_parts.items():
+            rows = np.concatenate(arrays)
+            unusual = (rows["part"] > 0) | (rows["ends_step"] == 0)
+            if not unusual.any():  # every step one record that ends it: the usual batch-mode run
+                continue
+            rows = rows[np.lexsort((rows["part"], rows["step"], rows["split"]))]
+            first = np.r_[True, (np.diff(rows["split"]) != 0) | (np.diff(rows["step"]) != 0)]  # of a step
+            bounds, group = np.r_[np.flatnonzero(first), len(rows)], np.cumsum(first) - 1
+            for g in np.unique(group[(rows["part"] > 0) | (rows["ends_step"] == 0)]):
+                self._check_step(site, rank, names, rows[bounds[g] : bounds[g + 1]])
+        self._step_parts.clear()
+
+    def _check_step(self, site: str, rank: int, names: dict[int, str], rows: np.ndarray) -> None:
+        """Lose the step of ``rows`` (one site, rank, split and step, sorted by part) if it is incomplete."""
+        present = np.unique(rows["part"])
+        last = int(present[-1])
+        missing = last + 1 - len(present)
+        ended = bool(rows["ends_step"][rows["part"] == last].any())
+        if ended and not missing:
+            return
+        reasons = [] if ended else [f"none of its records ends it (the last on disk is record {last + 1} of the step): "
+                                    "its writer stopped (killed?) before the whole step reached the disk"]
+        if missing:
+            reasons.append(f"{missing} of its first {last + 1} records are missing (dropped under backpressure, or lost)")
+        shard = self._shards[int(rows["shard"][-1])]
+        loss = Loss(shard.path, "the step is incomplete: " + "; ".join(reasons), rank, shard.index, site,
+                    names[int(rows["split"][0])], int(rows["step"][0]), missing if ended else None, "incomplete")
+        self._lose(loss)
+        self._index_losses[site].append(loss)
 
     def _find_numbering_gaps(self) -> None:
         by_rank: dict[int, set[int]] = defaultdict(set)

@@ -181,6 +181,7 @@ class ActivationRecorder:
         )
         self._context: _Capture | None = None
         self._warned: set[str] = set()
+        self._parts: dict[str, tuple[tuple[str, int], int]] = {}  # site -> ((split, step), its next part)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "ActivationRecorder":
@@ -224,6 +225,7 @@ class ActivationRecorder:
         epoch: int = -1,
         check: Callable[[], None] | None = None,
         record: bool = True,
+        ends_step: bool = True,
     ) -> Iterator["ActivationRecorder"]:
         """Record every site call of the forwards run inside this block as time point ``step``.
 
@@ -243,6 +245,12 @@ class ActivationRecorder:
         record : bool, default True
             False: run the hooks and the checks of a capture (``check``, a model without sites) but
             record nothing, for a check on a forward that is not recorded (``step`` is then not checked).
+        ends_step : bool, default True
+            False when more captures of the same ``step`` and ``split`` follow (the batches of a probe):
+            each site's records of a step are numbered and the last capture's mark the step's end, so
+            that a reader reports a step whose end never reached the disk (a process killed in the
+            middle of a probe) as lost instead of reading it as complete. A capture whose block raised
+            never ends its step.
 
         Raises
         ------
@@ -264,7 +272,7 @@ class ActivationRecorder:
                 f"{int(step)} would be pooled with that run's. Record into a new `out_dir`, or continue from step "
                 f"{before + 1}."
             )
-        self._context = _Capture(int(step), int(epoch), split, labels, sample_ids, check, record)
+        self._context = _Capture(int(step), int(epoch), split, labels, sample_ids, check, record, ends_step)
         self._pending.clear()
         self._gathered.clear()
         self._site_called = False
@@ -288,7 +296,7 @@ class ActivationRecorder:
             if context.check is not None:
                 context.check()
         try:
-            self._hand_over(context, pending)  # the records made before an error are kept
+            self._hand_over(context, pending, ends_step=context.ends_step and not failing and context.error is None)
         except Exception:
             if not failing:
                 raise
@@ -330,19 +338,48 @@ class ActivationRecorder:
         self._gathered.extend(self._pending[:n])
         del self._pending[:n]
 
-    def _hand_over(self, context: "_Capture", pending: list) -> None:
-        """Queue the records of a capture: one hand-off per capture instead of one per site call."""
+    def _hand_over(self, context: "_Capture", pending: list, ends_step: bool) -> None:
+        """Queue the records of a capture (those made before an error too): one hand-off per capture
+        instead of one per site call."""
         records = []
         for item in pending:
             record = item if isinstance(item, Record) else self._make_record(context, *item)
             if record is not None:
                 records.append(record)
+        closing = self._number_parts(context, records, ends_step)
         to_host(records)
         if self.on_record is not None:
             for record in records:
                 self.on_record(record)
-        if records:
-            self.writer.put_many(records)
+        if records or closing:
+            self.writer.put_many(records + closing)
+
+    def _number_parts(self, context: "_Capture", records: list[Record], ends_step: bool) -> list[Record]:
+        """Number each site's records within its step and split; if ``ends_step``, mark each site's last.
+
+        Returns the empty records that end the step of sites recorded earlier in it but not in this
+        capture (a reader would otherwise take their step for one cut short).
+        """
+        key = (context.split, context.step)
+        last: dict[str, Record] = {}
+        for record in records:
+            site = record.meta.site
+            seen, part = self._parts.get(site, (key, 0))
+            record.part = part if seen == key else 0
+            self._parts[site] = (key, record.part + 1)
+            last[site] = record
+        if not ends_step:
+            return []
+        closing = [
+            Record(self._site_meta[site], context.step, context.epoch, context.split,
+                   np.zeros((0, self._site_meta[site].n_bytes), dtype=np.uint8), 1, 0, 0, part=part, ends_step=True)
+            for site, (seen, part) in self._parts.items() if seen == key and site not in last
+        ]  # fmt: skip
+        for record in last.values():
+            record.ends_step = True
+        for record in closing:
+            self._parts[record.meta.site] = (key, record.part + 1)
+        return closing
 
     def _on_site(self, name: str, module_type: str, z: torch.Tensor) -> None:
         self._site_called = True
@@ -476,9 +513,10 @@ class _Capture:
 
     def __init__(
         self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any, check: Callable[[], None] | None,
-        record: bool,
+        record: bool, ends_step: bool,
     ) -> None:
         self.step, self.epoch, self.split, self.check, self.record = step, epoch, split, check, record
+        self.ends_step = ends_step
         self.error: Exception | None = None
         self._raw = (labels, sample_ids)
         self._host: tuple | None = None

@@ -23,7 +23,9 @@ exact record from a damaged one.
 Version history: 1 = patterns only; 2 adds ``values``, the ``value_units`` attribute and the
 ``value_start`` record field (-1 = no values); 3 adds the ``row_crc32`` and ``crc32`` record fields, the
 ``compression`` and ``stop_reason`` attributes, creates ``obs_index`` and ``values`` only when a record needs them, and is
-written with HDF5 1.10 object formats (checksummed file metadata). Readers read every earlier version.
+written with HDF5 1.10 object formats (checksummed file metadata); 4 adds the ``part`` and ``ends_step`` record
+fields, with which a reader tells a step whose last records never reached the disk (a probe cut short by a kill)
+from a complete one. Readers read every earlier version.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ from typing import Any, Iterable
 import numpy as np
 
 FORMAT_NAME = "actpat-patterns"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: First version whose records carry a checksum.
 CHECKSUM_VERSION = 3
 BIT_ORDER = "little"
 PATTERN_KINDS = ("channel", "flat")
-#: HDF5 object formats of version-3 shards: 1.10 gives checksums on all file metadata (superblock v3,
+#: HDF5 object formats of shards since version 3: 1.10 gives checksums on all file metadata (superblock v3,
 #: object header v2, chunk indexes) and every h5py since 3.0 reads it.
 LIBVER = ("v110", "v110")
 
@@ -54,7 +56,7 @@ VALUES = "values"
 RECORDS = "records"
 #: Per-sample columns, always present.
 SAMPLE_COLUMNS = (SAMPLE_IDS, LABELS)
-#: Columns a version-3 writer creates only when the first record that needs them arrives.
+#: Columns a writer (since version 3) creates only when the first record that needs them arrives.
 OPTIONAL_COLUMNS = (OBS_INDEX, VALUES)
 
 SPLIT_BYTES = 32
@@ -72,13 +74,24 @@ _FIELDS = [
     ("nan_count", "<i8"),
     ("value_start", "<i8"),
 ]
-RECORD_DTYPE = np.dtype(_FIELDS + [("row_crc32", "<u4"), ("crc32", "<u4")])
+_STEP_FIELDS = [
+    # The record's place among its site's records of this step and split from one writer (0, 1, ...),
+    # and 1 on the last of them: -1 and 0 for records written without step tracking.
+    ("part", "<i4"),
+    ("ends_step", "u1"),
+]
 _CRC_FIELDS = ("row_crc32", "crc32")
-#: Record fields by version (version 1 lacks ``value_start``, versions 1-2 lack the checksums).
+_CRC = [(name, "<u4") for name in _CRC_FIELDS]
+#: The records table's dtype by version, of the versions whose rows carry checksums.
+RECORD_DTYPES = {3: np.dtype(_FIELDS + _CRC), 4: np.dtype(_FIELDS + _STEP_FIELDS + _CRC)}
+RECORD_DTYPE = RECORD_DTYPES[FORMAT_VERSION]
+#: First version whose records carry ``part`` and ``ends_step``.
+STEP_PARTS_VERSION = 4
+#: Record fields by version (version 1 lacks ``value_start``, versions 1-2 lack the checksums, 1-3 the parts).
 RECORD_FIELDS = {
     1: tuple(name for name, _ in _FIELDS if name != "value_start"),
     2: tuple(name for name, _ in _FIELDS),
-    3: RECORD_DTYPE.names,
+    **{version: dtype.names for version, dtype in RECORD_DTYPES.items()},
 }
 COLUMN_DTYPES = {BITS: np.dtype("u1"), SAMPLE_IDS: np.dtype("<i8"), LABELS: np.dtype("<i8"),
                  OBS_INDEX: np.dtype("<i8"), VALUES: np.dtype("<f2")}  # fmt: skip
@@ -239,16 +252,19 @@ def site_header(site: str, pattern: str, n_units: int, value_units: Iterable[int
     return header
 
 
-def row_crcs(table: np.ndarray, header: bytes, values_header: bytes | None = None) -> np.ndarray:
+def row_crcs(
+    table: np.ndarray, header: bytes, values_header: bytes | None = None, version: int = FORMAT_VERSION
+) -> np.ndarray:
     """CRC-32 (``zlib.crc32``) of each row of a records table, as int64: of the site header, then the row
-    itself (little-endian) with both checksum fields set to 0. Checked when a run is opened, before a row
-    is trusted as an index entry. Rows with values (``value_start >= 0``) start from ``values_header``;
-    -2 for such rows where it is None (nothing they could match)."""
-    plain = np.zeros(len(table), dtype=RECORD_DTYPE)
-    for name in RECORD_DTYPE.names:
+    itself (little-endian, the fields of ``version``) with both checksum fields set to 0. Checked when a run
+    is opened, before a row is trusted as an index entry. Rows with values (``value_start >= 0``) start
+    from ``values_header``; -2 for such rows where it is None (nothing they could match)."""
+    dtype = RECORD_DTYPES[version]
+    plain = np.zeros(len(table), dtype=dtype)
+    for name in dtype.names:
         if name not in _CRC_FIELDS:
             plain[name] = table[name]
-    raw = plain.view(np.uint8).reshape(len(table), RECORD_DTYPE.itemsize)
+    raw = plain.view(np.uint8).reshape(len(table), dtype.itemsize)
     start = zlib.crc32(header)
     values_start = -2 if values_header is None else zlib.crc32(values_header)
     with_values = (plain["value_start"] >= 0).tolist()

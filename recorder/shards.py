@@ -74,6 +74,8 @@ class Record:
     ``ready`` (a CUDA event, or None) is waited on by the writer thread, never by the hook. Until the
     hand-off, a hook's record may hold device tensors instead, computed on ``stream``: the recorder
     copies those of a whole capture to the host at once (:func:`actpat.recorder.recorder.to_host`).
+    ``part`` numbers a site's records of one step and split (from 0) and ``ends_step`` marks the last of
+    them, so that a reader can tell a step cut short; -1 (the default) writes the record untracked.
     """
 
     meta: SiteMeta
@@ -90,6 +92,8 @@ class Record:
     values: Any = None
     ready: Any = None
     stream: Any = None
+    part: int = -1
+    ends_step: bool = False
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -616,6 +620,8 @@ class ShardWriter:
         entries["value_start"] = _starts(value, value_rows, has_values)
         entries["n_positions"] = [rec.n_positions for rec in records]
         entries["nan_count"] = [item.nan_count for item in items]
+        entries["part"] = [rec.part for rec in records]
+        entries["ends_step"] = [rec.ends_step for rec in records]
         row_crcs = schema.row_crcs(
             entries,
             schema.site_header(meta.site, meta.pattern, meta.n_units, None),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zlib
 
 import h5py
 import numpy as np
@@ -281,25 +282,38 @@ def test_split_none_means_the_only_split_and_several_must_be_named(tmp_path):
 
 
 # ---------------------------------------------------------------------------- older versions
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_older_format_versions_are_read(version, tmp_path, truth):
     inputs = _write_run(tmp_path, [0, 1])
-    _write_run(tmp_path, [2])  # a second shard stays at version 3
+    _write_run(tmp_path, [2])  # a second shard stays at the current version
     first = tmp_path / schema.shard_name(0, 0)
     with h5py.File(first, "r+") as handle:
         handle.attrs["format_version"] = version
-        del handle.attrs["compression"]
+        if version < 3:
+            del handle.attrs["compression"]
         for group in handle["sites"].values():
             records = group["records"][()]
             names = schema.RECORD_FIELDS[version]
             old = np.zeros(len(records), dtype=[(n, schema.RECORD_DTYPE[n]) for n in names])
             for name in names:
                 old[name] = records[name]
+            if version == 3:  # checksums of the version-3 row layout, as the README computes them
+                header = b"actpat-record\0" + group.attrs["site"].encode() + b"\0" + group.attrs["pattern"].encode()
+                header += b"\0" + np.int64(group.attrs["n_units"]).tobytes()
+                for i, row in enumerate(records):
+                    plain = old[i : i + 1].copy()
+                    plain["row_crc32"] = plain["crc32"] = 0
+                    old[i]["row_crc32"] = crc = zlib.crc32(plain.tobytes(), zlib.crc32(header))
+                    for name, start, count in (("bits", "row_start", "row_count"), ("sample_ids", "sample_start",
+                                               "sample_count"), ("labels", "sample_start", "sample_count")):
+                        crc = zlib.crc32(group[name][row[start] : row[start] + row[count]].tobytes(), crc)
+                    old[i]["crc32"] = crc
             del group["records"]
             group.create_dataset("records", data=old, maxshape=(None,), chunks=(256,))
     run = open_run(tmp_path)
-    assert run.format_versions == {first: version, tmp_path / schema.shard_name(0, 1): 3}
-    assert [info.checksummed for info in run.shard_infos] == [False, True]
+    assert run.format_versions == {first: version, tmp_path / schema.shard_name(0, 1): schema.FORMAT_VERSION}
+    assert [info.checksummed for info in run.shard_infos] == [version >= 3, True]
+    assert run.losses == []
     for (site, step), z in inputs.items():
         np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
 

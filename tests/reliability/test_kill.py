@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from actpat.recorder import open_run
+from actpat.recorder import open_run, schema
 
 
 @pytest.mark.parametrize(("seed", "compression"), [(s, None) for s in range(8)] + [(s, "gzip") for s in range(8, 12)])
@@ -34,7 +34,7 @@ def test_sigkill_leaves_only_exact_or_reported_records(seed, compression, tmp_pa
     # Every finalized shard is complete; what was lost is only the open shard's tail.
     finalized_steps = set()
     for info in run.shard_infos:
-        assert info.format_version == 3
+        assert info.format_version == schema.FORMAT_VERSION
     for site in run.sites if run.splits else []:  # a kill before the first verified record: sites, no split
         finalized_steps |= set(run.steps(site).tolist())
     assert finalized_steps <= set(range(max(sent) + 2))  # nothing invented (a step may be sent, unlogged)

@@ -1,0 +1,203 @@
+"""A step recorded in several captures (a probe's batches) is read whole, or reported incomplete."""
+
+from __future__ import annotations
+
+import logging
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from actpat.analysis import summarize
+from actpat.recorder import ActivationRecorder, Prober, open_run
+from actpat.recorder.shards import Record, ShardWriter, SiteMeta
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.ReLU())
+
+
+def _rows_on_disk(path) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Plain h5py: per site, ``(step, part, ends_step, row_count)`` of every record, in file order."""
+    out: dict[str, list] = {}
+    for shard in sorted(path.glob("*.h5")):
+        with h5py.File(shard, "r") as handle:
+            for group in handle["sites"].values():
+                table = group["records"][()]
+                rows = zip(*(table[name].tolist() for name in ("step", "part", "ends_step", "row_count")))
+                out.setdefault(group.attrs["site"], []).extend(rows)
+    return out
+
+
+def _capture(rec, model, step, n=2, **kwargs):
+    with rec.capture(step, labels=torch.arange(n) % 2, sample_ids=torch.arange(n), **kwargs):
+        model(torch.randn(n, 4))
+
+
+def test_the_captures_of_a_step_are_numbered_and_the_last_ends_it(tmp_path):
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        _capture(rec, model, 5, ends_step=False)
+        _capture(rec, model, 5, ends_step=False)
+        _capture(rec, model, 5)
+        _capture(rec, model, 6)
+        _capture(rec, model, 6)  # another capture of an ended step (gradient accumulation): ends it again
+    assert _rows_on_disk(tmp_path) == {
+        site: [(5, 0, 0, 2), (5, 1, 0, 2), (5, 2, 1, 2), (6, 0, 1, 2), (6, 1, 1, 2)] for site in ("1", "3")
+    }
+    run = open_run(tmp_path)
+    assert run.losses == []
+    assert len(run.read("1", 5)) == 6 and run.read("1", 5).lost_records == 0
+
+
+def test_a_site_missing_from_the_last_capture_gets_an_empty_record_that_ends_its_step(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.use_b = nn.ReLU(), nn.ReLU(), True
+
+        def forward(self, x):
+            x = self.a(x)
+            return self.b(x) if self.use_b else x
+
+    model = Branchy()
+    with ActivationRecorder(model, tmp_path) as rec:
+        _capture(rec, model, 0, ends_step=False)
+        model.use_b = False
+        _capture(rec, model, 0, n=3)
+    assert _rows_on_disk(tmp_path) == {"a": [(0, 0, 0, 2), (0, 1, 1, 3)], "b": [(0, 0, 0, 2), (0, 1, 1, 0)]}
+    run = open_run(tmp_path)
+    assert run.losses == []
+    assert (len(run.read("a", 0)), len(run.read("b", 0)), run.read("b", 0).lost_records) == (5, 2, 0)
+
+
+def test_a_step_without_its_end_is_reported_and_never_measured(tmp_path, caplog):
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        _capture(rec, model, 0)
+        _capture(rec, model, 1, ends_step=False)
+        _capture(rec, model, 1, ends_step=False)  # the process stops here, before step 1's last capture
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    assert sorted((loss.site, loss.split, loss.step, loss.kind, loss.records) for loss in run.losses) == [
+        ("1", "train", 1, "incomplete", None), ("3", "train", 1, "incomplete", None)
+    ]
+    assert "none of its records ends it (the last on disk is record 2 of the step)" in caplog.text
+    assert len(run.read("1", 1)) == 4 and run.read("1", 1).lost_records == 1  # what is there, flagged
+    assert run.verify() == run.losses
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        df = summarize(tmp_path, progress=False)
+    assert sorted(set(df.step)) == [0]
+    assert "*_final measures" in caplog.text  # step 1, the final reference, is the incomplete one
+
+
+def test_info_counts_the_incomplete_steps_and_the_corrupt_records(tmp_path, capsys):
+    from actpat.analysis.cli import main
+
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        _capture(rec, model, 0)
+        _capture(rec, model, 1, ends_step=False)
+    (shard,) = tmp_path.glob("*.h5")
+    with h5py.File(shard, "r+") as handle:
+        handle["sites"]["3"]["bits"][0, 0] ^= 1  # step 0's record of site 3
+    assert main(["info", str(tmp_path), "--verify", "--no-progress"]) == 1  # --verify: 1 where records are lost
+    assert "lost:           corrupt 1 (1 record), incomplete 2 (2 of unknown size)\n" in capsys.readouterr().out
+
+
+def test_a_capture_whose_block_raised_does_not_end_its_step(tmp_path):
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        with pytest.raises(RuntimeError, match="the training step failed"):
+            with rec.capture(3):
+                model(torch.randn(2, 4))
+                raise RuntimeError("the training step failed")
+        _capture(rec, model, 4)
+    assert _rows_on_disk(tmp_path)["1"] == [(3, 0, 0, 2), (4, 0, 1, 2)]
+    run = open_run(tmp_path)
+    assert {(loss.step, loss.kind) for loss in run.losses} == {(3, "incomplete")}
+    assert run.read("3", 4).lost_records == 0
+
+
+def _write(path, records, rank=0):
+    """Write ``(step, part, ends_step)`` records of one site with a writer of ``rank``."""
+    meta = SiteMeta("fc", 0, "ReLU", (3,), 3, "flat")
+    writer = ShardWriter(path, rank=rank)
+    writer.start()
+    for step, part, ends_step in records:
+        bits = np.full((2, 1), max(part, 0), dtype=np.uint8)
+        writer.put(Record(meta, step, 0, "probe", bits, 1, 2, 0, part=part, ends_step=ends_step))
+    writer.close()
+
+
+def test_missing_parts_between_are_counted_and_untracked_records_never_are(tmp_path, caplog):
+    # Step 0 lacks parts 1 and 3 (dropped); step 1 is accumulated (each part ends it); 2 and 3 untracked.
+    _write(tmp_path, [(0, 0, False), (0, 2, False), (0, 4, True), (1, 0, True), (1, 1, True),
+                      (2, -1, False), (2, -1, False), (3, -1, False)])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    (loss,) = run.losses
+    assert (loss.step, loss.kind, loss.records, loss.rank) == (0, "incomplete", 2, 0)
+    assert "2 of its first 5 records are missing" in loss.reason and "none of its records" not in loss.reason
+    assert [run.read("fc", step).lost_records for step in (0, 1, 2, 3)] == [2, 0, 0, 0]
+
+
+def test_the_parts_of_each_rank_are_checked_apart(tmp_path):
+    _write(tmp_path, [(7, 0, False), (7, 1, True)], rank=0)
+    _write(tmp_path, [(7, 0, False), (7, 1, False)], rank=1)
+    run = open_run(tmp_path)
+    assert [(loss.rank, loss.step, loss.kind) for loss in run.losses] == [(1, 7, "incomplete")]
+
+
+def test_a_damaged_part_counts_once_and_the_step_stays_out(tmp_path):
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        for last in (False, False, True):
+            _capture(rec, model, 2, ends_step=last)
+    (shard,) = tmp_path.glob("*.h5")
+    with h5py.File(shard, "r+") as handle:
+        handle["sites"]["1"]["bits"][2, 0] ^= 1  # a bit of part 1's first row
+    run = open_run(tmp_path)
+    assert run.losses == []  # present and numbered: not missing; its checksum fails when it is read
+    assert run.read("1", 2).lost_records == 1 and len(run.read("1", 2)) == 4
+    assert [(loss.step, loss.kind) for loss in run.losses] == [(2, "corrupt")]
+
+
+# ---------------------------------------------------------------------------- the prober
+@pytest.mark.parametrize(("n", "batch_size", "parts"), [(10, 4, 3), (8, 4, 2), (3, 4, 1)])
+def test_each_probe_batch_is_a_part_and_the_last_ends_the_step(n, batch_size, parts, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    probe = TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+    with Prober(_model(), probe, tmp_path, 1, batch_size=batch_size) as prober:
+        prober.maybe(0)
+        prober.maybe(1)
+    expected = [(step, part, int(part == parts - 1), min(batch_size, n - part * batch_size))
+                for step in (0, 1) for part in range(parts)]  # fmt: skip
+    assert _rows_on_disk(tmp_path) == {"1": expected, "3": expected}
+    assert open_run(tmp_path).losses == []
+
+
+def test_a_probe_that_fails_in_its_third_batch_leaves_a_step_reported_incomplete(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    probe = TensorDataset(torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g))
+    calls = []
+
+    def forward(module, batch):
+        calls.append(1)
+        if len(calls) == 5 + 3:  # the third batch of the second probe
+            raise RuntimeError("out of memory")
+        return module(batch[0])
+
+    prober = Prober(_model(), probe, tmp_path, 1, batch_size=4, forward=forward)
+    prober.maybe(0)
+    with pytest.raises(Exception, match="out of memory"):
+        prober.maybe(1)
+    prober.close()
+    run = open_run(tmp_path)
+    assert {(loss.site, loss.step, loss.kind) for loss in run.losses} == {("1", 1, "incomplete"), ("3", 1, "incomplete")}
+    assert [run.read("1", step).lost_records for step in (0, 1)] == [0, 1]
+    assert len(run.read("1", 1)) == 8  # the two batches before the failure, kept and flagged
