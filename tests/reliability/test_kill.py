@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -48,3 +49,51 @@ def test_sigkill_leaves_only_exact_or_reported_records(seed, compression, tmp_pa
         assert main(["analyze", str(out), "-o", str(tmp_path / "m.csv"), "--no-progress",
                      "--no-information-plane"]) == 0
         assert (tmp_path / "m.csv").stat().st_size > 0
+
+
+PROBE_CHILD = """
+import sys, time
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from actpat.recorder import Prober, shards
+
+shards._WRITE_SECONDS = 0.01  # each batch's records reach the disk at once
+torch.manual_seed(0)
+probe = TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,)))
+calls = []
+
+def forward(module, batch):
+    calls.append(1)
+    if len(calls) == 5 + 3:  # the third of the second probe's five batches
+        print("hanging", flush=True)
+        time.sleep(600)
+    return module(batch[0])
+
+prober = Prober(nn.Sequential(nn.Linear(4, 6), nn.ReLU()), probe, sys.argv[1], 1, batch_size=4, forward=forward)
+prober.maybe(0)
+prober.maybe(1)
+"""
+
+
+def test_a_kill_in_the_middle_of_a_probe_leaves_its_step_reported_incomplete(tmp_path):
+    script, out = tmp_path / "probe_child.py", tmp_path / "run"
+    script.write_text(PROBE_CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "hanging", proc.stderr.read()[-2000:]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until both batches before the hang can be read back
+            run = open_run(out)
+            if run.splits and 1 in run.steps("1").tolist() and len(run.read("1", 1)) == 8:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run = open_run(out)
+    assert [(loss.site, loss.step, loss.kind) for loss in run.losses] == [("1", 1, "incomplete")]
+    first, cut = run.read("1", 0), run.read("1", 1)
+    assert (len(first), first.lost_records) == (20, 0)
+    assert (len(cut), cut.lost_records) == (8, 1)  # the 8 samples there are kept, the step flagged
