@@ -26,7 +26,7 @@ from actpat.recorder.hooks import SiteHooks
 from actpat.recorder.live_stats import LiveStats, StatsFunction
 from actpat.recorder.probe_module import MODES, ProbeModule
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES, ProbeBatches, check_probe_set, probe_loader
-from actpat.recorder.reader import open_run
+from actpat.recorder.reader import Run, open_run
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection, SiteSelectionError
 from actpat.recorder.shards import Record, ShardWriter
@@ -365,19 +365,20 @@ class Prober:
         if self._opened:
             return
         self._opened = True
-        recorded = recorded_steps(self.out_dir, PROBE_SPLIT)
+        run = _open_if_any(self.out_dir)  # once: each open indexes every shard and warns of every loss
+        recorded = _steps_of(run, PROBE_SPLIT)
         if self._resumed:
             self._last_probe_step, note = resume_point(
                 self.out_dir, PROBE_SPLIT, self._last_probe_step, recorded, self._resume_step
             )
             if note:
                 self._notify("ahead", note)
-            short = _short_probe(self.out_dir, self._last_probe_step, self._batches.loader)
+            short = _short_probe(run, self._last_probe_step, self._batches.loader)
             if short:
                 self._notify("short", f"actpat: {short}; it is kept as it is (records are never rewritten).")
         self._on_disk = set(recorded)
         if self._stats_fn is not None:
-            references = self._references_from_disk() if self._resumed else None
+            references = self._references_from(run) if self._resumed else None
             self._stats = LiveStats(self._stats_fn, references, self._notify)
         if self._resumed and self._init_step >= 0:
             self.check()
@@ -444,12 +445,11 @@ class Prober:
             self._writer = self._recorder.writer
         return self._recorder
 
-    def _references_from_disk(self) -> dict[str, dict[str, Any]]:
+    def _references_from(self, run: Optional[Run]) -> dict[str, dict[str, Any]]:
         """``init`` and ``last`` summaries per site, re-read from the shards after a resume."""
         references: dict[str, dict[str, Any]] = {}
-        if not self.out_dir.is_dir():
+        if run is None:
             return references
-        run = open_run(self.out_dir)
         for name, step in (("init", self._init_step), ("last", self._last_probe_step)):
             references[name] = {}
             for site in run.sites:
@@ -457,8 +457,11 @@ class Prober:
                     continue
                 try:
                     patterns = run.read(site, step, PROBE_SPLIT)
-                except OSError:  # the unreadable tail of a crashed shard: no reference, no such metric
-                    log.warning("actpat: the %s probe (step %d) of site %r cannot be read back.", name, step, site)
+                except OSError:  # the unreadable tail of a crashed shard
+                    patterns = None
+                if patterns is None or patterns.lost_records:  # no reference, no metric against it
+                    log.warning("actpat: the %s probe (step %d) of site %r cannot be read back whole; live "
+                                "statistics against it are left out.", name, step, site)
                     continue
                 references[name][site] = self._stats_fn(patterns, {})[0]
         return references
@@ -601,25 +604,30 @@ def resume_point(
 
 def recorded_steps(run_dir: Union[str, os.PathLike], split: str) -> list[int]:
     """The steps recorded in ``split`` in ``run_dir`` by any rank, sorted (none if there is no run)."""
+    return _steps_of(_open_if_any(run_dir), split)
+
+
+def _open_if_any(run_dir: Union[str, os.PathLike]) -> Optional[Run]:
+    """The run in ``run_dir``; None where it holds no shard (or does not exist)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not any(schema.parse_shard_name(name) for name in os.listdir(run_dir)):
-        return []
-    run = open_run(run_dir)
-    if split not in run.splits:
+        return None
+    return open_run(run_dir)
+
+
+def _steps_of(run: Optional[Run], split: str) -> list[int]:
+    if run is None or split not in run.splits:
         return []
     return sorted({int(step) for site in run.sites for step in run.steps(site, split)})
 
 
-def _short_probe(run_dir: Path, step: int, loader: DataLoader) -> Optional[str]:
+def _short_probe(run: Optional[Run], step: int, loader: DataLoader) -> Optional[str]:
     """Describe the probe record at ``step`` if a crash cut it short (fewer samples than the probe set)."""
     try:
         expected = len(loader.dataset)
     except (AttributeError, TypeError):
         return None
-    if step < 0 or not run_dir.is_dir():
-        return None
-    run = open_run(run_dir)
-    if PROBE_SPLIT not in run.splits:
+    if step < 0 or run is None or PROBE_SPLIT not in run.splits:
         return None
     for site in run.sites:
         if step in run.steps(site, PROBE_SPLIT):

@@ -201,3 +201,38 @@ def test_a_probe_that_fails_in_its_third_batch_leaves_a_step_reported_incomplete
     assert {(loss.site, loss.step, loss.kind) for loss in run.losses} == {("1", 1, "incomplete"), ("3", 1, "incomplete")}
     assert [run.read("1", step).lost_records for step in (0, 1)] == [0, 1]
     assert len(run.read("1", 1)) == 8  # the two batches before the failure, kept and flagged
+
+
+@pytest.mark.usefixtures("every_probe_gets_statistics")
+def test_a_fit_resumed_after_a_cut_probe_takes_no_live_reference_from_it(tmp_path, caplog):
+    from actpat.analysis.live import live_measures
+
+    g = torch.Generator().manual_seed(0)
+    probe = TensorDataset(torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g))
+    fail = [True]
+
+    def forward(module, batch):
+        if fail[0] and forward.calls == 5 + 2:  # the third batch of the second probe
+            raise RuntimeError("killed")
+        forward.calls += 1
+        return module(batch[0])
+
+    forward.calls = 0
+    model = _model()
+    prober = Prober(model, probe, tmp_path, 1, batch_size=4, forward=forward, stats=live_measures,
+                    on_stats=lambda step, metrics: None)  # fmt: skip
+    prober.maybe(0)
+    with pytest.raises(Exception, match="killed"):
+        prober.maybe(1)
+    state = prober.state_dict()
+    prober.close(wait=False)
+    fail[0] = False
+    received = {}
+    resumed = Prober(model, probe, tmp_path, 1, batch_size=4, forward=forward, stats=live_measures,
+                     on_stats=received.__setitem__)  # fmt: skip
+    resumed.load_state_dict(state)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        resumed.maybe(2)
+    resumed.close()
+    assert "the last probe (step 1) of site '1' cannot be read back whole" in caplog.text
+    assert "jaccard_init" in received[2]["1"] and "jaccard_last" not in received[2]["1"]  # init is whole, last not
