@@ -198,6 +198,8 @@ class Run:
         # (site, rank) -> _PARTS arrays of the sound rows written with step tracking; used while indexing
         self._step_parts: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
         self._split_codes: dict[bytes, int] = {}
+        # (path, rank, index, loss or None) of unfinalized shards, reported once the stop files are read
+        self._unfinalized: list[tuple[Path, int, int, Loss | None]] = []
         self._steps_cache: dict[tuple[str, str], list[int]] = {}
         self._init_handles()
         names = os.listdir(self.path)
@@ -211,6 +213,7 @@ class Run:
                 self._index_shard(self.path / name)
             elif schema.parse_stop_name(name) is not None:
                 self._read_stop_file(self.path / name)
+        self._report_unfinalized()
         self._find_numbering_gaps()
         self._find_incomplete_steps()
         for entries in self._entries.values():
@@ -336,7 +339,7 @@ class Run:
         rank, index, partial = parsed if parsed else (-1, -1, path.name.endswith(schema.PARTIAL_SUFFIX))
         if partial and _is_empty(path):
             reason = "it is empty: its writer stopped before the first block reached the disk"
-            self._lose(Loss(path, reason, rank, index, kind="unwritten"))
+            self._unfinalized.append((path, rank, index, Loss(path, reason, rank, index, kind="unwritten")))
             return
         try:
             handle = schema.open_for_reading(path)
@@ -353,7 +356,8 @@ class Run:
 
     def _damaged(self, path: Path, rank: int, index: int, partial: bool, what: str, exc: BaseException) -> None:
         if partial:
-            self._lose(Loss(path, f"the file is damaged: {what}", rank, index, kind="unreadable"))
+            loss = Loss(path, f"the file is damaged: {what}", rank, index, kind="unreadable")
+            self._unfinalized.append((path, rank, index, loss))
             return
         raise ShardFormatError(
             f"Expected {path} to be a readable actpat shard, but {what}. Move the file out of the run directory "
@@ -407,7 +411,7 @@ class Run:
                                    site=_unescape(key), kind="unreadable"))  # fmt: skip
         dropped = _attr(attrs, "dropped_records", int, 0)
         if not finalized:
-            log.warning("actpat: reading the records that verify of unfinalized shard %s (left by a crash?).", path)
+            self._unfinalized.append((path, rank, index, None))
         for site, info in infos.items():
             self._check_site_consistency(site, info, path)
         self._shards.append(shard)
@@ -577,6 +581,23 @@ class Run:
                     names[int(rows["split"][0])], int(rows["step"][0]), missing if ended else None, "incomplete")
         self._lose(loss)
         self._index_losses[site].append(loss)
+
+    def _report_unfinalized(self) -> None:
+        """Warn of each unfinalized shard (and lose it whole where it is empty or damaged) with the reason its
+        writer stored in the shard's stop file, if any: a full disk reads as such, not as a crash."""
+        stopped = defaultdict(list)
+        for stop in self.stop_reasons:
+            parsed = schema.parse_stop_name(stop.path.name)
+            if parsed is not None:
+                stopped[parsed].append(stop.reason)
+        for path, rank, index, loss in self._unfinalized:
+            why = "; ".join(stopped[(rank, index)])
+            if loss is None:
+                log.warning("actpat: reading the records that verify of unfinalized shard %s (%s).", path,
+                            f"recording stopped: {why}" if why else "left by a crash?")
+            else:
+                self._lose(dataclasses.replace(loss, reason=loss.reason + (f" (recording stopped: {why})" if why else "")))
+        self._unfinalized.clear()
 
     def _find_numbering_gaps(self) -> None:
         by_rank: dict[int, set[int]] = defaultdict(set)

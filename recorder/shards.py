@@ -362,7 +362,8 @@ class ShardWriter:
         if self._error is not None:
             raise RecorderError(
                 f"Writing activation patterns to {self.out_dir} failed: {self._error}. Recording stopped; the "
-                f"{len(self.finalized)} shard(s) finalized before stay readable."
+                f"{len(self.finalized)} shard(s) finalized before stay readable, and so do the records of the "
+                "unfinalized one that reached the disk before the error (`actpat info` lists what was lost)."
             ) from self._error
 
     @property

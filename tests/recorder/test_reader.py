@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import zlib
 
@@ -190,6 +191,29 @@ def test_damaged_partial_shard_is_skipped_with_a_warning(damage, tmp_path, caplo
     assert run.shards[0] == shard
     for (site, step), z in inputs.items():
         np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "readable"])
+def test_an_unfinalized_shard_with_a_stop_file_is_reported_with_its_reason_not_as_a_crash(damage, tmp_path, caplog):
+    _write_run(tmp_path, [0])
+    (shard,) = tmp_path.glob("*.h5")
+    partial = tmp_path / schema.shard_name(0, 1, partial=True)
+    content = {"garbage": b"\x89HDF\r\n\x1a\n" + bytes(100), "empty": b"", "readable": shard.read_bytes()}[damage]
+    partial.write_bytes(content)
+    reason = "writing patterns-rank000-00001.h5.partial failed: [Errno 28] No space left on device"
+    (tmp_path / schema.stop_name(0, 1)).write_text(json.dumps(reason) + "\n")
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    text = caplog.text
+    assert f"(recording stopped: {reason})" in text and "crash" not in text
+    if damage != "readable":
+        (loss,) = run.losses
+        assert loss.path == partial and loss.reason.endswith(f"(recording stopped: {reason})")
+    (tmp_path / schema.stop_name(0, 1)).unlink()  # without the stop file: as a crash would leave it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        open_run(tmp_path)
+    assert "recording stopped" not in caplog.text and (damage != "readable" or "left by a crash?" in caplog.text)
 
 
 def test_record_with_rows_missing_is_ignored(tmp_path):

@@ -5,6 +5,7 @@ never finalized, the process never crashes, and every record read back is exact 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import shutil
@@ -27,7 +28,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, resource.RLIM_INFINITY))
 
 
-def test_file_size_limit_through_the_writer(tmp_path, writer_child, rel):
+def test_file_size_limit_through_the_writer(tmp_path, writer_child, rel, caplog):
     out, sent = tmp_path / "run", tmp_path / "sent.txt"
     # A first writer finalizes small shards; a second, with a file size limit, fails in its first shard.
     rc, before, stderr = rel.run_child(writer_child(out, sent, steps=300, max_shard_bytes=40_000))
@@ -37,11 +38,15 @@ def test_file_size_limit_through_the_writer(tmp_path, writer_child, rel):
     assert rc == 0, stderr[-3000:]  # no crash at close or exit
     assert "Exception ignored" not in stderr
     assert result["error"] is not None and "File too large" in result["error"], result
+    # The message says what stays readable: no shard was finalized by this writer, yet its records are.
+    assert "the 0 shard(s) finalized before stay readable, and so do the records of the unfinalized one" in result["error"]
     assert not result["finalized"] and 300 < result["steps"] < 4300  # the failing shard is never finalized
     (partial,) = out.glob("*.h5.partial")
     assert os.path.getsize(partial) <= LIMIT
     assert sorted(p.name for p in out.glob("*.h5")) == before["finalized"]
-    run = open_run(out)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(out)
+    assert f"unfinalized shard {partial} (recording stopped: writing {partial.name} failed" in caplog.text
     read, _ = rel.check_exact_or_reported(run)
     steps = set(run.steps("fc.relu").tolist())
     assert set(range(300)) <= steps and max(steps) >= 300  # what reached the disk before the error is read
