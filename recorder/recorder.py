@@ -296,7 +296,8 @@ class ActivationRecorder:
             if context.check is not None:
                 context.check()
         try:
-            self._hand_over(context, pending, ends_step=context.ends_step and not failing and context.error is None)
+            ends_step = context.record and context.ends_step and not failing and context.error is None
+            self._hand_over(context, pending, ends_step=ends_step)
         except Exception:
             if not failing:
                 raise

@@ -236,3 +236,11 @@ def test_a_fit_resumed_after_a_cut_probe_takes_no_live_reference_from_it(tmp_pat
     resumed.close()
     assert "the last probe (step 1) of site '1' cannot be read back whole" in caplog.text
     assert "jaccard_init" in received[2]["1"] and "jaccard_last" not in received[2]["1"]  # init is whole, last not
+
+
+def test_a_capture_that_records_nothing_adds_no_record_to_a_step(tmp_path):
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        _capture(rec, model, 4)
+        _capture(rec, model, 4, record=False)  # the hooks run, e.g. a check: no closing record either
+    assert _rows_on_disk(tmp_path)["1"] == [(4, 0, 1, 2)]
