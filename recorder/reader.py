@@ -557,10 +557,11 @@ class Run:
             unusual = (rows["part"] > 0) | (rows["ends_step"] == 0)
             if not unusual.any():  # every step one record that ends it: the usual batch-mode run
                 continue
-            rows = rows[np.lexsort((rows["part"], rows["step"], rows["split"]))]
+            order = np.lexsort((rows["part"], rows["step"], rows["split"]))
+            rows, unusual = rows[order], unusual[order]
             first = np.r_[True, (np.diff(rows["split"]) != 0) | (np.diff(rows["step"]) != 0)]  # of a step
             bounds, group = np.r_[np.flatnonzero(first), len(rows)], np.cumsum(first) - 1
-            for g in np.unique(group[(rows["part"] > 0) | (rows["ends_step"] == 0)]):
+            for g in np.unique(group[unusual]):
                 self._check_step(site, rank, names, rows[bounds[g] : bounds[g + 1]])
         self._step_parts.clear()
 

@@ -8,6 +8,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -244,3 +246,31 @@ def test_a_capture_that_records_nothing_adds_no_record_to_a_step(tmp_path):
         _capture(rec, model, 4)
         _capture(rec, model, 4, record=False)  # the hooks run, e.g. a check: no closing record either
     assert _rows_on_disk(tmp_path)["1"] == [(4, 0, 1, 2)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["probe", "train"]), st.integers(0, 3), st.integers(1, 4),
+                          st.sets(st.integers(0, 3)), st.booleans()), min_size=1, max_size=5))  # fmt: skip
+def test_exactly_the_steps_that_lost_a_part_or_their_end_are_reported(tmp_path_factory, steps):
+    """Brute force: each (split, step) written as ``parts`` records, some dropped, its end kept or not; the
+    reader reports exactly those steps that miss a part or their end, and counts the parts missing."""
+    path = tmp_path_factory.mktemp("run")
+    records, expected = [], {}
+    for split, step, parts, dropped, ended in {(sp, s): (sp, s, n, d, e) for sp, s, n, d, e in steps}.values():
+        kept = [part for part in range(parts) if part not in dropped and (ended or part < parts - 1)]
+        if not kept:
+            continue
+        records += [(split, step, part, part == parts - 1) for part in kept]
+        missing_between = max(kept) + 1 - len(kept)
+        whole = kept[-1] == parts - 1 and not missing_between
+        if not whole:
+            expected[(split, step)] = missing_between if kept[-1] == parts - 1 else None
+    meta = SiteMeta("fc", 0, "ReLU", (3,), 3, "flat")
+    writer = ShardWriter(path)
+    writer.start()
+    for split, step, part, ends_step in records:
+        writer.put(Record(meta, step, 0, split, np.zeros((2, 1), np.uint8), 1, 2, 0, part=part, ends_step=ends_step))
+    writer.close()
+    run = open_run(path)
+    assert {(loss.split, loss.step): loss.records for loss in run.losses} == expected
+    assert all(loss.kind == "incomplete" for loss in run.losses)
