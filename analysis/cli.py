@@ -594,6 +594,7 @@ def _count_losses(losses) -> str:
         parts.append(f"{kind} {len(records)} ({', '.join(sizes)})")
     return ", ".join(parts)
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``actpat`` console script."""
     args = build_parser().parse_args(argv)

@@ -215,17 +215,25 @@ def _mp_context(consumers: Mapping[str, Consumer]):
     return context
 
 
+_STOP_SECONDS = 10.0  # the most a stopped pool's manager thread is waited for
+
+
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
     """Stop the workers now, mid-task (``shutdown`` alone waits for the running tasks)."""
+    # The pool's manager thread closes its wake-up pipe as it ends; still running at interpreter exit, it races
+    # the exit hook that writes to that pipe (an EBADF traceback after the command's clean message). It is
+    # waited for below; shutdown() forgets it.
+    manager = getattr(pool, "_executor_manager_thread", None)
     terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
     if terminate is not None:
         terminate()
-        return
-    # Before 3.14 the workers are only reachable here; shutdown() forgets them.
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
+    else:  # before 3.14 the workers are only reachable here; shutdown() forgets them
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+    if manager is not None:
+        manager.join(timeout=_STOP_SECONDS)
 
 
 @contextlib.contextmanager
