@@ -235,6 +235,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._capture: contextlib.ExitStack | None = None
         self._capture_step = -1
         self._capture_records = True  # whether the open capture records (False: it only checks)
+        # (step, epoch) of the recorded training step that an optimizer step has yet to end (accumulation)
+        self._open_step: tuple[int, int] | None = None
         self._batch_checked = False  # a training batch of this fit has passed the setup checks
         self._batch_verified = False  # a training batch of this fit has been recorded
         self._failed = False
@@ -288,7 +290,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._default_dir = Path(self.out_dir) if self.out_dir is not None else Path(trainer.log_dir) / "activation_patterns"
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._failed, self._stop_reason, self._warned = False, None, set()
+        self._failed, self._stop_reason, self._warned, self._open_step = False, None, set(), None
         self._batch_checked = self._batch_verified = False
         self._start(trainer, pl_module)
         self._probe(trainer)  # "init" before the first optimizer step; a resumed fit checks its probe and goes on
@@ -302,18 +304,22 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             return
         # A first batch that is not recorded (a resumed fit) is still checked, recording nothing, so that
         # a setup mistake stops fit before its first optimizer step here too.
+        # One batch per optimizer step: its capture is the whole step. Otherwise (gradient accumulation,
+        # manual optimization) the step ends once the optimizer has stepped (on_train_batch_end).
+        whole = trainer.accumulate_grad_batches == 1 and pl_module.automatic_optimization
         with self._guard(f"recording the training batch at step {step}", "batch"):
             labels = self._reader.labels(batch, self._reader.size(batch))
             stack = contextlib.ExitStack()
             stack.enter_context(
                 self._batch_recorder.capture(
                     step, labels=labels, split=TRAIN_SPLIT, epoch=trainer.current_epoch,
-                    check=None if self._batch_checked else self._check_first_batch, record=due,
+                    check=None if self._batch_checked else self._check_first_batch, record=due, ends_step=whole,
                 )
             )
             self._capture, self._capture_step, self._capture_records = stack, step, due
             if due:
                 self._last_batch_step = step
+                self._open_step = None if whole else (step, trainer.current_epoch)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         # The forward is over: backward, the optimizer and logging run outside the capture.
@@ -323,10 +329,13 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._end_capture()  # when no backward ran (manual optimization without one, a skipped step)
+        if self._open_step is not None and trainer.global_step > self._open_step[0]:
+            self._end_step()
         self._probe(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_capture()
+        self._end_step()  # the fit ended normally: a step it left open is whole
         self._probe(trainer, final=True)  # the end of fit
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -452,6 +461,14 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             # Only a recorded batch shows that recording works: until then a failure stops fit.
             if self._capture_records:
                 self._batch_verified = True
+
+    def _end_step(self) -> None:
+        open_step, self._open_step = self._open_step, None
+        if open_step is None or self._batch_recorder is None or self._failed:
+            return
+        step, epoch = open_step
+        with self._guard(f"recording the end of training step {step}", "batch"):
+            self._batch_recorder.end_step(step, split=TRAIN_SPLIT, epoch=epoch)
 
     def _check_first_batch(self) -> None:
         # Run by the recorder before the batch's records are written: a `sites` mistake writes no shard.

@@ -371,16 +371,32 @@ class ActivationRecorder:
             last[site] = record
         if not ends_step:
             return []
-        closing = [
-            Record(self._site_meta[site], context.step, context.epoch, context.split,
-                   np.zeros((0, self._site_meta[site].n_bytes), dtype=np.uint8), 1, 0, 0, part=part, ends_step=True)
-            for site, (seen, part) in self._parts.items() if seen == key and site not in last
-        ]  # fmt: skip
         for record in last.values():
             record.ends_step = True
+        return self._closing_records(key, context.epoch, skip=last)
+
+    def _closing_records(self, key: tuple[str, int], epoch: int, skip: Iterable[str] = ()) -> list[Record]:
+        """Empty records that end step ``key`` (split, step) of each site recorded in it, but those in ``skip``."""
+        closing = [
+            Record(meta, key[1], epoch, key[0], np.zeros((0, meta.n_bytes), dtype=np.uint8), 1, 0, 0, part=part,
+                   ends_step=True)
+            for site, (seen, part) in self._parts.items() if seen == key and site not in skip
+            for meta in (self._site_meta[site],)
+        ]  # fmt: skip
         for record in closing:
             self._parts[record.meta.site] = (key, record.part + 1)
         return closing
+
+    def end_step(self, step: int, *, split: str = "train", epoch: int = -1) -> None:
+        """End ``step`` of ``split``, captured with ``ends_step=False`` by captures none of which knew it was the
+        step's last (gradient accumulation: the optimizer step comes after the last micro-batch's forward).
+
+        Queues one empty record per site recorded in the step, marking its end; nothing if none was.
+        """
+        self.writer.raise_if_failed()
+        closing = self._closing_records((split, int(step)), int(epoch))
+        if closing:
+            self.writer.put_many(closing)
 
     def _on_site(self, name: str, module_type: str, z: torch.Tensor) -> None:
         self._site_called = True

@@ -575,6 +575,7 @@ def _check_style(name: str, package: str, tmp_path: Path, device: str = "cpu", *
     accelerator = {"accelerator": "gpu"} if device == "cuda" else {}
     model = _fit_style(style, package, tmp_path, [cb, saver.callback(package)], **accelerator)
     run = open_run(cb.run_dir)
+    assert run.losses == []  # every step of several records (probe batches, micro-batches) ends on disk
     x, y = style.probe_x(probe), style.probe_y(probe)
     batches = [x[i : i + BATCH].to(device) for i in range(0, len(x), BATCH)]  # the default probe batch: BATCH
     bf16 = style.fit.get("precision") == "bf16-mixed"
@@ -612,6 +613,52 @@ def _check_style(name: str, package: str, tmp_path: Path, device: str = "cpu", *
             positions = len(bits) // style.batch_samples
             np.testing.assert_array_equal(p.labels, np.repeat(torch.cat(labels).numpy(), positions))
     return model
+
+
+@pytest.mark.parametrize("style", ["gradient_accumulation", "manual_optimization"])
+def test_a_fit_that_dies_in_the_middle_of_a_step_leaves_that_step_reported(style, package, tmp_path):
+    """With several batches per optimizer step (or steps the module takes itself), a step is whole only once
+    the optimizer has stepped: a fit that dies after its first micro-batch leaves it reported incomplete."""
+    calls = []
+
+    class Dies(modules(package)[STYLES[style].module]):
+        def training_step(self, batch, batch_idx):
+            calls.append(batch_idx)
+            loss = super().training_step(batch, batch_idx)
+            if len(calls) == 6:  # after the second micro-batch of step 2; after step 5 of the manual style
+                raise RuntimeError("the process dies here")
+            return loss
+
+    cb = ActivationPatternCallback(batch_every_n_steps=1)
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="the process dies here"):
+        trainer(package, tmp_path, [cb], **STYLES[style].fit).fit(Dies(SmallCNN()), STYLES[style].train())
+    run = open_run(cb.run_dir)
+    last = 2 if style == "gradient_accumulation" else 5
+    assert run.steps(run.sites[0], "train").tolist() == list(range(last + 1))
+    assert {(loss.step, loss.kind) for loss in run.losses} == {(last, "incomplete")}
+    for step in range(last + 1):  # the steps before are whole, the last is flagged
+        assert (run.read(run.sites[0], step, "train").lost_records > 0) == (step == last)
+
+
+def test_a_step_the_fit_ends_in_without_an_optimizer_step_is_whole(package, tmp_path):
+    """Manual optimization stepping every second batch, over 3 batches: the fit ends after batch 2's forward,
+    which no optimizer step follows; the fit ended normally, so that step is whole."""
+
+    class EverySecond(modules(package)["Manual"]):
+        def training_step(self, batch, batch_idx):
+            self.manual_backward(F.cross_entropy(self.net(batch[0]), batch[1]))
+            if batch_idx % 2:
+                self.optimizers().step()
+                self.optimizers().zero_grad()
+
+    cb = ActivationPatternCallback(batch_every_n_steps=1)
+    trainer(package, tmp_path, [cb], max_epochs=1).fit(EverySecond(SmallCNN()), _loader(_tensors(24, 0)))
+    run = open_run(cb.run_dir)
+    assert run.losses == []
+    assert run.steps(run.sites[0], "train").tolist() == [0, 1]
+    rows = [len(run.read(run.sites[0], step, "train").labels) for step in (0, 1)]
+    assert rows[0] == 2 * rows[1] > 0  # two batches, then one
 
 
 def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path):
