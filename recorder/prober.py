@@ -368,6 +368,16 @@ class Prober:
         run = _open_if_any(self.out_dir)  # once: each open indexes every shard and warns of every loss
         recorded = _steps_of(run, PROBE_SPLIT)
         if self._resumed:
+            unwritten = sorted({step for step in (self._init_step, self._last_probe_step) if step >= 0} - set(recorded))
+            if unwritten:
+                self._notify(
+                    "unwritten",
+                    f"actpat: the fit this one resumes probed at step{'s' * (len(unwritten) > 1)} "
+                    f"{', '.join(map(str, unwritten))} (its checkpoint says so), but {self.out_dir} holds no probe "
+                    "record there: they never reached the disk (the process was killed within a second or so of "
+                    "the probe) or were removed. The run has no probe at that step, and live statistics against it "
+                    "are left out.",
+                )
             self._last_probe_step, note = resume_point(
                 self.out_dir, PROBE_SPLIT, self._last_probe_step, recorded, self._resume_step
             )

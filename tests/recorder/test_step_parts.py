@@ -274,3 +274,32 @@ def test_exactly_the_steps_that_lost_a_part_or_their_end_are_reported(tmp_path_f
     run = open_run(path)
     assert {(loss.split, loss.step): loss.records for loss in run.losses} == expected
     assert all(loss.kind == "incomplete" for loss in run.losses)
+
+
+def test_end_step_ends_a_step_whose_captures_could_not_tell(tmp_path):
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        _capture(rec, model, 3, ends_step=False)
+        _capture(rec, model, 3, ends_step=False)
+        rec.end_step(3, epoch=0)  # e.g. after the optimizer step of two accumulated micro-batches
+        rec.end_step(9)  # no capture recorded step 9: nothing to end
+    assert _rows_on_disk(tmp_path)["1"] == [(3, 0, 0, 2), (3, 1, 0, 2), (3, 2, 1, 0)]
+    run = open_run(tmp_path)
+    assert run.losses == [] and len(run.read("1", 3)) == 4
+
+
+def test_a_resumed_prober_names_a_checkpointed_probe_that_never_reached_the_disk(tmp_path, caplog):
+    g = torch.Generator().manual_seed(0)
+    probe = TensorDataset(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+    model = _model()
+    with Prober(model, probe, tmp_path, 2, batch_size=4) as prober:
+        prober.maybe(0)
+        prober.maybe(2)
+    # The killed fit probed at step 4 and saved a checkpoint saying so; the records never reached the disk.
+    resumed = Prober(model, probe, tmp_path, 2, batch_size=4)
+    resumed.load_state_dict({"version": 1, "last_probe_step": 4, "init_step": 0}, step=5)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        resumed.maybe(6)
+    resumed.close()
+    assert "probed at step 4 (its checkpoint says so), but" in caplog.text and "holds no probe record there" in caplog.text
+    assert open_run(tmp_path).steps("1", "probe").tolist() == [0, 2, 6]
