@@ -242,6 +242,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
             steps = run.steps(site, split)
             cells.append(f"{len(steps):>8}/{run.n_observations(site, split):<11}")
         print(f"{info['site_index']:>3}  {site:<28} {info['module_type']:<16} {info['n_units']:>6}  " + "  ".join(cells))
+    if run.losses:
+        print("     (steps/obs count every step with records, those of the losses above included, which the "
+              "analysis leaves out)")
     return 1 if args.verify and run.losses else 0
 
 

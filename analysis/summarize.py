@@ -161,8 +161,9 @@ class _SiteSummary:
         if p.lost_records:
             _warn_once(
                 self.warned, ("lost", self.site, p.step),
-                "actpat: site %r step %d: %d record(s) are lost (failed verification, or never reached the disk); "
-                "the step's measures are left out (its observations are incomplete)%s.", self.site, p.step,
+                "actpat: site %r step %d: records of it are lost (%d counted: failed verification, never reached the "
+                "disk, or the step is incomplete; `Run.losses` says which); the step's measures are left out (its "
+                "observations are incomplete)%s.", self.site, p.step,
                 p.lost_records, ", and so are the *_final measures, whose reference it is"
                 if "final" in self.references and self.final is None and p.step == self._last_step else "",
             )

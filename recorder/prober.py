@@ -644,9 +644,11 @@ def _short_probe(run: Optional[Run], step: int, loader: DataLoader) -> Optional[
             try:
                 got = len(np.unique(run.read(site, step, PROBE_SPLIT).sample_ids))
             except OSError as exc:  # the unflushed tail of a shard left by a killed process
-                return f"the probe at step {step} cannot be read ({exc}; cut short by a crash)"
+                return (f"the probe at step {step} cannot be read ({exc}; cut short: the process was killed, or "
+                        "recording stopped early)")
             if got < expected:
-                return f"the probe at step {step} holds {got} of {expected} samples at site {site!r} (cut short by a crash)"
+                return (f"the probe at step {step} holds {got} of {expected} samples at site {site!r} (cut short: the "
+                        "process was killed, or recording stopped early)")
     return None
 
 

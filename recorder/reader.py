@@ -573,8 +573,9 @@ class Run:
         ended = bool(rows["ends_step"][rows["part"] == last].any())
         if ended and not missing:
             return
-        reasons = [] if ended else [f"none of its records ends it (the last on disk is record {last + 1} of the step): "
-                                    "its writer stopped (killed?) before the whole step reached the disk"]
+        reasons = [] if ended else [f"no record ends it (the last on disk is its part {last}, parts counting from 0): "
+                                    "recording stopped in the middle of the step (the process was killed, or an "
+                                    "error or interrupt stopped recording: see `stop_reasons`)"]
         if missing:
             reasons.append(f"{missing} of its first {last + 1} records are missing (dropped under backpressure, or lost)")
         shard = self._shards[int(rows["shard"][-1])]

@@ -88,7 +88,7 @@ def test_a_step_without_its_end_is_reported_and_never_measured(tmp_path, caplog)
     assert sorted((loss.site, loss.split, loss.step, loss.kind, loss.records) for loss in run.losses) == [
         ("1", "train", 1, "incomplete", None), ("3", "train", 1, "incomplete", None)
     ]
-    assert "none of its records ends it (the last on disk is record 2 of the step)" in caplog.text
+    assert "no record ends it (the last on disk is its part 1, parts counting from 0)" in caplog.text
     assert len(run.read("1", 1)) == 4 and run.read("1", 1).lost_records == 1  # what is there, flagged
     assert run.verify() == run.losses
     with caplog.at_level(logging.WARNING, logger="actpat"):
@@ -108,7 +108,9 @@ def test_info_counts_the_incomplete_steps_and_the_corrupt_records(tmp_path, caps
     with h5py.File(shard, "r+") as handle:
         handle["sites"]["3"]["bits"][0, 0] ^= 1  # step 0's record of site 3
     assert main(["info", str(tmp_path), "--verify", "--no-progress"]) == 1  # --verify: 1 where records are lost
-    assert "lost:           corrupt 1 (1 record), incomplete 2 (2 of unknown size)\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lost:           corrupt 1 (1 record), incomplete 2 (2 of unknown size)\n" in out
+    assert "those of the losses above included, which the analysis leaves out" in out
 
 
 def test_a_capture_whose_block_raised_does_not_end_its_step(tmp_path):
@@ -144,7 +146,7 @@ def test_missing_parts_between_are_counted_and_untracked_records_never_are(tmp_p
         run = open_run(tmp_path)
     (loss,) = run.losses
     assert (loss.step, loss.kind, loss.records, loss.rank) == (0, "incomplete", 2, 0)
-    assert "2 of its first 5 records are missing" in loss.reason and "none of its records" not in loss.reason
+    assert "2 of its first 5 records are missing" in loss.reason and "no record ends it" not in loss.reason
     assert [run.read("fc", step).lost_records for step in (0, 1, 2, 3)] == [2, 0, 0, 0]
 
 
