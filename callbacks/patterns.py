@@ -381,6 +381,14 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             self._run_dir = self._default_dir
         run_dir = self._run_dir
         self._rank = trainer.global_rank
+        if not self._resumed and getattr(trainer, "ckpt_path", None):
+            self._warn_once(
+                "no-state",
+                f"actpat: this fit resumes from {trainer.ckpt_path}, which holds no state of this callback under its "
+                f"key {self.state_key!r} (Lightning finds a callback's state by its class and arguments): it records "
+                "as a new fit. To go on with the recording of the fit that saved the checkpoint, create the callback "
+                "with that fit's arguments.",
+            )
         if self._resumed:
             self._last_batch_step, note = resume_point(
                 run_dir, TRAIN_SPLIT, self._last_batch_step, resume_step=trainer.global_step

@@ -711,6 +711,27 @@ def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path)
     assert steps.count == 0
 
 
+def test_a_resume_whose_checkpoint_has_no_state_of_the_callback_says_so(package, tmp_path):
+    """Other arguments, another state key: the checkpoint's state is not this callback's, which starts afresh."""
+    pl = importlib.import_module(package)
+    style = STYLES["forward"]
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    first = ActivationPatternCallback(out_dir=tmp_path / "a", batch_every_n_steps=2)
+    _fit_style(style, package, tmp_path, [first, checkpoints], max_epochs=1, enable_checkpointing=True)
+    changed = ActivationPatternCallback(out_dir=tmp_path / "b", batch_every_n_steps=3)
+    with pytest.warns(UserWarning, match=r"holds no state of this callback under its key .*records as a new fit"):
+        trainer(package, tmp_path, [changed], max_epochs=2).fit(
+            modules(package)["WithForward"](style.net()), style.train(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+        )
+    same = ActivationPatternCallback(out_dir=tmp_path / "a", batch_every_n_steps=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(package, tmp_path, [same], max_epochs=2).fit(
+            modules(package)["WithForward"](style.net()), style.train(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+        )
+    assert not [w for w in seen if "holds no state" in str(w.message)]
+
+
 def test_a_resumed_batch_only_fit_checks_its_sites_before_its_first_step(package, tmp_path):
     """The resumed fit's first batches were recorded by the fit it resumes: checked all the same, recording nothing."""
     pl = importlib.import_module(package)
