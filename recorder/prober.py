@@ -307,7 +307,8 @@ class Prober:
                 recorder = self._recorder_for(module)
                 # The sites are checked after the first batch of the first probe, before its records are
                 # written: a `sites` mistake leaves `out_dir` as it was, so the corrected run can use it.
-                check = functools.partial(self._selection.check, "the first probe") if first else None
+                when = "the first batch of the first probe (a `probe_forward` must run the model on it)"
+                check = functools.partial(self._selection.check, when) if first else None
                 for (batch, ids, labels), last in _mark_last(self._batches(self._module.device)):
                     with recorder.capture(step, labels=labels, sample_ids=ids, split=PROBE_SPLIT, epoch=epoch,
                                           check=check, ends_step=last):
