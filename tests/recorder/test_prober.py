@@ -430,3 +430,18 @@ def test_resume_point_names_the_steps_ahead_of_the_resumed_fit(tmp_path):
     assert "at 5 steps after step 2, where this fit resumes: steps 3, 4, ..., 9," in note
     _, note = resume_point(tmp_path, "probe", 2, recorded=[0, 2, 3, 4, 5, 6, 7])
     assert "at 5 steps after step 2, where this fit resumes: steps 3 to 7," in note
+
+
+def test_a_probe_forward_that_skips_the_first_batch_is_told_that_batch_is_checked(tmp_path):
+    probe = TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    calls = []
+
+    def forward(module, batch):
+        calls.append(1)
+        return None if len(calls) == 1 else module(batch[0])  # the first batch never reaches the model
+
+    prober = Prober(nn.Sequential(nn.Linear(4, 6), nn.ReLU()), probe, tmp_path, 1, batch_size=4, forward=forward)
+    with pytest.raises(Exception, match=r"the first batch of the first probe \(a `probe_forward` must run the model"):
+        prober.maybe(0)
+    prober.close()
+    assert not list(tmp_path.glob("*.h5"))  # nothing written
