@@ -248,6 +248,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 1 if args.verify and run.losses else 0
 
 
+def _count_losses(losses) -> str:
+    """Per kind of loss: how many, and the records they hold where known ("corrupt 2 (2 records)")."""
+    by_kind: dict[str, list] = {}
+    for loss in losses:
+        by_kind.setdefault(loss.kind, []).append(loss.records)
+    parts = []
+    for kind, records in sorted(by_kind.items()):
+        known, unknown = sum(r for r in records if r is not None), sum(r is None for r in records)
+        sizes = [f"{known} record{'s' * (known != 1)}"] if unknown < len(records) else []
+        sizes += [f"{unknown} of unknown size"] if unknown else []
+        parts.append(f"{kind} {len(records)} ({', '.join(sizes)})")
+    return ", ".join(parts)
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     out: Path = args.output
     _check_table_path(out, "-o")
@@ -581,21 +595,6 @@ def _interruptible(command: str):
 def _exit_interrupted(command: str) -> None:
     print(f"\nactpat {command}: interrupted (forced exit).", file=sys.stderr, flush=True)
     os._exit(130)
-
-
-
-def _count_losses(losses) -> str:
-    """Per kind of loss: how many, and the records they hold where known ("corrupt 2 (2 records)")."""
-    by_kind: dict[str, list] = {}
-    for loss in losses:
-        by_kind.setdefault(loss.kind, []).append(loss.records)
-    parts = []
-    for kind, records in sorted(by_kind.items()):
-        known, unknown = sum(r for r in records if r is not None), sum(r is None for r in records)
-        sizes = [f"{known} record{'s' * (known != 1)}"] if unknown < len(records) else []
-        sizes += [f"{unknown} of unknown size"] if unknown else []
-        parts.append(f"{kind} {len(records)} ({', '.join(sizes)})")
-    return ", ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
