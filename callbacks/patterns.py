@@ -28,7 +28,7 @@ from actpat.recorder import schema
 from actpat.recorder.batches import BatchReader
 from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
-from actpat.recorder.prober import PROBE_SPLIT, ProbeForwardError, Prober, resume_point
+from actpat.recorder.prober import PROBE_SPLIT, ProbeForwardError, Prober, recorded_steps, resume_point
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection, SiteSelectionError
 
@@ -390,16 +390,27 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 "with that fit's arguments.",
             )
         if self._resumed:
+            recorded = recorded_steps(run_dir, TRAIN_SPLIT)
+            if self.batch_every_n_steps and self._last_batch_step > max(recorded, default=-1):
+                self._warn_once(
+                    "unwritten-train",
+                    f"actpat: the fit this one resumes recorded training batches up to step {self._last_batch_step} "
+                    f"(its checkpoint says so), but {run_dir} holds train records up to step "
+                    f"{max(recorded, default=-1)} only: the later ones never reached the disk (the process was killed "
+                    "within a second or so of them) or were removed. The run has no training records there.",
+                )
             self._last_batch_step, note = resume_point(
-                run_dir, TRAIN_SPLIT, self._last_batch_step, resume_step=trainer.global_step
+                run_dir, TRAIN_SPLIT, self._last_batch_step, recorded, resume_step=trainer.global_step
             )
             if note:
                 self._warn_once("ahead-train", note)
         elif _has_shards(run_dir, trainer.global_rank):
+            self._refuse_pooling(run_dir, trainer, probing)
             self._warn_once(
                 "existing",
-                f"actpat: {run_dir} already holds shards of rank {trainer.global_rank}; new records are added "
-                "beside them (same steps may appear twice). Pass another `out_dir` to keep runs apart.",
+                f"actpat: {run_dir} already holds shards of rank {trainer.global_rank} (of another run?); this fit's "
+                "records, in other splits or later steps, are added beside them. Pass another `out_dir` to keep runs "
+                "apart.",
             )
             self._warned.add("on-disk")  # the prober's own warning of the same fact
         self._batch_floor = self._last_batch_step
@@ -469,6 +480,25 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             # Only a recorded batch shows that recording works: until then a failure stops fit.
             if self._capture_records:
                 self._batch_verified = True
+
+    def _refuse_pooling(self, run_dir: Path, trainer: Trainer, probing: bool) -> None:
+        """A fit without this callback's state into a directory whose records it would be pooled with fails
+        here, before training, naming the likely cause (the recorder would refuse its first record)."""
+        splits = [PROBE_SPLIT] * probing + [TRAIN_SPLIT] * bool(self.batch_every_n_steps)
+        for split in splits:
+            last = max(recorded_steps(run_dir, split), default=-1)
+            if last >= trainer.global_step:
+                cause = (
+                    f"the checkpoint it resumes from ({trainer.ckpt_path}) holds no state of this callback, which "
+                    "Lightning finds by the callback's class and arguments: were they changed?"
+                    if getattr(trainer, "ckpt_path", None) else "this is a new fit"
+                )
+                raise ValueError(
+                    f"Expected {run_dir} to hold no {split} records at or after step {trainer.global_step}, where "
+                    f"this fit starts, but it holds them up to step {last}, and this callback has no state to go on "
+                    f"from them: {cause}. Pass another `out_dir`, or create the callback with the arguments of the "
+                    "fit that wrote it and resume from that fit's checkpoint."
+                )
 
     def _end_step(self) -> None:
         open_step, self._open_step = self._open_step, None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import shutil
 import textwrap
 import warnings
 from collections import Counter
@@ -730,6 +731,34 @@ def test_a_resume_whose_checkpoint_has_no_state_of_the_callback_says_so(package,
             modules(package)["WithForward"](style.net()), style.train(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
         )
     assert not [w for w in seen if "holds no state" in str(w.message)]
+    # Into the directory the checkpoint's fit wrote, the changed callback would pool its records with that
+    # fit's: it fails before training, naming the likely cause, and so does a new fit there.
+    for ckpt_path, cause in ((tmp_path / "ckpt" / "epoch=0-step=4.ckpt", "holds no state of this callback"),
+                             (None, "this is a new fit")):  # fmt: skip
+        steps = OptimizerSteps(package)
+        wrong = ActivationPatternCallback(out_dir=tmp_path / "a", batch_every_n_steps=3)
+        with pytest.raises(ValueError, match=rf"hold no train records at or after step \d+.*{cause}.*another `out_dir`"):
+            trainer(package, tmp_path, [wrong, steps.callback], max_epochs=2).fit(
+                modules(package)["WithForward"](style.net()), style.train(), ckpt_path=ckpt_path
+            )
+        assert steps.count == 0
+
+
+def test_a_resume_names_training_records_its_checkpoint_has_that_never_reached_the_disk(package, tmp_path):
+    pl = importlib.import_module(package)
+    style = STYLES["forward"]
+    options = dict(out_dir=tmp_path / "run", batch_every_n_steps=1)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    _fit_style(style, package, tmp_path, [ActivationPatternCallback(**options), checkpoints], max_epochs=1,
+               enable_checkpointing=True)
+    # As if the last records of that fit (steps 2 and 3) had died with its process: only steps 0-1 are on disk.
+    shutil.rmtree(tmp_path / "run")
+    _fit_style(style, package, tmp_path, [ActivationPatternCallback(**options)], max_steps=2)
+    with pytest.warns(UserWarning, match=r"recorded training batches up to step 3 \(its checkpoint says so\), but .* "
+                                         r"holds train records up to step 1 only"):
+        trainer(package, tmp_path, [ActivationPatternCallback(**options)], max_epochs=2).fit(
+            modules(package)["WithForward"](style.net()), style.train(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+        )
 
 
 def test_a_resumed_batch_only_fit_checks_its_sites_before_its_first_step(package, tmp_path):
