@@ -704,10 +704,16 @@ def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path)
     assert all(again.steps(site, "probe").tolist() == [0, 3, 4, 6, 8] for site in again.sites)
     # A resumed fit's first probe ran before the checkpoint; a mistake is still caught before its first step.
     wrong = ActivationPatternCallback(**options, sites=["net.head.9"])
+    _fails_before_the_first_step(package, tmp_path, wrong, r"\['net.head.9'\] is not.*probe on its first batch", ckpt, 3)
+
+
+def _fails_before_the_first_step(package, root, callback, match, ckpt_path, max_epochs) -> None:
+    """A fit of the "forward" style resumed from ``ckpt_path`` raises ``match`` before any optimizer step."""
+    style = STYLES["forward"]
     steps = OptimizerSteps(package)
-    with pytest.raises(ValueError, match=r"\['net.head.9'\] is not.*probe on its first batch"):
-        trainer(package, tmp_path, [wrong, steps.callback], max_epochs=3).fit(
-            modules(package)["WithForward"](style.net()), style.train(), ckpt_path=ckpt
+    with pytest.raises(ValueError, match=match):
+        trainer(package, root, [callback, steps.callback], max_epochs=max_epochs).fit(
+            modules(package)["WithForward"](style.net()), style.train(), ckpt_path=ckpt_path
         )
     assert steps.count == 0
 
@@ -735,13 +741,9 @@ def test_a_resume_whose_checkpoint_has_no_state_of_the_callback_says_so(package,
     # fit's: it fails before training, naming the likely cause, and so does a new fit there.
     for ckpt_path, cause in ((tmp_path / "ckpt" / "epoch=0-step=4.ckpt", "holds no state of this callback"),
                              (None, "this is a new fit")):  # fmt: skip
-        steps = OptimizerSteps(package)
         wrong = ActivationPatternCallback(out_dir=tmp_path / "a", batch_every_n_steps=3)
-        with pytest.raises(ValueError, match=rf"hold no train records at or after step \d+.*{cause}.*another `out_dir`"):
-            trainer(package, tmp_path, [wrong, steps.callback], max_epochs=2).fit(
-                modules(package)["WithForward"](style.net()), style.train(), ckpt_path=ckpt_path
-            )
-        assert steps.count == 0
+        match = rf"hold no train records at or after step \d+.*{cause}.*another `out_dir`"
+        _fails_before_the_first_step(package, tmp_path, wrong, match, ckpt_path, 2)
 
 
 def test_a_resume_names_training_records_its_checkpoint_has_that_never_reached_the_disk(package, tmp_path):
