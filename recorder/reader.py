@@ -195,7 +195,8 @@ class Run:
         self._entries: dict[tuple[str, str], list[_Entry]] = defaultdict(list)
         self._lost_entries: set[_Entry] = set()
         self._index_losses: dict[str, list[Loss]] = defaultdict(list)  # lost before any read, by site
-        # (site, rank) -> _PARTS arrays of the sound rows written with step tracking; used while indexing
+        # While indexing: (site, rank) -> _PARTS arrays of the sound rows written with step tracking, and
+        # the codes their splits are stored as
         self._step_parts: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
         self._split_codes: dict[bytes, int] = {}
         # (path, rank, index, loss or None) of unfinalized shards, reported once the stop files are read
@@ -543,7 +544,7 @@ class Run:
         out = np.zeros(len(rows), dtype=_PARTS)
         splits, inverse = np.unique(rows["split"], return_inverse=True)
         codes = [self._split_codes.setdefault(bytes(split), len(self._split_codes)) for split in splits]
-        out["split"] = np.asarray(codes, dtype=np.int64)[inverse] if len(rows) else 0
+        out["split"] = np.asarray(codes, dtype=np.int64)[inverse]
         for name in ("step", "part", "ends_step"):
             out[name] = rows[name]
         return out
@@ -564,6 +565,7 @@ class Run:
             for g in np.unique(group[unusual]):
                 self._check_step(site, rank, names, rows[bounds[g] : bounds[g + 1]])
         self._step_parts.clear()
+        self._split_codes.clear()
 
     def _check_step(self, site: str, rank: int, names: dict[int, str], rows: np.ndarray) -> None:
         """Lose the step of ``rows`` (one site, rank, split and step, sorted by part) if it is incomplete."""
