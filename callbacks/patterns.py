@@ -31,6 +31,7 @@ from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
 from actpat.recorder.prober import PROBE_SPLIT, ProbeForwardError, Prober, recorded_steps, resume_point
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection, SiteSelectionError
+from actpat.recorder.shards import scan_existing
 
 # Either package's Trainer and LightningModule (see actpat.callbacks._lightning).
 Trainer = LightningModule = Any
@@ -483,10 +484,11 @@ class ActivationPatternCallback(*CALLBACK_BASES):
 
     def _refuse_pooling(self, run_dir: Path, trainer: Trainer, probing: bool) -> None:
         """A fit without this callback's state into a directory whose records it would be pooled with fails
-        here, before training, naming the likely cause (the recorder would refuse its first record)."""
-        splits = [PROBE_SPLIT] * probing + [TRAIN_SPLIT] * bool(self.batch_every_n_steps)
-        for split in splits:
-            last = max(recorded_steps(run_dir, split), default=-1)
+        here, before training, naming the likely cause: by the writer's own rule, which would refuse its
+        first record (this rank's last step per split, read from the records tables alone)."""
+        recorded_before = scan_existing(run_dir, trainer.global_rank)[0]
+        for split in [PROBE_SPLIT] * probing + [TRAIN_SPLIT] * bool(self.batch_every_n_steps):
+            last = recorded_before.get(split, -1)
             if last >= trainer.global_step:
                 cause = (
                     f"the checkpoint it resumes from ({trainer.ckpt_path}) holds no state of this callback, which "

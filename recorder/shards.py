@@ -228,7 +228,7 @@ class ShardWriter:
         self._io_failed = False
         self._stop_file = None
         self._next_index = self._first_free_index()
-        self.recorded_before, self._sites_on_disk = _scan_existing(self.out_dir, self.rank)
+        self.recorded_before, self._sites_on_disk = scan_existing(self.out_dir, self.rank)
         self._thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
         self._thread.start()
         # A writer never closed would be stopped mid-write by the interpreter's exit (h5py then crashes
@@ -843,7 +843,7 @@ class _RunLock:
                 self.fd = -1
 
 
-def _scan_existing(out_dir: Path, rank: int) -> tuple[dict[str, int], dict[str, tuple[int, str, str]]]:
+def scan_existing(out_dir: Path, rank: int) -> tuple[dict[str, int], dict[str, tuple[int, str, str]]]:
     """What earlier writers left in ``out_dir``: the last step per split of ``rank``'s records, and each
     site's ``(n_units, pattern, shard name)`` in any rank's shards (records-table rows and attributes as
     stored; a shard that cannot be read is the reader's to report)."""
