@@ -28,7 +28,9 @@ from actpat.recorder import schema
 from actpat.recorder.batches import BatchReader
 from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
-from actpat.recorder.prober import PROBE_SPLIT, ProbeForwardError, Prober, recorded_steps, resume_point
+from actpat.recorder.prober import (
+    PROBE_SPLIT, ProbeForwardError, Prober, recorded_steps, resume_point, unwritten_note,
+)
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection, SiteSelectionError
 from actpat.recorder.shards import scan_existing
@@ -392,14 +394,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             )
         if self._resumed:
             recorded = recorded_steps(run_dir, TRAIN_SPLIT)
-            if self.batch_every_n_steps and self._last_batch_step > max(recorded, default=-1):
-                self._warn_once(
-                    "unwritten-train",
-                    f"actpat: the fit this one resumes recorded training batches up to step {self._last_batch_step} "
-                    f"(its checkpoint says so), but {run_dir} holds train records up to step "
-                    f"{max(recorded, default=-1)} only: the later ones never reached the disk (the process was killed "
-                    "within a second or so of them) or were removed. The run has no training records there.",
-                )
+            note = unwritten_note(run_dir, TRAIN_SPLIT, (self._last_batch_step,), recorded)
+            if note and self.batch_every_n_steps:
+                self._warn_once("unwritten-train", note)
             self._last_batch_step, note = resume_point(
                 run_dir, TRAIN_SPLIT, self._last_batch_step, recorded, resume_step=trainer.global_step
             )

@@ -369,16 +369,9 @@ class Prober:
         run = _open_if_any(self.out_dir)  # once: each open indexes every shard and warns of every loss
         recorded = _steps_of(run, PROBE_SPLIT)
         if self._resumed:
-            unwritten = sorted({step for step in (self._init_step, self._last_probe_step) if step >= 0} - set(recorded))
-            if unwritten:
-                self._notify(
-                    "unwritten",
-                    f"actpat: the fit this one resumes probed at step{'s' * (len(unwritten) > 1)} "
-                    f"{', '.join(map(str, unwritten))} (its checkpoint says so), but {self.out_dir} holds no probe "
-                    "record there: they never reached the disk (the process was killed within a second or so of "
-                    "the probe) or were removed. The run has no probe at that step, and live statistics against it "
-                    "are left out.",
-                )
+            note = unwritten_note(self.out_dir, PROBE_SPLIT, (self._init_step, self._last_probe_step), recorded)
+            if note:
+                self._notify("unwritten", note + " Live statistics against them are left out.")
             self._last_probe_step, note = resume_point(
                 self.out_dir, PROBE_SPLIT, self._last_probe_step, recorded, self._resume_step
             )
@@ -613,6 +606,22 @@ def resume_point(
     return last, note
 
 
+def unwritten_note(
+    run_dir: Union[str, os.PathLike], split: str, checkpointed: Sequence[int], recorded: Sequence[int]
+) -> Optional[str]:
+    """Names the steps a resumed fit's checkpoint says were recorded in ``split`` (``checkpointed``; -1:
+    none) that ``run_dir`` does not hold (``recorded``); None if it holds them all."""
+    missing = sorted({step for step in checkpointed if step >= 0} - set(recorded))
+    if not missing:
+        return None
+    steps = f"step{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
+    return (
+        f"actpat: the fit this one resumes recorded {split} records at {steps} (its checkpoint says so), but "
+        f"{run_dir} holds none there: they never reached the disk (the process was killed within a second or so "
+        f"of them) or were removed. The run has no {split} records at {steps}."
+    )
+
+
 def recorded_steps(run_dir: Union[str, os.PathLike], split: str) -> list[int]:
     """The steps recorded in ``split`` in ``run_dir`` by any rank, sorted (none if there is no run)."""
     return _steps_of(_open_if_any(run_dir), split)
@@ -653,4 +662,5 @@ def _short_probe(run: Optional[Run], step: int, loader: DataLoader) -> Optional[
     return None
 
 
-__all__ = ["PROBE_SPLIT", "ProbeForward", "ProbeForwardError", "Prober", "recorded_steps", "resume_point"]
+__all__ = ["PROBE_SPLIT", "ProbeForward", "ProbeForwardError", "Prober", "recorded_steps", "resume_point",
+           "unwritten_note"]
