@@ -177,7 +177,7 @@ class ActivationRecorder:
         load_kernels()  # a first compile happens here, not in the first recorded forward
         self._hooks = SiteHooks(
             model, self._on_site, sites=sites, module_types=module_types, functional=functional,
-            on_forward_end=self._on_forward_end,
+            on_forward_end=self._on_forward_end, signs_only=store_values is None,  # stored values: the inputs
         )
         self._context: _Capture | None = None
         self._warned: set[str] = set()

@@ -81,6 +81,90 @@ def test_inplace_relu_records_pre_activation_before_overwrite(tmp_path, truth):
     assert not np.array_equal(truth.channel(F.relu(z) - 0.5), truth.channel(z))
 
 
+# Every in-place spelling of a ReLU-family call, the slopes of LeakyReLU on both sides of 0: the recorder may
+# read an in-place call's output instead of its input only where the signs are the same (slope >= 0).
+_IN_PLACE_CALLS = {
+    "ReLU": nn.ReLU(inplace=True),
+    "ReLU6": nn.ReLU6(inplace=True),
+    "LeakyReLU(0.1)": nn.LeakyReLU(0.1, inplace=True),
+    "LeakyReLU(0)": nn.LeakyReLU(0.0, inplace=True),
+    "LeakyReLU(-0.5)": nn.LeakyReLU(-0.5, inplace=True),
+    "F.relu": lambda t: F.relu(t, inplace=True),
+    "F.relu_": F.relu_,
+    "torch.relu_": torch.relu_,
+    "Tensor.relu_": lambda t: t.relu_(),
+    "F.relu6": lambda t: F.relu6(t, inplace=True),
+    "F.leaky_relu(0.2)": lambda t: F.leaky_relu(t, 0.2, inplace=True),
+    "F.leaky_relu(-0.3)": lambda t: F.leaky_relu(t, -0.3, inplace=True),
+    "F.leaky_relu_": F.leaky_relu_,
+    "F.leaky_relu_(-0.3)": lambda t: F.leaky_relu_(t, -0.3),
+    "F.leaky_relu_(slope=-0.3)": lambda t: F.leaky_relu_(t, negative_slope=-0.3),
+}
+
+
+class _Calls(nn.Module):
+    """Linear, then the call, then an in-place op that would change the signs again; keeps each input."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.fc = nn.Linear(6, 11)
+        self.act = call if isinstance(call, nn.Module) else None
+        self.call = call
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        z = self.fc(x)
+        z[0, :3] = float("nan")  # NaNs: off, and counted
+        z[1, 0] = -0.0
+        z[1, 1] = 0.0
+        self.inputs.append(z.detach().clone())
+        return self.call(z).sub_(0.25)
+
+
+@pytest.mark.parametrize("name", list(_IN_PLACE_CALLS))
+def test_in_place_calls_record_the_pre_activation_signs(name, tmp_path, truth):
+    torch.manual_seed(6)
+    model = _Calls(_IN_PLACE_CALLS[name])
+    xs = [torch.randn(7, 6) for _ in range(2)]
+    with ActivationRecorder(model, tmp_path) as rec:
+        for step, x in enumerate(xs):
+            with rec.capture(step), torch.no_grad():
+                model(x)
+    run = open_run(tmp_path)
+    (site,) = run.sites
+    if model.act is not None:
+        assert site == "act"
+    else:  # a functional call in the root module's forward
+        assert site.split("#") == [{"relu6": "relu6", "leaky": "leaky_relu"}.get(name[2:7], "relu"), "0"]
+    for step, z in enumerate(model.inputs):
+        assert (z < 0).any() and (z > 0).any()
+        got = _assert_site(run, site, step, truth.channel(z), truth)
+        assert got.nan_count == int(torch.isnan(z).sum()) == 3
+
+
+@pytest.mark.parametrize("signs_only", [False, True])
+@pytest.mark.parametrize("name", ["ReLU", "LeakyReLU(-0.5)", "F.relu", "F.leaky_relu(-0.3)", "torch.relu_"])
+def test_signs_only_hands_sign_keeping_in_place_calls_their_output(name, signs_only):
+    """The hooks' contract: with ``signs_only`` a sign-keeping in-place call is handed over after it ran
+    (its output, no negative value left), any other call and every call without it before (its input)."""
+    torch.manual_seed(7)
+    model = _Calls(_IN_PLACE_CALLS[name])
+    seen = []
+    hooks = SiteHooks(model, lambda site, kind, z: seen.append(z.detach().clone()), signs_only=signs_only)
+    hooks.attach()
+    try:
+        with torch.no_grad():
+            model(torch.randn(5, 6))
+    finally:
+        hooks.detach()
+    (z,) = seen
+    keeps_signs = "-" not in name
+    if signs_only and keeps_signs:
+        assert not (z < 0).any()  # relu's output
+    else:
+        torch.testing.assert_close(z, model.inputs[0], equal_nan=True)
+
+
 @pytest.mark.parametrize("act", [nn.LeakyReLU(0.2), nn.PReLU(4), nn.ReLU6(), nn.LeakyReLU(0.1, inplace=True)])
 def test_leaky_prelu_relu6(act, tmp_path, truth):
     torch.manual_seed(2)

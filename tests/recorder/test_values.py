@@ -33,6 +33,15 @@ def test_values_equal_pre_activations(tmp_path, store_values):
     np.testing.assert_allclose(values.astype(np.float32), z[:, list(units)], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("store_values", [None, "all"])
+def test_in_place_sites_are_read_after_their_call_unless_values_are_stored(tmp_path, store_values):
+    """Read after the call (cheaper: no cache lines taken from the threads that overwrite z) only where the
+    recorder needs the signs alone; stored values must be the inputs (the test above)."""
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(inplace=True))
+    with ActivationRecorder(model, tmp_path, store_values=store_values) as rec:
+        assert rec._hooks._after_in_place is (store_values is None)
+
+
 def test_values_follow_subsampled_conv_rows(tmp_path):
     torch.manual_seed(1)
     conv = nn.Conv2d(2, 4, 3, padding=1)
