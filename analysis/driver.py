@@ -416,8 +416,11 @@ def _run_pass(run: Run, consumers, split, sites, workers: int, client, progress:
     seen: set = set()
 
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with tqdm(total=sum(b.n_steps for b in blocks), disable=not progress, desc=desc, unit="record") as bar:
+    # Warnings printed while the bar is drawn go above it (through tqdm.write), not onto its line.
+    redirect = logging_redirect_tqdm(tqdm_class=tqdm) if progress else contextlib.nullcontext()
+    with redirect, tqdm(total=sum(b.n_steps for b in blocks), disable=not progress, desc=desc, unit="record") as bar:
 
         def done(i: int, out: dict, messages: list) -> None:
             parts[i] = out

@@ -199,3 +199,33 @@ def test_a_script_without_main_guard_gets_told(run_path, tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "A worker process of the pass died" in out.stderr and "if __name__ == '__main__':" in out.stderr
+
+
+def _screen(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: a carriage return moves back to the line's start, where what
+    follows overwrites what was there."""
+    lines, line, col = [], [], 0
+    for ch in text:
+        if ch == "\n":
+            lines.append("".join(line).rstrip())
+            line, col = [], 0
+        elif ch == "\r":
+            col = 0
+        else:
+            line[col:col + 1] = [ch]
+            col += 1
+    return lines + ["".join(line).rstrip()]
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_warnings_go_above_the_progress_bar_not_onto_its_line(run_path, capsys, n_jobs):
+    console = logging.StreamHandler(sys.stderr)  # a user's console logging (pytest's handlers print nothing)
+    logging.getLogger().addHandler(console)
+    try:
+        summarize(run_path, split="probe", progress=True, n_jobs=n_jobs)
+    finally:
+        logging.getLogger().removeHandler(console)
+    screen = _screen(capsys.readouterr().err)
+    warnings = [line for line in screen if "has records without observations" in line]
+    assert warnings and all(line.startswith("actpat: site 'conv'") for line in warnings), screen
+    assert any("100%" in line for line in screen)  # the bar was drawn
