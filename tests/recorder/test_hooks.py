@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -81,24 +83,28 @@ def test_inplace_relu_records_pre_activation_before_overwrite(tmp_path, truth):
     assert not np.array_equal(truth.channel(F.relu(z) - 0.5), truth.channel(z))
 
 
-# Every in-place spelling of a ReLU-family call, the slopes of LeakyReLU on both sides of 0: the recorder may
-# read an in-place call's output instead of its input only where the signs are the same (slope >= 0).
+# Every in-place spelling of a ReLU-family call, and whether the recorder may read it after the call (from its
+# output): only where the output has the input's signs and NaNs. A LeakyReLU slope of 0 turns -inf into NaN,
+# an infinite one -0.0; a negative one flips signs.
 _IN_PLACE_CALLS = {
-    "ReLU": nn.ReLU(inplace=True),
-    "ReLU6": nn.ReLU6(inplace=True),
-    "LeakyReLU(0.1)": nn.LeakyReLU(0.1, inplace=True),
-    "LeakyReLU(0)": nn.LeakyReLU(0.0, inplace=True),
-    "LeakyReLU(-0.5)": nn.LeakyReLU(-0.5, inplace=True),
-    "F.relu": lambda t: F.relu(t, inplace=True),
-    "F.relu_": F.relu_,
-    "torch.relu_": torch.relu_,
-    "Tensor.relu_": lambda t: t.relu_(),
-    "F.relu6": lambda t: F.relu6(t, inplace=True),
-    "F.leaky_relu(0.2)": lambda t: F.leaky_relu(t, 0.2, inplace=True),
-    "F.leaky_relu(-0.3)": lambda t: F.leaky_relu(t, -0.3, inplace=True),
-    "F.leaky_relu_": F.leaky_relu_,
-    "F.leaky_relu_(-0.3)": lambda t: F.leaky_relu_(t, -0.3),
-    "F.leaky_relu_(slope=-0.3)": lambda t: F.leaky_relu_(t, negative_slope=-0.3),
+    "ReLU": (nn.ReLU(inplace=True), True),
+    "ReLU6": (nn.ReLU6(inplace=True), True),
+    "LeakyReLU(0.1)": (nn.LeakyReLU(0.1, inplace=True), True),
+    "LeakyReLU(0)": (nn.LeakyReLU(0.0, inplace=True), False),
+    "LeakyReLU(inf)": (nn.LeakyReLU(math.inf, inplace=True), False),
+    "LeakyReLU(-0.5)": (nn.LeakyReLU(-0.5, inplace=True), False),
+    "F.relu": (lambda t: F.relu(t, inplace=True), True),
+    "F.relu_": (F.relu_, True),
+    "torch.relu_": (torch.relu_, True),
+    "Tensor.relu_": (lambda t: t.relu_(), True),
+    "F.relu6": (lambda t: F.relu6(t, inplace=True), True),
+    "F.leaky_relu(0.2)": (lambda t: F.leaky_relu(t, 0.2, inplace=True), True),
+    "F.leaky_relu(0)": (lambda t: F.leaky_relu(t, 0.0, inplace=True), False),
+    "F.leaky_relu(-0.3)": (lambda t: F.leaky_relu(t, -0.3, inplace=True), False),
+    "F.leaky_relu_": (F.leaky_relu_, True),
+    "F.leaky_relu_(0)": (lambda t: F.leaky_relu_(t, 0.0), False),
+    "F.leaky_relu_(-0.3)": (lambda t: F.leaky_relu_(t, -0.3), False),
+    "F.leaky_relu_(slope=-0.3)": (lambda t: F.leaky_relu_(t, negative_slope=-0.3), False),
 }
 
 
@@ -115,40 +121,86 @@ class _Calls(nn.Module):
     def forward(self, x):
         z = self.fc(x)
         z[0, :3] = float("nan")  # NaNs: off, and counted
-        z[1, 0] = -0.0
-        z[1, 1] = 0.0
+        z[1, 0], z[1, 1], z[1, 2] = -0.0, 0.0, -math.inf
         self.inputs.append(z.detach().clone())
         return self.call(z).sub_(0.25)
 
 
+def _record_calls(model, tmp_path, steps=2):
+    torch.manual_seed(6)
+    with ActivationRecorder(model, tmp_path) as rec:
+        for step in range(steps):
+            with rec.capture(step), torch.no_grad():
+                model(torch.randn(7, 6))
+    return open_run(tmp_path)
+
+
+def _assert_inputs_recorded(run, site, inputs, truth):
+    for step, z in enumerate(inputs):
+        assert (z < 0).any() and (z > 0).any()
+        got = _assert_site(run, site, step, truth.channel(z), truth)
+        assert got.nan_count == int(torch.isnan(z).sum())
+
+
 @pytest.mark.parametrize("name", list(_IN_PLACE_CALLS))
 def test_in_place_calls_record_the_pre_activation_signs(name, tmp_path, truth):
-    torch.manual_seed(6)
-    model = _Calls(_IN_PLACE_CALLS[name])
-    xs = [torch.randn(7, 6) for _ in range(2)]
-    with ActivationRecorder(model, tmp_path) as rec:
-        for step, x in enumerate(xs):
-            with rec.capture(step), torch.no_grad():
-                model(x)
-    run = open_run(tmp_path)
+    model = _Calls(_IN_PLACE_CALLS[name][0])
+    run = _record_calls(model, tmp_path)
     (site,) = run.sites
     if model.act is not None:
         assert site == "act"
     else:  # a functional call in the root module's forward
         assert site.split("#") == [{"relu6": "relu6", "leaky": "leaky_relu"}.get(name[2:7], "relu"), "0"]
-    for step, z in enumerate(model.inputs):
-        assert (z < 0).any() and (z > 0).any()
-        got = _assert_site(run, site, step, truth.channel(z), truth)
-        assert got.nan_count == int(torch.isnan(z).sum()) == 3
+    _assert_inputs_recorded(run, site, model.inputs, truth)
+    assert run.read(site, 0).nan_count == 3
+
+
+def _pre_hook_returning(module, args):
+    return (args[0] - 0.5,)
+
+
+def _pre_hook_in_place(module, args):
+    args[0].sub_(0.5)
+
+
+def _own_forward(module):
+    module.forward = lambda t: F.relu(t - 1.0)
+
+
+@pytest.mark.parametrize("interference", ["pre-hook returning", "pre-hook in place", "own forward", "global hook"])
+def test_in_place_module_with_hooks_or_forward_of_its_own_records_its_input(interference, tmp_path, truth):
+    """What a user's hook or forward does between the module's call and its output must not reach the
+    record: the site is the input the module was called with, as for any other site."""
+    model = _Calls(nn.ReLU(inplace=True))
+    handle = None
+    if interference == "pre-hook returning":
+        handle = model.act.register_forward_pre_hook(_pre_hook_returning)
+    elif interference == "pre-hook in place":
+        handle = model.act.register_forward_pre_hook(_pre_hook_in_place)
+    elif interference == "own forward":
+        _own_forward(model.act)
+    else:  # registered before the recorder's own global hooks, so it runs before them
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda module, args, output: output.fill_(1.0) if isinstance(module, nn.ReLU) else None
+        )
+    try:
+        run = _record_calls(model, tmp_path)
+    finally:
+        if handle is not None:
+            handle.remove()
+    _assert_inputs_recorded(run, "act", model.inputs, truth)
 
 
 @pytest.mark.parametrize("signs_only", [False, True])
-@pytest.mark.parametrize("name", ["ReLU", "LeakyReLU(-0.5)", "F.relu", "F.leaky_relu(-0.3)", "torch.relu_"])
+@pytest.mark.parametrize(
+    "name", ["ReLU", "LeakyReLU(-0.5)", "LeakyReLU(0)", "F.relu", "F.leaky_relu(-0.3)", "F.leaky_relu_(0)", "torch.relu_"]
+)
 def test_signs_only_hands_sign_keeping_in_place_calls_their_output(name, signs_only):
     """The hooks' contract: with ``signs_only`` a sign-keeping in-place call is handed over after it ran
     (its output, no negative value left), any other call and every call without it before (its input)."""
     torch.manual_seed(7)
-    model = _Calls(_IN_PLACE_CALLS[name])
+    call, keeps_signs = _IN_PLACE_CALLS[name]
+    model = _Calls(call)
     seen = []
     hooks = SiteHooks(model, lambda site, kind, z: seen.append(z.detach().clone()), signs_only=signs_only)
     hooks.attach()
@@ -158,7 +210,6 @@ def test_signs_only_hands_sign_keeping_in_place_calls_their_output(name, signs_o
     finally:
         hooks.detach()
     (z,) = seen
-    keeps_signs = "-" not in name
     if signs_only and keeps_signs:
         assert not (z < 0).any()  # relu's output
     else:
