@@ -29,7 +29,7 @@ from actpat.recorder.batches import BatchReader
 from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
 from actpat.recorder.prober import (
-    PROBE_SPLIT, ProbeForwardError, Prober, recorded_steps, resume_point, unwritten_note,
+    PROBE_SPLIT, ProbeForwardError, Prober, existing_run, recorded_steps, resume_point, unwritten_note,
 )
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection, SiteSelectionError
@@ -392,8 +392,10 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 "as a new fit. To go on with the recording of the fit that saved the checkpoint, create the callback "
                 "with that fit's arguments.",
             )
+        existing = None  # the run this fit continues, opened once for the training side and the prober
         if self._resumed:
-            recorded = recorded_steps(run_dir, TRAIN_SPLIT)
+            existing = existing_run(run_dir)
+            recorded = recorded_steps(existing, TRAIN_SPLIT)
             note = unwritten_note(run_dir, TRAIN_SPLIT, (self._last_batch_step,), recorded)
             if note and self.batch_every_n_steps:
                 self._warn_once("unwritten-train", note)
@@ -440,7 +442,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 writer=writer, notify=self._warn_once, **options,
             )
             if self._resumed or self._probe_state["init_step"] >= 0:  # a resumed fit, or another fit of this callback
-                self._prober.load_state_dict(self._probe_state, step=trainer.global_step)
+                self._prober.load_state_dict(self._probe_state, step=trainer.global_step, run=existing)
 
     def _probe(self, trainer: Trainer, final: bool = False) -> None:
         """Let the prober probe if due (always at the end of fit) and log the statistics it finished."""

@@ -246,6 +246,7 @@ class Prober:
         self._init_step = -1
         self._resumed = False
         self._resume_step: Optional[int] = None
+        self._existing: Optional[Run] = None  # the run in out_dir, opened by the caller (load_state_dict)
         #: Whether a probe (or the check of a resumed prober) has worked since this prober was made.
         self.verified = False
 
@@ -366,8 +367,10 @@ class Prober:
         if self._opened:
             return
         self._opened = True
-        run = _open_if_any(self.out_dir)  # once: each open indexes every shard and warns of every loss
-        recorded = _steps_of(run, PROBE_SPLIT)
+        # Once (each open indexes every shard and warns of every loss), or as the caller opened it.
+        run = existing_run(self.out_dir) if self._existing is None else self._existing
+        self._existing = None
+        recorded = recorded_steps(run, PROBE_SPLIT)
         if self._resumed:
             note = unwritten_note(self.out_dir, PROBE_SPLIT, (self._init_step, self._last_probe_step), recorded)
             if note:
@@ -413,7 +416,9 @@ class Prober:
         """The state to resume from: the last probe's step and the ``init`` probe's step."""
         return {"version": _STATE_VERSION, "last_probe_step": self._last_probe_step, "init_step": self._init_step}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], *, step: Optional[int] = None) -> None:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], *, step: Optional[int] = None, run: Optional[Run] = None
+    ) -> None:
         """Continue from :meth:`state_dict` (before the first probe; missing keys keep their defaults).
 
         Parameters
@@ -423,6 +428,9 @@ class Prober:
         step : int, optional
             The training step the fit resumes at, where known: probe records in ``out_dir`` after it (and
             after the state's last probe) are named in a warning as another fit's when the prober opens.
+        run : Run, optional
+            The run in ``out_dir`` as the caller opened it (:func:`existing_run`), so that it is not
+            indexed, and its losses warned of, a second time; read when the prober opens if None.
         """
         if self._opened:
             raise RuntimeError("Expected `load_state_dict` before the first probe, but this prober has started already.")
@@ -430,6 +438,7 @@ class Prober:
         self._init_step = int(state_dict.get("init_step", -1))
         self._resume_step = step
         self._resumed = True
+        self._existing = run
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
@@ -622,23 +631,23 @@ def unwritten_note(
     )
 
 
-def recorded_steps(run_dir: Union[str, os.PathLike], split: str) -> list[int]:
-    """The steps recorded in ``split`` in ``run_dir`` by any rank, sorted (none if there is no run)."""
-    return _steps_of(_open_if_any(run_dir), split)
+def recorded_steps(run: Union[str, os.PathLike, Run, None], split: str) -> list[int]:
+    """The steps recorded in ``split`` by any rank, sorted: of ``run`` (an opened run, or None: none), or of the
+    run in a directory (none if it holds no shard)."""
+    if run is not None and not isinstance(run, Run):
+        run = existing_run(run)
+    if run is None or split not in run.splits:
+        return []
+    return sorted({int(step) for site in run.sites for step in run.steps(site, split)})
 
 
-def _open_if_any(run_dir: Union[str, os.PathLike]) -> Optional[Run]:
-    """The run in ``run_dir``; None where it holds no shard (or does not exist)."""
+def existing_run(run_dir: Union[str, os.PathLike]) -> Optional[Run]:
+    """The run in ``run_dir`` (:func:`~actpat.recorder.reader.open_run`: every shard indexed, every loss
+    warned of); None where it holds no shard (or does not exist)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not any(schema.parse_shard_name(name) for name in os.listdir(run_dir)):
         return None
     return open_run(run_dir)
-
-
-def _steps_of(run: Optional[Run], split: str) -> list[int]:
-    if run is None or split not in run.splits:
-        return []
-    return sorted({int(step) for site in run.sites for step in run.steps(site, split)})
 
 
 def _short_probe(run: Optional[Run], step: int, loader: DataLoader) -> Optional[str]:
@@ -662,5 +671,5 @@ def _short_probe(run: Optional[Run], step: int, loader: DataLoader) -> Optional[
     return None
 
 
-__all__ = ["PROBE_SPLIT", "ProbeForward", "ProbeForwardError", "Prober", "recorded_steps", "resume_point",
-           "unwritten_note"]
+__all__ = ["PROBE_SPLIT", "ProbeForward", "ProbeForwardError", "Prober", "existing_run", "recorded_steps",
+           "resume_point", "unwritten_note"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import logging
 import shutil
 import textwrap
 import warnings
@@ -744,6 +745,36 @@ def test_a_resume_whose_checkpoint_has_no_state_of_the_callback_says_so(package,
         wrong = ActivationPatternCallback(out_dir=tmp_path / "a", batch_every_n_steps=3)
         match = rf"hold no train records at or after step \d+.*{cause}.*another `out_dir`"
         _fails_before_the_first_step(package, tmp_path, wrong, match, ckpt_path, 2)
+
+
+def test_a_resumed_fit_reads_its_run_once_and_warns_of_each_loss_once(package, tmp_path, caplog):
+    """The training side and the prober of a resumed fit share one open of the run it continues: a damaged
+    record is warned of once, not once per reader."""
+    import h5py
+
+    from actpat.recorder import schema
+
+    pl = importlib.import_module(package)
+    style = STYLES["forward"]
+    options = dict(out_dir=tmp_path / "run", probe=style.probe(), probe_every=3, batch_every_n_steps=1, live_stats=False)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    _fit_style(style, package, tmp_path, [ActivationPatternCallback(**options), checkpoints], max_epochs=1,
+               enable_checkpointing=True)
+    (shard,) = (tmp_path / "run").glob("*.h5")
+    site = open_run(tmp_path / "run").sites[0]
+    with h5py.File(shard, "r+") as handle:
+        records = handle["sites"][schema.site_key(site)]["records"]
+        row = records[0]
+        row["nan_count"] += 1  # fails its checksum
+        records[0] = row
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        trainer(package, tmp_path, [ActivationPatternCallback(**options)], max_epochs=2).fit(
+            modules(package)["WithForward"](style.net()), style.train(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+        )
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"actpat: skipping records of {shard}")]
+    losses = open_run(tmp_path / "run").losses
+    assert {loss.kind for loss in losses} == {"corrupt", "incomplete"}  # the row, and the step it belonged to
+    assert len(skipped) == len(set(skipped)) == len(losses), skipped
 
 
 def test_a_resume_names_training_records_its_checkpoint_has_that_never_reached_the_disk(package, tmp_path):
