@@ -192,10 +192,16 @@ def _analyze(args: argparse.Namespace, run, split: str, *, plane: bool = True, r
     from actpat.analysis.pipeline import analyze_run
 
     with _dask_client(args.scheduler) as client:
-        return analyze_run(
+        result = analyze_run(
             run, split, information_plane=plane, firing_rates=rates, n_classes=args.n_classes,
             n_jobs=args.jobs if client is None else 1, client=client, progress=not args.no_progress,
         )
+    if result.metrics.empty:  # an empty table or no figure, said to be written, would look like a result
+        raise CommandError(
+            f"Expected steps to measure in split {split!r} of {run.path}, but none could be measured: the records of "
+            "every step are lost or hold no observation (the warnings above say which; `actpat info` lists the losses)."
+        )
+    return result
 
 
 def _rates(args: argparse.Namespace, run, split: str):

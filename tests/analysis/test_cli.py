@@ -67,6 +67,28 @@ def test_analyze_writes_entropy_equal_to_brute_force(run_dir, tmp_path, suffix):
     assert got == pytest.approx(-(prob * np.log2(prob)).sum(), abs=1e-12)
 
 
+def test_a_run_whose_every_step_is_lost_fails_each_command_instead_of_writing_nothing(tmp_path, capsys):
+    """A step whose end never reached the disk is lost; a run of nothing else has no number to give: each command
+    says so (it wrote an empty table and "0 figures" with exit code 0)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    run = tmp_path / "run"
+    with ActivationRecorder(model, run) as rec:
+        with rec.capture(0, labels=torch.arange(6) % 2, split="probe", ends_step=False):  # never ended
+            model(torch.randn(6, 4))
+    commands = {
+        "analyze": ["-o", str(tmp_path / "m.csv")],
+        "plot": ["-o", str(tmp_path / "figures")],
+        "tensorboard": ["--logdir", str(tmp_path / "tb")],
+        "report": ["-o", str(tmp_path / "report")],
+    }
+    for command, options in commands.items():
+        assert main([command, str(run), *options, "--no-progress"]) == 2, command
+        err = capsys.readouterr().err
+        assert f"actpat {command}: error: Expected steps to measure in split 'probe'" in err
+        assert "none could be measured" in err and "actpat info" in err
+    assert not (tmp_path / "m.csv").exists()
+
+
 def test_errors_name_the_problem(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
