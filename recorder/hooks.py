@@ -130,8 +130,8 @@ class SiteHooks:
         a forward of its own, and no global hook but ours) then hands it its output, after the call,
         instead of its input: the same signs and NaNs. On a CPU, a pre-activation that the
         callback reads on the training thread just before torch's threads overwrite it in place costs
-        those threads cache-line transfers (measured on 2 cores: an in-place ReLU of 2M values 20-30x slower);
-        read afterwards, it costs nothing more.
+        those threads cache-line transfers where their cores do not share a cache (measured on 2 cores: an
+        in-place ReLU of 2M values up to 30x slower); read afterwards, it costs nothing more.
     """
 
     def __init__(
