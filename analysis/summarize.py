@@ -52,7 +52,13 @@ def _warn_once(warned: set, key, message: str, *args) -> None:
 def _own_metrics(p: Patterns, site: str, warned: set, *, n_classes: int | None = None) -> tuple[PatternCounts, dict]:
     """Entropy, label and unit measures of one step."""
     labelled = p.labels != NO_LABEL
-    if labelled.any() and not labelled.all():
+    if len(p) and not labelled.any():
+        _warn_once(
+            warned, ("no labels", site),
+            "actpat: site %r has steps without any labelled observation (-1); their label measures are left out.",
+            site,
+        )
+    elif labelled.any() and not labelled.all():
         _warn_once(
             warned, ("labels", site),
             "actpat: %d of %d observations of site %r have no label (-1); label measures use the labelled ones.",

@@ -161,8 +161,12 @@ def test_labels_partial_and_missing(tmp_path, caplog):
     check_table(table, truth)
     assert sum("have no label" in r.message for r in caplog.records) == 2  # once per site
     make_run(tmp_path / "none", labels="none")
-    table = summarize(tmp_path / "none", split="probe", progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="actpat.analysis.summarize"):
+        table = summarize(tmp_path / "none", split="probe", progress=False)
     assert not table["metric"].isin(["mutual_information", "label_entropy"]).any()
+    # Left out, and said so: once per site.
+    assert sum("without any labelled observation" in r.message for r in caplog.records) == 2
 
 
 def test_different_observations_leave_out_stability(tmp_path, caplog):
