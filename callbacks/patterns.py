@@ -118,7 +118,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         size). Not allowed with a DataLoader probe, which keeps its own.
     probe_on_all_ranks : bool, default False
         Under DDP the probe runs on global rank 0 only; True runs it on every rank (each rank writes its
-        own shards). Batch mode always records on every rank.
+        own shards, which the reader pools): for a probe DataLoader whose sampler gives each rank its own
+        part. A probe Dataset is probed whole by every rank, so each observation counts once per rank
+        (warned). Batch mode always records on every rank.
     on_error : {"warn", "raise"}, default "warn"
         What a recording failure does *after recording has worked once* in this fit (a full disk at hour
         ten). ``warn``: one warning, recording stops, training continues, and the warning is repeated at
@@ -377,6 +379,14 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check what needs the trainer and start recording; every failure here raises."""
         probing = self._probe_set is not None and (trainer.is_global_zero or self.probe_on_all_ranks)
+        if probing and self.probe_on_all_ranks and trainer.world_size > 1 and not isinstance(self._probe_set, DataLoader):
+            self._warn_once(
+                "all-ranks",
+                f"actpat: with probe_on_all_ranks=True each of the {trainer.world_size} ranks probes this whole probe "
+                "Dataset and writes its records; the reader pools the ranks, so every probe observation is counted "
+                f"{trainer.world_size} times (the distinct fraction, entropy_max, entropy_mm and counts change). Probe "
+                "on rank 0 (the default), or pass a DataLoader whose sampler gives each rank its own part.",
+            )
         per_epoch = None
         if self._probe_set is not None:  # on every rank, so that a mistake stops every rank
             per_epoch = _trainer.steps_per_epoch(trainer, self.probe_every)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -627,6 +628,26 @@ def test_ddp_two_processes_write_per_rank_shards(tmp_path):
     assert len(merged.read("net.6", 4, "train")) == 16  # 8 samples per rank and step
     assert len(merged.read("net.6", 0, "probe")) == 24  # the probe ran on rank 0 only
     assert per_rank[1].splits == ["train"]
+
+
+@pytest.mark.parametrize("probe_kind", ["dataset", "loader"])
+def test_probing_a_whole_dataset_on_every_rank_is_warned_of(tmp_path, monkeypatch, probe_kind):
+    """Every rank probing the same Dataset writes every observation once per rank, which the reader pools: said
+    before training (a DataLoader may give each rank its own part). Two ranks simulated: the world size reported."""
+    monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 2))
+    probe = toy_data(16, seed=1)
+    if probe_kind == "loader":
+        probe = DataLoader(probe, batch_size=8)
+    options = dict(probe_batch_size=8) if probe_kind == "dataset" else {}
+    cb = ActivationPatternCallback(probe=probe, probe_on_all_ranks=True, live_stats=False, **options)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fit(tmp_path, [cb], max_steps=2)
+    said = [str(w.message) for w in seen if "probe_on_all_ranks=True" in str(w.message)]
+    if probe_kind == "dataset":
+        assert len(said) == 1 and "counted 2 times" in said[0] and "DataLoader whose sampler" in said[0]
+    else:
+        assert said == []
 
 
 @pytest.mark.parametrize("mode", ["batch", "probe"])
