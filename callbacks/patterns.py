@@ -119,8 +119,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     probe_on_all_ranks : bool, default False
         Under DDP the probe runs on global rank 0 only; True runs it on every rank (each rank writes its
         own shards, which the reader pools): for a probe DataLoader whose sampler gives each rank its own
-        part. A probe Dataset is probed whole by every rank, so each observation counts once per rank
-        (warned). Batch mode always records on every rank.
+        part. With a probe Dataset it is an error: every rank would probe the whole set, counted once per
+        rank. Batch mode always records on every rank.
     on_error : {"warn", "raise"}, default "warn"
         What a recording failure does *after recording has worked once* in this fit (a full disk at hour
         ten). ``warn``: one warning, recording stops, training continues, and the warning is repeated at
@@ -380,12 +380,11 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         """Check what needs the trainer and start recording; every failure here raises."""
         probing = self._probe_set is not None and (trainer.is_global_zero or self.probe_on_all_ranks)
         if probing and self.probe_on_all_ranks and trainer.world_size > 1 and not isinstance(self._probe_set, DataLoader):
-            self._warn_once(
-                "all-ranks",
-                f"actpat: with probe_on_all_ranks=True each of the {trainer.world_size} ranks probes this whole probe "
-                "Dataset and writes its records; the reader pools the ranks, so every probe observation is counted "
-                f"{trainer.world_size} times (the distinct fraction, entropy_max, entropy_mm and counts change). Probe "
-                "on rank 0 (the default), or pass a DataLoader whose sampler gives each rank its own part.",
+            raise ValueError(
+                "Expected `probe_on_all_ranks=True` with a probe DataLoader whose sampler gives each rank its own part, "
+                f"but got a Dataset: each of the {trainer.world_size} ranks would probe it whole and write its records, "
+                f"which the reader pools, counting every probe observation {trainer.world_size} times. Drop "
+                "`probe_on_all_ranks` (rank 0 probes the whole set), or pass such a DataLoader."
             )
         per_epoch = None
         if self._probe_set is not None:  # on every rank, so that a mistake stops every rank

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -631,23 +630,25 @@ def test_ddp_two_processes_write_per_rank_shards(tmp_path):
 
 
 @pytest.mark.parametrize("probe_kind", ["dataset", "loader"])
-def test_probing_a_whole_dataset_on_every_rank_is_warned_of(tmp_path, monkeypatch, probe_kind):
-    """Every rank probing the same Dataset writes every observation once per rank, which the reader pools: said
-    before training (a DataLoader may give each rank its own part). Two ranks simulated: the world size reported."""
+def test_probing_a_whole_dataset_on_every_rank_fails_before_training(tmp_path, monkeypatch, probe_kind):
+    """Every rank probing the same Dataset would write every observation once per rank, which the reader pools:
+    an error before the first step (a DataLoader may give each rank its own part). Two ranks simulated: the world
+    size reported."""
     monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 2))
     probe = toy_data(16, seed=1)
     if probe_kind == "loader":
         probe = DataLoader(probe, batch_size=8)
     options = dict(probe_batch_size=8) if probe_kind == "dataset" else {}
     cb = ActivationPatternCallback(probe=probe, probe_on_all_ranks=True, live_stats=False, **options)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        fit(tmp_path, [cb], max_steps=2)
-    said = [str(w.message) for w in seen if "probe_on_all_ranks=True" in str(w.message)]
+    steps = []
+    counter = pl.callbacks.LambdaCallback(on_train_batch_end=lambda *args: steps.append(1))
     if probe_kind == "dataset":
-        assert len(said) == 1 and "counted 2 times" in said[0] and "DataLoader whose sampler" in said[0]
+        with pytest.raises(ValueError, match=r"ranks would probe it whole.*counting every probe observation 2 times"):
+            fit(tmp_path, [cb, counter], max_steps=2)
+        assert steps == []
     else:
-        assert said == []
+        fit(tmp_path, [cb, counter], max_steps=2)
+        assert steps == [1, 1]
 
 
 @pytest.mark.parametrize("mode", ["batch", "probe"])
