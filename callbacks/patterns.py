@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -24,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset
 from actpat.callbacks import _probe, _trainer
 from actpat.callbacks._arguments import check_arguments
 from actpat.callbacks._lightning import CALLBACK_BASES, move_data_to_device, rank_zero_warn
-from actpat.recorder import schema
 from actpat.recorder.batches import BatchReader
 from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
@@ -33,7 +31,7 @@ from actpat.recorder.prober import (
 )
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection, SiteSelectionError
-from actpat.recorder.shards import scan_existing
+from actpat.recorder.shards import scan_existing, shard_ranks
 
 # Either package's Trainer and LightningModule (see actpat.callbacks._lightning).
 Trainer = LightningModule = Any
@@ -413,7 +411,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             )
             if note:
                 self._warn_once("ahead-train", note)
-        elif _has_shards(run_dir, trainer.global_rank):
+        elif trainer.global_rank in shard_ranks(run_dir):
             self._refuse_pooling(run_dir, trainer, probing)
             self._warn_once(
                 "existing",
@@ -605,12 +603,6 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             rank_zero_warn(message)
         else:  # a rank's own failure: rank_zero_warn would hide it
             log.warning("rank %d: %s", self._rank, message)
-
-
-def _has_shards(run_dir: Path, rank: int) -> bool:
-    if not run_dir.is_dir():
-        return False
-    return any((p := schema.parse_shard_name(name)) is not None and p[0] == rank for name in os.listdir(run_dir))
 
 
 __all__ = ["ActivationPatternCallback", "PROBE_SPLIT", "TRAIN_SPLIT"]

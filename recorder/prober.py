@@ -29,7 +29,7 @@ from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES, ProbeBatches, check_p
 from actpat.recorder.reader import Run, open_run
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection, SiteSelectionError
-from actpat.recorder.shards import Record, ShardWriter
+from actpat.recorder.shards import Record, ShardWriter, shard_ranks
 
 log = logging.getLogger(__name__)
 
@@ -644,10 +644,7 @@ def recorded_steps(run: Union[str, os.PathLike, Run, None], split: str) -> list[
 def existing_run(run_dir: Union[str, os.PathLike]) -> Optional[Run]:
     """The run in ``run_dir`` (:func:`~actpat.recorder.reader.open_run`: every shard indexed, every loss
     warned of); None where it holds no shard (or does not exist)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir() or not any(schema.parse_shard_name(name) for name in os.listdir(run_dir)):
-        return None
-    return open_run(run_dir)
+    return open_run(run_dir) if shard_ranks(Path(run_dir)) else None
 
 
 def _short_probe(run: Optional[Run], step: int, loader: DataLoader) -> Optional[str]:

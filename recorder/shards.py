@@ -843,6 +843,13 @@ class _RunLock:
                 self.fd = -1
 
 
+def shard_ranks(out_dir: Path) -> set[int]:
+    """The ranks whose shard files ``out_dir`` holds (none where it does not exist)."""
+    if not out_dir.is_dir():
+        return set()
+    return {parsed[0] for name in os.listdir(out_dir) if (parsed := schema.parse_shard_name(name)) is not None}
+
+
 def scan_existing(out_dir: Path, rank: int) -> tuple[dict[str, int], dict[str, tuple[int, str, str]]]:
     """What earlier writers left in ``out_dir``: the last step per split of ``rank``'s records, and each
     site's ``(n_units, pattern, shard name)`` in any rank's shards (records-table rows and attributes as
