@@ -81,21 +81,33 @@ def _row_aligned(a: Patterns, b: Patterns) -> tuple[np.ndarray, np.ndarray] | st
 
     Rows are the same observation only by their recorded (sample id, position); the callback's probe
     records the probe-set index as sample id. Without sample ids nothing pairs rows: row ``i`` of two
-    shuffled batches are different inputs.
+    shuffled batches are different inputs. A sample id that occurs several times in a step (drawn with
+    replacement) pairs its k-th occurrence at one step with its k-th at the other, in recorded order: every
+    pair is the same input, and the same rows pair whatever order the steps list them in.
     """
     if (a.sample_ids < 0).any() or (b.sample_ids < 0).any():
         return "no sample ids were recorded"
     if len(a) == len(b) and np.array_equal(a.sample_ids, b.sample_ids) and np.array_equal(a.positions, b.positions):
         return a.bits, b.bits  # the same probe rows in the same order
     span = int(max(a.positions.max(initial=0), b.positions.max(initial=0))) + 1
-    key_a = a.sample_ids * span + a.positions
-    key_b = b.sample_ids * span + b.positions
-    if np.unique(key_a).size != key_a.size or np.unique(key_b).size != key_b.size:
-        return "a sample id occurs twice in one step (samples drawn with replacement?), so rows cannot be paired"
+    key_a = _occurrence_keys(a.sample_ids * span + a.positions)
+    key_b = _occurrence_keys(b.sample_ids * span + b.positions)
     _, ia, ib = np.intersect1d(key_a, key_b, assume_unique=True, return_indices=True)
     if ia.size == 0:
         return "the two steps share no sample id"
     return a.bits[ia], b.bits[ib]
+
+
+def _occurrence_keys(keys: np.ndarray) -> np.ndarray:
+    """Unique ``(key, k)`` for the k-th occurrence of each key, in order, as one structured array."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    rank = np.arange(keys.size) - np.repeat(starts, np.diff(np.r_[starts, keys.size]))
+    out = np.empty(keys.size, dtype=[("key", np.int64), ("k", np.int64)])
+    out["key"], out["k"] = keys, 0
+    out["k"][order] = rank
+    return out
 
 
 def _similarity_metrics(cur: _Step, ref: _Step, name: str, threshold: int, site: str, warned: set) -> dict:
@@ -314,7 +326,8 @@ def summarize(
     Label measures use the observations with a label (``>= 0``), with a warning when some have none;
     they are left out where none has one. ``identical_fraction`` and ``hamming`` compare each
     observation with itself, so they exist only where rows are provably the same observations: the
-    rows of both steps that share a recorded (sample id, position), which holds for the callback's
+    rows of both steps that share a recorded (sample id, position) (the k-th occurrence of an id repeated
+    in a step pairs with its k-th occurrence in the other), which holds for the callback's
     probe (sample id = index in the fixed probe set) and for recorder runs given ``sample_ids``. They
     are left out, with a warning, where sample ids are unknown (training batches recorded without
     them: row ``i`` of two shuffled batches is not the same input) or no observation is shared. Note
