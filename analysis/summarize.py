@@ -117,8 +117,9 @@ def _similarity_metrics(cur: _Step, ref: _Step, name: str, threshold: int, site:
         _warn_once(
             warned, ("stability", site, name),
             "actpat: site %r: the observations at step %d and its %r reference are not provably the same inputs "
-            "(%s); identical_fraction and hamming are left out (record a fixed probe set, or pass unique "
-            "sample_ids to capture()).",
+            "(%s); identical_fraction and hamming are left out, and its jaccard and weighted_jaccard compare the "
+            "pattern sets of other inputs, which SPEC calls meaningful on the same inputs only (record a fixed "
+            "probe set, or pass sample_ids to capture()).",
             site, cur.patterns.step, name, aligned,
         )
     else:
