@@ -182,6 +182,7 @@ class ActivationRecorder:
         self._context: _Capture | None = None
         self._warned: set[str] = set()
         self._parts: dict[str, tuple[tuple[str, int], int]] = {}  # site -> ((split, step), its next part)
+        self._latest: dict[str, int] = {}  # split -> its latest recorded step
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "ActivationRecorder":
@@ -256,7 +257,9 @@ class ActivationRecorder:
         ------
         ValueError
             ``out_dir`` already held records of this rank and split up to a step >= ``step`` when the
-            recorder started (a second run into the same directory would pool its records with the first's).
+            recorder started (a second run into the same directory would pool its records with the first's);
+            or this recorder recorded a later step of ``split`` (a reader pools every record of a step: steps
+            that restart, such as a batch index each epoch, would be merged).
         """
         self.writer.raise_if_failed()
         if self._context is not None:
@@ -272,6 +275,8 @@ class ActivationRecorder:
                 f"{int(step)} would be pooled with that run's. Record into a new `out_dir`, or continue from step "
                 f"{before + 1}."
             )
+        if record:
+            self._check_order(int(step), split)
         self._context = _Capture(int(step), int(epoch), split, labels, sample_ids, check, record, ends_step)
         self._pending.clear()
         self._gathered.clear()
@@ -283,6 +288,17 @@ class ActivationRecorder:
             self._end_capture(failing=True)
             raise
         self._end_capture(failing=False)
+
+    def _check_order(self, step: int, split: str) -> None:
+        latest = self._latest.get(split, -1)
+        if step < latest:
+            raise ValueError(
+                f"Expected steps of split {split!r} in time order, but `capture({step})` comes after this recorder "
+                f"recorded step {latest}: a reader pools every record of a step, so these would be merged with the "
+                f"records of step {step} made earlier, if any, and a lost record's step could not be bounded. Pass a "
+                "step that grows over the whole run (an optimizer step count, not the batch index of an epoch)."
+            )
+        self._latest[split] = step
 
     def _end_capture(self, failing: bool) -> None:
         """Remove the hooks and queue the capture's records; ``failing``: the block raised, keep its error."""

@@ -306,3 +306,22 @@ def test_a_resumed_prober_names_a_checkpointed_probe_that_never_reached_the_disk
     assert "recorded probe records at step 4 (its checkpoint says so), but" in caplog.text
     assert "holds none there: they never reached the disk" in caplog.text and "Live statistics against" in caplog.text
     assert open_run(tmp_path).steps("1", "probe").tolist() == [0, 2, 6]
+
+
+def test_a_step_before_the_latest_of_its_split_is_refused_and_nothing_is_pooled(tmp_path):
+    """Steps that restart (a batch index each epoch) pooled each epoch's records into one step, silently."""
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        for step in (0, 1, 2):
+            _capture(rec, model, step)
+        with pytest.raises(ValueError, match=r"capture\(1\)` comes after this recorder recorded step 2.*batch index"):
+            _capture(rec, model, 1)
+        _capture(rec, model, 2, n=3)  # one more capture of the latest step continues it
+        _capture(rec, model, 0, split="probe")  # every split has its own time
+        with rec.capture(1, record=False):  # a check records nothing: its step is not checked
+            model(torch.randn(2, 4))
+        _capture(rec, model, 5)
+    rows = _rows_on_disk(tmp_path)["1"]
+    assert [(step, rows) for step, _, _, rows in rows] == [(0, 2), (1, 2), (2, 2), (2, 3), (0, 2), (5, 2)]
+    run = open_run(tmp_path)
+    assert [len(run.read("1", s, "train").bits) for s in (0, 1, 2, 5)] == [2, 2, 5, 2]
