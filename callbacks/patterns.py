@@ -65,7 +65,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     Parameters
     ----------
     out_dir : path, optional
-        Run directory. Default: ``<trainer.log_dir>/activation_patterns``, next to the TensorBoard logs;
+        Run directory. Default: ``<trainer.log_dir>/activation_patterns``, next to the TensorBoard logs (under
+        ``trainer.default_root_dir`` where the logger has no directory, as under ``fast_dev_run``);
         a resumed fit keeps the directory stored in the checkpoint.
     batch_every_n_steps : int, default 0
         Record the training batches every this many optimizer steps; 0 turns batch mode off.
@@ -289,8 +290,12 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 "Expected a logger for `live_stats=True`, but the Trainer has none (logger=False). Pass a logger "
                 "(TensorBoardLogger, CSVLogger, ...) or `live_stats=False`."
             )
-        # trainer.log_dir broadcasts under DDP: every rank resolves it here, at the same point.
-        self._default_dir = Path(self.out_dir) if self.out_dir is not None else Path(trainer.log_dir) / "activation_patterns"
+        # trainer.log_dir broadcasts under DDP: every rank resolves it here, at the same point. It is None where
+        # the logger has no directory (fast_dev_run's stand-in logger): the Trainer's root directory instead.
+        if self.out_dir is not None:
+            self._default_dir = Path(self.out_dir)
+        else:
+            self._default_dir = Path(trainer.log_dir or trainer.default_root_dir) / "activation_patterns"
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._failed, self._stop_reason, self._warned, self._open_step = False, None, set(), None

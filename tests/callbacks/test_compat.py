@@ -663,6 +663,22 @@ def test_a_step_the_fit_ends_in_without_an_optimizer_step_is_whole(package, tmp_
     assert rows[0] == 2 * rows[1] > 0  # two batches, then one
 
 
+def test_fast_dev_run_records_under_the_root_directory(package, tmp_path, monkeypatch):
+    """fast_dev_run's stand-in logger has no directory (trainer.log_dir is None): the callback failed in setup
+    with a bare TypeError; it records under default_root_dir, as with logger=False."""
+    monkeypatch.chdir(tmp_path)
+    net = SmallCNN()
+    seen: list[np.ndarray] = []
+    net.features[2].register_forward_pre_hook(lambda module, args: seen.append(channel_bits(args[0])))
+    cb = ActivationPatternCallback(batch_every_n_steps=1)
+    fit = trainer(package, tmp_path / "root", [cb], logger=True, fast_dev_run=True)
+    fit.fit(modules(package)["WithForward"](net), _loader(_tensors(24, 0)))
+    assert cb.run_dir == tmp_path / "root" / "activation_patterns"
+    run = open_run(cb.run_dir)
+    assert run.steps("net.features.2", "train").tolist() == [0]
+    np.testing.assert_array_equal(run.read("net.features.2", 0, "train").bits, seen[0])
+
+
 def test_resume_with_ckpt_path_continues_the_schedule_exactly(package, tmp_path):
     pl = importlib.import_module(package)
     style = STYLES["forward"]
