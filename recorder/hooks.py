@@ -182,8 +182,18 @@ class SiteHooks:
         self._elsewhere = threading.local()  # the module stack and call counts of forwards on other threads
         self._installed: list[tuple[nn.Module, list, Any]] = []  # module, hook handles, forward to restore
         self.forward_seen = False  # a forward of the model started since the last attach()
-        self.compiled_elsewhere = False  # a torch.compile wrapper of the model ran during the capture
+        # The path of a module ("": the model) whose torch.compile wrapper ran during the capture.
+        self.compiled_elsewhere: str | None = None
         if self.compiled:
+            fullgraph = [name or type(uncompiled(module)).__name__
+                         for name, module in model.named_modules() if _made_fullgraph(module)]
+            if fullgraph:
+                raise ValueError(
+                    f"Expected a model compiled without fullgraph=True, but {', '.join(fullgraph)} was compiled with "
+                    "fullgraph=True: recording a compiled model ends each forward with a graph break, where the "
+                    "forward's records are handed over, which fullgraph forbids. Compile without fullgraph=True (the "
+                    "forward is still one graph), or record the eager model."
+                )
             self._install()
 
     @property
@@ -224,7 +234,7 @@ class SiteHooks:
         self._paused_depth = 0
         self._thread = threading.get_ident()
         self._elsewhere = threading.local()
-        self.forward_seen = self.compiled_elsewhere = False
+        self.forward_seen, self.compiled_elsewhere = False, None
         self._active = True
         if self.functional:
             _discard_inert_modes()
@@ -286,8 +296,9 @@ class SiteHooks:
         key = id(module)
         path = self._paths.get(key)
         if path is None:
-            if type(module).__name__ == _WRAPPER and id(getattr(module, "_orig_mod", None)) in self._paths:
-                self.compiled_elsewhere = True  # our model, compiled after these hooks were made
+            wrapped = self._paths.get(id(getattr(module, "_orig_mod", None))) if type(module).__name__ == _WRAPPER else None
+            if wrapped is not None:  # a part of our model, compiled after these hooks were made
+                self.compiled_elsewhere = wrapped
             return
         if torch._C._current_graph_task_id() != -1:
             return  # a recomputation inside backward (activation checkpointing), not a forward of its own
@@ -514,6 +525,19 @@ def _fresh_forward(module: nn.Module, previous: Any) -> Callable | None:
     fresh.__kwdefaults__ = function.__kwdefaults__
     fresh.__qualname__, fresh.__doc__, fresh.__module__ = function.__qualname__, function.__doc__, function.__module__
     return types.MethodType(fresh, module)
+
+
+def _made_fullgraph(module: nn.Module) -> bool:
+    """Whether ``module``'s torch.compile wrapper, in-place compile or compiled forward was made with
+    ``fullgraph=True`` (read from dynamo's context object, held by the wrapper or by the compiled function)."""
+    contexts = [getattr(module, "dynamo_ctx", None)] if type(module).__name__ == _WRAPPER else []
+    for compiled in (getattr(module, "_compiled_call_impl", None), module.__dict__.get("forward")):
+        for cell in getattr(compiled, "__closure__", None) or ():
+            try:
+                contexts.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+    return any(getattr(context, "fullgraph", False) is True for context in contexts)
 
 
 def _compiled_module(module: nn.Module) -> bool:

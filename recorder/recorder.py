@@ -329,10 +329,11 @@ class ActivationRecorder:
 
     def _check_sites_found(self) -> None:
         hooks = self._hooks
-        if hooks.compiled_elsewhere:
+        if hooks.compiled_elsewhere is not None:
+            part = f"its submodule {hooks.compiled_elsewhere!r}" if hooks.compiled_elsewhere else "it"
             raise ValueError(
                 f"Expected {type(self.model).__name__} to run as given to the recorder, but a torch.compile wrapper "
-                "of it ran inside `capture()`: the model was compiled after the recorder was created, and the "
+                f"of {part} ran inside `capture()`: it was compiled after the recorder was created, and the "
                 "recorder's eager hooks either go unseen by the compiled graph or break it at every site. Create "
                 "the recorder with the compiled module (it records compiled models)."
             )

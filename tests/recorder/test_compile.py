@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actpat.recorder import ActivationRecorder, open_run
+from actpat.recorder.hooks import uncompiled
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -283,6 +284,42 @@ def test_model_compiled_after_the_recorder_was_created_is_a_clear_error(tmp_path
         with pytest.raises(ValueError, match="compiled after the recorder was created"):
             with rec.capture(0):
                 compiled(x)
+
+
+    # Only a submodule compiled: the error names it (it named the model).
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU()))
+    with ActivationRecorder(model, tmp_path / "c") as rec:
+        model[1] = torch.compile(model[1], backend=BACKEND)
+        with pytest.raises(ValueError, match="wrapper of its submodule '1' ran inside"):
+            with rec.capture(0):
+                model(x)
+
+
+@pytest.mark.parametrize("how", ["wrapper", "in place", "forward", "submodule", "default"])
+def test_fullgraph_is_refused_at_construction_and_the_rest_records(tmp_path, how):
+    """fullgraph=True failed at the first forward inside a capture, with dynamo's error about the recorder's own
+    graph break at the end of the forward."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU()))
+    fullgraph = how != "default"
+    if how in ("wrapper", "default"):
+        model = torch.compile(model, backend=BACKEND, fullgraph=fullgraph)
+    elif how == "in place":
+        model.compile(backend=BACKEND, fullgraph=True)
+    elif how == "forward":
+        model.forward = torch.compile(model.forward, backend=BACKEND, fullgraph=True)
+    else:
+        model[1] = torch.compile(model[1], backend=BACKEND, fullgraph=True)
+    if fullgraph:
+        with pytest.raises(ValueError, match=r"compiled with fullgraph=True.*Compile without fullgraph=True"):
+            ActivationRecorder(model, tmp_path)
+        assert not list(tmp_path.glob("*.h5"))
+        return
+    x = torch.randn(2, 3)
+    with ActivationRecorder(model, tmp_path) as rec:
+        with rec.capture(0):
+            model(x)
+    z = uncompiled(model)[0](x)
+    np.testing.assert_array_equal(open_run(tmp_path).read("1.0", 0).unpack(), (z > 0).numpy())
 
 
 @pytest.mark.slow
