@@ -359,7 +359,7 @@ def _site_rows(
         if len(p) not in drawn:
             drawn[len(p)] = draw_subsets(n_units, len(p), m=m, n_obs=n_obs, n_subsets=n_subsets,
                                          seed=(seed, site_index))
-        return p, subset_counts(p.bits, n_units, drawn[len(p)])
+        return p, subset_counts(_by_observation(p), n_units, drawn[len(p)])
 
     at_end = counts_at(steps[-1]) if "final" in references else None
     final = at_end[1] if at_end else None
@@ -384,6 +384,15 @@ def _site_rows(
         last = cur
         tick()
     return rows
+
+
+def _by_observation(p) -> np.ndarray:
+    """The rows' bits in (sample id, position) order where every row has a sample id, else as recorded:
+    row subsets then hold the same observations at every step that records the same ones, in any order
+    (a repeated id keeps its recorded order)."""
+    if len(p) == 0 or (p.sample_ids < 0).any():
+        return p.bits
+    return p.bits[np.lexsort((p.positions, p.sample_ids))]
 
 
 def width_controlled_table(
@@ -417,9 +426,11 @@ def width_controlled_table(
     n_subsets : int, default 10
         Random subsets per site, averaged.
     seed : int, default 0
-        Site ``i``'s subsets come from ``np.random.default_rng((seed, i))``: the same units at every
-        step, and the same rows at every step with the same number of observations (always, under
-        the probe protocol).
+        Site ``i``'s subsets (``i`` its ``site_index``) come from ``np.random.default_rng((seed, i))``,
+        units drawn before rows: the same units at every step, and the same rows at every step with
+        the same number of observations. Rows are taken in (sample id, position) order where sample ids
+        are recorded, so that a subset holds the same observations at every step that records the same
+        ones (the probe protocol), whatever order each step lists them in.
     references : subset of {"init", "last", "final"}, default all
     ceiling : float, default 0.9
         ``saturated_wc`` flags steps whose mean ``K / n_obs`` over the subsets is at least ``ceiling``

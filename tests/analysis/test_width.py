@@ -201,3 +201,24 @@ def test_table_concatenates_with_summarize(tmp_path):
     write_run(tmp_path)
     both = pd.concat([summarize(tmp_path, progress=False), width_controlled_table(tmp_path, progress=False)])
     assert not both.duplicated(["site", "step", "metric"]).any()
+
+
+def test_subsets_hold_the_same_observations_whatever_order_each_step_lists_them_in(tmp_path):
+    """A probe listed in another order at each step (sample ids recorded) of an unchanged network: every subset
+    took other observations at each step by row position, so wJI to init fell to ~0.87 and entropy moved."""
+    rng = np.random.default_rng(3)
+    units = rng.integers(0, 2, (80 * 4, WIDE.n_units))  # row 4 s + q: sample s at position q
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for i, step in enumerate((0, 10, 20)):
+        order = np.arange(80) if i == 0 else rng.permutation(80)
+        rows = (4 * order[:, None] + np.arange(4)).ravel()
+        writer.put(Record(WIDE, step, i, "probe", pack(units[rows]), 4, 80, 0, sample_ids=order, labels=order % 4))
+    writer.close()
+    table = width_controlled_table(tmp_path, m=6, n_obs=50, n_subsets=5, seed=1, progress=False)
+    subsets = draw_subsets(WIDE.n_units, 320, m=6, n_obs=50, n_subsets=5, seed=(1, WIDE.site_index))
+    per = [brute_counter(units, subsets.units[k], subsets.rows[k]) for k in range(5)]  # (sample, position) order
+    for step in (0, 10, 20):
+        assert value(table, "wide", step, "entropy_wc") == pytest.approx(np.mean([brute_entropy(c) for c in per]))
+        assert value(table, "wide", step, "weighted_jaccard_wc_init") == 1.0
+        assert value(table, "wide", step, "jaccard_wc_last" if step else "jaccard_wc_final") == 1.0
