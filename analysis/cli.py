@@ -395,14 +395,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from actpat.analysis.compare import report
+    from actpat.analysis.compare import report, split_run_spec
 
     _check_writable_dir(args.output, "-o")
     runs = []
     for spec in args.runs:
-        group, sep, path = spec.rpartition("=")
+        group, path = split_run_spec(spec)
         # A bare directory is named as typed, not by the run folder found inside it.
-        runs.append(f"{group if sep else spec}={locate_run(Path(path))}")
+        runs.append((spec if group is None else group, locate_run(path)))
     written = report(
         runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, kind=args.band,
         width_controlled=not args.no_width_controlled, regions=args.regions, n_subsets=args.subsets,

@@ -48,6 +48,7 @@ __all__ = [
     "heatmaps",
     "parse_runs",
     "report",
+    "split_run_spec",
     "summary",
 ]
 
@@ -68,7 +69,10 @@ class RunSpec(NamedTuple):
     """Run directory."""
 
 
-def _split_spec(item) -> tuple[str | None, Path]:
+def split_run_spec(item) -> tuple[str | None, Path]:
+    """``(group, directory)`` of one run as :func:`parse_runs` takes it: a ``(group, dir)`` pair, or a string
+    that is an existing path (its own group: None) or else ``GROUP=DIR`` split at its first ``=`` (so that a
+    directory may hold ``=``, as sweep folders like ``lr=0.1/seed=0`` do)."""
     if isinstance(item, tuple):
         if len(item) != 2:
             raise ValueError(f"Expected a run as (group, directory), but got {item!r}.")
@@ -121,9 +125,9 @@ def parse_runs(runs) -> list[RunSpec]:
             for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)
         ]
     elif isinstance(runs, (str, os.PathLike)):
-        items = [_split_spec(runs)]
+        items = [split_run_spec(runs)]
     else:
-        items = [_split_spec(item) for item in runs]
+        items = [split_run_spec(item) for item in runs]
     if not items:
         raise ValueError("Expected at least one run to compare, but got none.")
     items = [(os.fspath(path) if group is None else group, path) for group, path in items]

@@ -404,6 +404,20 @@ def test_compare_names_a_bare_directory_as_typed_even_when_the_run_is_inside_it(
     assert runs["run"].tolist() == ["logs/version_0", str(run_dir)]
 
 
+def test_compare_takes_directories_whose_names_hold_an_equals_sign(tmp_path, monkeypatch):
+    """Sweep folders (``lr=0.3/seed=0``), bare or as GROUP=DIR: the command split at the last ``=`` and failed
+    ("'0' does not exist"), while parse_runs splits at the first."""
+    for seed in (0, 1, 2):
+        record_mlp(tmp_path / "sweep" / "lr=0.3" / f"seed={seed}", seed=seed)
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare", "a=sweep/lr=0.3/seed=0", "a=sweep/lr=0.3/seed=1", "sweep/lr=0.3/seed=2", "-o", "cmp",
+            "--subsets", "2", "--no-progress"]
+    assert main(argv) == 0
+    runs = pd.read_csv(tmp_path / "cmp" / "runs.csv")
+    assert runs["run"].tolist() == ["a/0", "a/1", "sweep/lr=0.3/seed=2"]
+    assert runs["path"].tolist() == [f"sweep/lr=0.3/seed={seed}" for seed in (0, 1, 2)]
+
+
 def test_replay_is_a_command_with_its_own_flags(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["replay", "--help"])
