@@ -39,6 +39,7 @@ from actpat.recorder.reader import open_run
 
 __all__ = [
     "BANDS",
+    "PARTIAL_GID",
     "RunSpec",
     "band",
     "band_curves",
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Bands of :func:`band_curves`.
 BANDS = ("minmax", "bootstrap")
+#: ``gid`` of :func:`band_curves`' markers of a group's mean at steps that only some of its runs recorded.
+PARTIAL_GID = "partial"
 
 
 class RunSpec(NamedTuple):
@@ -478,9 +481,12 @@ def band_curves(
     Returns
     -------
     matplotlib.figure.Figure
-        One panel per site (forward order), one line and band per group; for a metric that saturates
-        (registry), hollow circles (gid :data:`actpat.analysis.plots.SATURATED_GID`) on the group's mean
-        at the steps where some run of the group is saturated.
+        One panel per site (forward order), one line and band per group over the steps that every run of
+        the group recorded; at steps that only some of them did (seeds probed on other schedules, a lost
+        step), the mean of those runs as a cross (gid :data:`PARTIAL_GID`) and no band, so that a line never
+        joins means over different runs. For a metric that saturates (registry), hollow circles (gid
+        :data:`actpat.analysis.plots.SATURATED_GID`) on the group's mean at the steps where some run of the
+        group is saturated.
     """
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -502,7 +508,7 @@ def band_curves(
     flags = df[(df["metric"] == flag) & (df["value"] > 0)] if flag else df.iloc[:0]
     if split is not None:
         flags = flags[flags["split"] == split]
-    marked = False
+    marked = partial_marked = False
     n_cols = min(max_cols, len(sites))
     n_rows = math.ceil(len(sites) / n_cols)
     fig = Figure(figsize=(3.6 * n_cols, 2.8 * n_rows), layout="constrained")
@@ -517,8 +523,15 @@ def band_curves(
             times = matrix.columns.to_numpy() if x == "step" else sub.groupby("step")["epoch"].mean().reindex(
                 matrix.columns).to_numpy()
             color = colors(i % 10)
-            ax.plot(times, mean, color=color, label=f"{group} ({matrix.shape[0]})")
-            ax.fill_between(times, lo, hi, color=color, alpha=0.25, linewidth=0)
+            present = np.isfinite(matrix.to_numpy()).sum(axis=0)
+            whole = present == matrix.shape[0]
+            ax.plot(times, np.where(whole, mean, np.nan), color=color, label=f"{group} ({matrix.shape[0]})")
+            ax.fill_between(times, lo, hi, where=whole, color=color, alpha=0.25, linewidth=0)
+            partial = ~whole & (present > 0)
+            if partial.any():
+                ax.plot(times[partial], mean[partial], linestyle="none", marker="x", color=color, gid=PARTIAL_GID,
+                        label=None if partial_marked else "mean of only the runs with a value there")
+                partial_marked = True
             # Steps at which some run of the group is saturated there: its estimate is pinned near log2 n.
             pinned = set(flags.loc[(flags["site"] == site) & (flags["group"] == group), "step"].astype(int))
             hit = np.array([int(step) in pinned for step in matrix.columns], dtype=bool)

@@ -198,6 +198,33 @@ def test_band_curves_mark_where_some_run_of_a_group_is_saturated(table):
     assert not [line for ax in jaccard.axes for line in ax.lines if line.get_gid() == SATURATED_GID]
 
 
+def test_band_curves_join_only_means_over_every_run_of_a_group(table):
+    """Seeds recorded at other steps: the line joined means over whichever runs had a value at each step (one
+    run here, two there) and the min-max band shrank to nothing where one run was left, saying nothing."""
+    from actpat.analysis.compare import PARTIAL_GID
+
+    steps = sorted(table.loc[table["run"] == "a/1", "step"].unique())
+    dropped = steps[1::2]
+    sparse = table[~((table["run"] == "a/1") & table["step"].isin(dropped))]
+    fig = band_curves(sparse, "weighted_jaccard_final")
+    panel = [ax for ax in fig.axes if ax.lines][0]
+    line = next(line for line in panel.lines if line.get_label() == "a (2)")
+    marks = [line for line in panel.lines if line.get_gid() == PARTIAL_GID]
+    assert len(marks) == 1
+    rows = sparse[(sparse["metric"] == "weighted_jaccard_final") & (sparse["group"] == "a") & (sparse["site"] == "layer0")]
+    by_step = rows.groupby("step")["value"]
+    x, y = line.get_xdata(), line.get_ydata()
+    for step, mean, n in zip(by_step.mean().index, by_step.mean(), by_step.count()):
+        at = list(x).index(step)
+        if n == 2:
+            assert y[at] == pytest.approx(mean)
+        else:
+            assert np.isnan(y[at]) and step in dropped
+    assert marks[0].get_xdata().tolist() == [float(step) for step in dropped]
+    only = rows[rows["step"].isin(dropped)].set_index("step")["value"]  # a/0 alone
+    np.testing.assert_allclose(marks[0].get_ydata(), only.loc[dropped].to_numpy())
+
+
 def test_report_writes_tables_and_figures(runs, tmp_path):
     written = report([f"a={runs['a0']}", f"a={runs['a1']}", f"b={runs['b0']}"], tmp_path / "out", n_subsets=2,
                      regions=True, progress=False, metrics=["weighted_jaccard_wc_final"], dpi=30)
