@@ -240,7 +240,7 @@ def _spread(values: pd.Series, prefix: str) -> dict:
     v = values.dropna().to_numpy(dtype=float)
     return {
         f"{prefix}_mean": float(v.mean()) if v.size else math.nan,
-        f"{prefix}_sd": float(v.std(ddof=1)) if v.size > 1 else (0.0 if v.size else math.nan),
+        f"{prefix}_sd": float(v.std(ddof=1)) if v.size > 1 else math.nan,  # one run: no spread to tell
         f"{prefix}_min": float(v.min()) if v.size else math.nan,
         f"{prefix}_max": float(v.max()) if v.size else math.nan,
     }
@@ -259,12 +259,12 @@ def summary(per_site: pd.DataFrame, value: str = "step") -> tuple[pd.DataFrame, 
     -------
     by_site : pandas.DataFrame
         Per ``group, site``: ``site_index``, ``n_runs``, ``<value>_mean, _sd, _min, _max`` over runs
-        (``_sd``: sample standard deviation, 0 for one run) and, for convergence, ``n_censored``.
+        (``_sd``: sample standard deviation, NaN for one run) and, for convergence, ``n_censored``.
     by_run : pandas.DataFrame
         Per ``group, run``: for convergence, ``rho`` (Spearman's rank correlation between depth and
         convergence step: 1 = bottom-up; censored sites count at their last record, as ties) and
         ``spread`` (latest minus earliest site's step); for dips, ``depth`` and ``site`` of the
-        deepest dip.
+        deepest dip (``site`` None where no site dips: every depth 0 or NaN).
     by_group : pandas.DataFrame
         Per ``group``: ``n_runs`` and the mean, sd, min and max over runs of each ``by_run`` number.
     """
@@ -288,8 +288,10 @@ def summary(per_site: pd.DataFrame, value: str = "step") -> tuple[pd.DataFrame, 
             record = {"rho": depth_order(steps), "spread": float(np.nanmax(steps) - np.nanmin(steps))
                       if np.isfinite(steps).any() else math.nan, "n_censored": int(rows["censored"].sum())}
         else:
-            deepest = rows.loc[rows[value].idxmax()]
-            record = {value: float(deepest[value]), "site": str(deepest["site"])}
+            depths = rows[value].to_numpy(dtype=float)
+            deepest = float(np.nanmax(depths)) if np.isfinite(depths).any() else math.nan
+            site = str(rows["site"].iloc[int(np.nanargmax(depths))]) if deepest > 0 else None
+            record = {value: deepest, "site": site}
         run_rows.append({"group": group, "run": run, **record})
     by_run = pd.DataFrame(run_rows)
     numbers = [c for c in by_run.columns if c not in ("group", "run", "site") and by_run[c].dtype.kind in "fi"]

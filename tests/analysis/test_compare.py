@@ -110,7 +110,7 @@ def test_convergence_and_its_spread_per_group(table, metric):
         steps = np.array([truth[run][r.site] for run in runs_of_group])
         assert r.n_runs == len(runs_of_group)
         assert r.step_mean == pytest.approx(steps.mean())
-        assert r.step_sd == pytest.approx(steps.std(ddof=1) if len(steps) > 1 else 0.0)
+        assert r.step_sd == pytest.approx(steps.std(ddof=1) if len(steps) > 1 else math.nan, nan_ok=True)
         assert (r.step_min, r.step_max) == (steps.min(), steps.max())
     for r in by_run.itertuples():
         steps = [truth[r.run][f"layer{i}"] for i in range(3)]
@@ -129,6 +129,9 @@ def test_dips_per_run(table):
     _, by_run, by_group = summary(d, "depth")
     for r in by_run.itertuples():
         assert r.depth == d[d["run"] == r.run]["depth"].max()
+    # No site dips: no deepest site is named (the first site was).
+    _, flat, _ = summary(d.assign(depth=0.0), "depth")
+    assert flat["site"].isna().all() and (flat["depth"] == 0.0).all()
     assert set(by_group.columns) >= {"group", "n_runs", "depth_mean", "depth_sd", "depth_min", "depth_max"}
 
 
