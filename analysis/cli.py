@@ -404,8 +404,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         # A bare directory is named as typed, not by the run folder found inside it.
         runs.append((spec if group is None else group, locate_run(path)))
     written = report(
-        runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, kind=args.band,
-        width_controlled=not args.no_width_controlled, regions=args.regions, n_subsets=args.subsets,
+        runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, stay=args.stay,
+        kind=args.band, width_controlled=not args.no_width_controlled, regions=args.regions, m=args.units,
+        n_obs=args.observations, n_subsets=args.subsets,
         seed=args.seed, x=args.x, progress=not args.no_progress,
     )
     print(f"wrote {len(written)} files to {args.output}: " + ", ".join(sorted(p.name for p in written.values())))
@@ -557,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="wJI(final, t) a site must exceed to count as converged (default: 0.9)")
     cmp_.add_argument("--band", choices=("minmax", "bootstrap"), default="minmax", help="band over seeds")
     cmp_.add_argument("--subsets", type=int, default=10, help="unit subsets of the width-controlled measures")
+    cmp_.add_argument("--units", type=int, default=None, metavar="M",
+                      help="units per subset of the width-controlled measures (default: the narrowest site's width)")
+    cmp_.add_argument("--observations", type=int, default=None, metavar="N",
+                      help="observations per subset (default: the fewest any site of any run has)")
+    cmp_.add_argument("--stay", action="store_true",
+                      help="converged = stays above the threshold from then on (default: first step above)")
     cmp_.add_argument("--seed", type=int, default=0, help="seed of the unit subsets and the bootstrap")
     cmp_.add_argument("--no-width-controlled", action="store_true", help="leave out the width-controlled measures")
     cmp_.add_argument("--regions", action="store_true", help="add the linear-region measures")

@@ -572,6 +572,8 @@ def report(
     kind: str = "minmax",
     width_controlled: bool = True,
     regions: bool = False,
+    m: int | None = None,
+    n_obs: int | None = None,
     n_subsets: int = 10,
     seed: int = 0,
     x: str = "step",
@@ -594,7 +596,7 @@ def report(
         Of the convergence step (:func:`~actpat.analysis.convergence.convergence_step`).
     kind : {"minmax", "bootstrap"}, default "minmax"
         Band of the curves.
-    width_controlled, regions, n_subsets, seed
+    width_controlled, regions, m, n_obs, n_subsets, seed
         As for :func:`compare`.
     x : {"step", "epoch"}, default "step"
     dpi : int, default 100
@@ -612,8 +614,8 @@ def report(
     if kind not in BANDS:
         raise ValueError(f"Expected `kind` to be one of {BANDS}, but got {kind!r}.")
     specs = parse_runs(runs)
-    df = compare(specs, split=split, width_controlled=width_controlled, regions=regions, n_subsets=n_subsets, seed=seed,
-                 progress=progress)
+    df = compare(specs, split=split, width_controlled=width_controlled, regions=regions, m=m, n_obs=n_obs,
+                 n_subsets=n_subsets, seed=seed, progress=progress)
     present = set(df["metric"])
     wanted = [m for m in registry.metric_names(headline=True) if m in present] if metrics is None else list(metrics)
     absent = [m for m in wanted if m not in present]

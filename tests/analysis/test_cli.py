@@ -384,12 +384,17 @@ def test_compare_writes_the_convergence_table_of_grouped_runs(run_dir, tmp_path,
     other = tmp_path / "other"
     record_mlp(other, seed=1)
     out = tmp_path / "cmp"
-    argv = ["compare", f"mlp={run_dir}", f"mlp={other}", "-o", str(out), "--subsets", "2", "--no-progress"]
+    argv = ["compare", f"mlp={run_dir}", f"mlp={other}", "-o", str(out), "--subsets", "2", "--no-progress",
+            "--units", "3", "--observations", "7", "--stay"]
     assert main(argv) == 0
     runs = pd.read_csv(out / "runs.csv")
     assert runs["run"].tolist() == ["mlp/0", "mlp/1"] and set(runs["group"]) == {"mlp"}
     convergence = pd.read_csv(out / "convergence.csv", dtype={"site": str})
     assert set(convergence["run"]) == {"mlp/0", "mlp/1"} and set(convergence["site"]) == {"1", "3"}
+    assert convergence["stay"].all()
+    metrics = pd.read_csv(out / "metrics.csv")
+    sizes = metrics[metrics["metric"].isin(["wc_units", "wc_observations"])].groupby("metric")["value"].unique()
+    assert sizes["wc_units"].tolist() == [3] and sizes["wc_observations"].tolist() == [7]
     assert "wrote" in capsys.readouterr().out
 
 
