@@ -424,7 +424,6 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 "records, in other splits or later steps, are added beside them. Pass another `out_dir` to keep runs "
                 "apart.",
             )
-            self._warned.add("on-disk")  # the prober's own warning of the same fact
         self._batch_floor = self._last_batch_step
         options = dict(pattern=self.pattern, max_observations=self.max_observations, compression=self.compression,
                        rank=trainer.global_rank, module_types=self.module_types)

@@ -239,7 +239,6 @@ class Prober:
         self._recorder: Optional[ActivationRecorder] = None
         self._observed: list[Record] = []
         self._stats: Optional[LiveStats] = None
-        self._on_disk: set[int] = set()
         self._opened = False
         # Resumable state (state_dict).
         self._last_probe_step = -1
@@ -294,13 +293,6 @@ class Prober:
         self.open()
         if step <= self._last_probe_step:
             return False
-        if step in self._on_disk:
-            self._notify(
-                "on-disk",
-                f"actpat: {self.out_dir} already holds probe records at step {step} (of another run?); the new ones are "
-                "added beside them and a reader merges both. To continue a run, `load_state_dict` its state first; "
-                "to keep runs apart, pass another `out_dir`.",
-            )
         first = not self.verified
         self._observed.clear()
         try:
@@ -367,11 +359,11 @@ class Prober:
         if self._opened:
             return
         self._opened = True
-        # Once (each open indexes every shard and warns of every loss), or as the caller opened it.
-        run = existing_run(self.out_dir) if self._existing is None else self._existing
-        self._existing = None
-        recorded = recorded_steps(run, PROBE_SPLIT)
+        run, self._existing = self._existing, None
         if self._resumed:
+            # Once (each open indexes every shard and warns of every loss), or as the caller opened it.
+            run = existing_run(self.out_dir) if run is None else run
+            recorded = recorded_steps(run, PROBE_SPLIT)
             note = unwritten_note(self.out_dir, PROBE_SPLIT, (self._init_step, self._last_probe_step), recorded)
             if note:
                 self._notify("unwritten", note + " Live statistics against them are left out.")
@@ -383,7 +375,6 @@ class Prober:
             short = _short_probe(run, self._last_probe_step, self._batches.loader)
             if short:
                 self._notify("short", f"actpat: {short}; it is kept as it is (records are never rewritten).")
-        self._on_disk = set(recorded)
         if self._stats_fn is not None:
             references = self._references_from(run) if self._resumed else None
             self._stats = LiveStats(self._stats_fn, references, self._notify)

@@ -333,6 +333,28 @@ def test_live_statistics_that_fall_behind_are_skipped_said_once_and_never_block(
 
 # ---------------------------------------------------------------------- resume
 @pytest.mark.usefixtures("every_probe_gets_statistics")
+def test_a_second_prober_into_a_run_fails_at_its_first_probe_and_another_ranks_records_are_no_warning(
+    tmp_path, caplog
+):
+    """A fresh prober into a directory holding its rank's probes warned that its records would be 'added beside
+    them' and then failed at the capture; another rank's probes there were warned of as 'of another run?'."""
+    model, probe = Net(), data(N_PROBE, 1)
+    for rank in (0, 1):
+        first = Prober(model, probe, tmp_path, 1, steps_per_epoch=4, batch_size=PROBE_BATCH, rank=rank)
+        first.maybe(0)
+        first.maybe(1)
+        first.close()
+    assert any("rank001" in p.name for p in tmp_path.glob("*.h5"))  # rank 1 probed beside rank 0, silently
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    shards = sorted(p.name for p in tmp_path.iterdir())
+    again = Prober(model, probe, tmp_path, 1, steps_per_epoch=4, batch_size=PROBE_BATCH, rank=0)
+    with pytest.raises(ValueError, match=r"recorded up to step 1 in .* continue from step 2"):
+        again.maybe(0)
+    again.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sorted(p.name for p in tmp_path.iterdir()) == shards  # nothing written
+
+
 def test_resume_from_state_dict_continues_without_duplicates_and_rereads_references(tmp_path, caplog):
     model = Net()
     probe = data(N_PROBE, 1)
