@@ -623,8 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
-        print(f"\nactpat {args.command}: interrupted. Shards finalized so far are readable; figures and events "
-              "of this command may be incomplete (tables are written whole or not at all).", file=sys.stderr)
+        what = ("the checkpoints replayed so far are in the run directory, and a rerun continues after them"
+                if args.command == "replay" else "shards finalized so far are readable; figures and events of this "
+                "command may be incomplete (tables are written whole or not at all)")
+        print(f"\nactpat {args.command}: interrupted; {what}.", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"actpat {args.command}: error: {exc}", file=sys.stderr)

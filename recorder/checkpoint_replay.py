@@ -175,6 +175,10 @@ def replay(
         else:
             planned.append((step, path))
     planned.sort(key=lambda item: (item[0], str(item[1])))
+    by_step: dict[int, list[Path]] = {}
+    for step, path in planned:
+        by_step.setdefault(step, []).append(path)
+    last = max(done, default=-1)
     replayed: list[ReplayResult] = []
     prober_options.setdefault("copy", False)  # the model is replay's own: nothing to protect
     prober = Prober(model, probe, out_dir, 1, mode=mode, batch_size=batch_size, **prober_options)
@@ -182,6 +186,16 @@ def replay(
         for step, path in tqdm(planned, desc="replaying checkpoints", unit="ckpt", disable=not progress):
             if step in done:
                 replayed.append(ReplayResult(path, step, "skipped", f"step {step} is recorded in {out_dir} already"))
+                continue
+            if len(by_step[step]) > 1:
+                others = ", ".join(str(p) for p in by_step[step] if p != path)
+                replayed.append(_skip(path, step, f"{others} is of step {step} too: which weights the step had is "
+                                                  "ambiguous; replay the right file alone, or move the other away"))
+                continue
+            if step < last:
+                replayed.append(_skip(path, step, f"step {step} comes before step {last}, the last recorded in {out_dir}: "
+                                                  "a run's records are kept in time order, so a replay adds later steps "
+                                                  "only; replay into a new directory to record this one"))
                 continue
             try:
                 state, _, epoch = load_checkpoint(path, weights_only=weights_only)
@@ -322,7 +336,21 @@ def _load_weights(model: nn.Module, state: dict, path: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"The weights of {path} do not fit {type(model).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"The weights of {path} do not fit {type(model).__name__}: {exc}{_prefix_hint(set(own), set(state))}"
+        ) from exc
+
+
+def _prefix_hint(own: set[str], saved: set[str]) -> str:
+    """Where the saved names are the model's behind a common prefix (a LightningModule's ``net.``) or the other
+    way round, a hint that names it."""
+    for longer, shorter, whose in ((saved, own, "the checkpoint's"), (own, saved, "the model's")):
+        key = next(iter(shorter), None)
+        prefix = next((k[: -len(key)] for k in longer if key is not None and k.endswith("." + key)), None)
+        if prefix and {k[len(prefix):] for k in longer if k.startswith(prefix)} == shorter:
+            return (f" Every name of {whose} weights carries the prefix {prefix!r}: pass (to --module) the model as "
+                    f"the checkpoint saw it, e.g. the LightningModule holding the network as {prefix[:-1]!r}.")
+    return ""
 
 
 def _load(path: Path, weights_only: bool) -> Any:
@@ -335,7 +363,9 @@ def _load(path: Path, weights_only: bool) -> Any:
 
 
 def _load_error(path: Path, exc: Exception, weights_only: bool) -> CheckpointError:
-    hint = " If you trust the file, load it with `weights_only=False` (--unsafe-load)." if weights_only else ""
+    # Torch's safe unpickler refused an object the file holds (not a damaged file, which fails in that unpickler too).
+    refused = weights_only and any(words in str(exc) for words in ("Unsupported global", "can still be loaded"))
+    hint = " If you trust the file, load it with `weights_only=False` (--unsafe-load)." if refused else ""
     return CheckpointError(f"{path} cannot be loaded: {exc!r}.{hint}")
 
 

@@ -125,6 +125,41 @@ def test_a_checkpoint_that_fails_to_load_is_reported_and_skipped(tmp_path, caplo
     assert len(open_run(out).read("net.6", 7, "probe")) == 12
 
 
+def test_replay_refuses_ambiguous_steps_and_steps_before_the_run_and_names_a_prefix(tmp_path, caplog):
+    """Two files of one step: the one whose path sorted first was replayed and the other called 'recorded
+    already'. A step before the last one in the run: the recorder's error stopped the whole replay."""
+    torch.manual_seed(0)
+    model = ToyNet()
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for step in (2, 4, 9):
+        torch.save({"state_dict": _state(model), "global_step": step}, ckpts / f"s{step}.ckpt")
+    torch.save(nn.Sequential(nn.Linear(3, 3)).state_dict(), ckpts / "a-step_4.pt")  # another file of step 4
+    out = tmp_path / "run"
+    results = replay(ckpts, ToyNet(), toy_data(12, 1), out, batch_size=12, progress=False)
+    by_name = {r.path.name: r for r in results}
+    assert [(r.path.name, r.step) for r in results if r.status == "replayed"] == [("s2.ckpt", 2), ("s9.ckpt", 9)]
+    for name, other in (("s4.ckpt", "a-step_4.pt"), ("a-step_4.pt", "s4.ckpt")):
+        assert by_name[name].status == "skipped" and other in by_name[name].reason and "ambiguous" in by_name[name].reason
+    # A checkpoint of an earlier step added later is skipped, with why; the later ones are replayed.
+    (ckpts / "a-step_4.pt").unlink()
+    torch.save({"state_dict": _state(model), "global_step": 12}, ckpts / "s12.ckpt")
+    again = {r.path.name: r for r in replay(ckpts, ToyNet(), toy_data(12, 1), out, batch_size=12, progress=False)}
+    assert again["s4.ckpt"].status == "skipped" and "comes before step 9, the last recorded" in again["s4.ckpt"].reason
+    assert again["s12.ckpt"].status == "replayed"
+    assert open_run(out).steps("net.6", "probe").tolist() == [2, 9, 12]
+    # The network alone given for checkpoints of the LightningModule holding it as `net`: the prefix is named.
+    caplog.clear()
+    (ckpt,) = replay(ckpts / "s2.ckpt", toys.body(), toy_data(12, 1), tmp_path / "bare", batch_size=12, progress=False)
+    assert ckpt.status == "skipped" and "carries the prefix 'net.'" in ckpt.reason
+    # Only a refusal of torch's safe unpickler suggests --unsafe-load; a damaged file does not.
+    (ckpts / "s20.pt").write_bytes(os.urandom(256))
+    torch.save({"state_dict": _state(model), "global_step": 21, "note": Path("x")}, ckpts / "s21.ckpt")
+    reasons = {r.path.name: r.reason for r in replay(ckpts, ToyNet(), toy_data(12, 1), out, batch_size=12, progress=False)}
+    assert "cannot be loaded" in reasons["s20.pt"] and "--unsafe-load" not in reasons["s20.pt"]
+    assert "--unsafe-load" in reasons["s21.ckpt"]
+
+
 @pytest.mark.parametrize(
     "name, step",
     [("epoch=0-step=12.ckpt", 12), ("step_7.pt", 7), ("model-step-0042.pth", 42), ("run3-0099.bin", 99),
