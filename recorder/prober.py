@@ -364,9 +364,11 @@ class Prober:
             # Once (each open indexes every shard and warns of every loss), or as the caller opened it.
             run = existing_run(self.out_dir) if run is None else run
             recorded = recorded_steps(run, PROBE_SPLIT)
-            note = unwritten_note(self.out_dir, PROBE_SPLIT, (self._init_step, self._last_probe_step), recorded)
+            probed = _scheduled(self._init_step, self._last_probe_step, self._interval)
+            note = unwritten_note(self.out_dir, PROBE_SPLIT, probed, recorded)
             if note:
-                self._notify("unwritten", note + " Live statistics against them are left out.")
+                live = " Live statistics against them are left out." if self._stats_fn is not None else ""
+                self._notify("unwritten", note + live)
             self._last_probe_step, note = resume_point(
                 self.out_dir, PROBE_SPLIT, self._last_probe_step, recorded, self._resume_step
             )
@@ -536,6 +538,15 @@ def _mark_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
     yield item, True
 
 
+def _scheduled(first: int, last: int, interval: Fraction) -> list[int]:
+    """The probe steps from ``first`` (the init probe; -1: none) to ``last``: both, and every step on schedule
+    between them (the first step at or after each multiple of ``interval``)."""
+    if first < 0:
+        return [last] if last >= 0 else []
+    multiples = range(math.floor(first / interval) + 1, math.floor(last / interval) + 1)
+    return sorted({first, last} | {math.ceil(k * interval) for k in multiples})
+
+
 def _on_schedule(step: int, interval: Fraction) -> bool:
     """True at the first step at or after each multiple of ``interval``."""
     return step > 0 and math.floor(step / interval) > math.floor((step - 1) / interval)
@@ -614,7 +625,8 @@ def unwritten_note(
     missing = sorted({step for step in checkpointed if step >= 0} - set(recorded))
     if not missing:
         return None
-    steps = f"step{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
+    listed = ", ".join(map(str, missing[:12])) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+    steps = f"step{'s' * (len(missing) > 1)} {listed}"
     return (
         f"actpat: the fit this one resumes recorded {split} records at {steps} (its checkpoint says so), but "
         f"{run_dir} holds none there: they never reached the disk (the process was killed within a second or so "

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from actpat.analysis import summarize
+from actpat.analysis.live import live_measures
 from actpat.recorder import ActivationRecorder, Prober, open_run
 from actpat.recorder.shards import Record, ShardWriter, SiteMeta
 
@@ -290,22 +291,27 @@ def test_end_step_ends_a_step_whose_captures_could_not_tell(tmp_path):
     assert run.losses == [] and len(run.read("1", 3)) == 4
 
 
-def test_a_resumed_prober_names_a_checkpointed_probe_that_never_reached_the_disk(tmp_path, caplog):
+@pytest.mark.parametrize("live", [False, True])
+def test_a_resumed_prober_names_a_checkpointed_probe_that_never_reached_the_disk(tmp_path, caplog, live):
     g = torch.Generator().manual_seed(0)
     probe = TensorDataset(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
     model = _model()
     with Prober(model, probe, tmp_path, 2, batch_size=4) as prober:
         prober.maybe(0)
         prober.maybe(2)
-    # The killed fit probed at step 4 and saved a checkpoint saying so; the records never reached the disk.
-    resumed = Prober(model, probe, tmp_path, 2, batch_size=4)
-    resumed.load_state_dict({"version": 1, "last_probe_step": 4, "init_step": 0}, step=5)
+    # The killed fit probed at steps 4 and 6 and saved a checkpoint saying the last was 6; the records of both
+    # never reached the disk (the note named only 6, the step the checkpoint holds, and spoke of live statistics
+    # that this prober has none of).
+    stats = dict(stats=live_measures, on_stats=lambda step, metrics: None) if live else {}
+    resumed = Prober(model, probe, tmp_path, 2, batch_size=4, **stats)
+    resumed.load_state_dict({"version": 1, "last_probe_step": 6, "init_step": 0}, step=7)
     with caplog.at_level(logging.WARNING, logger="actpat"):
-        resumed.maybe(6)
+        resumed.maybe(8)
     resumed.close()
-    assert "recorded probe records at step 4 (its checkpoint says so), but" in caplog.text
-    assert "holds none there: they never reached the disk" in caplog.text and "Live statistics against" in caplog.text
-    assert open_run(tmp_path).steps("1", "probe").tolist() == [0, 2, 6]
+    assert "recorded probe records at steps 4, 6 (its checkpoint says so), but" in caplog.text
+    assert "holds none there: they never reached the disk" in caplog.text
+    assert ("Live statistics against them are left out" in caplog.text) == live
+    assert open_run(tmp_path).steps("1", "probe").tolist() == [0, 2, 8]
 
 
 def test_a_step_before_the_latest_of_its_split_is_refused_and_nothing_is_pooled(tmp_path):
