@@ -217,6 +217,7 @@ class Run:
         self._report_unfinalized()
         self._find_numbering_gaps()
         self._find_incomplete_steps()
+        self._find_steps_missing_a_rank()
         for entries in self._entries.values():
             entries.sort(key=lambda e: e.step)  # stable: shard order kept within a step
         self._close_handles()
@@ -585,6 +586,36 @@ class Run:
                     names[int(rows["split"][0])], int(rows["step"][0]), missing if ended else None, "incomplete")
         self._lose(loss)
         self._index_losses[site].append(loss)
+
+    def _find_steps_missing_a_rank(self) -> None:
+        """Lose the steps of a split that a rank recording it has no record of, between its first and last step,
+        while another rank has: the ranks of a data-parallel fit record the same steps, so such a step holds
+        only some ranks' batches (a rank killed before its last block reached the disk, then a resumed fit
+        going on after the step). Its other ranks' rows alone are not the step's observations."""
+        steps: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))  # split -> rank -> steps
+        sites: dict[tuple[str, int], set[str]] = defaultdict(set)  # (split, step) -> sites with records there
+        last_shard: dict[int, _Shard] = {}
+        for (site, split), entries in self._entries.items():
+            for e in entries:
+                shard = self._shards[e.shard]
+                steps[split][shard.rank].add(e.step)
+                sites[(split, e.step)].add(site)
+                last_shard[shard.rank] = max(last_shard.get(shard.rank, shard), shard, key=lambda s: s.index)
+        for split, by_rank in steps.items():
+            if len(by_rank) < 2:
+                continue
+            every = set().union(*by_rank.values())
+            for rank, own in sorted(by_rank.items()):
+                lo, hi = min(own), max(own)
+                for step in sorted(s for s in every - own if lo < s < hi):
+                    shard = last_shard[rank]
+                    for site in sorted(sites[(split, step)]):
+                        loss = Loss(shard.path, f"the step has no record of rank {rank}, which recorded steps before and "
+                                    "after it, while other ranks have: its rows are only some ranks' batches (rank "
+                                    f"{rank}'s records of the step never reached the disk, e.g. a process killed, "
+                                    "then a fit resumed after the step)", rank, -1, site, split, step, None, "incomplete")
+                        self._lose(loss)
+                        self._index_losses[site].append(loss)
 
     def _report_unfinalized(self) -> None:
         """Warn of each unfinalized shard (and lose it whole where it is empty or damaged) with the reason its

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from actpat.analysis import summarize
 from actpat.recorder import ActivationRecorder, ShardFormatError, open_run, schema
 
 
@@ -460,3 +461,25 @@ def test_a_site_known_only_from_damaged_parts_is_named_as_damaged_not_as_never_r
     _write_run(tmp_path / "c", [0])
     with pytest.raises(KeyError, match=r"got '3'\.\W*$"):  # a run without losses names no damage
         open_run(tmp_path / "c").read("3", 0)
+
+
+def test_a_step_that_one_rank_has_no_record_of_between_its_others_is_lost(tmp_path, caplog):
+    """DDP ranks record the same steps: rank 1 killed before its last block reached the disk, then a fit resumed
+    after it, left steps holding rank 0's batch alone, which the reader measured as the whole step."""
+    _write_run(tmp_path, range(6), rank=0)
+    _write_run(tmp_path / "r1", [0, 1], rank=1, seed=1)  # rank 1 before the kill ...
+    _write_run(tmp_path / "r1b", [4, 5], rank=1, seed=2)  # ... and after the resume
+    for i, part in enumerate(("r1", "r1b")):
+        for shard in (tmp_path / part).glob("*.h5"):
+            shard.rename(tmp_path / schema.shard_name(1, i))
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    for step in range(6):
+        p = run.read("4", step)
+        assert (p.lost_records > 0) == (step in (2, 3)), step
+        assert len(p) == (3 if step in (2, 3) else 6)  # rank 0's rows are there, and counted as lost
+    lost = [loss for loss in run.losses if loss.kind == "incomplete"]
+    assert sorted((loss.site, loss.step, loss.rank) for loss in lost) == [("1", 2, 1), ("1", 3, 1), ("4", 2, 1), ("4", 3, 1)]
+    assert "no record of rank 1, which recorded steps before and after it" in caplog.text
+    table = summarize(run, progress=False)
+    assert sorted(table["step"].unique()) == [0, 1, 4, 5]
