@@ -588,32 +588,40 @@ class Run:
         self._index_losses[site].append(loss)
 
     def _find_steps_missing_a_rank(self) -> None:
-        """Lose the steps of a split that a rank recording it has no record of, between its first and last step,
-        while another rank has: the ranks of a data-parallel fit record the same steps, so such a step holds
-        only some ranks' batches (a rank killed before its last block reached the disk, then a resumed fit
-        going on after the step). Its other ranks' rows alone are not the step's observations."""
+        """Lose the steps of a split that a rank recording it has no record of while another rank has: between
+        the rank's first and last step, or after its last one where both its shards and the other rank's shard
+        holding the step are unfinalized (the same crash, or writers still running). The ranks of a
+        data-parallel fit record the same steps, so such a step holds only some ranks' batches (a rank killed
+        before its last block reached the disk; a fit resumed after the step)."""
         steps: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))  # split -> rank -> steps
+        unfinalized: dict[str, set[int]] = defaultdict(set)  # split -> steps some unfinalized shard holds
         sites: dict[tuple[str, int], set[str]] = defaultdict(set)  # (split, step) -> sites with records there
         last_shard: dict[int, _Shard] = {}
         for (site, split), entries in self._entries.items():
             for e in entries:
                 shard = self._shards[e.shard]
                 steps[split][shard.rank].add(e.step)
+                if shard.partial:
+                    unfinalized[split].add(e.step)
                 sites[(split, e.step)].add(site)
                 last_shard[shard.rank] = max(last_shard.get(shard.rank, shard), shard, key=lambda s: s.index)
+        crashed = {shard.rank for shard in self._shards if shard.partial} | {rank for _, rank, _, _ in self._unfinalized}
         for split, by_rank in steps.items():
             if len(by_rank) < 2:
                 continue
             every = set().union(*by_rank.values())
             for rank, own in sorted(by_rank.items()):
                 lo, hi = min(own), max(own)
-                for step in sorted(s for s in every - own if lo < s < hi):
-                    shard = last_shard[rank]
+                missing = {s for s in every - own if lo < s < hi}
+                if rank in crashed:
+                    missing |= {s for s in unfinalized[split] - own if s > hi}
+                for step in sorted(missing):
                     for site in sorted(sites[(split, step)]):
-                        loss = Loss(shard.path, f"the step has no record of rank {rank}, which recorded steps before and "
-                                    "after it, while other ranks have: its rows are only some ranks' batches (rank "
-                                    f"{rank}'s records of the step never reached the disk, e.g. a process killed, "
-                                    "then a fit resumed after the step)", rank, -1, site, split, step, None, "incomplete")
+                        loss = Loss(last_shard[rank].path, f"the step has no record of rank {rank}, which records this "
+                                    "split, while other ranks have: its rows are only some ranks' batches (rank "
+                                    f"{rank}'s records of the step are not on disk: a process killed before its last "
+                                    "block was written, or a writer still running)", rank, -1, site, split, step,
+                                    None, "incomplete")
                         self._lose(loss)
                         self._index_losses[site].append(loss)
 

@@ -480,6 +480,23 @@ def test_a_step_that_one_rank_has_no_record_of_between_its_others_is_lost(tmp_pa
         assert len(p) == (3 if step in (2, 3) else 6)  # rank 0's rows are there, and counted as lost
     lost = [loss for loss in run.losses if loss.kind == "incomplete"]
     assert sorted((loss.site, loss.step, loss.rank) for loss in lost) == [("1", 2, 1), ("1", 3, 1), ("4", 2, 1), ("4", 3, 1)]
-    assert "no record of rank 1, which recorded steps before and after it" in caplog.text
+    assert "no record of rank 1, which records this split, while other ranks have" in caplog.text
     table = summarize(run, progress=False)
     assert sorted(table["step"].unique()) == [0, 1, 4, 5]
+
+
+def test_a_crashed_ranks_missing_tail_is_lost_where_the_other_rank_crashed_with_it(tmp_path, caplog):
+    """Both ranks killed, rank 1's last block not on disk: steps 4 and 5 hold rank 0's rows alone. Steps a fit
+    resumed on rank 0 alone wrote later, into shards of its own, are whole."""
+    _write_run(tmp_path, range(6), rank=0)
+    _write_run(tmp_path / "r1", range(4), rank=1, seed=1)
+    for shard in (tmp_path / "r1").glob("*.h5"):
+        shard.rename(tmp_path / shard.name)
+    for shard in tmp_path.glob("*.h5"):  # unfinalized, as the kill left them
+        shard.rename(shard.with_name(shard.name + schema.PARTIAL_SUFFIX[len(schema.SHARD_SUFFIX):]))
+    _write_run(tmp_path, [6, 7], rank=0, seed=3)  # resumed on one rank: rank 0's next shard, finalized
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    lost = sorted({(loss.step, loss.rank) for loss in run.losses if loss.kind == "incomplete"})
+    assert lost == [(4, 1), (5, 1)]
+    assert [run.read("4", step).lost_records > 0 for step in range(8)] == [False] * 4 + [True] * 2 + [False] * 2
