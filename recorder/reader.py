@@ -593,10 +593,11 @@ class Run:
         holding the step are unfinalized (the same crash, or writers still running). The ranks of a
         data-parallel fit record the same steps, so such a step holds only some ranks' batches (a rank killed
         before its last block reached the disk; a fit resumed after the step)."""
+        if len({shard.rank for shard in self._shards}) < 2:
+            return  # one rank, the usual run: nothing to compare, and no pass over every entry at each open
         steps: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))  # split -> rank -> steps
         unfinalized: dict[str, set[int]] = defaultdict(set)  # split -> steps some unfinalized shard holds
         sites: dict[tuple[str, int], set[str]] = defaultdict(set)  # (split, step) -> sites with records there
-        last_shard: dict[int, _Shard] = {}
         for (site, split), entries in self._entries.items():
             for e in entries:
                 shard = self._shards[e.shard]
@@ -604,7 +605,7 @@ class Run:
                 if shard.partial:
                     unfinalized[split].add(e.step)
                 sites[(split, e.step)].add(site)
-                last_shard[shard.rank] = max(last_shard.get(shard.rank, shard), shard, key=lambda s: s.index)
+        last_shard = {shard.rank: shard for shard in sorted(self._shards, key=lambda shard: shard.index)}
         crashed = {shard.rank for shard in self._shards if shard.partial} | {rank for _, rank, _, _ in self._unfinalized}
         for split, by_rank in steps.items():
             if len(by_rank) < 2:
