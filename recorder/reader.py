@@ -588,11 +588,11 @@ class Run:
         self._index_losses[site].append(loss)
 
     def _find_steps_missing_a_rank(self) -> None:
-        """Lose the steps of a split that a rank recording it has no record of while another rank has: between
-        the rank's first and last step, or after its last one where both its shards and the other rank's shard
-        holding the step are unfinalized (the same crash, or writers still running). The ranks of a
-        data-parallel fit record the same steps, so such a step holds only some ranks' batches (a rank killed
-        before its last block reached the disk; a fit resumed after the step)."""
+        """Lose the steps of a split, after a rank's first one, that the rank has no record of while another rank
+        has them in an unfinalized shard, where the rank left an unfinalized shard too (the same crash, or writers
+        still running). The ranks of a data-parallel fit record the same steps, so such a step holds only some
+        ranks' batches (a rank killed before its last block reached the disk, whether or not a fit resumed after
+        the step). Steps in finalized shards are whole: a fit resumed on fewer ranks writes such steps."""
         if len({shard.rank for shard in self._shards}) < 2:
             return  # one rank, the usual run: nothing to compare, and no pass over every entry at each open
         steps: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))  # split -> rank -> steps
@@ -610,13 +610,11 @@ class Run:
         for split, by_rank in steps.items():
             if len(by_rank) < 2:
                 continue
-            every = set().union(*by_rank.values())
             for rank, own in sorted(by_rank.items()):
-                lo, hi = min(own), max(own)
-                missing = {s for s in every - own if lo < s < hi}
-                if rank in crashed:
-                    missing |= {s for s in unfinalized[split] - own if s > hi}
-                for step in sorted(missing):
+                if rank not in crashed:
+                    continue
+                first = min(own)
+                for step in sorted(s for s in unfinalized[split] - own if s > first):
                     for site in sorted(sites[(split, step)]):
                         loss = Loss(last_shard[rank].path, f"the step has no record of rank {rank}, which records this "
                                     "split, while other ranks have: its rows are only some ranks' batches (rank "

@@ -463,17 +463,24 @@ def test_a_site_known_only_from_damaged_parts_is_named_as_damaged_not_as_never_r
         open_run(tmp_path / "c").read("3", 0)
 
 
+def _ranks_run(path, parts):
+    """Shards of ``parts``, ``(rank, steps, finalized)`` in order, under the names their writers would give them."""
+    index = {}
+    for i, (rank, steps, finalized) in enumerate(parts):
+        _write_run(path / f"part{i}", steps, rank=rank, seed=i)
+        for shard in (path / f"part{i}").glob("*.h5"):
+            name = schema.shard_name(rank, index.setdefault(rank, 0), partial=not finalized)
+            shard.rename(path / name)
+            index[rank] += 1
+
+
 def test_a_step_that_one_rank_has_no_record_of_between_its_others_is_lost(tmp_path, caplog):
     """DDP ranks record the same steps: rank 1 killed before its last block reached the disk, then a fit resumed
     after it, left steps holding rank 0's batch alone, which the reader measured as the whole step."""
-    _write_run(tmp_path, range(6), rank=0)
-    _write_run(tmp_path / "r1", [0, 1], rank=1, seed=1)  # rank 1 before the kill ...
-    _write_run(tmp_path / "r1b", [4, 5], rank=1, seed=2)  # ... and after the resume
-    for i, part in enumerate(("r1", "r1b")):
-        for shard in (tmp_path / part).glob("*.h5"):
-            shard.rename(tmp_path / schema.shard_name(1, i))
+    killed = [(0, range(4), False), (1, [0, 1], False)]
+    _ranks_run(tmp_path / "resumed", killed + [(0, [4, 5], True), (1, [4, 5], True)])
     with caplog.at_level(logging.WARNING, logger="actpat"):
-        run = open_run(tmp_path)
+        run = open_run(tmp_path / "resumed")
     for step in range(6):
         p = run.read("4", step)
         assert (p.lost_records > 0) == (step in (2, 3)), step
@@ -483,6 +490,11 @@ def test_a_step_that_one_rank_has_no_record_of_between_its_others_is_lost(tmp_pa
     assert "no record of rank 1, which records this split, while other ranks have" in caplog.text
     table = summarize(run, progress=False)
     assert sorted(table["step"].unique()) == [0, 1, 4, 5]
+    # A fit that finished on two ranks, went on on one and then on two again: every step is whole.
+    _ranks_run(tmp_path / "shrunk", [(0, [0, 1], True), (1, [0, 1], True), (0, [2, 3], True), (0, [4, 5], True),
+                                     (1, [4, 5], True)])
+    run = open_run(tmp_path / "shrunk")
+    assert not run.losses and [len(run.read("4", step)) for step in range(6)] == [6, 6, 3, 3, 6, 6]
 
 
 def test_a_crashed_ranks_missing_tail_is_lost_where_the_other_rank_crashed_with_it(tmp_path, caplog):
