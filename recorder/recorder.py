@@ -182,7 +182,7 @@ class ActivationRecorder:
         self._context: _Capture | None = None
         self._warned: set[str] = set()
         self._parts: dict[str, tuple[tuple[str, int], int]] = {}  # site -> ((split, step), its next part)
-        self._latest: dict[str, int] = {}  # split -> its latest recorded step
+        self._latest: dict[str, int] = {}  # split -> the latest step whose records were handed to the writer
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "ActivationRecorder":
@@ -298,7 +298,6 @@ class ActivationRecorder:
                 f"records of step {step} made earlier, if any, and a lost record's step could not be bounded. Pass a "
                 "step that grows over the whole run (an optimizer step count, not the batch index of an epoch)."
             )
-        self._latest[split] = step
 
     def _end_capture(self, failing: bool) -> None:
         """Remove the hooks and queue the capture's records; ``failing``: the block raised, keep its error."""
@@ -371,6 +370,7 @@ class ActivationRecorder:
                 self.on_record(record)
         if records or closing:
             self.writer.put_many(records + closing)
+            self._latest[context.split] = context.step
 
     def _number_parts(self, context: "_Capture", records: list[Record], ends_step: bool) -> list[Record]:
         """Number each site's records within its step and split; if ``ends_step``, mark each site's last.

@@ -326,6 +326,17 @@ def test_a_step_before_the_latest_of_its_split_is_refused_and_nothing_is_pooled(
         _capture(rec, model, 0, split="probe")  # every split has its own time
         with rec.capture(1, record=False):  # a check records nothing: its step is not checked
             model(torch.randn(2, 4))
+        # Captures that wrote nothing (a block that raised before the forward, a failed check) set no step to
+        # follow: they refused every later capture of an earlier step.
+        with pytest.raises(RuntimeError, match="before the forward"):
+            with rec.capture(100):
+                raise RuntimeError("before the forward")
+
+        def refuse():
+            raise ValueError("a setup check")
+
+        with pytest.raises(ValueError, match="a setup check"):
+            _capture(rec, model, 50, check=refuse)
         _capture(rec, model, 5)
     rows = _rows_on_disk(tmp_path)["1"]
     assert [(step, rows) for step, _, _, rows in rows] == [(0, 2), (1, 2), (2, 2), (2, 3), (0, 2), (5, 2)]
