@@ -543,7 +543,8 @@ class ActivationRecorder:
 
 
 class _Capture:
-    """Per-capture context: the time point and the per-sample arrays, moved to the host once."""
+    """Per-capture context: the time point and the per-sample arrays, made int64 once (on the host, or on
+    the CUDA device that holds them, for :func:`to_host` to copy with the records)."""
 
     def __init__(
         self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any, check: Callable[[], None] | None,
@@ -567,12 +568,13 @@ def _host_int64(values: Any) -> Any:
     if isinstance(values, torch.Tensor):
         values = values.detach().reshape(-1)
         if values.is_cuda:
-            return _to_pinned(values.to(torch.int64))
+            return values.to(torch.int64)
         values = values.cpu().numpy()
     return np.array(values, dtype=np.int64).reshape(-1)  # a copy: the caller may reuse its array
 
 
-_DEVICE_FIELDS = ("nan_count", "values", "bits")
+_DEVICE_FIELDS = ("nan_count", "values", "bits", "labels", "sample_ids")
+_PER_SAMPLE = ("labels", "sample_ids")
 
 
 def to_host(records: list[Record]) -> None:
@@ -580,7 +582,8 @@ def to_host(records: list[Record]) -> None:
 
     On CUDA, per stream: one concatenation on the device, one pinned host buffer, one non-blocking copy
     and one event in each record's ``ready`` (waited on by the writer thread), instead of a buffer, a
-    copy and an event per tensor, each microseconds of launch time at every site. Another accelerator
+    copy and an event per tensor, each microseconds of launch time at every site. The capture's labels
+    and sample ids, one tensor shared by its records, travel once in that copy. Another accelerator
     (``stream`` is then its device) is copied synchronously. The host buffer is sliced into each field,
     wider element types first so that every slice is aligned for its type.
     """
@@ -588,25 +591,56 @@ def to_host(records: list[Record]) -> None:
     for record in records:
         if record.stream is not None:
             by_stream.setdefault(record.stream, []).append(record)
+        else:  # the model ran on the CPU, its batch's labels were on a GPU: rare, copied at once
+            for name in _PER_SAMPLE:
+                if isinstance(getattr(record, name), torch.Tensor):
+                    setattr(record, name, getattr(record, name).cpu())
     for stream, group in by_stream.items():
-        fields = [(r, name, getattr(r, name)) for r in group for name in _DEVICE_FIELDS]
-        fields = sorted((f for f in fields if isinstance(f[2], torch.Tensor)), key=lambda f: -f[2].element_size())
-        cuda = isinstance(stream, torch.cuda.Stream)
-        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            if fields:
-                flat = torch.cat([tensor.reshape(-1).view(torch.uint8) for _, _, tensor in fields])
+        cuda = isinstance(stream, tuple)
+        device = torch.device("cuda", stream[1]) if cuda else stream
+        tensors: dict[int, torch.Tensor] = {}
+        for record in group:
+            for name in _DEVICE_FIELDS:
+                tensor = getattr(record, name)
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                if name in _PER_SAMPLE and tensor.device != device:  # the batch on another GPU than the model
+                    setattr(record, name, tensor.cpu())
+                else:
+                    tensors.setdefault(id(tensor), tensor)
+        ordered = sorted(tensors.values(), key=lambda t: -t.element_size())
+        ready = None
+        with _on_stream(stream) if cuda else contextlib.nullcontext() as current:
+            if ordered:
+                flat = torch.cat([tensor.reshape(-1).contiguous().view(torch.uint8) for tensor in ordered])
                 host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=cuda)
                 host.copy_(flat, non_blocking=cuda)
-            ready = torch.cuda.Event() if cuda else None  # also after the labels' copy, made on this stream
-            if ready is not None:
-                ready.record()
-        offset = 0
-        for record, name, tensor in fields:
+            if cuda:
+                ready = torch.cuda.Event()
+                ready.record(current)
+        views, offset = {}, 0
+        for tensor in ordered:
             size = tensor.numel() * tensor.element_size()
-            setattr(record, name, host[offset : offset + size].view(tensor.dtype).reshape(tensor.shape))
+            views[id(tensor)] = host[offset : offset + size].view(tensor.dtype).reshape(tensor.shape)
             offset += size
         for record in group:
+            for name in _DEVICE_FIELDS:
+                tensor = getattr(record, name)
+                if isinstance(tensor, torch.Tensor) and id(tensor) in views:
+                    setattr(record, name, views[id(tensor)])
             record.ready, record.stream = ready, None
+
+
+@contextlib.contextmanager
+def _on_stream(key: tuple) -> Iterator[torch.cuda.Stream]:
+    """Make the CUDA stream ``key`` (a :func:`_stream` tuple) current, and yield it; a stream switch only
+    where another stream is current (each switch costs microseconds of launch-side time)."""
+    stream = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+    if torch._C._cuda_getCurrentStream(key[1]) == key:
+        yield stream
+    else:
+        with torch.cuda.stream(stream):
+            yield stream
 
 
 #: The oldest torch whose dynamo records compiled models exactly (tested: 2.6, 2.7, 2.11, 2.13; 2.4 and 2.5 fail).
@@ -620,18 +654,12 @@ def _torch_release() -> tuple[int, int]:
 
 
 def _stream(tensor: torch.Tensor) -> Any:
-    """What computes ``tensor``, for :func:`to_host`: None on the CPU, a CUDA stream, or another device."""
+    """What computes ``tensor``, for :func:`to_host`: None on the CPU, another device, or a CUDA stream as
+    torch's raw ``(stream_id, device_index, device_type)`` tuple (a ``torch.cuda.Stream`` object costs
+    microseconds to make at every site)."""
     if tensor.is_cuda:
-        return torch.cuda.current_stream(tensor.device)
+        return torch._C._cuda_getCurrentStream(tensor.get_device())
     return None if tensor.is_cpu else tensor.device
-
-
-def _to_pinned(tensor: Any) -> Any:
-    if not isinstance(tensor, torch.Tensor):
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
 
 
 def _default_rank() -> int:

@@ -649,6 +649,34 @@ def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth):
             np.testing.assert_array_equal(truth.unpack(b.bits, b.n_units), full[(b.sample_ids - 50) * 81 + b.positions])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_on_a_side_stream_is_copied_after_it_labels_too(tmp_path, truth):
+    """A forward on a side stream inside a capture that ends on the default stream: the hand-off copies
+    on the stream that computed the records (a copy on the default one would race the side stream's
+    work, here held back by a sleep kernel), the labels in the same copy."""
+    model, x = truth.exact_conv_net(12, 8, 9)
+    model, x = model.cuda(), x.cuda()
+    labels = torch.arange(8, device="cuda") * 3
+    taps = truth.Taps(model[1], model[3])
+    side = torch.cuda.Stream()
+    with ActivationRecorder(model, tmp_path, max_observations=300) as rec:
+        for step in range(3):
+            side.wait_stream(torch.cuda.current_stream())
+            with rec.capture(step, labels=labels, sample_ids=labels // 3 + 50):
+                with torch.cuda.stream(side):
+                    torch.cuda._sleep(50_000_000)
+                    model(x)
+            torch.cuda.current_stream().wait_stream(side)
+    taps.remove()
+    run = open_run(tmp_path)
+    for step in range(3):
+        for i, site in enumerate(run.sites):
+            got = run.read(site, step)
+            rows = (got.sample_ids - 50) * 81 + got.positions
+            np.testing.assert_array_equal(truth.unpack(got.bits, got.n_units), truth.channel(taps.inputs[2 * step + i])[rows])
+            np.testing.assert_array_equal(got.labels, (got.sample_ids - 50) * 3)
+
+
 class _ShiftedRelu(nn.Module):
     """A net and a functional site after it, ``F.relu(net(x) - 1)``."""
 
@@ -664,14 +692,17 @@ class _ShiftedRelu(nn.Module):
 def test_cuda_hooks_never_wait_for_the_device(tmp_path, truth):
     """Every path of a hook on a GPU (packing, NaN count, subsampling, stored values, labels, a functional
     site) and the hand-off to the host at the capture's end queue their work and copies without a
-    synchronization: torch's sync debug mode raises on one (the writer thread's event wait is not one)."""
+    synchronization: torch's sync debug mode raises on one (the writer thread's event wait is not one).
+    The first capture on a device may wait once, for the constants the packing keeps per device (copied
+    synchronously so that every stream sees them complete); it runs first, in a process where it may be
+    the first."""
     net, x = truth.exact_conv_net(12, 8, 9)  # integer pre-activations: exact on any device
     model, x = _ShiftedRelu(net).cuda(), x.cuda()
     labels = torch.arange(8, device="cuda")
     taps = truth.Taps(net[1], net[3])
     with ActivationRecorder(model, tmp_path, max_observations=300, store_values="all") as rec:
         for step in range(3):
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("error" if step else "default")
             try:
                 with rec.capture(step, labels=labels, sample_ids=labels + 50):
                     model(x)
@@ -802,20 +833,22 @@ def test_the_torch_ops_of_a_site_on_an_accelerator_are_five_kernel_launches_six_
 
 def test_device_tensors_of_a_capture_reach_the_host_in_one_copy_each_field_intact():
     """``to_host`` on CPU tensors standing in for a device's (``stream``: a device that is not CUDA):
-    fields of three element sizes, non-contiguous and 0-d, from records of two streams."""
+    fields of three element sizes, non-contiguous and 0-d, from records of two streams; the capture's
+    labels, one tensor shared by two records of a stream, in that stream's copy once."""
     from actpat.recorder.recorder import to_host
     from actpat.recorder.shards import Record, SiteMeta
 
     meta = SiteMeta(site="s", site_index=0, module_type="ReLU", shape=(3,), n_units=3, pattern="channel")
     g = torch.Generator().manual_seed(0)
     records, expected = [], []
+    labels = torch.arange(20, 40)[::2]  # what `_Capture.per_sample` leaves on a GPU: int64, here strided
     for i, stream in enumerate([torch.device("cpu"), torch.device("cpu"), torch.device("cpu", 1), None]):
         bits = torch.randint(0, 256, (7 + i, 5), dtype=torch.uint8, generator=g)[:, 1:4]  # odd sizes, strided
         nan_count = torch.tensor(1000 + i) if i != 1 else 0  # a 0-d int64, or a plain int
         values = torch.randn(3 + i, 2, generator=g).half().t() if i != 2 else None
         expected.append((bits.clone(), nan_count, None if values is None else values.clone()))
         records.append(Record(meta=meta, step=i, epoch=0, split="train", bits=bits, n_positions=1, n_samples=7 + i,
-                              nan_count=nan_count, values=values, stream=stream))
+                              nan_count=nan_count, values=values, stream=stream, labels=labels))
     no_tensor = Record(meta=meta, step=9, epoch=0, split="train", bits=np.zeros((2, 1), np.uint8), n_positions=1,
                        n_samples=2, nan_count=0, stream=torch.device("cpu", 2))
     cat = torch.cat
@@ -823,7 +856,11 @@ def test_device_tensors_of_a_capture_reach_the_host_in_one_copy_each_field_intac
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "cat", lambda tensors, *a, **k: calls.append(len(tensors)) or cat(tensors, *a, **k))
         to_host(records + [no_tensor])
-    assert calls == [5, 2]  # one copy per stream: records 0 and 1 (3 + 2 tensors), record 2; not record 3
+    # one copy per stream: records 0 and 1 (3 + 2 tensors and their labels once), record 2; not record 3;
+    # the labels of records 2 and 3 (on another device than their stream's, or of a CPU model) copied alone
+    assert calls == [6, 2]
+    assert records[0].labels is records[1].labels and records[0].labels.tolist() == list(range(20, 40, 2))
+    assert all(torch.equal(record.labels, labels) for record in records)
     assert no_tensor.stream is None and no_tensor.bits.shape == (2, 1)  # a stream with nothing to copy
     for record, (bits, nan_count, values) in zip(records, expected):
         assert record.stream is None and record.ready is None
