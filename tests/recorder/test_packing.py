@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -456,3 +457,35 @@ def test_on_a_cuda_device_a_large_site_is_packed_in_one_triton_launch(dtype, lay
     assert launches == [(16, 13, 1600)]
     np.testing.assert_array_equal(bits.cpu().numpy(), expected)
     assert int(nan_count) == expected_nans
+
+
+def test_on_a_cuda_device_later_triton_launches_skip_the_jit_dispatch_and_stay_exact():
+    """After the first launch per dtype (through Triton's JIT, which compiles), the compiled kernel is
+    launched directly; pre-activations that start off 16-byte alignment (views at an element offset)
+    reuse it and pack exactly, as the kernel is compiled without alignment assumptions."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    triton = pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    if "do_not_specialize_on_alignment" not in inspect.signature(triton.jit).parameters:
+        pytest.skip("this Triton specializes on alignment: every launch goes through its JIT")
+    dispatched = []
+    run = JITFunction.run
+
+    def counting(self, *args, **kwargs):
+        dispatched.append(kwargs.get("warmup"))
+        return run(self, *args, **kwargs)
+
+    shape, n = (4, 13, 40, 40), 4 * 13 * 40 * 40
+    with mock.patch.dict(kernels._kernels), mock.patch.object(JITFunction, "run", counting):
+        kernels._kernels.pop("triton", None)  # a fresh kernel: nothing compiled for it yet
+        pack = kernels.load_triton()
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            base = _with_nans_and_zeros(torch.randn(n + 3)).to(dtype).cuda()
+            for offset in (0, 1, 3):
+                z = base[offset : offset + n].view(shape)
+                bits, nan_count = pack(z.view(4, 13, 1600))
+                np.testing.assert_array_equal(bits.cpu().numpy(), _expected_bits(z.cpu(), "channel"))
+                assert int(nan_count) == int(torch.isnan(z).sum()) > 0
+    assert dispatched == [False] * 4  # one JIT launch per dtype, the other eight direct
