@@ -262,22 +262,23 @@ class ActivationRecorder:
             that restart, such as a batch index each epoch, would be merged).
         """
         self.writer.raise_if_failed()
+        step, epoch = _whole(step, "step"), _whole(epoch, "epoch")
         if self._context is not None:
             raise RuntimeError("Expected no capture to be active, but `capture()` was entered twice; nest none.")
         if len(split.encode()) > schema.SPLIT_BYTES:
             raise ValueError(f"Expected `split` to be at most {schema.SPLIT_BYTES} bytes, but got {split!r}.")
         self.open()
         before = self.writer.recorded_before.get(split, -1)
-        if record and int(step) <= before:
+        if record and step <= before:
             raise ValueError(
                 f"Expected a step after {before} in split {split!r}: rank {self.writer.rank} had recorded up to "
                 f"step {before} in {self.writer.out_dir} before this recorder started, and records of step "
-                f"{int(step)} would be pooled with that run's. Record into a new `out_dir`, or continue from step "
+                f"{step} would be pooled with that run's. Record into a new `out_dir`, or continue from step "
                 f"{before + 1}."
             )
         if record:
-            self._check_order(int(step), split)
-        self._context = _Capture(int(step), int(epoch), split, labels, sample_ids, check, record, ends_step)
+            self._check_order(step, split)
+        self._context = _Capture(step, epoch, split, labels, sample_ids, check, record, ends_step)
         self._pending.clear()
         self._gathered.clear()
         self._site_called = False
@@ -411,7 +412,7 @@ class ActivationRecorder:
         Queues one empty record per site recorded in the step, marking its end; nothing if none was.
         """
         self.writer.raise_if_failed()
-        closing = self._closing_records((split, int(step)), int(epoch))
+        closing = self._closing_records((split, _whole(step, "step")), _whole(epoch, "epoch"))
         if closing:
             self.writer.put_many(closing)
 
@@ -560,6 +561,22 @@ class _Capture:
         if self._host is None:
             self._host = tuple(_host_int64(a) for a in self._raw)
         return self._host
+
+
+def _whole(value: Any, name: str) -> int:
+    """``value`` (an int, a whole float, a 0-d tensor) as an int; a fraction would be cut to the step below
+    it and pooled with that step's records, silently: an error instead."""
+    try:
+        whole = int(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"Expected `{name}` to be an integer, but got {value!r}.") from exc
+    if whole != value:
+        raise ValueError(
+            f"Expected `{name}` to be a whole number, but got {value!r}: its records would be stored as {name} "
+            f"{whole} and pooled with that {name}'s. Pass an integer count (an optimizer step, not a fraction of "
+            "an epoch)."
+        )
+    return whole
 
 
 def _host_int64(values: Any) -> Any:

@@ -342,3 +342,24 @@ def test_a_step_before_the_latest_of_its_split_is_refused_and_nothing_is_pooled(
     assert [(step, rows) for step, _, _, rows in rows] == [(0, 2), (1, 2), (2, 2), (2, 3), (0, 2), (5, 2)]
     run = open_run(tmp_path)
     assert [len(run.read("1", s, "train").bits) for s in (0, 1, 2, 5)] == [2, 2, 5, 2]
+
+
+def test_a_fractional_step_or_epoch_is_refused_whole_ones_of_any_type_recorded(tmp_path):
+    """``capture(1.5)`` was stored as step 1 and pooled with step 1's records, silently."""
+    model = _model()
+    with ActivationRecorder(model, tmp_path) as rec:
+        _capture(rec, model, 1)
+        with pytest.raises(ValueError, match=r"`step` to be a whole number, but got 1\.5.*stored as step 1"):
+            _capture(rec, model, 1.5)
+        with pytest.raises(ValueError, match=r"`epoch` to be a whole number, but got 0\.25"):
+            _capture(rec, model, 2, epoch=0.25)
+        with pytest.raises(TypeError, match=r"`step` to be an integer, but got None"):
+            _capture(rec, model, None)
+        with pytest.raises(ValueError, match=r"`step` to be a whole number, but got 2\.5"):
+            rec.end_step(2.5)
+        for step in (2.0, np.int64(3), torch.tensor(4)):
+            _capture(rec, model, step, epoch=np.int32(1))
+    run = open_run(tmp_path)
+    assert run.steps("1").tolist() == [1, 2, 3, 4]
+    assert [len(run.read("1", s).bits) for s in (1, 2, 3, 4)] == [2, 2, 2, 2]
+    assert run.read("1", 3).epoch == 1
