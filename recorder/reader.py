@@ -201,6 +201,7 @@ class Run:
         self._split_codes: dict[bytes, int] = {}
         # (path, rank, index, loss or None) of unfinalized shards, reported once the stop files are read
         self._unfinalized: list[tuple[Path, int, int, Loss | None]] = []
+        self._crashed: set[int] = set()  # ranks that left an unfinalized shard, readable or not
         self._steps_cache: dict[tuple[str, str], list[int]] = {}
         self._init_handles()
         names = os.listdir(self.path)
@@ -593,7 +594,7 @@ class Run:
         still running). The ranks of a data-parallel fit record the same steps, so such a step holds only some
         ranks' batches (a rank killed before its last block reached the disk, whether or not a fit resumed after
         the step). Steps in finalized shards are whole: a fit resumed on fewer ranks writes such steps."""
-        if len({shard.rank for shard in self._shards}) < 2:
+        if len({shard.rank for shard in self._shards} | self._crashed) < 2:
             return  # one rank, the usual run: nothing to compare, and no pass over every entry at each open
         steps: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))  # split -> rank -> steps
         unfinalized: dict[str, set[int]] = defaultdict(set)  # split -> steps some unfinalized shard holds
@@ -606,12 +607,12 @@ class Run:
                     unfinalized[split].add(e.step)
                 sites[(split, e.step)].add(site)
         last_shard = {shard.rank: shard for shard in sorted(self._shards, key=lambda shard: shard.index)}
-        crashed = {shard.rank for shard in self._shards if shard.partial} | {rank for _, rank, _, _ in self._unfinalized}
+        self._warn_of_ranks_without_records(steps, unfinalized)
         for split, by_rank in steps.items():
             if len(by_rank) < 2:
                 continue
             for rank, own in sorted(by_rank.items()):
-                if rank not in crashed:
+                if rank not in self._crashed:
                     continue
                 first = min(own)
                 for step in sorted(s for s in unfinalized[split] - own if s > first):
@@ -624,6 +625,20 @@ class Run:
                         self._lose(loss)
                         self._index_losses[site].append(loss)
 
+    def _warn_of_ranks_without_records(self, steps: dict, unfinalized: dict) -> None:
+        """A rank killed before any of its blocks reached the disk has no first step to bound what it lacks: the
+        steps of other ranks' unfinalized shards are kept (it may record other splits, or have started later),
+        with a warning that says what they may be missing."""
+        mute = sorted(self._crashed - {rank for by_rank in steps.values() for rank in by_rank})
+        held = sorted(step for split_steps in unfinalized.values() for step in split_steps)
+        if mute and held:
+            log.warning(
+                "actpat: rank(s) %s left unfinalized shards with no record on disk (killed before their first block "
+                "was written?). Where they record the same steps as the other ranks (batch mode under data "
+                "parallelism), steps %d..%d of the other ranks' unfinalized shards hold only those ranks' batches.",
+                ", ".join(map(str, mute)), held[0], held[-1],
+            )
+
     def _report_unfinalized(self) -> None:
         """Warn of each unfinalized shard (and lose it whole where it is empty or damaged) with the reason its
         writer stored in the shard's stop file, if any: a full disk reads as such, not as a crash."""
@@ -633,6 +648,7 @@ class Run:
             if parsed is not None:
                 stopped[parsed].append(stop.reason)
         for path, rank, index, loss in self._unfinalized:
+            self._crashed.add(rank)
             why = "; ".join(stopped[(rank, index)])
             if loss is None:
                 log.warning("actpat: reading the records that verify of unfinalized shard %s (%s).", path,

@@ -512,3 +512,29 @@ def test_a_crashed_ranks_missing_tail_is_lost_where_the_other_rank_crashed_with_
     lost = sorted({(loss.step, loss.rank) for loss in run.losses if loss.kind == "incomplete"})
     assert lost == [(4, 1), (5, 1)]
     assert [run.read("4", step).lost_records > 0 for step in range(8)] == [False] * 4 + [True] * 2 + [False] * 2
+
+
+def test_a_rank_whose_unfinalized_shard_is_empty_counts_as_crashed(tmp_path, caplog):
+    """Rank 1 killed before its last shard's first block reached the disk (an empty unfinalized file, lost
+    whole): steps 2 and 3 of rank 0's unfinalized shard lack its batches. The empty file was not counted as
+    rank 1's crash, and the steps were measured as whole."""
+    _ranks_run(tmp_path / "a", [(0, [0, 1], True), (1, [0, 1], True), (0, [2, 3], False)])
+    (tmp_path / "a" / schema.shard_name(1, 1, partial=True)).write_bytes(b"")
+    run = open_run(tmp_path / "a")
+    lost = sorted({(loss.step, loss.rank) for loss in run.losses if loss.kind == "incomplete"})
+    assert lost == [(2, 1), (3, 1)]
+    assert [run.read("4", step).lost_records > 0 for step in range(4)] == [False, False, True, True]
+    # A rank with no record at all: its first step is unknown, the steps stay, with a warning that says why.
+    _ranks_run(tmp_path / "b", [(0, [0, 1, 2], False)])
+    (tmp_path / "b" / schema.shard_name(1, 0, partial=True)).write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path / "b")
+    assert not [loss for loss in run.losses if loss.kind == "incomplete"]
+    assert "rank(s) 1 left unfinalized shards with no record on disk" in caplog.text
+    assert "steps 0..2 of the other ranks' unfinalized shards hold only those ranks' batches" in caplog.text
+    caplog.clear()
+    _ranks_run(tmp_path / "c", [(0, [0, 1, 2], True)])  # all finalized: nothing to warn of
+    (tmp_path / "c" / schema.shard_name(1, 0, partial=True)).write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        open_run(tmp_path / "c")
+    assert "no record on disk" not in caplog.text
