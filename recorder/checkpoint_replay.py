@@ -185,7 +185,7 @@ def replay(
     try:
         for step, path in tqdm(planned, desc="replaying checkpoints", unit="ckpt", disable=not progress):
             if step in done:
-                replayed.append(ReplayResult(path, step, "skipped", f"step {step} is recorded in {out_dir} already"))
+                replayed.append(_skip(path, step, f"step {step} is recorded in {out_dir} already"))
                 continue
             if len(by_step[step]) > 1:
                 others = ", ".join(str(p) for p in by_step[step] if p != path)
@@ -293,10 +293,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         weights_only=not args.unsafe_load, progress=not args.no_progress,
     )
     replayed = [r for r in results if r.status == "replayed"]
-    for result in results:
-        if result.status != "replayed":
-            print(f"skipped {result.path}: {result.reason}", file=sys.stderr)
-    print(f"replayed {len(replayed)} of {len(results)} checkpoints into {args.output}")
+    skipped = len(results) - len(replayed)
+    note = f"; {skipped} skipped, each named in a warning above" if skipped else ""
+    print(f"replayed {len(replayed)} of {len(results)} checkpoints into {args.output}{note}")
     return 0 if replayed else 1
 
 

@@ -211,7 +211,7 @@ def forward(module, batch):
 '''
 
 
-def test_command_line_replays_a_directory(tmp_path, capsys):
+def test_command_line_replays_a_directory(tmp_path, capsys, caplog):
     factories = tmp_path / "factories.py"
     factories.write_text(_FACTORIES)
     namespace: dict = {}
@@ -229,6 +229,13 @@ def test_command_line_replays_a_directory(tmp_path, capsys):
             "--batch-size", "4", "--forward", f"{factories}:forward", "--no-progress"]
     assert replay_main(argv) == 0
     assert "replayed 2 of 2 checkpoints" in capsys.readouterr().out
+    # Again: each checkpoint is named once, in its warning (the command printed each skip a second time).
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        assert replay_main(argv) == 1
+    printed = capsys.readouterr()
+    assert f"replayed 0 of 2 checkpoints into {out}; 2 skipped, each named in a warning above" in printed.out
+    assert "skipped" not in printed.err
+    assert sorted(m.split(": ")[1] for m in caplog.messages) == [f"skipped {ckpts / name}" for name in ("net-step=0.pt", "net-step=5.pt")]
     run = open_run(out)
     assert run.sites == ["body.1"] and run.steps("body.1", "probe").tolist() == [0, 5]
     # Independent truth: the saved weights of step 5, inputs doubled by the given forward, packed by numpy.
