@@ -30,9 +30,11 @@ from a complete one. Readers read every earlier version.
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -104,9 +106,13 @@ RECORD_CHUNK_ROWS = 256
 SHARD_SUFFIX = ".h5"
 PARTIAL_SUFFIX = ".h5.partial"
 STOP_SUFFIX = ".stop.txt"
+MARKS_SUFFIX = ".queued.json"
 LOCK_SUFFIX = ".lock"
 _SHARD_RE = re.compile(r"^patterns-rank(\d+)-(\d+)\.h5(\.partial)?$")
 _STOP_RE = re.compile(r"^patterns-rank(\d+)-(\d+)\.stop\.txt$")
+_MARKS_RE = re.compile(r"^patterns-rank(\d+)-(\d+)\.queued\.json$")
+#: Bytes the marks file keeps at least, padded with spaces: a rewrite in place never needs new disk space.
+MARKS_BYTES = 4096
 
 # ---------------------------------------------------------------------------------------------- codecs
 #: ``compression=`` names: the HDF5 filters built into h5py, and fast codecs of ``hdf5plugin``
@@ -317,6 +323,33 @@ def parse_stop_name(name: str) -> tuple[int, int] | None:
     """``(rank, index)`` of a stop side file name, or ``None``."""
     match = _STOP_RE.match(name)
     return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def marks_name(rank: int, index: int) -> str:
+    """Side file of the writer session of ``rank`` whose first shard is ``index``: the last step of each split
+    it queued, and whether it closed (:func:`read_marks`)."""
+    return f"patterns-rank{rank:03d}-{index:05d}{MARKS_SUFFIX}"
+
+
+def parse_marks_name(name: str) -> tuple[int, int] | None:
+    """``(rank, index)`` of a marks side file name, or ``None``."""
+    match = _MARKS_RE.match(name)
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def marks_text(queued: dict[str, int], closed: bool) -> bytes:
+    """Content of a marks file: JSON ``{"closed": bool, "queued": {split: last step}}``, space-padded."""
+    return json.dumps({"closed": closed, "queued": queued}).encode().ljust(MARKS_BYTES)
+
+
+def read_marks(path: Path) -> tuple[dict[str, int], bool] | None:
+    """``(queued, closed)`` of a marks file, or None where it cannot be read or parsed."""
+    try:
+        data = json.loads(path.read_bytes())
+        queued = {str(split): int(step) for split, step in data["queued"].items()}
+        return queued, bool(data["closed"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def lock_name(rank: int) -> str:

@@ -10,6 +10,7 @@ fsynced.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -200,6 +201,8 @@ class ShardWriter:
         self._stops: list[str] = []  # reasons waiting for the next finalized shard
         self._stop_lock = threading.Lock()
         self._stop_file: Path | None = None
+        self._marks: dict[str, int] = {}  # split -> last step queued in this session
+        self._marks_fd: int | None = None
         self._io_failed = False
         self._pending: dict[str, list[_Buffered]] = {}
         #: Last step of each split this rank had recorded in ``out_dir`` before :meth:`start` (a run
@@ -228,6 +231,7 @@ class ShardWriter:
         self._io_failed = False
         self._stop_file = None
         self._next_index = self._first_free_index()
+        self._open_marks()
         self.recorded_before, self._sites_on_disk = scan_existing(self.out_dir, self.rank)
         self._thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
         self._thread.start()
@@ -260,6 +264,7 @@ class ShardWriter:
             raise RecorderError("The shard writer is not running: call `start()` (or enter the recorder) first.")
         for record in records:
             self.register_site(record.meta)
+        self._mark(records)
         batch: list[Record] = []
         n_queued = 0
         with self._space:
@@ -352,6 +357,7 @@ class ShardWriter:
         self._thread.join()
         self._thread = None
         atexit.unregister(self._at_exit)
+        self._close_marks(closed=self._error is None)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -447,10 +453,55 @@ class ShardWriter:
                 self._queued_bytes -= sum(record.nbytes for record in records)
                 self._space.notify_all()
 
+    def _open_marks(self) -> None:
+        """Start this session's marks file (:func:`actpat.recorder.schema.marks_name`), named by its first shard."""
+        self._marks, self._marks_index = {}, self._next_index
+        path = self.out_dir / schema.marks_name(self.rank, self._marks_index)
+        try:
+            self._marks_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            os.pwrite(self._marks_fd, schema.marks_text({}, closed=False), 0)
+        except OSError as exc:
+            self._marks_fd = None
+            log.warning("actpat: could not create %s (%s); a reader cannot tell which steps of this rank a "
+                        "crash would lose.", path, exc)
+
+    def _mark(self, records: list[Record]) -> None:
+        """Store the last step of each split queued, before the records can reach the disk: after a kill, a
+        reader knows which steps this rank had recorded that never did."""
+        changed = False
+        for record in records:
+            if record.step > self._marks.get(record.split, -1):
+                self._marks[record.split] = record.step
+                changed = True
+        if changed and self._marks_fd is not None:
+            self._write_marks(closed=False)
+
+    def _write_marks(self, closed: bool) -> None:
+        try:
+            os.pwrite(self._marks_fd, schema.marks_text(self._marks, closed), 0)
+        except OSError as exc:  # never a reason to stop training; the reader then cannot bound this rank's losses
+            log.warning("actpat: could not update this rank's marks file (%s); a crash's losses are not bounded.", exc)
+            os.close(self._marks_fd)
+            self._marks_fd = None
+
+    def _close_marks(self, closed: bool) -> None:
+        if self._marks_fd is None:
+            return
+        if closed and not self._marks:  # a session that queued nothing leaves nothing behind
+            os.close(self._marks_fd)
+            self._marks_fd = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.out_dir / schema.marks_name(self.rank, self._marks_index))
+            return
+        self._write_marks(closed)
+        if self._marks_fd is not None:
+            os.close(self._marks_fd)
+            self._marks_fd = None
+
     def _first_free_index(self) -> int:
         taken = [-1]
         for name in os.listdir(self.out_dir):
-            parsed = schema.parse_shard_name(name) or schema.parse_stop_name(name)
+            parsed = schema.parse_shard_name(name) or schema.parse_stop_name(name) or schema.parse_marks_name(name)
             if parsed is not None and parsed[0] == self.rank:
                 taken.append(parsed[1])
         return max(taken) + 1

@@ -115,7 +115,10 @@ def test_resuming_into_the_same_dir_continues_numbering(tmp_path, truth):
     second = _write_run(tmp_path, [2, 3], seed=1)
     third = _write_run(tmp_path, [4], seed=2, max_shard_bytes=1)  # rolls over after every record
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [schema.shard_name(0, i) for i in range(4)]
+    marks = [schema.marks_name(0, i) for i in (0, 1, 2)]  # one per writer session, named by its first shard
+    assert names == sorted([schema.shard_name(0, i) for i in range(4)] + marks)
+    assert [schema.read_marks(tmp_path / name) for name in marks] == [({"train": 1}, True), ({"train": 3}, True),
+                                                                        ({"train": 4}, True)]
     assert _digest(shard0) == digest  # never overwritten
     run = open_run(tmp_path)
     assert run.steps("1").tolist() == [0, 1, 2, 3, 4]
@@ -146,7 +149,7 @@ def test_iter_chunks_concatenate_to_read(tmp_path):
 def test_two_ranks_merge_in_read(tmp_path, truth):
     rank0 = _write_run(tmp_path, [0, 1], rank=0, seed=0)
     rank1 = _write_run(tmp_path, [1, 2], rank=1, seed=1, batch=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [schema.shard_name(0, 0), schema.shard_name(1, 0)]
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == [schema.shard_name(0, 0), schema.shard_name(1, 0)]
     run = open_run(tmp_path)
     assert run.steps("4").tolist() == [0, 1, 2]
     merged = run.read("4", 1)

@@ -71,7 +71,8 @@ def test_rollover_finalizes_numbered_shards(tmp_path):
     for step in range(9):
         writer.put(_record(step))
     writer.close()
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.glob("*.h5"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["patterns-rank000-00000.queued.json"])
     assert names == [f"patterns-rank000-{i:05d}.h5" for i in range(3)]
     assert [p.name for p in writer.finalized] == names
     for name in names:
