@@ -13,6 +13,7 @@ import bisect
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict, defaultdict
@@ -202,6 +203,8 @@ class Run:
         # (path, rank, index, loss or None) of unfinalized shards, reported once the stop files are read
         self._unfinalized: list[tuple[Path, int, int, Loss | None]] = []
         self._crashed: set[int] = set()  # ranks that left an unfinalized shard, readable or not
+        # rank -> [(first shard index, path, (queued, closed) or None if unreadable)] of its writer sessions
+        self._sessions: dict[int, list[tuple[int, Path, tuple[dict[str, int], bool] | None]]] = defaultdict(list)
         self._steps_cache: dict[tuple[str, str], list[int]] = {}
         self._init_handles()
         names = os.listdir(self.path)
@@ -215,6 +218,9 @@ class Run:
                 self._index_shard(self.path / name)
             elif schema.parse_stop_name(name) is not None:
                 self._read_stop_file(self.path / name)
+            elif (session := schema.parse_marks_name(name)) is not None:
+                marks = schema.read_marks(self.path / name)
+                self._sessions[session[0]].append((session[1], self.path / name, marks))
         self._report_unfinalized()
         self._find_numbering_gaps()
         self._find_incomplete_steps()
@@ -589,55 +595,98 @@ class Run:
         self._index_losses[site].append(loss)
 
     def _find_steps_missing_a_rank(self) -> None:
-        """Lose the steps of a split, after a rank's first one, that the rank has no record of while another rank
-        has them in an unfinalized shard, where the rank left an unfinalized shard too (the same crash, or writers
-        still running). The ranks of a data-parallel fit record the same steps, so such a step holds only some
-        ranks' batches (a rank killed before its last block reached the disk, whether or not a fit resumed after
-        the step). Steps in finalized shards are whole: a fit resumed on fewer ranks writes such steps."""
-        if len({shard.rank for shard in self._shards} | self._crashed) < 2:
+        """Mark the steps of a split that hold only some ranks' batches: the ranks of a data-parallel fit record
+        the same steps, and a rank killed before its last records reached the disk left those steps to the others.
+
+        Each writer session stores the last step of each split it queued (its marks file): a session that never
+        closed lost its steps after the last one it wrote, up to that mark, for each site. Such a step, held by
+        other ranks and never by this one, is lost (``Loss.kind`` "incomplete", naming the rank), whether the
+        other ranks' shards were finalized or not. Runs written before marks files existed fall back to
+        :meth:`_find_steps_missing_a_rank_unmarked`."""
+        if len({shard.rank for shard in self._shards} | self._crashed | set(self._sessions)) < 2:
             return  # one rank, the usual run: nothing to compare, and no pass over every entry at each open
-        steps: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))  # split -> rank -> steps
-        unfinalized: dict[str, set[int]] = defaultdict(set)  # split -> steps some unfinalized shard holds
-        sites: dict[tuple[str, int], set[str]] = defaultdict(set)  # (split, step) -> sites with records there
+        held: dict[tuple[str, str], dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
         for (site, split), entries in self._entries.items():
             for e in entries:
                 shard = self._shards[e.shard]
-                steps[split][shard.rank].add(e.step)
-                if shard.partial:
-                    unfinalized[split].add(e.step)
-                sites[(split, e.step)].add(site)
-        last_shard = {shard.rank: shard for shard in sorted(self._shards, key=lambda shard: shard.index)}
-        self._warn_of_ranks_without_records(steps, unfinalized)
-        for split, by_rank in steps.items():
-            if len(by_rank) < 2:
-                continue
-            for rank, own in sorted(by_rank.items()):
-                if rank not in self._crashed:
-                    continue
-                first = min(own)
-                for step in sorted(s for s in unfinalized[split] - own if s > first):
-                    for site in sorted(sites[(split, step)]):
-                        loss = Loss(last_shard[rank].path, f"the step has no record of rank {rank}, which records this "
-                                    "split, while other ranks have: its rows are only some ranks' batches (rank "
-                                    f"{rank}'s records of the step are not on disk: a process killed before its last "
-                                    "block was written, or a writer still running)", rank, -1, site, split, step,
-                                    None, "incomplete")
-                        self._lose(loss)
-                        self._index_losses[site].append(loss)
+                held[(site, split)][shard.rank].append((shard.index, e.step))
+        marked = set()
+        for rank, sessions in self._sessions.items():
+            sessions.sort(key=lambda session: session[0])
+            starts = [first for first, _, _ in sessions] + [math.inf]
+            for (first, path, marks), end in zip(sessions, starts[1:]):
+                if marks is None:
+                    continue  # unreadable: this rank is checked as runs without marks are
+                marked.add(rank)
+                queued, closed = marks
+                if not closed:
+                    self._lose_unwritten_steps(rank, path, queued, end, held)
+        self._find_steps_missing_a_rank_unmarked(held, skip=marked)
 
-    def _warn_of_ranks_without_records(self, steps: dict, unfinalized: dict) -> None:
-        """A rank killed before any of its blocks reached the disk has no first step to bound what it lacks: the
-        steps of other ranks' unfinalized shards are kept (it may record other splits, or have started later),
-        with a warning that says what they may be missing."""
-        mute = sorted(self._crashed - {rank for by_rank in steps.values() for rank in by_rank})
-        held = sorted(step for split_steps in unfinalized.values() for step in split_steps)
-        if mute and held:
+    def _lose_unwritten_steps(self, rank: int, path: Path, queued: dict[str, int], end: float, held: dict) -> None:
+        """Lose what a session of ``rank`` that never closed queued and never wrote: per site, the steps after
+        its last written one (in shards before ``end``, the next session's first) up to its mark, that other
+        ranks hold and this rank does not."""
+        for (site, split), by_rank in sorted(held.items()):
+            mark = queued.get(split)
+            if mark is None:
+                continue
+            own = by_rank.get(rank, [])
+            last = max((step for index, step in own if index < end), default=-1)
+            mine = {step for _, step in own}
+            theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
+            for step in sorted(t for t in theirs - mine if last < t <= mark):
+                self._lose_incomplete(path, rank, site, split, step, f"rank {rank} queued its records of this step, "
+                                      "which never reached the disk (its writer was killed or is still running): "
+                                      "the step's rows are only the other ranks' batches")
+
+    def _lose_incomplete(self, path: Path, rank: int, site: str, split: str, step: int, reason: str) -> None:
+        loss = Loss(path, reason, rank, -1, site, split, step, None, "incomplete")
+        self._lose(loss)
+        self._index_losses[site].append(loss)
+
+    def _find_steps_missing_a_rank_unmarked(self, held: dict, skip: set[int]) -> None:
+        """For ranks without a marks file (runs of earlier versions): lose the steps of a split, after a rank's
+        first one, that the rank has no record of while another rank has them in an unfinalized shard, where
+        the rank left an unfinalized shard too (the same crash, or writers still running). Steps in finalized
+        shards are taken as whole. A rank with no record at all has no first step: a warning instead."""
+        crashed = self._crashed - skip
+        if not crashed:
+            return
+        partial = {(shard.rank, shard.index) for shard in self._shards if shard.partial}
+        recorded = {rank for by_rank in held.values() for rank in by_rank}
+        mute = sorted(crashed - recorded)
+        unfinalized = sorted({step for by_rank in held.values() for rank, rows in by_rank.items()
+                              for index, step in rows if (rank, index) in partial})  # fmt: skip
+        if mute and unfinalized:
             log.warning(
                 "actpat: rank(s) %s left unfinalized shards with no record on disk (killed before their first block "
                 "was written?). Where they record the same steps as the other ranks (batch mode under data "
                 "parallelism), steps %d..%d of the other ranks' unfinalized shards hold only those ranks' batches.",
-                ", ".join(map(str, mute)), held[0], held[-1],
+                ", ".join(map(str, mute)), unfinalized[0], unfinalized[-1],
             )
+        last_shard = {shard.rank: shard for shard in sorted(self._shards, key=lambda shard: shard.index)}
+        by_split: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+        in_partial: dict[str, set[int]] = defaultdict(set)
+        for (site, split), by_rank in held.items():
+            for rank, rows in by_rank.items():
+                for index, step in rows:
+                    by_split[split][rank].add(step)
+                    if (rank, index) in partial:
+                        in_partial[split].add(step)
+        for (site, split), by_rank in sorted(held.items()):
+            ranks = by_split[split]
+            if len(ranks) < 2:
+                continue
+            steps_here = {step for rows in by_rank.values() for _, step in rows}
+            for rank in sorted(crashed & set(ranks)):
+                first = min(ranks[rank])
+                for step in sorted(s for s in (in_partial[split] & steps_here) - ranks[rank] if s > first):
+                    self._lose_incomplete(last_shard[rank].path, rank, site, split, step, f"the step has no record "
+                                          f"of rank {rank}, which records this split, while other ranks have: its rows "
+                                          f"are only some ranks' batches (rank {rank}'s records of the step are not on "
+                                          "disk: a process killed before its last block was written, or a writer "
+                                          "still running)")
 
     def _report_unfinalized(self) -> None:
         """Warn of each unfinalized shard (and lose it whole where it is empty or damaged) with the reason its

@@ -541,3 +541,68 @@ def test_a_rank_whose_unfinalized_shard_is_empty_counts_as_crashed(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="actpat"):
         open_run(tmp_path / "c")
     assert "no record on disk" not in caplog.text
+
+
+def _sessions_run(path, sessions):
+    """Writer sessions ``(rank, steps, closed, queued)`` in order, each with its shards and its marks file as a
+    writer leaves them: a session that never closed (killed) leaves its shards unfinalized and, in its marks, the
+    last step it queued (``queued``), past the last it wrote. A session with no steps leaves an empty shard."""
+    index: dict[int, int] = {}
+    for i, (rank, steps, closed, queued) in enumerate(sessions):
+        first = index.setdefault(rank, 0)
+        if steps:
+            _write_run(path / f"part{i}", steps, rank=rank, seed=i)
+            for shard in sorted((path / f"part{i}").glob("*.h5")):
+                shard.rename(path / schema.shard_name(rank, index[rank], partial=not closed))
+                index[rank] += 1
+        else:
+            (path / schema.shard_name(rank, first, partial=True)).write_bytes(b"")
+            index[rank] += 1
+        marks = {"train": queued if queued is not None else max(steps)}
+        (path / schema.marks_name(rank, first)).write_bytes(schema.marks_text(marks, closed))
+
+
+def _lost_steps(run):
+    return sorted({(loss.site, loss.step, loss.rank) for loss in run.losses if loss.kind == "incomplete"})
+
+
+def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_ranks_shards(tmp_path):
+    """The marks file of a killed session says how far it had recorded. Found by a new user's kills: the steps of
+    a rank's last block were measured as whole where the other rank's shards were finalized (it finished, or
+    rolled over), where the killed rank had written nothing at all, and after a resume."""
+    both = [("1", s, 1) for s in (3, 4, 5)] + [("4", s, 1) for s in (3, 4, 5)]
+    # The other rank finished: its shard is finalized.
+    _sessions_run(tmp_path / "finished", [(0, range(8), True, None), (1, [0, 1, 2], False, 5)])
+    run = open_run(tmp_path / "finished")
+    assert _lost_steps(run) == sorted(both)
+    assert [run.read("4", step).lost_records > 0 for step in range(8)] == [False] * 3 + [True] * 3 + [False] * 2
+    assert sorted(summarize(run, progress=False)["step"].unique()) == [0, 1, 2, 6, 7]
+    # Killed before any record reached the disk, then resumed at step 3: steps 0..2 lack its batches.
+    _sessions_run(tmp_path / "mute", [(0, range(6), True, None), (1, [], False, 2), (1, [3, 4, 5], True, None)])
+    assert _lost_steps(open_run(tmp_path / "mute")) == sorted([(site, s, 1) for site in "14" for s in (0, 1, 2)])
+    # One rank alone, killed and resumed past its last written step: nothing is missing from any step.
+    _sessions_run(tmp_path / "alone", [(0, [0, 1, 2], False, 6), (0, [5, 6, 7], True, None)])
+    run = open_run(tmp_path / "alone")
+    assert not _lost_steps(run) and run.steps("1").tolist() == [0, 1, 2, 5, 6, 7]
+    # Both closed, one rank recording fewer steps (a fit that shrank): every step is whole.
+    _sessions_run(tmp_path / "shrunk", [(0, range(6), True, None), (1, [0, 1], True, None)])
+    assert not _lost_steps(open_run(tmp_path / "shrunk"))
+
+
+def test_a_killed_ranks_marks_bound_its_losses_per_site_and_per_split(tmp_path):
+    """Rank 1's last block held site '1' of step 3 and not site '4': step 3 of site '4' lacks its batch (the
+    check pooled the sites' steps). A split the killed rank never recorded (the probe of rank 0) stays whole."""
+    _sessions_run(tmp_path, [(0, range(5), True, None), (1, [0, 1, 2, 3], False, 3)])
+    shard = tmp_path / schema.shard_name(1, 0, partial=True)
+    with h5py.File(shard, "r+") as handle:  # step 3 of site '4' never reached the disk
+        table = handle[schema.SITES_GROUP]["4"]["records"]
+        assert table[-1]["step"] == 3
+        table.resize((len(table) - 1,))
+    with ActivationRecorder(_model(), tmp_path, rank=0) as rec:
+        with rec.capture(10, split="probe"):
+            rec.model(torch.randn(3, 1, 5, 5))
+    run = open_run(tmp_path)
+    assert _lost_steps(run) == [("4", 3, 1)]
+    assert run.read("1", 3, "train").lost_records == 0 and len(run.read("1", 3, "train")) == 2 * 3 * 9  # both ranks
+    assert run.read("4", 3, "train").lost_records > 0
+    assert run.read("4", 10, "probe").lost_records == 0
