@@ -769,7 +769,9 @@ class Run:
             if len(splits) == 1:
                 return splits[0]
             if not splits:
-                raise ValueError(f"Expected a run with at least one recorded split, but {self.path} has no records.")
+                lost = (f" Every record it held is lost: {len(self.losses)} loss(es), the first: {self.losses[0].path.name}"
+                        f" ({self.losses[0].reason}); `actpat info` lists them." if self.losses else "")
+                raise ValueError(f"Expected a run with at least one recorded split, but {self.path} has no records.{lost}")
             example = f"{name} {splits[0]}" if name.startswith("--") else f"{name.strip('`')}={splits[0]!r}"
             raise ValueError(
                 f"Expected {name} to name one of the recorded splits {splits}, but got None "

@@ -606,3 +606,15 @@ def test_a_killed_ranks_marks_bound_its_losses_per_site_and_per_split(tmp_path):
     assert run.read("1", 3, "train").lost_records == 0 and len(run.read("1", 3, "train")) == 2 * 3 * 9  # both ranks
     assert run.read("4", 3, "train").lost_records > 0
     assert run.read("4", 10, "probe").lost_records == 0
+
+
+def test_a_run_whose_every_record_was_lost_says_so_where_a_split_is_asked_for(tmp_path):
+    """A writer killed before its first block: analysing the run said only that it 'has no records'."""
+    (tmp_path / schema.shard_name(0, 0, partial=True)).write_bytes(b"")
+    run = open_run(tmp_path)
+    with pytest.raises(ValueError, match=r"has no records\. Every record it held is lost: 1 loss\(es\), the first: "
+                                         r"patterns-rank000-00000\.h5\.partial \(it is empty.*`actpat info` lists them"):
+        summarize(run, progress=False)
+    _write_run(tmp_path / "none", [])
+    with pytest.raises(ValueError, match=r"has no records\.$"):
+        open_run(tmp_path / "none").steps("1")
