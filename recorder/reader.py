@@ -339,7 +339,10 @@ class Run:
         if loss.steps is not None:
             where += ", one of steps {}..{}".format(*("?" if b is None else b for b in loss.steps))
         count = "" if loss.records is None else f" ({loss.records} record{'s' * (loss.records != 1)})"
-        log.warning("actpat: skipping records of %s%s%s: %s.", loss.path, where, count, loss.reason)
+        if loss.path.name.endswith(schema.MARKS_SUFFIX):  # nothing is skipped: the marks tell what is missing
+            log.warning("actpat: records lost%s (by %s): %s.", where, loss.path, loss.reason)
+        else:
+            log.warning("actpat: skipping records of %s%s%s: %s.", loss.path, where, count, loss.reason)
 
     def _index_shard(self, path: Path) -> None:
         """Index one file: damage to a finalized shard as a whole is an error naming it; an unfinalized
@@ -602,15 +605,10 @@ class Run:
         closed lost its steps after the last one it wrote, up to that mark, for each site. Such a step, held by
         other ranks and never by this one, is lost (``Loss.kind`` "incomplete", naming the rank), whether the
         other ranks' shards were finalized or not. Runs written before marks files existed fall back to
-        :meth:`_find_steps_missing_a_rank_unmarked`."""
-        if len({shard.rank for shard in self._shards} | self._crashed | set(self._sessions)) < 2:
-            return  # one rank, the usual run: nothing to compare, and no pass over every entry at each open
-        held: dict[tuple[str, str], dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
-        for (site, split), entries in self._entries.items():
-            for e in entries:
-                shard = self._shards[e.shard]
-                held[(site, split)][shard.rank].append((shard.index, e.step))
-        marked = set()
+        :meth:`_find_steps_missing_a_rank_unmarked`. Any rank's unwritten steps, up to its marks, are listed in
+        :attr:`losses` too (kind "unwritten", a range of steps per site), so that a read of one names them."""
+        several = len({shard.rank for shard in self._shards} | self._crashed | set(self._sessions)) > 1
+        unclosed, marked = [], set()
         for rank, sessions in self._sessions.items():
             sessions.sort(key=lambda session: session[0])
             starts = [first for first, _, _ in sessions] + [math.inf]
@@ -618,10 +616,19 @@ class Run:
                 if marks is None:
                     continue  # unreadable: this rank is checked as runs without marks are
                 marked.add(rank)
-                queued, closed = marks
-                if not closed:
-                    self._lose_unwritten_steps(rank, path, queued, end, held)
-        self._find_steps_missing_a_rank_unmarked(held, skip=marked)
+                if not marks[1]:
+                    unclosed.append((rank, path, marks[0], end))
+        if not several and not unclosed:
+            return  # one rank that closed, the usual run: no pass over every entry at each open
+        held: dict[tuple[str, str], dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+        for (site, split), entries in self._entries.items():
+            for e in entries:
+                shard = self._shards[e.shard]
+                held[(site, split)][shard.rank].append((shard.index, e.step))
+        for rank, path, queued, end in unclosed:
+            self._lose_unwritten_steps(rank, path, queued, end, held)
+        if several:
+            self._find_steps_missing_a_rank_unmarked(held, skip=marked)
 
     def _lose_unwritten_steps(self, rank: int, path: Path, queued: dict[str, int], end: float, held: dict) -> None:
         """Lose what a session of ``rank`` that never closed queued and never wrote: per site, the steps after
@@ -633,6 +640,10 @@ class Run:
                 continue
             own = by_rank.get(rank, [])
             last = max((step for index, step in own if index < end), default=-1)
+            if last < mark:
+                self._lose(Loss(path, f"rank {rank} queued records of steps up to {mark} that never reached the disk "
+                                "(its writer was killed, or is still running)", rank, -1, site, split,
+                                kind="unwritten", steps=(last + 1, mark)))
             mine = {step for _, step in own}
             theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
             for step in sorted(t for t in theirs - mine if last < t <= mark):

@@ -566,7 +566,7 @@ def _lost_steps(run):
     return sorted({(loss.site, loss.step, loss.rank) for loss in run.losses if loss.kind == "incomplete"})
 
 
-def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_ranks_shards(tmp_path):
+def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_ranks_shards(tmp_path, caplog):
     """The marks file of a killed session says how far it had recorded. Found by a new user's kills: the steps of
     a rank's last block were measured as whole where the other rank's shards were finalized (it finished, or
     rolled over), where the killed rank had written nothing at all, and after a resume."""
@@ -580,10 +580,18 @@ def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_
     # Killed before any record reached the disk, then resumed at step 3: steps 0..2 lack its batches.
     _sessions_run(tmp_path / "mute", [(0, range(6), True, None), (1, [], False, 2), (1, [3, 4, 5], True, None)])
     assert _lost_steps(open_run(tmp_path / "mute")) == sorted([(site, s, 1) for site in "14" for s in (0, 1, 2)])
-    # One rank alone, killed and resumed past its last written step: nothing is missing from any step.
+    # One rank alone, killed and resumed past its last written step: nothing is missing from any step, and a
+    # read of a step it queued and never wrote names that loss (it named none).
     _sessions_run(tmp_path / "alone", [(0, [0, 1, 2], False, 6), (0, [5, 6, 7], True, None)])
-    run = open_run(tmp_path / "alone")
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path / "alone")
     assert not _lost_steps(run) and run.steps("1").tolist() == [0, 1, 2, 5, 6, 7]
+    assert sorted((loss.site, loss.steps) for loss in run.losses if loss.kind == "unwritten") == [("1", (3, 6)), ("4", (3, 6))]
+    assert "records lost, site '1', split 'train', one of steps 3..6 (by " in caplog.text  # not "skipping records of"
+    with pytest.raises(KeyError, match=r"step 4 has no record.*may be in damaged parts.*rank 0 queued records of "
+                                       r"steps up to 6 that never reached the disk"):
+        run.read("1", 4)
+    assert run.read("1", 5).lost_records == 0
     # Both closed, one rank recording fewer steps (a fit that shrank): every step is whole.
     _sessions_run(tmp_path / "shrunk", [(0, range(6), True, None), (1, [0, 1], True, None)])
     assert not _lost_steps(open_run(tmp_path / "shrunk"))
