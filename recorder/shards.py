@@ -479,10 +479,17 @@ class ShardWriter:
     def _write_marks(self, closed: bool) -> None:
         try:
             os.pwrite(self._marks_fd, schema.marks_text(self._marks, closed), 0)
-        except OSError as exc:  # never a reason to stop training; the reader then cannot bound this rank's losses
-            log.warning("actpat: could not update this rank's marks file (%s); a crash's losses are not bounded.", exc)
+        except OSError as exc:  # never a reason to stop training
+            # A stale mark would bound a crash's losses too early: without the file, a reader checks this rank
+            # by what its shards say, as for runs without marks.
+            log.warning("actpat: could not update this rank's marks file (%s); removing it.", exc)
             os.close(self._marks_fd)
             self._marks_fd = None
+            self._remove_marks()
+
+    def _remove_marks(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.out_dir / schema.marks_name(self.rank, self._marks_index))
 
     def _close_marks(self, closed: bool) -> None:
         if self._marks_fd is None:
@@ -490,8 +497,7 @@ class ShardWriter:
         if closed and not self._marks:  # a session that queued nothing leaves nothing behind
             os.close(self._marks_fd)
             self._marks_fd = None
-            with contextlib.suppress(OSError):
-                os.unlink(self.out_dir / schema.marks_name(self.rank, self._marks_index))
+            self._remove_marks()
             return
         self._write_marks(closed)
         if self._marks_fd is not None:

@@ -547,3 +547,27 @@ def test_staging_stays_within_its_bound_across_columns(tmp_path, monkeypatch):
         got = run.read("v", record.step)
         np.testing.assert_array_equal(got.bits, record.bits)
         np.testing.assert_array_equal(got.values, record.values)
+
+
+def test_a_marks_file_that_cannot_be_updated_is_removed_and_writing_goes_on(tmp_path, monkeypatch, caplog):
+    """A stale mark would bound a crash's losses too early: the file goes, the reader falls back to the shards."""
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    pwrite = os.pwrite
+
+    def failing(fd, data, offset):
+        if fd == writer._marks_fd and b'"train": 2' in data:
+            raise OSError(5, "Input/output error")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    marks = tmp_path / schema.marks_name(0, 0)
+    writer.put(_record(0))
+    assert schema.read_marks(marks) == ({"train": 0}, False)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        for step in (1, 2, 3):
+            writer.put(_record(step))
+    assert "could not update this rank's marks file" in caplog.text and not marks.exists()
+    writer.close()
+    assert open_run(tmp_path).steps("a/b").tolist() == [0, 1, 2, 3]
+    assert not marks.exists()
