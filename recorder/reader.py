@@ -650,6 +650,27 @@ class Run:
                 self._lose_incomplete(path, rank, site, split, step, f"rank {rank} queued its records of this step, "
                                       "which never reached the disk (its writer was killed or is still running): "
                                       "the step's rows are only the other ranks' batches")
+            for step in sorted(self._steps_beside(rank, mark, by_rank) - mine):
+                self._lose_incomplete(path, rank, site, split, step, f"rank {rank} stopped before this step (the last "
+                                      f"it queued in the split is {mark}) while other ranks recording beside it went on: "
+                                      "the step's rows are only their batches")
+
+    def _steps_beside(self, rank: int, mark: int, by_rank: dict[int, list[tuple[int, int]]]) -> set[int]:
+        """Steps after ``mark`` that other ranks recorded in a writer session of theirs that also recorded a step
+        up to ``mark``: one that ran beside the stopped session of ``rank`` (in lockstep data parallelism, the
+        step the others began when it died). Later sessions (a fit resumed on fewer ranks) are not beside it."""
+        after = set()
+        for other, rows in by_rank.items():
+            if other == rank or other not in self._sessions:
+                continue
+            starts = [first for first, _, _ in self._sessions[other]]
+            by_session: dict[int, list[int]] = defaultdict(list)
+            for index, step in rows:
+                by_session[bisect.bisect_right(starts, index)].append(step)
+            for steps in by_session.values():
+                if min(steps) <= mark:
+                    after.update(step for step in steps if step > mark)
+        return after
 
     def _lose_incomplete(self, path: Path, rank: int, site: str, split: str, step: int, reason: str) -> None:
         loss = Loss(path, reason, rank, -1, site, split, step, None, "incomplete")

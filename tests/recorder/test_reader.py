@@ -570,13 +570,18 @@ def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_
     """The marks file of a killed session says how far it had recorded. Found by a new user's kills: the steps of
     a rank's last block were measured as whole where the other rank's shards were finalized (it finished, or
     rolled over), where the killed rank had written nothing at all, and after a resume."""
-    both = [("1", s, 1) for s in (3, 4, 5)] + [("4", s, 1) for s in (3, 4, 5)]
-    # The other rank finished: its shard is finalized.
+    # The other rank went on and closed: its shard is finalized. Steps 3..5 were queued by rank 1 and never
+    # written; 6 and 7, recorded by rank 0 in the session beside the killed one, lack rank 1's batch too (in
+    # lockstep data parallelism, the step rank 0 began as rank 1 died: a new user's DDP trial).
     _sessions_run(tmp_path / "finished", [(0, range(8), True, None), (1, [0, 1, 2], False, 5)])
     run = open_run(tmp_path / "finished")
-    assert _lost_steps(run) == sorted(both)
-    assert [run.read("4", step).lost_records > 0 for step in range(8)] == [False] * 3 + [True] * 3 + [False] * 2
-    assert sorted(summarize(run, progress=False)["step"].unique()) == [0, 1, 2, 6, 7]
+    assert _lost_steps(run) == sorted((site, s, 1) for site in "14" for s in range(3, 8))
+    assert [run.read("4", step).lost_records > 0 for step in range(8)] == [False] * 3 + [True] * 5
+    assert sorted(summarize(run, progress=False)["step"].unique()) == [0, 1, 2]
+    # A fit resumed on rank 0 alone after both were killed: its later session is not beside the killed one.
+    _sessions_run(tmp_path / "alone_after", [(0, [0, 1, 2], False, 3), (1, [0, 1, 2], False, 2),
+                                             (0, [3, 4, 5], True, None)])
+    assert _lost_steps(open_run(tmp_path / "alone_after")) == []
     # Killed before any record reached the disk, then resumed at step 3: steps 0..2 lack its batches.
     _sessions_run(tmp_path / "mute", [(0, range(6), True, None), (1, [], False, 2), (1, [3, 4, 5], True, None)])
     assert _lost_steps(open_run(tmp_path / "mute")) == sorted([(site, s, 1) for site in "14" for s in (0, 1, 2)])
@@ -610,7 +615,7 @@ def test_a_killed_ranks_marks_bound_its_losses_per_site_and_per_split(tmp_path):
         with rec.capture(10, split="probe"):
             rec.model(torch.randn(3, 1, 5, 5))
     run = open_run(tmp_path)
-    assert _lost_steps(run) == [("4", 3, 1)]
+    assert _lost_steps(run) == [("1", 4, 1), ("4", 3, 1), ("4", 4, 1)]  # step 4: rank 1 had stopped before it
     assert run.read("1", 3, "train").lost_records == 0 and len(run.read("1", 3, "train")) == 2 * 3 * 9  # both ranks
     assert run.read("4", 3, "train").lost_records > 0
     assert run.read("4", 10, "probe").lost_records == 0
