@@ -801,9 +801,9 @@ class Run:
             if len(splits) == 1:
                 return splits[0]
             if not splits:
-                lost = (f" Every record it held is lost: {len(self.losses)} loss(es), the first: {self.losses[0].path.name}"
-                        f" ({self.losses[0].reason}); `actpat info` lists them." if self.losses else "")
-                raise ValueError(f"Expected a run with at least one recorded split, but {self.path} has no records.{lost}")
+                raise ValueError(
+                    f"Expected a run with at least one recorded split, but {self.path} has no records.{self._all_lost()}"
+                )
             example = f"{name} {splits[0]}" if name.startswith("--") else f"{name.strip('`')}={splits[0]!r}"
             raise ValueError(
                 f"Expected {name} to name one of the recorded splits {splits}, but got None "
@@ -812,8 +812,17 @@ class Run:
         if not isinstance(split, str):
             raise ValueError(f"Expected {name} to be a str or None, but got {split!r}.")
         if split not in splits:
-            raise ValueError(f"Expected {name} to be one of the recorded splits {splits}, but got {split!r}.")
+            lost = self._all_lost() if not splits else ""
+            raise ValueError(f"Expected {name} to be one of the recorded splits {splits}, but got {split!r}.{lost}")
         return split
+
+    def _all_lost(self) -> str:
+        """For a run without records: that its records are lost, naming the first loss; "" if none is known."""
+        if not self.losses:
+            return ""
+        first = self.losses[0]
+        return (f" Every record it held is lost: {len(self.losses)} loss(es), the first: {first.path.name} "
+                f"({first.reason}); `actpat info` lists them.")
 
     def site_info(self, site: str) -> dict:
         """``module_type``, ``shape`` (without batch), ``n_units``, ``pattern``, ``site_index`` and

@@ -628,6 +628,8 @@ def test_a_run_whose_every_record_was_lost_says_so_where_a_split_is_asked_for(tm
     with pytest.raises(ValueError, match=r"has no records\. Every record it held is lost: 1 loss\(es\), the first: "
                                          r"patterns-rank000-00000\.h5\.partial \(it is empty.*`actpat info` lists them"):
         summarize(run, progress=False)
+    with pytest.raises(ValueError, match=r"recorded splits \[\], but got 'train'\. Every record it held is lost"):
+        summarize(run, split="train", progress=False)
     _write_run(tmp_path / "none", [])
     with pytest.raises(ValueError, match=r"has no records\.$"):
         open_run(tmp_path / "none").steps("1")
