@@ -330,8 +330,10 @@ class Run:
         self._init_handles()
 
     # ------------------------------------------------------------------ index
-    def _lose(self, loss: Loss) -> None:
+    def _lose(self, loss: Loss, warn: bool = True) -> None:
         self.losses.append(loss)
+        if not warn:
+            return
         where = "".join(
             f", {name} {value!r}" for name, value in (("site", loss.site), ("split", loss.split), ("step", loss.step))
             if value is not None
@@ -633,7 +635,8 @@ class Run:
     def _lose_unwritten_steps(self, rank: int, path: Path, queued: dict[str, int], end: float, held: dict) -> None:
         """Lose what a session of ``rank`` that never closed queued and never wrote: per site, the steps after
         its last written one (in shards before ``end``, the next session's first) up to its mark, that other
-        ranks hold and this rank does not."""
+        ranks hold and this rank does not. One warning per cause and split, not one per step and site."""
+        lost: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)  # (reason, split) -> (site, step)
         for (site, split), by_rank in sorted(held.items()):
             mark = queued.get(split)
             if mark is None:
@@ -646,14 +649,20 @@ class Run:
                                 kind="unwritten", steps=(last + 1, mark)))
             mine = {step for _, step in own}
             theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
-            for step in sorted(t for t in theirs - mine if last < t <= mark):
-                self._lose_incomplete(path, rank, site, split, step, f"rank {rank} queued its records of this step, "
-                                      "which never reached the disk (its writer was killed or is still running): "
-                                      "the step's rows are only the other ranks' batches")
-            for step in sorted(self._steps_beside(rank, mark, by_rank) - mine):
-                self._lose_incomplete(path, rank, site, split, step, f"rank {rank} stopped before this step (the last "
-                                      f"it queued in the split is {mark}) while other ranks recording beside it went on: "
-                                      "the step's rows are only their batches")
+            queued_here = f"rank {rank} queued its records of this step, which never reached the disk (its writer " \
+                          "was killed or is still running): the step's rows are only the other ranks' batches"
+            beside = f"rank {rank} stopped before this step (the last it queued in the split is {mark}) while other " \
+                     "ranks recording beside it went on: the step's rows are only their batches"
+            for reason, steps in ((queued_here, {t for t in theirs - mine if last < t <= mark}),
+                                  (beside, self._steps_beside(rank, mark, by_rank) - mine)):
+                for step in sorted(steps):
+                    self._lose_incomplete(path, rank, site, split, step, reason, warn=False)
+                    lost[(reason, split)].append((site, step))
+        for (reason, split), where in lost.items():
+            steps = sorted({step for _, step in where})
+            log.warning("actpat: records lost in split %r, %d step(s) from %d to %d, %d site(s) (by %s; each in "
+                        "`losses`, left out of the analysis): %s.", split, len(steps), steps[0], steps[-1],
+                        len({site for site, _ in where}), path, reason.replace("this step", "these steps").replace("the step's rows", "their rows"))
 
     def _steps_beside(self, rank: int, mark: int, by_rank: dict[int, list[tuple[int, int]]]) -> set[int]:
         """Steps after ``mark`` that other ranks recorded in a writer session of theirs that also recorded a step
@@ -672,9 +681,10 @@ class Run:
                     after.update(step for step in steps if step > mark)
         return after
 
-    def _lose_incomplete(self, path: Path, rank: int, site: str, split: str, step: int, reason: str) -> None:
+    def _lose_incomplete(self, path: Path, rank: int, site: str, split: str, step: int, reason: str,
+                         warn: bool = True) -> None:
         loss = Loss(path, reason, rank, -1, site, split, step, None, "incomplete")
-        self._lose(loss)
+        self._lose(loss, warn)
         self._index_losses[site].append(loss)
 
     def _find_steps_missing_a_rank_unmarked(self, held: dict, skip: set[int]) -> None:

@@ -574,8 +574,13 @@ def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_
     # written; 6 and 7, recorded by rank 0 in the session beside the killed one, lack rank 1's batch too (in
     # lockstep data parallelism, the step rank 0 began as rank 1 died: a new user's DDP trial).
     _sessions_run(tmp_path / "finished", [(0, range(8), True, None), (1, [0, 1, 2], False, 5)])
-    run = open_run(tmp_path / "finished")
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path / "finished")
     assert _lost_steps(run) == sorted((site, s, 1) for site in "14" for s in range(3, 8))
+    summaries = [m for m in caplog.messages if "records lost in split" in m]  # one per cause, not one per loss
+    assert len(summaries) == 2 and "3 step(s) from 3 to 5, 2 site(s)" in summaries[0]
+    assert "2 step(s) from 6 to 7, 2 site(s)" in summaries[1] and "rank 1 stopped before these steps" in summaries[1]
+    caplog.clear()
     assert [run.read("4", step).lost_records > 0 for step in range(8)] == [False] * 3 + [True] * 5
     assert sorted(summarize(run, progress=False)["step"].unique()) == [0, 1, 2]
     # A fit resumed on rank 0 alone after both were killed: its later session is not beside the killed one.
