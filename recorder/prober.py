@@ -543,8 +543,7 @@ def _scheduled(first: int, last: int, interval: Fraction) -> list[int]:
     between them (the first step at or after each multiple of ``interval``)."""
     if first < 0:
         return [last] if last >= 0 else []
-    multiples = range(math.floor(first / interval) + 1, math.floor(last / interval) + 1)
-    return sorted({first, last} | {math.ceil(k * interval) for k in multiples})
+    return sorted({first, last} | {step for step in range(first + 1, last) if _on_schedule(step, interval)})
 
 
 def _on_schedule(step: int, interval: Fraction) -> bool:

@@ -696,18 +696,6 @@ class Run:
         if not crashed:
             return
         partial = {(shard.rank, shard.index) for shard in self._shards if shard.partial}
-        recorded = {rank for by_rank in held.values() for rank in by_rank}
-        mute = sorted(crashed - recorded)
-        unfinalized = sorted({step for by_rank in held.values() for rank, rows in by_rank.items()
-                              for index, step in rows if (rank, index) in partial})  # fmt: skip
-        if mute and unfinalized:
-            log.warning(
-                "actpat: rank(s) %s left unfinalized shards with no record on disk (killed before their first block "
-                "was written?). Where they record the same steps as the other ranks (batch mode under data "
-                "parallelism), steps %d..%d of the other ranks' unfinalized shards hold only those ranks' batches.",
-                ", ".join(map(str, mute)), unfinalized[0], unfinalized[-1],
-            )
-        last_shard = {shard.rank: shard for shard in sorted(self._shards, key=lambda shard: shard.index)}
         by_split: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
         in_partial: dict[str, set[int]] = defaultdict(set)
         for (site, split), by_rank in held.items():
@@ -716,6 +704,16 @@ class Run:
                     by_split[split][rank].add(step)
                     if (rank, index) in partial:
                         in_partial[split].add(step)
+        mute = sorted(crashed - {rank for ranks in by_split.values() for rank in ranks})
+        unfinalized = sorted(set().union(*in_partial.values()))
+        if mute and unfinalized:
+            log.warning(
+                "actpat: rank(s) %s left unfinalized shards with no record on disk (killed before their first block "
+                "was written?). Where they record the same steps as the other ranks (batch mode under data "
+                "parallelism), steps %d..%d of the other ranks' unfinalized shards hold only those ranks' batches.",
+                ", ".join(map(str, mute)), unfinalized[0], unfinalized[-1],
+            )
+        last_shard = {shard.rank: shard for shard in sorted(self._shards, key=lambda shard: shard.index)}
         for (site, split), by_rank in sorted(held.items()):
             ranks = by_split[split]
             if len(ranks) < 2:
