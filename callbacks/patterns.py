@@ -379,6 +379,13 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._resumed = True
 
     # ------------------------------------------------------------------ helpers
+    def _unwritten_batch_steps(self, recorded: list[int]) -> range:
+        """The scheduled batch steps after the last one on disk, up to the last the checkpoint says was recorded:
+        what a kill loses is the tail of the records (gaps before it are data-dependent sites, not losses)."""
+        last, every = self._last_batch_step, self.batch_every_n_steps
+        on_disk = max((step for step in recorded if step <= last), default=-1)
+        return range((on_disk // every + 1) * every, last + 1, every)
+
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check what needs the trainer and start recording; every failure here raises."""
         probing = self._probe_set is not None and (trainer.is_global_zero or self.probe_on_all_ranks)
@@ -408,9 +415,10 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         if self._resumed:
             existing = existing_run(run_dir)
             recorded = recorded_steps(existing, TRAIN_SPLIT)
-            note = unwritten_note(run_dir, TRAIN_SPLIT, (self._last_batch_step,), recorded)
-            if note and self.batch_every_n_steps:
-                self._warn_once("unwritten-train", note)
+            if self.batch_every_n_steps:
+                note = unwritten_note(run_dir, TRAIN_SPLIT, self._unwritten_batch_steps(recorded), recorded)
+                if note:
+                    self._warn_once("unwritten-train", note)
             self._last_batch_step, note = resume_point(
                 run_dir, TRAIN_SPLIT, self._last_batch_step, recorded, resume_step=trainer.global_step
             )

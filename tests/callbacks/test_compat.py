@@ -803,7 +803,7 @@ def test_a_resume_names_training_records_its_checkpoint_has_that_never_reached_t
     # As if the last records of that fit (steps 2 and 3) had died with its process: only steps 0-1 are on disk.
     shutil.rmtree(tmp_path / "run")
     _fit_style(style, package, tmp_path, [ActivationPatternCallback(**options)], max_steps=2)
-    with pytest.warns(UserWarning, match=r"recorded train records at step 3 \(its checkpoint says so\), but .* "
+    with pytest.warns(UserWarning, match=r"recorded train records at steps 2, 3 \(its checkpoint says so\), but .* "
                                          r"holds none there: they never reached the disk"):
         trainer(package, tmp_path, [ActivationPatternCallback(**options)], max_epochs=2).fit(
             modules(package)["WithForward"](style.net()), style.train(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
