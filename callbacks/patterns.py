@@ -413,17 +413,17 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             )
         existing = None  # the run this fit continues, opened once for the training side and the prober
         if self._resumed:
-            existing = existing_run(run_dir)
+            existing = existing_run(run_dir, warn=trainer.is_global_zero)  # one rank warns of the run's losses
             recorded = recorded_steps(existing, TRAIN_SPLIT)
             if self.batch_every_n_steps:
                 note = unwritten_note(run_dir, TRAIN_SPLIT, self._unwritten_batch_steps(recorded), recorded)
                 if note:
-                    self._warn_once("unwritten-train", note)
+                    self._warn_once("unwritten-train", note, run_wide=True)
             self._last_batch_step, note = resume_point(
                 run_dir, TRAIN_SPLIT, self._last_batch_step, recorded, resume_step=trainer.global_step
             )
             if note:
-                self._warn_once("ahead-train", note)
+                self._warn_once("ahead-train", note, run_wide=True)
         elif trainer.global_rank in shard_ranks(run_dir):
             self._refuse_pooling(run_dir, trainer, probing)
             self._warn_once(
@@ -607,11 +607,12 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         )
         self._close(abandon=True)
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, run_wide: bool = False) -> None:
+        """Warn once per callback; of the run as a whole (every rank reads the same) on rank 0 alone."""
         if key in self._warned:
             return
         self._warned.add(key)
-        if self._rank == 0:
+        if self._rank == 0 or run_wide:
             rank_zero_warn(message)
         else:  # a rank's own failure: rank_zero_warn would hide it
             log.warning("rank %d: %s", self._rank, message)

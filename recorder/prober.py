@@ -643,10 +643,10 @@ def recorded_steps(run: Union[str, os.PathLike, Run, None], split: str) -> list[
     return sorted({int(step) for site in run.sites for step in run.steps(site, split)})
 
 
-def existing_run(run_dir: Union[str, os.PathLike]) -> Optional[Run]:
+def existing_run(run_dir: Union[str, os.PathLike], warn: bool = True) -> Optional[Run]:
     """The run in ``run_dir`` (:func:`~actpat.recorder.reader.open_run`: every shard indexed, every loss
-    warned of); None where it holds no shard (or does not exist)."""
-    return open_run(run_dir) if shard_ranks(Path(run_dir)) else None
+    warned of if ``warn``); None where it holds no shard (or does not exist)."""
+    return open_run(run_dir, warn=warn) if shard_ranks(Path(run_dir)) else None
 
 
 def _short_probe(run: Optional[Run], step: int, loader: DataLoader) -> Optional[str]:

@@ -146,7 +146,7 @@ class _Shard:
         self.path, self.rank, self.index, self.version, self.partial, self.codec = path, rank, index, version, partial, codec
 
 
-def open_run(path: str | os.PathLike, *, max_open: int = 8) -> "Run":
+def open_run(path: str | os.PathLike, *, max_open: int = 8, warn: bool = True) -> "Run":
     """Open a run directory written by :class:`~actpat.recorder.ActivationRecorder`.
 
     Finalized shards (``*.h5``) of every rank are read; so is, with a warning, every record of an
@@ -160,6 +160,9 @@ def open_run(path: str | os.PathLike, *, max_open: int = 8) -> "Run":
         The run directory.
     max_open : int, default 8
         Shard files kept open at once (least recently used are closed).
+    warn : bool, default True
+        Log a warning for each loss found (they are listed in :attr:`Run.losses` either way). False where
+        another process warns of the same run: the ranks but one of a data-parallel fit.
 
     Raises
     ------
@@ -170,14 +173,15 @@ def open_run(path: str | os.PathLike, *, max_open: int = 8) -> "Run":
         shards describe one site differently, or ``path`` holds no shard but directories below it do
         (a folder above the run, such as a Lightning log version folder).
     """
-    return Run(path, max_open=max_open)
+    return Run(path, max_open=max_open, warn=warn)
 
 
 class Run:
     """Index of all records in a run directory; data is read lazily, through a few open files."""
 
-    def __init__(self, path: str | os.PathLike, *, max_open: int = 8) -> None:
+    def __init__(self, path: str | os.PathLike, *, max_open: int = 8, warn: bool = True) -> None:
         self.path = Path(path)
+        self._warns = warn
         if not self.path.is_dir():
             raise FileNotFoundError(
                 f"Expected a run directory of actpat shards, but {str(self.path)!r} does not exist or is not a "
@@ -330,6 +334,10 @@ class Run:
         self._init_handles()
 
     # ------------------------------------------------------------------ index
+    def _warn(self, message: str, *args: Any) -> None:
+        if self._warns:
+            log.warning(message, *args)
+
     def _lose(self, loss: Loss, warn: bool = True) -> None:
         self.losses.append(loss)
         if not warn:
@@ -342,9 +350,9 @@ class Run:
             where += ", one of steps {}..{}".format(*("?" if b is None else b for b in loss.steps))
         count = "" if loss.records is None else f" ({loss.records} record{'s' * (loss.records != 1)})"
         if loss.path.name.endswith(schema.MARKS_SUFFIX):  # nothing is skipped: the marks tell what is missing
-            log.warning("actpat: records lost%s (by %s): %s.", where, loss.path, loss.reason)
+            self._warn("actpat: records lost%s (by %s): %s.", where, loss.path, loss.reason)
         else:
-            log.warning("actpat: skipping records of %s%s%s: %s.", loss.path, where, count, loss.reason)
+            self._warn("actpat: skipping records of %s%s%s: %s.", loss.path, where, count, loss.reason)
 
     def _index_shard(self, path: Path) -> None:
         """Index one file: damage to a finalized shard as a whole is an error naming it; an unfinalized
@@ -550,7 +558,7 @@ class Run:
             if not lines:  # created, but the reason could not be written (a full disk, typically)
                 self.stop_reasons.append(StopReason(rank, path, "unknown: the writer could not store why"))
         except OSError as exc:
-            log.warning("actpat: cannot read %s (why recording stopped): %s", path, exc)
+            self._warn("actpat: cannot read %s (why recording stopped): %s", path, exc)
 
     def _tracked_parts(self, rows: np.ndarray) -> np.ndarray:
         """The ``part`` and ``ends_step`` of records-table ``rows``, with their step and split (as a code)."""
@@ -660,7 +668,7 @@ class Run:
                     lost[(reason, split)].append((site, step))
         for (reason, split), where in lost.items():
             steps = sorted({step for _, step in where})
-            log.warning("actpat: records lost in split %r, %d step(s) from %d to %d, %d site(s) (by %s; each in "
+            self._warn("actpat: records lost in split %r, %d step(s) from %d to %d, %d site(s) (by %s; each in "
                         "`losses`, left out of the analysis): %s.", split, len(steps), steps[0], steps[-1],
                         len({site for site, _ in where}), path, reason.replace("this step", "these steps").replace("the step's rows", "their rows"))
 
@@ -707,7 +715,7 @@ class Run:
         mute = sorted(crashed - {rank for ranks in by_split.values() for rank in ranks})
         unfinalized = sorted(set().union(*in_partial.values()))
         if mute and unfinalized:
-            log.warning(
+            self._warn(
                 "actpat: rank(s) %s left unfinalized shards with no record on disk (killed before their first block "
                 "was written?). Where they record the same steps as the other ranks (batch mode under data "
                 "parallelism), steps %d..%d of the other ranks' unfinalized shards hold only those ranks' batches.",
@@ -740,7 +748,7 @@ class Run:
             self._crashed.add(rank)
             why = "; ".join(stopped[(rank, index)])
             if loss is None:
-                log.warning("actpat: reading the records that verify of unfinalized shard %s (%s).", path,
+                self._warn("actpat: reading the records that verify of unfinalized shard %s (%s).", path,
                             f"recording stopped: {why}" if why else "left by a crash?")
             else:
                 self._lose(dataclasses.replace(loss, reason=loss.reason + (f" (recording stopped: {why})" if why else "")))

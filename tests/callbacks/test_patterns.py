@@ -629,6 +629,24 @@ def test_ddp_two_processes_write_per_rank_shards(tmp_path):
     assert per_rank[1].splits == ["train"]
 
 
+def test_a_resumed_ddp_fit_warns_of_what_its_run_holds_once(tmp_path):
+    """Every rank opens the run a resumed fit continues: each printed every loss of it, and rank 1 printed the
+    note on rank 0's records after the checkpoint's step as its own ("rank 1: ...")."""
+    from actpat.recorder import schema
+
+    script = _script(tmp_path, extra='strategy="ddp", devices=2')
+    done = _run([script, tmp_path, ""], timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(done.stdout.split("RUN_DIR ")[-1].strip())
+    (run_dir / schema.shard_name(1, 1, partial=True)).write_bytes(b"")  # a writer of rank 1 killed early
+    ckpt = sorted((tmp_path / "ckpt").glob("*step=5.ckpt"))[0]
+    resumed = _run([script, tmp_path, ckpt], timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count("patterns-rank001-00001.h5.partial: it is empty") == 1, resumed.stderr[-3000:]
+    assert resumed.stderr.count("holds train records at 3 steps after step 5,") == 1, resumed.stderr[-3000:]
+    assert "rank 1: actpat" not in resumed.stderr
+
+
 @pytest.mark.parametrize("probe_kind", ["dataset", "loader"])
 def test_probing_a_whole_dataset_on_every_rank_fails_before_training(tmp_path, monkeypatch, probe_kind):
     """Every rank probing the same Dataset would write every observation once per rank, which the reader pools:

@@ -626,6 +626,17 @@ def test_a_killed_ranks_marks_bound_its_losses_per_site_and_per_split(tmp_path):
     assert run.read("4", 10, "probe").lost_records == 0
 
 
+def test_a_run_opened_without_warnings_lists_the_same_losses(tmp_path, caplog):
+    """`warn=False` (the ranks but one of a data-parallel fit open the run too) silences the warnings only."""
+    (tmp_path / schema.shard_name(0, 0, partial=True)).write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        quiet = open_run(tmp_path, warn=False)
+    assert caplog.records == [] and [loss.kind for loss in quiet.losses] == ["unwritten"]
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        loud = open_run(tmp_path)
+    assert quiet.losses == loud.losses and "it is empty" in caplog.text
+
+
 def test_a_run_whose_every_record_was_lost_says_so_where_a_split_is_asked_for(tmp_path):
     """A writer killed before its first block: analysing the run said only that it 'has no records'."""
     (tmp_path / schema.shard_name(0, 0, partial=True)).write_bytes(b"")
