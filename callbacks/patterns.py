@@ -79,8 +79,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         of known length: with an ``IterableDataset`` pass an int. Int: optimizer steps.
     probe_mode : {"train", "eval"}, default "train"
         ``train``: BatchNorm normalizes with the probe batch's statistics (as the paper); ``eval``: with
-        the running statistics. Dropout is off in both, so a probe is a deterministic function of the
-        weights.
+        the running statistics. Dropout modules (``nn.Dropout`` and its kin) are off in both, so a probe
+        is a function of the weights unless the forward draws noise itself (``F.dropout(x,
+        training=self.training)``, noise gated on ``self.training``): that stays on in ``train`` mode.
     sites : None, str, sequence of str, or callable, default None
         Which sites to record: all, names or glob patterns, or a predicate on the site name. A filter
         that selects nothing, or a name that is not a site, is an error listing the sites that exist.

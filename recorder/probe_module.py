@@ -5,10 +5,16 @@ Two ways, chosen by the prober's ``copy`` option:
 - **copy** (default): an eager, gradient-free copy of the model, made at the first probe; before each
   probe its parameters and buffers are overwritten in place (``copy_``) with the model's. Costs a
   second set of weights in memory; the real model is never touched.
-- **no copy**: the model itself. Around each probe, the train/eval flag of every submodule and every
-  buffer (BatchNorm running statistics, counters) are saved and restored; parameters are only read
-  (an in-place change of a parameter by the probe forward is detected and raised). Costs one copy of
-  the buffers only.
+- **no copy**: the model itself. Around each probe, the train/eval flag of every submodule, every
+  buffer (BatchNorm running statistics, counters) and each module's own attributes (numbers, strings,
+  lists, dicts and sets by their contents, RNGs a module owns by their states; buffers, parameters
+  and submodules a forward adds are removed again) are saved and restored; parameters and tensors
+  kept as plain attributes are only read (an in-place change of one by the probe forward is detected
+  and raised). Costs one copy of the buffers only.
+
+Before each probe the copy also takes the model's plain number and string attributes (a schedule's
+``alpha``), and is made anew where the model's layout changed (a submodule replaced, a buffer or
+parameter added or removed).
 
 Both run the probe under ``no_grad`` with every RNG stream (torch CPU and the model's accelerator,
 numpy, python) saved and restored, so a run with probes trains bit-identically to one without.
@@ -37,7 +43,8 @@ class ProbeModule:
         The module being trained.
     mode : {"train", "eval"}
         ``train``: BatchNorm normalizes with the probe batch's statistics; ``eval``: with the running
-        statistics. Dropout is off in both, so a probe is a deterministic function of the weights.
+        statistics. Dropout modules (``nn.Dropout`` and its kin) are off in both; functional dropout
+        and other noise a forward draws when ``self.training`` stay on in ``train`` mode.
     copy : bool
         Probe an eager copy (True) or the model itself (False); see the module docstring.
 
@@ -62,6 +69,8 @@ class ProbeModule:
         self.copy = copy
         self._copy: nn.Module | None = None
         self._pairs: list[tuple[dict, dict, str]] = []
+        self._modules: list[tuple[nn.Module, nn.Module]] = []
+        self._layout: list | None = None
 
     @property
     def device(self) -> torch.device:
@@ -79,15 +88,25 @@ class ProbeModule:
                 _set_mode(module, self.mode)
                 yield module
             else:
+                _refuse_lazy(self.model)
                 with _preserved(self.model):
                     _set_mode(self.model, self.mode)
                     yield self.model
 
     # ------------------------------------------------------------------ copy
     def _synced_copy(self) -> nn.Module:
-        if self._copy is None or not self._sync():
+        layout = _layout(self.model)
+        if self._copy is None or layout != self._layout or not self._sync():
+            _refuse_lazy(self.model)
             self._copy = eager_copy(self.model)
             self._pairs = _tensor_pairs(self._copy, self.model)
+            self._modules = _module_pairs(self._copy, self.model)
+            self._layout = layout
+        for target, source in self._modules:
+            # Plain numbers and strings the training changes (a fade-in `alpha`, a dropout rate schedule).
+            for name, value in vars(source).items():
+                if type(value) in _SCALARS and name not in _MODULE_INTERNALS:
+                    target.__dict__[name] = value
         return self._copy
 
     def _sync(self) -> bool:
@@ -112,7 +131,13 @@ def eager_copy(model: nn.Module) -> nn.Module:
     """A gradient-free deep copy of ``model`` with every ``torch.compile`` wrapper removed."""
     if _is_optimized(model):
         model = model._orig_mod
-    probe = copying.deepcopy(model)  # a LightningModule's __getstate__ drops its trainer reference
+    try:
+        probe = copying.deepcopy(model)  # a LightningModule's __getstate__ drops its trainer reference
+    except Exception as exc:  # noqa: BLE001 - whatever a module's state refuses, named with the way out
+        raise RuntimeError(
+            f"The probe copies the model with copy.deepcopy, which failed on {type(model).__name__}: {exc} Pass "
+            "`copy=False` (the callback's `probe_copy=False`) to probe the model itself instead."
+        ) from exc
     for parent in list(probe.modules()):
         # A function compiled onto the instance (e.g. `forward` after fit was given a compiled module) is
         # shared, not copied, by deepcopy and would run the original module: back to the class's method.
@@ -159,13 +184,38 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.buffers()
 
 
+def _refuse_lazy(model: nn.Module) -> None:
+    lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"Expected initialized parameters, but {', '.join(lazy)} are not initialized yet (a lazy module such as "
+            "nn.LazyLinear), and the first probe runs before the first training step. Initialize them with one "
+            "forward pass of an example batch before training (`model(example)`), as torch advises for lazy modules."
+        )
+
+
+def _layout(model: nn.Module) -> list[tuple[int, tuple, tuple]]:
+    """Which module objects the model holds, and the names of their parameters and buffers."""
+    return [(id(m), tuple(m._parameters), tuple(m._buffers)) for m in model.modules()]
+
+
+def _module_pairs(target: nn.Module, source: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    sources = dict(_uncompiled_names(source))
+    return [(module, sources[name]) for name, module in target.named_modules()]
+
+
+def _uncompiled_names(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, sub in module.named_modules():
+        yield name.replace("_orig_mod.", "").replace("_orig_mod", ""), sub
+
+
 def _tensor_pairs(target: nn.Module, source: nn.Module) -> list[tuple[dict, dict, str]]:
     """``(target dict, source dict, key)`` of every parameter and buffer, matched by module path.
 
     The dicts are the modules' own ``_parameters``/``_buffers``, looked up at every sync, so a buffer
     that a module reassigns (rather than updates in place) is still followed.
     """
-    sources = {name.replace("_orig_mod.", "").replace("_orig_mod", ""): m for name, m in source.named_modules()}
+    sources = dict(_uncompiled_names(source))
     pairs = []
     for name, module in target.named_modules():
         other = sources.get(name)
@@ -185,24 +235,86 @@ def _set_mode(module: nn.Module, mode: str) -> None:
 
 @contextlib.contextmanager
 def _preserved(model: nn.Module) -> Iterator[None]:
-    """Restore every submodule's train flag and every buffer of ``model`` on exit; refuse changed parameters."""
-    flags = [(m, m.training) for m in model.modules()]
+    """Restore every submodule's train flag, buffers and own attributes on exit; refuse parameters and tensor
+    attributes changed in place."""
+    modules = list(model.named_modules())
+    flags = [(m, m.training) for _, m in modules]
     buffers = [
         (m._buffers, key, tensor, tensor.clone())
-        for m in model.modules() for key, tensor in m._buffers.items() if tensor is not None
+        for _, m in modules for key, tensor in m._buffers.items() if tensor is not None
     ]
-    parameters = [(name, p, p._version) for name, p in model.named_parameters()]
+    # Which buffers, parameters and submodules each module has: a forward that adds one (a buffer made at the
+    # first call) would leave it, made from probe data, for training.
+    registries = [(d, dict(d)) for _, m in modules for d in (m._buffers, m._parameters, m._modules)]
+    attributes = [(m, _attributes(m)) for _, m in modules]
+    watched = [(name, p, p._version) for name, p in model.named_parameters()]
+    watched += [(f"{path + '.' if path else ''}{key}", value, value._version)
+                for (path, _), (_, saved) in zip(modules, attributes)
+                for key, (value, _) in saved.items() if isinstance(value, torch.Tensor)]  # fmt: skip
     try:
         yield
     finally:
+        for registry, saved in registries:
+            if registry.keys() != saved.keys() or any(registry[k] is not v for k, v in saved.items()):
+                registry.clear()
+                registry.update(saved)
+        for module, saved in attributes:
+            _restore_attributes(module, saved)
         for module, flag in flags:
             module.training = flag
         for owner, key, tensor, saved in buffers:
             owner[key] = tensor  # also where the forward reassigned it: training holds this object
             tensor.copy_(saved)  # always: BatchNorm's kernel updates its statistics without a version bump
-    changed = [name for name, p, version in parameters if p._version != version]
+    changed = [name for name, tensor, version in watched if tensor._version != version]
     if changed:
         raise RuntimeError(
-            f"The probe forward changed parameters of the model in place ({changed}); with `copy=False` that changes "
-            "training. Pass `copy=True` so that the probe runs on a copy."
+            f"The probe forward changed tensors of the model in place ({changed}): parameters, or tensors kept as "
+            "plain attributes (a metric's state, say), which `copy=False` does not save; that changes training. "
+            "Pass `copy=True` so that the probe runs on a copy, or keep such state in a buffer (`register_buffer`), "
+            "which is saved and restored."
         )
+
+
+def _attributes(module: nn.Module) -> dict[str, tuple[object, object]]:
+    """``name -> (value, saved contents)`` of a module's own attributes (not nn.Module's machinery)."""
+    return {name: (value, _contents(value)) for name, value in vars(module).items() if name not in _MODULE_INTERNALS}
+
+
+def _contents(value: object) -> object:
+    if isinstance(value, (list, dict, set)):
+        return copying.copy(value)  # shallow: an appended output, a counter in a dict
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if isinstance(value, np.random.Generator):
+        return value.bit_generator.state
+    if isinstance(value, np.random.RandomState):
+        return value.get_state()
+    if isinstance(value, random.Random):
+        return value.getstate()
+    return None  # numbers, strings and tuples are restored by reference; tensors are watched instead
+
+
+def _restore_attributes(module: nn.Module, saved: dict[str, tuple[object, object]]) -> None:
+    own = module.__dict__
+    for name in [name for name in own if name not in saved and name not in _MODULE_INTERNALS]:
+        del own[name]  # set by the probe forward
+    for name, (value, contents) in saved.items():
+        own[name] = value
+        if isinstance(value, list):
+            value[:] = contents
+        elif isinstance(value, (dict, set)):
+            value.clear()
+            value.update(contents)
+        elif isinstance(value, torch.Generator):
+            value.set_state(contents)
+        elif isinstance(value, np.random.Generator):
+            value.bit_generator.state = contents
+        elif isinstance(value, np.random.RandomState):
+            value.set_state(contents)
+        elif isinstance(value, random.Random):
+            value.setstate(contents)
+
+
+# nn.Module's own attributes (parameters, buffers, submodules, hooks, the train flag): handled apart.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_SCALARS = frozenset({int, float, bool, str, type(None)})

@@ -70,7 +70,8 @@ class Prober:
         Optimizer steps per epoch (``len(train_loader)``, divided by the gradient-accumulation factor).
     mode : {"train", "eval"}, default "train"
         ``train``: BatchNorm normalizes with each probe batch's statistics (as the paper; use the
-        training batch size); ``eval``: with the running statistics. Dropout is off in both.
+        training batch size); ``eval``: with the running statistics. Dropout modules are off in both;
+        noise the forward draws itself when ``self.training`` (``F.dropout``) stays on in ``train``.
     copy : bool, default True
         True: probe an eager copy of the model whose weights are overwritten in place before each
         probe; it costs a second set of weights in memory and never touches the model. False: probe

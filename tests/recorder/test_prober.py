@@ -202,7 +202,7 @@ def test_without_a_copy_a_forward_that_changes_a_parameter_raises(tmp_path):
         module(batch[0])
 
     with Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8, forward=forward) as prober:
-        with pytest.raises(RuntimeError, match=r"changed parameters.*net.0.weight.*copy=True"):
+        with pytest.raises(RuntimeError, match=r"changed tensors of the model in place.*net.0.weight.*copy=True"):
             prober.maybe(0)
 
 
@@ -470,3 +470,152 @@ def test_a_probe_forward_that_skips_the_first_batch_is_told_that_batch_is_checke
         prober.maybe(0)
     prober.close()
     assert not list(tmp_path.glob("*.h5"))  # nothing written
+
+
+# ---------------------------------------------------------------------- state beyond weights and buffers
+class Stateful2(nn.Module):
+    """State the way models keep it besides parameters and buffers: made at the first call, RNGs of their own,
+    Python counters and lists, a submodule made on first use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)
+        self.register_buffer("shift", None)
+        self.gen = torch.Generator().manual_seed(1)
+        self.rng = np.random.default_rng(2)
+        self.calls, self.seen, self.by_name = 0, [], {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        if self.shift is None:
+            self.shift = x.mean(0).detach()  # fills the buffer registered as None
+        if "scale" not in self._buffers:
+            self.register_buffer("scale", x.std(0).detach() + 1)
+        if not hasattr(self, "extra"):
+            self.extra = nn.Linear(3, 3)  # its weights are drawn from torch's RNG at the first call
+        self.calls += 1
+        self.seen.append(self.calls)
+        self.by_name[self.calls] = 1
+        z = self.fc1((x - self.shift) / self.scale)
+        if self.training:
+            z = z + 0.1 * torch.randn(z.shape, generator=self.gen) + float(self.rng.normal())
+        return self.extra(self.fc2(self.act(z)))
+
+
+def _fit_stateful(tmp_path, copy_model: bool | None, steps: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    model = Stateful2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+    prober = None
+    if copy_model is not None:
+        prober = Prober(model, data(N_PROBE, 1), tmp_path, 1, mode="train", copy=copy_model, batch_size=PROBE_BATCH)
+        prober.maybe(0)
+    for step in range(1, steps + 1):
+        loss = nn.functional.cross_entropy(model(x), y)
+        if step == 1:  # made by the first training forward: now an optimizer would be made
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if prober is not None:
+            prober.maybe(step)
+    if prober is not None:
+        prober.close()
+    return model
+
+
+@pytest.mark.parametrize("copy_model", [True, False])
+def test_state_a_forward_makes_or_draws_is_training_s_alone(tmp_path, copy_model):
+    """Without a copy, the probe forward made the buffer training's first forward should make (from probe data),
+    drew from the module's own RNGs and counted in its counters; training then differed from a run without probes."""
+    plain = _fit_stateful(tmp_path / "plain", None)
+    probed = _fit_stateful(tmp_path / "probed", copy_model)
+    assert open_run(tmp_path / "probed").steps("act", "probe").tolist() == [0, 1, 2, 3, 4]
+    assert plain.state_dict().keys() == probed.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, probed.state_dict()[key]), key
+    assert torch.equal(plain.gen.get_state(), probed.gen.get_state())
+    assert plain.rng.bit_generator.state == probed.rng.bit_generator.state
+    assert (plain.calls, plain.seen, plain.by_name) == (probed.calls, probed.seen, probed.by_name) and plain.calls == 4
+
+
+def test_without_a_copy_a_tensor_attribute_changed_in_place_raises(tmp_path):
+    """A metric's state kept as a plain tensor attribute (torchmetrics keeps them so): not saved, so refused."""
+    model = Net()
+    model.total = torch.zeros(())
+
+    def forward(module, batch):
+        module.total += batch[0].sum()
+        module(batch[0])
+
+    with Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8, forward=forward) as prober:
+        with pytest.raises(RuntimeError, match=r"changed tensors of the model in place \(\['total'\]\).*register_buffer"):
+            prober.maybe(0)
+
+
+def _probe_truth(model: nn.Module, probe: TensorDataset) -> np.ndarray:
+    """The bits of `act` on the probe set, by a pre-hook on a fresh deep copy of the model as it is now (eval)."""
+    twin = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        return toys.channel_bits(toys.relu_inputs(twin, probe.tensors[0])["act"])
+
+
+@pytest.mark.parametrize("change", ["attribute", "submodule", "buffer"])
+def test_the_copy_follows_what_training_changes_besides_tensors(tmp_path, change):
+    """The copy was synced by the tensors of the modules it was made from: a number training changes (a fade-in),
+    a submodule replaced after it was made and a buffer registered later were those of the first probe."""
+
+    class Faded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)
+            self.alpha = 0.0
+
+        def forward(self, x):
+            z = self.fc1(x.flatten(1)) + self.alpha
+            if "center" in self._buffers:
+                z = z - self.center
+            return self.fc2(self.act(z))
+
+    torch.manual_seed(0)
+    model, probe = Faded(), data(N_PROBE, 1)
+    with Prober(model, probe, tmp_path, 1, mode="eval", batch_size=N_PROBE) as prober:
+        prober.maybe(0)
+        if change == "attribute":
+            model.alpha = 0.7
+        elif change == "submodule":
+            model.fc1 = nn.Linear(16, 8)
+        else:
+            model.register_buffer("center", torch.linspace(-1, 1, 8))
+        prober.maybe(1)
+    run = open_run(tmp_path)
+    recorded = run.read("act", 1, "probe").bits
+    expected = _probe_truth(model, probe)
+    assert not np.array_equal(run.read("act", 0, "probe").bits, expected)  # the change shows in the patterns
+    assert np.array_equal(recorded, expected)
+
+
+class _Lazy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("copy_model", [True, False])
+def test_uninitialized_lazy_modules_are_refused_with_the_fix(tmp_path, copy_model):
+    with Prober(_Lazy(), data(8, 1), tmp_path, 1, copy=copy_model, batch_size=8) as prober:
+        with pytest.raises(ValueError, match=r"net\.1\.weight, net\.1\.bias are not initialized.*LazyLinear.*"
+                                             r"one forward pass of an example batch"):
+            prober.maybe(0)
+
+
+def test_a_model_deepcopy_refuses_names_copy_false(tmp_path):
+    model = Net()
+    model.handle = threading.Lock()  # deepcopy cannot copy a lock
+    with Prober(model, data(8, 1), tmp_path, 1, batch_size=8) as prober:
+        with pytest.raises(RuntimeError, match=r"copy\.deepcopy, which failed on Net: .*lock.*Pass `copy=False`"):
+            prober.maybe(0)
