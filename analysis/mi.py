@@ -157,8 +157,10 @@ def _compute_plugin(binned: np.ndarray, labels: np.ndarray) -> InformationEstima
 def _equal_width_bins(t: np.ndarray, n_bins: int, lo: float, hi: float) -> np.ndarray:
     if hi <= lo:
         return np.zeros(t.shape, dtype=_bin_dtype(n_bins))
-    idx = np.floor((t - lo) * (n_bins / (hi - lo)))
-    return np.clip(idx, 0, n_bins - 1).astype(_bin_dtype(n_bins))
+    # The edges themselves, as the docstring defines them: a value on an edge is in the bin above it
+    # (`floor((t - lo) / w)` rounds some of those into the bin below).
+    inner = lo + np.arange(1, n_bins) * ((hi - lo) / n_bins)
+    return np.searchsorted(inner, t, side="right").astype(_bin_dtype(n_bins))
 
 
 def _equal_mass_bins(t: np.ndarray, n_bins: int) -> np.ndarray:

@@ -120,6 +120,24 @@ def test_binning_observed_range_matches_brute_force():
     assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
 
 
+def test_binning_puts_a_value_on_an_edge_into_the_bin_above_it():
+    """Values recorded as float16 lie on a grid that meets the edges `lo + i w` exactly, and
+    `floor((v - lo) / w)` rounded some of them into the bin below (a trial's layer: 4.618 bits, not 4.622)."""
+    lo, hi, n_bins = 0.07269287109375, 0.298095703125, 30
+    width = (hi - lo) / n_bins
+    grid = lo + np.arange(round((hi - lo) * 2**14)) * 2.0**-14  # float16 values there are multiples of 2^-14
+    on_edges = [v for v in grid if any(v == lo + i * width for i in range(1, n_bins))]
+    assert len(on_edges) == 2
+    # Each value on an edge, and the grid value just below it: in two bins.
+    t = np.array([lo, hi] + on_edges + [v - 2.0**-14 for v in on_edges])[:, None]
+    y = np.array([0, 1, 0, 1, 1, 0])
+    cells = [sum(1 for i in range(1, n_bins) if v >= lo + i * width) for v in t[:, 0]]  # [lo + i w, lo + (i+1) w)
+    h_t, i_ty = plugin_informations([(c,) for c in cells], y)
+    est = binning(t, y, n_bins=n_bins)
+    assert est.input_information == pytest.approx(h_t, abs=1e-12)
+    assert est.mutual_information == pytest.approx(i_ty, abs=1e-12)
+
+
 def test_binning_distinct_rows_saturate_and_constant_layer_is_zero():
     t = np.arange(16.0)[:, None]
     y = np.arange(16) % 2
