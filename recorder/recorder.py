@@ -235,7 +235,9 @@ class ActivationRecorder:
         step : int
             Time point of the records (e.g. the optimizer step).
         labels, sample_ids : tensor or array of shape (N,), optional
-            Per-sample label and identity; ``-1`` is stored where absent.
+            Per-sample label and identity, integers; ``-1`` is stored where absent (a label of ``-1``:
+            no label). Floats, bools and labels below ``-1`` are an error (on a GPU only the dtype is
+            checked here, the analysis checks the values).
         split : str, default "train"
             Free-form name of what was recorded (``"train"``, ``"probe"``, ...), at most 32 bytes.
         epoch : int, default -1
@@ -278,6 +280,8 @@ class ActivationRecorder:
             )
         if record:
             self._check_order(step, split)
+        _check_integers(labels, "labels", lowest=-1)
+        _check_integers(sample_ids, "sample_ids")
         self._context = _Capture(step, epoch, split, labels, sample_ids, check, record, ends_step)
         self._pending.clear()
         self._gathered.clear()
@@ -577,6 +581,31 @@ def _whole(value: Any, name: str) -> int:
             "an epoch)."
         )
     return whole
+
+
+def _check_integers(values: Any, name: str, lowest: int | None = None) -> None:
+    """Refuse per-sample values that are no integers: a float would be cut to one (0.7 to class 0, -1.7 to "no
+    label"), silently; values below ``lowest`` where they can be read without a device sync."""
+    if values is None:
+        return
+    if isinstance(values, torch.Tensor):
+        integer = not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool)
+        dtype, host = values.dtype, values.device.type == "cpu"
+    else:
+        values = np.asarray(values)
+        dtype, host = values.dtype, True
+        integer = np.issubdtype(dtype, np.integer)
+    if not integer:
+        raise ValueError(
+            f"Expected `{name}` to be integers, but got dtype {dtype}: floats would be cut to integers (0.7 to 0, "
+            f"-1.7 to -1) and bools read as 0/1, silently. Pass integer {name} (`.long()` of 0./1. targets)"
+            + (", -1 for a sample without a label." if name == "labels" else ".")
+        )
+    if lowest is not None and host and len(values.reshape(-1)) and int(values.min()) < lowest:
+        raise ValueError(
+            f"Expected `{name}` of at least {lowest} (-1: no label), but got {int(values.min())}. Pass class "
+            "indices 0..K-1, and -1 for a sample without a label."
+        )
 
 
 def _host_int64(values: Any) -> Any:

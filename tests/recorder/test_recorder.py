@@ -438,6 +438,29 @@ def test_splits_epochs_and_mismatched_labels(tmp_path, caplog):
         run.read("act", 4, split="probe")
 
 
+@pytest.mark.parametrize("name, values, match", [
+    ("labels", [0.2, 0.9, 1.5, -1.7], r"`labels` to be integers, but got dtype float64.*0\.7 to 0"),
+    ("labels", torch.tensor([0.0, 1.0, 2.0, 1.0]), r"`labels` to be integers, but got dtype torch.float32"),
+    ("labels", torch.tensor([True, False, True, True]), r"`labels` to be integers, but got dtype torch.bool"),
+    ("labels", np.array(["a", "b", "c", "d"]), r"`labels` to be integers, but got dtype <U1"),
+    ("labels", [0, 1, -2, 3], r"`labels` of at least -1 \(-1: no label\), but got -2"),
+    ("sample_ids", np.array([0.5, 1.5, 2.5, 3.5]), r"`sample_ids` to be integers, but got dtype float64"),
+])
+def test_labels_and_sample_ids_that_are_no_integers_are_refused_before_the_forward(tmp_path, name, values, match):
+    """They were cut to integers, silently: -1.7 became -1 (no label), 0.2 and 0.9 class 0."""
+    model = _net()
+    with ActivationRecorder(model, tmp_path, sites="act") as rec:
+        with rec.capture(0, labels=np.array([0, 1, -1, 2])):
+            model(torch.randn(4, 1, 4, 4))
+        forwards = []
+        with pytest.raises(ValueError, match=match):
+            with rec.capture(1, **{name: values}):
+                forwards.append(model(torch.randn(4, 1, 4, 4)))
+        assert forwards == []
+    run = open_run(tmp_path)  # what was recorded before stays
+    assert run.steps("act").tolist() == [0] and run.read("act", 0).labels.tolist().count(-1) >= 1
+
+
 def test_site_changing_width_is_skipped_with_one_warning(tmp_path, caplog):
     model = nn.Sequential(nn.Flatten(), nn.ReLU())
     with caplog.at_level(logging.WARNING):
