@@ -223,6 +223,13 @@ class InformationPlaneConsumer:
             bits, n_units, labels = _flat_patterns(p) if pattern == "flat" else (p.bits, p.n_units, p.labels)
         else:
             t, labels = _step_values(p, pattern, info["module_type"], self.apply_activation)
+            n_bad = int(np.count_nonzero(~np.isfinite(t)))
+            if n_bad:
+                raise ValueError(
+                    f"Expected finite stored values for estimator={estimator!r}, but site {site!r} holds {n_bad} NaN or "
+                    f"inf values at step {int(step)} (of split {p.split!r}; pre-activations that were not finite when "
+                    "recorded). Use estimator='binary', which counts NaN as off, or leave the site out (`sites=`)."
+                )
         n_unlabelled = int(np.count_nonzero(labels < 0))
         if 0 < n_unlabelled < labels.size:
             log.warning(

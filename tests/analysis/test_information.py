@@ -321,3 +321,26 @@ def test_estimator_validation(tmp_path, kwargs, match):
     write_value_run(tmp_path, np.arange(N_SAMPLES) % 2)
     with pytest.raises(ValueError, match=match):
         information_plane(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("estimator, options", [("binning", None), ("adaptive", None), ("kde", {"noise_var": 0.1})])
+def test_a_step_with_nan_values_is_named_by_the_continuous_estimators(tmp_path, estimator, options):
+    """The error said only "Expected `t` to be finite", naming neither the site nor the step."""
+    import torch
+    from torch import nn
+
+    from actpat.recorder import ActivationRecorder
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 4)
+    with ActivationRecorder(model, tmp_path, store_values="all") as rec:
+        for step in range(3):
+            batch = x.clone()
+            if step == 1:
+                batch[0, 0] = float("nan")  # one sample's pre-activations all NaN
+            with torch.no_grad(), rec.capture(step, labels=y, split="probe"):
+                model(batch)
+    with pytest.raises(ValueError, match=r"site '1' holds 4 NaN or inf values at step 1 \(of split 'probe'.*"
+                                         r"estimator='binary'"):
+        information_plane(tmp_path, estimator=estimator, estimator_options=options)
+    assert len(information_plane(tmp_path)) > 0  # the binary plane counts NaN as off
