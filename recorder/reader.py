@@ -146,6 +146,16 @@ class _Shard:
         self.path, self.rank, self.index, self.version, self.partial, self.codec = path, rank, index, version, partial, codec
 
 
+def _queued_here(rank: int, mark: int, steps: str, rows: str) -> str:
+    return (f"rank {rank} queued its records of {steps}, which never reached the disk (its writer was killed or is "
+            f"still running): {rows} only the other ranks' batches")
+
+
+def _stopped_before(rank: int, mark: int, steps: str, rows: str) -> str:
+    return (f"rank {rank} stopped before {steps} (the last it queued in the split is {mark}) while other ranks "
+            f"recording beside it went on: {rows} only their batches")
+
+
 def open_run(path: str | os.PathLike, *, max_open: int = 8, warn: bool = True) -> "Run":
     """Open a run directory written by :class:`~actpat.recorder.ActivationRecorder`.
 
@@ -657,20 +667,18 @@ class Run:
                                 kind="unwritten", steps=(last + 1, mark)))
             mine = {step for _, step in own}
             theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
-            queued_here = f"rank {rank} queued its records of this step, which never reached the disk (its writer " \
-                          "was killed or is still running): the step's rows are only the other ranks' batches"
-            beside = f"rank {rank} stopped before this step (the last it queued in the split is {mark}) while other " \
-                     "ranks recording beside it went on: the step's rows are only their batches"
-            for reason, steps in ((queued_here, {t for t in theirs - mine if last < t <= mark}),
-                                  (beside, self._steps_beside(rank, mark, by_rank) - mine)):
+            # Each loss names its step; the warning that sums a cause up names its steps.
+            for why, steps in ((_queued_here, {t for t in theirs - mine if last < t <= mark}),
+                               (_stopped_before, self._steps_beside(rank, mark, by_rank) - mine)):
                 for step in sorted(steps):
+                    reason = why(rank, mark, "this step", "the step's rows are")
                     self._lose_incomplete(path, rank, site, split, step, reason, warn=False)
-                    lost[(reason, split)].append((site, step))
+                    lost[(why(rank, mark, "these steps", "their rows are"), split)].append((site, step))
         for (reason, split), where in lost.items():
             steps = sorted({step for _, step in where})
             self._warn("actpat: records lost in split %r, %d step(s) from %d to %d, %d site(s) (by %s; each in "
                         "`losses`, left out of the analysis): %s.", split, len(steps), steps[0], steps[-1],
-                        len({site for site, _ in where}), path, reason.replace("this step", "these steps").replace("the step's rows", "their rows"))
+                        len({site for site, _ in where}), path, reason)
 
     def _steps_beside(self, rank: int, mark: int, by_rank: dict[int, list[tuple[int, int]]]) -> set[int]:
         """Steps after ``mark`` that other ranks recorded in a writer session of theirs that also recorded a step
