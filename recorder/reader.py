@@ -453,9 +453,10 @@ class Run:
         if stop:
             self.stop_reasons.extend(StopReason(rank, path, line) for line in stop.splitlines())
         for loss in losses:
-            self._lose(loss)
             if loss.site is not None and (loss.step is not None or loss.steps is not None):
-                self._index_losses[loss.site].append(loss)
+                self._lose_step(loss)
+            else:
+                self._lose(loss)
         for site, entry in entries:
             self._entries[(site, entry.split)].append(entry)
         for site, rows in parts:
@@ -612,10 +613,9 @@ class Run:
         if missing:
             reasons.append(f"{missing} of its first {last + 1} records are missing (dropped under backpressure, or lost)")
         shard = self._shards[int(rows["shard"][-1])]
-        loss = Loss(shard.path, "the step is incomplete: " + "; ".join(reasons), rank, shard.index, site,
-                    names[int(rows["split"][0])], int(rows["step"][0]), missing if ended else None, "incomplete")
-        self._lose(loss)
-        self._index_losses[site].append(loss)
+        self._lose_step(Loss(shard.path, "the step is incomplete: " + "; ".join(reasons), rank, shard.index, site,
+                             names[int(rows["split"][0])], int(rows["step"][0]), missing if ended else None,
+                             "incomplete"))
 
     def _find_steps_missing_a_rank(self) -> None:
         """Mark the steps of a split that hold only some ranks' batches: the ranks of a data-parallel fit record
@@ -699,9 +699,12 @@ class Run:
 
     def _lose_incomplete(self, path: Path, rank: int, site: str, split: str, step: int, reason: str,
                          warn: bool = True) -> None:
-        loss = Loss(path, reason, rank, -1, site, split, step, None, "incomplete")
+        self._lose_step(Loss(path, reason, rank, -1, site, split, step, None, "incomplete"), warn)
+
+    def _lose_step(self, loss: Loss, warn: bool = True) -> None:
+        """Lose the records of one site's step(s): also where reads and the reference checks look them up."""
         self._lose(loss, warn)
-        self._index_losses[site].append(loss)
+        self._index_losses[loss.site].append(loss)
 
     def _find_steps_missing_a_rank_unmarked(self, held: dict, skip: set[int]) -> None:
         """For ranks without a marks file (runs of earlier versions): lose the steps of a split, after a rank's
