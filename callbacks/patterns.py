@@ -308,7 +308,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         step = trainer.global_step
         if self._batch_recorder is None or self._failed:
             return
-        due = step % self.batch_every_n_steps == 0 and step > self._batch_floor
+        due = self._on_batch_schedule(step) and step > self._batch_floor
         if not due and self._batch_checked:
             return
         # A first batch that is not recorded (a resumed fit) is still checked, recording nothing, so that
@@ -380,12 +380,16 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._resumed = True
 
     # ------------------------------------------------------------------ helpers
-    def _unwritten_batch_steps(self, recorded: list[int]) -> range:
+    def _unwritten_batch_steps(self, recorded: list[int]) -> list[int]:
         """The scheduled batch steps after the last one on disk, up to the last the checkpoint says was recorded:
         what a kill loses is the tail of the records (gaps before it are data-dependent sites, not losses)."""
-        last, every = self._last_batch_step, self.batch_every_n_steps
+        last = self._last_batch_step
         on_disk = max((step for step in recorded if step <= last), default=-1)
-        return range((on_disk // every + 1) * every, last + 1, every)
+        return [step for step in range(on_disk + 1, last + 1) if self._on_batch_schedule(step)]
+
+    def _on_batch_schedule(self, step: int) -> bool:
+        """Whether batch mode records the training batches of optimizer step ``step``."""
+        return step % self.batch_every_n_steps == 0
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check what needs the trainer and start recording; every failure here raises."""
