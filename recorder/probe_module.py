@@ -9,12 +9,12 @@ Two ways, chosen by the prober's ``copy`` option:
   buffer (BatchNorm running statistics, counters) and each module's own attributes (numbers, strings,
   lists, dicts and sets by their contents, RNGs a module owns by their states; buffers, parameters
   and submodules a forward adds are removed again) are saved and restored; parameters and tensors
-  kept as plain attributes are only read (an in-place change of one by the probe forward is detected
-  and raised). Costs one copy of the buffers only.
+  kept as plain attributes (or one level inside a list, tuple or dict) are only read (an in-place change
+  of one by the probe forward is detected and raised). Costs one copy of the buffers only.
 
-Before each probe the copy also takes the model's plain number and string attributes (a schedule's
-``alpha``), and is made anew where the model's layout changed (a submodule replaced, a buffer or
-parameter added or removed).
+Before each probe the copy also takes the model's plain attributes that training may change (numbers
+and strings such as a schedule's ``alpha``, tensors and arrays by value, RNG states), and is made anew
+where the model's layout changed (a submodule replaced, a buffer or parameter added or removed).
 
 Both run the probe under ``no_grad`` with every RNG stream (torch CPU and the model's accelerator,
 numpy, python) saved and restored, so a run with probes trains bit-identically to one without.
@@ -103,10 +103,7 @@ class ProbeModule:
             self._modules = _module_pairs(self._copy, self.model)
             self._layout = layout
         for target, source in self._modules:
-            # Plain numbers and strings the training changes (a fade-in `alpha`, a dropout rate schedule).
-            for name, value in vars(source).items():
-                if type(value) in _SCALARS and name not in _MODULE_INTERNALS:
-                    target.__dict__[name] = value
+            _sync_attributes(target, source)
         return self._copy
 
     def _sync(self) -> bool:
@@ -248,9 +245,9 @@ def _preserved(model: nn.Module) -> Iterator[None]:
     registries = [(d, dict(d)) for _, m in modules for d in (m._buffers, m._parameters, m._modules)]
     attributes = [(m, _attributes(m)) for _, m in modules]
     watched = [(name, p, p._version) for name, p in model.named_parameters()]
-    watched += [(f"{path + '.' if path else ''}{key}", value, value._version)
+    watched += [(f"{path + '.' if path else ''}{key}{where}", tensor, tensor._version)
                 for (path, _), (_, saved) in zip(modules, attributes)
-                for key, (value, _) in saved.items() if isinstance(value, torch.Tensor)]  # fmt: skip
+                for key, (value, _) in saved.items() for where, tensor in _tensors_in(value)]  # fmt: skip
     try:
         yield
     finally:
@@ -269,9 +266,11 @@ def _preserved(model: nn.Module) -> Iterator[None]:
     if changed:
         raise RuntimeError(
             f"The probe forward changed tensors of the model in place ({changed}): parameters, or tensors kept as "
-            "plain attributes (a metric's state, say), which `copy=False` does not save; that changes training. "
-            "Pass `copy=True` so that the probe runs on a copy, or keep such state in a buffer (`register_buffer`), "
-            "which is saved and restored."
+            "plain attributes or in a list, tuple or dict attribute (a metric's state, say), which `copy=False` does "
+            "not save; that changes training. Pass `copy=True` so that the probe runs on a copy; or keep such state "
+            "in a buffer (`register_buffer`), which is saved and restored; or, for a metric (torchmetrics) updated "
+            "in `training_step`, probe through a forward that does not update it (the callback's `probe_forward=`, "
+            "the Prober's `forward=`)."
         )
 
 
@@ -283,6 +282,19 @@ def _attributes(module: nn.Module) -> dict[str, tuple[object, object]]:
 def _contents(value: object) -> object:
     if isinstance(value, (list, dict, set)):
         return copying.copy(value)  # shallow: an appended output, a counter in a dict
+    return _rng_state(value)  # None for numbers, strings and tuples (restored by reference) and tensors (watched)
+
+
+def _tensors_in(value: object) -> list[tuple[str, torch.Tensor]]:
+    """``(where, tensor)`` of a tensor attribute, or of the tensors one level inside a list, tuple or dict."""
+    if isinstance(value, torch.Tensor):
+        return [("", value)]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return [(f"[{key!r}]", item) for key, item in items if isinstance(item, torch.Tensor)]
+
+
+def _rng_state(value: object) -> object:
+    """The state of an RNG object (torch, numpy, python), or None for any other value."""
     if isinstance(value, torch.Generator):
         return value.get_state()
     if isinstance(value, np.random.Generator):
@@ -291,7 +303,40 @@ def _contents(value: object) -> object:
         return value.get_state()
     if isinstance(value, random.Random):
         return value.getstate()
-    return None  # numbers, strings and tuples are restored by reference; tensors are watched instead
+    return None
+
+
+def _set_rng_state(value: object, state: object) -> None:
+    if isinstance(value, torch.Generator):
+        value.set_state(state)
+    elif isinstance(value, np.random.Generator):
+        value.bit_generator.state = state
+    elif isinstance(value, np.random.RandomState):
+        value.set_state(state)
+    elif isinstance(value, random.Random):
+        value.setstate(state)
+
+
+def _sync_attributes(target: nn.Module, source: nn.Module) -> None:
+    """Give the copy's module ``target`` the model's values of what training changes besides parameters and
+    buffers: numbers and strings (a fade-in `alpha`), tensors and arrays kept as plain attributes (their
+    values), RNGs (their states). Containers and other objects stay the copy's own."""
+    own = target.__dict__
+    for name, value in vars(source).items():
+        if name in _MODULE_INTERNALS:
+            continue
+        mine = own.get(name)
+        if isinstance(value, _NUMBERS):
+            own[name] = value
+        elif isinstance(value, torch.Tensor):
+            if isinstance(mine, torch.Tensor) and (mine.shape, mine.dtype, mine.device) == (value.shape, value.dtype, value.device):
+                mine.copy_(value)
+            else:
+                own[name] = value.detach().clone()
+        elif isinstance(value, np.ndarray):
+            own[name] = value.copy()
+        elif type(mine) is type(value) and (state := _rng_state(value)) is not None:
+            _set_rng_state(mine, state)
 
 
 def _restore_attributes(module: nn.Module, saved: dict[str, tuple[object, object]]) -> None:
@@ -305,16 +350,10 @@ def _restore_attributes(module: nn.Module, saved: dict[str, tuple[object, object
         elif isinstance(value, (dict, set)):
             value.clear()
             value.update(contents)
-        elif isinstance(value, torch.Generator):
-            value.set_state(contents)
-        elif isinstance(value, np.random.Generator):
-            value.bit_generator.state = contents
-        elif isinstance(value, np.random.RandomState):
-            value.set_state(contents)
-        elif isinstance(value, random.Random):
-            value.setstate(contents)
+        elif contents is not None:
+            _set_rng_state(value, contents)
 
 
 # nn.Module's own attributes (parameters, buffers, submodules, hooks, the train flag): handled apart.
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
-_SCALARS = frozenset({int, float, bool, str, type(None)})
+_NUMBERS = (int, float, str, type(None), np.generic)  # bool is an int; np.generic: numpy scalars

@@ -554,36 +554,64 @@ def test_without_a_copy_a_tensor_attribute_changed_in_place_raises(tmp_path):
             prober.maybe(0)
 
 
-def _probe_truth(model: nn.Module, probe: TensorDataset) -> np.ndarray:
-    """The bits of `act` on the probe set, by a pre-hook on a fresh deep copy of the model as it is now (eval)."""
-    twin = copy.deepcopy(model).eval()
+def test_without_a_copy_a_tensor_in_a_dict_attribute_changed_in_place_raises(tmp_path):
+    """Running statistics kept in a dict: its keys were restored, its tensors kept the probe's update, silently."""
+    model = Net()
+    model.stats = {"mean": torch.zeros(4 * 4)}
+
+    def forward(module, batch):
+        module.stats["mean"].mul_(0.9).add_(batch[0].flatten(1).mean(0), alpha=0.1)
+        module(batch[0])
+
+    with Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8, forward=forward) as prober:
+        with pytest.raises(RuntimeError, match=r"changed tensors of the model in place \(\[\"stats\['mean'\]\"\]\)"):
+            prober.maybe(0)
+
+
+def _probe_truth(model: nn.Module, probe: TensorDataset, mode: str = "eval") -> np.ndarray:
+    """The bits of `act` on the probe set, by a pre-hook on a fresh deep copy of the model as it is now."""
+    twin = copy.deepcopy(model).train(mode == "train")
     with torch.no_grad():
         return toys.channel_bits(toys.relu_inputs(twin, probe.tensors[0])["act"])
 
 
-@pytest.mark.parametrize("change", ["attribute", "submodule", "buffer"])
+@pytest.mark.parametrize("change", ["attribute", "numpy_number", "tensor", "tensor_in_place", "generator",
+                                    "submodule", "buffer"])
 def test_the_copy_follows_what_training_changes_besides_tensors(tmp_path, change):
-    """The copy was synced by the tensors of the modules it was made from: a number training changes (a fade-in),
-    a submodule replaced after it was made and a buffer registered later were those of the first probe."""
+    """The copy was synced by the tensors of the modules it was made from: a number training changes (a fade-in;
+    also as a numpy scalar or a tensor attribute), the state of a generator the module draws from, a submodule
+    replaced after it was made and a buffer registered later were those of the first probe."""
 
     class Faded(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.fc1, self.act, self.fc2 = nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)
-            self.alpha = 0.0
+            self.alpha = torch.zeros(()) if change == "tensor_in_place" else 0.0
+            self.gen = torch.Generator().manual_seed(0)
 
         def forward(self, x):
             z = self.fc1(x.flatten(1)) + self.alpha
+            if self.training:
+                z = z + torch.randn(z.shape, generator=self.gen)
             if "center" in self._buffers:
                 z = z - self.center
             return self.fc2(self.act(z))
 
     torch.manual_seed(0)
     model, probe = Faded(), data(N_PROBE, 1)
-    with Prober(model, probe, tmp_path, 1, mode="eval", batch_size=N_PROBE) as prober:
+    mode = "train" if change == "generator" else "eval"
+    with Prober(model, probe, tmp_path, 1, mode=mode, batch_size=N_PROBE) as prober:
         prober.maybe(0)
         if change == "attribute":
             model.alpha = 0.7
+        elif change == "numpy_number":
+            model.alpha = np.float32(0.7)
+        elif change == "tensor":
+            model.alpha = torch.tensor(0.7)
+        elif change == "tensor_in_place":
+            model.alpha.add_(0.7)
+        elif change == "generator":
+            torch.randn(5, generator=model.gen)  # training draws from it
         elif change == "submodule":
             model.fc1 = nn.Linear(16, 8)
         else:
@@ -591,7 +619,7 @@ def test_the_copy_follows_what_training_changes_besides_tensors(tmp_path, change
         prober.maybe(1)
     run = open_run(tmp_path)
     recorded = run.read("act", 1, "probe").bits
-    expected = _probe_truth(model, probe)
+    expected = _probe_truth(model, probe, mode)
     assert not np.array_equal(run.read("act", 0, "probe").bits, expected)  # the change shows in the patterns
     assert np.array_equal(recorded, expected)
 
