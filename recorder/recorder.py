@@ -589,12 +589,19 @@ def _check_integers(values: Any, name: str, lowest: int | None = None) -> None:
     if values is None:
         return
     if isinstance(values, torch.Tensor):
-        integer = not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool)
+        # Unsigned but uint8: torch has no reductions for them, and uint64 does not fit int64.
+        integer = not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool
+                       or values.dtype in (torch.uint16, torch.uint32, torch.uint64))
         dtype, host = values.dtype, values.device.type == "cpu"
     else:
         values = np.asarray(values)
         dtype, host = values.dtype, True
         integer = np.issubdtype(dtype, np.integer)
+        if integer and dtype == np.uint64 and values.size and int(values.max()) > np.iinfo(np.int64).max:
+            raise ValueError(
+                f"Expected `{name}` that int64 holds, but got uint64 values up to {int(values.max())}: they would wrap "
+                "to negative numbers (2**64 - 1 to -1, 'no label'), silently. Pass values below 2**63 as int64."
+            )
     if not integer:
         raise ValueError(
             f"Expected `{name}` to be integers, but got dtype {dtype}: floats would be cut to integers (0.7 to 0, "
