@@ -71,6 +71,7 @@ class ProbeModule:
         self._pairs: list[tuple[dict, dict, str]] = []
         self._modules: list[tuple[nn.Module, nn.Module]] = []
         self._layout: list | None = None
+        self._synced: dict = {}  # (copy module id, attribute) -> the model's array and version at the last sync
 
     @property
     def device(self) -> torch.device:
@@ -101,9 +102,9 @@ class ProbeModule:
             self._copy = eager_copy(self.model)
             self._pairs = _tensor_pairs(self._copy, self.model)
             self._modules = _module_pairs(self._copy, self.model)
-            self._layout = layout
+            self._layout, self._synced = layout, {}
         for target, source in self._modules:
-            _sync_attributes(target, source)
+            _sync_attributes(target, source, self._synced)
         return self._copy
 
     def _sync(self) -> bool:
@@ -115,7 +116,7 @@ class ProbeModule:
                 if target is not source:
                     return False
                 continue
-            if target.shape != source.shape or target.dtype != source.dtype or target.device != source.device:
+            if not _same_layout(target, source):
                 return False  # the model was moved, cast or resized: make a new copy
             targets.append(target)
             sources.append(source)
@@ -317,10 +318,14 @@ def _set_rng_state(value: object, state: object) -> None:
         value.setstate(state)
 
 
-def _sync_attributes(target: nn.Module, source: nn.Module) -> None:
+def _sync_attributes(target: nn.Module, source: nn.Module, synced: dict) -> None:
     """Give the copy's module ``target`` the model's values of what training changes besides parameters and
     buffers: numbers and strings (a fade-in `alpha`), tensors and arrays kept as plain attributes (their
-    values), RNGs (their states). Containers and other objects stay the copy's own."""
+    values), RNGs (their states). Containers and other objects stay the copy's own.
+
+    ``synced`` holds, per array attribute, the model's object (and a tensor's version) at its last sync: one
+    unchanged since (a dataset or a table kept on the module) is not copied again at every probe. A numpy
+    array changed in place is not seen (it has no version counter)."""
     own = target.__dict__
     for name, value in vars(source).items():
         if name in _MODULE_INTERNALS:
@@ -328,15 +333,23 @@ def _sync_attributes(target: nn.Module, source: nn.Module) -> None:
         mine = own.get(name)
         if isinstance(value, _NUMBERS):
             own[name] = value
-        elif isinstance(value, torch.Tensor):
-            if isinstance(mine, torch.Tensor) and (mine.shape, mine.dtype, mine.device) == (value.shape, value.dtype, value.device):
+        elif isinstance(value, (torch.Tensor, np.ndarray)):
+            tensor = isinstance(value, torch.Tensor)
+            key, state = (id(target), name), (value, value._version if tensor else None)
+            last = synced.get(key)
+            if last is not None and last[0] is value and last[1] == state[1]:
+                continue
+            synced[key] = state
+            if tensor and isinstance(mine, torch.Tensor) and _same_layout(mine, value):
                 mine.copy_(value)
             else:
-                own[name] = value.detach().clone()
-        elif isinstance(value, np.ndarray):
-            own[name] = value.copy()
+                own[name] = value.detach().clone() if tensor else value.copy()
         elif type(mine) is type(value) and (state := _rng_state(value)) is not None:
             _set_rng_state(mine, state)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def _restore_attributes(module: nn.Module, saved: dict[str, tuple[object, object]]) -> None:
