@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy as copying
+import numbers
 import random
 from typing import Iterator
 
@@ -116,7 +117,7 @@ class ProbeModule:
                 if target is not source:
                     return False
                 continue
-            if not _same_layout(target, source):
+            if target.shape != source.shape or target.dtype != source.dtype or target.device != source.device:
                 return False  # the model was moved, cast or resized: make a new copy
             targets.append(target)
             sources.append(source)
@@ -330,7 +331,6 @@ def _sync_attributes(target: nn.Module, source: nn.Module, synced: dict) -> None
     for name, value in vars(source).items():
         if name in _MODULE_INTERNALS:
             continue
-        mine = own.get(name)
         if isinstance(value, _NUMBERS):
             own[name] = value
         elif isinstance(value, (torch.Tensor, np.ndarray)):
@@ -340,16 +340,11 @@ def _sync_attributes(target: nn.Module, source: nn.Module, synced: dict) -> None
             if last is not None and last[0] is value and last[1] == state[1]:
                 continue
             synced[key] = state
-            if tensor and isinstance(mine, torch.Tensor) and _same_layout(mine, value):
-                mine.copy_(value)
-            else:
-                own[name] = value.detach().clone() if tensor else value.copy()
-        elif type(mine) is type(value) and (state := _rng_state(value)) is not None:
-            _set_rng_state(mine, state)
+            # A fresh copy, never written into the copy's own: that may be shared with another attribute.
+            own[name] = value.detach().clone() if tensor else value.copy()
+        elif type(own.get(name)) is type(value) and (state := _rng_state(value)) is not None:
+            _set_rng_state(own[name], state)
 
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def _restore_attributes(module: nn.Module, saved: dict[str, tuple[object, object]]) -> None:
@@ -369,4 +364,4 @@ def _restore_attributes(module: nn.Module, saved: dict[str, tuple[object, object
 
 # nn.Module's own attributes (parameters, buffers, submodules, hooks, the train flag): handled apart.
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
-_NUMBERS = (int, float, str, type(None), np.generic)  # bool is an int; np.generic: numpy scalars
+_NUMBERS = (numbers.Number, str, type(None), np.generic)  # immutable: shared with the copy as they are

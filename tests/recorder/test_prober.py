@@ -575,8 +575,8 @@ def _probe_truth(model: nn.Module, probe: TensorDataset, mode: str = "eval") -> 
         return toys.channel_bits(toys.relu_inputs(twin, probe.tensors[0])["act"])
 
 
-@pytest.mark.parametrize("change", ["attribute", "numpy_number", "tensor", "tensor_in_place", "generator",
-                                    "submodule", "buffer"])
+@pytest.mark.parametrize("change", ["attribute", "numpy_number", "fraction", "tensor", "tensor_in_place",
+                                    "aliased_tensor", "generator", "submodule", "buffer"])
 def test_the_copy_follows_what_training_changes_besides_tensors(tmp_path, change):
     """The copy was synced by the tensors of the modules it was made from: a number training changes (a fade-in;
     also as a numpy scalar or a tensor attribute), the state of a generator the module draws from, a submodule
@@ -586,11 +586,12 @@ def test_the_copy_follows_what_training_changes_besides_tensors(tmp_path, change
         def __init__(self) -> None:
             super().__init__()
             self.fc1, self.act, self.fc2 = nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)
-            self.alpha = torch.zeros(()) if change == "tensor_in_place" else 0.0
+            self.base = torch.zeros(())
+            self.alpha = {"tensor_in_place": torch.zeros(()), "aliased_tensor": self.base}.get(change, 0.0)
             self.gen = torch.Generator().manual_seed(0)
 
         def forward(self, x):
-            z = self.fc1(x.flatten(1)) + self.alpha
+            z = self.fc1(x.flatten(1)) + float(self.alpha) - self.base
             if self.training:
                 z = z + torch.randn(z.shape, generator=self.gen)
             if "center" in self._buffers:
@@ -606,6 +607,10 @@ def test_the_copy_follows_what_training_changes_besides_tensors(tmp_path, change
             model.alpha = 0.7
         elif change == "numpy_number":
             model.alpha = np.float32(0.7)
+        elif change == "fraction":
+            model.alpha = Fraction(7, 10)
+        elif change == "aliased_tensor":
+            model.alpha = torch.tensor(0.7)  # the copy's alpha is its base, too
         elif change == "tensor":
             model.alpha = torch.tensor(0.7)
         elif change == "tensor_in_place":
