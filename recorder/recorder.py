@@ -589,9 +589,12 @@ def _check_integers(values: Any, name: str, lowest: int | None = None) -> None:
     if values is None:
         return
     if isinstance(values, torch.Tensor):
-        # Unsigned but uint8: torch has no reductions for them, and uint64 does not fit int64.
-        integer = not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool
-                       or values.dtype in (torch.uint16, torch.uint32, torch.uint64))
+        if values.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no reductions in torch; uint64 > int64
+            raise ValueError(
+                f"Expected `{name}` of a signed integer dtype (or uint8), but got {values.dtype}, whose values torch "
+                f"cannot check and int64 may not hold. Pass `{name}.long()` (values below 2**63)."
+            )
+        integer = not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool)
         dtype, host = values.dtype, values.device.type == "cpu"
     else:
         values = np.asarray(values)

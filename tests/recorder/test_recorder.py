@@ -448,7 +448,9 @@ def test_splits_epochs_and_mismatched_labels(tmp_path, caplog):
     ("labels", np.array([0, 1, 2**64 - 1, 2**63], dtype=np.uint64), r"uint64 values up to 18446744073709551615: they "
                                                                      r"would wrap.*2\*\*64 - 1 to -1"),
     ("sample_ids", np.array([0, 1, 2**63, 3], dtype=np.uint64), r"`sample_ids` that int64 holds"),
-    ("labels", torch.tensor([0, 1, 2, 3], dtype=torch.uint64), r"`labels` to be integers, but got dtype torch.uint64"),
+    ("labels", torch.tensor([0, 1, 2, 3], dtype=torch.uint64), r"`labels` of a signed integer dtype \(or uint8\), "
+                                                               r"but got torch.uint64.*`labels.long\(\)`"),
+    ("sample_ids", torch.tensor([0, 1, 2, 3], dtype=torch.uint32), r"`sample_ids` of a signed.*torch.uint32"),
 ])
 def test_labels_and_sample_ids_that_are_no_integers_are_refused_before_the_forward(tmp_path, name, values, match):
     """They were cut to integers, silently: -1.7 became -1 (no label), 0.2 and 0.9 class 0."""
