@@ -194,15 +194,35 @@ def test_without_a_copy_buffers_flags_and_rng_are_restored(tmp_path):
     assert random.getstate() == rng[2]
 
 
-def test_without_a_copy_a_forward_that_changes_a_parameter_raises(tmp_path):
+def _mul_weight(module, batch):
+    module.net[0].weight.mul_(1.0)  # an in-place change, even of the same value
+
+
+def _add_total(module, batch):
+    module.total += batch[0].sum()  # a metric's state kept as a plain tensor attribute (torchmetrics keeps them so)
+
+
+def _update_stats(module, batch):
+    # Running statistics kept in a dict: its keys were restored, its tensors kept the probe's update, silently.
+    module.stats["mean"].mul_(0.9).add_(batch[0].flatten(1).mean(0), alpha=0.1)
+
+
+@pytest.mark.parametrize("change, match", [
+    (_mul_weight, r"changed tensors of the model in place.*net.0.weight.*copy=True"),
+    (_add_total, r"changed tensors of the model in place \(\['total'\]\).*register_buffer"),
+    (_update_stats, r"changed tensors of the model in place \(\[\"stats\['mean'\]\"\]\)"),
+])
+def test_without_a_copy_a_forward_that_changes_a_tensor_in_place_raises(tmp_path, change, match):
+    """Parameters, tensor attributes and tensors one level inside a container attribute are not saved: watched."""
     model = Net()
+    model.total, model.stats = torch.zeros(()), {"mean": torch.zeros(4 * 4)}
 
     def forward(module, batch):
-        module.net[0].weight.mul_(1.0)  # an in-place change, even of the same value
+        change(module, batch)
         module(batch[0])
 
     with Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8, forward=forward) as prober:
-        with pytest.raises(RuntimeError, match=r"changed tensors of the model in place.*net.0.weight.*copy=True"):
+        with pytest.raises(RuntimeError, match=match):
             prober.maybe(0)
 
 
@@ -538,34 +558,6 @@ def test_state_a_forward_makes_or_draws_is_training_s_alone(tmp_path, copy_model
     assert torch.equal(plain.gen.get_state(), probed.gen.get_state())
     assert plain.rng.bit_generator.state == probed.rng.bit_generator.state
     assert (plain.calls, plain.seen, plain.by_name) == (probed.calls, probed.seen, probed.by_name) and plain.calls == 4
-
-
-def test_without_a_copy_a_tensor_attribute_changed_in_place_raises(tmp_path):
-    """A metric's state kept as a plain tensor attribute (torchmetrics keeps them so): not saved, so refused."""
-    model = Net()
-    model.total = torch.zeros(())
-
-    def forward(module, batch):
-        module.total += batch[0].sum()
-        module(batch[0])
-
-    with Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8, forward=forward) as prober:
-        with pytest.raises(RuntimeError, match=r"changed tensors of the model in place \(\['total'\]\).*register_buffer"):
-            prober.maybe(0)
-
-
-def test_without_a_copy_a_tensor_in_a_dict_attribute_changed_in_place_raises(tmp_path):
-    """Running statistics kept in a dict: its keys were restored, its tensors kept the probe's update, silently."""
-    model = Net()
-    model.stats = {"mean": torch.zeros(4 * 4)}
-
-    def forward(module, batch):
-        module.stats["mean"].mul_(0.9).add_(batch[0].flatten(1).mean(0), alpha=0.1)
-        module(batch[0])
-
-    with Prober(model, data(8, 1), tmp_path, 1, copy=False, batch_size=8, forward=forward) as prober:
-        with pytest.raises(RuntimeError, match=r"changed tensors of the model in place \(\[\"stats\['mean'\]\"\]\)"):
-            prober.maybe(0)
 
 
 def _probe_truth(model: nn.Module, probe: TensorDataset, mode: str = "eval") -> np.ndarray:
