@@ -280,8 +280,7 @@ class ActivationRecorder:
             )
         if record:
             self._check_order(step, split)
-        _check_integers(labels, "labels", lowest=-1)
-        _check_integers(sample_ids, "sample_ids")
+        labels, sample_ids = _per_sample(labels, "labels", lowest=-1), _per_sample(sample_ids, "sample_ids")
         self._context = _Capture(step, epoch, split, labels, sample_ids, check, record, ends_step)
         self._pending.clear()
         self._gathered.clear()
@@ -518,7 +517,7 @@ class ActivationRecorder:
                 kept = kept.index_select(0, index)
             kept = kept if len(units) == meta.n_units else kept[:, list(units)]
             values = kept.to(torch.float16, copy=True)  # a copy: an in-place activation may overwrite z
-        labels, sample_ids = context.per_sample()
+        labels, sample_ids = context.labels, context.sample_ids
         if (labels is not None and len(labels) != n) or (sample_ids is not None and len(sample_ids) != n):
             self._warn_once(
                 f"batch:{name}",
@@ -548,8 +547,7 @@ class ActivationRecorder:
 
 
 class _Capture:
-    """Per-capture context: the time point and the per-sample arrays, made int64 once (on the host, or on
-    the CUDA device that holds them, for :func:`to_host` to copy with the records)."""
+    """Per-capture context: the time point and the per-sample arrays (see :func:`_per_sample`)."""
 
     def __init__(
         self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any, check: Callable[[], None] | None,
@@ -557,14 +555,8 @@ class _Capture:
     ) -> None:
         self.step, self.epoch, self.split, self.check, self.record = step, epoch, split, check, record
         self.ends_step = ends_step
+        self.labels, self.sample_ids = labels, sample_ids
         self.error: Exception | None = None
-        self._raw = (labels, sample_ids)
-        self._host: tuple | None = None
-
-    def per_sample(self) -> tuple:
-        if self._host is None:
-            self._host = tuple(_host_int64(a) for a in self._raw)
-        return self._host
 
 
 def _whole(value: Any, name: str) -> int:
@@ -583,50 +575,51 @@ def _whole(value: Any, name: str) -> int:
     return whole
 
 
-def _check_integers(values: Any, name: str, lowest: int | None = None) -> None:
-    """Refuse per-sample values that are no integers: a float would be cut to one (0.7 to class 0, -1.7 to "no
-    label"), silently; values below ``lowest`` where they can be read without a device sync."""
+def _per_sample(values: Any, name: str, lowest: int | None = None) -> Any:
+    """Per-sample values checked and made int64 once: a host array (a copy: the caller may reuse its own), or,
+    where a CUDA device holds them, an int64 tensor there, for :func:`to_host` to copy with the records.
+
+    Refuses values that are no integers (a float would be cut to one, 0.7 to class 0 and -1.7 to "no label",
+    silently) and, on the host, values below ``lowest`` (on a GPU that would wait for the device: the analysis
+    checks them)."""
     if values is None:
-        return
+        return None
     if isinstance(values, torch.Tensor):
         if values.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no reductions in torch; uint64 > int64
             raise ValueError(
                 f"Expected `{name}` of a signed integer dtype (or uint8), but got {values.dtype}, whose values torch "
                 f"cannot check and int64 may not hold. Pass `{name}.long()` (values below 2**63)."
             )
-        integer = not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool)
-        dtype, host = values.dtype, values.device.type == "cpu"
-    else:
-        values = np.asarray(values)
-        dtype, host = values.dtype, True
-        integer = np.issubdtype(dtype, np.integer)
-        if integer and dtype == np.uint64 and values.size and int(values.max()) > np.iinfo(np.int64).max:
-            raise ValueError(
-                f"Expected `{name}` that int64 holds, but got uint64 values up to {int(values.max())}: they would wrap "
-                "to negative numbers (2**64 - 1 to -1, 'no label'), silently. Pass values below 2**63 as int64."
-            )
-    if not integer:
-        raise ValueError(
-            f"Expected `{name}` to be integers, but got dtype {dtype}: floats would be cut to integers (0.7 to 0, "
-            f"-1.7 to -1) and bools read as 0/1, silently. Pass integer {name} (`.long()` of 0./1. targets)"
-            + (", -1 for a sample without a label." if name == "labels" else ".")
-        )
-    if lowest is not None and host and len(values.reshape(-1)) and int(values.min()) < lowest:
-        raise ValueError(
-            f"Expected `{name}` of at least {lowest} (-1: no label), but got {int(values.min())}. Pass class "
-            "indices 0..K-1, and -1 for a sample without a label."
-        )
-
-
-def _host_int64(values: Any) -> Any:
-    if values is None:
-        return None
-    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            _refuse_non_integers(values.dtype, name)
         values = values.detach().reshape(-1)
         if values.is_cuda:
             return values.to(torch.int64)
         values = values.cpu().numpy()
-    return np.array(values, dtype=np.int64).reshape(-1)  # a copy: the caller may reuse its array
+    else:
+        values = np.asarray(values)
+        if not np.issubdtype(values.dtype, np.integer):
+            _refuse_non_integers(values.dtype, name)
+        if values.dtype == np.uint64 and values.size and int(values.max()) > np.iinfo(np.int64).max:
+            raise ValueError(
+                f"Expected `{name}` that int64 holds, but got uint64 values up to {int(values.max())}: they would wrap "
+                "to negative numbers (2**64 - 1 to -1, 'no label'), silently. Pass values below 2**63 as int64."
+            )
+    host = np.array(values, dtype=np.int64).reshape(-1)
+    if lowest is not None and host.size and int(host.min()) < lowest:
+        raise ValueError(
+            f"Expected `{name}` of at least {lowest} (-1: no label), but got {int(host.min())}. Pass class "
+            "indices 0..K-1, and -1 for a sample without a label."
+        )
+    return host
+
+
+def _refuse_non_integers(dtype: Any, name: str) -> None:
+    raise ValueError(
+        f"Expected `{name}` to be integers, but got dtype {dtype}: floats would be cut to integers (0.7 to 0, "
+        f"-1.7 to -1) and bools read as 0/1, silently. Pass integer {name} (`.long()` of 0./1. targets)"
+        + (", -1 for a sample without a label." if name == "labels" else ".")
+    )
 
 
 _DEVICE_FIELDS = ("nan_count", "values", "bits", "labels", "sample_ids")
