@@ -277,6 +277,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             # schedule. A checkpoint it resumes from restores this state after setup.
             self._run_dir, self._last_batch_step, self._resumed = None, -1, False
             self._probe_state = {"last_probe_step": -1, "init_step": -1}
+        elif self._run_dir is not None:
+            # The same Trainer fitting again (for more epochs) goes on from this state, as from a checkpoint's.
+            self._resumed = True
         self._trainer = weakref.ref(trainer)
         compiled = _trainer.compiled_parts(pl_module)
         if self._probe_set is not None and not self.probe_copy and compiled:

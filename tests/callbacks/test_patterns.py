@@ -316,6 +316,26 @@ def test_one_callback_reused_by_a_second_trainer_records_a_new_run(tmp_path):
         assert not run.stop_reasons
 
 
+def test_the_same_trainer_fitting_again_continues_its_run(tmp_path, recwarn):
+    # Training for longer in a notebook: raise max_epochs and fit again. The first fit's end-of-fit probe is at
+    # the step where the second fit starts; the second fit neither probes it again nor takes it for another run's.
+    cb = ActivationPatternCallback(probe=toy_data(24, seed=1), probe_every=0.5, probe_batch_size=12,
+                                   live_stats=False, batch_every_n_steps=4)
+    pl.seed_everything(0, verbose=False)
+    model, data = ToyNet(), DataLoader(toy_data(), batch_size=8, shuffle=True)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1)
+    trainer.fit(model, data)
+    first = cb.run_dir
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, data)
+    assert trainer.global_step == 16 and cb.run_dir == first
+    run = open_run(first)
+    assert run.steps("net.2", "probe").tolist() == [0, 4, 8, 12, 16]  # one probe per schedule point, none twice
+    assert run.steps("net.2", "train").tolist() == [0, 4, 8, 12]
+    assert not run.stop_reasons and not run.losses
+    assert not [w for w in recwarn if "actpat" in str(w.message)], [str(w.message) for w in recwarn]
+
+
 @pytest.mark.parametrize("on_error", ["warn", "raise"])
 def test_failing_live_statistics_stop_themselves_not_the_recording(tmp_path, monkeypatch, on_error):
     def broken(patterns, references, n_classes=None):
