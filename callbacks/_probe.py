@@ -40,24 +40,34 @@ def lightning_forward(
     module's own batch handling (on a module made :func:`inert`). Errors are raised as
     :class:`~actpat.recorder.prober.ProbeForwardError` naming the rule and the option that changes it.
     """
-    name = type(module).__name__
     if probe_forward is not None or overrides_forward(module):
-        because = "" if probe_forward is not None else f", because {name} overrides `forward`"
+        because = "" if probe_forward is not None else f", because {type(module).__name__} overrides `forward`"
         return ProbeForward.default(probe_forward, reader, option="probe_forward", because=because,
                                     context=forward_context)
+    return training_step_forward(module, "probe_forward", forward_context)
+
+
+def training_step_forward(
+    module: nn.Module, option: str, forward_context: Optional[Callable[[], Any]] = None
+) -> ProbeForward:
+    """``module.training_step(batch, 0)`` as the probe forward of a LightningModule without ``forward``, to run
+    on a module made :func:`inert`; ``option`` is the caller's name for its own probe forward."""
     hint = (
-        "Pass `probe_forward=` (for example `lambda module, batch: module.net(batch[0])`), or give the module "
+        f"Pass `{option}=` (for example `lambda module, batch: module.net(batch[0])`), or give the module "
         "a `forward`. While probing, `self.log`, optimizers, schedulers and `manual_backward` do nothing; "
         "collective calls (`self.all_gather`) are not supported."
     )
-    return ProbeForward(lambda m, batch: m.training_step(batch, 0),
-                        f"`training_step(batch, 0)` on the probed module, because {name} does not override `forward`",
-                        hint, forward_context)
+    return ProbeForward(
+        lambda m, batch: m.training_step(batch, 0),
+        f"`training_step(batch, 0)` on the probed module, because {type(module).__name__} does not override `forward`",
+        hint, forward_context,
+    )
 
 
 @contextlib.contextmanager
 def inert(module: nn.Module, trainer: Any) -> Iterator[None]:
-    """Let ``training_step`` run on ``module`` without touching the trainer, its loggers or optimizers.
+    """Let ``training_step`` run on ``module`` without touching the trainer, its loggers or optimizers
+    (``trainer`` None: a module replayed outside any fit, which has neither).
 
     While the context is active, on every LightningModule in ``module``: ``self.log`` and
     ``self.log_dict`` do nothing; ``self.optimizers()`` and ``self.lr_schedulers()`` return stand-ins
@@ -121,7 +131,8 @@ class _TrainerView(_View):
     @property
     def optimizers(self) -> list:
         """Stand-ins of the trainer's optimizers, looked up when asked (they exist once fit has set up)."""
-        return [_View(opt, step=_call_closure, zero_grad=_nothing) for opt in object.__getattribute__(self, "_target").optimizers]
+        optimizers = getattr(object.__getattribute__(self, "_target"), "optimizers", [])
+        return [_View(opt, step=_call_closure, zero_grad=_nothing) for opt in optimizers]
 
 
 def _schedulers(trainer: Any) -> Any:

@@ -181,6 +181,7 @@ def replay(
     last = max(done, default=-1)
     replayed: list[ReplayResult] = []
     prober_options.setdefault("copy", False)  # the model is replay's own: nothing to protect
+    _probe_as_the_callback(model, prober_options)
     prober = Prober(model, probe, out_dir, 1, mode=mode, batch_size=batch_size, **prober_options)
     try:
         for step, path in tqdm(planned, desc="replaying checkpoints", unit="ckpt", disable=not progress):
@@ -209,6 +210,19 @@ def replay(
     finally:
         prober.close()
     return replayed + results
+
+
+def _probe_as_the_callback(model: "nn.Module", options: dict) -> None:
+    """A LightningModule without ``forward`` is probed through its ``training_step``, on the module made inert
+    (logging, optimizers), as the callback probed it live; unless ``options`` name a ``forward``."""
+    if options.get("forward") is not None or not {"lightning", "pytorch_lightning"} & sys.modules.keys():
+        return  # no Lightning imported: no LightningModule
+    from actpat.callbacks import _probe
+    from actpat.callbacks._lightning import is_lightning_class
+
+    if any(is_lightning_class(cls) for cls in type(model).__mro__) and not _probe.overrides_forward(model):
+        options["forward"] = _probe.training_step_forward(model, "forward")
+        options.setdefault("context", lambda module: _probe.inert(module, None))
 
 
 def replay_command(

@@ -87,6 +87,44 @@ def test_replayed_checkpoints_equal_the_live_probe_bit_for_bit(tmp_path, mode):
             pd.testing.assert_frame_equal(summarize(out, progress=False), summarize(cb.run_dir, "probe", progress=False))
 
 
+class StepOnly(pl.LightningModule):
+    """The common style without `forward`: the batch is handled in `training_step`, which logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = toys.body()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_lightning_module_without_forward_is_replayed_through_its_training_step_as_the_callback_probed_it(tmp_path):
+    probe = toy_data(20, 1)
+    cb = ActivationPatternCallback(probe=probe, probe_every=PROBE_EVERY, live_stats=False)
+    saver = SaveAtProbeSteps(tmp_path)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_epochs=1, logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, accelerator="cpu", devices=1, callbacks=[cb, saver],
+    )
+    trainer.fit(StepOnly(), DataLoader(toy_data(40, 0), batch_size=8, shuffle=True))
+    live = open_run(cb.run_dir)
+    out = tmp_path / "replayed"
+    results = replay(saver.ckpt_dir, StepOnly(), probe, out, batch_size=8, progress=False)
+    assert [(r.step, r.status) for r in results] == [(0, "replayed"), (3, "replayed"), (5, "replayed")]
+    replayed = open_run(out)
+    assert replayed.sites == live.sites == ["net.2", "net.6"]
+    for site in live.sites:
+        for step in (0, 3, 5):
+            np.testing.assert_array_equal(replayed.read(site, step, "probe").bits, live.read(site, step, "probe").bits)
+
+
 def _state(model: nn.Module) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
