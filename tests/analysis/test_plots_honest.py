@@ -130,12 +130,25 @@ def test_epoch_axis_is_fractional():
     xs = plots.curves(df, "entropy", x="epoch").axes[0].lines[0].get_xdata()
     np.testing.assert_allclose(xs, np.array(steps) / 10)
     assert len(set(xs)) == len(steps)
-    np.testing.assert_allclose(plots.fractional_epochs(steps, epochs, steps_per_epoch=20), [
-        0, 0.1, 0.2, 0.3, 0.4, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5])
+    np.testing.assert_allclose(plots.fractional_epochs(steps, epochs, steps_per_epoch=10), np.array(steps) / 10)
     # One epoch only: its span plus one gap is the estimate.
     np.testing.assert_allclose(plots.fractional_epochs([0, 5, 10, 15], [0, 0, 0, 0]), [0, 0.25, 0.5, 0.75])
     with pytest.raises(ValueError, match="epoch -1"):
         plots.fractional_epochs([0, 5], [-1, -1])
+
+
+def test_epoch_axis_places_the_callbacks_probes_at_their_steps():
+    # The callback's probes, 10 steps per epoch, every 0.5 epoch: the probe at an epoch's end (steps 10, 20) carries
+    # the epoch that ended, so epoch 1's first record (step 15) is not its start (step 10).
+    steps, epochs = [0, 5, 10, 15, 20], [0, 0, 0, 1, 1]
+    np.testing.assert_allclose(plots.fractional_epochs(steps, epochs, steps_per_epoch=10), [0, 0.5, 1.0, 1.5, 2.0])
+    # Gradient accumulation, 8 optimizer steps per epoch, probes every 0.5 epoch.
+    steps, epochs = [0, 4, 8, 12, 16], [0, 0, 0, 1, 1]
+    np.testing.assert_allclose(plots.fractional_epochs(steps, epochs, steps_per_epoch=8), [0, 0.5, 1.0, 1.5, 2.0])
+    # Probes every 3 steps of 10-step epochs: no record at epoch 1's or 2's start.
+    steps = [0, 3, 6, 9, 12, 15, 18, 21]
+    np.testing.assert_allclose(plots.fractional_epochs(steps, [s // 10 for s in steps], steps_per_epoch=10),
+                               np.array(steps) / 10)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         plots.fractional_epochs([0, 5], [0, 0], steps_per_epoch=0)
 
