@@ -294,7 +294,9 @@ def _table_for(args: argparse.Namespace, *, rates: bool):
             print("actpat: no RUN given with --metrics: firing-rate histograms left out.", file=sys.stderr)
             return df, None, None
         run = _open(args.run_dir)
-        return df, _rates(args, run, _split(run, args)), None
+        splits = set(df.get("split", ()))
+        split = splits.pop() if args.split is None and len(splits) == 1 else _split(run, args)  # the table's own
+        return df, _rates(args, run, split), None
     run = _open(args.run_dir)
     result = _analyze(args, run, _split(run, args), rates=rates)
     return result.table(), result.firing_rates, result.information_plane
@@ -403,6 +405,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         group, path = split_run_spec(spec)
         # A bare directory is named as typed, not by the run folder found inside it.
         runs.append((spec if group is None else group, locate_run(path)))
+    if args.split is None:  # a run of several splits is named here, with the option's command-line name
+        for _, path in runs:
+            _split(_open(path), args)
     written = report(
         runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, stay=args.stay,
         kind=args.band, width_controlled=not args.no_width_controlled, regions=args.regions, m=args.units,

@@ -247,6 +247,14 @@ def test_split_flag_defaults_to_the_only_split_and_names_the_choices(tmp_path, c
     assert "--split" in err and "['probe', 'train']" in err and "`split`" not in err
     assert main(["analyze", str(tmp_path / "two"), "-o", str(tmp_path / "two.csv"), "--split", "val"]) == 2
     assert "Expected --split to be one of the recorded splits ['probe', 'train'], but got 'val'" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "two"), "-o", str(tmp_path / "cmp"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--split probe" in err and "split=" not in err
+    # A table of one split says which split the run's histograms are of: no --split needed.
+    assert main(["analyze", str(tmp_path / "two"), "-o", str(tmp_path / "probe.csv"), "--split", "probe",
+                 "--no-progress"]) == 0
+    assert main(["tensorboard", str(tmp_path / "two"), "--metrics", str(tmp_path / "probe.csv"), "--logdir",
+                 str(tmp_path / "tb"), "--no-progress"]) == 0
 
 
 @pytest.mark.parametrize("jobs", ["0", "-2", "two"])
