@@ -263,6 +263,9 @@ def resolve(spec: str, option: str = "spec") -> Callable:
             path = Path(where)
             if not path.is_file():
                 raise FileNotFoundError(f"no such file {where!r}")
+            folder = str(path.resolve().parent)
+            if folder not in sys.path:
+                sys.path.insert(0, folder)  # as `python file.py` does: the file may import the modules beside it
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules.setdefault(path.stem, module)  # pickling and dataclasses look modules up by name

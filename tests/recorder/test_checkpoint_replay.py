@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from actpat.callbacks import ActivationPatternCallback
 from actpat.recorder import open_run, replay
-from actpat.recorder.checkpoint_replay import load_checkpoint, replay_main, step_from_name
+from actpat.recorder.checkpoint_replay import load_checkpoint, replay_main, resolve, step_from_name
 
 PROBE_EVERY = 3
 
@@ -247,6 +247,13 @@ def probe_set():
 def forward(module, batch):
     module(batch[0] * 2)
 '''
+
+
+def test_a_factory_file_imports_the_modules_beside_it(tmp_path):
+    (tmp_path / "actpat_test_replay_nets.py").write_text(_FACTORIES)
+    factories = tmp_path / "factories.py"
+    factories.write_text("from actpat_test_replay_nets import Net\n\n\ndef model():\n    return Net()\n")
+    assert isinstance(resolve(f"{factories}:model", "--module")(), nn.Module)
 
 
 def test_command_line_replays_a_directory(tmp_path, capsys, caplog):
