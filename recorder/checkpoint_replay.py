@@ -16,13 +16,16 @@ Importing this module does not import torch (the ``actpat`` command builds its p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
 import os
 import re
+import signal
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
@@ -157,11 +160,14 @@ def replay(
     """
     from tqdm.auto import tqdm
 
-    from actpat.recorder.prober import PROBE_SPLIT, Prober, recorded_steps
+    from actpat.recorder.prober import PROBE_SPLIT, Prober, existing_run, recorded_steps
 
     files = _checkpoint_files(checkpoints)
     out_dir = Path(out_dir)
-    done = set(recorded_steps(out_dir, PROBE_SPLIT))
+    existing = existing_run(out_dir)
+    done = set(recorded_steps(existing, PROBE_SPLIT))
+    cut_short = {loss.step for loss in (existing.losses if existing is not None else ())
+                 if loss.kind == "incomplete" and loss.split == PROBE_SPLIT}
     planned, results = [], []
     for path in files:  # pass 1: the step of each file (memory-mapped: the weights are not read)
         try:
@@ -185,6 +191,11 @@ def replay(
     prober = Prober(model, probe, out_dir, 1, mode=mode, batch_size=batch_size, **prober_options)
     try:
         for step, path in tqdm(planned, desc="replaying checkpoints", unit="ckpt", disable=not progress):
+            if step in cut_short:
+                replayed.append(_skip(path, step, f"step {step} in {out_dir} was cut short (its replay stopped, or the "
+                                                  "process was killed, while probing it) and a run's steps are never "
+                                                  "written twice: replay into a new directory to record it"))
+                continue
             if step in done:
                 replayed.append(_skip(path, step, f"step {step} is recorded in {out_dir} already"))
                 continue
@@ -204,12 +215,39 @@ def replay(
             except CheckpointError as exc:
                 replayed.append(_skip(path, step, str(exc)))
                 continue
-            prober.probe(step, epoch)
+            with _whole_probe(step) as interrupted:
+                prober.probe(step, epoch)
             done.add(step)
             replayed.append(ReplayResult(path, step, "replayed"))
+            if interrupted:
+                raise KeyboardInterrupt
     finally:
         prober.close()
     return replayed + results
+
+
+@contextlib.contextmanager
+def _whole_probe(step: int) -> Iterator[list]:
+    """Ctrl-C while checkpoint ``step`` is probed stops after its probe, so that the run holds the step whole (a
+    step cut short is lost to the run directory: its steps are never written twice); a second Ctrl-C stops at
+    once. Yields a list that holds the first Ctrl-C, if any (the caller then stops)."""
+    caught: list = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield caught
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+        print(f"\nactpat replay: stopping once the probe of step {step} is whole; Ctrl-C again to stop at once (step "
+              f"{step} is then lost to the run directory).", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _probe_as_the_callback(model: "nn.Module", options: dict) -> None:

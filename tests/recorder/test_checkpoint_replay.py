@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +256,66 @@ def test_a_factory_file_imports_the_modules_beside_it(tmp_path):
     factories = tmp_path / "factories.py"
     factories.write_text("from actpat_test_replay_nets import Net\n\n\ndef model():\n    return Net()\n")
     assert isinstance(resolve(f"{factories}:model", "--module")(), nn.Module)
+
+
+_INTERRUPTED = _FACTORIES + '''
+
+import os, signal, sys
+from actpat.recorder import replay
+
+calls = []
+
+
+def interrupting(module, batch):
+    calls.append(1)
+    if len(calls) in CTRL_C_AT:  # the second checkpoint's probe is calls 4-6 (batches of 4: 3 per probe)
+        os.kill(os.getpid(), signal.SIGINT)
+    module(batch[0])
+
+
+if __name__ == "__main__":
+    ckpts, out, CTRL_C_AT = sys.argv[1], sys.argv[2], [int(call) for call in sys.argv[3:]]
+    try:
+        replay(ckpts, model(), probe_set(), out, batch_size=4, forward=interrupting, progress=False)
+    except KeyboardInterrupt:
+        print("STOPPED")
+'''
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_ctrl_c_during_a_replay_stops_once_the_checkpoint_is_whole_and_a_rerun_completes_the_run(tmp_path, twice):
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED)
+    namespace: dict = {}
+    exec(compile(_FACTORIES, "factories", "exec"), namespace)
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    torch.manual_seed(0)
+    net = namespace["model"]()
+    for step in (0, 5, 9):
+        torch.save(net.state_dict(), ckpts / f"net-step={step}.pt")
+        with torch.no_grad():
+            net.body[0].weight.add_(0.5)
+    out = tmp_path / "run"
+    calls = ["5", "6"] if twice else ["5"]
+    done = subprocess.run([sys.executable, str(script), str(ckpts), str(out), *calls], capture_output=True,
+                          text=True, timeout=300)
+    assert "STOPPED" in done.stdout, done.stdout + done.stderr
+    assert "stopping once the probe of step 5 is whole" in done.stderr
+    results = replay(ckpts, namespace["model"](), namespace["probe_set"](), out, batch_size=4, progress=False,
+                     forward=lambda module, batch: module(batch[0]))
+    assert [(r.step, r.status) for r in results] == [(0, "skipped"), (5, "skipped"), (9, "replayed")]
+    if twice:  # stopped at once: step 5 is cut short for good, and the rerun says so instead of "recorded already"
+        assert "was cut short" in results[1].reason and "new directory" in results[1].reason
+        assert [loss.step for loss in open_run(out).losses] == [5]
+        return
+    whole = tmp_path / "whole"
+    replay(ckpts, namespace["model"](), namespace["probe_set"](), whole, batch_size=4, progress=False,
+           forward=lambda module, batch: module(batch[0]))
+    a, b = open_run(out), open_run(whole)
+    assert not a.losses and a.steps("body.1", "probe").tolist() == [0, 5, 9]
+    for step in (0, 5, 9):
+        np.testing.assert_array_equal(a.read("body.1", step, "probe").bits, b.read("body.1", step, "probe").bits)
 
 
 def test_command_line_replays_a_directory(tmp_path, capsys, caplog):
