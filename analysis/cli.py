@@ -587,8 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _interruptible(command: str):
     """Ctrl-C raises KeyboardInterrupt as usual. Should it be lost on its way (one raised while a finalizer
-    runs is only printed), the command still ends: a watchdog started by the Ctrl-C exits with 130 after
-    a grace period, unless the interrupt reached :func:`main` first."""
+    runs is only printed), the command still ends interrupted: a watchdog started by the Ctrl-C exits with 130
+    after a grace period, unless the interrupt reached :func:`main` first or the command returned (it then
+    raises KeyboardInterrupt itself)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -608,6 +609,8 @@ def _interruptible(command: str):
         signal.signal(signal.SIGINT, previous)
         for timer in timers:
             timer.cancel()
+    if timers:  # returned after a Ctrl-C whose KeyboardInterrupt was lost: not a normal end
+        raise KeyboardInterrupt
 
 
 def _exit_interrupted(command: str) -> None:

@@ -90,3 +90,38 @@ def test_ctrl_c_stops_analyze_cleanly(tmp_path, jobs):
     assert not group_alive(proc.pid), "worker processes outlived the interrupted command"
     # 160 reads of 0.5 s each: had the command waited for the running and queued work, it would take >= 40 s.
     assert stop_seconds < 30, stop_seconds
+
+
+LOST = """
+import os, signal, sys
+from actpat.analysis import cli
+
+command = cli._cmd_info
+
+
+class Finalizer:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10000):  # the handler runs here, inside __del__, which only prints its KeyboardInterrupt
+            pass
+
+
+def info(args):
+    Finalizer()  # collected at once
+    return command(args)
+
+
+cli._cmd_info = info
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_ctrl_c_lost_inside_a_finalizer_still_ends_the_command_as_interrupted(tmp_path):
+    # Python prints an exception raised inside a finalizer and goes on: the command's KeyboardInterrupt is lost
+    # there. The command must not then finish as if Ctrl-C had never been pressed (exit status 0).
+    write_run(tmp_path / "run")
+    done = subprocess.run([sys.executable, "-c", LOST, "info", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120)
+    assert "Exception ignored" in done.stderr, done.stderr  # the interrupt was lost where the test put it
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "interrupted" in done.stderr
