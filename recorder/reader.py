@@ -190,7 +190,8 @@ class Run:
     """Index of all records in a run directory; data is read lazily, through a few open files."""
 
     def __init__(self, path: str | os.PathLike, *, max_open: int = 8, warn: bool = True) -> None:
-        self.path = Path(path)
+        # Absolute: a copy sent to another process (a pool or Dask worker) may run in another working directory.
+        self.path = Path(path).absolute()
         self._warns = warn
         if not self.path.is_dir():
             raise FileNotFoundError(

@@ -259,6 +259,22 @@ def test_open_files_are_bounded_closed_and_reopened_after_pickling(tmp_path, tru
     assert not clone._handles
 
 
+def test_a_run_opened_by_a_relative_path_reads_in_a_process_with_another_working_directory(
+    tmp_path, truth, monkeypatch
+):
+    import pickle
+
+    inputs = _write_run(tmp_path / "runs" / "x", range(2))
+    monkeypatch.chdir(tmp_path)
+    with open_run("runs/x") as run:
+        sent = pickle.dumps(run)  # what a Dask worker, started in its own directory, receives
+    monkeypatch.chdir(tmp_path / "runs")
+    clone = pickle.loads(sent)
+    for (site, step), z in inputs.items():
+        np.testing.assert_array_equal(truth.unpack(clone.read(site, step).bits, z.shape[1]), truth.channel(z))
+    clone.close()
+
+
 def test_iter_chunks_memory_is_proportional_to_max_rows(tmp_path):
     import tracemalloc
 
