@@ -31,6 +31,8 @@ DEFAULT_RUN_NAME = "actpat-offline"
 _SEARCH_DEPTH = 4
 # Seconds a Ctrl-C leaves the command to stop on its own before it is made to exit.
 _EXIT_GRACE_SECONDS = 20
+# How long --scheduler waits to connect, and for a first worker.
+_DASK_WAIT_SECONDS = 20
 # A table larger than this is written in parts, with a progress bar.
 _CSV_ROWS_PER_WRITE = 500_000
 
@@ -181,10 +183,17 @@ def _dask_client(address: str | None):
     except ImportError:
         raise CommandError("--scheduler needs dask.distributed: `pip install actpat[dask]`.") from None
     try:
-        client = Client(address, timeout="20s")
+        client = Client(address, timeout=f"{_DASK_WAIT_SECONDS}s")
     except (OSError, TimeoutError) as exc:
         raise CommandError(f"Expected a Dask scheduler at --scheduler {address}, but cannot connect: {exc}.") from None
     with client:
+        try:
+            client.wait_for_workers(1, timeout=_DASK_WAIT_SECONDS)
+        except TimeoutError:
+            raise CommandError(
+                f"Expected a Dask scheduler with workers at --scheduler {address}, but none joined it within "
+                f"{_DASK_WAIT_SECONDS} s: start them (`dask worker {address}`), or drop --scheduler."
+            ) from None
         yield client
 
 
@@ -637,6 +646,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nactpat {args.command}: interrupted; {what}.", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        print(f"actpat {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if exc.name != "hdf5plugin":  # an optional extra a run needs: its message names the install
+            raise
         print(f"actpat {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
