@@ -131,8 +131,8 @@ def check_codec(compression: str | None) -> None:
     """Raise ``ValueError`` for an unknown codec, naming the known ones and the extra to install."""
     if compression not in CODECS:
         raise ValueError(
-            f"Expected `compression` to be one of {list(CODECS)}, but got {compression!r}. The codecs "
-            f"{list(PLUGIN_CODECS)} need the `codecs` extra ({CODECS_EXTRA})."
+            f"Expected `compression` to be one of {list(CODECS)} (None: uncompressed), but got {compression!r}. The "
+            f"codecs {list(PLUGIN_CODECS)} come with the `codecs` extra ({CODECS_EXTRA})."
         )
 
 
@@ -184,7 +184,7 @@ def load_plugins(what: str) -> Any:
         import hdf5plugin
     except ImportError as exc:
         raise ImportError(
-            f"{what} needs the HDF5 filters of `hdf5plugin`, which is not installed: {CODECS_EXTRA}."
+            f"{what} needs the HDF5 filters of `hdf5plugin`, which is not installed: {CODECS_EXTRA}.", name="hdf5plugin"
         ) from exc
     return hdf5plugin
 

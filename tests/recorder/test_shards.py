@@ -278,7 +278,7 @@ def test_every_codec_round_trips_and_is_named_in_the_shard(compression, tmp_path
         np.testing.assert_array_equal(run.read("a/b", step).bits, _record(step, rows=300).bits)
 
 
-def test_unknown_codec_and_missing_plugin_are_clear_errors(tmp_path, monkeypatch):
+def test_unknown_codec_and_missing_plugin_are_clear_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"Expected `compression` to be one of .*'zstd'.*but got 'snappy'"):
         ShardWriter(tmp_path, compression="snappy")
     writer = ShardWriter(tmp_path, compression="zstd")
@@ -290,6 +290,12 @@ def test_unknown_codec_and_missing_plugin_are_clear_errors(tmp_path, monkeypatch
         ShardWriter(tmp_path, compression="lz4")
     with pytest.raises(ImportError, match=r"patterns-rank000-00000.h5 \(compressed with 'zstd'\).*actpat\[codecs\]"):
         open_run(tmp_path)
+    # The command line says it in one line, as its other errors.
+    from actpat.analysis.cli import main
+
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("actpat info: error: ") and "actpat[codecs]" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------- sites shared by recorders
