@@ -67,7 +67,8 @@ def training_step_forward(
 @contextlib.contextmanager
 def inert(module: nn.Module, trainer: Any) -> Iterator[None]:
     """Let ``training_step`` run on ``module`` without touching the trainer, its loggers or optimizers
-    (``trainer`` None: a module replayed outside any fit, which has neither).
+    (``trainer`` None: a module replayed outside any fit, which has neither; it keeps no trainer, so
+    ``self.current_epoch`` and ``self.global_step`` read 0 as on any module outside a fit).
 
     While the context is active, on every LightningModule in ``module``: ``self.log`` and
     ``self.log_dict`` do nothing; ``self.optimizers()`` and ``self.lr_schedulers()`` return stand-ins
@@ -84,7 +85,8 @@ def inert(module: nn.Module, trainer: Any) -> Iterator[None]:
     overrides["toggled_optimizer"] = lambda *args, **kwargs: contextlib.nullcontext()
     overrides["optimizers"] = lambda use_pl_optimizer=True: _one_or_list(view.optimizers)
     overrides["lr_schedulers"] = lambda: _schedulers(trainer)
-    overrides["_trainer"] = view
+    if trainer is not None:
+        overrides["_trainer"] = view
     saved = []
     for sub in module.modules():
         if not (hasattr(sub, "training_step") and any(is_lightning_class(c) for c in type(sub).__mro__)):

@@ -98,7 +98,7 @@ class StepOnly(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
+        loss = nn.functional.cross_entropy(self.net(x), y) * (1 + 0 * self.current_epoch)  # a warm-up would read it
         self.log("train_loss", loss)
         return loss
 
