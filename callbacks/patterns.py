@@ -230,6 +230,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._last_batch_step = -1
         self._probe_state: dict[str, int] = {"last_probe_step": -1, "init_step": -1}  # the prober's, between fits
         self._resumed = False
+        self._continuing = False
+        self._module: weakref.ref | None = None
         self._trainer: weakref.ref | None = None  # of the last fit: the same Trainer fitting again continues
         # Per-fit state.
         self._default_dir: Path | None = None
@@ -275,12 +277,13 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         if self._trainer is not None and self._trainer() is not trainer:
             # Another Trainer (a seed sweep, a re-run notebook cell) is a new run: its own directory and
             # schedule. A checkpoint it resumes from restores this state after setup.
-            self._run_dir, self._last_batch_step, self._resumed = None, -1, False
+            self._run_dir, self._last_batch_step = None, -1
             self._probe_state = {"last_probe_step": -1, "init_step": -1}
-        elif self._run_dir is not None:
-            # The same Trainer fitting again (for more epochs) goes on from this state, as from a checkpoint's.
-            self._resumed = True
-        self._trainer = weakref.ref(trainer)
+        # The same Trainer fitting the same module again (for more epochs) goes on from this state, unless it
+        # resumes from a checkpoint (whose state, if it holds one, is loaded after setup).
+        self._continuing = self._run_dir is not None and self._module is not None and self._module() is pl_module
+        self._resumed = False
+        self._trainer, self._module = weakref.ref(trainer), weakref.ref(pl_module)
         compiled = _trainer.compiled_parts(pl_module)
         if self._probe_set is not None and not self.probe_copy and compiled:
             raise ValueError(
@@ -411,6 +414,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             self._run_dir = self._default_dir
         run_dir = self._run_dir
         self._rank = trainer.global_rank
+        if self._continuing and not self._resumed and not getattr(trainer, "ckpt_path", None):
+            self._resumed = True  # this state is the one a checkpoint of the last fit would hold
         if not self._resumed and getattr(trainer, "ckpt_path", None):
             self._warn_once(
                 "no-state",

@@ -334,6 +334,10 @@ def test_the_same_trainer_fitting_again_continues_its_run(tmp_path, recwarn):
     assert run.steps("net.2", "train").tolist() == [0, 4, 8, 12]
     assert not run.stop_reasons and not run.losses
     assert not [w for w in recwarn if "actpat" in str(w.message)], [str(w.message) for w in recwarn]
+    # Another module fitted by that Trainer is not this run's continuation: refused before training, as a new fit.
+    trainer.fit_loop.max_epochs = 3
+    with pytest.raises(ValueError, match="no probe records at or after step 16.*this is a new fit"):
+        trainer.fit(ToyNet(), data)
 
 
 @pytest.mark.parametrize("on_error", ["warn", "raise"])
