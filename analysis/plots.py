@@ -176,14 +176,14 @@ def site_time_matrix(df: pd.DataFrame, metric: str, *, split: str | None = None)
 
 
 def fractional_epochs(steps, epochs, *, steps_per_epoch: float | None = None) -> np.ndarray:
-    """Fractional epoch of each record: ``(step - start) / steps_per_epoch``, one line through the run.
+    """Fractional epoch of each record: ``epoch + (step - start of that epoch) / steps_per_epoch``.
 
     The epoch recorded with a step is an integer, so the probes within one epoch would stack on one x
-    value; this spreads them in proportion to their steps. ``start``, the step where epoch 0 began, is the
-    earliest one the records allow: ``min(step - epoch * steps_per_epoch)``, exact where any record sits at
-    the start of its epoch (the first probe, the first batch). Not the first record of each epoch: the
-    probe at the end of an epoch is the next epoch's start but carries the epoch that ended, and the
-    first record labelled with the next epoch comes a probe interval later.
+    value; this spreads them in proportion to their steps. An epoch's start lies between the last record of
+    the epoch before and its own first record: the probe at an epoch's end is the next epoch's start but
+    carries the epoch that ended, and the next epoch's first record then comes a probe interval later.
+    Within that range it is the previous epoch's start plus ``steps_per_epoch`` (epoch 0, or an epoch after
+    one without records: its first record).
 
     Parameters
     ----------
@@ -194,7 +194,7 @@ def fractional_epochs(steps, epochs, *, steps_per_epoch: float | None = None) ->
         between the first recorded steps of the recorded epochs; with a single epoch, the span of its
         steps plus the median gap between its records. Pass it for exact values: where each epoch's
         first record is a probe interval after its start (probes at every end of an epoch, labelled with
-        the epoch that ended), the estimate is that interval too long.
+        the epoch that ended), the estimate can be up to that interval too long (with few epochs).
 
     Returns
     -------
@@ -228,8 +228,15 @@ def fractional_epochs(steps, epochs, *, steps_per_epoch: float | None = None) ->
             steps_per_epoch = float(steps.max() - steps.min()) + (float(np.median(gaps)) if gaps.size else 1.0)
     elif not (isinstance(steps_per_epoch, (int, float, np.integer, np.floating)) and steps_per_epoch > 0):
         raise ValueError(f"Expected `steps_per_epoch` to be a positive number, but got {steps_per_epoch!r}.")
-    start = float(np.min(steps - epochs * float(steps_per_epoch)))
-    return (steps - start) / float(steps_per_epoch)
+    steps_per_epoch = float(steps_per_epoch)
+    last = table.groupby("epoch")["step"].max()
+    starts: dict[int, float] = {}
+    for epoch, first_step in first.items():
+        if epoch - 1 in starts:
+            starts[epoch] = min(max(starts[epoch - 1] + steps_per_epoch, last[epoch - 1]), first_step)
+        else:
+            starts[epoch] = first_step
+    return epochs + (steps - pd.Series(starts).reindex(epochs).to_numpy()) / steps_per_epoch
 
 
 def _time_values(rows: pd.DataFrame, steps: Sequence, x: str, steps_per_epoch: float | None) -> np.ndarray:

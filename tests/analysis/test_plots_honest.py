@@ -131,6 +131,9 @@ def test_epoch_axis_is_fractional():
     np.testing.assert_allclose(xs, np.array(steps) / 10)
     assert len(set(xs)) == len(steps)
     np.testing.assert_allclose(plots.fractional_epochs(steps, epochs, steps_per_epoch=10), np.array(steps) / 10)
+    # A steps_per_epoch that does not fit the records keeps each record inside its own epoch.
+    np.testing.assert_allclose(plots.fractional_epochs(steps, epochs, steps_per_epoch=20), [
+        0, 0.1, 0.2, 0.3, 0.4, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5])
     # One epoch only: its span plus one gap is the estimate.
     np.testing.assert_allclose(plots.fractional_epochs([0, 5, 10, 15], [0, 0, 0, 0]), [0, 0.25, 0.5, 0.75])
     with pytest.raises(ValueError, match="epoch -1"):
@@ -149,6 +152,9 @@ def test_epoch_axis_places_the_callbacks_probes_at_their_steps():
     steps = [0, 3, 6, 9, 12, 15, 18, 21]
     np.testing.assert_allclose(plots.fractional_epochs(steps, [s // 10 for s in steps], steps_per_epoch=10),
                                np.array(steps) / 10)
+    # Epochs of different lengths (gradient accumulation changed during the run): each stays in its epoch.
+    np.testing.assert_allclose(plots.fractional_epochs([0, 5, 10, 15, 20, 25], [0, 0, 1, 1, 2, 3]),
+                               [0, 0.5, 1, 1.5, 2, 3])
     with pytest.raises(ValueError, match="steps_per_epoch"):
         plots.fractional_epochs([0, 5], [0, 0], steps_per_epoch=0)
 
