@@ -168,6 +168,8 @@ def replay(
     done = set(recorded_steps(existing, PROBE_SPLIT))
     cut_short = {loss.step for loss in (existing.losses if existing is not None else ())
                  if loss.kind == "incomplete" and loss.split == PROBE_SPLIT}
+    if existing is not None:
+        existing.close()
     planned, results = [], []
     for path in files:  # pass 1: the step of each file (memory-mapped: the weights are not read)
         try:
@@ -229,21 +231,28 @@ def replay(
 @contextlib.contextmanager
 def _whole_probe(step: int) -> Iterator[list]:
     """Ctrl-C while checkpoint ``step`` is probed stops after its probe, so that the run holds the step whole (a
-    step cut short is lost to the run directory: its steps are never written twice); a second Ctrl-C stops at
-    once. Yields a list that holds the first Ctrl-C, if any (the caller then stops)."""
+    step cut short is lost to the run directory: its steps are never written twice); a second Ctrl-C goes to the
+    handler there was before (by default: stops at once). Yields a list that holds the first Ctrl-C, if any (the
+    caller then stops). Nothing changes off the main thread, which alone gets signals, or where Ctrl-C is ignored."""
     caught: list = []
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous in (None, signal.SIG_IGN):
         yield caught
         return
 
     def on_sigint(signum: int, frame: Any) -> None:
         if caught:
+            if callable(previous):
+                previous(signum, frame)
             raise KeyboardInterrupt
         caught.append(signum)
-        print(f"\nactpat replay: stopping once the probe of step {step} is whole; Ctrl-C again to stop at once (step "
-              f"{step} is then lost to the run directory).", file=sys.stderr, flush=True)
+        try:  # no I/O error may leave the handler: it would stop the probe it protects
+            log.warning("actpat replay: stopping once the probe of step %d is whole; Ctrl-C again to stop at once "
+                        "(step %d is then lost to the run directory).", step, step)
+        except Exception:  # noqa: BLE001 - e.g. a write to stderr interrupted by this very signal
+            pass
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         yield caught
     finally:
