@@ -183,8 +183,9 @@ def load_plugins(what: str) -> Any:
     try:
         import hdf5plugin
     except ImportError as exc:
+        problem = "which is not installed" if exc.name == "hdf5plugin" else f"which cannot be imported ({exc})"
         raise ImportError(
-            f"{what} needs the HDF5 filters of `hdf5plugin`, which is not installed: {CODECS_EXTRA}.", name="hdf5plugin"
+            f"{what} needs the HDF5 filters of `hdf5plugin`, {problem}: {CODECS_EXTRA}.", name="hdf5plugin"
         ) from exc
     return hdf5plugin
 
