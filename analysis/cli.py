@@ -80,9 +80,10 @@ def _open(path: Path):
     return open_run(locate_run(path))
 
 
-def _split(run, args: argparse.Namespace) -> str:
+def _split(run, split: str | None) -> str:
+    """The split of ``run`` that --split names (None: the run's only one), or a CommandError in the flag's words."""
     try:
-        return run.resolve_split(args.split, name="--split")
+        return run.resolve_split(split, name="--split")
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 
@@ -179,17 +180,19 @@ def _dask_client(address: str | None):
         yield None
         return
     try:
+        import asyncio
+
         from distributed import Client
     except ImportError:
         raise CommandError("--scheduler needs dask.distributed: `pip install actpat[dask]`.") from None
     try:
         client = Client(address, timeout=f"{_DASK_WAIT_SECONDS}s")
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
         raise CommandError(f"Expected a Dask scheduler at --scheduler {address}, but cannot connect: {exc}.") from None
     with client:
         try:
             client.wait_for_workers(1, timeout=_DASK_WAIT_SECONDS)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             raise CommandError(
                 f"Expected a Dask scheduler with workers at --scheduler {address}, but none joined it within "
                 f"{_DASK_WAIT_SECONDS} s: start them (`dask worker {address}`), or drop --scheduler."
@@ -281,7 +284,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     out: Path = args.output
     _check_table_path(out, "-o")
     run = _open(args.run_dir)
-    split = _split(run, args)
+    split = _split(run, args.split)
     df = _analyze(args, run, split, plane=not args.no_information_plane).table()
     _write_table(df, out, not args.no_progress)
     print(f"wrote {len(df)} rows ({df['site'].nunique()} sites, {df['step'].nunique()} steps) to {out}")
@@ -304,10 +307,10 @@ def _table_for(args: argparse.Namespace, *, rates: bool):
             return df, None, None
         run = _open(args.run_dir)
         splits = set(df.get("split", ()))
-        split = splits.pop() if args.split is None and len(splits) == 1 else _split(run, args)  # the table's own
-        return df, _rates(args, run, split), None
+        table_split = splits.pop() if args.split is None and len(splits) == 1 else args.split  # the table's own
+        return df, _rates(args, run, _split(run, table_split)), None
     run = _open(args.run_dir)
-    result = _analyze(args, run, _split(run, args), rates=rates)
+    result = _analyze(args, run, _split(run, args.split), rates=rates)
     return result.table(), result.firing_rates, result.information_plane
 
 
@@ -395,7 +398,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     _check_events_dir(out / "tensorboard", args.run_name, args.overwrite, "-o")
     run = _open(args.run_dir)
     df, paths, board = _report(
-        run, _split(run, args), table=table, figures=out / "figures", logdir=out / "tensorboard",
+        run, _split(run, args.split), table=table, figures=out / "figures", logdir=out / "tensorboard",
         run_name=args.run_name, overwrite=args.overwrite, x=args.x, args=args,
     )
     print(
@@ -415,8 +418,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         # A bare directory is named as typed, not by the run folder found inside it.
         runs.append((spec if group is None else group, locate_run(path)))
     if args.split is None:  # a run of several splits is named here, with the option's command-line name
+        from actpat.recorder import open_run
+
         for _, path in runs:
-            _split(_open(path), args)
+            with open_run(path, warn=False) as run:  # its losses are told once, by the comparison
+                _split(run, args.split)
     written = report(
         runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, stay=args.stay,
         kind=args.band, width_controlled=not args.no_width_controlled, regions=args.regions, m=args.units,

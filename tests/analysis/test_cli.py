@@ -255,6 +255,11 @@ def test_split_flag_defaults_to_the_only_split_and_names_the_choices(tmp_path, c
                  "--no-progress"]) == 0
     assert main(["tensorboard", str(tmp_path / "two"), "--metrics", str(tmp_path / "probe.csv"), "--logdir",
                  str(tmp_path / "tb"), "--no-progress"]) == 0
+    capsys.readouterr()
+    # The table's split must be one of the run's: another run's table fails before any work, in the flag's words.
+    assert main(["tensorboard", str(tmp_path / "one"), "--metrics", str(tmp_path / "probe.csv"), "--logdir",
+                 str(tmp_path / "tb1"), "--no-progress"]) == 2
+    assert "Expected --split to be one of the recorded splits ['train'], but got 'probe'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("jobs", ["0", "-2", "two"])
