@@ -191,7 +191,7 @@ class Run:
 
     def __init__(self, path: str | os.PathLike, *, max_open: int = 8, warn: bool = True) -> None:
         # Absolute: a copy sent to another process (a pool or Dask worker) may run in another working directory.
-        self.path = Path(path).absolute()
+        self.path = Path(os.path.abspath(path))
         self._warns = warn
         if not self.path.is_dir():
             raise FileNotFoundError(

@@ -251,11 +251,16 @@ def forward(module, batch):
 '''
 
 
-def test_a_factory_file_imports_the_modules_beside_it(tmp_path):
+def test_a_factory_file_imports_the_modules_beside_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the folder the load adds is gone after the test
     (tmp_path / "actpat_test_replay_nets.py").write_text(_FACTORIES)
-    factories = tmp_path / "factories.py"
+    factories = tmp_path / "sibling_factories.py"
     factories.write_text("from actpat_test_replay_nets import Net\n\n\ndef model():\n    return Net()\n")
-    assert isinstance(resolve(f"{factories}:model", "--module")(), nn.Module)
+    try:
+        assert isinstance(resolve(f"{factories}:model", "--module")(), nn.Module)
+    finally:
+        for name in ("sibling_factories", "actpat_test_replay_nets"):
+            sys.modules.pop(name, None)
 
 
 _INTERRUPTED = _FACTORIES + '''
