@@ -279,6 +279,9 @@ def interrupting(module, batch):
 
 
 if __name__ == "__main__":
+    # Python's own Ctrl-C handler, as in a terminal: a process started in the background (make, CI) may inherit
+    # SIGINT ignored, where replay rightly changes nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ckpts, out, CTRL_C_AT = sys.argv[1], sys.argv[2], [int(call) for call in sys.argv[3:]]
     try:
         replay(ckpts, model(), probe_set(), out, batch_size=4, forward=interrupting, progress=False)
