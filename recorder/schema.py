@@ -128,8 +128,9 @@ class ShardFormatError(ValueError):
 
 
 def check_codec(compression: str | None) -> None:
-    """Raise ``ValueError`` for an unknown codec, naming the known ones and the extra to install."""
-    if compression not in CODECS:
+    """Raise ``ValueError`` for an unknown codec, naming the known ones and the extra to install. ``"none"``, the
+    shards' own name for no codec (a config file's spelling of None), is taken for None."""
+    if compression not in CODECS and compression != "none":
         raise ValueError(
             f"Expected `compression` to be one of {list(CODECS)} (None: uncompressed), but got {compression!r}. The "
             f"codecs {list(PLUGIN_CODECS)} come with the `codecs` extra ({CODECS_EXTRA})."
@@ -139,7 +140,7 @@ def check_codec(compression: str | None) -> None:
 def codec_options(compression: str | None) -> dict[str, Any]:
     """``h5py`` ``create_dataset`` keywords that apply codec ``compression`` (see :data:`CODECS`)."""
     check_codec(compression)
-    if compression is None:
+    if compression is None or compression == "none":
         return {}
     if compression in BUILTIN_CODECS:
         return {"compression": compression, **({"compression_opts": 1} if compression == "gzip" else {})}
