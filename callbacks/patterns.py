@@ -231,6 +231,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._probe_state: dict[str, int] = {"last_probe_step": -1, "init_step": -1}  # the prober's, between fits
         self._resumed = False
         self._continuing = False
+        self._other_module = False  # this Trainer fitted another module before: this fit is a new one
         self._module: weakref.ref | None = None
         self._trainer: weakref.ref | None = None  # of the last fit: the same Trainer fitting again continues
         # Per-fit state.
@@ -282,6 +283,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         # The same Trainer fitting the same module again (for more epochs) goes on from this state, unless it
         # resumes from a checkpoint (whose state, if it holds one, is loaded after setup).
         self._continuing = self._run_dir is not None and self._module is not None and self._module() is pl_module
+        self._other_module = self._run_dir is not None and self._module is not None and not self._continuing
         self._resumed = False
         self._trainer, self._module = weakref.ref(trainer), weakref.ref(pl_module)
         compiled = _trainer.compiled_parts(pl_module)
@@ -524,7 +526,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 cause = (
                     f"the checkpoint it resumes from ({trainer.ckpt_path}) holds no state of this callback, which "
                     "Lightning finds by the callback's class and arguments: were they changed?"
-                    if getattr(trainer, "ckpt_path", None) else "this is a new fit"
+                    if getattr(trainer, "ckpt_path", None)
+                    else "this Trainer fitted another module before, so this is a new fit" if self._other_module
+                    else "this is a new fit"
                 )
                 raise ValueError(
                     f"Expected {run_dir} to hold no {split} records at or after step {trainer.global_step}, where "

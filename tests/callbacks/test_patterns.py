@@ -336,7 +336,7 @@ def test_the_same_trainer_fitting_again_continues_its_run(tmp_path, recwarn):
     assert not [w for w in recwarn if "actpat" in str(w.message)], [str(w.message) for w in recwarn]
     # Another module fitted by that Trainer is not this run's continuation: refused before training, as a new fit.
     trainer.fit_loop.max_epochs = 3
-    with pytest.raises(ValueError, match="no probe records at or after step 16.*this is a new fit"):
+    with pytest.raises(ValueError, match="no probe records at or after step 16.*fitted another module before, so this is a new fit"):
         trainer.fit(ToyNet(), data)
 
 
