@@ -31,8 +31,8 @@ DEFAULT_RUN_NAME = "actpat-offline"
 _SEARCH_DEPTH = 4
 # Seconds a Ctrl-C leaves the command to stop on its own before it is made to exit.
 _EXIT_GRACE_SECONDS = 20
-# How long --scheduler waits to connect, and for a first worker.
-_DASK_WAIT_SECONDS = 20
+# How long --scheduler waits to connect, and for a first worker, unless --scheduler-wait says otherwise.
+_DASK_WAIT_SECONDS = 20.0
 # A table larger than this is written in parts, with a progress bar.
 _CSV_ROWS_PER_WRITE = 500_000
 
@@ -175,7 +175,8 @@ def _read_table(path: Path, split: str | None):
 
 # ---------------------------------------------------------------------------------- analysis
 @contextlib.contextmanager
-def _dask_client(address: str | None):
+def _dask_client(address: str | None, wait: float | None = None):
+    wait = _DASK_WAIT_SECONDS if wait is None else wait
     if address is None:
         yield None
         return
@@ -186,16 +187,16 @@ def _dask_client(address: str | None):
     except ImportError:
         raise CommandError("--scheduler needs dask.distributed: `pip install actpat[dask]`.") from None
     try:
-        client = Client(address, timeout=f"{_DASK_WAIT_SECONDS}s")
+        client = Client(address, timeout=f"{wait}s")
     except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
         raise CommandError(f"Expected a Dask scheduler at --scheduler {address}, but cannot connect: {exc}.") from None
     with client:
         try:
-            client.wait_for_workers(1, timeout=_DASK_WAIT_SECONDS)
+            client.wait_for_workers(1, timeout=wait)
         except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             raise CommandError(
                 f"Expected a Dask scheduler with workers at --scheduler {address}, but none joined it within "
-                f"{_DASK_WAIT_SECONDS} s: start them (`dask worker {address}`), or drop --scheduler."
+                f"{wait:g} s: start them (`dask worker {address}`), wait longer (--scheduler-wait), or drop --scheduler."
             ) from None
         yield client
 
@@ -203,7 +204,7 @@ def _dask_client(address: str | None):
 def _analyze(args: argparse.Namespace, run, split: str, *, plane: bool = True, rates: bool = False):
     from actpat.analysis.pipeline import analyze_run
 
-    with _dask_client(args.scheduler) as client:
+    with _dask_client(args.scheduler, args.scheduler_wait) as client:
         result = analyze_run(
             run, split, information_plane=plane, firing_rates=rates, n_classes=args.n_classes,
             n_jobs=args.jobs if client is None else 1, client=client, progress=not args.no_progress,
@@ -219,7 +220,7 @@ def _analyze(args: argparse.Namespace, run, split: str, *, plane: bool = True, r
 def _rates(args: argparse.Namespace, run, split: str):
     from actpat.analysis.firing import firing_rates
 
-    with _dask_client(args.scheduler) as client:
+    with _dask_client(args.scheduler, args.scheduler_wait) as client:
         return firing_rates(run, split, n_jobs=args.jobs if client is None else 1, client=client,
                             progress=not args.no_progress)
 
@@ -495,6 +496,9 @@ def _compute_options(parser: argparse.ArgumentParser, *, split_help: str) -> Non
         "--scheduler", metavar="ADDRESS", default=None,
         help="analyse on a Dask cluster (tcp://host:8786); the run must be at the same path on every worker",
     )
+    parser.add_argument("--scheduler-wait", type=float, default=None, metavar="SECONDS",
+                        help=f"how long --scheduler waits for the scheduler and a first worker (default: "
+                             f"{_DASK_WAIT_SECONDS:g})")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -512,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="instrumented training on scikit-learn's digits, then a report")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
     demo.add_argument("--fast", action="store_true", help="a few steps only, for smoke tests")
-    demo.set_defaults(func=_cmd_demo, jobs=1, scheduler=None, no_progress=False, n_classes=None)
+    demo.set_defaults(func=_cmd_demo, jobs=1, scheduler=None, scheduler_wait=None, no_progress=False,
+                      n_classes=None)
 
     info = commands.add_parser("info", help="sites, steps, splits, observations and size of a recorded run")
     info.add_argument("run_dir", type=Path, metavar="RUN")

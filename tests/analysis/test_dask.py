@@ -95,13 +95,13 @@ def test_cli_scheduler_flag(run_path, client, tmp_path, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-def test_cli_scheduler_without_workers_says_so(run_path, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("actpat.analysis.cli._DASK_WAIT_SECONDS", 1)
+def test_cli_scheduler_without_workers_says_so(run_path, tmp_path, capsys):
     with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
         argv = ["analyze", str(run_path), "-o", str(tmp_path / "m.csv"), "--scheduler", cluster.scheduler_address]
-        assert main(argv + ["--no-progress"]) == 2
+        assert main(argv + ["--scheduler-wait", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "none joined it within 1 s" in err and "dask worker" in err and "Traceback" not in err
+    assert "none joined it within 1 s" in err and "dask worker" in err and "--scheduler-wait" in err
+    assert "Traceback" not in err
 
 
 def test_workers_that_cannot_see_the_run_say_so(run_path, client, tmp_path):
