@@ -12,7 +12,7 @@ import logging
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 
 from actpat.recorder.batches import BatchReader, tensor_bytes, tensors
 
@@ -74,6 +74,16 @@ def probe_loader(probe: Any, batch_size: Optional[int]) -> DataLoader:
     return DataLoader(probe, batch_size=batch_size, shuffle=False)
 
 
+def _dataset_indices(loader: DataLoader) -> Optional[torch.Tensor]:
+    """The dataset index of each sample ``loader`` yields, in order, where its sampler is not the plain sequential
+    one (a DistributedSampler gives each rank every n-th sample): the sample ids then name the same samples on every
+    rank. None: the samples' positions are their indices (a sequential sampler, an IterableDataset)."""
+    if isinstance(loader.sampler, SequentialSampler) or isinstance(loader.dataset, IterableDataset):
+        return None
+    batches = loader.batch_sampler if loader.batch_sampler is not None else ([i] for i in loader.sampler)
+    return torch.tensor([int(i) for batch in batches for i in batch], dtype=torch.int64)
+
+
 class ProbeBatches:
     """Iterate the probe set as :data:`ProbeBatch` tuples on a device, caching them within a budget.
 
@@ -118,12 +128,14 @@ class ProbeBatches:
         self._cache = None
         keep: Optional[list[ProbeBatch]] = [] if limit is None and not self._too_large and self._cache_bytes > 0 else None
         kept_bytes, offset, versions = 0, 0, []
+        indices = _dataset_indices(self.loader)
         for index, batch in enumerate(self.loader):
             if limit is not None and index >= limit:
                 return
             batch = self._to_device(batch, device)
             n = self._reader.size(batch)
-            item = (batch, torch.arange(offset, offset + n), self._reader.labels(batch, n))
+            ids = torch.arange(offset, offset + n) if indices is None else indices[offset : offset + n]
+            item = (batch, ids, self._reader.labels(batch, n))
             offset += n
             if keep is not None:
                 kept_bytes += tensor_bytes(item)

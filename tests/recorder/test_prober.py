@@ -247,6 +247,23 @@ class Counting(Dataset):
         return self.inner[i]
 
 
+def test_sample_ids_are_the_dataset_indices_a_distributed_sampler_gives_this_rank(tmp_path):
+    # A probe DataLoader that gives each rank its part (probe_on_all_ranks): rank 1 of 2 probes samples 1, 3, 5, ...
+    from torch.utils.data.distributed import DistributedSampler
+
+    probe = data(12, 1)
+    loader = DataLoader(probe, batch_size=4, sampler=DistributedSampler(probe, num_replicas=2, rank=1, shuffle=False))
+    with Prober(Net(), loader, tmp_path, 1, rank=1) as prober:
+        prober.probe(0)
+    run = open_run(tmp_path)
+    for site in run.sites:
+        read = run.read(site, 0, "probe")
+        ids = np.unique(read.sample_ids)
+        assert ids.tolist() == [1, 3, 5, 7, 9, 11]
+        labels = {int(i): int(label) for i, label in zip(read.sample_ids, read.labels)}
+        assert labels == {i: int(probe[i][1]) for i in ids}  # each id names the sample whose label it carries
+
+
 @pytest.mark.parametrize("cache_bytes, reads", [(1 << 20, 1), (0, 3), (100, 3)])
 def test_probe_set_is_read_once_when_it_fits_the_cache(tmp_path, cache_bytes, reads):
     probe = Counting(N_PROBE)
