@@ -18,8 +18,10 @@ capture), so the callback's tensor ops run inside the compiled code.
 
 from __future__ import annotations
 
+import dis
 import fnmatch
 import itertools
+import logging
 import math
 import threading
 import types
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU)
 
@@ -195,6 +199,7 @@ class SiteHooks:
                     "forward is still one graph), or record the eager model."
                 )
             self._install()
+            _warn_hidden_in_place_calls(self._modules)
 
     @property
     def module_sites(self) -> list[str]:
@@ -463,6 +468,39 @@ def _call_keeps_signs_in_place(func: Callable, args: tuple, kwargs: dict) -> boo
     if in_place and func in _SLOPED_FUNCTIONS:
         return _keeps_signs(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
     return in_place
+
+
+# In-place functions that dynamo (torch 2.13) does not hand to a torch-function mode: a compiled forward's calls
+# to them never reach the interceptor.
+_HIDDEN_WHEN_COMPILED = (torch.relu_, F.relu_, F.leaky_relu_)
+
+
+def _warn_hidden_in_place_calls(modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """Warn of calls to :data:`_HIDDEN_WHEN_COMPILED` in the forwards of a compiled model: each name the forward
+    loads from its globals (and the attributes read from a module object there) is resolved to the object it
+    names, so ``x.relu_()``, which dynamo does hand over, is no such call."""
+    warned = set()
+    for _, module in modules:
+        forward = getattr(type(module), "forward", None)
+        code, names = getattr(forward, "__code__", None), getattr(forward, "__globals__", {})
+        if code is None or code in warned:
+            continue
+        current = None
+        for instruction in dis.get_instructions(code):
+            if instruction.opname == "LOAD_GLOBAL":
+                current = names.get(instruction.argval)
+            elif instruction.opname in ("LOAD_ATTR", "LOAD_METHOD") and isinstance(current, types.ModuleType):
+                current = getattr(current, instruction.argval, None)
+            else:
+                current = None
+            if any(current is hidden for hidden in _HIDDEN_WHEN_COMPILED):
+                warned.add(code)
+                log.warning(
+                    "actpat: %s.forward calls %s, which a compiled model hides from the recorder: those sites are not "
+                    "recorded. Write F.relu(x, inplace=True), x.relu_() or F.leaky_relu(x, slope, inplace=True), "
+                    "which are, or record the eager model.", type(module).__name__, getattr(current, "__name__", current),
+                )
+                break
 
 
 def _may_pause_in(module: nn.Module) -> bool:

@@ -348,3 +348,28 @@ def test_inductor_graph_records_eager_bits(tmp_path, truth, device):
         got = run.read(site, 0)
         np.testing.assert_array_equal(truth.unpack(got.bits, got.n_units), truth.channel(z))
         assert got.nan_count == int(torch.isnan(z).sum()) > 0
+
+
+class _InPlaceByName(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.leaky_relu_(self.fc(x), 0.2)
+
+
+class _InPlaceMethod(_InPlaceByName):
+    def forward(self, x):
+        return self.fc(x).relu_()
+
+
+def test_in_place_functions_a_compiled_model_hides_are_named_when_the_recorder_is_made(tmp_path, caplog):
+    # Dynamo does not hand F.relu_, torch.relu_ and F.leaky_relu_ to the recorder: their sites would be missing
+    # from a compiled model's records, silently. The method x.relu_() is handed over and recorded: no warning.
+    with caplog.at_level("WARNING", logger="actpat"):
+        ActivationRecorder(torch.compile(_InPlaceByName()), tmp_path / "a").close()
+        ActivationRecorder(torch.compile(_InPlaceMethod()), tmp_path / "b").close()
+        ActivationRecorder(_InPlaceByName(), tmp_path / "c").close()  # eager: recorded, nothing to say
+    warned = [r.getMessage() for r in caplog.records if "hides from the recorder" in r.getMessage()]
+    assert len(warned) == 1 and "_InPlaceByName.forward calls leaky_relu_" in warned[0], warned
