@@ -307,6 +307,8 @@ class SiteHooks:
             return
         if torch._C._current_graph_task_id() != -1:
             return  # a recomputation inside backward (activation checkpointing), not a forward of its own
+        if _runs_a_step(module):
+            return  # a Lightning strategy calling training_step through the module's call: not its forward
         if threading.get_ident() != self._thread:
             self._enter_elsewhere(key, path, self._site_types.get(key), args)
             return
@@ -501,6 +503,16 @@ def _warn_hidden_in_place_calls(modules: Iterable[tuple[str, nn.Module]]) -> Non
                     "which are, or record the eager model.", type(module).__name__, getattr(current, "__name__", current),
                 )
                 break
+
+
+def _runs_a_step(module: nn.Module) -> bool:
+    """Whether the module's call runs a Lightning strategy's redirection (DDP, FSDP: ``training_step`` called through
+    the wrapped module's ``forward``, so that the wrapper sees it), not the module's own forward."""
+    forward = module.__dict__.get("forward")
+    return (
+        getattr(forward, "__name__", None) == "wrapped_forward"
+        and getattr(forward, "__module__", "").startswith(("lightning.", "pytorch_lightning.", "lightning_fabric."))
+    )
 
 
 def _may_pause_in(module: nn.Module) -> bool:

@@ -1173,3 +1173,36 @@ def test_probe_forward_option_replaces_the_default_rule(tmp_path):
     assert run.sites == ["net.features.2"] and run.steps("net.features.2", "probe").tolist() == [0, 4]
     np.testing.assert_array_equal(run.read("net.features.2", 4, "probe").labels, np.repeat(DictSet(N_PROBE, 1).y.numpy(), 16))
     assert set(seen) == {"dict"}
+
+
+def test_training_step_run_through_the_modules_call_by_a_strategy_is_not_a_forward(package, tmp_path):
+    """DDP and FSDP run training_step through the module's call (Lightning's forward redirection, so that the
+    wrapper sees it): a hinge loss's F.relu there was recorded as the root's site `relu#0` under DDP alone."""
+    from actpat.recorder import ActivationRecorder
+
+    redirection = importlib.import_module(f"{package}.strategies.strategy")._ForwardRedirection
+    lightning = importlib.import_module(package)
+
+    class Hinge(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            scores = self.net(x)
+            return F.relu(1 + scores - scores.gather(1, y[:, None])).mean()  # a hinge loss: not a site
+
+    class Wrapper(nn.Module):  # calls the module, as DistributedDataParallel does
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return self.module(*args)
+
+    module = Hinge()
+    batch = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    with ActivationRecorder(module, tmp_path) as recorder, recorder.capture(0):
+        redirection()(Wrapper(module), module, "training_step", batch, 0)
+    assert open_run(tmp_path).sites == ["net.1"]
