@@ -365,8 +365,11 @@ class Prober:
             # Once (each open indexes every shard and warns of every loss), or as the caller opened it.
             run = existing_run(self.out_dir) if run is None else run
             recorded = recorded_steps(run, PROBE_SPLIT)
-            probed = _scheduled(self._init_step, self._last_probe_step, self._interval)
-            note = unwritten_note(self.out_dir, PROBE_SPLIT, probed, recorded)
+            # A kill loses the tail of the records: only the probes after the last one on disk can be missing. They
+            # are listed by this prober's schedule, which a changed `every` makes another: its last probe is certain.
+            on_disk = max((s for s in recorded if s <= self._last_probe_step), default=-1)
+            probed = [s for s in _scheduled(self._init_step, self._last_probe_step, self._interval) if s > on_disk]
+            note = unwritten_note(self.out_dir, PROBE_SPLIT, probed + [self._last_probe_step], recorded)
             if note:
                 live = " Live statistics against them are left out." if self._stats_fn is not None else ""
                 self._notify("unwritten", note + live)

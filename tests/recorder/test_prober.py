@@ -247,6 +247,26 @@ class Counting(Dataset):
         return self.inner[i]
 
 
+def test_a_resume_with_another_schedule_names_no_probe_lost_that_the_run_holds(tmp_path, caplog):
+    # Probes every 0.5 epoch of 10 steps up to step 10 in the state, then on to 20; resumed every 3 steps: the new
+    # schedule's steps 3, 6, 9 were never probed, so none is missing (a warning said they "never reached the disk").
+    model = Net()
+    prober = Prober(model, data(8, 1), tmp_path, 0.5, steps_per_epoch=10, batch_size=8)
+    for step in range(11):
+        prober.maybe(step)
+    state = prober.state_dict()
+    for step in range(11, 21):
+        prober.maybe(step)
+    prober.close()
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        resumed = Prober(model, data(8, 1), tmp_path, 3, batch_size=8)
+        resumed.load_state_dict(state, step=20)
+        resumed.maybe(21)
+        resumed.close()
+    assert not [r for r in caplog.records if "never reached the disk" in r.getMessage()]
+    assert open_run(tmp_path).steps(open_run(tmp_path).sites[0], "probe").tolist() == [0, 5, 10, 15, 20, 21]
+
+
 def test_sample_ids_are_the_dataset_indices_a_distributed_sampler_gives_this_rank(tmp_path):
     # A probe DataLoader that gives each rank its part (probe_on_all_ranks): rank 1 of 2 probes samples 1, 3, 5, ...
     from torch.utils.data.distributed import DistributedSampler
