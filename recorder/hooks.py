@@ -307,11 +307,11 @@ class SiteHooks:
             return
         if torch._C._current_graph_task_id() != -1:
             return  # a recomputation inside backward (activation checkpointing), not a forward of its own
-        if _runs_a_step(module):
-            return  # a Lightning strategy calling training_step through the module's call: not its forward
         if threading.get_ident() != self._thread:
             self._enter_elsewhere(key, path, self._site_types.get(key), args)
             return
+        if not self._stack and _runs_a_step(module):
+            return  # a Lightning strategy calling training_step through the module's call: not its forward
         if self._mode is not None:
             if self._paused_depth:
                 self._resume_mode()  # a module called inside a quiet one (unusual): intercepted as before
