@@ -656,11 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "command may be incomplete (tables are written whole or not at all)")
         print(f"\nactpat {args.command}: interrupted; {what}.", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        print(f"actpat {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except ImportError as exc:
-        if exc.name != "hdf5plugin":  # an optional extra a run needs: its message names the install
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as exc:
+        if isinstance(exc, ImportError) and exc.name != "hdf5plugin":  # only the extra a run needs names its install
             raise
         print(f"actpat {args.command}: error: {exc}", file=sys.stderr)
         return 2
