@@ -18,10 +18,9 @@ import importlib
 import importlib.util
 import logging
 
-log = logging.getLogger(__name__)
+from actpat.recorder.lightning_probe import LIGHTNING_PACKAGES
 
-#: Import names of the Lightning trainer packages, in order of preference.
-_CANDIDATES = ("lightning.pytorch", "pytorch_lightning")
+log = logging.getLogger(__name__)
 
 
 def _import(name: str):
@@ -35,7 +34,7 @@ def _import(name: str):
         return None
 
 
-_MODULES = {name: module for name in _CANDIDATES if (module := _import(name)) is not None}
+_MODULES = {name: module for name in LIGHTNING_PACKAGES if (module := _import(name)) is not None}
 if not _MODULES:
     raise ImportError(
         "Expected a Lightning package for actpat.callbacks, but neither `lightning` nor `pytorch_lightning` "
@@ -56,10 +55,5 @@ rank_zero_warn = _utilities.rank_zero_warn
 move_data_to_device = _utilities.move_data_to_device
 
 
-def is_lightning_class(cls: type) -> bool:
-    """Whether ``cls`` is defined by a Lightning package (not by the user)."""
-    return cls.__module__.startswith(tuple(f"{name}." for name in _CANDIDATES))
-
-
-__all__ = ["CALLBACK_BASES", "PACKAGES", "TENSORBOARD_LOGGERS", "is_lightning_class", "move_data_to_device",
+__all__ = ["CALLBACK_BASES", "PACKAGES", "TENSORBOARD_LOGGERS", "move_data_to_device",
            "rank_zero_warn"]

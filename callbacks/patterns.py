@@ -3,8 +3,8 @@
 A thin adapter: its Lightning hooks decide *when*. The probe protocol runs in
 :class:`~actpat.recorder.prober.Prober` (the same one a plain loop or a replay uses), batch mode in
 :class:`~actpat.recorder.ActivationRecorder`, the live statistics in
-:func:`actpat.analysis.live.live_measures`. Lightning's own parts are in :mod:`actpat.callbacks._probe`
-(the probe forward rule of a LightningModule), :mod:`actpat.callbacks._trainer` (what is asked of the
+:func:`actpat.analysis.live.live_measures`. Lightning's own parts are in :mod:`actpat.recorder.lightning_probe`
+(the probe forward rule of a LightningModule, shared with replay), :mod:`actpat.callbacks._trainer` (what is asked of the
 Trainer, and its loggers) and :mod:`actpat.callbacks._lightning` (the names of either package).
 """
 
@@ -20,9 +20,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from actpat.callbacks import _probe, _trainer
+from actpat.callbacks import _trainer
 from actpat.callbacks._arguments import check_arguments
 from actpat.callbacks._lightning import CALLBACK_BASES, move_data_to_device, rank_zero_warn
+from actpat.recorder import lightning_probe
 from actpat.recorder.batches import BatchReader
 from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
@@ -109,7 +110,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         How a probe batch runs through the probed ``module`` (the batch already on its device, under
         ``no_grad`` and the trainer's precision context). Default: ``module(inputs)`` when the
         LightningModule's class overrides ``forward``; otherwise ``module.training_step(batch, 0)`` on
-        a module made inert (:func:`actpat.callbacks._probe.inert`: logging, optimizers, schedulers and
+        a module made inert (:func:`actpat.recorder.lightning_probe.inert`: logging, optimizers, schedulers and
         ``manual_backward`` do nothing, ``self.trainer`` is a read-only view), so manual optimization
         works too. Collective calls (``self.all_gather``) are not supported: pass ``probe_forward``.
     probe_batch_size : int, optional
@@ -468,9 +469,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 pl_module, self._probe_set, run_dir, self.probe_every, steps_per_epoch=per_epoch,
                 mode=self.probe_mode, copy=self.probe_copy, batch_size=batch_size, sites=self.sites,
                 store_values=self.probe_values, inputs_from=self._inputs_from, labels_from=self._labels_from,
-                forward=_probe.lightning_forward(pl_module, self._probe_forward, self._reader,
+                forward=lightning_probe.lightning_forward(pl_module, self._probe_forward, self._reader,
                                                  trainer.precision_plugin.forward_context),
-                context=lambda module: _probe.inert(module, trainer), to_device=move_data_to_device,
+                context=lambda module: lightning_probe.inert(module, trainer), to_device=move_data_to_device,
                 cache_bytes=self.probe_cache_bytes, stats=live_measures if live else None,
                 on_stats=_trainer.LiveLog(trainer) if live else None,
                 writer=writer, notify=self._warn_once, **options,

@@ -262,14 +262,14 @@ def _whole_probe(step: int) -> Iterator[list]:
 def _probe_as_the_callback(model: "nn.Module", options: dict) -> None:
     """A LightningModule without ``forward`` is probed through its ``training_step``, on the module made inert
     (logging, optimizers), as the callback probed it live; unless ``options`` name a ``forward``."""
-    if options.get("forward") is not None or not {"lightning", "pytorch_lightning"} & sys.modules.keys():
-        return  # no Lightning imported: no LightningModule
-    from actpat.callbacks import _probe
-    from actpat.callbacks._lightning import is_lightning_class
+    from actpat.recorder import lightning_probe
 
-    if any(is_lightning_class(cls) for cls in type(model).__mro__) and not _probe.overrides_forward(model):
-        options["forward"] = _probe.training_step_forward(model, "forward")
-        options.setdefault("context", lambda module: _probe.inert(module, None))
+    if options.get("forward") is None and lightning_probe.is_lightning_module(model) and not (
+        lightning_probe.overrides_forward(model)
+    ):
+        how = "`forward=` (`--forward file.py:fn` to `actpat replay`)"
+        options["forward"] = lightning_probe.training_step_forward(model, how)
+        options.setdefault("context", lambda module: lightning_probe.inert(module, None))
 
 
 def replay_command(

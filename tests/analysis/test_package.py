@@ -8,6 +8,7 @@ import pytest
 
 import actpat.analysis
 import actpat.callbacks
+import actpat.recorder
 
 HEAVY = ("torch", "pytorch_lightning", "lightning", "pandas", "matplotlib", "scipy", "tensorboard", "sklearn")
 
@@ -49,3 +50,30 @@ def test_unknown_names_raise_attribute_error():
         actpat.analysis.nope  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         actpat.callbacks.nope  # noqa: B018
+
+
+def _imported_modules(package: str) -> dict[str, set[str]]:
+    """Every module each file of ``package`` imports, at any depth (a lazy import inside a function too)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(getattr(actpat, package).__path__[0])
+    found = {}
+    for path in sorted(root.glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        found[path.name] = names
+    return found
+
+
+@pytest.mark.parametrize("package", ["recorder", "analysis"])
+def test_data_flows_one_way_no_package_imports_the_callbacks(package):
+    # The callback is a thin adapter over the recorder: neither the recorder nor the analysis reaches up to it.
+    # The command line (analysis/cli.py, the console script) is the top: it imports each command's side lazily.
+    reaching_up = {name: sorted(m for m in modules if m.startswith("actpat.callbacks"))
+                   for name, modules in _imported_modules(package).items() if name != "cli.py"}
+    assert {name: modules for name, modules in reaching_up.items() if modules} == {}

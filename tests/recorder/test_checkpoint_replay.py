@@ -127,6 +127,21 @@ def test_a_lightning_module_without_forward_is_replayed_through_its_training_ste
             np.testing.assert_array_equal(replayed.read(site, step, "probe").bits, live.read(site, step, "probe").bits)
 
 
+class DictStepOnly(StepOnly):
+    """A training_step that wants dict batches, which a probe set of (x, y) pairs does not give."""
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.net(batch["x"]), batch["y"])
+
+
+def test_a_training_step_that_cannot_take_the_probe_batch_is_an_error_naming_the_replay_option(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    torch.save({"state_dict": _state(DictStepOnly()), "global_step": 2}, ckpts / "a.ckpt")
+    with pytest.raises(Exception, match=r"training_step\(batch, 0\)(.|\n)*`forward=` \(`--forward file.py:fn`"):
+        replay(ckpts, DictStepOnly(), toy_data(8, 1), tmp_path / "run", batch_size=8, progress=False)
+
+
 def _state(model: nn.Module) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -1,9 +1,11 @@
-"""The Lightning side of probing: the probe forward rule of a LightningModule, and a module made inert.
+"""Probing a LightningModule: its probe forward rule, and the module made inert; Lightning is never imported.
 
 The probe protocol itself (copy or not, weight sync, RNG isolation, the probe set, capture, live
 statistics) is :class:`~actpat.recorder.prober.Prober`'s. What is Lightning's lives here: a module
 without ``forward`` is probed through its ``training_step``, which must then run without touching the
-trainer, its loggers or its optimizers.
+trainer, its loggers or its optimizers. The Lightning callback probes live by these rules, and
+:func:`~actpat.recorder.checkpoint_replay.replay` by the same ones, so that a replay records what the
+callback did.
 """
 
 from __future__ import annotations
@@ -13,9 +15,21 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 
-from actpat.callbacks._lightning import is_lightning_class
 from actpat.recorder.batches import BatchReader
 from actpat.recorder.prober import ProbeForward
+
+#: Import names of the Lightning packages whose classes are Lightning's own (``lightning`` and ``pytorch_lightning``).
+LIGHTNING_PACKAGES = ("lightning.pytorch", "pytorch_lightning")
+
+
+def is_lightning_class(cls: type) -> bool:
+    """Whether ``cls`` is defined by a Lightning package (not by the user)."""
+    return cls.__module__.startswith(tuple(f"{name}." for name in LIGHTNING_PACKAGES))
+
+
+def is_lightning_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a LightningModule (of either package), judged by its class's bases."""
+    return any(is_lightning_class(cls) for cls in type(module).__mro__)
 
 
 def overrides_forward(module: nn.Module) -> bool:
@@ -44,16 +58,16 @@ def lightning_forward(
         because = "" if probe_forward is not None else f", because {type(module).__name__} overrides `forward`"
         return ProbeForward.default(probe_forward, reader, option="probe_forward", because=because,
                                     context=forward_context)
-    return training_step_forward(module, "probe_forward", forward_context)
+    return training_step_forward(module, "`probe_forward=`", forward_context)
 
 
 def training_step_forward(
     module: nn.Module, option: str, forward_context: Optional[Callable[[], Any]] = None
 ) -> ProbeForward:
     """``module.training_step(batch, 0)`` as the probe forward of a LightningModule without ``forward``, to run
-    on a module made :func:`inert`; ``option`` is the caller's name for its own probe forward."""
+    on a module made :func:`inert`; ``option`` says how the caller's user passes a probe forward instead."""
     hint = (
-        f"Pass `{option}=` (for example `lambda module, batch: module.net(batch[0])`), or give the module "
+        f"Pass {option} (for example `lambda module, batch: module.net(batch[0])`), or give the module "
         "a `forward`. While probing, `self.log`, optimizers, schedulers and `manual_backward` do nothing; "
         "collective calls (`self.all_gather`) are not supported."
     )
@@ -89,7 +103,7 @@ def inert(module: nn.Module, trainer: Any) -> Iterator[None]:
         overrides["_trainer"] = view
     saved = []
     for sub in module.modules():
-        if not (hasattr(sub, "training_step") and any(is_lightning_class(c) for c in type(sub).__mro__)):
+        if not (hasattr(sub, "training_step") and is_lightning_module(sub)):
             continue
         for name, value in overrides.items():
             saved.append((sub, name, name in sub.__dict__, sub.__dict__.get(name)))
