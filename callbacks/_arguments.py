@@ -16,7 +16,7 @@ def check_arguments(args: dict[str, Any]) -> None:
     """Validate every argument of the callback (``args`` = its ``__init__``'s locals)."""
     arguments.expect_int("batch_every_n_steps", args["batch_every_n_steps"], 0)
     arguments.expect_every("probe_every", args["probe_every"])
-    for name, allowed in (("probe_mode", ("train", "eval")), ("pattern", schema.PATTERN_KINDS), ("on_error", ("warn", "raise"))):
+    for name, allowed in (("probe_mode", ("train", "eval")), ("pattern", (None, *schema.PATTERN_KINDS)), ("on_error", ("warn", "raise"))):
         arguments.expect_choice(name, args[name], allowed)
     if args["out_dir"] is not None and not isinstance(args["out_dir"], (str, os.PathLike)):
         raise ValueError(f"Expected `out_dir` to be None or a path, but got {type(args['out_dir']).__name__}.")

@@ -185,7 +185,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         probe_every: Union[float, int] = 0.2,
         probe_mode: str = "train",
         sites: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
-        pattern: str = "channel",
+        pattern: Optional[str] = None,
         max_observations: Optional[int] = None,
         compression: Optional[str] = None,
         live_stats: bool = True,

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
+from actpat.recorder import schema
+
 if TYPE_CHECKING:
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
@@ -341,7 +343,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="probe batch size for a Dataset (in train mode: the training batch size)")
     parser.add_argument("--forward", default=None, help="probe forward(module, batch): pkg.mod:fn or file.py:fn")
     parser.add_argument("--sites", nargs="+", default=None, help="site names or glob patterns (default: all)")
-    parser.add_argument("--pattern", choices=("channel", "flat"), default="channel")
+    parser.add_argument("--pattern", choices=schema.PATTERN_KINDS, default=None,
+                        help="how pre-activations are cut into patterns (default: channel, 3-d sites warned of)")
     parser.add_argument("--device", default=None, help="device to probe on, e.g. cuda (default: the model's)")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="torch.load with weights_only=False (runs code from the files: trusted files only)")

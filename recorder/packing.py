@@ -52,9 +52,16 @@ _MIN_KERNEL_POSITIONS = 8
 _MAX_FLAT_KERNEL_ELEMENTS = 1 << 14
 
 
-def _check_pattern(pattern: str) -> None:
+def _channels_first(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, str]:
+    """``z`` at least 2-d (a 1-D tensor is one sample) and the pattern as ``channel`` or ``flat``: a
+    ``channel_last`` pattern is the ``channel`` pattern of a view with the last dimension moved to dimension 1."""
     if pattern not in PATTERN_KINDS:
         raise ValueError(f"Expected `pattern` to be one of {PATTERN_KINDS}, but got {pattern!r}.")
+    if z.dim() == 1:
+        z = z.unsqueeze(0)
+    if pattern == "channel_last":
+        return z.movedim(-1, 1), "channel"
+    return z, pattern
 
 
 def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
@@ -64,9 +71,11 @@ def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     ----------
     z : torch.Tensor
         Pre-activation, batch first. A 1-D tensor is taken as one sample.
-    pattern : {"channel", "flat"}
+    pattern : {"channel", "flat", "channel_last"}
         ``channel``: dim 1 is the pattern, every (sample, position) one observation, ``P = prod(rest)``.
-        ``flat``: one pattern of ``C * prod(rest)`` units per sample, ``P = 1``.
+        ``flat``: one pattern of ``C * prod(rest)`` units per sample, ``P = 1``. ``channel_last``: the last
+        dimension is the pattern, as ``channel`` of ``z`` with its last dimension moved to dimension 1
+        (``(N, L, C)``: ``P = L``).
 
     Returns
     -------
@@ -75,9 +84,7 @@ def observation_view(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int]:
     n_positions : int
         ``P``, the number of observations per sample.
     """
-    _check_pattern(pattern)
-    if z.dim() == 1:
-        z = z.unsqueeze(0)
+    z, pattern = _channels_first(z, pattern)
     units_last, n_positions = _units_last(z, pattern)
     return units_last.reshape(math.prod(units_last.shape[:-1]), units_last.shape[-1]), n_positions
 
@@ -155,9 +162,7 @@ def load_kernels() -> bool:
 
 def _pack(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, Any]:
     """Bits, positions, units and the NaN count where the packing noted NaNs (None: not looked at)."""
-    _check_pattern(pattern)
-    if z.dim() == 1:
-        z = z.unsqueeze(0)
+    z, pattern = _channels_first(z, pattern)
     if _numpy_packable(z):
         bits, n_positions, n_units, has_nan = _pack_numpy(z.detach().numpy(), pattern)
         nan_count = None if has_nan is None else int(z.isnan().count_nonzero()) if has_nan else 0

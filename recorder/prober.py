@@ -167,7 +167,7 @@ class Prober:
         copy: bool = True,
         batch_size: Optional[int] = None,
         sites: Union[None, str, Sequence[str], Callable[[str], bool]] = None,
-        pattern: str = "channel",
+        pattern: Optional[str] = None,
         max_observations: Optional[int] = None,
         compression: Optional[str] = None,
         store_values: Optional[Union[str, int]] = None,

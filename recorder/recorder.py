@@ -44,8 +44,12 @@ class ActivationRecorder:
     sites : None, str, sequence of str, or callable, default None
         Which sites to record: all (None), names or glob patterns (``"layer1.*"``), or a predicate on
         the site name.
-    pattern : {"channel", "flat"}, default "channel"
-        How a pre-activation ``(N, C, *rest)`` is cut into patterns (SPEC section 1).
+    pattern : {"channel", "flat", "channel_last"}, optional
+        How a pre-activation ``(N, C, *rest)`` is cut into patterns (SPEC section 1): ``"channel"`` (the
+        default) takes dimension 1 as the units, ``"flat"`` makes one pattern per sample, ``"channel_last"``
+        takes the last dimension as the units (a ``Linear`` on ``(N, L, C)`` sequences: transformers,
+        MLP-Mixers). Left at the default, a site with 3-d pre-activations is warned of once, since
+        ``(N, C, L)`` (a ``Conv1d``) and ``(N, L, C)`` cannot be told apart; pass the pattern to say which.
     max_observations : int, optional
         Keep at most this many observations per site per call, chosen uniformly without replacement by
         the recorder's own generator (seeded by ``seed``, the step and the site), so torch's global RNG
@@ -110,7 +114,7 @@ class ActivationRecorder:
         model: nn.Module,
         out_dir: str | os.PathLike,
         sites: SiteFilter = None,
-        pattern: str = "channel",
+        pattern: str | None = None,
         max_observations: int | None = None,
         compression: str | None = None,
         max_queue_bytes: int = 256 << 20,
@@ -128,8 +132,8 @@ class ActivationRecorder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-        if pattern not in schema.PATTERN_KINDS:
-            raise ValueError(f"Expected `pattern` to be one of {schema.PATTERN_KINDS}, but got {pattern!r}.")
+        if pattern is not None and pattern not in schema.PATTERN_KINDS:
+            raise ValueError(f"Expected `pattern` to be None or one of {schema.PATTERN_KINDS}, but got {pattern!r}.")
         if not (store_values is None or store_values == "all" or (isinstance(store_values, int) and store_values >= 1)):
             raise ValueError(f"Expected `store_values` to be None, 'all' or a positive int, but got {store_values!r}.")
         if max_observations is not None and int(max_observations) < 1:
@@ -150,7 +154,8 @@ class ActivationRecorder:
             )
         self.model = model
         self.out_dir = out_dir
-        self.pattern = pattern
+        self.pattern = pattern or "channel"
+        self._pattern_given = pattern is not None
         self.max_observations = None if max_observations is None else int(max_observations)
         self.seed = int(seed)
         self.store_values = store_values
@@ -493,6 +498,15 @@ class ActivationRecorder:
                 pattern=self.pattern,
                 value_units=self._value_units(len(self._site_meta), n_units),
             )
+            if len(shape) == 2 and not self._pattern_given:
+                self._warn_once(
+                    f"rank3:{name}",
+                    f"actpat: site {name!r} has 3-d pre-activations (N, {shape[0]}, {shape[1]}): its patterns take "
+                    f"dimension 1 as the units ({shape[0]} units, {shape[1]} positions per sample), right for a "
+                    f"Conv1d's (N, C, L). If the last dimension holds the units (a Linear on (N, L, C) sequences: "
+                    f"transformers, MLP-Mixers), pass pattern='channel_last'; pass pattern='channel' to confirm "
+                    f"dimension 1 and silence this warning.",
+                )
         elif meta.n_units != n_units:
             self._warn_once(
                 f"units:{name}",

@@ -44,7 +44,10 @@ FORMAT_VERSION = 4
 #: First version whose records carry a checksum.
 CHECKSUM_VERSION = 3
 BIT_ORDER = "little"
-PATTERN_KINDS = ("channel", "flat")
+#: How a pre-activation is cut into patterns (the site attribute ``pattern``): ``channel``, dimension 1 the units
+#: (SPEC section 1); ``flat``, one pattern per sample; ``channel_last``, the last dimension the units (a Linear on
+#: ``(N, L, C)`` sequences), every other position one observation.
+PATTERN_KINDS = ("channel", "flat", "channel_last")
 #: HDF5 object formats of shards since version 3: 1.10 gives checksums on all file metadata (superblock v3,
 #: object header v2, chunk indexes) and every h5py since 3.0 reads it.
 LIBVER = ("v110", "v110")

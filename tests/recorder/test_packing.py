@@ -489,3 +489,21 @@ def test_on_a_cuda_device_later_triton_launches_skip_the_jit_dispatch_and_stay_e
                 np.testing.assert_array_equal(bits.cpu().numpy(), _expected_bits(z.cpu(), "channel"))
                 assert int(nan_count) == int(torch.isnan(z).sum()) > 0
     assert dispatched == [False] * 4  # one JIT launch per dtype, the other eight direct
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 7, 13), (2, 5, 4, 16), (4, 9), (6,)])
+def test_channel_last_patterns_take_the_last_dimension_as_the_units(backend, shape):
+    torch.manual_seed(0)
+    z = torch.randn(shape)
+    z.view(-1)[::5] = float("nan")  # off, and counted
+    with _backend(backend):
+        bits, n_positions, n_units, nan_count = pack_and_count_nans(z, "channel_last")
+    # Brute force: every index of the leading dimensions is one observation of the last dimension's signs.
+    rows = (z.nan_to_num(-1.0) > 0).reshape(-1, shape[-1]).numpy()
+    np.testing.assert_array_equal(bits.numpy(), np.packbits(rows, axis=1, bitorder="little"))
+    assert n_units == shape[-1]
+    assert n_positions == (math.prod(shape[1:-1]) if len(shape) > 1 else 1)
+    assert nan_count == int(z.isnan().sum())
+    obs, p = observation_view(z, "channel_last")
+    np.testing.assert_array_equal(obs.numpy(), z.reshape(-1, shape[-1]).numpy())

@@ -946,3 +946,84 @@ def test_a_sites_filter_that_selects_nothing_names_the_module_sites(tmp_path):
         with pytest.raises(ValueError, match=r"widen `sites=`\. The model's module sites: \['1', '3'\]"):
             with rec.capture(0):
                 model(torch.randn(2, 3, 8, 8))
+
+
+class _Encoder(nn.Module):
+    """A transformer block as users write it: its FFN's ReLU sees (N, L, C) tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 16)
+        self.block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.block(self.embed(x)).mean(1)
+
+
+def test_channel_last_patterns_of_a_transformer_are_the_ffn_units_of_each_token(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = _Encoder()
+    seen = []  # the FFN's pre-activations, by an independent hook on the layer before the ReLU
+    model.block.linear1.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+    lengths = [5, 9, 2]  # sequences of another length at every step
+    with caplog.at_level(logging.WARNING), ActivationRecorder(model, tmp_path, pattern="channel_last") as rec:
+        for step, length in enumerate(lengths):
+            with rec.capture(step, sample_ids=torch.arange(4) + 4 * step):
+                model(torch.randn(4, length, 3))
+    assert not [r for r in caplog.records if "actpat" in r.getMessage()]
+    run = open_run(tmp_path)
+    assert run.sites == ["block:relu#0"]
+    assert run.steps("block:relu#0").tolist() == [0, 1, 2]
+    for step, z in enumerate(seen):
+        p = run.read("block:relu#0", step)
+        assert p.n_units == 24
+        expected = np.packbits((z > 0).reshape(-1, 24).numpy(), axis=1, bitorder="little")  # token by token
+        np.testing.assert_array_equal(p.bits, expected)
+        np.testing.assert_array_equal(p.sample_ids, np.repeat(np.arange(4) + 4 * step, lengths[step]))
+        np.testing.assert_array_equal(p.positions, np.tile(np.arange(lengths[step]), 4))
+    info = run.site_info("block:relu#0")
+    assert (info["pattern"], info["shape"], info["n_units"]) == ("channel_last", (5, 24), 24)
+
+
+@pytest.mark.parametrize("pattern", [None, "channel"])
+def test_a_3d_site_left_at_the_default_pattern_is_warned_of_once(tmp_path, caplog, pattern):
+    # (N, C, L) of a Conv1d and (N, L, C) of a Linear on tokens look alike: the default cannot know which it is.
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 5), nn.ReLU())
+    with caplog.at_level(logging.WARNING), ActivationRecorder(model, tmp_path, pattern=pattern) as rec:
+        for step in range(3):
+            with rec.capture(step):
+                model(torch.randn(2, 2, 8))
+    warned = [r.getMessage() for r in caplog.records if "3-d pre-activations" in r.getMessage()]
+    if pattern is None:
+        assert len(warned) == 1 and "'1'" in warned[0] and "pattern='channel_last'" in warned[0]
+        assert "(N, 4, 6)" in warned[0]
+    else:
+        assert warned == []
+    assert open_run(tmp_path).site_info("1")["n_units"] == 4
+
+
+def test_a_model_of_convolutions_and_tokens_is_recorded_by_two_recorders_each_with_its_pattern(tmp_path):
+    class ConvThenTokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv1d(3, 8, 3), nn.ReLU()
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+        def forward(self, x):
+            return self.enc(self.act(self.conv(x)).transpose(1, 2))  # (N, 8, L) channels, then (N, L, 8) tokens
+
+    torch.manual_seed(0)
+    model, seen = ConvThenTokens(), {}
+    model.conv.register_forward_hook(lambda m, a, out: seen.__setitem__("act", out.detach().clone()))
+    model.enc.linear1.register_forward_hook(lambda m, a, out: seen.__setitem__("enc:relu#0", out.detach().clone()))
+    convs = ActivationRecorder(model, tmp_path / "conv", sites="act", pattern="channel")
+    tokens = ActivationRecorder(model, tmp_path / "tokens", sites="enc*", pattern="channel_last")
+    with convs, tokens, convs.capture(0), tokens.capture(0):
+        model(torch.randn(4, 3, 10))
+    by_units = {"act": seen["act"].movedim(1, -1), "enc:relu#0": seen["enc:relu#0"]}
+    for directory, site in (("conv", "act"), ("tokens", "enc:relu#0")):
+        run = open_run(tmp_path / directory)
+        assert run.sites == [site]
+        z = by_units[site]
+        expected = np.packbits((z > 0).reshape(-1, z.shape[-1]).numpy(), axis=1, bitorder="little")
+        np.testing.assert_array_equal(run.read(site, 0).bits, expected)
