@@ -233,17 +233,24 @@ def subset_measures(counts: Iterable[PatternCounts], *, ceiling: float = 0.9) ->
 
 
 def subset_similarity(counts_t: Sequence[PatternCounts], counts_u: Sequence[PatternCounts]) -> dict[str, np.ndarray]:
-    """JI and wJI between two time points, subset by subset (the same units and rows at both).
+    """JI and wJI between two time points, subset by subset (the same units and rows at both; a single subset,
+    the whole site, is paired with each subset of the other time point).
 
     Returns
     -------
     dict of np.ndarray
         ``jaccard`` and ``weighted_jaccard``, each ``(n_subsets,)`` in ``[0, 1]``.
     """
-    if len(counts_t) != len(counts_u):
+    if len(counts_t) != len(counts_u) and 1 not in (len(counts_t), len(counts_u)):
         raise ValueError(
             f"Expected the same number of subsets at both time points, but got {len(counts_t)} and {len(counts_u)}."
         )
+    # One subset is the whole site (all units and rows: draw_subsets collapses there); all units is every
+    # subset's units at the other time point too, so it pairs with each of them.
+    if len(counts_t) == 1:
+        counts_t = list(counts_t) * len(counts_u)
+    if len(counts_u) == 1:
+        counts_u = list(counts_u) * len(counts_t)
     return {
         "jaccard": np.array([jaccard(a, b) for a, b in zip(counts_t, counts_u)], dtype=np.float64),
         "weighted_jaccard": np.array([weighted_jaccard(a, b) for a, b in zip(counts_t, counts_u)], dtype=np.float64),
@@ -282,20 +289,18 @@ def _as_run(run_or_path) -> Run:
     return run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
 
 
-def _first_rows(run: Run, site: str, split: str) -> int | None:
-    """Observations of the first complete record of ``site`` (a step with lost records is not one)."""
-    for step in run.steps(site, split):
-        p = run.read(site, int(step), split)
-        if not p.lost_records:
-            return len(p)
-    return None
+def _fewest_rows(run: Run, site: str, split: str | None) -> int | None:
+    """The fewest observations ``site`` has at a step of ``split`` (by the run's index; steps a known loss may
+    touch left out, as the table leaves them); None where it has none."""
+    return min((n for n in run.step_observations(site, split).values() if n), default=None)
 
 
 def subset_sizes(runs: Iterable, split: str | None = None) -> tuple[int, int]:
     """Default ``(m, n_obs)`` for comparing sites of one or more runs.
 
-    ``m`` is the narrowest site's width and ``n_obs`` the fewest observations any site has at its
-    first recorded step of ``split``, over every site of every run.
+    ``m`` is the narrowest site's width and ``n_obs`` the fewest observations any site has at any
+    recorded step of ``split`` (a smaller last batch included), over every site of every run, as the
+    runs' indexes count them; steps that a known loss may touch are left out, as the table leaves them.
 
     Parameters
     ----------
@@ -315,7 +320,7 @@ def subset_sizes(runs: Iterable, split: str | None = None) -> tuple[int, int]:
     widths, rows = [], []
     for run in map(_as_run, runs):
         for site in run.sites:
-            n = _first_rows(run, site, run.resolve_split(split))
+            n = _fewest_rows(run, site, split)
             if n:
                 widths.append(run.site_info(site)["n_units"])
                 rows.append(n)
@@ -486,7 +491,7 @@ def width_controlled_table(
     if m is None:
         m = min(run.site_info(s)["n_units"] for s in sites)
     if n_obs is None:
-        n_obs = min(_first_rows(run, s, split) for s in sites)
+        n_obs = min(n for s in sites if (n := _fewest_rows(run, s, split)))
     for site in sites:
         width = run.site_info(site)["n_units"]
         _check_int("m", m, 1, width, f"the width of site {site!r}, n_units = {width}")

@@ -870,6 +870,17 @@ class Run:
         self._check_site(site)
         return sum(e.row_count for e in self._entries.get((site, split), []))
 
+    def step_observations(self, site: str, split: str | None = None) -> dict[int, int]:
+        """Observations (rows) of ``site`` at each recorded step of ``split``, as indexed (no data read), for
+        the steps no known loss may touch: what :meth:`read` returns for them unless verification fails."""
+        split = self.resolve_split(split)
+        self._check_site(site)
+        rows: dict[int, int] = {}
+        for e in self._entries.get((site, split), []):
+            rows[e.step] = rows.get(e.step, 0) + e.row_count
+        lost = self._index_losses.get(site, ())
+        return {step: n for step, n in rows.items() if not any(loss.may_hold(site, split, step) for loss in lost)}
+
     def read(self, site: str, step: int, split: str | None = None) -> Patterns:
         """All observations of ``site`` at ``step`` in ``split``, from every shard and rank.
 

@@ -222,3 +222,32 @@ def test_subsets_hold_the_same_observations_whatever_order_each_step_lists_them_
         assert value(table, "wide", step, "entropy_wc") == pytest.approx(np.mean([brute_entropy(c) for c in per]))
         assert value(table, "wide", step, "weighted_jaccard_wc_init") == 1.0
         assert value(table, "wide", step, "jaccard_wc_last" if step else "jaccard_wc_final") == 1.0
+
+
+def test_defaults_take_the_fewest_rows_of_any_step_and_a_whole_site_step_pairs_with_every_subset(tmp_path):
+    # Batch mode with a smaller last batch: 8, 8 and 6 observations. The narrow site's 3 units are all its units,
+    # so at the 6-row step its only subset is the whole site, while the 8-row steps draw 6 of 8 rows per subset.
+    narrow, wide = SiteMeta("narrow", 0, "ReLU", (3,), 3, "flat"), SiteMeta("wide", 1, "ReLU", (10,), 10, "flat")
+    rng = np.random.default_rng(3)
+    truth = {}
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for step, n in ((0, 8), (1, 8), (2, 6)):
+        for meta in (narrow, wide):
+            units, ids = rng.integers(0, 2, (n, meta.n_units)), rng.permutation(30)[:n]
+            truth[(meta.site, step)] = units[np.argsort(ids)]  # subsets draw rows in sample-id order
+            writer.put(Record(meta, step, 0, "train", pack(units), 1, n, 0, sample_ids=ids))
+    writer.close()
+    assert subset_sizes([tmp_path]) == (3, 6)  # the first step has 8: the fewest is the last batch's
+    table = width_controlled_table(tmp_path, progress=False, n_subsets=5, seed=2)
+    assert value(table, "narrow", 2, "wc_observations") == 6
+    for step in (0, 1, 2):  # JI(init, t) by brute force on the drawn subsets (all 3 units; rows per step)
+        per_step = {}
+        for s in (0, step):
+            subsets = draw_subsets(3, len(truth[("narrow", s)]), m=3, n_obs=6, n_subsets=5, seed=(2, 0))
+            per_step[s] = [brute_counter(truth[("narrow", s)], subsets.units[i],
+                                         None if subsets.rows is None else subsets.rows[i]) for i in range(len(subsets))]
+        init, cur = per_step[0], per_step[step]
+        pairs = [(init[i % len(init)], cur[i % len(cur)]) for i in range(max(len(init), len(cur)))]
+        expected = np.mean([brute_jaccard(b, a) for a, b in pairs])
+        assert value(table, "narrow", step, "jaccard_wc_init") == pytest.approx(expected, abs=1e-12)
