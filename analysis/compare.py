@@ -520,7 +520,8 @@ def band_curves(
             sub = rows[(rows["site"] == site) & (rows["group"] == group)]
             if sub.empty:
                 continue
-            matrix = sub.pivot_table(index="run", columns="step", values="value", aggfunc="first")
+            # dropna=False: a site whose values are all NaN (a measure undefined there) is drawn empty, not dropped
+            matrix = sub.pivot_table(index="run", columns="step", values="value", aggfunc="first", dropna=False)
             mean, lo, hi = band(matrix.to_numpy(), kind, confidence=confidence, n_boot=n_boot, seed=seed)
             times = matrix.columns.to_numpy() if x == "step" else sub.groupby("step")["epoch"].mean().reindex(
                 matrix.columns).to_numpy()

@@ -253,3 +253,14 @@ def test_report_writes_nothing_on_bad_input(runs, tmp_path):
     with pytest.raises(ValueError, match=r"Expected metrics to draw among those of the runs.*\['nope'\]"):
         report([runs["a0"]], tmp_path / "out2", metrics=["nope"], width_controlled=False, progress=False)
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
+def test_band_curves_draw_a_site_whose_values_are_all_nan_empty(table):
+    # A measure undefined at a site (normalized entropy of 1-observation steps: 0/0) is NaN at every step.
+    undefined = table.copy()
+    rows = (undefined["metric"] == "entropy") & (undefined["site"] == "layer0")
+    undefined.loc[rows, "value"] = np.nan
+    fig = band_curves(undefined, "entropy")
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert all(np.isnan(line.get_ydata()).all() for line in panels["layer0"].lines)
+    assert any(np.isfinite(line.get_ydata()).any() for line in panels["layer1"].lines)
