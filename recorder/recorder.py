@@ -508,11 +508,12 @@ class ActivationRecorder:
                     f"dimension 1 and silence this warning.",
                 )
         elif meta.n_units != n_units:
-            self._warn_once(
-                f"units:{name}",
-                f"actpat: site {name!r} changed width from {meta.n_units} to {n_units} units; "
-                "this call is not recorded.",
-            )
+            change = f"site {name!r} changed width from {meta.n_units} to {n_units} units at step {context.step} " \
+                     f"({context.split!r})"
+            if self._warn_once(f"units:{name}", f"actpat: {change}; its calls of another width than {meta.n_units} "
+                                                "are not recorded (a site keeps one width in a run)."):
+                # In the run too: `info` and `stop_reasons` say why the site's later steps may be missing.
+                self.writer.record_stop(f"{change}: its calls of another width are not recorded")
             return None
         obs_index = index = None
         if self.max_observations is not None and bits.shape[0] > self.max_observations:
@@ -554,10 +555,13 @@ class ActivationRecorder:
         rng = np.random.default_rng([self.seed, site_index, 1])
         return tuple(int(u) for u in np.sort(rng.choice(n_units, self.store_values, replace=False)))
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(message)
+    def _warn_once(self, key: str, message: str) -> bool:
+        """Log ``message`` the first time ``key`` comes; whether it did now."""
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        log.warning(message)
+        return True
 
 
 class _Capture:

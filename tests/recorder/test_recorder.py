@@ -475,7 +475,11 @@ def test_site_changing_width_is_skipped_with_one_warning(tmp_path, caplog):
                 with rec.capture(step):
                     model(torch.randn(2, width))
     assert sum("changed width" in r.getMessage() for r in caplog.records) == 1
-    assert open_run(tmp_path).steps("1").tolist() == [0, 3]
+    run = open_run(tmp_path)
+    assert run.steps("1").tolist() == [0, 3]
+    # On disk too, for whoever reads the run later: why steps 1 and 2 of the site are missing.
+    assert [stop.reason for stop in run.stop_reasons] == [
+        "site '1' changed width from 4 to 6 units at step 1 ('train'): its calls of another width are not recorded"]
 
 
 # ---------------------------------------------------------------------------- subsampling
