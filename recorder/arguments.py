@@ -55,3 +55,15 @@ def expect_values(name: str, value: Any) -> None:
 def expect_module_types(name: str, value: Any) -> None:
     if isinstance(value, type) or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in value):
         raise ValueError(f"Expected `{name}` to be a sequence of nn.Module subclasses, but got {value!r}.")
+    # A class given is recorded by the signs of its input: right for an elementwise activation, while torch's
+    # other layers' inputs are no pre-activation (an nn.RNN's input is the sequence, its ReLU runs inside it).
+    for t in value:
+        if t.__module__.startswith("torch.nn.") and (
+            t.__module__ != "torch.nn.modules.activation" or t is nn.MultiheadAttention
+        ):
+            raise ValueError(
+                f"Expected `{name}` to name activation classes, but got torch's {t.__name__}, which is no elementwise "
+                f"activation: a class in `{name}` is recorded by the signs of its input, which for {t.__name__} is no "
+                "pre-activation. Name the activation modules themselves; a nonlinearity applied inside a torch layer "
+                "(nn.RNN's ReLU) cannot be recorded: write that computation with nn.Linear and nn.ReLU or F.relu."
+            )

@@ -200,6 +200,7 @@ class SiteHooks:
                 )
             self._install()
             _warn_hidden_in_place_calls(self._modules)
+        _warn_activations_inside_torch_layers(self._modules, self.module_types, functional)
 
     @property
     def module_sites(self) -> list[str]:
@@ -503,6 +504,30 @@ def _warn_hidden_in_place_calls(modules: Iterable[tuple[str, nn.Module]]) -> Non
                     "which are, or record the eager model.", type(module).__name__, getattr(current, "__name__", current),
                 )
                 break
+
+
+def _warn_activations_inside_torch_layers(
+    modules: Iterable[tuple[str, nn.Module]], module_types: tuple[type, ...], functional: bool
+) -> None:
+    """Warn of ReLUs that torch layers apply where no hook sees them: an ``nn.RNN``'s (or ``nn.RNNCell``'s) inside
+    its fused kernel, always; a transformer encoder layer's activation module inside torch's fast path (eval mode
+    without autograd), unless functional calls are intercepted, which turns that path off while capturing."""
+    for name, module in modules:
+        if isinstance(module, (nn.RNN, nn.RNNCell)) and module.nonlinearity == "relu":
+            log.warning(
+                "actpat: %s (%s with nonlinearity='relu') applies its ReLU inside torch's fused recurrent kernel, which "
+                "no hook sees: it is no site and is not recorded. To record it, write the recurrence with nn.Linear and "
+                "nn.ReLU or F.relu.", name or "the model", type(module).__name__,
+            )
+        elif (
+            isinstance(module, nn.TransformerEncoderLayer) and not functional
+            and isinstance(getattr(module, "activation", None), module_types)
+        ):
+            log.warning(
+                "actpat: %s (TransformerEncoderLayer) runs torch's fused fast path in eval mode without autograd, which "
+                "skips its activation module: with functional=False those calls are not recorded. Keep functional=True "
+                "(it turns the fast path off while capturing), or record in train mode.", name or "the model",
+            )
 
 
 def _runs_a_step(module: nn.Module) -> bool:

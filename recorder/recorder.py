@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from actpat.recorder import schema
+from actpat.recorder import arguments, schema
 from actpat.recorder.hooks import SiteFilter, SiteHooks, is_compiled
 from actpat.recorder.packing import (
     device_nan_count, load_kernels, observation_view, pack_and_count_nans, pack_patterns,
@@ -132,6 +132,8 @@ class ActivationRecorder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+        module_types = module_types if isinstance(module_types, type) else tuple(module_types)
+        arguments.expect_module_types("module_types", module_types)
         if pattern is not None and pattern not in schema.PATTERN_KINDS:
             raise ValueError(f"Expected `pattern` to be None or one of {schema.PATTERN_KINDS}, but got {pattern!r}.")
         if not (store_values is None or store_values == "all" or (isinstance(store_values, int) and store_values >= 1)):

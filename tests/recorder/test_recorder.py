@@ -1031,3 +1031,45 @@ def test_a_model_of_convolutions_and_tokens_is_recorded_by_two_recorders_each_wi
         z = by_units[site]
         expected = np.packbits((z > 0).reshape(-1, z.shape[-1]).numpy(), axis=1, bitorder="little")
         np.testing.assert_array_equal(run.read(site, 0).bits, expected)
+
+
+@pytest.mark.parametrize("layer", [nn.RNN, nn.Linear, nn.MultiheadAttention])
+def test_module_types_refuse_torch_layers_that_are_no_activation(tmp_path, layer):
+    # Their input is no pre-activation (an RNN's is the sequence): its signs would be recorded as a site, silently.
+    with pytest.raises(ValueError, match=rf"`module_types`.*torch's {layer.__name__}, which is no elementwise"):
+        ActivationRecorder(nn.Sequential(nn.Linear(3, 3)), tmp_path, module_types=[layer])
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_an_rnn_whose_relu_no_hook_sees_is_warned_of(tmp_path, caplog):
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head, self.act = nn.RNN(3, 8, nonlinearity="relu", batch_first=True), nn.Linear(8, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.head(self.rnn(x)[0][:, -1]))
+
+    with caplog.at_level(logging.WARNING):
+        with ActivationRecorder(Recurrent(), tmp_path) as rec, rec.capture(0):
+            rec.model(torch.randn(2, 5, 3))
+    warned = [r.getMessage() for r in caplog.records if "fused recurrent kernel" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("actpat: rnn (RNN with nonlinearity='relu')")
+    assert open_run(tmp_path).sites == ["act"]
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_transformer_layers_activation_module_left_to_torchs_fast_path_is_warned_of(tmp_path, caplog, functional):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.ReLU(), batch_first=True)
+    model = nn.Sequential(layer, nn.ReLU()).eval()
+    with caplog.at_level(logging.WARNING):
+        rec = ActivationRecorder(model, tmp_path, functional=functional, pattern="channel_last")
+        with rec, torch.no_grad(), rec.capture(0):
+            model(torch.randn(2, 5, 8))
+    warned = [r.getMessage() for r in caplog.records if "fast path" in r.getMessage()]
+    sites = open_run(tmp_path).sites
+    if functional:  # the interceptor turns the fast path off: the activation is recorded, nothing to warn of
+        assert warned == [] and sites == ["0.activation", "1"]
+    else:  # the fast path skipped the activation module: said when the recorder was made
+        assert len(warned) == 1 and "functional=False" in warned[0] and sites == ["1"]
