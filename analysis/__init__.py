@@ -27,6 +27,8 @@ _EXPORTS = {
     "RunAnalysis": "pipeline",
     "analyze_run": "pipeline",
     "Stability": "similarity",
+    "UnpairedRows": "similarity",
+    "aligned_rows": "similarity",
     "jaccard": "similarity",
     "stability": "similarity",
     "weighted_jaccard": "similarity",

@@ -7,14 +7,17 @@ each observation, so it needs the packed rows of both time points in the same ob
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from actpat.analysis._validation import check_bits, check_threshold
 from actpat.analysis.counts import PatternCounts, row_words
 
-__all__ = ["Stability", "jaccard", "set_similarities", "stability", "weighted_jaccard"]
+if TYPE_CHECKING:
+    from actpat.recorder.observations import Patterns
+
+__all__ = ["Stability", "UnpairedRows", "aligned_rows", "jaccard", "set_similarities", "stability", "weighted_jaccard"]
 
 # Rows compared per block in :func:`stability` (bounds temporaries to about 16 MiB).
 _BLOCK_BYTES = 1 << 24
@@ -215,3 +218,66 @@ def stability(bits_t, bits_u, n_units: int, *, validate_args: bool = True) -> St
         identical += x.shape[0] - int(np.count_nonzero(differs))
         flips += _popcount_sum(x)
     return Stability(identical / n, flips / (n * n_units))
+
+
+class UnpairedRows(ValueError):
+    """No observation of two reads provably is the same input; ``reason`` says why, in a few words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"Expected observations recorded with sample ids shared by both reads, but {reason}: rows are the same "
+            "observation only by their recorded (sample id, position). Pass `sample_ids` to `capture()`, or probe a "
+            "fixed probe set (the callback and the prober record its indices)."
+        )
+        self.reason = reason
+
+
+def aligned_rows(p_t: "Patterns", p_u: "Patterns") -> tuple[np.ndarray, np.ndarray]:
+    """The packed patterns of the observations present in both reads, paired row by row, for :func:`stability`.
+
+    Rows are the same observation only by their recorded (sample id, position); the callback's probe
+    records the probe-set index as sample id. Without sample ids nothing pairs rows: row ``i`` of two
+    shuffled batches are different inputs. A sample id that occurs several times in a step (drawn with
+    replacement) pairs its k-th occurrence at one step with its k-th at the other, in recorded order: every
+    pair is the same input, and the same rows pair whatever order the steps list them in.
+
+    Parameters
+    ----------
+    p_t, p_u : Patterns
+        Two reads of one site (``run.read(site, step)``).
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray)
+        ``(m, ceil(n_units / 8))`` uint8 each: row ``i`` of both is the same observation.
+
+    Raises
+    ------
+    UnpairedRows
+        A ``ValueError``: no sample ids were recorded, or the reads share none.
+    """
+    if (p_t.sample_ids < 0).any() or (p_u.sample_ids < 0).any():
+        raise UnpairedRows("no sample ids were recorded")
+    if len(p_t) == len(p_u) and np.array_equal(p_t.sample_ids, p_u.sample_ids) and np.array_equal(
+        p_t.positions, p_u.positions
+    ):
+        return p_t.bits, p_u.bits  # the same probe rows in the same order
+    span = int(max(p_t.positions.max(initial=0), p_u.positions.max(initial=0))) + 1
+    key_t = _occurrence_keys(p_t.sample_ids * span + p_t.positions)
+    key_u = _occurrence_keys(p_u.sample_ids * span + p_u.positions)
+    _, it, iu = np.intersect1d(key_t, key_u, assume_unique=True, return_indices=True)
+    if it.size == 0:
+        raise UnpairedRows("the two steps share no sample id")
+    return p_t.bits[it], p_u.bits[iu]
+
+
+def _occurrence_keys(keys: np.ndarray) -> np.ndarray:
+    """Unique ``(key, k)`` for the k-th occurrence of each key, in order, as one structured array."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    rank = np.arange(keys.size) - np.repeat(starts, np.diff(np.r_[starts, keys.size]))
+    out = np.empty(keys.size, dtype=[("key", np.int64), ("k", np.int64)])
+    out["key"], out["k"] = keys, 0
+    out["k"][order] = rank
+    return out

@@ -21,7 +21,7 @@ from actpat.analysis.counts import PatternCounts
 from actpat.analysis.driver import run_pass, tidy_table
 from actpat.analysis.measures import pattern_measures
 from actpat.analysis.metrics import REFERENCES
-from actpat.analysis.similarity import set_similarities, stability
+from actpat.analysis.similarity import UnpairedRows, aligned_rows, set_similarities, stability
 from actpat.analysis.tables import check_references
 from actpat.analysis.units import unit_stats
 from actpat.recorder.reader import Patterns, Run
@@ -76,51 +76,18 @@ def _own_metrics(p: Patterns, site: str, warned: set, *, n_classes: int | None =
     return pc, m
 
 
-def _row_aligned(a: Patterns, b: Patterns) -> tuple[np.ndarray, np.ndarray] | str:
-    """Bits of the observations provably present at both time points, in the same order, or why there are none.
-
-    Rows are the same observation only by their recorded (sample id, position); the callback's probe
-    records the probe-set index as sample id. Without sample ids nothing pairs rows: row ``i`` of two
-    shuffled batches are different inputs. A sample id that occurs several times in a step (drawn with
-    replacement) pairs its k-th occurrence at one step with its k-th at the other, in recorded order: every
-    pair is the same input, and the same rows pair whatever order the steps list them in.
-    """
-    if (a.sample_ids < 0).any() or (b.sample_ids < 0).any():
-        return "no sample ids were recorded"
-    if len(a) == len(b) and np.array_equal(a.sample_ids, b.sample_ids) and np.array_equal(a.positions, b.positions):
-        return a.bits, b.bits  # the same probe rows in the same order
-    span = int(max(a.positions.max(initial=0), b.positions.max(initial=0))) + 1
-    key_a = _occurrence_keys(a.sample_ids * span + a.positions)
-    key_b = _occurrence_keys(b.sample_ids * span + b.positions)
-    _, ia, ib = np.intersect1d(key_a, key_b, assume_unique=True, return_indices=True)
-    if ia.size == 0:
-        return "the two steps share no sample id"
-    return a.bits[ia], b.bits[ib]
-
-
-def _occurrence_keys(keys: np.ndarray) -> np.ndarray:
-    """Unique ``(key, k)`` for the k-th occurrence of each key, in order, as one structured array."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    rank = np.arange(keys.size) - np.repeat(starts, np.diff(np.r_[starts, keys.size]))
-    out = np.empty(keys.size, dtype=[("key", np.int64), ("k", np.int64)])
-    out["key"], out["k"] = keys, 0
-    out["k"][order] = rank
-    return out
-
-
 def _similarity_metrics(cur: _Step, ref: _Step, name: str, threshold: int, site: str, warned: set) -> dict:
     m = {f"{measure}_{name}": value for measure, value in set_similarities(cur.counts, ref.counts, threshold).items()}
-    aligned = _row_aligned(cur.patterns, ref.patterns)
-    if isinstance(aligned, str):
+    try:
+        aligned = aligned_rows(cur.patterns, ref.patterns)
+    except UnpairedRows as exc:
         _warn_once(
             warned, ("stability", site, name),
             "actpat: site %r: the observations at step %d and its %r reference are not provably the same inputs "
             "(%s); identical_fraction and hamming are left out, and its jaccard and weighted_jaccard compare the "
             "pattern sets of other inputs, which SPEC calls meaningful on the same inputs only (record a fixed "
             "probe set, or pass sample_ids to capture()).",
-            site, cur.patterns.step, name, aligned,
+            site, cur.patterns.step, name, exc.reason,
         )
     else:
         s = stability(aligned[0], aligned[1], cur.patterns.n_units, validate_args=False)

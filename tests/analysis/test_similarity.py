@@ -144,3 +144,41 @@ def test_property_bounds(pair, threshold):
     assert 0.0 <= wji <= 1.0
     assert jaccard(ct, cu) == jaccard(cu, ct) and wji == weighted_jaccard(cu, ct)
     assert jaccard(ct, ct) == 1.0 and weighted_jaccard(cu, cu) == 1.0
+
+
+def _read(ids, positions, units01, step):
+    from actpat.recorder.observations import Patterns
+
+    bits = np.packbits(np.asarray(units01, dtype=np.uint8), axis=1, bitorder="little")
+    n = len(ids)
+    return Patterns("s", step, 0, "train", len(units01[0]), bits, np.full(n, -1), np.asarray(ids, dtype=np.int64),
+                    np.asarray(positions, dtype=np.int64), 0)
+
+
+def test_aligned_rows_pair_the_same_inputs_of_two_shuffled_batches_whatever_their_order():
+    from actpat.analysis import UnpairedRows, aligned_rows
+
+    rng = np.random.default_rng(5)
+    # Step t: ids 0..9 at 2 positions, id 3 drawn twice; step u: another order, ids 5..14, id 3 absent.
+    ids_t = np.repeat(np.r_[np.arange(10), 3], 2)
+    pos_t = np.tile([0, 1], 11)
+    ids_u = np.repeat(np.arange(5, 15), 2)
+    pos_u = np.tile([0, 1], 10)
+    order = rng.permutation(len(ids_u))
+    ids_u, pos_u = ids_u[order], pos_u[order]
+    t_units, u_units = rng.integers(0, 2, (len(ids_t), 11)), rng.integers(0, 2, (len(ids_u), 11))
+    a, b = aligned_rows(_read(ids_t, pos_t, t_units, 0), _read(ids_u, pos_u, u_units, 1))
+    # Brute force: for every (id, position) in both, its row at t and at u (ids 5..9 once each at both).
+    by_t = {(i, p): row for i, p, row in zip(ids_t, pos_t, t_units)}
+    by_u = {(i, p): row for i, p, row in zip(ids_u, pos_u, u_units)}
+    shared = sorted(set(by_t) & set(by_u))
+    assert len(shared) == len(a) == 10
+    got = {tuple(np.unpackbits(x, count=11, bitorder="little")) + tuple(np.unpackbits(y, count=11, bitorder="little"))
+           for x, y in zip(a, b)}
+    assert got == {tuple(by_t[k]) + tuple(by_u[k]) for k in shared}
+    same = stability(a, b, 11).identical_fraction
+    assert same == pytest.approx(np.mean([np.array_equal(by_t[k], by_u[k]) for k in shared]))
+    with pytest.raises(UnpairedRows, match="no sample ids were recorded.*Pass `sample_ids`"):
+        aligned_rows(_read([-1] * 3, [0] * 3, t_units[:3], 0), _read(ids_u[:3], pos_u[:3], u_units[:3], 1))
+    with pytest.raises(ValueError, match="share no sample id"):
+        aligned_rows(_read([0, 1], [0, 0], t_units[:2], 0), _read([7, 8], [0, 0], u_units[:2], 1))
