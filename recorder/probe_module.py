@@ -134,8 +134,10 @@ def eager_copy(model: nn.Module) -> nn.Module:
         probe = copying.deepcopy(model)  # a LightningModule's __getstate__ drops its trainer reference
     except Exception as exc:  # noqa: BLE001 - whatever a module's state refuses, named with the way out
         raise RuntimeError(
-            f"The probe copies the model with copy.deepcopy, which failed on {type(model).__name__}: {exc} Pass "
-            "`copy=False` (the callback's `probe_copy=False`) to probe the model itself instead."
+            f"The probe copies the model with copy.deepcopy, which failed on {type(model).__name__}: {exc} (Weights "
+            "computed from others outside autograd's leaves, as torch.nn.utils.prune and the old weight_norm make "
+            "them, refuse deepcopy.) Pass `copy=False` (the callback's `probe_copy=False`) to probe the model itself "
+            "instead."
         ) from exc
     for parent in list(probe.modules()):
         # A function compiled onto the instance (e.g. `forward` after fit was given a compiled module) is

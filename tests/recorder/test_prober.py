@@ -681,3 +681,25 @@ def test_a_model_deepcopy_refuses_names_copy_false(tmp_path):
     with Prober(model, data(8, 1), tmp_path, 1, batch_size=8) as prober:
         with pytest.raises(RuntimeError, match=r"copy\.deepcopy, which failed on Net: .*lock.*Pass `copy=False`"):
             prober.maybe(0)
+
+
+def test_a_pruned_model_that_deepcopy_refuses_is_named_and_probed_without_the_copy(tmp_path):
+    from torch.nn.utils import prune
+
+    model = Net()
+    layer = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    prune.l1_unstructured(layer, "weight", amount=0.5)  # the weight becomes computed from weight_orig and a mask
+    with Prober(model, data(8, 1), tmp_path / "copy", 1, batch_size=8) as prober:
+        with pytest.raises(RuntimeError, match=r"deepcopy.*torch\.nn\.utils\.prune.*Pass `copy=False`"):
+            prober.maybe(0)
+    seen = []
+    handle = next(m for m in model.modules() if isinstance(m, nn.ReLU)).register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().clone()))
+    with Prober(model, data(8, 1), tmp_path / "nocopy", 1, copy=False, batch_size=8) as prober:
+        prober.maybe(0)
+    handle.remove()
+    site = open_run(tmp_path / "nocopy").sites[0]
+    z = seen[0]
+    rows = (z > 0).movedim(1, -1).reshape(-1, z.shape[1])  # channel patterns: one per (sample, position)
+    expected = np.packbits(rows.numpy(), axis=1, bitorder="little")
+    np.testing.assert_array_equal(open_run(tmp_path / "nocopy").read(site, 0).bits, expected)
