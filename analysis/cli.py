@@ -409,6 +409,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_subset_sizes(runs: list, args: argparse.Namespace) -> None:
+    """--units and --observations within what every site of every run has, before any work, in the flags' words."""
+    from actpat.analysis.width import subset_sizes
+    from actpat.recorder import open_run
+
+    opened = [open_run(path, warn=False) for _, path in runs]
+    try:
+        most = dict(zip(("--units", "--observations"), subset_sizes(opened, args.split)))
+    finally:
+        for run in opened:
+            run.close()
+    for flag, given, what in (("--units", args.units, "the narrowest site's width"),
+                              ("--observations", args.observations, "the fewest observations of any site at any step")):
+        if given is not None and not 1 <= given <= most[flag]:
+            raise CommandError(f"Expected {flag} between 1 and {most[flag]} ({what}), but got {given}.")
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from actpat.analysis.compare import report, split_run_spec
 
@@ -424,6 +441,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for _, path in runs:
             with open_run(path, warn=False) as run:  # its losses are told once, by the comparison
                 _split(run, args.split)
+    if not args.no_width_controlled and (args.units is not None or args.observations is not None):
+        _check_subset_sizes(runs, args)
     written = report(
         runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, stay=args.stay,
         kind=args.band, width_controlled=not args.no_width_controlled, regions=args.regions, m=args.units,
@@ -586,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--units", type=int, default=None, metavar="M",
                       help="units per subset of the width-controlled measures (default: the narrowest site's width)")
     cmp_.add_argument("--observations", type=int, default=None, metavar="N",
-                      help="observations per subset (default: the fewest any site of any run has)")
+                      help="observations per subset (default: the fewest any site of any run has at any step)")
     cmp_.add_argument("--stay", action="store_true",
                       help="converged = stays above the threshold from then on (default: first step above)")
     cmp_.add_argument("--seed", type=int, default=0, help="seed of the unit subsets and the bootstrap")

@@ -411,6 +411,18 @@ def test_compare_writes_the_convergence_table_of_grouped_runs(run_dir, tmp_path,
     assert "wrote" in capsys.readouterr().out
 
 
+def test_compare_refuses_subset_sizes_beyond_the_runs_in_the_flags_words_before_any_work(run_dir, tmp_path, capsys):
+    from actpat.analysis.width import subset_sizes
+
+    units, observations = subset_sizes([run_dir])
+    for flag, value, limit in (("--observations", observations + 1, observations), ("--units", units + 1, units)):
+        out = tmp_path / flag.strip("-")
+        assert main(["compare", str(run_dir), "-o", str(out), "--no-progress", flag, str(value)]) == 2
+        err = capsys.readouterr().err
+        assert f"Expected {flag} between 1 and {limit}" in err and "n_obs" not in err
+        assert not list(out.iterdir())  # nothing written
+
+
 def test_compare_names_a_bare_directory_as_typed_even_when_the_run_is_inside_it(run_dir, tmp_path, monkeypatch):
     version = tmp_path / "logs" / "version_0"  # the Lightning log folder around a run directory
     version.mkdir(parents=True)
