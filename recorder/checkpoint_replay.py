@@ -193,6 +193,7 @@ def replay(
     prober_options.setdefault("copy", False)  # the model is replay's own: nothing to protect
     _probe_as_the_callback(model, prober_options)
     prober = Prober(model, probe, out_dir, 1, mode=mode, batch_size=batch_size, **prober_options)
+    probing = None  # the step being probed, while it is
     try:
         for step, path in tqdm(planned, desc="replaying checkpoints", unit="ckpt", disable=not progress):
             if step in cut_short:
@@ -219,15 +220,34 @@ def replay(
             except CheckpointError as exc:
                 replayed.append(_skip(path, step, str(exc)))
                 continue
+            probing = step
             with _whole_probe(step) as interrupted:
                 prober.probe(step, epoch)
+            probing = None
             done.add(step)
             replayed.append(ReplayResult(path, step, "replayed"))
             if interrupted:
                 raise KeyboardInterrupt
     finally:
         prober.close()
+        if probing is not None:
+            _tell_if_cut_short(out_dir, probing)
     return replayed + results
+
+
+def _tell_if_cut_short(out_dir: Path, step: int) -> None:
+    """Say whether the probe of ``step``, stopped at once, left the step cut short in ``out_dir`` (a rerun can
+    replay it only where none of its records reached the disk)."""
+    from actpat.recorder.prober import PROBE_SPLIT, existing_run
+
+    run = existing_run(out_dir, warn=False)
+    if run is None:
+        return
+    with run:
+        cut = any(loss.kind == "incomplete" and loss.split == PROBE_SPLIT and loss.step == step for loss in run.losses)
+    if cut:
+        log.warning("actpat replay: step %d was cut short while it was probed, and a run's steps are never written "
+                    "twice: replay its checkpoint into a new directory to record it.", step)
 
 
 @contextlib.contextmanager

@@ -325,6 +325,8 @@ def test_ctrl_c_during_a_replay_stops_once_the_checkpoint_is_whole_and_a_rerun_c
                           text=True, timeout=300)
     assert "STOPPED" in done.stdout, done.stdout + done.stderr
     assert "stopping once the probe of step 5 is whole" in done.stderr
+    # Stopped at once, the step is cut short: said then, not only by a rerun.
+    assert ("step 5 was cut short while it was probed" in done.stderr) == twice, done.stderr
     results = replay(ckpts, namespace["model"](), namespace["probe_set"](), out, batch_size=4, progress=False,
                      forward=lambda module, batch: module(batch[0]))
     assert [(r.step, r.status) for r in results] == [(0, "skipped"), (5, "skipped"), (9, "replayed")]
