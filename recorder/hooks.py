@@ -104,6 +104,15 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's module inside Lightning Fabric's wrapper (``fabric.setup``) and ``torch.compile``'s, whose paths
+    name the sites: the same names as the module's own, in every package (``_forward_module.`` is Fabric's)."""
+    if type(model).__name__ == "_FabricModule" and type(model).__module__.startswith(("lightning.fabric.",
+                                                                                       "lightning_fabric.")):
+        model = model._original_module
+    return uncompiled(model)
+
+
 class SiteHooks:
     """Name every activation-site call of ``model`` during a capture and pass its input to ``callback``.
 
@@ -163,7 +172,7 @@ class SiteHooks:
         # `sites`) is never reused with this one's selection baked in.
         self._token = str(next(_TOKENS))
         _SELECTIONS[self._token] = self
-        self._modules = list(_named_modules(uncompiled(model)))
+        self._modules = list(_named_modules(unwrapped(model)))
         self._paths = {id(module): name for name, module in self._modules}
         # Type names of the site modules, by module id.
         self._site_types = {

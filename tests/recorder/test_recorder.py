@@ -1073,3 +1073,21 @@ def test_a_transformer_layers_activation_module_left_to_torchs_fast_path_is_warn
         assert warned == [] and sites == ["0.activation", "1"]
     else:  # the fast path skipped the activation module: said when the recorder was made
         assert len(warned) == 1 and "functional=False" in warned[0] and sites == ["1"]
+
+
+def test_a_fabric_wrapped_module_names_its_sites_as_the_module_does(tmp_path):
+    fabric_module = pytest.importorskip("lightning.fabric")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    seen = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+    wrapped = fabric_module.Fabric(accelerator="cpu", devices=1).setup_module(model)
+    with ActivationRecorder(wrapped, tmp_path) as rec:
+        for step in range(2):
+            with rec.capture(step):
+                wrapped(torch.randn(5, 3))
+    run = open_run(tmp_path)
+    assert run.sites == ["1"]  # not "_forward_module.1": the same names as the module's own recorder gives
+    for step in range(2):
+        np.testing.assert_array_equal(run.read("1", step).bits,
+                                      np.packbits((seen[step] > 0).numpy(), axis=1, bitorder="little"))
