@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NO_LABEL", "check_bits", "check_labels", "check_n_classes", "check_threshold"]
+__all__ = ["NO_LABEL", "check_bits", "check_labels", "check_n_classes", "check_threshold", "why_not_whole_samples"]
 
 #: Label value of an observation without a label.
 NO_LABEL = -1
@@ -151,3 +151,26 @@ def check_threshold(threshold) -> int:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or threshold < 0:
         raise ValueError(f"Expected `threshold` to be a non-negative int, but got {threshold!r}.")
     return int(threshold)
+
+
+def why_not_whole_samples(sample_ids: np.ndarray, positions: np.ndarray) -> str:
+    """Why rows that should hold every position of each sample once do not, with the fix (for a message).
+
+    Examples
+    --------
+    >>> why_not_whole_samples(np.array([0, 0, 1]), np.array([0, 1, 0]))[:65]
+    'the samples have 1 to 2 positions: sequences of different lengths'
+    """
+    ids, positions = np.asarray(sample_ids, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+    order = np.lexsort((positions, ids))
+    starts = np.flatnonzero(np.r_[True, ids[order][1:] != ids[order][:-1]])
+    counts = np.diff(np.r_[starts, ids.size])
+    lengths = np.unique(counts)
+    # Each sample whole from position 0 to its own length (not subsampled, no sample twice), lengths differing.
+    whole = np.array_equal(positions[order], np.arange(ids.size) - np.repeat(starts, counts))
+    if (ids >= 0).all() and len(lengths) > 1 and whole:
+        return (f"the samples have {lengths.min()} to {lengths.max()} positions: sequences of different lengths (batches "
+                "each padded to its own longest: pad every batch to one fixed length), or records subsampled by "
+                "max_observations (record without it)")
+    return ("the records are subsampled (max_observations) or hold a sample twice: record without subsampling and "
+            "with unique sample ids")

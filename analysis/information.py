@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actpat.analysis import mi
-from actpat.analysis._validation import NO_LABEL, check_bits
+from actpat.analysis._validation import NO_LABEL, check_bits, why_not_whole_samples
 from actpat.analysis.driver import run_pass, tidy_table
 from actpat.analysis.entropy import entropy, miller_madow, pattern_label_information
 from actpat.analysis.measures import SATURATION
@@ -57,9 +57,9 @@ def _sample_order(p: Patterns) -> tuple[np.ndarray | None, int]:
     ):
         raise ValueError(
             f"Expected every sample of site {p.site!r} at step {p.step} to have each of its {n_positions} positions "
-            f"exactly once, but got {len(p)} rows that do not form complete samples (subsampled observations or "
-            "repeated sample ids); record the probe split without subsampling and with unique sample ids, or "
-            "call information_plane(..., pattern='channel') for per-observation planes."
+            f"exactly once, but got {len(p)} rows that do not form complete samples: "
+            f"{why_not_whole_samples(p.sample_ids, p.positions)}; or call information_plane(..., pattern='channel') "
+            "for per-observation (per-token) planes."
         )
     return order, n_positions
 
@@ -392,7 +392,10 @@ def information_plane(
     """
     run = run_or_path if isinstance(run_or_path, Run) else open_run(run_or_path)
     if pattern not in PATTERNS:
-        raise ValueError(f"Expected `pattern` to be one of {PATTERNS}, but got {pattern!r}.")
+        raise ValueError(
+            f"Expected `pattern` to be one of {PATTERNS}, but got {pattern!r}: 'flat' makes one pattern of each sample, "
+            "'channel' takes the recorded rows as they are (one per token of a site recorded with 'channel_last')."
+        )
     split = run.resolve_split(split)
     options = _check_estimator(estimator, estimator_options)
     consumer = InformationPlaneConsumer(pattern, saturation, estimator, options, apply_activation)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from actpat.analysis._validation import check_bits
+from actpat.analysis._validation import check_bits, why_not_whole_samples
 from actpat.analysis.counts import PatternCounts, pattern_counts
 from actpat.analysis.entropy import entropy
 from actpat.analysis.metrics import REFERENCES
@@ -113,7 +113,7 @@ def sample_patterns(bits, n_units: int, sample_ids, positions) -> tuple[np.ndarr
     if n % n_pos:
         raise ValueError(
             f"Expected every sample to have all {n_pos} positions, but {n} rows are not a multiple of {n_pos}: "
-            "the records are subsampled (max_observations), so no sample's whole pattern is known."
+            f"{why_not_whole_samples(sample_ids, positions)}; no sample's whole pattern is known."
         )
     if (sample_ids < 0).any():
         if not (sample_ids < 0).all():
@@ -124,7 +124,7 @@ def sample_patterns(bits, n_units: int, sample_ids, positions) -> tuple[np.ndarr
     if not (np.all(ids == ids[:, :1]) and np.all(pos == np.arange(n_pos)) and np.all(np.diff(ids[:, 0]) > 0)):
         raise ValueError(
             f"Expected each sample to have every position 0..{n_pos - 1} exactly once, but the rows do not: "
-            "the records are subsampled or hold a sample twice, so no sample's whole pattern is known."
+            f"{why_not_whole_samples(sample_ids, positions)}; no sample's whole pattern is known."
         )
     unpacked = np.unpackbits(bits[order], axis=1, count=n_units, bitorder="little")
     packed = np.packbits(unpacked.reshape(ids.shape[0], n_pos * n_units), axis=1, bitorder="little")

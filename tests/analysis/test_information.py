@@ -167,9 +167,31 @@ def test_incomplete_samples_are_an_error(tmp_path):
     writer.put(Record(CONV, 0, 0, "probe", pack(rows), N_POSITIONS, 2, 0, sample_ids=np.arange(2),
                       labels=np.zeros(2, dtype=np.int64), obs_index=np.array([0, 1, 2, 3, 5])))
     writer.close()
-    with pytest.raises(ValueError, match="each of its 4 positions exactly once"):
+    with pytest.raises(ValueError, match="each of its 4 positions exactly once.*subsampled"):
         information_plane(tmp_path, split="probe")
     assert len(information_plane(tmp_path, split="probe", pattern="channel")) == 5
+
+
+def test_sequences_of_different_lengths_in_one_step_are_named_as_such(tmp_path):
+    from actpat.analysis.regions import sample_patterns
+
+    # A probe of token patterns in two batches, each padded to its own longest: 3 samples of 4 tokens, 2 of 6.
+    tokens = SiteMeta("enc:relu#0", 0, "ReLU", (4, 10), 10, "channel_last")
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for part, (ids, length) in enumerate(((np.arange(3), 4), (np.arange(3, 5), 6))):
+        writer.put(Record(tokens, 0, 0, "probe", pack(np.zeros((len(ids) * length, 10), dtype=np.uint8)), length,
+                          len(ids), 0, sample_ids=ids, labels=ids % 2, part=part, ends_step=part == 1))
+    writer.close()
+    with pytest.raises(ValueError, match=r"samples have 4 to 6 positions: sequences of different lengths.*pad every "
+                                         r"batch to one fixed length.*pattern='channel'"):
+        information_plane(tmp_path, split="probe")
+    assert len(information_plane(tmp_path, split="probe", pattern="channel"))  # per token: measured
+    p = open_run(tmp_path).read("enc:relu#0", 0, "probe")
+    with pytest.raises(ValueError, match="4 to 6 positions"):
+        sample_patterns(p.bits, 10, p.sample_ids, p.positions)
+    with pytest.raises(ValueError, match="one per token of a site recorded with 'channel_last'"):
+        information_plane(tmp_path, split="probe", pattern="channel_last")
 
 
 @pytest.mark.parametrize(
