@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 from typing import Any, Callable, Iterable, Iterator
@@ -535,13 +536,16 @@ class ActivationRecorder:
             kept = kept if len(units) == meta.n_units else kept[:, list(units)]
             values = kept.to(torch.float16, copy=True)  # a copy: an in-place activation may overwrite z
         labels, sample_ids = context.labels, context.sample_ids
-        if (labels is not None and len(labels) != n) or (sample_ids is not None and len(sample_ids) != n):
+        wrong = [f"{what} {len(values)}" for what, values in (("labels", labels), ("sample_ids", sample_ids))
+                 if values is not None and len(values) != n]
+        if wrong:
             self._warn_once(
                 f"batch:{name}",
-                f"actpat: site {name!r} has batch size {n} but labels/sample_ids have another length; "
-                "they are not stored for this site.",
+                f"actpat: site {name!r} has batch size {n} but got {' and '.join(wrong)}; those are not stored for "
+                "this site.",
             )
-            labels = sample_ids = None
+            labels = None if labels is not None and len(labels) != n else labels
+            sample_ids = None if sample_ids is not None and len(sample_ids) != n else sample_ids
         return Record(
             meta=meta, step=context.step, epoch=context.epoch, split=context.split, bits=bits,
             n_positions=n_positions, n_samples=n, nan_count=nan_count,
@@ -604,6 +608,13 @@ def _per_sample(values: Any, name: str, lowest: int | None = None) -> Any:
     checks them)."""
     if values is None:
         return None
+    shape = tuple(getattr(values, "shape", None) or np.shape(values))
+    if len(shape) > 1 and math.prod(shape[1:]) != 1:
+        raise ValueError(
+            f"Expected `{name}` of shape (N,), one per sample, but got shape {shape}: per-token or per-position "
+            f"{name} are not stored (each observation takes its sample's). Pass one per sample (for a sequence: its "
+            "class, its index in the dataset)."
+        )
     if isinstance(values, torch.Tensor):
         if values.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no reductions in torch; uint64 > int64
             raise ValueError(

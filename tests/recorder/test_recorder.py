@@ -438,6 +438,25 @@ def test_splits_epochs_and_mismatched_labels(tmp_path, caplog):
         run.read("act", 4, split="probe")
 
 
+def test_per_token_labels_are_refused_before_the_forward_and_a_wrong_length_drops_only_itself(tmp_path, caplog):
+    model = _net()
+    with ActivationRecorder(model, tmp_path, sites="act") as rec:
+        with pytest.raises(ValueError, match=r"`labels` of shape \(N,\), one per sample, but got shape \(2, 7\)"):
+            with rec.capture(0, labels=torch.zeros(2, 7, dtype=torch.long), sample_ids=torch.arange(2)):
+                raise AssertionError("the forward must not run")
+        with rec.capture(1, labels=torch.tensor([[1], [0]]), sample_ids=[5, 6]):  # (N, 1) is one per sample
+            model(torch.randn(2, 1, 4, 4))
+        with caplog.at_level(logging.WARNING):
+            with rec.capture(2, labels=[1, 0, 1], sample_ids=[7, 8]):
+                model(torch.randn(2, 1, 4, 4))
+    assert [r.getMessage() for r in caplog.records if "batch size" in r.getMessage()] == [
+        "actpat: site 'act' has batch size 2 but got labels 3; those are not stored for this site."]
+    run = open_run(tmp_path)
+    assert run.read("act", 1).labels[:: 16].tolist() == [1, 0]  # 16 positions per sample
+    two = run.read("act", 2)
+    assert (two.labels == -1).all() and two.sample_ids[:: 16].tolist() == [7, 8]  # the ids are kept
+
+
 @pytest.mark.parametrize("name, values, match", [
     ("labels", [0.2, 0.9, 1.5, -1.7], r"`labels` to be integers, but got dtype float64.*0\.7 to 0"),
     ("labels", torch.tensor([0.0, 1.0, 2.0, 1.0]), r"`labels` to be integers, but got dtype torch.float32"),
