@@ -250,7 +250,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"  {loss.kind:<10} {loss.path.name}{' ' + where if where else ''}: {loss.reason}")
     for stop in run.stop_reasons:
         print(f"stopped early:  rank {stop.rank}: {stop.reason}")
-    header = f"{'#':>3}  {'site':<28} {'type':<16} {'units':>6}  " + "  ".join(
+    header = f"{'#':>3}  {'site':<28} {'type':<16} {'units':>6}  {'pattern':<12}  " + "  ".join(
         f"{split + ' steps/obs':>20}" for split in run.splits
     )
     print(header)
@@ -260,7 +260,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         for split in run.splits:
             steps = run.steps(site, split)
             cells.append(f"{len(steps):>8}/{run.n_observations(site, split):<11}")
-        print(f"{info['site_index']:>3}  {site:<28} {info['module_type']:<16} {info['n_units']:>6}  " + "  ".join(cells))
+        print(f"{info['site_index']:>3}  {site:<28} {info['module_type']:<16} {info['n_units']:>6}  {info['pattern']:<12}  "
+              + "  ".join(cells))
     if run.losses:
         print("     (steps/obs count every step with records, those of the losses above included, which the "
               "analysis leaves out)")

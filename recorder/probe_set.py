@@ -12,7 +12,7 @@ import logging
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, default_collate
 
 from actpat.recorder.batches import BatchReader, tensor_bytes, tensors
 
@@ -71,7 +71,21 @@ def probe_loader(probe: Any, batch_size: Optional[int]) -> DataLoader:
             "`train` mode BatchNorm normalizes with each probe batch's statistics, so the batch size is part of "
             "the protocol (the paper probes with the training batch size)."
         )
-    return DataLoader(probe, batch_size=batch_size, shuffle=False)
+    return DataLoader(probe, batch_size=batch_size, shuffle=False, collate_fn=_default_collate_or_why)
+
+
+def _default_collate_or_why(samples: list) -> Any:
+    """torch's default collate, whose failure on samples of different shapes names the probe's own way out."""
+    try:
+        return default_collate(samples)
+    except RuntimeError as exc:
+        if "equal size" not in str(exc):
+            raise
+        raise ValueError(
+            f"Expected probe samples that torch's default collate stacks into batches, but they have different "
+            f"shapes ({exc}; sequences of different lengths?). Pass the probe as a DataLoader with your own "
+            "collate_fn (padding, as for training) and shuffle=False."
+        ) from exc
 
 
 def _dataset_indices(loader: DataLoader) -> Optional[torch.Tensor]:

@@ -513,8 +513,10 @@ class ActivationRecorder:
         elif meta.n_units != n_units:
             change = f"site {name!r} changed width from {meta.n_units} to {n_units} units at step {context.step} " \
                      f"({context.split!r})"
+            hint = (" Sequences of another length at the default pattern? Pass pattern='channel_last' for (N, L, C) "
+                    "tokens." if len(shape) == 2 and not self._pattern_given else "")
             if self._warn_once(f"units:{name}", f"actpat: {change}; its calls of another width than {meta.n_units} "
-                                                "are not recorded (a site keeps one width in a run)."):
+                                                f"are not recorded (a site keeps one width in a run).{hint}"):
                 # In the run too: `info` and `stop_reasons` say why the site's later steps may be missing.
                 self.writer.record_stop(f"{change}: its calls of another width are not recorded")
             return None

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from actpat.analysis.cli import main
-from actpat.recorder import ActivationRecorder, schema
+from actpat.recorder import ActivationRecorder, open_run, schema
 
 
 def record_mlp(path, seed: int) -> None:
@@ -50,6 +50,7 @@ def test_info_reports_sites_steps_and_observations(run_dir, capsys):
     lines = {line.split()[1]: line for line in out.splitlines() if line.strip()[:1].isdigit()}
     assert set(lines) == {"1", "3"}
     assert "3/120" in lines["1"].replace(" ", "")
+    assert lines["1"].split()[4] == open_run(run_dir).site_info("1")["pattern"]  # how the site was cut into patterns
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -58,8 +59,6 @@ def test_analyze_writes_entropy_equal_to_brute_force(run_dir, tmp_path, suffix):
     assert main(["analyze", str(run_dir), "-o", str(out), "--no-progress"]) == 0
     df = pd.read_csv(out, dtype={"site": str}) if suffix == ".csv" else pd.read_parquet(out)
     assert list(df.columns) == ["step", "epoch", "split", "site", "site_index", "metric", "value"]
-    from actpat.recorder import open_run
-
     p = open_run(run_dir).read("1", 2, split="probe")
     counts = np.array(list(Counter(map(tuple, p.unpack().tolist())).values()), dtype=float)
     prob = counts / counts.sum()
@@ -149,8 +148,6 @@ def test_tensorboard_export_scalars_and_histograms_read_back(run_dir, metrics_cs
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     acc.Reload()
-    from actpat.recorder import open_run
-
     p = open_run(run_dir).read("3", 1, split="probe")
     on = p.unpack()
     (event,) = [e for e in acc.Scalars("actpat/firing_rate_mean/3") if e.step == 1]

@@ -703,3 +703,21 @@ def test_a_pruned_model_that_deepcopy_refuses_is_named_and_probed_without_the_co
     rows = (z > 0).movedim(1, -1).reshape(-1, z.shape[1])  # channel patterns: one per (sample, position)
     expected = np.packbits(rows.numpy(), axis=1, bitorder="little")
     np.testing.assert_array_equal(open_run(tmp_path / "nocopy").read(site, 0).bits, expected)
+
+
+class _Sequences(torch.utils.data.Dataset):
+    """Token sequences of different lengths, as a tokenized text dataset gives them."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return torch.randn(3 + i % 3, 4), i % 2
+
+
+def test_a_dataset_probe_of_different_lengths_names_the_dataloader_way_out(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    with Prober(model, _Sequences(), tmp_path, 1, batch_size=3, pattern="channel_last") as prober:
+        with pytest.raises(ValueError, match=r"different shapes .*sequences of different lengths.*DataLoader with your "
+                                             r"own collate_fn"):
+            prober.maybe(0)

@@ -1110,3 +1110,13 @@ def test_a_fabric_wrapped_module_names_its_sites_as_the_module_does(tmp_path):
     for step in range(2):
         np.testing.assert_array_equal(run.read("1", step).bits,
                                       np.packbits((seen[step] > 0).numpy(), axis=1, bitorder="little"))
+
+
+def test_a_token_site_changing_width_at_the_default_pattern_names_channel_last(tmp_path, caplog):
+    model = _Encoder()
+    with caplog.at_level(logging.WARNING), ActivationRecorder(model, tmp_path) as rec:
+        for step, length in enumerate((5, 7)):
+            with rec.capture(step):
+                model(torch.randn(2, length, 3))
+    changed = [r.getMessage() for r in caplog.records if "changed width" in r.getMessage()]
+    assert len(changed) == 1 and "from 5 to 7 units" in changed[0] and "pattern='channel_last'" in changed[0]
