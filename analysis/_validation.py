@@ -170,7 +170,7 @@ def why_not_whole_samples(sample_ids: np.ndarray, positions: np.ndarray) -> str:
     whole = np.array_equal(positions[order], np.arange(ids.size) - np.repeat(starts, counts))
     if (ids >= 0).all() and len(lengths) > 1 and whole:
         return (f"the samples have {lengths.min()} to {lengths.max()} positions: sequences of different lengths (batches "
-                "each padded to its own longest: pad every batch to one fixed length), or records subsampled by "
-                "max_observations (record without it)")
+                "each padded to its own longest: pad every batch to one fixed length; or padding left out by a mask), "
+                "or records subsampled by max_observations (record without it)")
     return ("the records are subsampled (max_observations) or hold a sample twice: record without subsampling and "
             "with unique sample ids")

@@ -30,7 +30,7 @@ def check_arguments(args: dict[str, Any]) -> None:
         isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1
     ):
         raise ValueError(f"Expected `n_classes` to be None, an int >= 1 or \"probe\", but got {n_classes!r}.")
-    for name in ("labels_from", "inputs_from", "probe_forward"):
+    for name in ("labels_from", "inputs_from", "mask_from", "probe_forward"):
         arguments.expect_callable(name, args[name])
     values = args["probe_values"]
     arguments.expect_values("probe_values", values)

@@ -106,6 +106,11 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         the argmax), and what the default probe forward feeds to ``module(inputs)``; see
         :mod:`actpat.recorder.batches` for the default rules (``batch[1]``/``batch[0]`` of a tuple,
         known keys of a dict). Float labels or another shape are an error naming the shape.
+    mask_from : callable(batch), optional
+        The observations of a batch to record (probe and training batches): a bool ``(N, *positions)``, True
+        to keep, such as the real tokens of padded sequences (``lambda batch: ~batch["padding_mask"]``), so that
+        padding counts in no measure; sites whose positions have another shape are recorded whole (see the
+        ``mask`` of :meth:`actpat.recorder.ActivationRecorder.capture`). Default: every observation.
     probe_forward : callable(module, batch), optional
         How a probe batch runs through the probed ``module`` (the batch already on its device, under
         ``no_grad`` and the trainer's precision context). Default: ``module(inputs)`` when the
@@ -193,6 +198,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         *,
         n_classes: Optional[Union[int, str]] = None,
         inputs_from: Optional[Callable[[Any], Any]] = None,
+        mask_from: Optional[Callable[[Any], Any]] = None,
         probe_forward: Optional[Callable[[Any, Any], Any]] = None,
         probe_batch_size: Optional[int] = None,
         probe_on_all_ranks: bool = False,
@@ -222,8 +228,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self.probe_cache_bytes = probe_cache_bytes
         self._probe_set = probe
         self._probe_forward = probe_forward
-        self._inputs_from, self._labels_from = inputs_from, labels_from
-        self._reader = BatchReader(inputs_from, labels_from, self._warn_once)
+        self._inputs_from, self._labels_from, self._mask_from = inputs_from, labels_from, mask_from
+        self._reader = BatchReader(inputs_from, labels_from, self._warn_once, mask_from)
         self._selection = SiteSelection(sites)  # of batch mode; the prober checks its own
         self._state_key: tuple[tuple, str] | None = None
         # Resumable state (state_dict).
@@ -332,6 +338,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 self._batch_recorder.capture(
                     step, labels=labels, split=TRAIN_SPLIT, epoch=trainer.current_epoch,
                     check=None if self._batch_checked else self._check_first_batch, record=due, ends_step=whole,
+                    mask=self._reader.mask(batch) if due else None,
                 )
             )
             self._capture, self._capture_step, self._capture_records = stack, step, due
@@ -469,8 +476,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 pl_module, self._probe_set, run_dir, self.probe_every, steps_per_epoch=per_epoch,
                 mode=self.probe_mode, copy=self.probe_copy, batch_size=batch_size, sites=self.sites,
                 store_values=self.probe_values, inputs_from=self._inputs_from, labels_from=self._labels_from,
+                mask_from=self._mask_from,
                 forward=lightning_probe.lightning_forward(pl_module, self._probe_forward, self._reader,
-                                                 trainer.precision_plugin.forward_context),
+                                                          trainer.precision_plugin.forward_context),
                 context=lambda module: lightning_probe.inert(module, trainer), to_device=move_data_to_device,
                 cache_bytes=self.probe_cache_bytes, stats=live_measures if live else None,
                 on_stats=_trainer.LiveLog(trainer) if live else None,

@@ -41,6 +41,8 @@ class BatchReader:
         The user's functions; None selects the default rules.
     notify : callable(key, message)
         Reports a fact once per key (a warn-once): here, that one-hot labels are reduced.
+    mask_from : callable(batch), optional
+        The observations of a batch to keep (see ``ActivationRecorder.capture``'s ``mask``); None keeps all.
     """
 
     def __init__(
@@ -48,16 +50,22 @@ class BatchReader:
         inputs_from: Optional[Callable[[Any], Any]],
         labels_from: Optional[Callable[[Any], Any]],
         notify: Callable[[str, str], None],
+        mask_from: Optional[Callable[[Any], Any]] = None,
     ) -> None:
         self.custom_inputs = inputs_from is not None
         self._inputs_from = inputs_from
         self._labels_from = labels_from
+        self._mask_from = mask_from
         self._notify = notify
         self._one_hot_checked = False
 
     def inputs(self, batch: Any) -> Any:
         """What the default probe forward feeds to ``module(...)``."""
         return _call("inputs_from", self._inputs_from, batch) if self._inputs_from is not None else default_inputs(batch)
+
+    def mask(self, batch: Any) -> Any:
+        """``mask_from(batch)``, the observations to keep, or None (all)."""
+        return _call("mask_from", self._mask_from, batch) if self._mask_from is not None else None
 
     def size(self, batch: Any) -> int:
         """Samples in ``batch``: of ``inputs_from(batch)`` if given, else of the batch's first tensor."""

@@ -87,6 +87,10 @@ class Prober:
         What ``module(inputs)`` gets, and the batch's integer class labels. Default: ``batch[0]`` and
         ``batch[1]`` of a tuple/list; of a dict the first key among ``x, input, inputs, image, images``
         and ``y, label, labels, target, targets``.
+    mask_from : callable(batch), optional
+        The observations of a batch to record: a bool ``(N, *positions)`` (True: keep), such as the real tokens
+        of padded sequences (``lambda batch: ~batch["padding_mask"]``); see the ``mask`` of
+        :meth:`ActivationRecorder.capture`. Default: every observation.
     forward : callable(module, batch) or ProbeForward, optional
         How one probe batch (already on the device) runs through ``module``; the return value is
         ignored. Default: ``module(inputs_from(batch))``.
@@ -174,6 +178,7 @@ class Prober:
         module_types: Sequence[type] = (),
         inputs_from: Optional[Callable[[Any], Any]] = None,
         labels_from: Optional[Callable[[Any], Any]] = None,
+        mask_from: Optional[Callable[[Any], Any]] = None,
         forward: Optional[Callable[[nn.Module, Any], Any]] = None,
         context: Optional[Callable[[nn.Module], ContextManager]] = None,
         to_device: Optional[Callable[[Any, Any], Any]] = None,
@@ -208,7 +213,8 @@ class Prober:
         arguments.expect_int("cache_bytes", cache_bytes, 0)
         arguments.expect_values("store_values", store_values)
         arguments.expect_module_types("module_types", module_types)
-        for name, value in (("inputs_from", inputs_from), ("labels_from", labels_from), ("forward", forward),
+        for name, value in (("inputs_from", inputs_from), ("labels_from", labels_from), ("mask_from", mask_from),
+                            ("forward", forward),
                             ("context", context), ("to_device", to_device), ("stats", stats), ("on_stats", on_stats)):
             arguments.expect_callable(name, value)
         if (stats is None) != (on_stats is None):
@@ -226,7 +232,7 @@ class Prober:
         )
         self._notify = notify or _log_once()
         self._module = ProbeModule(model, mode, copy)
-        self._reader = BatchReader(inputs_from, labels_from, self._notify)
+        self._reader = BatchReader(inputs_from, labels_from, self._notify, mask_from)
         self._batches = ProbeBatches(probe_loader(probe, batch_size), self._reader, to_device or batches.to_device, cache_bytes)
         self._selection = SiteSelection(sites)  # validates `sites`
         self._forward = forward if isinstance(forward, ProbeForward) else ProbeForward.default(forward, self._reader)
@@ -305,7 +311,7 @@ class Prober:
                 check = functools.partial(self._selection.check, when) if first else None
                 for (batch, ids, labels), last in _mark_last(self._batches(self._module.device)):
                     with recorder.capture(step, labels=labels, sample_ids=ids, split=PROBE_SPLIT, epoch=epoch,
-                                          check=check, ends_step=last):
+                                          check=check, ends_step=last, mask=self._reader.mask(batch)):
                         self._forward(module, batch)
                     check = None
         except Exception as exc:

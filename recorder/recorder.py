@@ -235,6 +235,7 @@ class ActivationRecorder:
         check: Callable[[], None] | None = None,
         record: bool = True,
         ends_step: bool = True,
+        mask: Any = None,
     ) -> Iterator["ActivationRecorder"]:
         """Record every site call of the forwards run inside this block as time point ``step``.
 
@@ -262,6 +263,12 @@ class ActivationRecorder:
             that a reader reports a step whose end never reached the disk (a process killed in the
             middle of a probe) as lost instead of reading it as complete. A capture whose block raised
             never ends its step.
+        mask : bool tensor or array of shape (N, *positions), optional
+            The observations to keep (True), e.g. the real tokens of padded sequences (``~padding_mask``):
+            at every site whose positions per sample have this shape (a token site of ``channel_last``
+            patterns, ``(N, L)``), only those are recorded, as the rows of a subsampled record (``obs_index``),
+            so that padding counts in no measure; sites of another shape are recorded whole. Read on the host
+            once per capture. ``max_observations`` then draws among the kept observations.
 
         Raises
         ------
@@ -289,7 +296,7 @@ class ActivationRecorder:
         if record:
             self._check_order(step, split)
         labels, sample_ids = _per_sample(labels, "labels", lowest=-1), _per_sample(sample_ids, "sample_ids")
-        self._context = _Capture(step, epoch, split, labels, sample_ids, check, record, ends_step)
+        self._context = _Capture(step, epoch, split, labels, sample_ids, check, record, ends_step, _observation_mask(mask))
         self._pending.clear()
         self._gathered.clear()
         self._site_called = False
@@ -521,9 +528,14 @@ class ActivationRecorder:
                 self.writer.record_stop(f"{change}: its calls of another width are not recorded")
             return None
         obs_index = index = None
-        if self.max_observations is not None and bits.shape[0] > self.max_observations:
+        if context.kept is not None and context.mask_shape == (n, *_position_shape(shape, self.pattern)):
+            obs_index = context.kept  # the padding of this capture's sequences, left out
+        available = bits.shape[0] if obs_index is None else len(obs_index)
+        if self.max_observations is not None and available > self.max_observations:
             rng = np.random.default_rng([self.seed, context.step & 0x7FFFFFFF, meta.site_index])
-            obs_index = np.sort(rng.choice(bits.shape[0], self.max_observations, replace=False))
+            chosen = np.sort(rng.choice(available, self.max_observations, replace=False))
+            obs_index = chosen if obs_index is None else obs_index[chosen]
+        if obs_index is not None:
             index = torch.from_numpy(obs_index)
             if bits.is_cuda:
                 index = index.pin_memory()  # a copy from pageable memory would wait for the device
@@ -577,11 +589,14 @@ class _Capture:
 
     def __init__(
         self, step: int, epoch: int, split: str, labels: Any, sample_ids: Any, check: Callable[[], None] | None,
-        record: bool, ends_step: bool,
+        record: bool, ends_step: bool, mask: np.ndarray | None = None,
     ) -> None:
         self.step, self.epoch, self.split, self.check, self.record = step, epoch, split, check, record
         self.ends_step = ends_step
         self.labels, self.sample_ids = labels, sample_ids
+        #: The observation mask's shape, and the flat indices of the observations it keeps (None: it keeps all).
+        self.mask_shape = None if mask is None else mask.shape
+        self.kept = None if mask is None or mask.all() else np.flatnonzero(mask)
         self.error: Exception | None = None
 
 
@@ -645,6 +660,30 @@ def _per_sample(values: Any, name: str, lowest: int | None = None) -> Any:
             "indices 0..K-1, and -1 for a sample without a label."
         )
     return host
+
+
+def _position_shape(shape: tuple[int, ...], pattern: str) -> tuple[int, ...]:
+    """The positions of a sample of a site whose pre-activations have ``shape`` (without the batch)."""
+    if pattern == "flat" or len(shape) < 2:
+        return ()
+    return shape[:-1] if pattern == "channel_last" else shape[1:]
+
+
+def _observation_mask(mask: Any) -> np.ndarray | None:
+    """``mask`` as a host bool array of shape ``(N, *positions)``, checked (one read of a device tensor)."""
+    if mask is None:
+        return None
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise ValueError(
+            f"Expected `mask` to be a bool tensor or array (True: an observation to keep), but got dtype {mask.dtype}. "
+            "Pass `~padding_mask` of a padding mask (True at padding), or `lengths[:, None] > torch.arange(L)`."
+        )
+    if mask.ndim < 2:
+        raise ValueError(f"Expected `mask` of shape (N, *positions), but got shape {mask.shape}.")
+    return mask
 
 
 def _refuse_non_integers(dtype: Any, name: str) -> None:

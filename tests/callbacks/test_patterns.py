@@ -717,3 +717,58 @@ def test_batch_capture_ends_before_backward(tmp_path):
     fit(tmp_path, [cb, Probe()], max_epochs=1)
     assert seen and set(seen) == {(0, 0)}  # no recording hook is live during backward
     assert open_run(cb.run_dir).steps("net.2", "train").tolist() == list(range(8))
+
+
+# ---------------------------------------------------------------------- padded sequences: mask_from
+class _TokenData(Dataset):
+    """Sequences of 2-4 tokens of 3 features and a class, the same at every access."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return torch.randn(2 + i % 3, 3, generator=torch.Generator().manual_seed(i)), i % 2
+
+
+def _pad(samples):
+    xs, ys = zip(*samples)
+    real = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in xs], batch_first=True)
+    return {"x": nn.utils.rnn.pad_sequence(list(xs), batch_first=True), "y": torch.tensor(ys), "real": real}
+
+
+class _TokenModule(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.ffn, self.act, self.head = nn.Linear(3, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.ffn(self.embed(x))).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_mask_from_keeps_only_the_real_tokens_of_probe_and_training_batches(tmp_path):
+    length = {i: 2 + i % 3 for i in range(12)}  # of each sequence of _TokenData
+    probe = DataLoader(_TokenData(), batch_size=5, collate_fn=_pad)
+    cb = ActivationPatternCallback(probe=probe, probe_every=3, batch_every_n_steps=1, live_stats=False,
+                                   pattern="channel_last", mask_from=lambda batch: batch["real"])
+    pl.seed_everything(0, verbose=False)
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(_TokenModule(), DataLoader(_TokenData(), batch_size=4, collate_fn=_pad))
+    run = open_run(cb.run_dir)
+    probes = run.steps("act", "probe").tolist()
+    assert probes == [0, 3]
+    for step in probes:  # every real token of the probe set once, no position past its sequence's length
+        p = run.read("act", step, "probe")
+        tokens = list(zip(p.sample_ids.tolist(), p.positions.tolist()))
+        assert sorted(tokens) == sorted((i, t) for i in range(12) for t in range(length[i]))
+    # Training batches (in order, unshuffled) 0-3, 4-7, 8-11: their real tokens, padded to 4, 4 and 4.
+    assert run.steps("act", "train").tolist() == [0, 1, 2]
+    for step, first in enumerate((0, 4, 8)):
+        p = run.read("act", step, "train")
+        assert len(p) == sum(length[i] for i in range(first, first + 4))
+        assert all(t < length[first + k] for k, t in zip(np.repeat(range(4), [length[first + k] for k in range(4)]),
+                                                          p.positions.tolist()))

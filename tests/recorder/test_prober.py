@@ -712,7 +712,7 @@ class _Sequences(torch.utils.data.Dataset):
         return 6
 
     def __getitem__(self, i):
-        return torch.randn(3 + i % 3, 4), i % 2
+        return torch.randn(3 + i % 3, 4, generator=torch.Generator().manual_seed(i)), i % 2
 
 
 def test_a_dataset_probe_of_different_lengths_names_the_dataloader_way_out(tmp_path):
@@ -721,3 +721,46 @@ def test_a_dataset_probe_of_different_lengths_names_the_dataloader_way_out(tmp_p
         with pytest.raises(ValueError, match=r"different shapes .*sequences of different lengths.*DataLoader with your "
                                              r"own collate_fn"):
             prober.maybe(0)
+
+
+def test_mask_from_makes_a_probe_of_padded_sequences_independent_of_the_padding(tmp_path):
+    from actpat.analysis import summarize
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.block = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+
+        def forward(self, x, real):
+            return self.block(self.embed(x), src_key_padding_mask=~real)
+
+    def pad(samples):  # to the longest of each batch, as a tokenized text loader does
+        xs, ys = zip(*samples)
+        real = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in xs], batch_first=True)
+        return torch.nn.utils.rnn.pad_sequence(list(xs), batch_first=True), torch.tensor(ys), real
+
+    torch.manual_seed(0)
+    model = Tokens()
+    seen = []
+    model.block.linear1.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    probe = _Sequences()
+    entropies = {}
+    for batch_size in (2, 6):
+        loader = DataLoader(probe, batch_size=batch_size, collate_fn=pad)
+        seen.clear()
+        out = tmp_path / str(batch_size)
+        with Prober(model, loader, out, 1, mode="eval", pattern="channel_last", mask_from=lambda batch: batch[2],
+                    forward=lambda module, batch: module(batch[0], batch[2])) as prober:
+            prober.maybe(0)
+        # Brute force: the patterns of the real tokens only, over the whole probe set.
+        rows = [tuple((z[i, t] > 0).tolist()) for (x, y, real), z in zip(loader, seen)
+                for i in range(len(x)) for t in range(int(real[i].sum()))]
+        counts = np.array(list(Counter(rows).values()), dtype=float)
+        expected = -(counts / counts.sum() * np.log2(counts / counts.sum())).sum()
+        table = summarize(out, "probe", progress=False)
+        got = table[(table["metric"] == "entropy")]["value"].item()
+        assert got == pytest.approx(expected, abs=1e-12)
+        assert table[table["metric"] == "n_observations"]["value"].item() == len(rows) == 24  # 6 sequences of 3-5
+        entropies[batch_size] = got
+    assert entropies[2] == pytest.approx(entropies[6], abs=1e-12)

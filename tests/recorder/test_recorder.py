@@ -1120,3 +1120,59 @@ def test_a_token_site_changing_width_at_the_default_pattern_names_channel_last(t
                 model(torch.randn(2, length, 3))
     changed = [r.getMessage() for r in caplog.records if "changed width" in r.getMessage()]
     assert len(changed) == 1 and "from 5 to 7 units" in changed[0] and "pattern='channel_last'" in changed[0]
+
+
+def _padded(lengths, width=3, seed=0):
+    """A batch of sequences padded to the longest, with the mask of its real tokens (True)."""
+    g = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    x = torch.randn(len(lengths), longest, width, generator=g)
+    real = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    return x.masked_fill(~real[..., None], 0.0), real
+
+
+class _PooledEncoder(_Encoder):
+    """The token block, then a per-sequence head: a site of another shape than the tokens'."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.act = nn.Linear(16, 5), nn.ReLU()
+
+    def forward(self, x, real=None):
+        return self.act(self.head(self.block(self.embed(x), src_key_padding_mask=None if real is None else ~real).mean(1)))
+
+
+@pytest.mark.parametrize("max_observations", [None, 6])
+def test_a_mask_leaves_the_padding_of_token_sites_out_and_records_other_sites_whole(tmp_path, max_observations):
+    torch.manual_seed(0)
+    model = _PooledEncoder()
+    seen = {}
+    model.block.linear1.register_forward_hook(lambda m, a, out: seen.__setitem__("tokens", out.detach().clone()))
+    model.head.register_forward_hook(lambda m, a, out: seen.__setitem__("head", out.detach().clone()))
+    x, real = _padded([2, 5, 3])
+    with ActivationRecorder(model, tmp_path, pattern="channel_last", max_observations=max_observations) as rec:
+        with rec.capture(0, sample_ids=torch.tensor([10, 11, 12]), labels=torch.tensor([0, 1, 0]), mask=real):
+            model(x, real)
+    run = open_run(tmp_path)
+    p = run.read("block:relu#0", 0)
+    # Brute force: the (sample, token) pairs of real tokens, in sample-major order, and their 24-unit patterns.
+    pairs = [(i, t) for i in range(3) for t in range(5) if real[i, t]]
+    if max_observations is not None:
+        assert len(p) == max_observations and set(zip(p.sample_ids.tolist(), p.positions.tolist())) <= {
+            (10 + i, t) for i, t in pairs}
+    else:
+        assert list(zip(p.sample_ids.tolist(), p.positions.tolist())) == [(10 + i, t) for i, t in pairs]
+    for row, (sample, token) in enumerate(zip(p.sample_ids.tolist(), p.positions.tolist())):
+        expected = np.packbits((seen["tokens"][sample - 10, token] > 0).numpy(), bitorder="little")
+        np.testing.assert_array_equal(p.bits[row], expected)
+    head = run.read("act", 0)  # (N, 5): not token-shaped, recorded whole
+    np.testing.assert_array_equal(head.bits, np.packbits((seen["head"] > 0).numpy(), axis=1, bitorder="little"))
+    assert head.labels.tolist() == [0, 1, 0]
+
+
+def test_a_mask_must_be_bool(tmp_path):
+    model = _Encoder()
+    with ActivationRecorder(model, tmp_path, pattern="channel_last") as rec:
+        with pytest.raises(ValueError, match=r"`mask` to be a bool.*~padding_mask"):
+            with rec.capture(0, mask=torch.ones(2, 4)):
+                raise AssertionError("the forward must not run")
