@@ -338,7 +338,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 self._batch_recorder.capture(
                     step, labels=labels, split=TRAIN_SPLIT, epoch=trainer.current_epoch,
                     check=None if self._batch_checked else self._check_first_batch, record=due, ends_step=whole,
-                    mask=self._reader.mask(batch) if due else None,
+                    mask=self._reader.mask(batch) if due or not self._batch_checked else None,
                 )
             )
             self._capture, self._capture_step, self._capture_records = stack, step, due

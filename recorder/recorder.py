@@ -325,6 +325,8 @@ class ActivationRecorder:
             context, self._context = self._context, None
             self._on_forward_end()  # a forward that raised never ended
             pending, self._gathered = (self._gathered if context.record else []), []
+        for note in context.notes:
+            self.writer.record_stop(note)
         if not failing and context.error is None:
             self._check_sites_found()
             if context.check is not None:
@@ -382,6 +384,15 @@ class ActivationRecorder:
             record = item if isinstance(item, Record) else self._make_record(context, *item)
             if record is not None:
                 records.append(record)
+        if context.mask_shape is not None and records and not context.mask_fitted:
+            shapes = ", ".join(dict.fromkeys(
+                f"{r.meta.site} ({', '.join(['N', *map(str, _position_shape(r.meta.shape, self.pattern))])})"
+                for r in records))
+            raise ValueError(
+                f"Expected the `mask` of shape {context.mask_shape} to fit the positions per sample of a site, but none "
+                f"of the sites recorded at step {context.step} has them: {shapes}; its padding would be counted. Pass a "
+                "mask of (N, L) for (N, L, C) tokens with pattern='channel_last' (batch first), or no mask."
+            )
         closing = self._number_parts(context, records, ends_step)
         to_host(records)
         if self.on_record is not None:
@@ -524,12 +535,14 @@ class ActivationRecorder:
                     "tokens." if len(shape) == 2 and not self._pattern_given else "")
             if self._warn_once(f"units:{name}", f"actpat: {change}; its calls of another width than {meta.n_units} "
                                                 f"are not recorded (a site keeps one width in a run).{hint}"):
-                # In the run too: `info` and `stop_reasons` say why the site's later steps may be missing.
-                self.writer.record_stop(f"{change}: its calls of another width are not recorded")
+                # In the run too, when the capture ends (no I/O in a hook): `info` and `stop_reasons` say why the
+                # site's later steps may be missing.
+                context.notes.append(f"{change}: its calls of another width are not recorded")
             return None
         obs_index = index = None
-        if context.kept is not None and context.mask_shape == (n, *_position_shape(shape, self.pattern)):
-            obs_index = context.kept  # the padding of this capture's sequences, left out
+        if context.mask_shape is not None and context.mask_shape == (n, *_position_shape(shape, self.pattern)):
+            context.mask_fitted = True
+            obs_index = context.kept  # the padding of this capture's sequences left out (None: it has none)
         available = bits.shape[0] if obs_index is None else len(obs_index)
         if self.max_observations is not None and available > self.max_observations:
             rng = np.random.default_rng([self.seed, context.step & 0x7FFFFFFF, meta.site_index])
@@ -550,8 +563,8 @@ class ActivationRecorder:
             kept = kept if len(units) == meta.n_units else kept[:, list(units)]
             values = kept.to(torch.float16, copy=True)  # a copy: an in-place activation may overwrite z
         labels, sample_ids = context.labels, context.sample_ids
-        wrong = [f"{what} {len(values)}" for what, values in (("labels", labels), ("sample_ids", sample_ids))
-                 if values is not None and len(values) != n]
+        wrong = [f"{what} {len(array)}" for what, array in (("labels", labels), ("sample_ids", sample_ids))
+                 if array is not None and len(array) != n]
         if wrong:
             self._warn_once(
                 f"batch:{name}",
@@ -597,6 +610,9 @@ class _Capture:
         #: The observation mask's shape, and the flat indices of the observations it keeps (None: it keeps all).
         self.mask_shape = None if mask is None else mask.shape
         self.kept = None if mask is None or mask.all() else np.flatnonzero(mask)
+        self.mask_fitted = False  # whether the mask applied to a site of this capture
+        #: Why some of this capture's calls were not recorded, stored in the run when it ends.
+        self.notes: list[str] = []
         self.error: Exception | None = None
 
 

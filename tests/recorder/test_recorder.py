@@ -1052,12 +1052,20 @@ def test_a_model_of_convolutions_and_tokens_is_recorded_by_two_recorders_each_wi
         np.testing.assert_array_equal(run.read(site, 0).bits, expected)
 
 
-@pytest.mark.parametrize("layer", [nn.RNN, nn.Linear, nn.MultiheadAttention])
+@pytest.mark.parametrize("layer", [nn.RNN, nn.Linear, nn.MultiheadAttention, nn.Softmax, torch.ao.nn.intrinsic.LinearReLU])
 def test_module_types_refuse_torch_layers_that_are_no_activation(tmp_path, layer):
     # Their input is no pre-activation (an RNN's is the sequence): its signs would be recorded as a site, silently.
     with pytest.raises(ValueError, match=rf"`module_types`.*torch's {layer.__name__}, which is no elementwise"):
         ActivationRecorder(nn.Sequential(nn.Linear(3, 3)), tmp_path, module_types=[layer])
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.GELU, nn.SiLU, nn.Hardtanh, nn.ELU])
+def test_module_types_take_torchs_elementwise_activations(tmp_path, activation):
+    model = nn.Sequential(nn.Linear(3, 4), activation())
+    with ActivationRecorder(model, tmp_path, module_types=[activation]) as rec, rec.capture(0):
+        model(torch.randn(2, 3))
+    assert open_run(tmp_path).sites == ["1"]
 
 
 def test_an_rnn_whose_relu_no_hook_sees_is_warned_of(tmp_path, caplog):
@@ -1176,3 +1184,53 @@ def test_a_mask_must_be_bool(tmp_path):
         with pytest.raises(ValueError, match=r"`mask` to be a bool.*~padding_mask"):
             with rec.capture(0, mask=torch.ones(2, 4)):
                 raise AssertionError("the forward must not run")
+
+
+def test_a_mask_that_fits_no_site_is_an_error_before_the_capture_is_queued(tmp_path):
+    model = _PooledEncoder()
+    x, real = _padded([2, 5, 3])
+    with ActivationRecorder(model, tmp_path, pattern="channel_last") as rec:
+        with pytest.raises(ValueError, match=r"`mask` of shape \(5, 3\) to fit.*block:relu#0 \(N, 5\).*act \(N\)"):
+            with rec.capture(0, mask=real.T.contiguous()):  # transposed: (L, N)
+                model(x, real)
+        with rec.capture(1, mask=real):  # the right one still works after the refusal
+            model(x, real)
+    run = open_run(tmp_path)
+    assert run.steps("block:relu#0").tolist() == [1]  # the refused capture queued nothing
+
+
+def test_a_mask_selects_the_same_rows_of_stored_values_and_an_all_false_mask_records_no_row(tmp_path):
+    torch.manual_seed(0)
+    model = _PooledEncoder()
+    seen = []
+    model.block.linear1.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    x, real = _padded([2, 5, 3])
+    with ActivationRecorder(model, tmp_path, pattern="channel_last", store_values="all", max_observations=7) as rec:
+        with rec.capture(0, sample_ids=torch.arange(3), mask=real):
+            model(x, real)
+        with rec.capture(1, sample_ids=torch.arange(3), mask=torch.zeros_like(real)):
+            model(x, real)
+    run = open_run(tmp_path)
+    p = run.read("block:relu#0", 0)
+    z = seen[0]
+    expected = torch.stack([z[s, t] for s, t in zip(p.sample_ids.tolist(), p.positions.tolist())])
+    np.testing.assert_array_equal(p.values, expected.to(torch.float16).numpy())  # the rows of the bits
+    assert all(real[s, t] for s, t in zip(p.sample_ids.tolist(), p.positions.tolist()))
+    assert len(run.read("block:relu#0", 1)) == 0
+
+
+def test_a_transformer_layers_functional_relu_with_functional_false_is_warned_of(tmp_path, caplog):
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)  # activation="relu": F.relu
+    with caplog.at_level(logging.WARNING):
+        ActivationRecorder(nn.Sequential(layer, nn.ReLU()), tmp_path, functional=False)
+    warned = [r.getMessage() for r in caplog.records if "functional call" in r.getMessage()]
+    assert len(warned) == 1 and "0 (TransformerEncoderLayer) applies relu" in warned[0]
+
+
+def test_a_mask_of_the_wrong_shape_is_refused_even_when_it_keeps_everything(tmp_path):
+    model = _PooledEncoder()
+    x, _ = _padded([5, 5, 5])
+    with ActivationRecorder(model, tmp_path, pattern="channel_last") as rec:
+        with pytest.raises(ValueError, match=r"`mask` of shape \(5, 3\) to fit"):
+            with rec.capture(0, mask=torch.ones(5, 3, dtype=torch.bool)):
+                model(x)
