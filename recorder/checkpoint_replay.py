@@ -193,7 +193,7 @@ def replay(
     prober_options.setdefault("copy", False)  # the model is replay's own: nothing to protect
     _probe_as_the_callback(model, prober_options)
     prober = Prober(model, probe, out_dir, 1, mode=mode, batch_size=batch_size, **prober_options)
-    probing = None  # the step being probed, while it is
+    stopped_in = None  # the step whose probe Ctrl-C stopped at once
     try:
         for step, path in tqdm(planned, desc="replaying checkpoints", unit="ckpt", disable=not progress):
             if step in cut_short:
@@ -220,18 +220,20 @@ def replay(
             except CheckpointError as exc:
                 replayed.append(_skip(path, step, str(exc)))
                 continue
-            probing = step
-            with _whole_probe(step) as interrupted:
-                prober.probe(step, epoch)
-            probing = None
+            try:
+                with _whole_probe(step) as interrupted:
+                    prober.probe(step, epoch)
+            except KeyboardInterrupt:
+                stopped_in = step
+                raise
             done.add(step)
             replayed.append(ReplayResult(path, step, "replayed"))
             if interrupted:
                 raise KeyboardInterrupt
     finally:
         prober.close()
-        if probing is not None:
-            _tell_if_cut_short(out_dir, probing)
+        if stopped_in is not None:
+            _tell_if_cut_short(out_dir, stopped_in)
     return replayed + results
 
 
@@ -240,11 +242,16 @@ def _tell_if_cut_short(out_dir: Path, step: int) -> None:
     replay it only where none of its records reached the disk)."""
     from actpat.recorder.prober import PROBE_SPLIT, existing_run
 
-    run = existing_run(out_dir, warn=False)
-    if run is None:
+    try:
+        run = existing_run(out_dir, warn=False)
+        if run is None:
+            return
+        with run:
+            cut = any(loss.kind == "incomplete" and loss.split == PROBE_SPLIT and loss.step == step
+                      for loss in run.losses)
+    except Exception as exc:  # noqa: BLE001 - the interrupt is what the caller reports; a rerun names the step
+        log.debug("actpat replay: could not read %s to tell whether step %d was cut short: %r", out_dir, step, exc)
         return
-    with run:
-        cut = any(loss.kind == "incomplete" and loss.split == PROBE_SPLIT and loss.step == step for loss in run.losses)
     if cut:
         log.warning("actpat replay: step %d was cut short while it was probed, and a run's steps are never written "
                     "twice: replay its checkpoint into a new directory to record it.", step)
