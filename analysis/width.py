@@ -233,24 +233,17 @@ def subset_measures(counts: Iterable[PatternCounts], *, ceiling: float = 0.9) ->
 
 
 def subset_similarity(counts_t: Sequence[PatternCounts], counts_u: Sequence[PatternCounts]) -> dict[str, np.ndarray]:
-    """JI and wJI between two time points, subset by subset (the same units and rows at both; a single subset,
-    the whole site, is paired with each subset of the other time point).
+    """JI and wJI between two time points, subset by subset (the same units and rows at both).
 
     Returns
     -------
     dict of np.ndarray
         ``jaccard`` and ``weighted_jaccard``, each ``(n_subsets,)`` in ``[0, 1]``.
     """
-    if len(counts_t) != len(counts_u) and 1 not in (len(counts_t), len(counts_u)):
+    if len(counts_t) != len(counts_u):
         raise ValueError(
             f"Expected the same number of subsets at both time points, but got {len(counts_t)} and {len(counts_u)}."
         )
-    # One subset is the whole site (all units and rows: draw_subsets collapses there); all units is every
-    # subset's units at the other time point too, so it pairs with each of them.
-    if len(counts_t) == 1:
-        counts_t = list(counts_t) * len(counts_u)
-    if len(counts_u) == 1:
-        counts_u = list(counts_u) * len(counts_t)
     return {
         "jaccard": np.array([jaccard(a, b) for a, b in zip(counts_t, counts_u)], dtype=np.float64),
         "weighted_jaccard": np.array([weighted_jaccard(a, b) for a, b in zip(counts_t, counts_u)], dtype=np.float64),
@@ -329,6 +322,17 @@ def subset_sizes(runs: Iterable, split: str | None = None) -> tuple[int, int]:
     return min(widths), min(rows)
 
 
+def _paired(counts_t: list[PatternCounts], counts_u: list[PatternCounts]) -> tuple[list, list]:
+    """The subsets of two steps of one site, paired. A step whose only subset is the whole site (all units, all
+    its rows: draw_subsets collapses there while a step with more rows draws several) pairs with each subset of
+    the other: all units are every subset's units there too (the collapse needs ``m == n_units``)."""
+    if len(counts_t) == 1 and len(counts_u) > 1:
+        return counts_t * len(counts_u), counts_u
+    if len(counts_u) == 1 and len(counts_t) > 1:
+        return counts_t, counts_u * len(counts_t)
+    return counts_t, counts_u
+
+
 def _spread_rows(name: str, values: np.ndarray) -> dict[str, float]:
     s = spread(values)
     return {name: s.mean, f"{name}_sd": s.sd}
@@ -382,7 +386,7 @@ def _site_rows(
         init = cur if init is None else init
         for name, ref in (("init", init), ("last", last), ("final", final)):
             if name in references and ref is not None:
-                for measure, values in subset_similarity(cur, ref).items():
+                for measure, values in subset_similarity(*_paired(cur, ref)).items():
                     metrics.update(_spread_rows(f"{measure}{SUFFIX}_{name}", values))
         metrics.update({"wc_units": m, "wc_observations": n_obs, "wc_subsets": len(drawn[len(p)])})
         rows.extend((step, int(p.epoch), split, site, site_index, k, float(v)) for k, v in metrics.items())
@@ -491,7 +495,9 @@ def width_controlled_table(
     if m is None:
         m = min(run.site_info(s)["n_units"] for s in sites)
     if n_obs is None:
-        n_obs = min(n for s in sites if (n := _fewest_rows(run, s, split)))
+        n_obs = min((n for s in sites if (n := _fewest_rows(run, s, split))), default=None)
+        if n_obs is None:
+            raise ValueError(f"Expected a site with observations in split {split!r}, but every step of {sites} has none.")
     for site in sites:
         width = run.site_info(site)["n_units"]
         _check_int("m", m, 1, width, f"the width of site {site!r}, n_units = {width}")
