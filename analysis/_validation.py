@@ -156,21 +156,25 @@ def check_threshold(threshold) -> int:
 def why_not_whole_samples(sample_ids: np.ndarray, positions: np.ndarray) -> str:
     """Why rows that should hold every position of each sample once do not, with the fix (for a message).
 
+    Rows without sample ids (-1) are grouped as recorded: a sample starts at each position 0.
+
     Examples
     --------
-    >>> why_not_whole_samples(np.array([0, 0, 1]), np.array([0, 1, 0]))[:65]
-    'the samples have 1 to 2 positions: sequences of different lengths'
+    >>> why_not_whole_samples(np.array([0, 0, 1]), np.array([0, 1, 0]))
+    'the samples have 1 to 2 of the 2 positions: sequences of different lengths (batches each padded to its own \
+longest: pad every batch to one fixed length), padding left out by a mask, or records subsampled by max_observations \
+(record without it)'
     """
-    ids, positions = np.asarray(sample_ids, dtype=np.int64), np.asarray(positions, dtype=np.int64)
-    order = np.lexsort((positions, ids))
-    starts = np.flatnonzero(np.r_[True, ids[order][1:] != ids[order][:-1]])
-    counts = np.diff(np.r_[starts, ids.size])
-    lengths = np.unique(counts)
-    # Each sample whole from position 0 to its own length (not subsampled, no sample twice), lengths differing.
-    whole = np.array_equal(positions[order], np.arange(ids.size) - np.repeat(starts, counts))
-    if (ids >= 0).all() and len(lengths) > 1 and whole:
-        return (f"the samples have {lengths.min()} to {lengths.max()} positions: sequences of different lengths (batches "
-                "each padded to its own longest: pad every batch to one fixed length; or padding left out by a mask), "
-                "or records subsampled by max_observations (record without it)")
-    return ("the records are subsampled (max_observations) or hold a sample twice: record without subsampling and "
-            "with unique sample ids")
+    positions = np.asarray(positions, dtype=np.int64)
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    if (ids < 0).any():
+        ids = np.cumsum(positions == 0) - 1
+    pairs = np.unique(np.stack([ids, positions]), axis=1)
+    if pairs.shape[1] < ids.size:
+        return "the records hold an observation twice (repeated sample ids): record with unique sample ids"
+    counts = np.unique(ids, return_counts=True)[1]
+    n_positions = int(positions.max(initial=0)) + 1
+    have = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()} to {counts.max()}"
+    return (f"the samples have {have} of the {n_positions} positions: sequences of different lengths (batches each "
+            "padded to its own longest: pad every batch to one fixed length), padding left out by a mask, or records "
+            "subsampled by max_observations (record without it)")

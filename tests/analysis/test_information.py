@@ -183,12 +183,12 @@ def test_sequences_of_different_lengths_in_one_step_are_named_as_such(tmp_path):
         writer.put(Record(tokens, 0, 0, "probe", pack(np.zeros((len(ids) * length, 10), dtype=np.uint8)), length,
                           len(ids), 0, sample_ids=ids, labels=ids % 2, part=part, ends_step=part == 1))
     writer.close()
-    with pytest.raises(ValueError, match=r"samples have 4 to 6 positions: sequences of different lengths.*pad every "
+    with pytest.raises(ValueError, match=r"samples have 4 to 6 of the 6 positions: sequences of different lengths.*pad every "
                                          r"batch to one fixed length.*pattern='channel'"):
         information_plane(tmp_path, split="probe")
     assert len(information_plane(tmp_path, split="probe", pattern="channel"))  # per token: measured
     p = open_run(tmp_path).read("enc:relu#0", 0, "probe")
-    with pytest.raises(ValueError, match="4 to 6 positions"):
+    with pytest.raises(ValueError, match="4 to 6 of the 6 positions"):
         sample_patterns(p.bits, 10, p.sample_ids, p.positions)
     with pytest.raises(ValueError, match="one per token of a site recorded with 'channel_last'"):
         information_plane(tmp_path, split="probe", pattern="channel_last")

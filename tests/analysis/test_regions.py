@@ -111,7 +111,7 @@ def test_sample_patterns_reorders_and_rejects_subsampled_records():
         assert back[k].tolist() == units[4 * sample: 4 * sample + 4].ravel().tolist()
     with pytest.raises(ValueError, match="subsampled"):
         sample_patterns(bits[:11], 5, ids[:11], pos[:11])
-    with pytest.raises(ValueError, match="subsampled"):
+    with pytest.raises(ValueError, match="hold an observation twice"):  # position 2 of each sample twice
         sample_patterns(bits, 5, ids, np.where(pos == 3, 2, pos))
 
 
