@@ -52,14 +52,18 @@ def expect_values(name: str, value: Any) -> None:
         raise ValueError(f"Expected `{name}` to be None, 'all' or an int >= 1, but got {value!r}.")
 
 
+#: Classes of torch.nn's activation module that act on more than one value at a time.
+_NOT_ELEMENTWISE = frozenset({"MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "GLU"})
+
+
 def expect_module_types(name: str, value: Any) -> None:
     if isinstance(value, type) or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in value):
         raise ValueError(f"Expected `{name}` to be a sequence of nn.Module subclasses, but got {value!r}.")
     # A class given is recorded by the signs of its input: right for an elementwise activation, while torch's
     # other layers' inputs are no pre-activation (an nn.RNN's input is the sequence, its ReLU runs inside it).
     for t in value:
-        if t.__module__.startswith("torch.nn.") and (
-            t.__module__ != "torch.nn.modules.activation" or t is nn.MultiheadAttention
+        if t.__module__.startswith("torch.") and (
+            t.__module__ != "torch.nn.modules.activation" or t.__name__ in _NOT_ELEMENTWISE
         ):
             raise ValueError(
                 f"Expected `{name}` to name activation classes, but got torch's {t.__name__}, which is no elementwise "

@@ -528,15 +528,21 @@ def _warn_activations_inside_torch_layers(
                 "no hook sees: it is no site and is not recorded. To record it, write the recurrence with nn.Linear and "
                 "nn.ReLU or F.relu.", name or "the model", type(module).__name__,
             )
-        elif (
-            isinstance(module, nn.TransformerEncoderLayer) and not functional
-            and isinstance(getattr(module, "activation", None), module_types)
-        ):
-            log.warning(
-                "actpat: %s (TransformerEncoderLayer) runs torch's fused fast path in eval mode without autograd, which "
-                "skips its activation module: with functional=False those calls are not recorded. Keep functional=True "
-                "(it turns the fast path off while capturing), or record in train mode.", name or "the model",
-            )
+        elif isinstance(module, nn.TransformerEncoderLayer) and not functional:
+            activation = getattr(module, "activation", None)
+            if isinstance(activation, module_types):
+                log.warning(
+                    "actpat: %s (TransformerEncoderLayer) runs torch's fused fast path in eval mode without autograd, "
+                    "which skips its activation module: with functional=False those calls are not recorded. Keep "
+                    "functional=True (it turns the fast path off while capturing), or record in train mode.",
+                    name or "the model",
+                )
+            elif activation in FUNCTIONS:
+                log.warning(
+                    "actpat: %s (TransformerEncoderLayer) applies %s as a functional call, which functional=False does "
+                    "not record. Keep functional=True, or give the layer activation=nn.ReLU().",
+                    name or "the model", getattr(activation, "__name__", activation),
+                )
 
 
 def _runs_a_step(module: nn.Module) -> bool:

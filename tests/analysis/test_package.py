@@ -64,8 +64,8 @@ def _imported_modules(package: str) -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module)
+            elif isinstance(node, ast.ImportFrom) and node.module:  # `from actpat import callbacks` too
+                names.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
         found[path.name] = names
     return found
 
