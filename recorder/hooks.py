@@ -518,11 +518,22 @@ def _warn_hidden_in_place_calls(modules: Iterable[tuple[str, nn.Module]]) -> Non
 def _warn_activations_inside_torch_layers(
     modules: Iterable[tuple[str, nn.Module]], module_types: tuple[type, ...], functional: bool
 ) -> None:
-    """Warn of ReLUs that torch layers apply where no hook sees them: an ``nn.RNN``'s (or ``nn.RNNCell``'s) inside
-    its fused kernel, always; a transformer encoder layer's activation module inside torch's fast path (eval mode
-    without autograd), unless functional calls are intercepted, which turns that path off while capturing."""
+    """Warn of ReLUs that run where no hook sees them: inside a TorchScript module (scripted or traced); an
+    ``nn.RNN``'s (or ``nn.RNNCell``'s) inside its fused kernel, always; a transformer encoder layer's activation
+    module inside torch's fast path (eval mode without autograd), unless functional calls are intercepted, which
+    turns that path off while capturing."""
+    scripted: list[str] = []
     for name, module in modules:
-        if isinstance(module, (nn.RNN, nn.RNNCell)) and module.nonlinearity == "relu":
+        if any(name.startswith(f"{outer}.") or not outer for outer in scripted):
+            continue  # inside a TorchScript module already named
+        if isinstance(module, torch.jit.ScriptModule):
+            scripted.append(name)
+            log.warning(
+                "actpat: %s is a TorchScript module (torch.jit.script or trace): its forward runs in TorchScript, "
+                "where no hook sees its activations, so none of them is recorded. Record the eager module.",
+                name or "the model",
+            )
+        elif isinstance(module, (nn.RNN, nn.RNNCell)) and module.nonlinearity == "relu":
             log.warning(
                 "actpat: %s (%s with nonlinearity='relu') applies its ReLU inside torch's fused recurrent kernel, which "
                 "no hook sees: it is no site and is not recorded. To record it, write the recurrence with nn.Linear and "

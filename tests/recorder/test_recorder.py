@@ -1234,3 +1234,21 @@ def test_a_mask_of_the_wrong_shape_is_refused_even_when_it_keeps_everything(tmp_
         with pytest.raises(ValueError, match=r"`mask` of shape \(5, 3\) to fit"):
             with rec.capture(0, mask=torch.ones(5, 3, dtype=torch.bool)):
                 model(x)
+
+
+def test_a_torchscript_part_whose_relus_no_hook_sees_is_warned_of(tmp_path, caplog):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.lin(x))
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), torch.jit.script(Block()), nn.Linear(4, 2))
+    with caplog.at_level(logging.WARNING):
+        with ActivationRecorder(model, tmp_path) as rec, rec.capture(0):
+            model(torch.randn(2, 3))
+    warned = [r.getMessage() for r in caplog.records if "TorchScript" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("actpat: 2 is a TorchScript module")  # once, not per child
+    assert open_run(tmp_path).sites == ["1"]  # what the warning says: the scripted block's ReLU is not recorded
