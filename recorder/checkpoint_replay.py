@@ -308,13 +308,17 @@ def replay_command(
     out_dir: Union[str, os.PathLike],
     *,
     forward: Optional[str] = None,
+    labels_from: Optional[str] = None,
+    mask_from: Optional[str] = None,
     device: Optional[str] = None,
     **options: Any,
 ) -> list[ReplayResult]:
     """:func:`replay` with the model, probe set and probe forward named as ``pkg.mod:attr`` or ``file.py:attr``.
 
     ``module`` and ``probe`` name factories called without arguments (the model, the probe set);
-    ``forward`` names a ``forward(module, batch)`` function itself. ``device`` moves the model there.
+    ``forward`` names a ``forward(module, batch)`` function itself, ``labels_from`` a ``labels_from(batch)`` (the
+    class labels), ``mask_from`` a ``mask_from(batch)`` (the observations to keep, such as real tokens). ``device``
+    moves the model there.
     """
     from torch import nn
 
@@ -326,6 +330,9 @@ def replay_command(
     probe_set = resolve(probe, "--probe")()
     if forward is not None:
         options["forward"] = resolve(forward, "--forward")
+    for name, spec in (("labels_from", labels_from), ("mask_from", mask_from)):
+        if spec is not None:
+            options[name] = resolve(spec, f"--{name.replace('_', '-')}")
     return replay(ckpt_dir, model, probe_set, out_dir, **options)
 
 
@@ -369,6 +376,10 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--batch-size", type=int, default=None,
                         help="probe batch size for a Dataset (in train mode: the training batch size)")
     parser.add_argument("--forward", default=None, help="probe forward(module, batch): pkg.mod:fn or file.py:fn")
+    parser.add_argument("--labels-from", default=None,
+                        help="labels_from(batch): the class labels (default: batch[1], or a dict's label key)")
+    parser.add_argument("--mask-from", default=None,
+                        help="mask_from(batch): the observations to keep, e.g. real tokens: pkg.mod:fn or file.py:fn")
     parser.add_argument("--sites", nargs="+", default=None, help="site names or glob patterns (default: all)")
     parser.add_argument("--pattern", choices=schema.PATTERN_KINDS, default=None,
                         help="how pre-activations are cut into patterns (default: channel, 3-d sites warned of)")
@@ -382,9 +393,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``actpat replay`` from parsed arguments; prints a summary, returns the exit status."""
     results = replay_command(
-        args.ckpt_dir, args.module, args.probe, args.output, forward=args.forward, device=args.device,
-        mode=args.mode, batch_size=args.batch_size, sites=args.sites, pattern=args.pattern,
-        weights_only=not args.unsafe_load, progress=not args.no_progress,
+        args.ckpt_dir, args.module, args.probe, args.output, forward=args.forward, labels_from=args.labels_from,
+        mask_from=args.mask_from, device=args.device, mode=args.mode, batch_size=args.batch_size, sites=args.sites,
+        pattern=args.pattern, weights_only=not args.unsafe_load, progress=not args.no_progress,
     )
     replayed = [r for r in results if r.status == "replayed"]
     skipped = len(results) - len(replayed)

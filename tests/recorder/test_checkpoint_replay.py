@@ -383,3 +383,62 @@ def test_command_line_replays_a_directory(tmp_path, capsys, caplog):
     assert replay_main([str(tmp_path / "missing"), "--module", f"{factories}:model", "--probe",
                         f"{factories}:probe_set", "-o", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+_TOKEN_FACTORIES = '''\
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def model():
+    return nn.Sequential(nn.Linear(3, 6), nn.ReLU())
+
+
+def sequences():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(2 + i % 3, 3, generator=g) for i in range(7)]
+
+
+def pad(xs):
+    real = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in xs], batch_first=True)
+    return nn.utils.rnn.pad_sequence(xs, batch_first=True), real
+
+
+def probe_set():
+    return DataLoader(sequences(), batch_size=3, collate_fn=pad)
+
+
+def forward(module, batch):
+    module(batch[0])
+
+
+def mask(batch):
+    return batch[1]
+
+
+def no_labels(batch):
+    return None
+'''
+
+
+def test_command_line_replay_keeps_only_the_real_tokens_with_mask_from(tmp_path):
+    factories = tmp_path / "tokens.py"
+    factories.write_text(_TOKEN_FACTORIES)
+    namespace: dict = {}
+    exec(compile(_TOKEN_FACTORIES, str(factories), "exec"), namespace)
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    torch.manual_seed(0)
+    net = namespace["model"]()
+    torch.save(net.state_dict(), ckpts / "net-step=4.pt")
+    out = tmp_path / "run"
+    assert replay_main([str(ckpts), "--module", f"{factories}:model", "--probe", f"{factories}:probe_set",
+                        "-o", str(out), "--forward", f"{factories}:forward", "--mask-from", f"{factories}:mask",
+                        "--labels-from", f"{factories}:no_labels",
+                        "--pattern", "channel_last", "--no-progress"]) == 0
+    p = open_run(out).read("1", 4, "probe")
+    # Brute force: each real token's 6 units, sequence by sequence, from the saved weights.
+    z = torch.cat([net[0](x) for x in namespace["sequences"]()]).detach()
+    np.testing.assert_array_equal(p.bits, np.packbits((z > 0).numpy(), axis=1, bitorder="little"))
+    assert p.positions.tolist() == [t for i in range(7) for t in range(2 + i % 3)]
