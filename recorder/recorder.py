@@ -296,7 +296,15 @@ class ActivationRecorder:
         if record:
             self._check_order(step, split)
         labels, sample_ids = _per_sample(labels, "labels", lowest=-1), _per_sample(sample_ids, "sample_ids")
-        self._context = _Capture(step, epoch, split, labels, sample_ids, check, record, ends_step, _observation_mask(mask))
+        mask = _observation_mask(mask)
+        if mask is not None and record and not mask.reshape(len(mask), -1).any(axis=1).all():
+            self._warn_once(
+                "mask:empty",
+                f"actpat: the mask of step {step} keeps no observation of some samples (first: sample "
+                f"{int(np.flatnonzero(~mask.reshape(len(mask), -1).any(axis=1))[0])}), which are then not recorded. "
+                "True must mark what to keep: the real tokens (`~src_key_padding_mask`), not the padding itself.",
+            )
+        self._context = _Capture(step, epoch, split, labels, sample_ids, check, record, ends_step, mask)
         self._pending.clear()
         self._gathered.clear()
         self._site_called = False

@@ -1252,3 +1252,15 @@ def test_a_torchscript_part_whose_relus_no_hook_sees_is_warned_of(tmp_path, capl
     warned = [r.getMessage() for r in caplog.records if "TorchScript" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("actpat: 2 is a TorchScript module")  # once, not per child
     assert open_run(tmp_path).sites == ["1"]  # what the warning says: the scripted block's ReLU is not recorded
+
+
+def test_an_inverted_mask_that_keeps_nothing_of_the_longest_sample_is_warned_of(tmp_path, caplog):
+    model = _PooledEncoder()
+    x, real = _padded([2, 5, 3])
+    with caplog.at_level(logging.WARNING), ActivationRecorder(model, tmp_path, pattern="channel_last") as rec:
+        for step in range(2):
+            with rec.capture(step, mask=~real):  # the padding mask itself, not its inverse
+                model(x, real)
+    warned = [r.getMessage() for r in caplog.records if "keeps no observation" in r.getMessage()]
+    assert len(warned) == 1 and "sample 1" in warned[0] and "~src_key_padding_mask" in warned[0]
+    assert len(open_run(tmp_path).read("block:relu#0", 0)) == int((~real).sum())  # recorded as asked, but said
