@@ -343,13 +343,19 @@ def test_ctrl_c_during_a_replay_stops_once_the_checkpoint_is_whole_and_a_rerun_c
         np.testing.assert_array_equal(a.read("body.1", step, "probe").bits, b.read("body.1", step, "probe").bits)
 
 
-def test_command_line_replays_a_directory(tmp_path, capsys, caplog):
-    factories = tmp_path / "factories.py"
-    factories.write_text(_FACTORIES)
+def _factory_file(tmp_path: Path, text: str, name: str) -> tuple[Path, dict, Path]:
+    """The factories ``text`` as a file for --module and --probe, its namespace, and an empty checkpoint folder."""
+    path = tmp_path / name
+    path.write_text(text)
     namespace: dict = {}
-    exec(compile(_FACTORIES, str(factories), "exec"), namespace)
+    exec(compile(text, str(path), "exec"), namespace)
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
+    return path, namespace, ckpts
+
+
+def test_command_line_replays_a_directory(tmp_path, capsys, caplog):
+    factories, namespace, ckpts = _factory_file(tmp_path, _FACTORIES, "factories.py")
     torch.manual_seed(0)
     net = namespace["model"]()
     for step in (0, 5):
@@ -423,12 +429,7 @@ def no_labels(batch):
 
 
 def test_command_line_replay_keeps_only_the_real_tokens_with_mask_from(tmp_path):
-    factories = tmp_path / "tokens.py"
-    factories.write_text(_TOKEN_FACTORIES)
-    namespace: dict = {}
-    exec(compile(_TOKEN_FACTORIES, str(factories), "exec"), namespace)
-    ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
+    factories, namespace, ckpts = _factory_file(tmp_path, _TOKEN_FACTORIES, "tokens.py")
     torch.manual_seed(0)
     net = namespace["model"]()
     torch.save(net.state_dict(), ckpts / "net-step=4.pt")
