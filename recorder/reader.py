@@ -662,10 +662,12 @@ class Run:
                 continue
             own = by_rank.get(rank, [])
             last = max((step for index, step in own if index < end), default=-1)
-            if last < mark:
+            # A later session of the rank (a fit resumed from a checkpoint) recorded its steps from here on anew.
+            again = min((step for index, step in own if index >= end and step > last), default=mark + 1)
+            if last < min(mark, again - 1):
                 self._lose(Loss(path, f"rank {rank} queued records of steps up to {mark} that never reached the disk "
                                 "(its writer was killed, or is still running)", rank, -1, site, split,
-                                kind="unwritten", steps=(last + 1, mark)))
+                                kind="unwritten", steps=(last + 1, min(mark, again - 1))))
             mine = {step for _, step in own}
             theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
             # Each loss names its step; the warning that sums a cause up names its steps.

@@ -607,17 +607,21 @@ def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_
     _sessions_run(tmp_path / "mute", [(0, range(6), True, None), (1, [], False, 2), (1, [3, 4, 5], True, None)])
     assert _lost_steps(open_run(tmp_path / "mute")) == sorted([(site, s, 1) for site in "14" for s in (0, 1, 2)])
     # One rank alone, killed and resumed past its last written step: nothing is missing from any step, and a
-    # read of a step it queued and never wrote names that loss (it named none).
+    # read of a step it queued and never wrote names that loss (it named none). Steps 5 and 6, queued too, were
+    # recorded anew by the resumed session: whole, and no loss names them (a new user's kill and resume).
     _sessions_run(tmp_path / "alone", [(0, [0, 1, 2], False, 6), (0, [5, 6, 7], True, None)])
     with caplog.at_level(logging.WARNING, logger="actpat"):
         run = open_run(tmp_path / "alone")
     assert not _lost_steps(run) and run.steps("1").tolist() == [0, 1, 2, 5, 6, 7]
-    assert sorted((loss.site, loss.steps) for loss in run.losses if loss.kind == "unwritten") == [("1", (3, 6)), ("4", (3, 6))]
-    assert "records lost, site '1', split 'train', one of steps 3..6 (by " in caplog.text  # not "skipping records of"
+    assert sorted((loss.site, loss.steps) for loss in run.losses if loss.kind == "unwritten") == [("1", (3, 4)), ("4", (3, 4))]
+    assert "records lost, site '1', split 'train', one of steps 3..4 (by " in caplog.text  # not "skipping records of"
     with pytest.raises(KeyError, match=r"step 4 has no record.*may be in damaged parts.*rank 0 queued records of "
                                        r"steps up to 6 that never reached the disk"):
         run.read("1", 4)
     assert run.read("1", 5).lost_records == 0
+    # Resumed exactly at the step it had queued last: nothing it queued is lost for good.
+    _sessions_run(tmp_path / "again", [(0, [0, 1, 2], False, 3), (0, [3, 4], True, None)])
+    assert [loss for loss in open_run(tmp_path / "again").losses if loss.kind == "unwritten"] == []
     # Both closed, one rank recording fewer steps (a fit that shrank): every step is whole.
     _sessions_run(tmp_path / "shrunk", [(0, range(6), True, None), (1, [0, 1], True, None)])
     assert not _lost_steps(open_run(tmp_path / "shrunk"))
