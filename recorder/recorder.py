@@ -297,12 +297,13 @@ class ActivationRecorder:
             self._check_order(step, split)
         labels, sample_ids = _per_sample(labels, "labels", lowest=-1), _per_sample(sample_ids, "sample_ids")
         mask = _observation_mask(mask)
-        if mask is not None and record and not mask.reshape(len(mask), -1).any(axis=1).all():
+        empty = np.flatnonzero(~mask.reshape(len(mask), -1).any(axis=1)) if mask is not None and record else ()
+        if len(empty):
             self._warn_once(
                 "mask:empty",
-                f"actpat: the mask of step {step} keeps no observation of some samples (first: sample "
-                f"{int(np.flatnonzero(~mask.reshape(len(mask), -1).any(axis=1))[0])}), which are then not recorded. "
-                "True must mark what to keep: the real tokens (`~src_key_padding_mask`), not the padding itself.",
+                f"actpat: the mask of step {step} keeps no observation of some samples (first: sample {int(empty[0])}), "
+                "which are then not recorded. True must mark what to keep: the real tokens (`~src_key_padding_mask`), "
+                "not the padding itself.",
             )
         self._context = _Capture(step, epoch, split, labels, sample_ids, check, record, ends_step, mask)
         self._pending.clear()
@@ -527,7 +528,7 @@ class ActivationRecorder:
                 pattern=self.pattern,
                 value_units=self._value_units(len(self._site_meta), n_units),
             )
-            if len(shape) == 2 and not self._pattern_given:
+            if self._ambiguous(shape):
                 self._warn_once(
                     f"rank3:{name}",
                     f"actpat: site {name!r} has 3-d pre-activations (N, {shape[0]}, {shape[1]}): its patterns take "
@@ -540,7 +541,7 @@ class ActivationRecorder:
             change = f"site {name!r} changed width from {meta.n_units} to {n_units} units at step {context.step} " \
                      f"({context.split!r})"
             hint = (" Sequences of another length at the default pattern? Pass pattern='channel_last' for (N, L, C) "
-                    "tokens." if len(shape) == 2 and not self._pattern_given else "")
+                    "tokens." if self._ambiguous(shape) else "")
             if self._warn_once(f"units:{name}", f"actpat: {change}; its calls of another width than {meta.n_units} "
                                                 f"are not recorded (a site keeps one width in a run).{hint}"):
                 # In the run too, when the capture ends (no I/O in a hook): `info` and `stop_reasons` say why the
@@ -587,6 +588,11 @@ class ActivationRecorder:
             sample_ids=sample_ids, labels=labels, obs_index=obs_index, values=values,
             stream=_stream(bits),
         )
+
+    def _ambiguous(self, shape: tuple[int, ...]) -> bool:
+        """Whether a site of pre-activations ``(N, *shape)`` is 3-d and its pattern the default: ``(N, C, L)`` and
+        ``(N, L, C)`` then look alike."""
+        return len(shape) == 2 and not self._pattern_given
 
     def _value_units(self, site_index: int, n_units: int) -> tuple[int, ...] | None:
         if self.store_values is None:
