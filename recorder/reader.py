@@ -664,10 +664,11 @@ class Run:
             last = max((step for index, step in own if index < end), default=-1)
             # A later session of the rank (a fit resumed from a checkpoint) recorded its steps from here on anew.
             again = min((step for index, step in own if index >= end and step > last), default=mark + 1)
-            if last < min(mark, again - 1):
+            upto = min(mark, again - 1)
+            if last < upto:
                 self._lose(Loss(path, f"rank {rank} queued records of steps up to {mark} that never reached the disk "
                                 "(its writer was killed, or is still running)", rank, -1, site, split,
-                                kind="unwritten", steps=(last + 1, min(mark, again - 1))))
+                                kind="unwritten", steps=(last + 1, upto)))
             mine = {step for _, step in own}
             theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
             # Each loss names its step; the warning that sums a cause up names its steps.
@@ -880,8 +881,7 @@ class Run:
         rows: dict[int, int] = {}
         for e in self._entries.get((site, split), []):
             rows[e.step] = rows.get(e.step, 0) + e.row_count
-        lost = self._index_losses.get(site, ())
-        return {step: n for step, n in rows.items() if not any(loss.may_hold(site, split, step) for loss in lost)}
+        return {step: n for step, n in rows.items() if not self._index_losses_at(site, split, step)}
 
     def read(self, site: str, step: int, split: str | None = None) -> Patterns:
         """All observations of ``site`` at ``step`` in ``split``, from every shard and rank.
@@ -904,8 +904,12 @@ class Run:
         parts = [p for p in (self._read_entry(site, e) for e in entries) if p is not None]
         patterns = _concat(parts) if parts else self._empty(site, entries[0])
         lost = len(entries) - len(parts)
-        lost += sum(loss.records or 1 for loss in self._index_losses.get(site, ()) if loss.may_hold(site, split, step))
+        lost += sum(loss.records or 1 for loss in self._index_losses_at(site, split, step))
         return dataclasses.replace(patterns, lost_records=lost) if lost else patterns
+
+    def _index_losses_at(self, site: str, split: str, step: int) -> list[Loss]:
+        """The losses found while indexing that may hold records of ``site`` at ``step`` of ``split``."""
+        return [loss for loss in self._index_losses.get(site, ()) if loss.may_hold(site, split, step)]
 
     def iter_chunks(self, site: str, split: str | None = None, max_rows: int = 1_000_000) -> Iterator[Patterns]:
         """Yield the observations of ``site`` in step order, at most ``max_rows`` rows at a time.
