@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
 
+    from actpat.recorder.reader import Run
+
 log = logging.getLogger(__name__)
 
 #: File name endings taken for checkpoints in a directory.
@@ -168,8 +170,7 @@ def replay(
     out_dir = Path(out_dir)
     existing = existing_run(out_dir)
     done = set(recorded_steps(existing, PROBE_SPLIT))
-    cut_short = {loss.step for loss in (existing.losses if existing is not None else ())
-                 if loss.kind == "incomplete" and loss.split == PROBE_SPLIT}
+    cut_short = _cut_short_steps(existing)
     if existing is not None:
         existing.close()
     planned, results = [], []
@@ -240,21 +241,28 @@ def replay(
 def _tell_if_cut_short(out_dir: Path, step: int) -> None:
     """Say whether the probe of ``step``, stopped at once, left the step cut short in ``out_dir`` (a rerun can
     replay it only where none of its records reached the disk)."""
-    from actpat.recorder.prober import PROBE_SPLIT, existing_run
+    from actpat.recorder.prober import existing_run
 
     try:
         run = existing_run(out_dir, warn=False)
         if run is None:
             return
         with run:
-            cut = any(loss.kind == "incomplete" and loss.split == PROBE_SPLIT and loss.step == step
-                      for loss in run.losses)
+            cut = step in _cut_short_steps(run)
     except Exception as exc:  # noqa: BLE001 - the interrupt is what the caller reports; a rerun names the step
         log.debug("actpat replay: could not read %s to tell whether step %d was cut short: %r", out_dir, step, exc)
         return
     if cut:
         log.warning("actpat replay: step %d was cut short while it was probed, and a run's steps are never written "
                     "twice: replay its checkpoint into a new directory to record it.", step)
+
+
+def _cut_short_steps(run: Optional["Run"]) -> set[int]:
+    """Probe steps of ``run`` (None: no run) cut short: some of their records reached the disk, not the last."""
+    from actpat.recorder.prober import PROBE_SPLIT
+
+    return {loss.step for loss in (run.losses if run is not None else ())
+            if loss.kind == "incomplete" and loss.split == PROBE_SPLIT}
 
 
 @contextlib.contextmanager
@@ -328,9 +336,7 @@ def replay_command(
     if device is not None:
         model = model.to(device)
     probe_set = resolve(probe, "--probe")()
-    if forward is not None:
-        options["forward"] = resolve(forward, "--forward")
-    for name, spec in (("labels_from", labels_from), ("mask_from", mask_from)):
+    for name, spec in (("forward", forward), ("labels_from", labels_from), ("mask_from", mask_from)):
         if spec is not None:
             options[name] = resolve(spec, f"--{name.replace('_', '-')}")
     return replay(ckpt_dir, model, probe_set, out_dir, **options)
