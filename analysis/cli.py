@@ -411,16 +411,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _check_subset_sizes(runs: list, args: argparse.Namespace) -> None:
-    """--units and --observations within what every site of every run has, before any work, in the flags' words."""
+    """--units and --observations within what every site of ``runs`` (open) has, before any work, in the flags'
+    words."""
     from actpat.analysis.width import subset_sizes
-    from actpat.recorder import open_run
 
-    opened = [open_run(path, warn=False) for _, path in runs]
-    try:
-        most = dict(zip(("--units", "--observations"), subset_sizes(opened, args.split)))
-    finally:
-        for run in opened:
-            run.close()
+    most = dict(zip(("--units", "--observations"), subset_sizes(runs, args.split)))
     for flag, given, what in (("--units", args.units, "the narrowest site's width"),
                               ("--observations", args.observations, "the fewest observations of any site at any step")):
         if given is not None and not 1 <= given <= most[flag]:
@@ -436,14 +431,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         group, path = split_run_spec(spec)
         # A bare directory is named as typed, not by the run folder found inside it.
         runs.append((spec if group is None else group, locate_run(path)))
-    if args.split is None:  # a run of several splits is named here, with the option's command-line name
+    sizes = not args.no_width_controlled and (args.units is not None or args.observations is not None)
+    if args.split is None or sizes:  # checked here, in the options' command-line names, before any work
         from actpat.recorder import open_run
 
-        for _, path in runs:
-            with open_run(path, warn=False) as run:  # its losses are told once, by the comparison
-                _split(run, args.split)
-    if not args.no_width_controlled and (args.units is not None or args.observations is not None):
-        _check_subset_sizes(runs, args)
+        opened = [open_run(path, warn=False) for _, path in runs]  # their losses are told once, by the comparison
+        try:
+            for run in opened if args.split is None else ():
+                _split(run, None)  # a run of several splits, without --split
+            if sizes:
+                _check_subset_sizes(opened, args)
+        finally:
+            for run in opened:
+                run.close()
     written = report(
         runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, stay=args.stay,
         kind=args.band, width_controlled=not args.no_width_controlled, regions=args.regions, m=args.units,
