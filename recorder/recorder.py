@@ -188,7 +188,6 @@ class ActivationRecorder:
             on_forward_end=self._on_forward_end, signs_only=store_values is None,  # stored values: the inputs
         )
         self._context: _Capture | None = None
-        self._warned: set[str] = set()
         self._parts: dict[str, tuple[tuple[str, int], int]] = {}  # site -> ((split, step), its next part)
         self._latest: dict[str, int] = {}  # split -> the latest step whose records were handed to the writer
 
@@ -603,10 +602,10 @@ class ActivationRecorder:
         return tuple(int(u) for u in np.sort(rng.choice(n_units, self.store_values, replace=False)))
 
     def _warn_once(self, key: str, message: str) -> bool:
-        """Log ``message`` the first time ``key`` comes; whether it did now."""
-        if key in self._warned:
+        """Log ``message`` the first time ``key`` comes in this run (see ``ShardWriter.warned``); whether it did now."""
+        if key in self.writer.warned:
             return False
-        self._warned.add(key)
+        self.writer.warned.add(key)
         log.warning(message)
         return True
 

@@ -188,6 +188,9 @@ class ShardWriter:
         self.dropped_records = 0
         self.written_records = 0
         self.finalized: list[Path] = []
+        #: Keys of the warnings given about this run and rank, by any recorder sharing this writer (a model's
+        #: and its probe copy's): a warning about a site is given once per run, not once per recorder.
+        self.warned: set[str] = set()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._queued_bytes = 0
         self._space = threading.Condition()

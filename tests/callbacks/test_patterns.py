@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import math
 import os
 import signal
@@ -772,3 +773,17 @@ def test_mask_from_keeps_only_the_real_tokens_of_probe_and_training_batches(tmp_
         assert len(p) == sum(length[i] for i in range(first, first + 4))
         assert all(t < length[first + k] for k, t in zip(np.repeat(range(4), [length[first + k] for k in range(4)]),
                                                           p.positions.tolist()))
+
+
+def test_a_warning_about_a_site_is_given_once_per_run_with_probe_and_batch_mode(tmp_path, caplog):
+    # The probe and the training batches have a recorder each, sharing the run's writer: one warning, not two.
+    probe = DataLoader(_TokenData(), batch_size=5, collate_fn=_pad)
+    cb = ActivationPatternCallback(probe=probe, probe_every=3, batch_every_n_steps=1, live_stats=False)
+    pl.seed_everything(0, verbose=False)
+    with caplog.at_level(logging.WARNING):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(
+            _TokenModule(), DataLoader(_TokenData(), batch_size=4, collate_fn=_pad))
+    warned = [r.getMessage() for r in caplog.records if "3-d pre-activations" in r.getMessage()]
+    assert len(warned) == 1 and "'act'" in warned[0]
+    run = open_run(cb.run_dir)
+    assert run.steps("act", "probe").tolist() == [0, 3] and run.steps("act", "train").tolist() == [0, 1, 2]
