@@ -77,7 +77,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     probe_every : float or int, default 0.2
         Float: fraction of an epoch of optimizer steps (0.2, five probes per epoch, as Hartmann et al.
         2021); a probe runs at the first step at or after each multiple of it. Needs a training loader
-        of known length: with an ``IterableDataset`` pass an int. Int: optimizer steps.
+        of known length: with an ``IterableDataset`` pass an int. An epoch is taken as the training
+        batches / ``accumulate_grad_batches`` optimizer steps; an epoch that makes another number (manual
+        optimization stepping two optimizers per batch, skipped steps) is warned of. Int: optimizer steps.
     probe_mode : {"train", "eval"}, default "train"
         ``train``: BatchNorm normalizes with the probe batch's statistics (as the paper); ``eval``: with
         the running statistics. Dropout modules (``nn.Dropout`` and its kin) are off in both, so a probe
@@ -257,6 +259,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._failed = False
         self._stop_reason: str | None = None
         self._warned: set[str] = set()
+        # A fractional probe_every's optimizer steps per epoch, as assumed; the epoch's first step and batches so far.
+        self._steps_per_epoch: int | None = None
+        self._epoch_start, self._epoch_batches = 0, 0
 
     @property
     def state_key(self) -> str:
@@ -356,7 +361,26 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._end_capture()  # when no backward ran (manual optimization without one, a skipped step)
         if self._open_step is not None and trainer.global_step > self._open_step[0]:
             self._end_step()
+        self._epoch_batches += 1
         self._probe(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_start, self._epoch_batches = trainer.global_step, 0
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assumed, made = self._steps_per_epoch, trainer.global_step - self._epoch_start
+        if self._prober is None or assumed is None or self._epoch_batches != trainer.num_training_batches:
+            return  # an int probe_every, or an epoch not run whole (resumed in its middle, stopped)
+        if made != assumed:
+            self._warn_once(
+                "steps-per-epoch",
+                f"actpat: `probe_every={self.probe_every!r}` is a fraction of an epoch, taken as {assumed} optimizer "
+                f"steps (the training batches / accumulate_grad_batches), but epoch {trainer.current_epoch} made "
+                f"{made} (manual optimization stepping other than one optimizer per batch, or skipped steps): probes are "
+                f"{float(self._prober.interval):g} steps apart, not {self.probe_every!r} "
+                f"of this epoch. Pass an int `probe_every` (optimizer steps).",
+                run_wide=True,
+            )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_capture()
@@ -420,6 +444,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         per_epoch = None
         if self._probe_set is not None:  # on every rank, so that a mistake stops every rank
             per_epoch = _trainer.steps_per_epoch(trainer, self.probe_every)
+        self._steps_per_epoch = per_epoch
         if self.out_dir is not None or self._run_dir is None:
             self._run_dir = self._default_dir
         run_dir = self._run_dir

@@ -278,10 +278,13 @@ class Prober:
         return self._batches.cached
 
     def due(self, step: int) -> bool:
-        """Whether :meth:`maybe` probes at ``step``: the first probe of a run, then on schedule."""
+        """Whether :meth:`maybe` probes at ``step``: the first probe of a run, then the first step at or after each
+        multiple of the interval since the last probe (steps may grow by more than one: a module stepping two
+        optimizers per batch)."""
         if step <= self._last_probe_step:
             return False
-        return self._init_step < 0 or _on_schedule(step, self._interval)
+        interval = self._interval
+        return self._init_step < 0 or math.floor(step / interval) > math.floor(self._last_probe_step / interval)
 
     # ------------------------------------------------------------------ probing
     def maybe(self, step: int, epoch: int = -1) -> bool:

@@ -787,3 +787,50 @@ def test_a_warning_about_a_site_is_given_once_per_run_with_probe_and_batch_mode(
     assert len(warned) == 1 and "'act'" in warned[0]
     run = open_run(cb.run_dir)
     assert run.steps("act", "probe").tolist() == [0, 3] and run.steps("act", "train").tolist() == [0, 1, 2]
+
+
+class _ManualSteps(pl.LightningModule):
+    """Manual optimization stepping two optimizers at every batch ("two") or one at every second batch ("every2")."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.automatic_optimization = how, False
+        self.a, self.b = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+    def training_step(self, batch, batch_idx):
+        self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]))
+        optimizers = self.optimizers()
+        if self.how == "two":
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+        elif batch_idx % 2 == 1:
+            optimizers.step()
+            optimizers.zero_grad()
+
+    def configure_optimizers(self):
+        if self.how == "two":
+            return [torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)]
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _manual_fit(root, how, probe_every):
+    data = torch.utils.data.TensorDataset(torch.randn(160, 8), torch.randint(0, 3, (160,)))  # 10 batches of 16
+    cb = ActivationPatternCallback(probe=data, probe_every=probe_every, probe_batch_size=16, live_stats=False)
+    pl.seed_everything(0, verbose=False)
+    make_trainer(root, [cb], max_epochs=2, logger=False).fit(_ManualSteps(how), DataLoader(data, batch_size=16))
+    return open_run(cb.run_dir).steps("a.1", "probe").tolist()
+
+
+def test_steps_growing_by_two_per_batch_are_probed_after_every_multiple(tmp_path):
+    # global_step 2, 4, ..., 40: the first step at or after 3, 6, 9, ... and the end of fit.
+    expected = sorted({0, 40} | {min(s for s in range(2, 41, 2) if s >= m) for m in range(3, 40, 3)})
+    assert _manual_fit(tmp_path, "two", 3) == expected
+
+
+def test_an_epoch_of_other_than_the_assumed_optimizer_steps_is_warned_of(tmp_path):
+    with pytest.warns(UserWarning, match=r"taken as 10 optimizer steps .* epoch 0 made 5 .* Pass an int `probe_every`"):
+        _manual_fit(tmp_path, "every2", 0.5)

@@ -126,8 +126,28 @@ def test_schedule_is_the_first_step_at_or_after_each_multiple_of_the_interval(tm
     multiples = [k * interval for k in range(1, 20)]
     expected = sorted({math.ceil(m) for m in multiples if m <= 30})
     prober._init_step = prober._last_probe_step = 0  # as after the init probe
-    assert [s for s in range(1, 31) if prober.due(s)] == expected
+    probed = []
+    for step in range(1, 31):
+        if prober.due(step):
+            probed.append(step)
+            prober._last_probe_step = step  # as probe(step) does
+    assert probed == expected
     assert Prober(Net(), data(4, 1), tmp_path, 0.01, steps_per_epoch=7, batch_size=4).interval == 1  # never below a step
+
+
+@pytest.mark.parametrize("stride", [2, 3, 5])
+def test_a_multiple_stepped_over_is_probed_at_the_first_step_after_it(tmp_path, stride):
+    # Steps that grow by more than one (a module stepping two optimizers per batch): each multiple still gets its
+    # probe, at the first step `maybe` sees at or after it.
+    prober = Prober(Net(), data(4, 1), tmp_path, 3, batch_size=4)
+    prober._init_step = prober._last_probe_step = 0  # as after the init probe
+    probed = []
+    for step in range(stride, 61, stride):
+        if prober.due(step):
+            probed.append(step)
+            prober._last_probe_step = step  # as probe(step) does
+    expected = sorted({next(s for s in range(stride, 61, stride) if s >= m) for m in range(3, 61, 3)})
+    assert probed == expected
 
 
 # ---------------------------------------------------------------------- the two ways of lending the model
