@@ -504,7 +504,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 mask_from=self._mask_from,
                 forward=lightning_probe.lightning_forward(pl_module, self._probe_forward, self._reader,
                                                           trainer.precision_plugin.forward_context),
-                context=lambda module: lightning_probe.inert(module, trainer), to_device=move_data_to_device,
+                context=lambda module: lightning_probe.inert(module, trainer), to_device=functools.partial(_to_device, trainer.precision_plugin),
                 cache_bytes=self.probe_cache_bytes, stats=live_measures if live else None,
                 on_stats=_trainer.LiveLog(trainer) if live else None,
                 writer=writer, notify=self._warn_once, **options,
@@ -667,6 +667,12 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             rank_zero_warn(message)
         else:  # a rank's own failure: rank_zero_warn would hide it
             log.warning("rank %d: %s", self._rank, message)
+
+
+def _to_device(precision: Any, batch: Any, device: torch.device) -> Any:
+    """A probe batch as Lightning hands a training batch to ``training_step``: on the device, float tensors in the
+    precision's dtype (``64-true``, ``bf16-true``: weights of that dtype refuse float32 inputs)."""
+    return precision.convert_input(move_data_to_device(batch, device))
 
 
 __all__ = ["ActivationPatternCallback", "PROBE_SPLIT", "TRAIN_SPLIT"]

@@ -834,3 +834,36 @@ def test_steps_growing_by_two_per_batch_are_probed_after_every_multiple(tmp_path
 def test_an_epoch_of_other_than_the_assumed_optimizer_steps_is_warned_of(tmp_path):
     with pytest.warns(UserWarning, match=r"taken as 10 optimizer steps .* epoch 0 made 5 .* Pass an int `probe_every`"):
         _manual_fit(tmp_path, "every2", 0.5)
+
+
+class _Plain(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_the_probe_gets_its_inputs_in_the_dtype_of_a_true_precision(tmp_path, precision):
+    # Lightning converts float batches to the weights' dtype before training_step; the probe does the same.
+    data = torch.utils.data.TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    cb = ActivationPatternCallback(probe=data, probe_every=2, probe_batch_size=16, live_stats=False)
+    module = _Plain()
+    pl.seed_everything(0, verbose=False)
+    make_trainer(tmp_path, [cb], max_epochs=1, logger=False, precision=precision).fit(
+        module, DataLoader(data, batch_size=16))
+    dtype = {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
+    assert module.net[0].weight.dtype == dtype
+    run = open_run(cb.run_dir)
+    assert run.steps("net.1", "probe").tolist() == [0, 2]
+    with torch.no_grad():
+        z = module.net[0](data.tensors[0].to(dtype))  # the final probe: the weights after fit
+    np.testing.assert_array_equal(run.read("net.1", 2, "probe").bits, np.packbits((z > 0).numpy(), axis=1, bitorder="little"))
