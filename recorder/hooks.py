@@ -178,6 +178,11 @@ class SiteHooks:
         self._site_types = {
             id(module): type(module).__name__ for _, module in self._modules if isinstance(module, self.module_types)
         }
+        self._site_modules = [module for _, module in self._modules if id(module) in self._site_types]
+        # Site modules with pre-hooks of their own (which may change the input: noise, ablation) are read after those,
+        # by a pre-hook of ours registered last; until then their names wait here, by (thread, module id).
+        self._late: set[int] = set()
+        self._awaiting: dict[tuple[int, int], tuple[str, str]] = {}
         # Where the interceptor pauses: leaves that make no functional site call of their own.
         self._quiet = {
             id(module) for _, module in self._modules
@@ -243,6 +248,11 @@ class SiteHooks:
                 nn.modules.module.register_module_forward_pre_hook(self._pre_hook),
                 nn.modules.module.register_module_forward_hook(self._post_hook, always_call=True),
             ]
+            self._late = {id(module) for module in self._site_modules if module._forward_pre_hooks}
+            self._handles += [
+                module.register_forward_pre_hook(self._late_pre_hook)
+                for module in self._site_modules if id(module) in self._late
+            ]
         self._stack.clear()
         self._calls.clear()
         self._deferred.clear()
@@ -273,6 +283,8 @@ class SiteHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._late = set()
+        self._awaiting.clear()
         self._active = False
         self._stack.clear()
         self._paused_depth = 0
@@ -397,10 +409,18 @@ class SiteHooks:
             calls[key] = k + 1
             name = path or site_type  # the model itself an activation module: named by its type
             name = name if k == 0 else f"{name}#{k}"
-            if self._after_in_place and module is not None and _keeps_signs_in_place(module):
+            if key in self._late:
+                self._awaiting[(threading.get_ident(), key)] = (name, site_type)
+            elif self._after_in_place and module is not None and _keeps_signs_in_place(module):
                 self._deferred[key] = (name, site_type)
             else:
                 self._emit(name, site_type, args[0])
+
+    def _late_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        # After the module's own pre-hooks: the input its forward gets.
+        awaiting = self._awaiting.pop((threading.get_ident(), id(module)), None)
+        if awaiting is not None and args and isinstance(args[0], torch.Tensor):
+            self._emit(*awaiting, args[0])
 
     def _leave(self, key: int, module: nn.Module, args: tuple, output: object) -> None:
         if self._active and self._stack and self._stack[-1] == key:

@@ -169,8 +169,8 @@ def _own_forward(module):
 
 @pytest.mark.parametrize("interference", ["pre-hook returning", "pre-hook in place", "own forward", "global hook"])
 def test_in_place_module_with_hooks_or_forward_of_its_own_records_its_input(interference, tmp_path, truth):
-    """What a user's hook or forward does between the module's call and its output must not reach the
-    record: the site is the input the module was called with, as for any other site."""
+    """What a user's forward or global hook does between the module's call and its output must not reach the
+    record; the module's own pre-hooks change what is fed into it: the site is the input its forward gets."""
     model = _Calls(nn.ReLU(inplace=True))
     handle = None
     if interference == "pre-hook returning":
@@ -188,7 +188,8 @@ def test_in_place_module_with_hooks_or_forward_of_its_own_records_its_input(inte
     finally:
         if handle is not None:
             handle.remove()
-    _assert_inputs_recorded(run, "act", model.inputs, truth)
+    fed = [z - 0.5 for z in model.inputs] if interference.startswith("pre-hook") else model.inputs
+    _assert_inputs_recorded(run, "act", fed, truth)
 
 
 @pytest.mark.parametrize("signs_only", [False, True])
@@ -531,3 +532,38 @@ def test_site_filter_forms():
 def test_sites_of_the_wrong_kind_get_a_clear_error(sites):
     with pytest.raises(ValueError, match="Expected `sites` to be None, names, glob patterns or a callable"):
         site_filter(sites)
+
+
+@pytest.mark.parametrize("how", ["returns", "in_place", "with_kwargs"])
+def test_a_site_with_pre_hooks_of_its_own_is_read_after_them(tmp_path, how):
+    # A user's pre-hook that changes the activation's input (noise, ablation): the pattern is of what the activation
+    # gets, at each of its calls in a forward.
+    relu = nn.ReLU(inplace=how == "in_place")
+    if how == "returns":
+        relu.register_forward_pre_hook(lambda module, args: (args[0] - 0.5,))
+    elif how == "in_place":
+        def shift(module, args):
+            args[0].sub_(0.5)
+
+        relu.register_forward_pre_hook(shift)
+    else:
+        relu.register_forward_pre_hook(lambda module, args, kwargs: ((args[0] - 0.5,), kwargs), with_kwargs=True)
+
+    class TwoCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.relu = nn.Linear(6, 8), nn.Linear(8, 8), relu
+
+        def forward(self, x):
+            return self.relu(self.b(self.relu(self.a(x))))
+
+    model = TwoCalls()
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        first = model.a(x) - 0.5
+        second = model.b(torch.relu(first)) - 0.5
+    with ActivationRecorder(model, tmp_path) as rec, rec.capture(0):
+        model(x)
+    run = open_run(tmp_path)
+    for site, z in (("relu", first), ("relu#1", second)):
+        np.testing.assert_array_equal(run.read(site, 0).unpack(), (z > 0).numpy(), err_msg=site)
