@@ -174,6 +174,7 @@ class SiteHooks:
         _SELECTIONS[self._token] = self
         self._modules = list(_named_modules(unwrapped(model)))
         self._paths = {id(module): name for name, module in self._modules}
+        self._by_path = dict(self._modules)
         # Type names of the site modules, by module id.
         self._site_types = {
             id(module): type(module).__name__ for _, module in self._modules if isinstance(module, self.module_types)
@@ -215,6 +216,17 @@ class SiteHooks:
             self._install()
             _warn_hidden_in_place_calls(self._modules)
         _warn_activations_inside_torch_layers(self._modules, self.module_types, functional)
+
+    def beside(self, site: str) -> list[nn.Module]:
+        """The children of the module whose forward makes the call of ``site`` (a site name): the layers beside it."""
+        path, colon, _ = site.partition(":")
+        if not colon:  # a module site: its parent (the model itself an activation module has none)
+            path = path.split("#")[0]
+            if path not in self._by_path or not path:
+                return []
+            path = path.rpartition(".")[0]
+        module = self._by_path.get(path)
+        return [] if module is None else list(module.children())
 
     @property
     def module_sites(self) -> list[str]:

@@ -536,6 +536,15 @@ class ActivationRecorder:
                     f"transformers, MLP-Mixers), pass pattern='channel_last'; pass pattern='channel' to confirm "
                     f"dimension 1 and silence this warning.",
                 )
+            elif self._features_last(name, shape):
+                self._warn_once(
+                    f"last:{name}",
+                    f"actpat: site {name!r} has pre-activations (N, {', '.join(map(str, shape))}) whose last dimension "
+                    f"is the width of an nn.Linear beside it ({shape[-1]} features): a channels-last tensor (ConvNeXt, "
+                    f"Swin) holds its units there, but the default pattern takes dimension 1 as the units ({shape[0]} "
+                    f"units). Pass pattern='channel_last' ({shape[-1]}-unit patterns, one per position), or "
+                    f"pattern='channel' to confirm dimension 1 and silence this warning.",
+                )
         elif meta.n_units != n_units:
             change = f"site {name!r} changed width from {meta.n_units} to {n_units} units at step {context.step} " \
                      f"({context.split!r})"
@@ -592,6 +601,17 @@ class ActivationRecorder:
         """Whether a site of pre-activations ``(N, *shape)`` is 3-d and its pattern the default: ``(N, C, L)`` and
         ``(N, L, C)`` then look alike."""
         return len(shape) == 2 and not self._pattern_given
+
+    def _features_last(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether a site of pre-activations ``(N, *shape)`` of 4 or more dimensions, at the default pattern, has an
+        nn.Linear beside it as wide as its last dimension, and no convolution as wide as its dimension 1: the
+        features of a channels-last tensor (a Linear acts on the last dimension), which the default reads as positions."""
+        if len(shape) < 3 or self._pattern_given:
+            return False
+        beside = self._hooks.beside(name)
+        if any(isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == shape[0] for m in beside):
+            return False
+        return any(isinstance(m, nn.Linear) and m.out_features == shape[-1] for m in beside)
 
     def _value_units(self, site_index: int, n_units: int) -> tuple[int, ...] | None:
         if self.store_values is None:

@@ -1264,3 +1264,39 @@ def test_an_inverted_mask_that_keeps_nothing_of_the_longest_sample_is_warned_of(
     warned = [r.getMessage() for r in caplog.records if "keeps no observation" in r.getMessage()]
     assert len(warned) == 1 and "sample 1" in warned[0] and "~src_key_padding_mask" in warned[0]
     assert len(open_run(tmp_path).read("block:relu#0", 0)) == int((~real).sum())  # recorded as asked, but said
+
+
+class _ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block as timm writes it: depthwise conv, then (N, H, W, C) for the norm and the pointwise Linears."""
+
+    def __init__(self, c: int = 6, functional: bool = False):
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm, self.pwconv1, self.pwconv2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.act = None if functional else nn.ReLU()
+
+    def forward(self, x):
+        h = self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))
+        h = F.relu(h) if self.act is None else self.act(h)
+        return x + self.pwconv2(h).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("pattern", [None, "channel", "channel_last"])
+def test_a_channels_last_site_beside_a_linear_is_warned_of_at_the_default_pattern(tmp_path, caplog, functional, pattern):
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), _ConvNeXtBlock(functional=functional))
+    x = torch.randn(2, 3, 5, 7)
+    with caplog.at_level(logging.WARNING), ActivationRecorder(model, tmp_path, pattern=pattern) as rec:
+        for step in range(2):
+            with rec.capture(step):
+                model(x)
+    site = "3:relu#0" if functional else "3.act"
+    warned = [r.getMessage() for r in caplog.records if "channels-last" in r.getMessage()]
+    run = open_run(tmp_path)
+    if pattern is None:  # only the block's site: the stem's (N, 6, 5, 7) has a Conv2d of 6 channels beside it
+        assert len(warned) == 1 and repr(site) in warned[0] and "(N, 5, 7, 24)" in warned[0]
+        assert "pattern='channel_last'" in warned[0] and "(24 features)" in warned[0]
+    else:
+        assert warned == []
+    assert run.site_info(site)["n_units"] == (24 if pattern == "channel_last" else 5)
+    assert run.site_info("2")["n_units"] == (7 if pattern == "channel_last" else 6)
