@@ -536,6 +536,14 @@ class ActivationRecorder:
                     f"transformers, MLP-Mixers), pass pattern='channel_last'; pass pattern='channel' to confirm "
                     f"dimension 1 and silence this warning.",
                 )
+            elif not shape:
+                self._warn_once(
+                    f"1d:{name}",
+                    f"actpat: site {name!r} has 1-d pre-activations ({n_units},), recorded as one observation of "
+                    f"{n_units} units (the forward of one unbatched sample). If dimension 0 is the batch (a score per "
+                    f"sample, such as `F.relu(fc(x).squeeze(1))`), keep the unit dimension, (N, 1), to record one "
+                    f"pattern per sample with its label.",
+                )
             elif self._features_last(name, shape):
                 self._warn_once(
                     f"last:{name}",

@@ -1300,3 +1300,22 @@ def test_a_channels_last_site_beside_a_linear_is_warned_of_at_the_default_patter
         assert warned == []
     assert run.site_info(site)["n_units"] == (24 if pattern == "channel_last" else 5)
     assert run.site_info("2")["n_units"] == (7 if pattern == "channel_last" else 6)
+
+
+def test_a_1d_site_is_warned_of_as_one_unbatched_sample(tmp_path, caplog):
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return F.relu(self.fc(x).squeeze(1))  # (N,): a score per sample
+
+    model = Scores()
+    with caplog.at_level(logging.WARNING), ActivationRecorder(model, tmp_path) as rec:
+        for step in range(2):
+            with rec.capture(step, labels=torch.arange(6) % 2):
+                model(torch.randn(6, 4))
+    warned = [r.getMessage() for r in caplog.records if "1-d pre-activations" in r.getMessage()]
+    assert len(warned) == 1 and "'relu#0'" in warned[0] and "(6,)" in warned[0] and "(N, 1)" in warned[0]
+    assert open_run(tmp_path).site_info("relu#0")["n_units"] == 6
