@@ -423,7 +423,7 @@ def _check_subset_sizes(runs: list, args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from actpat.analysis.compare import report, split_run_spec
+    from actpat.analysis.compare import common_split, report, split_run_spec
 
     _check_writable_dir(args.output, "-o")
     runs = []
@@ -437,8 +437,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
         opened = [open_run(path, warn=False) for _, path in runs]  # their losses are told once, by the comparison
         try:
-            for run in opened if args.split is None else ():
-                _split(run, None)  # a run of several splits, without --split
+            if args.split is None:
+                common_split(opened, name="--split")  # a run of several splits, or runs of different ones
             if sizes:
                 _check_subset_sizes(opened, args)
         finally:

@@ -35,7 +35,7 @@ from actpat.analysis.convergence import convergence_table, depth_order, dip_tabl
 from actpat.analysis.regions import region_table
 from actpat.analysis.summarize import summarize
 from actpat.analysis.width import subset_sizes, width_controlled_table
-from actpat.recorder.reader import open_run
+from actpat.recorder.reader import Run, open_run
 
 __all__ = [
     "BANDS",
@@ -43,6 +43,7 @@ __all__ = [
     "RunSpec",
     "band",
     "band_curves",
+    "common_split",
     "compare",
     "convergence",
     "dips",
@@ -189,6 +190,7 @@ def compare(
     """
     specs = parse_runs(runs)
     opened = [open_run(spec.path) for spec in specs]
+    split = common_split(opened, split)
     if width_controlled and (m is None or n_obs is None):
         default_m, default_n = subset_sizes(opened, split)
         m = default_m if m is None else m
@@ -206,6 +208,26 @@ def compare(
         table.insert(0, "run", spec.run)
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
+
+
+def common_split(runs: Sequence[Run], split: str | None = None, *, name: str = "`split`") -> str:
+    """The split every run is compared in: ``split``, or the runs' only split, which must be the same in every run.
+
+    ``name`` is what messages call the argument (the command line says ``--split``).
+
+    Raises
+    ------
+    ValueError
+        A run lacks ``split`` or has several splits (``split`` None), or the runs' only splits differ.
+    """
+    resolved = {run.path: run.resolve_split(split, name=name) for run in runs}
+    if len(set(resolved.values())) > 1:
+        listed = ", ".join(f"{path} only {kind!r}" for path, kind in resolved.items())
+        raise ValueError(
+            f"Expected runs recorded in one split, but their only splits differ ({listed}): a comparison would mix "
+            "them, each measure in two splits. Compare runs that hold the same split (probes with probes)."
+        )
+    return next(iter(resolved.values()))
 
 
 # ---------------------------------------------------------------------------------------------------

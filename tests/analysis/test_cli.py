@@ -12,18 +12,19 @@ import pytest
 import torch
 from torch import nn
 
+from actpat.analysis.compare import compare
 from actpat.analysis.cli import main
 from actpat.recorder import ActivationRecorder, open_run, schema
 
 
-def record_mlp(path, seed: int) -> None:
-    """Three probe steps of a small MLP (sites "1" and "3") whose first layer drifts between steps."""
+def record_mlp(path, seed: int, split: str = "probe") -> None:
+    """Three steps of a small MLP (sites "1" and "3") whose first layer drifts between steps."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3), nn.ReLU())
     x = torch.randn(40, 5)
     with ActivationRecorder(model, path) as rec:
         for step in range(3):
-            with rec.capture(step, labels=torch.arange(40) % 2, sample_ids=torch.arange(40), split="probe"):
+            with rec.capture(step, labels=torch.arange(40) % 2, sample_ids=torch.arange(40), split=split):
                 model(x)
             with torch.no_grad():
                 model[0].weight.add_(0.3 * torch.randn_like(model[0].weight))
@@ -418,6 +419,17 @@ def test_compare_refuses_subset_sizes_beyond_the_runs_in_the_flags_words_before_
         err = capsys.readouterr().err
         assert f"Expected {flag} between 1 and {limit}" in err and "n_obs" not in err
         assert not list(out.iterdir())  # nothing written
+
+
+def test_compare_refuses_runs_whose_only_splits_differ_before_any_work(run_dir, tmp_path, capsys):
+    record_mlp(tmp_path / "train", seed=1, split="train")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(run_dir), str(tmp_path / "train"), "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "only splits differ" in err and "only 'probe'" in err and "only 'train'" in err
+    assert not list(out.iterdir())  # nothing written
+    with pytest.raises(ValueError, match="only splits differ"):
+        compare([run_dir, tmp_path / "train"], progress=False)
 
 
 def test_compare_names_a_bare_directory_as_typed_even_when_the_run_is_inside_it(run_dir, tmp_path, monkeypatch):
