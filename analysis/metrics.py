@@ -315,7 +315,8 @@ for _ref in REFERENCES:
                  f"standard deviation over subsets of {_symbol}({_ref}, t) on m units", f"sd {_symbol}_m({_ref}, t)")
 _declare("wc_units", "count", "width-controlled", "m, units per subset (the same for every site)", "m", constant=True)
 _declare("wc_observations", "count", "width-controlled", "n_obs, observations per subset", "n_obs", constant=True)
-_declare("wc_subsets", "count", "width-controlled", "random subsets averaged", "subsets", constant=True)
+_declare("wc_subsets", "count", "width-controlled", "random subsets of the step's own measures (1 where m and n_obs "
+         "are the whole step); a similarity averages over the subsets of its reference", "subsets", constant=True)
 
 # ------------------------------------------------------------------ linear regions (actpat.analysis.regions)
 _declare("region_distinct", "count", "linear regions", "distinct linear regions of the probe set (whole-network patterns)",
