@@ -14,7 +14,7 @@ Two ways, chosen by the prober's ``copy`` option:
 
 Before each probe the copy also takes the model's plain attributes that training may change (numbers
 and strings such as a schedule's ``alpha``, tensors and arrays by value, RNG states), and is made anew
-where the model's layout changed (a submodule replaced, a buffer or parameter added or removed).
+where the model's layout changed (a submodule replaced, a buffer, parameter or forward hook added or removed).
 
 Both run the probe under ``no_grad`` with every RNG stream (torch CPU and the model's accelerator,
 numpy, python) saved and restored, so a run with probes trains bit-identically to one without.
@@ -195,9 +195,11 @@ def _refuse_lazy(model: nn.Module) -> None:
         )
 
 
-def _layout(model: nn.Module) -> list[tuple[int, tuple, tuple]]:
-    """Which module objects the model holds, and the names of their parameters and buffers."""
-    return [(id(m), tuple(m._parameters), tuple(m._buffers)) for m in model.modules()]
+def _layout(model: nn.Module) -> list[tuple[int, tuple, tuple, tuple, tuple]]:
+    """Which module objects the model holds, the names of their parameters and buffers, and their forward hooks
+    (a hook added or removed since the copy was made must be so in the copy too)."""
+    return [(id(m), tuple(m._parameters), tuple(m._buffers), tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+            for m in model.modules()]
 
 
 def _module_pairs(target: nn.Module, source: nn.Module) -> list[tuple[nn.Module, nn.Module]]:

@@ -784,3 +784,20 @@ def test_mask_from_makes_a_probe_of_padded_sequences_independent_of_the_padding(
         assert table[table["metric"] == "n_observations"]["value"].item() == len(rows) == 24  # 6 sequences of 3-5
         entropies[batch_size] = got
     assert entropies[2] == pytest.approx(entropies[6], abs=1e-12)
+
+
+def test_the_probe_copy_follows_forward_hooks_added_and_removed_on_the_model(tmp_path):
+    model = Net().eval()
+    probe = data(8, 1)
+    with torch.no_grad():
+        z = model.net[:6](probe.tensors[0])
+    with Prober(model, probe, tmp_path, 1, batch_size=8, mode="eval", copy=True, stats=None) as prober:
+        prober.probe(0)
+        handle = model.net[6].register_forward_pre_hook(lambda m, args: (args[0] - 0.5,))  # an ablation from now on
+        prober.probe(1)
+        handle.remove()
+        prober.probe(2)
+    run = open_run(tmp_path)
+    for step, shift in ((0, 0.0), (1, 0.5), (2, 0.0)):
+        p = run.read("net.6", step, "probe")
+        np.testing.assert_array_equal(p.unpack()[np.argsort(p.sample_ids)], (z - shift > 0).numpy(), err_msg=str(step))
