@@ -162,7 +162,8 @@ class SiteHooks:
         self.functional = functional
         self.compiled = is_compiled(model)
         self._after_in_place = signs_only and not self.compiled
-        self._deferred: dict[int, tuple[str, str]] = {}  # module id -> site name and type, emitted in _leave
+        # module id -> site name and type, and whether from the output (else the input), emitted in _leave
+        self._deferred: dict[int, tuple[str, str, bool]] = {}
         self._callback = callback
         self._on_forward_end = on_forward_end
         self._forward_end = self._end_forward
@@ -184,6 +185,7 @@ class SiteHooks:
         # by a pre-hook of ours registered last; until then their names wait here, by (thread, module id).
         self._late: set[int] = set()
         self._awaiting: dict[tuple[int, int], tuple[str, str]] = {}
+        self._told_late: set[int] = set()  # sites warned of as read before pre-hooks given during a capture
         # Where the interceptor pauses: leaves that make no functional site call of their own.
         self._quiet = {
             id(module) for _, module in self._modules
@@ -260,11 +262,16 @@ class SiteHooks:
                 nn.modules.module.register_module_forward_pre_hook(self._pre_hook),
                 nn.modules.module.register_module_forward_hook(self._post_hook, always_call=True),
             ]
-            self._late = {id(module) for module in self._site_modules if module._forward_pre_hooks}
+            self._late.update(id(module) for module in self._site_modules if module._forward_pre_hooks)
             self._handles += [
                 module.register_forward_pre_hook(self._late_pre_hook)
                 for module in self._site_modules if id(module) in self._late
             ]
+        else:
+            for module, handles, _ in self._installed:
+                hooks, ours = module._forward_pre_hooks, handles[0].id
+                if id(module) in self._site_types and next(reversed(hooks)) != ours:
+                    hooks[ours] = hooks.pop(ours)  # last again, after pre-hooks registered since: what the forward gets
         self._stack.clear()
         self._calls.clear()
         self._deferred.clear()
@@ -295,7 +302,7 @@ class SiteHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._late = set()
+        self._late.clear()  # cleared, not replaced: dynamo guards on the object a compiled forward reads
         self._awaiting.clear()
         self._active = False
         self._stack.clear()
@@ -423,10 +430,29 @@ class SiteHooks:
             name = name if k == 0 else f"{name}#{k}"
             if key in self._late:
                 self._awaiting[(threading.get_ident(), key)] = (name, site_type)
+            elif module is not None and not self.compiled and module._forward_pre_hooks:
+                self._read_after_call(key, name, site_type, module, args[0])
             elif self._after_in_place and module is not None and _keeps_signs_in_place(module):
-                self._deferred[key] = (name, site_type)
+                self._deferred[key] = (name, site_type, True)
             else:
                 self._emit(name, site_type, args[0])
+
+    def _read_after_call(self, key: int, name: str, site_type: str, module: nn.Module, z: torch.Tensor) -> None:
+        """A site module given pre-hooks during the capture (inside ``training_step``), which run after this one:
+        read what its forward gets when the call returns, its input, or the output of an in-place call that keeps
+        the signs. Another in-place call overwrites its input with other signs: read before the hooks, and said."""
+        in_place = bool(getattr(module, "inplace", False))
+        if in_place and not (self._after_in_place and _keeps_signs_type(module)):
+            if key not in self._told_late:
+                self._told_late.add(key)
+                log.warning(
+                    "actpat: site %r got forward pre-hooks during a capture; it computes in place, so it is read "
+                    "before them (its pattern is of the input before the hooks). Register the hooks before the "
+                    "capture starts: a site is then read after them.", name,
+                )
+            self._emit(name, site_type, z)
+            return
+        self._deferred[key] = (name, site_type, in_place)
 
     def _late_pre_hook(self, module: nn.Module, args: tuple) -> None:
         # After the module's own pre-hooks: the input its forward gets.
@@ -436,10 +462,13 @@ class SiteHooks:
 
     def _leave(self, key: int, module: nn.Module, args: tuple, output: object) -> None:
         if self._active and self._stack and self._stack[-1] == key:
-            if self._after_in_place and self._deferred:
+            if not self.compiled and self._deferred:
                 deferred = self._deferred.pop(key, None)
-                if deferred is not None and isinstance(output, torch.Tensor):  # None: the call raised
-                    self._emit(*deferred, output)
+                if deferred is not None:
+                    name, site_type, from_output = deferred
+                    z = output if from_output else args[0]
+                    if isinstance(z, torch.Tensor):  # None: the call raised
+                        self._emit(name, site_type, z)
             self._stack.pop()
             if not self._stack:
                 self._forward_end()
@@ -486,12 +515,16 @@ def _keeps_signs_in_place(module: nn.Module) -> bool:
     """Whether the module's call overwrites its input with values of the same signs (``> 0`` where the
     input was, NaN where it was, nowhere else), and nothing but that call runs between our pre- and
     post-hook (:func:`_may_pause_in`: no hook or forward of its own, no other global hook, any of which
-    may change the input or the output). Exact types: a subclass may override forward."""
+    may change the input or the output)."""
+    return _keeps_signs_type(module) and _may_pause_in(module)
+
+
+def _keeps_signs_type(module: nn.Module) -> bool:
+    """Whether the module computes in place and keeps the signs and NaNs (exact types: a subclass may override
+    forward)."""
     kind = type(module)
-    return (
-        bool(getattr(module, "inplace", False))
-        and (kind is nn.ReLU or kind is nn.ReLU6 or (kind is nn.LeakyReLU and _keeps_signs(module.negative_slope)))
-        and _may_pause_in(module)
+    return bool(getattr(module, "inplace", False)) and (
+        kind is nn.ReLU or kind is nn.ReLU6 or (kind is nn.LeakyReLU and _keeps_signs(module.negative_slope))
     )
 
 

@@ -373,3 +373,20 @@ def test_in_place_functions_a_compiled_model_hides_are_named_when_the_recorder_i
         ActivationRecorder(_InPlaceByName(), tmp_path / "c").close()  # eager: recorded, nothing to say
     warned = [r.getMessage() for r in caplog.records if "hides from the recorder" in r.getMessage()]
     assert len(warned) == 1 and "_InPlaceByName.forward calls leaky_relu_" in warned[0], warned
+
+
+def test_a_pre_hook_registered_after_the_recorder_is_read_after_on_a_compiled_model(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))
+    compiled = torch.compile(model, backend=BACKEND)
+    x = torch.randn(16, 6)
+    with ActivationRecorder(compiled, tmp_path) as rec:
+        with rec.capture(0):
+            compiled(x)
+        model[1].register_forward_pre_hook(lambda m, args: (args[0] - 0.5,))  # what the ReLU gets from now on
+        with rec.capture(1):
+            compiled(x)
+    with torch.no_grad():
+        z = model[0](x)
+    run = open_run(tmp_path)
+    np.testing.assert_array_equal(run.read("1", 0).unpack(), (z > 0).numpy())
+    np.testing.assert_array_equal(run.read("1", 1).unpack(), (z - 0.5 > 0).numpy())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -567,3 +568,26 @@ def test_a_site_with_pre_hooks_of_its_own_is_read_after_them(tmp_path, how):
     run = open_run(tmp_path)
     for site, z in (("relu", first), ("relu#1", second)):
         np.testing.assert_array_equal(run.read(site, 0).unpack(), (z > 0).numpy(), err_msg=site)
+
+
+@pytest.mark.parametrize("act", ["ReLU", "ReLU(inplace)", "LeakyReLU(0, inplace)"])
+def test_pre_hooks_given_during_a_capture_are_read_after_or_said(tmp_path, caplog, act):
+    # An ablation inside training_step: the hook is registered after the capture started.
+    module = {"ReLU": nn.ReLU(), "ReLU(inplace)": nn.ReLU(inplace=True),
+              "LeakyReLU(0, inplace)": nn.LeakyReLU(0.0, inplace=True)}[act]
+    model = nn.Sequential(nn.Linear(6, 9), module)
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        z = model[0](x)
+    with caplog.at_level(logging.WARNING), ActivationRecorder(model, tmp_path) as rec, rec.capture(0):
+        handle = module.register_forward_pre_hook(lambda m, args: (args[0] - 0.5,))
+        model(x)
+        handle.remove()
+    got = open_run(tmp_path).read("1", 0).unpack()
+    told = [r.getMessage() for r in caplog.records if "during a capture" in r.getMessage()]
+    if act.startswith("LeakyReLU"):  # overwrites its input with other signs: read before the hook, and said
+        np.testing.assert_array_equal(got, (z > 0).numpy())
+        assert len(told) == 1 and "'1'" in told[0]
+    else:
+        np.testing.assert_array_equal(got, (z - 0.5 > 0).numpy())
+        assert told == []
