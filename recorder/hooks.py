@@ -219,16 +219,15 @@ class SiteHooks:
             _warn_hidden_in_place_calls(self._modules)
         _warn_activations_inside_torch_layers(self._modules, self.module_types, functional)
 
-    def beside(self, site: str) -> list[nn.Module]:
-        """The children of the module whose forward makes the call of ``site`` (a site name): the layers beside it."""
+    def enclosing(self, site: str) -> nn.Module:
+        """The module around the call of ``site`` (a site name): a module site's parent, the module whose forward
+        makes a functional call (the model itself, an activation module, encloses its own call)."""
         path, colon, _ = site.partition(":")
-        if not colon:  # a module site: its parent (the model itself an activation module has none)
+        if not colon:
             path = path.split("#")[0]
-            if path not in self._by_path or not path:
-                return []
-            path = path.rpartition(".")[0]
-        module = self._by_path.get(path)
-        return [] if module is None else list(module.children())
+            # A module site's parent; else a functional call in the root module's forward ("relu#0").
+            path = path.rpartition(".")[0] if path in self._by_path else ""
+        return self._by_path.get(path)
 
     @property
     def module_sites(self) -> list[str]:

@@ -612,14 +612,15 @@ class ActivationRecorder:
 
     def _features_last(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether a site of pre-activations ``(N, *shape)`` of 4 or more dimensions, at the default pattern, has an
-        nn.Linear beside it as wide as its last dimension, and no convolution as wide as its dimension 1: the
-        features of a channels-last tensor (a Linear acts on the last dimension), which the default reads as positions."""
+        nn.Linear beside it (a child of the module around its call) as wide as its last dimension, and no convolution
+        or norm over channels in that module as wide as its dimension 1: the features of a channels-last tensor (a
+        Linear acts on the last dimension), which the default reads as positions."""
         if len(shape) < 3 or self._pattern_given:
             return False
-        beside = self._hooks.beside(name)
-        if any(isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == shape[0] for m in beside):
+        enclosing = self._hooks.enclosing(name)
+        if any(_channels(m) == shape[0] for m in enclosing.modules()):
             return False
-        return any(isinstance(m, nn.Linear) and m.out_features == shape[-1] for m in beside)
+        return any(isinstance(m, nn.Linear) and m.out_features == shape[-1] for m in enclosing.children())
 
     def _value_units(self, site_index: int, n_units: int) -> tuple[int, ...] | None:
         if self.store_values is None:
@@ -717,6 +718,15 @@ def _per_sample(values: Any, name: str, lowest: int | None = None) -> Any:
             "indices 0..K-1, and -1 for a sample without a label."
         )
     return host
+
+
+def _channels(module: nn.Module) -> int | None:
+    """The channels (dimension 1) of what a convolution or a norm over channels outputs; None for other modules."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm, InstanceNorm
+        return module.num_features
+    return module.num_channels if isinstance(module, nn.GroupNorm) else None
 
 
 def _position_shape(shape: tuple[int, ...], pattern: str) -> tuple[int, ...]:

@@ -1319,3 +1319,63 @@ def test_a_1d_site_is_warned_of_as_one_unbatched_sample(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if "1-d pre-activations" in r.getMessage()]
     assert len(warned) == 1 and "'relu#0'" in warned[0] and "(6,)" in warned[0] and "(N, 1)" in warned[0]
     assert open_run(tmp_path).site_info("relu#0")["n_units"] == 6
+
+
+class _Features(nn.Module):
+    """DenseNet's tail as torchvision writes it: features ending in a BatchNorm, a functional ReLU in the root's
+    forward, a classifier whose width (7 classes) equals the 7x7 map's."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 8, 1), nn.BatchNorm2d(8))
+        self.classifier = nn.Linear(8, 7)
+
+    def forward(self, x):
+        return self.classifier(F.relu(self.features(x)).mean((2, 3)))
+
+
+class _PreActBlock(nn.Module):
+    """A diffusion model's block: act(norm(x)) first, a time embedding Linear as wide as the map."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.act, self.conv = nn.GroupNorm(2, 6), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1)
+        self.time = nn.Linear(3, 7)
+
+    def forward(self, x):
+        return self.conv(self.act(self.norm(x))) + self.time(torch.ones(len(x), 3))[:, :4, None, None]
+
+
+class _RootTokens(nn.Module):
+    """A Linear on (N, H, W, C) and a functional ReLU in the root module's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        return F.relu(self.fc(x.permute(0, 2, 3, 1)))
+
+
+class _Held(nn.Module):
+    """A network kept as ``self.net``, as a LightningModule holds it."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("model, site, warned", [
+    (_Held(_Features()), "net:relu#0", False),
+    (_PreActBlock(), "act", False),
+    (_RootTokens(), "relu#0", True),
+])
+def test_the_channels_last_rule_on_models_as_others_write_them(tmp_path, caplog, model, site, warned):
+    with caplog.at_level(logging.WARNING), ActivationRecorder(model, tmp_path) as rec, rec.capture(0):
+        model(torch.randn(2, 3, 7, 7) if not isinstance(model, _PreActBlock) else torch.randn(2, 6, 7, 7))
+    told = [r.getMessage() for r in caplog.records if "channels-last" in r.getMessage()]
+    assert open_run(tmp_path).sites == [site]
+    assert (told != []) == warned and all(repr(site) in message for message in told)
