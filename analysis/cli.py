@@ -431,19 +431,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         group, path = split_run_spec(spec)
         # A bare directory is named as typed, not by the run folder found inside it.
         runs.append((spec if group is None else group, locate_run(path)))
-    sizes = not args.no_width_controlled and (args.units is not None or args.observations is not None)
-    if args.split is None or sizes:  # checked here, in the options' command-line names, before any work
-        from actpat.recorder import open_run
+    from actpat.recorder import open_run
 
-        opened = [open_run(path, warn=False) for _, path in runs]  # their losses are told once, by the comparison
-        try:
-            if args.split is None:
-                common_split(opened, name="--split")  # a run of several splits, or runs of different ones
-            if sizes:
-                _check_subset_sizes(opened, args)
-        finally:
-            for run in opened:
-                run.close()
+    # Checked here, in the options' command-line names, before any work.
+    opened = [open_run(path, warn=False) for _, path in runs]  # their losses are told once, by the comparison
+    try:
+        common_split(opened, args.split, name="--split")  # a split missing, several without --split, or different ones
+        if not args.no_width_controlled and (args.units is not None or args.observations is not None):
+            _check_subset_sizes(opened, args)
+    finally:
+        for run in opened:
+            run.close()
     written = report(
         runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, stay=args.stay,
         kind=args.band, width_controlled=not args.no_width_controlled, regions=args.regions, m=args.units,

@@ -220,7 +220,12 @@ def common_split(runs: Sequence[Run], split: str | None = None, *, name: str = "
     ValueError
         A run lacks ``split`` or has several splits (``split`` None), or the runs' only splits differ.
     """
-    resolved = {run.path: run.resolve_split(split, name=name) for run in runs}
+    resolved = {}
+    for run in runs:
+        try:
+            resolved[run.path] = run.resolve_split(split, name=name)
+        except ValueError as exc:
+            raise ValueError(f"Run {run.path}: {exc}") from None
     if len(set(resolved.values())) > 1:
         listed = ", ".join(f"{path} only {kind!r}" for path, kind in resolved.items())
         raise ValueError(

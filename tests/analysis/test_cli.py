@@ -430,6 +430,8 @@ def test_compare_refuses_runs_whose_only_splits_differ_before_any_work(run_dir, 
     assert not list(out.iterdir())  # nothing written
     with pytest.raises(ValueError, match="only splits differ"):
         compare([run_dir, tmp_path / "train"], progress=False)
+    assert main(["compare", str(run_dir), str(tmp_path / "train"), "-o", str(out), "--no-progress", "--split", "probe"]) == 2
+    assert f"Run {tmp_path / 'train'}: Expected --split to be one of the recorded splits ['train']" in capsys.readouterr().err
 
 
 def test_compare_names_a_bare_directory_as_typed_even_when_the_run_is_inside_it(run_dir, tmp_path, monkeypatch):
