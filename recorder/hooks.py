@@ -202,6 +202,7 @@ class SiteHooks:
         self._thread: int | None = None  # the capturing thread: the only one whose functional calls are intercepted
         self._elsewhere = threading.local()  # the module stack and call counts of forwards on other threads
         self._installed: list[tuple[nn.Module, list, Any]] = []  # module, hook handles, forward to restore
+        self._site_pre_hooks: list[tuple[nn.Module, int]] = []  # compiled: each site module and its pre-hook's id
         self.forward_seen = False  # a forward of the model started since the last attach()
         # The path of a module ("": the model) whose torch.compile wrapper ran during the capture.
         self.compiled_elsewhere: str | None = None
@@ -267,9 +268,9 @@ class SiteHooks:
                 for module in self._site_modules if id(module) in self._late
             ]
         else:
-            for module, handles, _ in self._installed:
-                hooks, ours = module._forward_pre_hooks, handles[0].id
-                if id(module) in self._site_types and next(reversed(hooks)) != ours:
+            for module, ours in self._site_pre_hooks:
+                hooks = module._forward_pre_hooks
+                if next(reversed(hooks)) != ours:
                     hooks[ours] = hooks.pop(ours)  # last again, after pre-hooks registered since: what the forward gets
         self._stack.clear()
         self._calls.clear()
@@ -317,7 +318,7 @@ class SiteHooks:
                 module.__dict__.pop("forward", None)
             elif previous is not _UNCHANGED:
                 module.forward = previous
-        self._installed = []
+        self._installed, self._site_pre_hooks = [], []
 
     # ------------------------------------------------------------------ compiled models
     def _install(self) -> None:
@@ -335,6 +336,8 @@ class SiteHooks:
             if fresh is not None:
                 module.forward = fresh
             self._installed.append((module, handles, previous if fresh is not None else _UNCHANGED))
+            if key in self._site_types:
+                self._site_pre_hooks.append((module, handles[0].id))
 
     # ------------------------------------------------------------------ hook bodies
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
