@@ -50,7 +50,9 @@ class ActivationRecorder:
         default) takes dimension 1 as the units, ``"flat"`` makes one pattern per sample, ``"channel_last"``
         takes the last dimension as the units (a ``Linear`` on ``(N, L, C)`` sequences: transformers,
         MLP-Mixers). Left at the default, a site with 3-d pre-activations is warned of once, since
-        ``(N, C, L)`` (a ``Conv1d``) and ``(N, L, C)`` cannot be told apart; pass the pattern to say which.
+        ``(N, C, L)`` (a ``Conv1d``) and ``(N, L, C)`` cannot be told apart, and so is one of 4 or more
+        dimensions whose last is as wide as a ``Linear`` beside it (a ConvNeXt block's ``(N, H, W, C)``); pass
+        the pattern to say which. A 1-d site is one unbatched sample, warned of once.
     max_observations : int, optional
         Keep at most this many observations per site per call, chosen uniformly without replacement by
         the recorder's own generator (seeded by ``seed``, the step and the site), so torch's global RNG
@@ -558,7 +560,7 @@ class ActivationRecorder:
                      f"({context.split!r})"
             hint = (" Sequences of another length at the default pattern? Pass pattern='channel_last' for (N, L, C) "
                     "tokens." if self._ambiguous(shape) else "")
-            if self._warn_once(f"units:{name}", f"actpat: {change}; its calls of another width than {meta.n_units} "
+            if self._warn_once(f"units:{context.split}:{name}", f"actpat: {change}; its calls of another width than {meta.n_units} "
                                                 f"are not recorded (a site keeps one width in a run).{hint}"):
                 # In the run too, when the capture ends (no I/O in a hook): `info` and `stop_reasons` say why the
                 # site's later steps may be missing.

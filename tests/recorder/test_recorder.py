@@ -501,6 +501,23 @@ def test_site_changing_width_is_skipped_with_one_warning(tmp_path, caplog):
         "site '1' changed width from 4 to 6 units at step 1 ('train'): its calls of another width are not recorded"]
 
 
+
+def test_a_width_change_in_each_split_of_a_shared_writer_is_stored_for_each(tmp_path):
+    # The callback's probe and batch recorders share one writer: one warning per split and site, not per run.
+    model = nn.Sequential(nn.Flatten(), nn.ReLU())
+    train = ActivationRecorder(model, tmp_path)
+    train.open()
+    probe = ActivationRecorder(model, tmp_path, writer=train.writer)
+    for step in range(2):
+        for rec, split in ((probe, "probe"), (train, "train")):
+            with rec.capture(step, split=split):
+                model(torch.randn(2, 4 + 2 * step))
+    train.close()
+    assert sorted(stop.reason for stop in open_run(tmp_path).stop_reasons) == [
+        f"site '1' changed width from 4 to 6 units at step 1 ({split!r}): its calls of another width are not recorded"
+        for split in ("probe", "train")]
+
+
 # ---------------------------------------------------------------------------- subsampling
 def _subsampled(tmp_path, name, steps, seed=0, max_observations=10):
     torch.manual_seed(1)
