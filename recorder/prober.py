@@ -247,6 +247,7 @@ class Prober:
         self._observed: list[Record] = []
         self._stats: Optional[LiveStats] = None
         self._opened = False
+        self._attempted = -1  # the step of the last probe maybe() tried
         # Resumable state (state_dict).
         self._last_probe_step = -1
         self._init_step = -1
@@ -279,12 +280,12 @@ class Prober:
 
     def due(self, step: int) -> bool:
         """Whether :meth:`maybe` probes at ``step``: the first probe of a run, then the first step at or after each
-        multiple of the interval since the last probe (steps may grow by more than one: a module stepping two
-        optimizers per batch)."""
+        multiple of the interval since the last probe or attempt (steps may grow by more than one: a module
+        stepping two optimizers per batch; a probe that raised is tried again at the next multiple, not the next step)."""
         if step <= self._last_probe_step:
             return False
-        interval = self._interval
-        return self._init_step < 0 or math.floor(step / interval) > math.floor(self._last_probe_step / interval)
+        since, interval = max(self._last_probe_step, self._attempted), self._interval
+        return self._init_step < 0 or math.floor(step / interval) > math.floor(since / interval)
 
     # ------------------------------------------------------------------ probing
     def maybe(self, step: int, epoch: int = -1) -> bool:
@@ -294,7 +295,10 @@ class Prober:
         after each optimizer step.
         """
         self.open()
-        probed = self.due(step) and self.probe(step, epoch)
+        probed = False
+        if self.due(step):
+            self._attempted = step
+            probed = self.probe(step, epoch)
         self.poll()
         return probed
 
@@ -374,11 +378,12 @@ class Prober:
             # Once (each open indexes every shard and warns of every loss), or as the caller opened it.
             run = existing_run(self.out_dir) if run is None else run
             recorded = recorded_steps(run, PROBE_SPLIT)
-            # A kill loses the tail of the records: only the probes after the last one on disk can be missing. They
-            # are listed by this prober's schedule, which a changed `every` makes another: its last probe is certain.
-            on_disk = max((s for s in recorded if s <= self._last_probe_step), default=-1)
-            probed = [s for s in _scheduled(self._init_step, self._last_probe_step, self._interval) if s > on_disk]
-            note = unwritten_note(self.out_dir, PROBE_SPLIT, probed + [self._last_probe_step], recorded)
+            # A kill loses the tail of the records: only the probes after the last one on disk can be missing. The init
+            # and the last probe are certain; the steps of those between depend on the steps the loop reached.
+            first, last = self._init_step, self._last_probe_step
+            on_disk = max((s for s in recorded if s <= last), default=-1)
+            note = unwritten_note(self.out_dir, PROBE_SPLIT, [s for s in (first, last) if s > on_disk], recorded,
+                                  between=(max(on_disk, first), last))
             if note:
                 live = " Live statistics against them are left out." if self._stats_fn is not None else ""
                 self._notify("unwritten", note + live)
@@ -551,19 +556,6 @@ def _mark_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
     yield item, True
 
 
-def _scheduled(first: int, last: int, interval: Fraction) -> list[int]:
-    """The probe steps from ``first`` (the init probe; -1: none) to ``last``: both, and every step on schedule
-    between them (the first step at or after each multiple of ``interval``)."""
-    if first < 0:
-        return [last] if last >= 0 else []
-    return sorted({first, last} | {step for step in range(first + 1, last) if _on_schedule(step, interval)})
-
-
-def _on_schedule(step: int, interval: Fraction) -> bool:
-    """True at the first step at or after each multiple of ``interval``."""
-    return step > 0 and math.floor(step / interval) > math.floor((step - 1) / interval)
-
-
 def _log_once() -> Callable[[str, str], None]:
     warned: set[str] = set()
 
@@ -630,17 +622,20 @@ def resume_point(
 
 
 def unwritten_note(
-    run_dir: Union[str, os.PathLike], split: str, checkpointed: Sequence[int], recorded: Sequence[int]
+    run_dir: Union[str, os.PathLike], split: str, checkpointed: Sequence[int], recorded: Sequence[int],
+    between: Optional[tuple[int, int]] = None,
 ) -> Optional[str]:
     """Names the steps a resumed fit's checkpoint says were recorded in ``split`` (``checkpointed``; -1:
-    none) that ``run_dir`` does not hold (``recorded``); None if it holds them all."""
+    none) that ``run_dir`` does not hold (``recorded``), and any it recorded strictly ``between`` two steps;
+    None if it holds them all."""
     missing = sorted({step for step in checkpointed if step >= 0} - set(recorded))
     if not missing:
         return None
     listed = ", ".join(map(str, missing[:12])) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
     steps = f"step{'s' * (len(missing) > 1)} {listed}"
+    also = f" and any between steps {between[0]} and {between[1]}" if between and between[1] - between[0] > 1 else ""
     return (
-        f"actpat: the fit this one resumes recorded {split} records at {steps} (its checkpoint says so), but "
+        f"actpat: the fit this one resumes recorded {split} records at {steps}{also} (its checkpoint says so), but "
         f"{run_dir} holds none there: they never reached the disk (the process was killed within a second or so "
         f"of them) or were removed. The run has no {split} records at {steps}."
     )

@@ -6,6 +6,7 @@ pack with ``np.packbits`` and count rows with ``collections.Counter``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -801,3 +802,26 @@ def test_the_probe_copy_follows_forward_hooks_added_and_removed_on_the_model(tmp
     for step, shift in ((0, 0.0), (1, 0.5), (2, 0.0)):
         p = run.read("net.6", step, "probe")
         np.testing.assert_array_equal(p.unpack()[np.argsort(p.sample_ids)], (z - shift > 0).numpy(), err_msg=str(step))
+
+
+def test_a_probe_that_raised_is_tried_again_at_the_next_multiple_not_the_next_step(tmp_path):
+    failing = {"on": False}
+
+    def forward(module, batch):
+        if failing["on"]:
+            raise RuntimeError("out of memory")  # transient, caught by the training loop
+        return module(batch[0])
+
+    prober = Prober(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), TensorDataset(torch.randn(8, 4)), tmp_path, 10,
+                    batch_size=8, forward=forward)
+    prober.maybe(0)
+    attempts = []
+    for step in range(1, 31):
+        failing["on"] = 10 <= step < 20
+        if prober.due(step):
+            attempts.append(step)
+            with contextlib.suppress(ProbeForwardError):
+                prober.maybe(step)
+    prober.close()
+    assert attempts == [10, 20, 30]
+    assert open_run(tmp_path).steps("1", "probe").tolist() == [0, 20, 30]

@@ -300,15 +300,16 @@ def test_a_resumed_prober_names_a_checkpointed_probe_that_never_reached_the_disk
         prober.maybe(0)
         prober.maybe(2)
     # The killed fit probed at steps 4 and 6 and saved a checkpoint saying the last was 6; the records of both
-    # never reached the disk (the note named only 6, the step the checkpoint holds, and spoke of live statistics
-    # that this prober has none of).
+    # never reached the disk. The note names 6, the step the checkpoint holds, and those between as uncertain: which
+    # steps the loop reached after each multiple is not known (a module stepping two optimizers per batch reaches
+    # only even steps). It spoke of live statistics that this prober has none of.
     stats = dict(stats=live_measures, on_stats=lambda step, metrics: None) if live else {}
     resumed = Prober(model, probe, tmp_path, 2, batch_size=4, **stats)
     resumed.load_state_dict({"version": 1, "last_probe_step": 6, "init_step": 0}, step=7)
     with caplog.at_level(logging.WARNING, logger="actpat"):
         resumed.maybe(8)
     resumed.close()
-    assert "recorded probe records at steps 4, 6 (its checkpoint says so), but" in caplog.text
+    assert "recorded probe records at step 6 and any between steps 2 and 6 (its checkpoint says so)" in caplog.text
     assert "holds none there: they never reached the disk" in caplog.text
     assert ("Live statistics against them are left out" in caplog.text) == live
     assert open_run(tmp_path).steps("1", "probe").tolist() == [0, 2, 8]
@@ -363,3 +364,18 @@ def test_a_fractional_step_or_epoch_is_refused_whole_ones_of_any_type_recorded(t
     assert run.steps("1").tolist() == [1, 2, 3, 4]
     assert [len(run.read("1", s).bits) for s in (1, 2, 3, 4)] == [2, 2, 2, 2]
     assert run.read("1", 3).epoch == 1
+
+
+def test_a_resumed_prober_whose_steps_grew_by_two_names_no_step_it_never_reached(tmp_path, caplog):
+    # Two optimizers per batch: steps 0, 2, 4, ...; probes at the first step after each multiple of 3 (4, 6, 10, ...).
+    g = torch.Generator().manual_seed(0)
+    probe = TensorDataset(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+    model = _model()
+    with Prober(model, probe, tmp_path, 3, batch_size=8) as prober:
+        assert [s for s in range(0, 5, 2) if prober.maybe(s)] == [0, 4]
+    resumed = Prober(model, probe, tmp_path, 3, batch_size=8)  # the checkpoint of a fit killed after step 18
+    resumed.load_state_dict({"version": 1, "last_probe_step": 18, "init_step": 0}, step=18)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        resumed.open()
+    resumed.close()
+    assert "recorded probe records at step 18 and any between steps 4 and 18 (its checkpoint says so)" in caplog.text
