@@ -371,16 +371,19 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         assumed, made = self._steps_per_epoch, trainer.global_step - self._epoch_start
         if self._prober is None or assumed is None or self._epoch_batches != trainer.num_training_batches:
             return  # an int probe_every, or an epoch not run whole (resumed in its middle, stopped)
-        if made != assumed:
-            self._warn_once(
-                "steps-per-epoch",
-                f"actpat: `probe_every={self.probe_every!r}` is a fraction of an epoch, taken as {assumed} optimizer "
-                f"steps (the training batches / accumulate_grad_batches), but epoch {trainer.current_epoch} made "
-                f"{made} (manual optimization stepping other than one optimizer per batch, or skipped steps): probes are "
-                f"{float(self._prober.interval):g} steps apart, not {self.probe_every!r} "
-                f"of this epoch. Pass an int `probe_every` (optimizer steps).",
-                run_wide=True,
-            )
+        if made == assumed:
+            return
+        batches = _trainer.steps_per_epoch(trainer, self.probe_every)  # what this epoch's batches make
+        why = (f"its batches / accumulate_grad_batches make {batches}: manual optimization stepping other than one "
+               "optimizer per batch, or skipped steps" if made != batches else "the epoch length changed")
+        self._warn_once(
+            "steps-per-epoch",
+            f"actpat: `probe_every={self.probe_every!r}` is a fraction of an epoch, taken as {assumed} optimizer steps "
+            f"(the first epoch's training batches / accumulate_grad_batches), but epoch {trainer.current_epoch} made "
+            f"{made} ({why}): probes are {float(self._prober.interval):g} steps apart. Pass an int `probe_every` "
+            "(optimizer steps).",
+            run_wide=True,
+        )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_capture()
@@ -504,7 +507,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 mask_from=self._mask_from,
                 forward=lightning_probe.lightning_forward(pl_module, self._probe_forward, self._reader,
                                                           trainer.precision_plugin.forward_context),
-                context=lambda module: lightning_probe.inert(module, trainer), to_device=functools.partial(_to_device, trainer.precision_plugin),
+                context=lambda module: lightning_probe.inert(module, trainer),
+                to_device=functools.partial(_to_device, trainer.precision_plugin),
                 cache_bytes=self.probe_cache_bytes, stats=live_measures if live else None,
                 on_stats=_trainer.LiveLog(trainer) if live else None,
                 writer=writer, notify=self._warn_once, **options,
@@ -670,8 +674,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
 
 
 def _to_device(precision: Any, batch: Any, device: torch.device) -> Any:
-    """A probe batch as Lightning hands a training batch to ``training_step``: on the device, float tensors in the
-    precision's dtype (``64-true``, ``bf16-true``: weights of that dtype refuse float32 inputs)."""
+    """A probe batch on the device, its float tensors converted by the precision as Lightning converts a training
+    batch (``64-true``, ``bf16-true``: weights of that dtype refuse float32 inputs)."""
     return precision.convert_input(move_data_to_device(batch, device))
 
 

@@ -832,8 +832,10 @@ def test_steps_growing_by_two_per_batch_are_probed_after_every_multiple(tmp_path
 
 
 def test_an_epoch_of_other_than_the_assumed_optimizer_steps_is_warned_of(tmp_path):
-    with pytest.warns(UserWarning, match=r"taken as 10 optimizer steps .* epoch 0 made 5 .* Pass an int `probe_every`"):
+    with pytest.warns(UserWarning, match=r"taken as 10 optimizer steps .* epoch 0 made 5 \(its batches / "
+                                         r"accumulate_grad_batches make 10: manual optimization.* Pass an int `probe_every`"):
         _manual_fit(tmp_path, "every2", 0.5)
+
 
 
 class _Plain(pl.LightningModule):
@@ -867,3 +869,19 @@ def test_the_probe_gets_its_inputs_in_the_dtype_of_a_true_precision(tmp_path, pr
     with torch.no_grad():
         z = module.net[0](data.tensors[0].to(dtype))  # the final probe: the weights after fit
     np.testing.assert_array_equal(run.read("net.1", 2, "probe").bits, np.packbits((z > 0).numpy(), axis=1, bitorder="little"))
+
+
+class _Shrinking(_Plain):
+    """Reloads its training data each epoch, 10 batches of 16, then 6."""
+
+    def train_dataloader(self):
+        n = 160 if self.current_epoch == 0 else 96
+        return DataLoader(torch.utils.data.TensorDataset(torch.randn(n, 8), torch.randint(0, 3, (n,))), batch_size=16)
+
+
+def test_an_epoch_of_another_length_is_warned_of_as_such(tmp_path, recwarn):
+    probe = torch.utils.data.TensorDataset(torch.randn(16, 8), torch.randint(0, 3, (16,)))
+    cb = ActivationPatternCallback(probe=probe, probe_every=0.5, probe_batch_size=16, live_stats=False)
+    make_trainer(tmp_path, [cb], max_epochs=2, logger=False, reload_dataloaders_every_n_epochs=1).fit(_Shrinking())
+    told = [str(w.message) for w in recwarn if "fraction of an epoch" in str(w.message)]
+    assert len(told) == 1 and "epoch 1 made 6 (the epoch length changed)" in told[0]
