@@ -218,8 +218,10 @@ def common_split(runs: Sequence[Run], split: str | None = None, *, name: str = "
     Raises
     ------
     ValueError
-        A run lacks ``split`` or has several splits (``split`` None), or the runs' only splits differ.
+        No run, a run lacks ``split`` or has several splits (``split`` None), or the runs' only splits differ.
     """
+    if not runs:
+        raise ValueError("Expected at least one run to find the split of, but got none.")
     resolved = {}
     for run in runs:
         try:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from actpat.analysis.compare import compare
+from actpat.analysis.compare import common_split, compare
 from actpat.analysis.cli import main
 from actpat.recorder import ActivationRecorder, open_run, schema
 
@@ -430,6 +430,8 @@ def test_compare_refuses_runs_whose_only_splits_differ_before_any_work(run_dir, 
     assert not list(out.iterdir())  # nothing written
     with pytest.raises(ValueError, match="only splits differ"):
         compare([run_dir, tmp_path / "train"], progress=False)
+    with pytest.raises(ValueError, match="at least one run"):
+        common_split([])
     assert main(["compare", str(run_dir), str(tmp_path / "train"), "-o", str(out), "--no-progress", "--split", "probe"]) == 2
     assert f"Run {tmp_path / 'train'}: Expected --split to be one of the recorded splits ['train']" in capsys.readouterr().err
 
