@@ -281,7 +281,8 @@ class Prober:
     def due(self, step: int) -> bool:
         """Whether :meth:`maybe` probes at ``step``: the first probe of a run, then the first step at or after each
         multiple of the interval since the last probe or attempt (steps may grow by more than one: a module
-        stepping two optimizers per batch; a probe that raised is tried again at the next multiple, not the next step)."""
+        stepping two optimizers per batch; a probe that raised is tried again at the next multiple, not the next
+        step)."""
         if step <= self._last_probe_step:
             return False
         since, interval = max(self._last_probe_step, self._attempted), self._interval

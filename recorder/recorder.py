@@ -560,8 +560,8 @@ class ActivationRecorder:
                      f"({context.split!r})"
             hint = (" Sequences of another length at the default pattern? Pass pattern='channel_last' for (N, L, C) "
                     "tokens." if self._ambiguous(shape) else "")
-            if self._warn_once(f"units:{context.split}:{name}", f"actpat: {change}; its calls of another width than {meta.n_units} "
-                                                f"are not recorded (a site keeps one width in a run).{hint}"):
+            if self._warn_once(f"units:{context.split}:{name}", f"actpat: {change}; its calls of another width than "
+                               f"{meta.n_units} are not recorded (a site keeps one width in a run).{hint}"):
                 # In the run too, when the capture ends (no I/O in a hook): `info` and `stop_reasons` say why the
                 # site's later steps may be missing.
                 context.notes.append(f"{change}: its calls of another width are not recorded")
