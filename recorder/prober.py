@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from actpat.recorder import arguments, batches, schema
-from actpat.recorder.batches import INPUT_KEYS, BatchReader, describe
+from actpat.recorder.batches import INPUT_KEYS, BatchReader, describe, tensors
 from actpat.recorder.hooks import SiteHooks
 from actpat.recorder.live_stats import LiveStats, StatsFunction
 from actpat.recorder.probe_module import MODES, ProbeModule
@@ -540,8 +540,20 @@ class ProbeForward:
             raise
         except Exception as exc:
             raise ProbeForwardError(
-                f"The probe forward, {self.rule}, failed on a probe batch {describe(batch)} with {exc!r}. {self._hint}"
+                f"The probe forward, {self.rule}, failed on a probe batch {describe(batch)} with {exc!r}. "
+                f"{_dtype_hint(module, batch)}{self._hint}"
             ) from exc
+
+
+def _dtype_hint(module: nn.Module, batch: Any) -> str:
+    """Where the batch's float tensors are of another dtype than the module's weights (a model trained in ``64-true``
+    or ``bf16-true`` precision, probed with float32 data), what to do; else ""."""
+    weights = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    data = sorted({str(t.dtype) for t in tensors(batch) if t.is_floating_point() and t.dtype != weights})
+    if weights is None or not data:
+        return ""
+    return (f"The module's weights are {weights} but the batch holds {', '.join(data)} tensors: convert the inputs to "
+            f"{weights} in the probe forward (a model trained at a '-true' precision). ")
 
 
 def _mark_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
