@@ -196,6 +196,7 @@ class ShardWriter:
         self._space = threading.Condition()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._finished, self._stopping = threading.Event(), False  # the thread's end; a stop was queued
         self._lock: _RunLock | None = None
         self._shard: _Shard | None = None
         self._file_dropped = 0
@@ -236,6 +237,7 @@ class ShardWriter:
         self._next_index = self._first_free_index()
         self._open_marks()
         self.recorded_before, self._sites_on_disk = scan_existing(self.out_dir, self.rank)
+        self._finished, self._stopping = threading.Event(), False
         self._thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
         self._thread.start()
         # A writer never closed would be stopped mid-write by the interpreter's exit (h5py then crashes
@@ -353,10 +355,17 @@ class ShardWriter:
         self._write_stop_file([reason])
 
     def close(self) -> None:
-        """Write everything queued, finalize the open shard, stop the thread and release the lock."""
+        """Write everything queued, finalize the open shard, stop the thread and release the lock.
+
+        Interrupted (Ctrl-C), the writer goes on writing and keeps the lock: call it again to wait for the end."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        if not self._stopping:
+            self._stopping = True
+            self._queue.put(_STOP)
+        # Its own event, not join(): a join that Ctrl-C interrupted returns at once when called again (CPython
+        # 3.11), the thread still writing, and the lock would be released under it.
+        self._finished.wait()
         self._thread.join()
         self._thread = None
         atexit.unregister(self._at_exit)
@@ -429,6 +438,7 @@ class ShardWriter:
                 stops, self._stops = self._stops, []
             if stops:  # not written into a shard: the last one failed
                 self._write_stop_file(stops)
+            self._finished.set()
 
     def _seconds_to_next_deadline(self) -> float | None:
         deadlines = []

@@ -577,3 +577,35 @@ def test_a_marks_file_that_cannot_be_updated_is_removed_and_writing_goes_on(tmp_
     writer.close()
     assert open_run(tmp_path).steps("a/b").tolist() == [0, 1, 2, 3]
     assert not marks.exists()
+
+
+def test_close_interrupted_by_ctrl_c_keeps_the_lock_and_closing_again_waits_for_the_writer(tmp_path):
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    buffer = writer._buffer
+    writer._buffer = lambda record: (time.sleep(0.05), buffer(record))  # a writer still busy when close() starts
+    for step in range(20):
+        writer.put(_record(step))
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            writer.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(RecorderError, match="holds"):  # still writing: no second writer yet
+        ShardWriter(tmp_path).start()
+    thread = writer._thread
+    writer.close()  # waits for the writer this time
+    assert thread not in threading.enumerate()  # ended (is_alive() may say False of a thread still running)
+    assert not list(tmp_path.glob("*.partial"))
+    run = open_run(tmp_path)
+    assert run.steps("a/b").tolist() == list(range(20)) and run.losses == []
+    second = ShardWriter(tmp_path)  # the lock is free now
+    second.start()
+    second.close()
