@@ -175,6 +175,28 @@ def test_partial_shard_is_read_with_a_warning(tmp_path, caplog, truth):
         np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
 
 
+def test_a_shard_finalized_between_the_listing_and_its_indexing_is_read_under_its_final_name(
+    tmp_path, caplog, truth, monkeypatch
+):
+    # A run opened while it trains: the writer renames X.h5.partial to X.h5 after the reader listed the directory.
+    inputs = _write_run(tmp_path, [0, 1])
+    (shard,) = tmp_path.glob("*.h5")
+    shard.rename(tmp_path / schema.shard_name(0, 0, partial=True))
+    opening = schema.open_for_reading
+
+    def finalized_meanwhile(path):
+        if path.name.endswith(".partial"):
+            path.rename(shard)
+        return opening(path)
+
+    monkeypatch.setattr(schema, "open_for_reading", finalized_meanwhile)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    assert run.losses == [] and not [r for r in caplog.records if "damaged" in r.getMessage()]
+    for (site, step), z in inputs.items():
+        np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign"])
 def test_damaged_partial_shard_is_skipped_with_a_warning(damage, tmp_path, caplog, truth):
     inputs = _write_run(tmp_path, [0])
