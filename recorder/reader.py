@@ -377,8 +377,8 @@ class Run:
         try:
             handle = schema.open_for_reading(path)
         except OSError as exc:
-            final = path.with_name(path.name[: -len(".partial")])
-            if partial and isinstance(exc, FileNotFoundError) and final.exists():
+            final = path.with_name(path.name[: -len(".partial")]) if partial else None
+            if final is not None and isinstance(exc, FileNotFoundError) and final.exists():
                 self._index_shard(final)  # finalized by its writer since the directory was listed
                 return
             self._damaged(path, rank, index, partial, f"it cannot be opened ({_short(exc)})", exc)
