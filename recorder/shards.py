@@ -197,6 +197,7 @@ class ShardWriter:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._finished, self._stopping = threading.Event(), False  # the thread's end; a stop was queued
+        self._closing = threading.Lock()
         self._lock: _RunLock | None = None
         self._shard: _Shard | None = None
         self._file_dropped = 0
@@ -231,15 +232,23 @@ class ShardWriter:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _RunLock.acquire(self.out_dir, self.rank)
-        self._error = None
-        self._io_failed = False
-        self._stop_file = None
-        self._next_index = self._first_free_index()
-        self._open_marks()
-        self.recorded_before, self._sites_on_disk = scan_existing(self.out_dir, self.rank)
-        self._finished, self._stopping = threading.Event(), False
-        self._thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
-        self._thread.start()
+        try:
+            self._error = None
+            self._io_failed = False
+            self._stop_file = None
+            self._next_index = self._first_free_index()
+            self._open_marks()
+            self.recorded_before, self._sites_on_disk = scan_existing(self.out_dir, self.rank)
+            self._queue, self._queued_bytes = queue.SimpleQueue(), 0  # nothing an interrupted close left behind
+            self._finished, self._stopping = threading.Event(), False
+            thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
+            thread.start()
+        except BaseException:  # no writer: nothing may hold the lock
+            self._close_marks(closed=True)
+            self._lock.release()
+            self._lock = None
+            raise
+        self._thread = thread
         # A writer never closed would be stopped mid-write by the interpreter's exit (h5py then crashes
         # or hangs): close it at exit instead, which finalizes what was recorded.
         self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
@@ -265,8 +274,9 @@ class ShardWriter:
         as :meth:`put` does.
         """
         self.raise_if_failed()
-        if self._thread is None:
-            raise RecorderError("The shard writer is not running: call `start()` (or enter the recorder) first.")
+        if self._thread is None or self._stopping:
+            raise RecorderError("The shard writer is not running (or closing): call `start()` (or enter the recorder) "
+                                "first, or `close()` again after an interrupted close.")
         for record in records:
             self.register_site(record.meta)
         self._mark(records)
@@ -361,18 +371,21 @@ class ShardWriter:
         if self._thread is None:
             return
         if not self._stopping:
-            self._stopping = True
             self._queue.put(_STOP)
+            self._stopping = True
         # Its own event, not join(): a join that Ctrl-C interrupted returns at once when called again (CPython
         # 3.11), the thread still writing, and the lock would be released under it.
         self._finished.wait()
-        self._thread.join()
-        self._thread = None
-        atexit.unregister(self._at_exit)
-        self._close_marks(closed=self._error is None)
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        with self._closing:  # one caller releases (close() from two threads at once)
+            if self._thread is None:
+                return
+            self._thread.join()
+            self._thread = None
+            atexit.unregister(self._at_exit)
+            self._close_marks(closed=self._error is None)
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
         self.raise_if_failed()
 
     def raise_if_failed(self) -> None:
@@ -427,18 +440,24 @@ class ShardWriter:
             self._drain()
         finally:
             try:
-                if self._shard is None and (self._file_dropped or self._stops) and not self._io_failed:
-                    self._open()  # an empty shard that only carries the last drop count or stop reason
-                if self._shard is not None:
-                    self._finalize()
-            except BaseException as exc:  # noqa: BLE001
-                with self._stop_lock:
-                    self._error = self._error or exc
+                self._end()
+            finally:
+                self._finished.set()  # close() waits for this, whatever happened
+
+    def _end(self) -> None:
+        """Finalize the open shard (or one that carries drops and stop reasons); else store the reasons in a stop file."""
+        try:
+            if self._shard is None and (self._file_dropped or self._stops) and not self._io_failed:
+                self._open()  # an empty shard that only carries the last drop count or stop reason
+            if self._shard is not None:
+                self._finalize()
+        except BaseException as exc:  # noqa: BLE001
             with self._stop_lock:
-                stops, self._stops = self._stops, []
-            if stops:  # not written into a shard: the last one failed
-                self._write_stop_file(stops)
-            self._finished.set()
+                self._error = self._error or exc
+        with self._stop_lock:
+            stops, self._stops = self._stops, []
+        if stops:  # not written into a shard: the last one failed
+            self._write_stop_file(stops)
 
     def _seconds_to_next_deadline(self) -> float | None:
         deadlines = []
@@ -597,13 +616,14 @@ class ShardWriter:
         self._write_stop_file([f"writing {shard.path.name} failed: {exc}"])
 
     def _write_stop_file(self, reasons: list[str]) -> None:
+        """Store why recording stopped in this session's stop file; never raises (the reasons are logged instead)."""
         path = self._stop_file
-        if path is None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            index = max(self._next_index, self._first_free_index())
-            self._next_index = index + 1
-            path = self._stop_file = self.out_dir / schema.stop_name(self.rank, index)
         try:
+            if path is None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                index = max(self._next_index, self._first_free_index())
+                self._next_index = index + 1
+                path = self._stop_file = self.out_dir / schema.stop_name(self.rank, index)
             with open(path, "a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(reason) + "\n" for reason in reasons)
                 handle.flush()

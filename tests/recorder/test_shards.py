@@ -609,3 +609,58 @@ def test_close_interrupted_by_ctrl_c_keeps_the_lock_and_closing_again_waits_for_
     second = ShardWriter(tmp_path)  # the lock is free now
     second.start()
     second.close()
+
+
+@pytest.mark.parametrize("failing", ["scan_existing", "thread start"])
+def test_a_writer_that_fails_to_start_leaves_no_lock(tmp_path, monkeypatch, failing):
+    def fail(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        if failing == "scan_existing":
+            patched.setattr("actpat.recorder.shards.scan_existing", fail)
+        else:
+            patched.setattr(threading.Thread, "start", fail)
+        writer = ShardWriter(tmp_path)
+        with pytest.raises(RuntimeError, match="new thread"):
+            writer.start()
+    writer.close()  # nothing to close, no wait
+    second = ShardWriter(tmp_path)
+    second.start()
+    second.put(_record(0))
+    second.close()
+    assert open_run(tmp_path).steps("a/b").tolist() == [0]
+
+
+def _returns_within(seconds, fn):
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (fn(), done.set()), daemon=True)
+    thread.start()
+    return done.wait(seconds)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_close_returns_when_the_writer_thread_fails_at_its_end_and_from_two_threads_at_once(tmp_path):
+    def fail(*args):
+        raise OSError("disk gone")
+
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(_record(0))
+    writer.record_stop("stopped early")
+    writer._finalize = writer._write_stop_file = fail  # the end of the writer thread raises
+    assert _returns_within(10, lambda: pytest.raises(RecorderError, writer.close))
+    other = ShardWriter(tmp_path / "other")
+    other.start()
+    other.put(_record(0))
+    closers = [threading.Thread(target=other.close) for _ in range(2)]
+    errors = []
+    threading.excepthook, hook = (lambda args: errors.append(args.exc_value)), threading.excepthook
+    try:
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join(10)
+    finally:
+        threading.excepthook = hook
+    assert errors == [] and open_run(tmp_path / "other").steps("a/b").tolist() == [0]
