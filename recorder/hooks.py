@@ -466,9 +466,11 @@ class SiteHooks:
         if self._active and self._stack and self._stack[-1] == key:
             if not self.compiled and self._deferred:
                 deferred = self._deferred.pop(key, None)
-                if deferred is not None and isinstance(output, torch.Tensor):  # None: the call raised
+                if deferred is not None and output is not None:  # None: the call raised
                     name, site_type, from_output = deferred
-                    self._emit(name, site_type, output if from_output else args[0])
+                    z = output if from_output else args[0]
+                    if isinstance(z, torch.Tensor):
+                        self._emit(name, site_type, z)
             self._stack.pop()
             if not self._stack:
                 self._forward_end()

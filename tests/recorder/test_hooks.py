@@ -591,3 +591,30 @@ def test_pre_hooks_given_during_a_capture_are_read_after_or_said(tmp_path, caplo
     else:
         np.testing.assert_array_equal(got, (z - 0.5 > 0).numpy())
         assert told == []
+
+
+def test_a_site_given_pre_hooks_during_a_capture_whose_forward_returns_a_tuple_is_still_recorded(tmp_path):
+    class Gate(nn.ReLU):  # a user-named activation class returning its output with a side value
+        def forward(self, z):
+            return torch.relu(z), z.mean()
+
+    gate = Gate()
+    model = nn.Sequential(nn.Linear(6, 9))
+    x = torch.randn(16, 6)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.gate = model, gate
+
+        def forward(self, x):
+            return self.gate(self.body(x))[0]
+
+    net = Net()
+    with ActivationRecorder(net, tmp_path, module_types=(Gate,)) as rec, rec.capture(0):
+        handle = gate.register_forward_pre_hook(lambda m, args: (args[0] - 0.5,))
+        net(x)
+        handle.remove()
+    with torch.no_grad():
+        z = model(x) - 0.5
+    np.testing.assert_array_equal(open_run(tmp_path).read("gate", 0).unpack(), (z > 0).numpy())
