@@ -546,14 +546,19 @@ class ProbeForward:
 
 
 def _dtype_hint(module: nn.Module, batch: Any) -> str:
-    """Where the batch's float tensors are of another dtype than the module's weights (a model trained in ``64-true``
-    or ``bf16-true`` precision, probed with float32 data), what to do; else ""."""
-    weights = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
-    data = sorted({str(t.dtype) for t in tensors(batch) if t.is_floating_point() and t.dtype != weights})
-    if weights is None or not data:
+    """Where the batch's float tensors are of a dtype none of the module's weights has (a model trained at ``64-true``
+    or ``bf16-true`` precision, probed with float32 data), what may be the cause; else "". Never raises: it runs
+    while another error is being raised."""
+    try:
+        weights = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        data = sorted({str(t.dtype) for t in tensors(batch) if t.is_floating_point() and t.dtype not in weights})
+    except Exception:  # noqa: BLE001 - a batch that cannot be walked: no hint
         return ""
-    return (f"The module's weights are {weights} but the batch holds {', '.join(data)} tensors: convert the inputs to "
-            f"{weights} in the probe forward (a model trained at a '-true' precision). ")
+    if not weights or not data:
+        return ""
+    kinds = ", ".join(sorted(map(str, weights)))
+    return (f"The batch holds {', '.join(data)} tensors and the module's weights are {kinds}: if that is the cause (a "
+            f"model trained at a '-true' precision), convert the inputs in the probe forward. ")
 
 
 def _mark_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:

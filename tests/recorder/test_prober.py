@@ -830,6 +830,6 @@ def test_a_probe_that_raised_is_tried_again_at_the_next_multiple_not_the_next_st
 def test_a_probe_set_of_another_float_dtype_than_the_weights_is_named(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).double()  # as trained at precision "64-true"
     with Prober(model, TensorDataset(torch.randn(8, 4)), tmp_path, 1, batch_size=8) as prober:
-        with pytest.raises(ProbeForwardError, match=r"weights are torch.float64 but the batch holds torch.float32 "
-                                                    r"tensors: convert the inputs to torch.float64 in the probe forward"):
+        with pytest.raises(ProbeForwardError, match=r"The batch holds torch.float32 tensors and the module's weights "
+                                                    r"are torch.float64: .* convert the inputs in the probe forward"):
             prober.maybe(0)
