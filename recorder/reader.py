@@ -371,7 +371,7 @@ class Run:
         parsed = schema.parse_shard_name(path.name)
         rank, index, partial = parsed if parsed else (-1, -1, path.name.endswith(schema.PARTIAL_SUFFIX))
         if partial and _is_empty(path):
-            reason = "it is empty: its writer stopped before the first block reached the disk"
+            reason = "it is empty: no block reached the disk (its writer still runs, or stopped before one did)"
             self._unfinalized.append((path, rank, index, Loss(path, reason, rank, index, kind="unwritten")))
             return
         try:
