@@ -264,10 +264,10 @@ class Run:
             try:
                 handle = schema.open_for_reading(shard.path)
             except FileNotFoundError:
-                final = shard.path.with_name(shard.path.name[: -len(".partial")])
-                if not shard.partial or not final.exists():
+                final = _finalized_since(shard.path)
+                if final is None:
                     raise
-                shard.path, shard.partial = final, False  # finalized by its writer since we indexed it
+                shard.path, shard.partial = final, False
                 handle = schema.open_for_reading(shard.path)
             self._handles[shard_id] = handle
             while len(self._handles) > self.max_open:
@@ -377,9 +377,9 @@ class Run:
         try:
             handle = schema.open_for_reading(path)
         except OSError as exc:
-            final = path.with_name(path.name[: -len(".partial")]) if partial else None
-            if final is not None and isinstance(exc, FileNotFoundError) and final.exists():
-                self._index_shard(final)  # finalized by its writer since the directory was listed
+            final = _finalized_since(path) if isinstance(exc, FileNotFoundError) else None
+            if final is not None:
+                self._index_shard(final)
                 return
             self._damaged(path, rank, index, partial, f"it cannot be opened ({_short(exc)})", exc)
             return
@@ -1276,6 +1276,15 @@ def _valid_rows(table: np.ndarray, extents: dict[str, int], has_values: bool) ->
     splits = table["split"]
     ok &= np.array([_decodes(s) for s in splits], dtype=bool) if len(splits) else np.zeros(0, bool)
     return ok
+
+
+def _finalized_since(path: Path) -> Path | None:
+    """The final file of a ``.partial`` shard that its writer finalized since the run listed or indexed it (a run
+    read while it trains); None if ``path`` is no ``.partial`` shard or was not finalized."""
+    if not path.name.endswith(schema.PARTIAL_SUFFIX):
+        return None
+    final = path.with_name(path.name[: -len(".partial")])
+    return final if final.exists() else None
 
 
 def _is_empty(path: Path) -> bool:
