@@ -197,6 +197,16 @@ def test_a_shard_finalized_between_the_listing_and_its_indexing_is_read_under_it
         np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
 
 
+def test_a_shard_finalized_after_the_run_was_opened_is_read_under_its_final_name(tmp_path, truth):
+    inputs = _write_run(tmp_path, [0, 1])
+    (shard,) = tmp_path.glob("*.h5")
+    shard.rename(tmp_path / schema.shard_name(0, 0, partial=True))
+    run = open_run(tmp_path, warn=False)
+    (tmp_path / schema.shard_name(0, 0, partial=True)).rename(shard)  # its writer finalizes it now
+    for (site, step), z in inputs.items():
+        np.testing.assert_array_equal(truth.unpack(run.read(site, step).bits, z.shape[1]), truth.channel(z))
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign"])
 def test_damaged_partial_shard_is_skipped_with_a_warning(damage, tmp_path, caplog, truth):
     inputs = _write_run(tmp_path, [0])
