@@ -529,32 +529,7 @@ class ActivationRecorder:
                 pattern=self.pattern,
                 value_units=self._value_units(len(self._site_meta), n_units),
             )
-            if self._ambiguous(shape):
-                self._warn_once(
-                    f"rank3:{name}",
-                    f"actpat: site {name!r} has 3-d pre-activations (N, {shape[0]}, {shape[1]}): its patterns take "
-                    f"dimension 1 as the units ({shape[0]} units, {shape[1]} positions per sample), right for a "
-                    f"Conv1d's (N, C, L). If the last dimension holds the units (a Linear on (N, L, C) sequences: "
-                    f"transformers, MLP-Mixers), pass pattern='channel_last'; pass pattern='channel' to confirm "
-                    f"dimension 1 and silence this warning.",
-                )
-            elif not shape:
-                self._warn_once(
-                    f"1d:{name}",
-                    f"actpat: site {name!r} has 1-d pre-activations ({n_units},), recorded as one observation of "
-                    f"{n_units} units (the forward of one unbatched sample). If dimension 0 is the batch (a score per "
-                    f"sample, such as `F.relu(fc(x).squeeze(1))`), keep the unit dimension, (N, 1), to record one "
-                    f"pattern per sample with its label.",
-                )
-            elif self._features_last(name, shape):
-                self._warn_once(
-                    f"last:{name}",
-                    f"actpat: site {name!r} has pre-activations (N, {', '.join(map(str, shape))}) whose last dimension "
-                    f"is the width of an nn.Linear beside it ({shape[-1]} features): a channels-last tensor (ConvNeXt, "
-                    f"Swin) holds its units there, but the default pattern takes dimension 1 as the units ({shape[0]} "
-                    f"units). Pass pattern='channel_last' ({shape[-1]}-unit patterns, one per position), or "
-                    f"pattern='channel' to confirm dimension 1 and silence this warning.",
-                )
+            self._warn_of_layout(name, shape, n_units)
         elif meta.n_units != n_units:
             change = f"site {name!r} changed width from {meta.n_units} to {n_units} units at step {context.step} " \
                      f"({context.split!r})"
@@ -606,6 +581,36 @@ class ActivationRecorder:
             sample_ids=sample_ids, labels=labels, obs_index=obs_index, values=values,
             stream=_stream(bits),
         )
+
+    def _warn_of_layout(self, name: str, shape: tuple[int, ...], n_units: int) -> None:
+        """At a site's first call, warn once where the default pattern may cut its pre-activations ``(N, *shape)``
+        into the wrong units (3-d, channels-last beside a Linear) or it has no batch dimension (1-d)."""
+        if self._ambiguous(shape):
+            self._warn_once(
+                f"rank3:{name}",
+                f"actpat: site {name!r} has 3-d pre-activations (N, {shape[0]}, {shape[1]}): its patterns take "
+                f"dimension 1 as the units ({shape[0]} units, {shape[1]} positions per sample), right for a "
+                f"Conv1d's (N, C, L). If the last dimension holds the units (a Linear on (N, L, C) sequences: "
+                f"transformers, MLP-Mixers), pass pattern='channel_last'; pass pattern='channel' to confirm "
+                f"dimension 1 and silence this warning.",
+            )
+        elif not shape:
+            self._warn_once(
+                f"1d:{name}",
+                f"actpat: site {name!r} has 1-d pre-activations ({n_units},), recorded as one observation of "
+                f"{n_units} units (the forward of one unbatched sample). If dimension 0 is the batch (a score per "
+                f"sample, such as `F.relu(fc(x).squeeze(1))`), keep the unit dimension, (N, 1), to record one "
+                f"pattern per sample with its label.",
+            )
+        elif self._features_last(name, shape):
+            self._warn_once(
+                f"last:{name}",
+                f"actpat: site {name!r} has pre-activations (N, {', '.join(map(str, shape))}) whose last dimension "
+                f"is the width of an nn.Linear beside it ({shape[-1]} features): a channels-last tensor (ConvNeXt, "
+                f"Swin) holds its units there, but the default pattern takes dimension 1 as the units ({shape[0]} "
+                f"units). Pass pattern='channel_last' ({shape[-1]}-unit patterns, one per position), or "
+                f"pattern='channel' to confirm dimension 1 and silence this warning.",
+            )
 
     def _ambiguous(self, shape: tuple[int, ...]) -> bool:
         """Whether a site of pre-activations ``(N, *shape)`` is 3-d and its pattern the default: ``(N, C, L)`` and
