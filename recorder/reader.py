@@ -64,7 +64,9 @@ class Loss:
     steps : (int or None, int or None) or None
         For records whose records-table row cannot be trusted (its checksum fails, or it never reached
         the disk): the steps it may belong to, from the sound rows around it (None: unbounded). ``step``
-        and ``split`` are then None. Reads of those steps count the record in ``lost_records``.
+        and ``split`` are then None. Reads of those steps count the record in ``lost_records``. (A shard
+        missing or a site group that cannot be read is listed without steps; reads count it likewise for
+        the steps between the rank's records of the site around it.)
     """
 
     path: Path
@@ -238,6 +240,7 @@ class Run:
                 self._sessions[session[0]].append((session[1], self.path / name, marks))
         self._report_unfinalized()
         self._find_numbering_gaps()
+        self._bound_lost_shards()
         self._find_incomplete_steps()
         self._find_steps_missing_a_rank()
         for entries in self._entries.values():
@@ -783,6 +786,50 @@ class Run:
             for index in sorted(set(range(max(indices) + 1)) - indices):
                 path = self.path / schema.shard_name(rank, index)
                 self._lose(Loss(path, "the shard is missing (deleted?)", rank, index, kind="missing"))
+
+    def _bound_lost_shards(self) -> None:
+        """Bound the steps of a shard lost whole (missing) or of one site's group of it (unreadable), which the loss
+        cannot name: reads of those steps count it in ``lost_records``, where the rows of the other ranks would
+        otherwise read as the whole step. Only splits the rank recorded are bounded."""
+        lost = [loss for loss in self.losses if loss.shard_index >= 0 and loss.step is None and loss.steps is None
+                and (loss.kind == "missing" or (loss.kind == "unreadable" and loss.site is not None))]
+        if not lost:
+            return
+        recorded = {(self._shards[e.shard].rank, split) for (_, split), entries in self._entries.items() for e in entries}
+        indices = np.array([shard.index for shard in self._shards], dtype=np.int64)
+        for loss in lost:
+            for site in [loss.site] if loss.site is not None else list(self._info):
+                for split in sorted({split for rank, split in recorded if rank == loss.rank}):
+                    steps = self._steps_around(loss, site, split, indices)
+                    if steps is not None:
+                        self._index_losses[site].append(dataclasses.replace(loss, site=site, split=split, steps=steps))
+
+    def _steps_around(self, loss: Loss, site: str, split: str, indices: np.ndarray) -> tuple[int | None, int | None] | None:
+        """The steps of ``site`` in ``split`` that the shard of ``loss`` may have held (None: none). A rank writes a
+        site's records of a split in step order, parts in order: from its last step in the shards before to its
+        first in those after (None: none), each left out where step tracking shows that the lost shard held no part
+        of it (the part before ends the step, the part after begins it, or the two are consecutive parts of one
+        step; a part lost in the middle of a step is found by :meth:`_find_incomplete_steps` as well)."""
+        before, after = [], []
+        for e in self._entries.get((site, split), ()):
+            shard = self._shards[e.shard]
+            if shard.rank == loss.rank:
+                (before if shard.index < loss.shard_index else after).append(e.step)
+        lo, hi = max(before, default=None), min(after, default=None)
+        code = self._split_codes.get(split.encode())
+        if code is None or not self._step_parts.get((site, loss.rank)):
+            return lo, hi
+        rows = np.concatenate(self._step_parts[(site, loss.rank)])
+        rows, index = rows[rows["split"] == code], indices[rows["shard"][rows["split"] == code]]
+        last = rows[(rows["step"] == lo) & (index < loss.shard_index)] if lo is not None else rows[:0]
+        first = rows[(rows["step"] == hi) & (index > loss.shard_index)] if hi is not None else rows[:0]
+        if lo == hi and len(last) and len(first) and first["part"].min() == last["part"].max() + 1:
+            return None
+        if last["ends_step"].any():
+            lo += 1
+        if (first["part"] == 0).any():
+            hi -= 1
+        return (lo, hi) if lo is None or hi is None or lo <= hi else None
 
     # ------------------------------------------------------------------ queries
     @property

@@ -1,0 +1,83 @@
+"""A shard deleted from a run, or one site's group of it unreadable: in a data-parallel run every rank
+records the same steps, and a read of a step whose records of one rank were there must say so
+(``lost_records``), not return the other ranks' rows as the whole step. The truth is taken from the
+damaged file itself, with h5py, before the damage."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from actpat.recorder import open_run, schema
+from actpat.recorder.shards import Record, ShardWriter, SiteMeta
+
+SITES = ("a", "b")
+N_STEPS = 7
+RANKS = (0, 1)
+
+
+def _plan(step):
+    """(split, number of parts) of ``step``: a probe split every third step, in two parts (two probe batches)."""
+    return ("probe", 2) if step % 3 == 0 else ("train", 1)
+
+
+def _bits(rank, site, step, part):
+    rng = np.random.default_rng([rank, SITES.index(site), step, part])
+    return rng.integers(0, 256, size=(3, 1), dtype=np.uint8)
+
+
+def _write(out):
+    """Two ranks, every record in a shard of its own (``max_shard_bytes=1``)."""
+    for rank in RANKS:
+        writer = ShardWriter(out, rank=rank, max_shard_bytes=1)
+        writer.start()
+        metas = [SiteMeta(site, i, "ReLU", (8,), 8, "flat") for i, site in enumerate(SITES)]
+        for step in range(N_STEPS):
+            split, parts = _plan(step)
+            for part in range(parts):
+                for meta in metas:
+                    writer.put(Record(meta, step, 0, split, _bits(rank, meta.site, step, part), 1, 3, 0,
+                                      part=part, ends_step=part == parts - 1))  # fmt: skip
+        writer.close()
+
+
+def _held(path):
+    """(site, split, step) of every record of a shard, read with h5py."""
+    held = set()
+    with h5py.File(path, "r") as handle:
+        for key, group in handle[schema.SITES_GROUP].items():
+            for row in group[schema.RECORDS][:]:
+                held.add((group.attrs["site"], row["split"].decode(), int(row["step"])))
+    return held
+
+
+@pytest.mark.parametrize("damage", ["deleted", "site group unreadable"])
+def test_a_lost_shard_of_one_rank_counts_in_every_read_of_the_steps_it_held(damage, tmp_path):
+    checked = 0
+    for victim_index in (1, 5, 9, 13, 17):  # shards in the middle of rank 1's numbering (a gap)
+        out = tmp_path / f"{damage}-{victim_index}"
+        _write(out)
+        victim = out / schema.shard_name(1, victim_index)
+        lost = _held(victim)
+        assert lost
+        if damage == "deleted":
+            victim.unlink()
+        else:
+            with h5py.File(victim, "r+") as handle:
+                del next(iter(handle[schema.SITES_GROUP].values()))[schema.RECORDS]
+        run = open_run(out, warn=False)
+        assert run.losses, "the damage is listed"
+        for site in SITES:
+            for split in ("train", "probe"):
+                for step in run.steps(site, split).tolist():
+                    patterns = run.read(site, step, split)
+                    parts = _plan(step)[1]
+                    whole = (site, split, step) not in lost
+                    assert (patterns.lost_records == 0) == whole, (site, split, step)
+                    if whole:  # exact: every rank's rows, bit for bit
+                        expected = np.concatenate([_bits(rank, site, step, part) for rank in RANKS
+                                                   for part in range(parts)])  # fmt: skip
+                        np.testing.assert_array_equal(patterns.bits, expected)
+                    checked += 1
+    assert checked > 50
