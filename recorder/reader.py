@@ -146,11 +146,18 @@ class _Shard:
 
     def __init__(self, path: Path, rank: int, index: int, version: int, partial: bool, codec: str) -> None:
         self.path, self.rank, self.index, self.version, self.partial, self.codec = path, rank, index, version, partial, codec
+        self.last_steps: dict[str, int] = {}  # split -> the last step it holds a record of
 
 
 def _queued_here(rank: int, mark: int, steps: str, rows: str) -> str:
     return (f"rank {rank} queued its records of {steps}, which never reached the disk (its writer was killed or is "
             f"still running): {rows} only the other ranks' batches")
+
+
+def _missing_after(rank: int, mark: int, steps: str, rows: str) -> str:
+    return (f"rank {rank} queued its records of {steps} and closed, but they are not on disk (a shard after its last "
+            f"one on disk is missing, deleted or not copied, or its last records were dropped): {rows} only the other "
+            "ranks' batches")
 
 
 def _stopped_before(rank: int, mark: int, steps: str, rows: str) -> str:
@@ -467,6 +474,7 @@ class Run:
                 self._lose(loss)
         for site, entry in entries:
             self._entries[(site, entry.split)].append(entry)
+            shard.last_steps[entry.split] = max(entry.step, shard.last_steps.get(entry.split, entry.step))
         for site, rows in parts:
             rows["shard"] = shard_id
             self._step_parts[(site, rank)].append(rows)
@@ -630,13 +638,14 @@ class Run:
         the same steps, and a rank killed before its last records reached the disk left those steps to the others.
 
         Each writer session stores the last step of each split it queued (its marks file): a session that never
-        closed lost its steps after the last one it wrote, up to that mark, for each site. Such a step, held by
+        closed lost its steps after the last one it wrote, up to that mark, for each site; so did a closed one
+        whose shards on disk end before its mark (a last shard deleted or not copied, its last records dropped). Such a step, held by
         other ranks and never by this one, is lost (``Loss.kind`` "incomplete", naming the rank), whether the
         other ranks' shards were finalized or not. Runs written before marks files existed fall back to
         :meth:`_find_steps_missing_a_rank_unmarked`. Any rank's unwritten steps, up to its marks, are listed in
         :attr:`losses` too (kind "unwritten", a range of steps per site), so that a read of one names them."""
         several = len({shard.rank for shard in self._shards} | self._crashed | set(self._sessions)) > 1
-        unclosed, marked = [], set()
+        cut, marked = [], set()  # (rank, marks path, queued, end, closed) of sessions that lost their last steps
         for rank, sessions in self._sessions.items():
             sessions.sort(key=lambda session: session[0])
             starts = [first for first, _, _ in sessions] + [math.inf]
@@ -644,24 +653,39 @@ class Run:
                 if marks is None:
                     continue  # unreadable: this rank is checked as runs without marks are
                 marked.add(rank)
-                if not marks[1]:
-                    unclosed.append((rank, path, marks[0], end))
-        if not several and not unclosed:
-            return  # one rank that closed, the usual run: no pass over every entry at each open
+                queued, closed = marks
+                if closed:  # all it queued was written, unless a shard was lost since: its last step on disk tells
+                    queued = self._beyond_disk(rank, first, end, queued)
+                if queued:
+                    cut.append((rank, path, queued, end, closed))
+        if not several and not cut:
+            return  # one rank that closed, its shards all there: the usual run, no pass over every entry at each open
         held: dict[tuple[str, str], dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
         for (site, split), entries in self._entries.items():
             for e in entries:
                 shard = self._shards[e.shard]
                 held[(site, split)][shard.rank].append((shard.index, e.step))
-        for rank, path, queued, end in unclosed:
-            self._lose_unwritten_steps(rank, path, queued, end, held)
+        for rank, path, queued, end, closed in cut:
+            self._lose_unwritten_steps(rank, path, queued, end, held, closed)
         if several:
             self._find_steps_missing_a_rank_unmarked(held, skip=marked)
 
-    def _lose_unwritten_steps(self, rank: int, path: Path, queued: dict[str, int], end: float, held: dict) -> None:
-        """Lose what a session of ``rank`` that never closed queued and never wrote: per site, the steps after
-        its last written one (in shards before ``end``, the next session's first) up to its mark, that other
-        ranks hold and this rank does not. One warning per cause and split, not one per step and site."""
+    def _beyond_disk(self, rank: int, first: int, end: float, queued: dict[str, int]) -> dict[str, int]:
+        """The marks of ``queued`` (split -> last step queued) past the last step on disk of the writer session of
+        ``rank`` whose shards are numbered from ``first`` to before ``end``."""
+        last: dict[str, int] = {}
+        for shard in self._shards:
+            if shard.rank == rank and first <= shard.index < end:
+                for split, step in shard.last_steps.items():
+                    last[split] = max(step, last.get(split, step))
+        return {split: mark for split, mark in queued.items() if last.get(split, -1) < mark}
+
+    def _lose_unwritten_steps(self, rank: int, path: Path, queued: dict[str, int], end: float, held: dict,
+                              closed: bool = False) -> None:
+        """Lose what a session of ``rank`` queued and never wrote (it never closed), or wrote and no longer has on
+        disk (it closed: a shard lost after its last one on disk): per site, the steps after its last one on disk
+        (in shards before ``end``, the next session's first) up to its mark, and those that other ranks hold and
+        this rank does not. One warning per cause and split, not one per step and site."""
         lost: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)  # (reason, split) -> (site, step)
         for (site, split), by_rank in sorted(held.items()):
             mark = queued.get(split)
@@ -672,15 +696,22 @@ class Run:
             # A later session of the rank (a fit resumed from a checkpoint) recorded its steps from here on anew.
             again = min((step for index, step in own if index >= end and step > last), default=mark + 1)
             upto = min(mark, again - 1)
-            if last < upto:
+            if last < upto and closed:
+                self._lose(Loss(path, f"rank {rank} queued records of steps up to {mark} and closed, but its shards on disk "
+                                f"end before: a shard after its last one is missing (deleted, or not copied?), or its "
+                                "last records were dropped (`dropped_records`)", rank, -1, site, split, kind="missing",
+                                steps=(last + 1, upto)))
+            elif last < upto:
                 self._lose(Loss(path, f"rank {rank} queued records of steps up to {mark} that never reached the disk "
                                 "(its writer was killed, or is still running)", rank, -1, site, split,
                                 kind="unwritten", steps=(last + 1, upto)))
             mine = {step for _, step in own}
             theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
             # Each loss names its step; the warning that sums a cause up names its steps.
-            for why, steps in ((_queued_here, {t for t in theirs - mine if last < t <= mark}),
-                               (_stopped_before, self._steps_beside(rank, mark, by_rank) - mine)):
+            # A session that closed stopped by choice: other ranks may well go on.
+            beside = set() if closed else self._steps_beside(rank, mark, by_rank) - mine
+            for why, steps in ((_missing_after if closed else _queued_here, {t for t in theirs - mine if last < t <= mark}),
+                               (_stopped_before, beside)):
                 for step in sorted(steps):
                     reason = why(rank, mark, "this step", "the step's rows are")
                     self._lose_incomplete(path, rank, site, split, step, reason, warn=False)

@@ -27,9 +27,9 @@ def _bits(rank, site, step, part):
     return rng.integers(0, 256, size=(3, 1), dtype=np.uint8)
 
 
-def _write(out):
-    """Two ranks, every record in a shard of its own (``max_shard_bytes=1``)."""
-    for rank in RANKS:
+def _write(out, ranks=RANKS):
+    """Every record in a shard of its own (``max_shard_bytes=1``), rank by rank."""
+    for rank in ranks:
         writer = ShardWriter(out, rank=rank, max_shard_bytes=1)
         writer.start()
         metas = [SiteMeta(site, i, "ReLU", (8,), 8, "flat") for i, site in enumerate(SITES)]
@@ -55,7 +55,7 @@ def _held(path):
 @pytest.mark.parametrize("damage", ["deleted", "site group unreadable"])
 def test_a_lost_shard_of_one_rank_counts_in_every_read_of_the_steps_it_held(damage, tmp_path):
     checked = 0
-    for victim_index in (1, 5, 9, 13, 17):  # shards in the middle of rank 1's numbering (a gap)
+    for victim_index in (0, 1, 5, 9, 13, 17, 19):  # the first, in the middle (a gap in the numbering), the last
         out = tmp_path / f"{damage}-{victim_index}"
         _write(out)
         victim = out / schema.shard_name(1, victim_index)
@@ -68,16 +68,51 @@ def test_a_lost_shard_of_one_rank_counts_in_every_read_of_the_steps_it_held(dama
                 del next(iter(handle[schema.SITES_GROUP].values()))[schema.RECORDS]
         run = open_run(out, warn=False)
         assert run.losses, "the damage is listed"
+        _check_reads(run, lost)
+        checked += 1
+    assert checked == 7  # every victim
+
+
+def _check_reads(run, lost):
+    """Every step of either rank read back: exact, or its loss counted."""
+    checked = 0
+    for site in SITES:
+        for split in ("train", "probe"):
+            for step in run.steps(site, split).tolist():
+                patterns = run.read(site, step, split)
+                parts = _plan(step)[1]
+                whole = (site, split, step) not in lost
+                assert (patterns.lost_records == 0) == whole, (site, split, step)
+                if whole:  # exact: every rank's rows, bit for bit
+                    expected = np.concatenate([_bits(rank, site, step, part) for rank in RANKS
+                                               for part in range(parts)])  # fmt: skip
+                    np.testing.assert_array_equal(patterns.bits, expected)
+                checked += 1
+    assert checked == len(SITES) * N_STEPS
+
+
+@pytest.mark.parametrize("ranks", [(0,), RANKS], ids=["one rank", "two ranks"])
+def test_the_last_shards_of_a_closed_writer_deleted_are_reported_by_its_marks(ranks, tmp_path):
+    # Nothing after them in the numbering shows a gap: the writer's marks file (the last step it queued in
+    # each split) does, here for the last step, 6 (a probe step in two parts, each site's in shards 16 to 19).
+    _write(tmp_path, ranks)
+    rank = ranks[-1]
+    lost = set()
+    for index in (16, 17, 18, 19):
+        victim = tmp_path / schema.shard_name(rank, index)
+        lost |= _held(victim)
+        victim.unlink()
+    assert lost == {(site, "probe", 6) for site in SITES}
+    run = open_run(tmp_path, warn=False)
+    for site in SITES:
+        (loss,) = [loss for loss in run.losses if loss.site == site and loss.steps is not None]
+        assert loss.kind == "missing" and loss.split == "probe" and loss.rank == rank
+        assert loss.may_hold(site, "probe", 6) and not loss.may_hold(site, "probe", 3)
+        assert "closed" in loss.reason and "missing" in loss.reason
+    if len(ranks) == 1:
         for site in SITES:
-            for split in ("train", "probe"):
-                for step in run.steps(site, split).tolist():
-                    patterns = run.read(site, step, split)
-                    parts = _plan(step)[1]
-                    whole = (site, split, step) not in lost
-                    assert (patterns.lost_records == 0) == whole, (site, split, step)
-                    if whole:  # exact: every rank's rows, bit for bit
-                        expected = np.concatenate([_bits(rank, site, step, part) for rank in RANKS
-                                                   for part in range(parts)])  # fmt: skip
-                        np.testing.assert_array_equal(patterns.bits, expected)
-                    checked += 1
-    assert checked > 50
+            assert run.steps(site, "probe").tolist() == [0, 3]
+            with pytest.raises(KeyError, match=r"step 6 has no record.*may be in damaged parts.*up to 6 and closed"):
+                run.read(site, 6, "probe")
+    else:
+        _check_reads(run, lost)
