@@ -423,7 +423,7 @@ def _check_subset_sizes(runs: list, args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from actpat.analysis.compare import common_split, report, split_run_spec
+    from actpat.analysis.compare import common_split, parse_runs, report, split_run_spec
 
     _check_writable_dir(args.output, "-o")
     runs = []
@@ -433,17 +433,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         runs.append((spec if group is None else group, locate_run(path)))
     from actpat.recorder import open_run
 
-    # Checked here, in the options' command-line names, before any work.
-    opened = [open_run(path, warn=False) for _, path in runs]  # their losses are told once, by the comparison
-    try:
-        common_split(opened, args.split, name="--split")  # a split missing, several without --split, or different ones
-        if not args.no_width_controlled and (args.units is not None or args.observations is not None):
-            _check_subset_sizes(opened, args)
-    finally:
-        for run in opened:
-            run.close()
+    # Opened once, here: checked in the options' command-line names before any work, then compared.
+    specs = [spec._replace(opened=open_run(spec.path)) for spec in parse_runs(runs)]
+    opened = [spec.opened for spec in specs]
+    common_split(opened, args.split, name="--split")  # a split missing, several without --split, or different ones
+    if not args.no_width_controlled and (args.units is not None or args.observations is not None):
+        _check_subset_sizes(opened, args)
     written = report(
-        runs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, stay=args.stay,
+        specs, args.output, split=args.split, metrics=args.metric, threshold=args.threshold, stay=args.stay,
         kind=args.band, width_controlled=not args.no_width_controlled, regions=args.regions, m=args.units,
         n_obs=args.observations, n_subsets=args.subsets,
         seed=args.seed, x=args.x, progress=not args.no_progress,

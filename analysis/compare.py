@@ -71,6 +71,8 @@ class RunSpec(NamedTuple):
     """Configuration the run belongs to (its seeds share it)."""
     path: Path
     """Run directory."""
+    opened: Run | None = None
+    """The run, where it was opened before (for checks made before the comparison); else read from ``path``."""
 
 
 def split_run_spec(item) -> tuple[str | None, Path]:
@@ -189,7 +191,7 @@ def compare(
         of :func:`~actpat.analysis.summarize` followed by the width-controlled and region rows.
     """
     specs = parse_runs(runs)
-    opened = [open_run(spec.path) for spec in specs]
+    opened = [open_run(spec.path) if spec.opened is None else spec.opened for spec in specs]
     split = common_split(opened, split)
     if width_controlled and (m is None or n_obs is None):
         default_m, default_n = subset_sizes(opened, split)

@@ -409,6 +409,22 @@ def test_compare_writes_the_convergence_table_of_grouped_runs(run_dir, tmp_path,
     assert "wrote" in capsys.readouterr().out
 
 
+def test_compare_indexes_each_run_once(run_dir, tmp_path, monkeypatch):
+    """The checks made before any work and the comparison share the opened runs: indexing a run reads every
+    shard's records tables, which for a long run is most of the time a comparison takes."""
+    from actpat.recorder import reader
+
+    opened = []
+    index = reader.Run.__init__
+    monkeypatch.setattr(reader.Run, "__init__", lambda self, path, **kw: opened.append(path) or index(self, path, **kw))
+    other = tmp_path / "other"
+    record_mlp(other, seed=1)
+    argv = ["compare", str(run_dir), str(other), "-o", str(tmp_path / "cmp"), "--subsets", "2", "--no-progress",
+            "--units", "3", "--split", "probe"]
+    assert main(argv) == 0
+    assert sorted(map(str, opened)) == sorted([str(run_dir), str(other)])
+
+
 def test_compare_refuses_subset_sizes_beyond_the_runs_in_the_flags_words_before_any_work(run_dir, tmp_path, capsys):
     from actpat.analysis.width import subset_sizes
 
