@@ -856,11 +856,28 @@ class Run:
         first = rows[(rows["step"] == hi) & (index > loss.shard_index)] if hi is not None else rows[:0]
         if lo == hi and len(last) and len(first) and first["part"].min() == last["part"].max() + 1:
             return None
-        if last["ends_step"].any():
+        if last["ends_step"].any() and self._ends_are_final(site, code):
             lo += 1
         if (first["part"] == 0).any():
             hi -= 1
         return (lo, hi) if lo is None or hi is None or lo <= hi else None
+
+    def _ends_are_final(self, site: str, code: int) -> bool:
+        """Whether no rank's records of ``site`` in the split (as a code) have a part after one that ends its step:
+        a step captured again after a capture that ended it (``ends_step=True``, the default, given to both) makes
+        an end no proof that nothing of the step follows."""
+        for (other, _), arrays in self._step_parts.items():
+            if other != site:
+                continue
+            rows = np.concatenate(arrays)
+            rows = rows[rows["split"] == code]
+            steps, inverse = np.unique(rows["step"], return_inverse=True)
+            top = np.full(len(steps), -1, dtype=np.int64)
+            np.maximum.at(top, inverse, rows["part"])
+            ended = rows["ends_step"] == 1
+            if (rows["part"][ended] < top[inverse[ended]]).any():
+                return False
+        return True
 
     # ------------------------------------------------------------------ queries
     @property

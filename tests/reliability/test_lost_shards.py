@@ -116,3 +116,25 @@ def test_the_last_shards_of_a_closed_writer_deleted_are_reported_by_its_marks(ra
                 run.read(site, 6, "probe")
     else:
         _check_reads(run, lost)
+
+
+def test_a_step_captured_again_after_its_end_is_not_taken_as_ended_by_a_lost_shard(tmp_path):
+    # Two captures of step 1, each ending it (ends_step=True, the default, given twice): the end of its first part
+    # is no proof that the shard after it held nothing of the step. Rank 1's shard holding its second part is lost.
+    for rank in RANKS:
+        writer = ShardWriter(tmp_path, rank=rank, max_shard_bytes=1)
+        writer.start()
+        meta = SiteMeta("a", 0, "ReLU", (8,), 8, "flat")
+        for step, part in ((0, 0), (1, 0), (1, 1), (2, 0)):
+            writer.put(Record(meta, step, 0, "train", _bits(rank, "a", step, part), 1, 3, 0, part=part,
+                              ends_step=True))
+        writer.close()
+    victim = tmp_path / schema.shard_name(1, 2)
+    assert _held(victim) == {("a", "train", 1)}
+    victim.unlink()
+    run = open_run(tmp_path, warn=False)
+    assert run.read("a", 1, "train").lost_records > 0
+    for step in (0, 2):  # the steps around it are whole
+        patterns = run.read("a", step, "train")
+        assert patterns.lost_records == 0
+        np.testing.assert_array_equal(patterns.bits, np.concatenate([_bits(rank, "a", step, 0) for rank in RANKS]))
