@@ -191,6 +191,7 @@ class ActivationRecorder:
         )
         self._context: _Capture | None = None
         self._parts: dict[str, tuple[tuple[str, int], int]] = {}  # site -> ((split, step), its next part)
+        self._ended: tuple[str, int] | None = None  # (split, step) of the last step a capture or end_step() ended
         self._latest: dict[str, int] = {}  # split -> the latest step whose records were handed to the writer
 
     # ------------------------------------------------------------------ lifecycle
@@ -296,6 +297,13 @@ class ActivationRecorder:
             )
         if record:
             self._check_order(step, split)
+            if self._ended == (split, step):
+                self._warn_once(
+                    f"ended:{split}",
+                    f"actpat: step {step} of split {split!r} is captured again after a capture that ended it (`ends_step=True`, "
+                    "the default): a reader then cannot tell whether this capture's records reached the disk. Pass "
+                    "ends_step=False to every capture of a step but its last (or end it with `end_step()`).",
+                )
         labels, sample_ids = _per_sample(labels, "labels", lowest=-1), _per_sample(sample_ids, "sample_ids")
         mask = _observation_mask(mask)
         empty = np.flatnonzero(~mask.reshape(len(mask), -1).any(axis=1)) if mask is not None and record else ()
@@ -430,6 +438,7 @@ class ActivationRecorder:
             return []
         for record in last.values():
             record.ends_step = True
+        self._ended = key
         return self._closing_records(key, context.epoch, skip=last)
 
     def _closing_records(self, key: tuple[str, int], epoch: int, skip: Iterable[str] = ()) -> list[Record]:
@@ -451,7 +460,9 @@ class ActivationRecorder:
         Queues one empty record per site recorded in the step, marking its end; nothing if none was.
         """
         self.writer.raise_if_failed()
-        closing = self._closing_records((split, _whole(step, "step")), _whole(epoch, "epoch"))
+        key = (split, _whole(step, "step"))
+        closing = self._closing_records(key, _whole(epoch, "epoch"))
+        self._ended = key
         if closing:
             self.writer.put_many(closing)
 

@@ -291,6 +291,22 @@ def test_end_step_ends_a_step_whose_captures_could_not_tell(tmp_path):
     assert run.losses == [] and len(run.read("1", 3)) == 4
 
 
+def test_a_step_captured_again_after_a_capture_that_ended_it_is_warned_of_once(tmp_path, caplog):
+    model = _model()
+    with caplog.at_level(logging.WARNING, logger="actpat"), ActivationRecorder(model, tmp_path) as rec:
+        _capture(rec, model, 1, ends_step=False)
+        _capture(rec, model, 1)  # the protocol: every capture of the step but its last says ends_step=False
+        assert "captured again" not in caplog.text
+        _capture(rec, model, 2)
+        _capture(rec, model, 2)  # two captures that each end step 2
+        _capture(rec, model, 3)
+        _capture(rec, model, 3)
+        rec.end_step(4)
+        _capture(rec, model, 4)
+    assert caplog.text.count("captured again") == 1
+    assert "step 2 of split 'train' is captured again" in caplog.text and "ends_step=False" in caplog.text
+
+
 @pytest.mark.parametrize("live", [False, True])
 def test_a_resumed_prober_names_a_checkpointed_probe_that_never_reached_the_disk(tmp_path, caplog, live):
     g = torch.Generator().manual_seed(0)
