@@ -47,6 +47,10 @@ _STOP = object()
 # 19 sites), at 12 MiB more memory.
 _WRITE_BYTES = 16 << 20
 _WRITE_SECONDS = 1.0
+# Under on_backpressure="drop", each dropped record of a numbered step is followed by an empty record that leaves
+# the gap a reader reports the step by; at most this many wait in the queue (about 1 kB each), beyond which drops go
+# unmarked (said once) so that memory stays bounded whatever the rate of drops.
+_MAX_QUEUED_MARKERS = 10_000
 # Staging buffers for a block's columns are reused across blocks up to this size; larger columns are
 # written record by record rather than concatenated.
 _STAGING_BYTES = 8 << 20
@@ -95,11 +99,18 @@ class Record:
     stream: Any = None
     part: int = -1
     ends_step: bool = False
+    marks_a_drop: bool = False
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         arrays = (self.bits, self.sample_ids, self.labels, self.obs_index, self.values)
         self.nbytes = sum(_nbytes(a) for a in arrays)
+
+
+def _dropped_marker(record: Record) -> Record:
+    """The empty record queued in place of dropped ``record``: numbered after it, ending its step as it would have."""
+    return Record(record.meta, record.step, record.epoch, record.split, np.zeros((0, record.meta.n_bytes), np.uint8),
+                  record.n_positions, 0, 0, part=record.part + 1, ends_step=record.ends_step, marks_a_drop=True)
 
 
 def _nbytes(array: Any) -> int:
@@ -193,6 +204,7 @@ class ShardWriter:
         self.warned: set[str] = set()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._queued_bytes = 0
+        self._queued_markers = 0  # empty records queued in place of dropped ones (their bound: _MAX_QUEUED_MARKERS)
         self._space = threading.Condition()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -299,6 +311,16 @@ class ShardWriter:
                     n_queued += 1
                     continue
                 self._count_drop()
+                if record.part >= 0 and self._queued_markers < _MAX_QUEUED_MARKERS:
+                    # An empty record numbered after the dropped one: the gap it leaves in the step's parts is what a
+                    # reader reports the step by (otherwise a step's only record, dropped, leaves no trace, and in a
+                    # data-parallel run the other ranks' rows would read as the whole step).
+                    self._queued_markers += 1
+                    batch.append(_dropped_marker(record))
+                elif record.part >= 0 and "unmarked drops" not in self.warned:
+                    self.warned.add("unmarked drops")
+                    log.warning("actpat: the shard writer has fallen %d dropped records behind; further drops are "
+                                "counted but not marked, so a reader may read such a step as whole.", _MAX_QUEUED_MARKERS)
             if batch:
                 self._queue.put(batch)
         return n_queued
@@ -430,6 +452,7 @@ class ShardWriter:
                     finally:
                         with self._space:
                             self._queued_bytes -= record.nbytes
+                            self._queued_markers -= record.marks_a_drop
                             self._space.notify_all()
                     self._meet_deadlines()
         except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
@@ -483,6 +506,7 @@ class ShardWriter:
                 return
             with self._space:
                 self._queued_bytes -= sum(record.nbytes for record in records)
+                self._queued_markers -= sum(record.marks_a_drop for record in records)
                 self._space.notify_all()
 
     def _open_marks(self) -> None:

@@ -138,3 +138,42 @@ def test_a_step_captured_again_after_its_end_is_not_taken_as_ended_by_a_lost_sha
         patterns = run.read("a", step, "train")
         assert patterns.lost_records == 0
         np.testing.assert_array_equal(patterns.bits, np.concatenate([_bits(rank, "a", step, 0) for rank in RANKS]))
+
+
+def _record_dropping(out):
+    """Rank 0 writes every record; rank 1 drops site "b"'s record of every step under backpressure: a queue bound
+    of one byte drops any record put while another waits, and each step puts "a" (into an empty queue) then "b"."""
+    import time
+
+    metas = [SiteMeta(site, i, "ReLU", (8,), 8, "flat") for i, site in enumerate(SITES)]
+    for rank in RANKS:
+        writer = ShardWriter(out, rank=rank, **({"on_backpressure": "drop", "max_queue_bytes": 1} if rank else {}))
+        writer.start()
+        for step in range(N_STEPS):
+            while writer.queued_bytes:
+                time.sleep(0.001)
+            writer.put_many([Record(meta, step, 0, "train", _bits(rank, meta.site, step, 0), 1, 3, 0, part=0,
+                                    ends_step=True) for meta in metas])  # fmt: skip
+        writer.close()
+
+
+def test_records_dropped_under_backpressure_are_reported_in_every_read_of_their_step(tmp_path):
+    _record_dropping(tmp_path)
+    run = open_run(tmp_path, warn=False)
+    assert run.dropped_records == N_STEPS
+    for step in range(N_STEPS):
+        whole = run.read("a", step, "train")
+        assert whole.lost_records == 0
+        np.testing.assert_array_equal(whole.bits, np.concatenate([_bits(rank, "a", step, 0) for rank in RANKS]))
+        dropped = run.read("b", step, "train")  # rank 0's rows alone: not the whole step
+        assert dropped.lost_records == 1
+        np.testing.assert_array_equal(dropped.bits, _bits(0, "b", step, 0))
+
+
+def test_drops_beyond_the_bound_on_queued_markers_are_said(tmp_path, caplog, monkeypatch):
+    from actpat.recorder import shards
+
+    monkeypatch.setattr(shards, "_MAX_QUEUED_MARKERS", 0)
+    with caplog.at_level("WARNING", logger="actpat"):
+        _record_dropping(tmp_path)
+    assert "further drops are counted but not marked" in caplog.text
