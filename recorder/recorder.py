@@ -462,8 +462,8 @@ class ActivationRecorder:
         self.writer.raise_if_failed()
         key = (split, _whole(step, "step"))
         closing = self._closing_records(key, _whole(epoch, "epoch"))
-        self._ended = key
         if closing:
+            self._ended = key
             self.writer.put_many(closing)
 
     def _on_site(self, name: str, module_type: str, z: torch.Tensor) -> None:

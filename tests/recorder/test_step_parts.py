@@ -305,6 +305,11 @@ def test_a_step_captured_again_after_a_capture_that_ended_it_is_warned_of_once(t
         _capture(rec, model, 4)
     assert caplog.text.count("captured again") == 1
     assert "step 2 of split 'train' is captured again" in caplog.text and "ends_step=False" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="actpat"), ActivationRecorder(model, tmp_path / "b") as rec:
+        rec.end_step(7)  # no capture recorded step 7: nothing was ended
+        _capture(rec, model, 7)
+    assert "captured again" not in caplog.text
 
 
 @pytest.mark.parametrize("live", [False, True])
