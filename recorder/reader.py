@@ -655,7 +655,7 @@ class Run:
                 marked.add(rank)
                 queued, closed = marks
                 if closed:  # all it queued was written, unless a shard was lost since: its last step on disk tells
-                    queued = self._beyond_disk(rank, first, end, queued)
+                    queued = self._marks_past_disk(rank, first, end, queued)
                 if queued:
                     cut.append((rank, path, queued, end, closed))
         if not several and not cut:
@@ -670,7 +670,7 @@ class Run:
         if several:
             self._find_steps_missing_a_rank_unmarked(held, skip=marked)
 
-    def _beyond_disk(self, rank: int, first: int, end: float, queued: dict[str, int]) -> dict[str, int]:
+    def _marks_past_disk(self, rank: int, first: int, end: float, queued: dict[str, int]) -> dict[str, int]:
         """The marks of ``queued`` (split -> last step queued) past the last step on disk of the writer session of
         ``rank`` whose shards are numbered from ``first`` to before ``end``."""
         last: dict[str, int] = {}
@@ -681,7 +681,7 @@ class Run:
         return {split: mark for split, mark in queued.items() if last.get(split, -1) < mark}
 
     def _lose_unwritten_steps(self, rank: int, path: Path, queued: dict[str, int], end: float, held: dict,
-                              closed: bool = False) -> None:
+                              closed: bool) -> None:
         """Lose what a session of ``rank`` queued and never wrote (it never closed), or wrote and no longer has on
         disk (it closed: a shard lost after its last one on disk): per site, the steps after its last one on disk
         (in shards before ``end``, the next session's first) up to its mark, and those that other ranks hold and
@@ -696,15 +696,12 @@ class Run:
             # A later session of the rank (a fit resumed from a checkpoint) recorded its steps from here on anew.
             again = min((step for index, step in own if index >= end and step > last), default=mark + 1)
             upto = min(mark, again - 1)
-            if last < upto and closed:
-                self._lose(Loss(path, f"rank {rank} queued records of steps up to {mark} and closed, but its shards on disk "
-                                f"end before: a shard after its last one is missing (deleted, or not copied?), or its "
-                                "last records were dropped (`dropped_records`)", rank, -1, site, split, kind="missing",
-                                steps=(last + 1, upto)))
-            elif last < upto:
-                self._lose(Loss(path, f"rank {rank} queued records of steps up to {mark} that never reached the disk "
-                                "(its writer was killed, or is still running)", rank, -1, site, split,
-                                kind="unwritten", steps=(last + 1, upto)))
+            if last < upto:
+                self._lose(Loss(path, f"rank {rank} queued records of steps up to {mark} " + (
+                    "and closed, but its shards on disk end before: a shard after its last one is missing (deleted, or "
+                    "not copied?), or its last records were dropped" if closed else
+                    "that never reached the disk (its writer was killed, or is still running)"),
+                    rank, -1, site, split, kind="missing" if closed else "unwritten", steps=(last + 1, upto)))
             mine = {step for _, step in own}
             theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
             # Each loss names its step; the warning that sums a cause up names its steps.
@@ -813,6 +810,10 @@ class Run:
             parsed = schema.parse_shard_name(name) or schema.parse_stop_name(name)
             if parsed is not None:
                 by_rank[parsed[0]].add(parsed[1])
+        # A session that died before queuing anything leaves its marks file alone at its first index, which the
+        # next session's writer then numbers after: no shard is missing there.
+        for rank, sessions in self._sessions.items():
+            by_rank[rank].update(first for first, _, marks in sessions if marks is not None and not marks[0])
         for rank, indices in sorted(by_rank.items()):
             for index in sorted(set(range(max(indices) + 1)) - indices):
                 path = self.path / schema.shard_name(rank, index)
@@ -821,43 +822,56 @@ class Run:
     def _bound_lost_shards(self) -> None:
         """Bound the steps of a shard lost whole (missing) or of one site's group of it (unreadable), which the loss
         cannot name: reads of those steps count it in ``lost_records``, where the rows of the other ranks would
-        otherwise read as the whole step. Only splits the rank recorded are bounded."""
+        otherwise read as the whole step. Only splits the rank has records of are bounded."""
         lost = [loss for loss in self.losses if loss.shard_index >= 0 and loss.step is None and loss.steps is None
                 and (loss.kind == "missing" or (loss.kind == "unreadable" and loss.site is not None))]
         if not lost:
             return
-        recorded = {(self._shards[e.shard].rank, split) for (_, split), entries in self._entries.items() for e in entries}
+        # (site, split, rank) -> shard indices and steps of its records, in index order
+        held: dict[tuple[str, str, int], list[tuple[int, int]]] = defaultdict(list)
+        for (site, split), entries in self._entries.items():
+            for e in entries:
+                shard = self._shards[e.shard]
+                held[(site, split, shard.rank)].append((shard.index, e.step))
+        around = {key: np.array(sorted(rows), dtype=np.int64).reshape(-1, 2) for key, rows in held.items()}
+        splits = defaultdict(set)
+        for _, split, rank in around:
+            splits[rank].add(split)
         indices = np.array([shard.index for shard in self._shards], dtype=np.int64)
+        final: dict[tuple[str, int], bool] = {}
         for loss in lost:
             for site in [loss.site] if loss.site is not None else list(self._info):
-                for split in sorted({split for rank, split in recorded if rank == loss.rank}):
-                    steps = self._steps_around(loss, site, split, indices)
+                for split in sorted(splits[loss.rank]):
+                    rows = around.get((site, split, loss.rank), np.zeros((0, 2), dtype=np.int64))
+                    steps = self._steps_around(loss, site, split, rows, indices, final)
                     if steps is not None:
                         self._index_losses[site].append(dataclasses.replace(loss, site=site, split=split, steps=steps))
 
-    def _steps_around(self, loss: Loss, site: str, split: str, indices: np.ndarray) -> tuple[int | None, int | None] | None:
-        """The steps of ``site`` in ``split`` that the shard of ``loss`` may have held (None: none). A rank writes a
-        site's records of a split in step order, parts in order: from its last step in the shards before to its
-        first in those after (None: none), each left out where step tracking shows that the lost shard held no part
-        of it (the part before ends the step, the part after begins it, or the two are consecutive parts of one
-        step; a part lost in the middle of a step is found by :meth:`_find_incomplete_steps` as well)."""
-        before, after = [], []
-        for e in self._entries.get((site, split), ()):
-            shard = self._shards[e.shard]
-            if shard.rank == loss.rank:
-                (before if shard.index < loss.shard_index else after).append(e.step)
-        lo, hi = max(before, default=None), min(after, default=None)
+    def _steps_around(self, loss: Loss, site: str, split: str, rows: np.ndarray, indices: np.ndarray,
+                      final: dict[tuple[str, int], bool]) -> tuple[int | None, int | None] | None:
+        """The steps of ``site`` in ``split`` that the shard of ``loss`` may have held (None: none), from ``rows``,
+        the rank's ``(shard index, step)`` of the site and split in index order. A rank writes a site's records of
+        a split in step order, parts in order: from its last step in the shards before to its first in those after
+        (None: none), each left out where step tracking shows that the lost shard held no part of it (the part
+        before ends the step, the part after begins it, or the two are consecutive parts of one step; a part lost
+        in the middle of a step is found by :meth:`_find_incomplete_steps` as well)."""
+        cut = np.searchsorted(rows[:, 0], loss.shard_index)
+        after = np.searchsorted(rows[:, 0], loss.shard_index, side="right")
+        lo = int(rows[:cut, 1].max()) if cut else None
+        hi = int(rows[after:, 1].min()) if after < len(rows) else None
         code = self._split_codes.get(split.encode())
         if code is None or not self._step_parts.get((site, loss.rank)):
             return lo, hi
-        rows = np.concatenate(self._step_parts[(site, loss.rank)])
-        rows, index = rows[rows["split"] == code], indices[rows["shard"][rows["split"] == code]]
-        last = rows[(rows["step"] == lo) & (index < loss.shard_index)] if lo is not None else rows[:0]
-        first = rows[(rows["step"] == hi) & (index > loss.shard_index)] if hi is not None else rows[:0]
+        parts = np.concatenate(self._step_parts[(site, loss.rank)])
+        parts, index = parts[parts["split"] == code], indices[parts["shard"][parts["split"] == code]]
+        last = parts[(parts["step"] == lo) & (index < loss.shard_index)] if lo is not None else parts[:0]
+        first = parts[(parts["step"] == hi) & (index > loss.shard_index)] if hi is not None else parts[:0]
         if lo == hi and len(last) and len(first) and first["part"].min() == last["part"].max() + 1:
             return None
-        if last["ends_step"].any() and self._ends_are_final(site, code):
-            lo += 1
+        if last["ends_step"].any():
+            if (site, code) not in final:
+                final[(site, code)] = self._ends_are_final(site, code)
+            lo += final[(site, code)]
         if (first["part"] == 0).any():
             hi -= 1
         return (lo, hi) if lo is None or hi is None or lo <= hi else None

@@ -81,6 +81,7 @@ class Record:
     copies those of a whole capture to the host at once (:func:`actpat.recorder.recorder.to_host`).
     ``part`` numbers a site's records of one step and split (from 0) and ``ends_step`` marks the last of
     them, so that a reader can tell a step cut short; -1 (the default) writes the record untracked.
+    ``marks_a_drop``: an empty record the writer queued in place of a dropped one (not counted as written).
     """
 
     meta: SiteMeta
@@ -251,7 +252,8 @@ class ShardWriter:
             self._next_index = self._first_free_index()
             self._open_marks()
             self.recorded_before, self._sites_on_disk = scan_existing(self.out_dir, self.rank)
-            self._queue, self._queued_bytes = queue.SimpleQueue(), 0  # nothing an interrupted close left behind
+            # Nothing an interrupted close left behind.
+            self._queue, self._queued_bytes, self._queued_markers = queue.SimpleQueue(), 0, 0
             self._finished, self._stopping = threading.Event(), False
             thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
             thread.start()
@@ -296,8 +298,9 @@ class ShardWriter:
         n_queued = 0
         with self._space:
             for record in records:
-                # A record larger than the whole budget still passes once the queue is empty.
-                while self._queued_bytes and self._queued_bytes + record.nbytes > self.max_queue_bytes:
+                # A record larger than the whole budget still passes once the queue is empty; an empty one (a step's
+                # end, a drop's marker) costs no memory and always passes.
+                while record.nbytes and self._queued_bytes and self._queued_bytes + record.nbytes > self.max_queue_bytes:
                     if self.on_backpressure == "drop":
                         break
                     if batch:  # the writer can only free what is in the queue
@@ -319,7 +322,7 @@ class ShardWriter:
                     batch.append(_dropped_marker(record))
                 elif record.part >= 0 and "unmarked drops" not in self.warned:
                     self.warned.add("unmarked drops")
-                    log.warning("actpat: the shard writer has fallen %d dropped records behind; further drops are "
+                    log.warning("actpat: %d markers of dropped records are waiting to be written; further drops are "
                                 "counted but not marked, so a reader may read such a step as whole.", _MAX_QUEUED_MARKERS)
             if batch:
                 self._queue.put(batch)
@@ -693,7 +696,7 @@ class ShardWriter:
         except BaseException as exc:
             self._abandon(shard, exc)
             raise
-        self.written_records += sum(len(entries) for _, entries in blocks)
+        self.written_records += sum(not item.record.marks_a_drop for items in self._pending.values() for item in items)
         self._pending.clear()
         self._pending_bytes = 0
 

@@ -149,7 +149,9 @@ def test_drop_counts_stores_and_warns_once(tmp_path, monkeypatch, caplog):
     assert len(per_shard) > 1 and sum(per_shard) == dropped
     run = open_run(tmp_path)
     assert run.dropped_records == dropped
-    assert len(run.steps("1")) == n_steps - dropped
+    # Each dropped record left an empty one numbered after it: its step is listed, and read as incomplete.
+    assert len(run.steps("1")) == n_steps
+    assert sum(run.read("1", step).lost_records for step in range(n_steps)) == dropped
 
 
 def test_drop_count_kept_when_last_shard_was_already_finalized(tmp_path, gated_writer):

@@ -177,3 +177,32 @@ def test_drops_beyond_the_bound_on_queued_markers_are_said(tmp_path, caplog, mon
     with caplog.at_level("WARNING", logger="actpat"):
         _record_dropping(tmp_path)
     assert "further drops are counted but not marked" in caplog.text
+
+
+def test_a_session_that_died_before_queuing_anything_leaves_no_gap(tmp_path):
+    # Its marks file alone holds index 0 (the writer numbers the next session after it): no shard is missing there.
+    (tmp_path / schema.marks_name(0, 0)).write_bytes(schema.marks_text({}, closed=False))
+    writer = ShardWriter(tmp_path, max_shard_bytes=1)
+    writer.start()
+    meta = SiteMeta("a", 0, "ReLU", (8,), 8, "flat")
+    for step in range(3):  # untracked records (part -1), as ShardWriter.put writes them unnumbered
+        writer.put(Record(meta, step, 0, "train", _bits(0, "a", step, 0), 1, 3, 0))
+    writer.close()
+    assert not (tmp_path / schema.shard_name(0, 0)).exists() and (tmp_path / schema.shard_name(0, 1)).exists()
+    run = open_run(tmp_path, warn=False)
+    assert run.losses == []
+    assert [run.read("a", step).lost_records for step in range(3)] == [0, 0, 0]
+
+
+def test_an_empty_record_is_never_dropped(tmp_path):
+    # A step's end (an empty record, as `end_step()` queues) costs no memory: queued behind a record larger than
+    # the whole budget, it passes, and the step reads whole.
+    writer = ShardWriter(tmp_path, on_backpressure="drop", max_queue_bytes=1)
+    writer.start()
+    meta = SiteMeta("a", 0, "ReLU", (8,), 8, "flat")
+    end = Record(meta, 0, 0, "train", np.zeros((0, 1), np.uint8), 1, 0, 0, part=1, ends_step=True)
+    assert writer.put_many([Record(meta, 0, 0, "train", _bits(0, "a", 0, 0), 1, 3, 0, part=0), end]) == 2
+    writer.close()
+    assert writer.dropped_records == 0
+    run = open_run(tmp_path, warn=False)
+    assert run.losses == [] and run.read("a", 0).lost_records == 0
