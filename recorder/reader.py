@@ -58,9 +58,10 @@ class Loss:
     kind : str
         ``"corrupt"`` (a record failed its checksum or bounds), ``"unwritten"`` (rows of an
         unfinalized shard that never reached the disk), ``"unreadable"`` (a shard or site that cannot be
-        read at all), ``"missing"`` (a gap in a rank's shard numbering) or ``"incomplete"`` (a step whose
-        records stop before its last one, or miss one between: a writer killed in the middle of a probe,
-        records dropped under backpressure; format 4 and later).
+        read at all), ``"missing"`` (a gap in a rank's shard numbering, or steps a closed writer session
+        queued past its shards on disk) or ``"incomplete"`` (a step whose records stop before its last one,
+        or miss one between: a writer killed in the middle of a probe, records dropped under backpressure;
+        format 4 and later).
     steps : (int or None, int or None) or None
         For records whose records-table row cannot be trusted (its checksum fails, or it never reached
         the disk): the steps it may belong to, from the sound rows around it (None: unbounded). ``step``
