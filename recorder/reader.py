@@ -814,7 +814,9 @@ class Run:
         # A session that died before queuing anything leaves its marks file alone at its first index, which the
         # next session's writer then numbers after: no shard is missing there.
         for rank, sessions in self._sessions.items():
-            by_rank[rank].update(first for first, _, marks in sessions if marks is not None and not marks[0])
+            unused = {first for first, _, marks in sessions if marks is not None and not marks[0]}
+            if unused:  # (a rank whose only session has queued steps and no shard yet holds no index here)
+                by_rank[rank] |= unused
         for rank, indices in sorted(by_rank.items()):
             for index in sorted(set(range(max(indices) + 1)) - indices):
                 path = self.path / schema.shard_name(rank, index)

@@ -206,3 +206,11 @@ def test_an_empty_record_is_never_dropped(tmp_path):
     assert writer.dropped_records == 0
     run = open_run(tmp_path, warn=False)
     assert run.losses == [] and run.read("a", 0).lost_records == 0
+
+
+def test_a_run_whose_only_writer_queued_but_wrote_no_shard_yet_opens(tmp_path):
+    # A live writer's marks file names queued steps before its first shard file exists: nothing is numbered yet.
+    (tmp_path / schema.marks_name(1, 0)).write_bytes(schema.marks_text({"train": 3}, closed=False))
+    _write(tmp_path, ranks=(0,))
+    run = open_run(tmp_path, warn=False)
+    assert not [loss for loss in run.losses if loss.kind == "missing"]
