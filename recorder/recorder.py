@@ -443,12 +443,8 @@ class ActivationRecorder:
 
     def _closing_records(self, key: tuple[str, int], epoch: int, skip: Iterable[str] = ()) -> list[Record]:
         """Empty records that end step ``key`` (split, step) of each site recorded in it, but those in ``skip``."""
-        closing = [
-            Record(meta, key[1], epoch, key[0], np.zeros((0, meta.n_bytes), dtype=np.uint8), 1, 0, 0, part=part,
-                   ends_step=True)
-            for site, (seen, part) in self._parts.items() if seen == key and site not in skip
-            for meta in (self._site_meta[site],)
-        ]  # fmt: skip
+        closing = [Record.empty(self._site_meta[site], key[1], epoch, key[0], part, ends_step=True)
+                   for site, (seen, part) in self._parts.items() if seen == key and site not in skip]
         for record in closing:
             self._parts[record.meta.site] = (key, record.part + 1)
         return closing

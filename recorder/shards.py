@@ -107,11 +107,18 @@ class Record:
         arrays = (self.bits, self.sample_ids, self.labels, self.obs_index, self.values)
         self.nbytes = sum(_nbytes(a) for a in arrays)
 
+    @classmethod
+    def empty(cls, meta: SiteMeta, step: int, epoch: int, split: str, part: int, *, ends_step: bool,
+              n_positions: int = 1, marks_a_drop: bool = False) -> "Record":
+        """A record of no rows: it numbers a part of a step, to end the step or mark a dropped record's place."""
+        return cls(meta, step, epoch, split, np.zeros((0, meta.n_bytes), np.uint8), n_positions, 0, 0, part=part,
+                   ends_step=ends_step, marks_a_drop=marks_a_drop)
+
 
 def _dropped_marker(record: Record) -> Record:
     """The empty record queued in place of dropped ``record``: numbered after it, ending its step as it would have."""
-    return Record(record.meta, record.step, record.epoch, record.split, np.zeros((0, record.meta.n_bytes), np.uint8),
-                  record.n_positions, 0, 0, part=record.part + 1, ends_step=record.ends_step, marks_a_drop=True)
+    return Record.empty(record.meta, record.step, record.epoch, record.split, record.part + 1,
+                        ends_step=record.ends_step, n_positions=record.n_positions, marks_a_drop=True)
 
 
 def _nbytes(array: Any) -> int:
