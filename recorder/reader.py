@@ -231,6 +231,7 @@ class Run:
         # rank -> [(first shard index, path, (queued, closed) or None if unreadable)] of its writer sessions
         self._sessions: dict[int, list[tuple[int, Path, tuple[dict[str, int], bool] | None]]] = defaultdict(list)
         self._steps_cache: dict[tuple[str, str], list[int]] = {}
+        self._held_cache: dict | None = None  # while indexing: see _held
         self._init_handles()
         names = os.listdir(self.path)
         if not any(schema.parse_shard_name(n) for n in names):
@@ -251,6 +252,7 @@ class Run:
         self._bound_lost_shards()
         self._find_incomplete_steps()
         self._find_steps_missing_a_rank()
+        self._held_cache = None
         for entries in self._entries.values():
             entries.sort(key=lambda e: e.step)  # stable: shard order kept within a step
         self._close_handles()
@@ -475,7 +477,6 @@ class Run:
                 self._lose(loss)
         for site, entry in entries:
             self._entries[(site, entry.split)].append(entry)
-            shard.last_steps[entry.split] = max(entry.step, shard.last_steps.get(entry.split, entry.step))
         for site, rows in parts:
             rows["shard"] = shard_id
             self._step_parts[(site, rank)].append(rows)
@@ -566,6 +567,10 @@ class Run:
                     int(row["value_start"]) if has_values else -1, int(row_checksum),
                     int(row["crc32"]) if checksummed else -1,
                 )))  # fmt: skip
+            kept = table[ok]
+            for split in np.unique(kept["split"]):
+                name, step = bytes(split).decode(errors="replace"), int(kept["step"][kept["split"] == split].max())
+                shard.last_steps[name] = max(step, shard.last_steps.get(name, step))
         if untrusted:
             known = np.concatenate(sound_at) if sound_at else np.zeros((0, 2), dtype=np.int64)
             for index, reason, kind in untrusted:
@@ -661,15 +666,23 @@ class Run:
                     cut.append((rank, path, queued, end, closed))
         if not several and not cut:
             return  # one rank that closed, its shards all there: the usual run, no pass over every entry at each open
-        held: dict[tuple[str, str], dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
-        for (site, split), entries in self._entries.items():
-            for e in entries:
-                shard = self._shards[e.shard]
-                held[(site, split)][shard.rank].append((shard.index, e.step))
+        held = self._held()
         for rank, path, queued, end, closed in cut:
             self._lose_unwritten_steps(rank, path, queued, end, held, closed)
         if several:
             self._find_steps_missing_a_rank_unmarked(held, skip=marked)
+
+    def _held(self) -> dict[tuple[str, str], dict[int, list[tuple[int, int]]]]:
+        """(site, split) -> rank -> the (shard index, step) of each of its records, in shard order: built once,
+        on first use while indexing (a damaged or multi-rank run), for the checks that bound what is lost."""
+        if self._held_cache is None:
+            held: dict = defaultdict(lambda: defaultdict(list))
+            for (site, split), entries in self._entries.items():
+                for e in entries:
+                    shard = self._shards[e.shard]
+                    held[(site, split)][shard.rank].append((shard.index, e.step))
+            self._held_cache = held
+        return self._held_cache
 
     def _marks_past_disk(self, rank: int, first: int, end: float, queued: dict[str, int]) -> dict[str, int]:
         """The marks of ``queued`` (split -> last step queued) past the last step on disk of the writer session of
@@ -831,12 +844,8 @@ class Run:
         if not lost:
             return
         # (site, split, rank) -> shard indices and steps of its records, in index order
-        held: dict[tuple[str, str, int], list[tuple[int, int]]] = defaultdict(list)
-        for (site, split), entries in self._entries.items():
-            for e in entries:
-                shard = self._shards[e.shard]
-                held[(site, split, shard.rank)].append((shard.index, e.step))
-        around = {key: np.array(sorted(rows), dtype=np.int64).reshape(-1, 2) for key, rows in held.items()}
+        around = {(site, split, rank): np.array(sorted(rows), dtype=np.int64).reshape(-1, 2)
+                  for (site, split), by_rank in self._held().items() for rank, rows in by_rank.items()}
         splits = defaultdict(set)
         for _, split, rank in around:
             splits[rank].add(split)
