@@ -147,7 +147,7 @@ class _Shard:
 
     def __init__(self, path: Path, rank: int, index: int, version: int, partial: bool, codec: str) -> None:
         self.path, self.rank, self.index, self.version, self.partial, self.codec = path, rank, index, version, partial, codec
-        self.last_steps: dict[str, int] = {}  # split -> the last step it holds a record of
+        self.last_steps: dict[tuple[str, str], int] = {}  # (site, split) -> the last step it holds a record of
 
 
 def _queued_here(rank: int, mark: int, steps: str, rows: str) -> str:
@@ -228,8 +228,8 @@ class Run:
         # (path, rank, index, loss or None) of unfinalized shards, reported once the stop files are read
         self._unfinalized: list[tuple[Path, int, int, Loss | None]] = []
         self._crashed: set[int] = set()  # ranks that left an unfinalized shard, readable or not
-        # rank -> [(first shard index, path, (queued, closed) or None if unreadable)] of its writer sessions
-        self._sessions: dict[int, list[tuple[int, Path, tuple[dict[str, int], bool] | None]]] = defaultdict(list)
+        # rank -> [(first shard index, path, marks or None if unreadable)] of its writer sessions
+        self._sessions: dict[int, list[tuple[int, Path, schema.Marks | None]]] = defaultdict(list)
         self._steps_cache: dict[tuple[str, str], list[int]] = {}
         self._held_cache: dict | None = None  # while indexing: see _held
         self._init_handles()
@@ -569,8 +569,8 @@ class Run:
                 )))  # fmt: skip
             kept = table[ok]
             for split in np.unique(kept["split"]):
-                name, step = bytes(split).decode(errors="replace"), int(kept["step"][kept["split"] == split].max())
-                shard.last_steps[name] = max(step, shard.last_steps.get(name, step))
+                key, step = (site, bytes(split).decode(errors="replace")), int(kept["step"][kept["split"] == split].max())
+                shard.last_steps[key] = max(step, shard.last_steps.get(key, step))
         if untrusted:
             known = np.concatenate(sound_at) if sound_at else np.zeros((0, 2), dtype=np.int64)
             for index, reason, kind in untrusted:
@@ -645,13 +645,14 @@ class Run:
 
         Each writer session stores the last step of each split it queued (its marks file): a session that never
         closed lost its steps after the last one it wrote, up to that mark, for each site; so did a closed one
-        whose shards on disk end before its mark (a last shard deleted or not copied, its last records dropped). Such a step, held by
+        whose shards on disk end before its mark (a last shard deleted or not copied, its last records dropped),
+        compared per site where its marks name the last step of each site (stored at close). Such a step, held by
         other ranks and never by this one, is lost (``Loss.kind`` "incomplete", naming the rank), whether the
         other ranks' shards were finalized or not. Runs written before marks files existed fall back to
         :meth:`_find_steps_missing_a_rank_unmarked`. Any rank's unwritten steps, up to its marks, are listed in
         :attr:`losses` too (kind "unwritten", a range of steps per site), so that a read of one names them."""
         several = len({shard.rank for shard in self._shards} | self._crashed | set(self._sessions)) > 1
-        cut, marked = [], set()  # (rank, marks path, queued, end, closed) of sessions that lost their last steps
+        cut, marked = [], set()  # (rank, marks path, past, end, closed) of sessions that lost their last steps
         for rank, sessions in self._sessions.items():
             sessions.sort(key=lambda session: session[0])
             starts = [first for first, _, _ in sessions] + [math.inf]
@@ -659,16 +660,16 @@ class Run:
                 if marks is None:
                     continue  # unreadable: this rank is checked as runs without marks are
                 marked.add(rank)
-                queued, closed = marks
-                if closed:  # all it queued was written, unless a shard was lost since: its last step on disk tells
-                    queued = self._marks_past_disk(rank, first, end, queued)
-                if queued:
-                    cut.append((rank, path, queued, end, closed))
+                # Closed: all it queued was written, unless a shard was lost since: its last step on disk tells.
+                past = self._marks_past_disk(rank, first, end, marks) if marks.closed else {
+                    (None, split): step for split, step in marks.queued.items()}
+                if past:
+                    cut.append((rank, path, past, end, marks.closed))
         if not several and not cut:
             return  # one rank that closed, its shards all there: the usual run, no pass over every entry at each open
         held = self._held()
-        for rank, path, queued, end, closed in cut:
-            self._lose_unwritten_steps(rank, path, queued, end, held, closed)
+        for rank, path, past, end, closed in cut:
+            self._lose_unwritten_steps(rank, path, past, end, held, closed)
         if several:
             self._find_steps_missing_a_rank_unmarked(held, skip=marked)
 
@@ -684,27 +685,38 @@ class Run:
             self._held_cache = held
         return self._held_cache
 
-    def _marks_past_disk(self, rank: int, first: int, end: float, queued: dict[str, int]) -> dict[str, int]:
-        """The marks of ``queued`` (split -> last step queued) past the last step on disk of the writer session of
-        ``rank`` whose shards are numbered from ``first`` to before ``end``."""
-        last: dict[str, int] = {}
+    def _marks_past_disk(self, rank: int, first: int, end: float, marks: schema.Marks) -> dict[tuple[str | None, str], int]:
+        """The last steps queued in ``marks`` past the last step on disk of the closed writer session of ``rank``
+        whose shards are numbered from ``first`` to before ``end``: per ``(site, split)`` where the marks name
+        sites, else per ``(None, split)`` (marks of earlier versions: the last step of any site)."""
+        last: dict[tuple[str | None, str], int] = {}
         for shard in self._shards:
             if shard.rank == rank and first <= shard.index < end:
-                for split, step in shard.last_steps.items():
-                    last[split] = max(step, last.get(split, step))
-        return {split: mark for split, mark in queued.items() if last.get(split, -1) < mark}
+                for (site, split), step in shard.last_steps.items():
+                    for key in ((site, split), (None, split)):
+                        last[key] = max(step, last.get(key, step))
+        if marks.sites is not None:
+            queued = marks.sites
+        else:
+            queued = {(None, split): step for split, step in marks.queued.items()}
+        return {key: mark for key, mark in queued.items() if last.get(key, -1) < mark}
 
-    def _lose_unwritten_steps(self, rank: int, path: Path, queued: dict[str, int], end: float, held: dict,
-                              closed: bool) -> None:
+    def _lose_unwritten_steps(self, rank: int, path: Path, marks: dict[tuple[str | None, str], int], end: float,
+                              held: dict, closed: bool) -> None:
         """Lose what a session of ``rank`` queued and never wrote (it never closed), or wrote and no longer has on
         disk (it closed: a shard lost after its last one on disk): per site, the steps after its last one on disk
-        (in shards before ``end``, the next session's first) up to its mark, and those that other ranks hold and
-        this rank does not. One warning per cause and split, not one per step and site."""
+        (in shards before ``end``, the next session's first) up to its mark (``marks``: per ``(site, split)``, or
+        per ``(None, split)`` for every site), and those that other ranks hold and this rank does not. One warning
+        per cause and split, not one per step and site."""
         lost: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)  # (reason, split) -> (site, step)
-        for (site, split), by_rank in sorted(held.items()):
-            mark = queued.get(split)
+        # A site with no record on disk at all is lost whole here, unless a loss names it already (a site group
+        # that cannot be read).
+        named = {loss.site for loss in self.losses}
+        for site, split in sorted(set(held) | {key for key in marks if key[0] is not None and key[0] not in named}):
+            mark = marks.get((site, split), marks.get((None, split)))
             if mark is None:
                 continue
+            by_rank = held.get((site, split), {})
             own = by_rank.get(rank, [])
             last = max((step for index, step in own if index < end), default=-1)
             # A later session of the rank (a fit resumed from a checkpoint) recorded its steps from here on anew.
@@ -827,7 +839,7 @@ class Run:
         # A session that died before queuing anything leaves its marks file alone at its first index, which the
         # next session's writer then numbers after: no shard is missing there.
         for rank, sessions in self._sessions.items():
-            unused = {first for first, _, marks in sessions if marks is not None and not marks[0]}
+            unused = {first for first, _, marks in sessions if marks is not None and not marks.queued}
             if unused:  # (a rank whose only session has queued steps and no shard yet holds no index here)
                 by_rank[rank] |= unused
         for rank, indices in sorted(by_rank.items()):

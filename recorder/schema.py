@@ -35,7 +35,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
@@ -342,17 +342,36 @@ def parse_marks_name(name: str) -> tuple[int, int] | None:
     return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 
-def marks_text(queued: dict[str, int], closed: bool) -> bytes:
-    """Content of a marks file: JSON ``{"closed": bool, "queued": {split: last step}}``, space-padded."""
-    return json.dumps({"closed": closed, "queued": queued}).encode().ljust(MARKS_BYTES)
+class Marks(NamedTuple):
+    """What a marks file says of its writer session (:func:`read_marks`)."""
+
+    queued: dict[str, int]  # split -> the last step queued
+    closed: bool
+    sites: dict[tuple[str, str], int] | None = None  # (site, split) -> the last step queued; set once closed
 
 
-def read_marks(path: Path) -> tuple[dict[str, int], bool] | None:
-    """``(queued, closed)`` of a marks file, or None where it cannot be read or parsed."""
+def marks_text(queued: dict[str, int], closed: bool, sites: dict[tuple[str, str], int] | None = None) -> bytes:
+    """Content of a marks file: JSON ``{"closed": bool, "queued": {split: last step}}``, space-padded to
+    :data:`MARKS_BYTES`, and where ``sites`` is given ``"sites": {site: {split: last step}}`` (a closing session's
+    own marks per site: the file may then outgrow the padding, once)."""
+    data: dict[str, Any] = {"closed": closed, "queued": queued}
+    if sites is not None:
+        data["sites"] = {}
+        for (site, split), step in sites.items():
+            data["sites"].setdefault(site, {})[split] = step
+    return json.dumps(data).encode().ljust(MARKS_BYTES)
+
+
+def read_marks(path: Path) -> Marks | None:
+    """The marks of a marks file, or None where it cannot be read or parsed."""
     try:
         data = json.loads(path.read_bytes())
         queued = {str(split): int(step) for split, step in data["queued"].items()}
-        return queued, bool(data["closed"])
+        sites = None
+        if "sites" in data:
+            sites = {(str(site), str(split)): int(step) for site, steps in data["sites"].items()
+                     for split, step in steps.items()}
+        return Marks(queued, bool(data["closed"]), sites)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

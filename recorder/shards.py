@@ -227,6 +227,7 @@ class ShardWriter:
         self._stop_lock = threading.Lock()
         self._stop_file: Path | None = None
         self._marks: dict[str, int] = {}  # split -> last step queued in this session
+        self._site_marks: dict[tuple[str, str], int] = {}  # (site, split) -> last step queued, stored at close
         self._marks_fd: int | None = None
         self._io_failed = False
         self._pending: dict[str, list[_Buffered]] = {}
@@ -521,7 +522,7 @@ class ShardWriter:
 
     def _open_marks(self) -> None:
         """Start this session's marks file (:func:`actpat.recorder.schema.marks_name`), named by its first shard."""
-        self._marks, self._marks_index = {}, self._next_index
+        self._marks, self._site_marks, self._marks_index = {}, {}, self._next_index
         path = self.out_dir / schema.marks_name(self.rank, self._marks_index)
         try:
             self._marks_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -536,6 +537,9 @@ class ShardWriter:
         reader knows which steps this rank had recorded that never did."""
         changed = False
         for record in records:
+            key = (record.meta.site, record.split)
+            if record.step > self._site_marks.get(key, -1):
+                self._site_marks[key] = record.step
             if record.step > self._marks.get(record.split, -1):
                 self._marks[record.split] = record.step
                 changed = True
@@ -544,7 +548,10 @@ class ShardWriter:
 
     def _write_marks(self, closed: bool) -> None:
         try:
-            os.pwrite(self._marks_fd, schema.marks_text(self._marks, closed), 0)
+            if closed:
+                self._write_closing_marks()
+            else:
+                os.pwrite(self._marks_fd, schema.marks_text(self._marks, closed), 0)
         except OSError as exc:  # never a reason to stop training
             # A stale mark would bound a crash's losses too early: without the file, a reader checks this rank
             # by what its shards say, as for runs without marks.
@@ -552,6 +559,17 @@ class ShardWriter:
             os.close(self._marks_fd)
             self._marks_fd = None
             self._remove_marks()
+
+    def _write_closing_marks(self) -> None:
+        """The closed session's marks with its last step per site (a last shard lost later that held only some
+        sites' records of a step shows there), or without them where the disk has no room for a longer file."""
+        try:
+            text = schema.marks_text(self._marks, True, self._site_marks)
+            os.pwrite(self._marks_fd, text, 0)
+        except OSError:
+            text = schema.marks_text(self._marks, True)
+            os.pwrite(self._marks_fd, text, 0)
+        os.ftruncate(self._marks_fd, len(text))  # no tail of a longer write that failed part way
 
     def _remove_marks(self) -> None:
         with contextlib.suppress(OSError):

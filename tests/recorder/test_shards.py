@@ -571,7 +571,7 @@ def test_a_marks_file_that_cannot_be_updated_is_removed_and_writing_goes_on(tmp_
     monkeypatch.setattr(os, "pwrite", failing)
     marks = tmp_path / schema.marks_name(0, 0)
     writer.put(_record(0))
-    assert schema.read_marks(marks) == ({"train": 0}, False)
+    assert schema.read_marks(marks) == schema.Marks({"train": 0}, False)
     with caplog.at_level(logging.WARNING, logger="actpat"):
         for step in (1, 2, 3):
             writer.put(_record(step))

@@ -30,8 +30,8 @@ def test_sigkill_leaves_only_exact_or_reported_records(seed, compression, tmp_pa
     assert sent, "the child sent nothing before it was killed"
     # The session's marks: never closed, and holding the last step queued, written before its records could be.
     (marks,) = out.glob("*" + schema.MARKS_SUFFIX)
-    queued, closed = schema.read_marks(marks)
-    assert not closed and max(sent) <= queued["train"] <= max(sent) + 1
+    marks = schema.read_marks(marks)
+    assert not marks.closed and max(sent) <= marks.queued["train"] <= max(sent) + 1
 
     with caplog.at_level(logging.WARNING, logger="actpat"):
         run = open_run(out)  # never raises, whatever state the open shard was left in
@@ -42,7 +42,7 @@ def test_sigkill_leaves_only_exact_or_reported_records(seed, compression, tmp_pa
         assert info.format_version == schema.FORMAT_VERSION
     for site in run.sites if run.splits else []:  # a kill before the first verified record: sites, no split
         finalized_steps |= set(run.steps(site).tolist())
-    assert finalized_steps <= set(range(queued["train"] + 1))  # nothing invented (a step may be sent, unlogged)
+    assert finalized_steps <= set(range(marks.queued["train"] + 1))  # nothing invented (a step may be sent, unlogged)
     assert all(loss.kind in ("unwritten", "corrupt", "unreadable") for loss in run.losses)
     assert read > 0 or not list(out.glob("*.h5"))
     if seed == 0 and read:

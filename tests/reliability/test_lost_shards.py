@@ -5,6 +5,9 @@ damaged file itself, with h5py, before the damage."""
 
 from __future__ import annotations
 
+import errno
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -214,3 +217,72 @@ def test_a_run_whose_only_writer_queued_but_wrote_no_shard_yet_opens(tmp_path):
     _write(tmp_path, ranks=(0,))
     run = open_run(tmp_path, warn=False)
     assert not [loss for loss in run.losses if loss.kind == "missing"]
+
+
+def _write_whole_steps(out, ranks, n_steps=5):
+    """Train steps of one record per site, each record in a shard of its own: the last shard holds only
+    site b's record of the last step."""
+    for rank in ranks:
+        writer = ShardWriter(out, rank=rank, max_shard_bytes=1)
+        writer.start()
+        for step in range(n_steps):
+            for i, site in enumerate(SITES):
+                writer.put(Record(SiteMeta(site, i, "ReLU", (8,), 8, "flat"), step, 0, "train",
+                                  _bits(rank, site, step, 0), 1, 3, 0, part=0, ends_step=True))  # fmt: skip
+        writer.close()
+
+
+@pytest.mark.parametrize("ranks", [(0,), RANKS], ids=["one rank", "two ranks"])
+def test_a_deleted_last_shard_holding_some_sites_of_the_last_step_is_reported_by_the_marks_per_site(ranks, tmp_path):
+    # Site a's record of step 4 is on disk, so the session's last step on disk reaches its mark in the split:
+    # only the last step per site, stored when the session closed, shows that site b's is gone.
+    _write_whole_steps(tmp_path, ranks)
+    rank = ranks[-1]
+    marks = schema.read_marks(tmp_path / schema.marks_name(rank, 0))
+    assert marks.closed and marks.sites == {("a", "train"): 4, ("b", "train"): 4}
+    victim = tmp_path / schema.shard_name(rank, 9)
+    assert _held(victim) == {("b", "train", 4)}
+    victim.unlink()
+    run = open_run(tmp_path, warn=False)
+    (loss,) = [loss for loss in run.losses if loss.steps is not None]
+    assert (loss.kind, loss.site, loss.split, loss.rank) == ("missing", "b", "train", rank)
+    assert loss.may_hold("b", "train", 4) and not loss.may_hold("b", "train", 3)
+    assert not [loss for loss in run.losses if loss.site == "a"]
+    np.testing.assert_array_equal(run.read("a", 4, "train").bits,
+                                  np.concatenate([_bits(r, "a", 4, 0) for r in ranks]))  # fmt: skip
+    if len(ranks) == 1:
+        with pytest.raises(KeyError, match=r"step 4 has no record.*may be in damaged parts"):
+            run.read("b", 4, "train")
+    else:  # rank 0's rows alone are not the step
+        assert run.read("b", 4, "train").lost_records > 0
+
+
+def test_closing_marks_per_site_outgrow_the_padding_or_fall_back_to_the_marks_per_split(tmp_path, monkeypatch):
+    import actpat.recorder.shards as shards
+
+    sites = [f"block{i:03d}.{'very_long_module_name' * 2}" for i in range(150)]  # far more than 4096 bytes of JSON
+    writer = ShardWriter(tmp_path / "long")
+    writer.start()
+    for i, site in enumerate(sites):
+        writer.put(Record(SiteMeta(site, i, "ReLU", (8,), 8, "flat"), 2, 0, "train", np.zeros((1, 1), np.uint8), 1, 1, 0))
+    writer.close()
+    path = tmp_path / "long" / schema.marks_name(0, 0)
+    assert path.stat().st_size > schema.MARKS_BYTES
+    marks = schema.read_marks(path)
+    assert marks.closed and marks.queued == {"train": 2} and marks.sites == {(site, "train"): 2 for site in sites}
+
+    real = os.pwrite
+    def short_disk(fd, data, offset):  # the longer closing text fails part way, as on a full disk
+        if bytes(data[:15]) == b'{"closed": true' and len(data) > schema.MARKS_BYTES:
+            real(fd, data[: len(data) // 2], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(shards.os, "pwrite", short_disk)
+    writer = ShardWriter(tmp_path / "full")
+    writer.start()
+    for i, site in enumerate(sites):
+        writer.put(Record(SiteMeta(site, i, "ReLU", (8,), 8, "flat"), 2, 0, "train", np.zeros((1, 1), np.uint8), 1, 1, 0))
+    writer.close()
+    marks = schema.read_marks(tmp_path / "full" / schema.marks_name(0, 0))
+    assert marks == schema.Marks({"train": 2}, True, None)  # closed, per split: what fits in place
