@@ -369,8 +369,8 @@ def _cmd_tensorboard(args: argparse.Namespace) -> int:
 
     _check_events_dir(args.logdir, args.run_name, args.overwrite, "--logdir")
     df, rates, plane = _table_for(args, rates=True)
-    out = to_tensorboard(df, args.logdir, run_name=args.run_name, unit_rates=rates, info_plane_df=plane,
-                         overwrite=args.overwrite, progress=not args.no_progress)
+    out = to_tensorboard(df, args.logdir, run_name=args.run_name, figures=not args.no_figures, unit_rates=rates,
+                         info_plane_df=plane, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote TensorBoard events to {out}\nopen them with:  tensorboard --logdir {args.logdir}")
     return 0
 
@@ -574,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--run-name", default=DEFAULT_RUN_NAME, help=f"sub-directory of LOGDIR (default: {DEFAULT_RUN_NAME})")
     board.add_argument("--overwrite", action="store_true", help="replace the events of an earlier export")
     board.add_argument("--metrics", type=Path, help="table written by `actpat analyze` instead of analysing RUN")
+    board.add_argument("--no-figures", action="store_true",
+                       help="scalars and histograms only: leave out the figures (drawing them takes most of the time)")
     _compute_options(board, split_help=only_split + "; with --metrics, the table's split to export")
     board.set_defaults(func=_cmd_tensorboard)
 

@@ -144,11 +144,13 @@ def test_plot_from_the_metrics_table_without_the_run(metrics_csv, tmp_path):
 def test_tensorboard_export_scalars_and_histograms_read_back(run_dir, metrics_csv, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = ["tensorboard", str(run_dir), "--metrics", str(metrics_csv), "--logdir", str(tmp_path), "--no-progress"]
+    args = ["tensorboard", str(run_dir), "--metrics", str(metrics_csv), "--logdir", str(tmp_path), "--no-progress",
+            "--no-figures"]
     assert main(args) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     acc.Reload()
+    assert not acc.Tags()["images"]  # --no-figures: no figure drawn (the report's test reads the figures back)
     p = open_run(run_dir).read("3", 1, split="probe")
     on = p.unpack()
     (event,) = [e for e in acc.Scalars("actpat/firing_rate_mean/3") if e.step == 1]
@@ -252,7 +254,7 @@ def test_split_flag_defaults_to_the_only_split_and_names_the_choices(tmp_path, c
     assert main(["analyze", str(tmp_path / "two"), "-o", str(tmp_path / "probe.csv"), "--split", "probe",
                  "--no-progress"]) == 0
     assert main(["tensorboard", str(tmp_path / "two"), "--metrics", str(tmp_path / "probe.csv"), "--logdir",
-                 str(tmp_path / "tb"), "--no-progress"]) == 0
+                 str(tmp_path / "tb"), "--no-progress", "--no-figures"]) == 0
     capsys.readouterr()
     # The table's split must be one of the run's: another run's table fails before any work, in the flag's words.
     assert main(["tensorboard", str(tmp_path / "one"), "--metrics", str(tmp_path / "probe.csv"), "--logdir",
