@@ -246,6 +246,9 @@ class Run:
                 self._read_stop_file(self.path / name)
             elif (session := schema.parse_marks_name(name)) is not None:
                 marks = schema.read_marks(self.path / name)
+                if marks is None and not _is_empty(self.path / name):  # (empty: a writer creating it this instant)
+                    self._warn("actpat: cannot read the marks file %s (damaged?): the steps its writer session may "
+                               "have lost at its end are judged from the shards alone.", self.path / name)
                 self._sessions[session[0]].append((session[1], self.path / name, marks))
         self._report_unfinalized()
         self._find_numbering_gaps()
@@ -709,10 +712,11 @@ class Run:
         per ``(None, split)`` for every site), and those that other ranks hold and this rank does not. One warning
         per cause and split, not one per step and site."""
         lost: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)  # (reason, split) -> (site, step)
-        # A site with no record on disk at all is lost whole here, unless a loss names it already (a site group
-        # that cannot be read).
-        named = {loss.site for loss in self.losses}
-        for site, split in sorted(set(held) | {key for key in marks if key[0] is not None and key[0] not in named}):
+        ranges: dict[tuple[str, str], list[tuple[str, int, int]]] = defaultdict(list)  # ... -> (site, first, last)
+        # A site with no record on disk in a split is lost whole here, unless a site group of it cannot be read
+        # (that loss names it already, in every split).
+        unreadable = {loss.site for loss in self.losses if loss.kind == "unreadable" and loss.split is None}
+        for site, split in sorted(set(held) | {key for key in marks if key[0] is not None and key[0] not in unreadable}):
             mark = marks.get((site, split), marks.get((None, split)))
             if mark is None:
                 continue
@@ -723,11 +727,13 @@ class Run:
             again = min((step for index, step in own if index >= end and step > last), default=mark + 1)
             upto = min(mark, again - 1)
             if last < upto:
-                self._lose(Loss(path, f"rank {rank} queued records of steps up to {mark} " + (
+                reason = f"rank {rank} queued records of steps up to {mark} " + (
                     "and closed, but its shards on disk end before: a shard after its last one is missing (deleted, or "
                     "not copied?), or its last records were dropped" if closed else
-                    "that never reached the disk (its writer was killed, or is still running)"),
-                    rank, -1, site, split, kind="missing" if closed else "unwritten", steps=(last + 1, upto)))
+                    "that never reached the disk (its writer was killed, or is still running)")
+                self._lose(Loss(path, reason, rank, -1, site, split, kind="missing" if closed else "unwritten",
+                                steps=(last + 1, upto)), warn=False)  # fmt: skip
+                ranges[(reason, split)].append((site, last + 1, upto))
             mine = {step for _, step in own}
             theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
             # Each loss names its step; the warning that sums a cause up names its steps.
@@ -739,6 +745,9 @@ class Run:
                     reason = why(rank, mark, "this step", "the step's rows are")
                     self._lose_incomplete(path, rank, site, split, step, reason, warn=False)
                     lost[(why(rank, mark, "these steps", "their rows are"), split)].append((site, step))
+        for (reason, split), where in ranges.items():
+            self._warn("actpat: records lost in split %r, steps %d to %d, %d site(s) (by %s; each in `losses`): %s.",
+                       split, min(lo for _, lo, _ in where), max(hi for _, _, hi in where), len(where), path, reason)
         for (reason, split), where in lost.items():
             steps = sorted({step for _, step in where})
             self._warn("actpat: records lost in split %r, %d step(s) from %d to %d, %d site(s) (by %s; each in "

@@ -372,7 +372,7 @@ def read_marks(path: Path) -> Marks | None:
             sites = {(str(site), str(split)): int(step) for site, steps in data["sites"].items()
                      for split, step in steps.items()}
         return Marks(queued, bool(data["closed"]), sites)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
         return None
 
 

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import threading
@@ -119,6 +120,12 @@ def _dropped_marker(record: Record) -> Record:
     """The empty record queued in place of dropped ``record``: numbered after it, ending its step as it would have."""
     return Record.empty(record.meta, record.step, record.epoch, record.split, record.part + 1,
                         ends_step=record.ends_step, n_positions=record.n_positions, marks_a_drop=True)
+
+
+def _pwrite_whole(fd: int, data: bytes) -> None:
+    """Write ``data`` at the start of ``fd``; a short write (a disk that filled part way) raises ENOSPC."""
+    if os.pwrite(fd, data, 0) != len(data):
+        raise OSError(errno.ENOSPC, "short write (no space left on device?)")
 
 
 def _nbytes(array: Any) -> int:
@@ -229,6 +236,7 @@ class ShardWriter:
         self._marks: dict[str, int] = {}  # split -> last step queued in this session
         self._site_marks: dict[tuple[str, str], int] = {}  # (site, split) -> last step queued, stored at close
         self._marks_fd: int | None = None
+        self._splits_seen: set[str] = set()
         self._io_failed = False
         self._pending: dict[str, list[_Buffered]] = {}
         #: Last step of each split this rank had recorded in ``out_dir`` before :meth:`start` (a run
@@ -301,6 +309,7 @@ class ShardWriter:
                                 "first, or `close()` again after an interrupted close.")
         for record in records:
             self.register_site(record.meta)
+            self._check_step_and_split(record)
         self._mark(records)
         batch: list[Record] = []
         n_queued = 0
@@ -335,6 +344,21 @@ class ShardWriter:
             if batch:
                 self._queue.put(batch)
         return n_queued
+
+    def _check_step_and_split(self, record: Record) -> None:
+        # The records table keeps a split's first SPLIT_BYTES bytes: a longer one would read back as another.
+        if record.split not in self._splits_seen:
+            if not isinstance(record.split, str) or len(record.split.encode()) > schema.SPLIT_BYTES:
+                raise ValueError(f"Expected a record's `split` to be a str of at most {schema.SPLIT_BYTES} bytes "
+                                 f"(UTF-8), but got {record.split!r}. Use a shorter name.")
+            self._splits_seen.add(record.split)
+        if type(record.step) is not int:
+            try:
+                record.step = operator.index(record.step)  # a numpy integer, say
+            except TypeError:
+                raise TypeError(f"Expected a record's `step` to be an integer, but got {record.step!r}.") from None
+        if record.step < 0:
+            raise ValueError(f"Expected a record's `step` to be at least 0, but got {record.step}: count steps from 0.")
 
     def register_site(self, meta: SiteMeta) -> SiteMeta:
         """Check ``meta`` against what this writer already records under the same site name.
@@ -415,10 +439,12 @@ class ShardWriter:
             self._thread.join()
             self._thread = None
             atexit.unregister(self._at_exit)
-            self._close_marks(closed=self._error is None)
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            try:
+                self._close_marks(closed=self._error is None)
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
         self.raise_if_failed()
 
     def raise_if_failed(self) -> None:
@@ -537,11 +563,11 @@ class ShardWriter:
         reader knows which steps this rank had recorded that never did."""
         changed = False
         for record in records:
-            key = (record.meta.site, record.split)
-            if record.step > self._site_marks.get(key, -1):
-                self._site_marks[key] = record.step
-            if record.step > self._marks.get(record.split, -1):
-                self._marks[record.split] = record.step
+            key, step = (record.meta.site, record.split), record.step
+            if step > self._site_marks.get(key, -1):
+                self._site_marks[key] = step
+            if step > self._marks.get(record.split, -1):
+                self._marks[record.split] = step
                 changed = True
         if changed and self._marks_fd is not None:
             self._write_marks(closed=False)
@@ -551,7 +577,7 @@ class ShardWriter:
             if closed:
                 self._write_closing_marks()
             else:
-                os.pwrite(self._marks_fd, schema.marks_text(self._marks, closed), 0)
+                _pwrite_whole(self._marks_fd, schema.marks_text(self._marks, closed))
         except OSError as exc:  # never a reason to stop training
             # A stale mark would bound a crash's losses too early: without the file, a reader checks this rank
             # by what its shards say, as for runs without marks.
@@ -565,10 +591,10 @@ class ShardWriter:
         sites' records of a step shows there), or without them where the disk has no room for a longer file."""
         try:
             text = schema.marks_text(self._marks, True, self._site_marks)
-            os.pwrite(self._marks_fd, text, 0)
+            _pwrite_whole(self._marks_fd, text)
         except OSError:
             text = schema.marks_text(self._marks, True)
-            os.pwrite(self._marks_fd, text, 0)
+            _pwrite_whole(self._marks_fd, text)
         os.ftruncate(self._marks_fd, len(text))  # no tail of a longer write that failed part way
 
     def _remove_marks(self) -> None:

@@ -631,8 +631,9 @@ def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_
         run = open_run(tmp_path / "finished")
     assert _lost_steps(run) == sorted((site, s, 1) for site in "14" for s in range(3, 8))
     summaries = [m for m in caplog.messages if "records lost in split" in m]  # one per cause, not one per loss
-    assert len(summaries) == 2 and "3 step(s) from 3 to 5, 2 site(s)" in summaries[0]
-    assert "2 step(s) from 6 to 7, 2 site(s)" in summaries[1] and "rank 1 stopped before these steps" in summaries[1]
+    assert len(summaries) == 3 and "steps 3 to 5, 2 site(s)" in summaries[0] and "never reached" in summaries[0]
+    assert "3 step(s) from 3 to 5, 2 site(s)" in summaries[1]
+    assert "2 step(s) from 6 to 7, 2 site(s)" in summaries[2] and "rank 1 stopped before these steps" in summaries[2]
     caplog.clear()
     assert [run.read("4", step).lost_records > 0 for step in range(8)] == [False] * 3 + [True] * 5
     assert sorted(summarize(run, progress=False)["step"].unique()) == [0, 1, 2]
@@ -651,7 +652,7 @@ def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_
         run = open_run(tmp_path / "alone")
     assert not _lost_steps(run) and run.steps("1").tolist() == [0, 1, 2, 5, 6, 7]
     assert sorted((loss.site, loss.steps) for loss in run.losses if loss.kind == "unwritten") == [("1", (3, 4)), ("4", (3, 4))]
-    assert "records lost, site '1', split 'train', one of steps 3..4 (by " in caplog.text  # not "skipping records of"
+    assert "records lost in split 'train', steps 3 to 4, 2 site(s) (by " in caplog.text  # not "skipping records of"
     with pytest.raises(KeyError, match=r"step 4 has no record.*may be in damaged parts.*rank 0 queued records of "
                                        r"steps up to 6 that never reached the disk"):
         run.read("1", 4)

@@ -666,3 +666,33 @@ def test_close_returns_when_the_writer_thread_fails_at_its_end_and_from_two_thre
     finally:
         threading.excepthook = hook
     assert errors == [] and open_run(tmp_path / "other").steps("a/b").tolist() == [0]
+
+
+@pytest.mark.parametrize("step, split, error", [
+    (0, "validation_dataloader_idx_0_extra_long", r"`split` to be a str of at most 32 bytes.*Use a shorter name"),
+    (-1, "train", r"`step` to be at least 0, but got -1"),
+    (2.5, "train", r"`step` to be an integer, but got 2.5"),
+])  # fmt: skip
+def test_a_record_whose_step_or_split_cannot_be_stored_as_given_is_refused_at_put(tmp_path, step, split, error):
+    # A longer split would be cut to 32 bytes in the records table and read back as another split.
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    meta = SiteMeta("fc", 0, "ReLU", (8,), 8, "flat")
+    with pytest.raises((ValueError, TypeError), match=error):
+        writer.put(Record(meta, step, 0, split, np.zeros((1, 1), np.uint8), 1, 1, 0))
+    writer.put(Record(meta, np.int64(3), 0, "train", np.zeros((1, 1), np.uint8), 1, 1, 0))  # a numpy integer: stored
+    writer.close()
+    run = open_run(tmp_path)
+    assert run.splits == ["train"] and run.steps("fc").tolist() == [3] and not run.losses
+
+
+def test_close_releases_the_run_lock_even_where_closing_the_marks_fails(tmp_path, monkeypatch):
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(_record(0))
+    monkeypatch.setattr(writer, "_close_marks", lambda closed: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        writer.close()
+    second = ShardWriter(tmp_path)
+    second.start()  # not refused: the lock was released
+    second.close()

@@ -6,6 +6,7 @@ damaged file itself, with h5py, before the damage."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 import h5py
@@ -272,17 +273,56 @@ def test_closing_marks_per_site_outgrow_the_padding_or_fall_back_to_the_marks_pe
     assert marks.closed and marks.queued == {"train": 2} and marks.sites == {(site, "train"): 2 for site in sites}
 
     real = os.pwrite
-    def short_disk(fd, data, offset):  # the longer closing text fails part way, as on a full disk
-        if bytes(data[:15]) == b'{"closed": true' and len(data) > schema.MARKS_BYTES:
-            real(fd, data[: len(data) // 2], offset)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
+    for raises in (True, False):  # a full disk part way: an error, or (as Linux reports it) a short count
+        def short_disk(fd, data, offset):
+            if bytes(data[:15]) == b'{"closed": true' and len(data) > schema.MARKS_BYTES:
+                written = real(fd, data[: schema.MARKS_BYTES], offset)
+                if raises:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return written
+            return real(fd, data, offset)
 
-    monkeypatch.setattr(shards.os, "pwrite", short_disk)
-    writer = ShardWriter(tmp_path / "full")
+        monkeypatch.setattr(shards.os, "pwrite", short_disk)
+        writer = ShardWriter(tmp_path / f"full-{raises}")
+        writer.start()
+        for i, site in enumerate(sites):
+            writer.put(Record(SiteMeta(site, i, "ReLU", (8,), 8, "flat"), 2, 0, "train", np.zeros((1, 1), np.uint8), 1, 1, 0))
+        writer.close()
+        marks = schema.read_marks(tmp_path / f"full-{raises}" / schema.marks_name(0, 0))
+        assert marks == schema.Marks({"train": 2}, True, None), raises  # closed, per split: what fits in place
+
+
+def test_a_site_whose_only_records_of_a_split_were_in_the_deleted_last_shard_is_reported(tmp_path):
+    # Site b's step 4 of train (in two parts) ends in the last shard, beside b's only probe record: the loss the
+    # cut-short train step is does not stand for the probe split.
+    writer = ShardWriter(tmp_path, max_shard_bytes=1)
     writer.start()
-    for i, site in enumerate(sites):
-        writer.put(Record(SiteMeta(site, i, "ReLU", (8,), 8, "flat"), 2, 0, "train", np.zeros((1, 1), np.uint8), 1, 1, 0))
+    metas = {site: SiteMeta(site, i, "ReLU", (8,), 8, "flat") for i, site in enumerate(SITES)}
+    for step in range(5):
+        for part in (0, 1):
+            for site in SITES:
+                writer.put(Record(metas[site], step, 0, "train", _bits(0, site, step, part), 1, 3, 0, part=part,
+                                  ends_step=part == 1))  # fmt: skip
+        if step in (0, 2):
+            writer.put(Record(metas["a"], step, 0, "probe", _bits(0, "a", step, 9), 1, 3, 0, part=0, ends_step=True))
+    writer.put(Record(metas["b"], 4, 0, "probe", _bits(0, "b", 4, 9), 1, 3, 0, part=0, ends_step=True))
     writer.close()
-    marks = schema.read_marks(tmp_path / "full" / schema.marks_name(0, 0))
-    assert marks == schema.Marks({"train": 2}, True, None)  # closed, per split: what fits in place
+    shards = sorted(tmp_path.glob("*.h5"))
+    assert _held(shards[-1]) == {("b", "probe", 4)}
+    for victim in shards[-2:]:
+        victim.unlink()
+    run = open_run(tmp_path, warn=False)
+    assert [(loss.kind, loss.site, loss.split) for loss in run.losses] == [("incomplete", "b", "train"),
+                                                                            ("missing", "b", "probe")]  # fmt: skip
+    with pytest.raises(KeyError, match=r"Records of 'b' may be in damaged parts.*up to 4 and closed"):
+        run.read("b", 4, "probe")
+
+
+@pytest.mark.parametrize("text", [b'{"closed": true, "queued": {"train": Infinity}}', b"[" * 100_000, b"\xff\xfe",
+                                  b'{"closed": true, "queued": {"train": 2}, "sites": []}'])  # fmt: skip
+def test_a_damaged_marks_file_is_said_and_the_run_still_opens(text, tmp_path, caplog):
+    _write_whole_steps(tmp_path, (0,))
+    (tmp_path / schema.marks_name(0, 0)).write_bytes(text)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    assert "cannot read the marks file" in caplog.text and run.steps("a", "train").tolist() == list(range(5))
