@@ -293,7 +293,10 @@ class ShardWriter:
             The writer failed earlier, or is not running.
         ValueError
             Another recorder sharing this writer described the same site differently (see
-            :meth:`register_site`).
+            :meth:`register_site`), the record's ``split`` is longer than 32 bytes (UTF-8), or its ``step``
+            is negative.
+        TypeError
+            The record's ``step`` is not an integer (numpy integers are taken as ints).
         """
         return self.put_many([record]) == 1
 
