@@ -245,8 +245,12 @@ class Run:
             elif schema.parse_stop_name(name) is not None:
                 self._read_stop_file(self.path / name)
             elif (session := schema.parse_marks_name(name)) is not None:
-                marks = schema.read_marks(self.path / name)
-                if marks is None and not _is_empty(self.path / name):  # (empty: a writer creating it this instant)
+                try:
+                    text = (self.path / name).read_bytes()
+                except OSError:
+                    text = None
+                marks = schema.parse_marks(text) if text else None
+                if marks is None and text != b"":  # (empty: a writer creating it this instant)
                     self._warn("actpat: cannot read the marks file %s (damaged?): the steps its writer session may "
                                "have lost at its end are judged from the shards alone.", self.path / name)
                 self._sessions[session[0]].append((session[1], self.path / name, marks))
@@ -376,10 +380,7 @@ class Run:
         if loss.steps is not None:
             where += ", one of steps {}..{}".format(*("?" if b is None else b for b in loss.steps))
         count = "" if loss.records is None else f" ({loss.records} record{'s' * (loss.records != 1)})"
-        if loss.path.name.endswith(schema.MARKS_SUFFIX):  # nothing is skipped: the marks tell what is missing
-            self._warn("actpat: records lost%s (by %s): %s.", where, loss.path, loss.reason)
-        else:
-            self._warn("actpat: skipping records of %s%s%s: %s.", loss.path, where, count, loss.reason)
+        self._warn("actpat: skipping records of %s%s%s: %s.", loss.path, where, count, loss.reason)
 
     def _index_shard(self, path: Path) -> None:
         """Index one file: damage to a finalized shard as a whole is an error naming it; an unfinalized
@@ -572,8 +573,8 @@ class Run:
                 )))  # fmt: skip
             kept = table[ok]
             for split in np.unique(kept["split"]):
-                key, step = (site, bytes(split).decode(errors="replace")), int(kept["step"][kept["split"] == split].max())
-                shard.last_steps[key] = max(step, shard.last_steps.get(key, step))
+                last, step = (site, bytes(split).decode(errors="replace")), int(kept["step"][kept["split"] == split].max())
+                shard.last_steps[last] = max(step, shard.last_steps.get(last, step))
         if untrusted:
             known = np.concatenate(sound_at) if sound_at else np.zeros((0, 2), dtype=np.int64)
             for index, reason, kind in untrusted:
@@ -713,12 +714,13 @@ class Run:
         per cause and split, not one per step and site."""
         lost: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)  # (reason, split) -> (site, step)
         ranges: dict[tuple[str, str], list[tuple[str, int, int]]] = defaultdict(list)  # ... -> (site, first, last)
-        # A site with no record on disk in a split is lost whole here, unless a site group of it cannot be read
-        # (that loss names it already, in every split).
-        unreadable = {loss.site for loss in self.losses if loss.kind == "unreadable" and loss.split is None}
-        for site, split in sorted(set(held) | {key for key in marks if key[0] is not None and key[0] not in unreadable}):
+        # A site with no record on disk in a split is lost whole here, unless a group of it that cannot be read
+        # stands for the split already (its loss bounded there: see _bound_lost_shards).
+        for site, split in sorted(set(held) | {key for key in marks if key[0] is not None}):
             mark = marks.get((site, split), marks.get((None, split)))
-            if mark is None:
+            if mark is None or ((site, split) not in held and any(
+                    loss.kind == "unreadable" and loss.split == split and loss.rank == rank
+                    for loss in self._index_losses.get(site, ()))):  # fmt: skip
                 continue
             by_rank = held.get((site, split), {})
             own = by_rank.get(rank, [])

@@ -365,14 +365,22 @@ def marks_text(queued: dict[str, int], closed: bool, sites: dict[tuple[str, str]
 def read_marks(path: Path) -> Marks | None:
     """The marks of a marks file, or None where it cannot be read or parsed."""
     try:
-        data = json.loads(path.read_bytes())
+        return parse_marks(path.read_bytes())
+    except OSError:
+        return None
+
+
+def parse_marks(text: bytes) -> Marks | None:
+    """The marks of a marks file's content, or None where it cannot be parsed."""
+    try:
+        data = json.loads(text)
         queued = {str(split): int(step) for split, step in data["queued"].items()}
         sites = None
         if "sites" in data:
             sites = {(str(site), str(split)): int(step) for site, steps in data["sites"].items()
                      for split, step in steps.items()}
         return Marks(queued, bool(data["closed"]), sites)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
         return None
 
 

@@ -707,3 +707,21 @@ def test_a_run_whose_every_record_was_lost_says_so_where_a_split_is_asked_for(tm
     _write_run(tmp_path / "none", [])
     with pytest.raises(ValueError, match=r"has no records\.$"):
         open_run(tmp_path / "none").steps("1")
+
+
+def test_records_past_the_first_slice_of_a_records_table_are_indexed_readable(tmp_path, monkeypatch):
+    """A site's records table is indexed in slices (of 65,536 rows): every slice's entries read back."""
+    from actpat.recorder import reader
+    from actpat.recorder.shards import Record, ShardWriter, SiteMeta
+
+    monkeypatch.setattr(reader, "_INDEX_SLICE", 2)
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    meta = SiteMeta("fc", 0, "ReLU", (8,), 8, "flat")
+    for step in range(5):
+        writer.put(Record(meta, step, 0, "train", np.full((2, 1), step, np.uint8), 1, 2, 0, part=0, ends_step=True))
+    writer.close()
+    run = open_run(tmp_path)
+    assert not run.losses and run.steps("fc").tolist() == list(range(5))
+    for step in range(5):
+        np.testing.assert_array_equal(run.read("fc", step).bits, np.full((2, 1), step, np.uint8))

@@ -276,7 +276,7 @@ def test_closing_marks_per_site_outgrow_the_padding_or_fall_back_to_the_marks_pe
     for raises in (True, False):  # a full disk part way: an error, or (as Linux reports it) a short count
         def short_disk(fd, data, offset):
             if bytes(data[:15]) == b'{"closed": true' and len(data) > schema.MARKS_BYTES:
-                written = real(fd, data[: schema.MARKS_BYTES], offset)
+                written = real(fd, data[: schema.MARKS_BYTES + 100], offset)  # the file grew, then the disk filled
                 if raises:
                     raise OSError(errno.ENOSPC, "No space left on device")
                 return written
@@ -292,9 +292,10 @@ def test_closing_marks_per_site_outgrow_the_padding_or_fall_back_to_the_marks_pe
         assert marks == schema.Marks({"train": 2}, True, None), raises  # closed, per split: what fits in place
 
 
-def test_a_site_whose_only_records_of_a_split_were_in_the_deleted_last_shard_is_reported(tmp_path):
-    # Site b's step 4 of train (in two parts) ends in the last shard, beside b's only probe record: the loss the
-    # cut-short train step is does not stand for the probe split.
+@pytest.mark.parametrize("also", [None, "an unreadable group of b"])
+def test_a_site_whose_only_records_of_a_split_were_in_the_deleted_last_shard_is_reported(tmp_path, also):
+    # Site b's step 4 of train (in two parts) ends in the last shard, beside b's only probe record: neither the loss
+    # the cut-short train step is nor one of b's site groups unreadable elsewhere stands for the probe split.
     writer = ShardWriter(tmp_path, max_shard_bytes=1)
     writer.start()
     metas = {site: SiteMeta(site, i, "ReLU", (8,), 8, "flat") for i, site in enumerate(SITES)}
@@ -311,10 +312,22 @@ def test_a_site_whose_only_records_of_a_split_were_in_the_deleted_last_shard_is_
     assert _held(shards[-1]) == {("b", "probe", 4)}
     for victim in shards[-2:]:
         victim.unlink()
+    if also:
+        with h5py.File(shards[1], "r+") as handle:  # b's part 0 of step 0
+            assert set(handle[schema.SITES_GROUP]) == {"b"}
+            del handle[schema.SITES_GROUP]["b"][schema.RECORDS]
     run = open_run(tmp_path, warn=False)
-    assert [(loss.kind, loss.site, loss.split) for loss in run.losses] == [("incomplete", "b", "train"),
-                                                                            ("missing", "b", "probe")]  # fmt: skip
-    with pytest.raises(KeyError, match=r"Records of 'b' may be in damaged parts.*up to 4 and closed"):
+    if also:  # that loss may hold any step of b in the splits the rank records, the probe's included
+        assert [(loss.kind, loss.site, loss.split, loss.step) for loss in run.losses] == [
+            ("unreadable", "b", None, None), ("incomplete", "b", "train", 0), ("incomplete", "b", "train", 4)]
+        why = r"site group 'b' cannot be read"
+    else:
+        assert [(loss.kind, loss.site, loss.split, loss.step) for loss in run.losses] == [
+            ("incomplete", "b", "train", 4), ("missing", "b", "probe", None)]
+        (probe_loss,) = [loss for loss in run.losses if loss.split == "probe"]
+        assert probe_loss.may_hold("b", "probe", 4) and not probe_loss.may_hold("b", "probe", 5)
+        why = r"up to 4 and closed"
+    with pytest.raises(KeyError, match=rf"Records of 'b' may be in damaged parts of the run: 1 loss.*{why}"):
         run.read("b", 4, "probe")
 
 
