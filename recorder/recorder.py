@@ -284,8 +284,7 @@ class ActivationRecorder:
         step, epoch = _whole(step, "step"), _whole(epoch, "epoch")
         if self._context is not None:
             raise RuntimeError("Expected no capture to be active, but `capture()` was entered twice; nest none.")
-        if len(split.encode()) > schema.SPLIT_BYTES:
-            raise ValueError(f"Expected `split` to be at most {schema.SPLIT_BYTES} bytes, but got {split!r}.")
+        schema.check_split(split)
         self.open()
         before = self.writer.recorded_before.get(split, -1)
         if record and step <= before:

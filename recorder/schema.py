@@ -65,6 +65,15 @@ SAMPLE_COLUMNS = (SAMPLE_IDS, LABELS)
 OPTIONAL_COLUMNS = (OBS_INDEX, VALUES)
 
 SPLIT_BYTES = 32
+
+
+def check_split(split: object, name: str = "`split`") -> None:
+    """Refuse a split the records table cannot keep: it stores a split's first :data:`SPLIT_BYTES` bytes (UTF-8),
+    and a longer one would read back as another."""
+    if not isinstance(split, str) or len(split.encode()) > SPLIT_BYTES:
+        raise ValueError(f"Expected {name} to be a str of at most {SPLIT_BYTES} bytes (UTF-8), but got {split!r}. "
+                         "Use a shorter name.")
+
 _FIELDS = [
     ("step", "<i8"),
     ("epoch", "<i8"),

@@ -349,12 +349,11 @@ class ShardWriter:
         return n_queued
 
     def _check_step_and_split(self, record: Record) -> None:
-        # The records table keeps a split's first SPLIT_BYTES bytes: a longer one would read back as another.
         if record.split not in self._splits_seen:
-            if not isinstance(record.split, str) or len(record.split.encode()) > schema.SPLIT_BYTES:
-                raise ValueError(f"Expected a record's `split` to be a str of at most {schema.SPLIT_BYTES} bytes "
-                                 f"(UTF-8), but got {record.split!r}. Use a shorter name.")
+            schema.check_split(record.split, "a record's `split`")
             self._splits_seen.add(record.split)
+        if isinstance(record.step, bool):
+            raise TypeError(f"Expected a record's `step` to be an integer, but got {record.step!r}.")
         if type(record.step) is not int:
             try:
                 record.step = operator.index(record.step)  # a numpy integer, say

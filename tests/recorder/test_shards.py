@@ -672,6 +672,7 @@ def test_close_returns_when_the_writer_thread_fails_at_its_end_and_from_two_thre
     (0, "validation_dataloader_idx_0_extra_long", r"`split` to be a str of at most 32 bytes.*Use a shorter name"),
     (-1, "train", r"`step` to be at least 0, but got -1"),
     (2.5, "train", r"`step` to be an integer, but got 2.5"),
+    (True, "train", r"`step` to be an integer, but got True"),
 ])  # fmt: skip
 def test_a_record_whose_step_or_split_cannot_be_stored_as_given_is_refused_at_put(tmp_path, step, split, error):
     # A longer split would be cut to 32 bytes in the records table and read back as another split.
