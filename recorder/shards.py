@@ -352,10 +352,10 @@ class ShardWriter:
         if record.split not in self._splits_seen:
             schema.check_split(record.split, "a record's `split`")
             self._splits_seen.add(record.split)
-        if isinstance(record.step, bool):
-            raise TypeError(f"Expected a record's `step` to be an integer, but got {record.step!r}.")
         if type(record.step) is not int:
             try:
+                if isinstance(record.step, bool):
+                    raise TypeError
                 record.step = operator.index(record.step)  # a numpy integer, say
             except TypeError:
                 raise TypeError(f"Expected a record's `step` to be an integer, but got {record.step!r}.") from None
