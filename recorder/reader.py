@@ -697,8 +697,8 @@ class Run:
         for shard in self._shards:
             if shard.rank == rank and first <= shard.index < end:
                 for (site, split), step in shard.last_steps.items():
-                    for key in ((site, split), (None, split)):
-                        last[key] = max(step, last.get(key, step))
+                    key = (site, split) if marks.sites is not None else (None, split)
+                    last[key] = max(step, last.get(key, step))
         if marks.sites is not None:
             queued = marks.sites
         else:
