@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA tests and the GPU benchmarks, in one run on a machine with an NVIDIA GPU, from the repository
-# root: `bash bench/gpu.sh` (about 7 minutes on one H100). It runs the checkout as it is, installed or not
+# root: `bash bench/gpu.sh` (about 5 minutes on one H100). It runs the checkout as it is, installed or not
 # (the three code folders are mapped to `actpat.*` on PYTHONPATH), with the `python3` that holds a CUDA
 # build of torch and the dependencies (pytest-xdist for the tests). Writes into $OUT (default gpu_out/):
 # log (everything), tests.xml (JUnit), bench.jsonl (one JSON line per benchmark). Each part has its own
@@ -44,10 +44,6 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...: its JSON line goes to bench.json
 bench overhead-resnet18-224 120 bench/overhead.py --device cuda --model resnet18 --resolution 224
 bench overhead-resnet20 90 bench/overhead.py --device cuda
 bench overhead-digits 90 bench/overhead.py --device cuda --model digits --pairs 100
-for round in 1 2 3; do  # the Triton threshold: the digits CNN's sites (4k-65k values) through the kernel or not
-    bench "threshold-default-$round" 60 bench/overhead.py --device cuda --model digits --pairs 100
-    bench "threshold-0-$round" 60 bench/overhead.py --device cuda --model digits --pairs 100 --triton-min-values 0
-done
 bench probe-memory 120 bench/probe_memory.py --device cuda --rounds 2
 bench compile-overhead 150 bench/compile_overhead.py --device cuda --pairs 10
 bench callback-overhead 120 bench/callback_overhead.py --accelerator gpu --rounds 3 --epochs 4

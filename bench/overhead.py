@@ -34,8 +34,7 @@ holds the work its call queued; ``floor_ratio`` then times ``z > 0`` on the devi
 names the card.
 
 ``--packing ops`` packs with numpy and torch ops alone (no numba kernel on the CPU, no Triton kernel on a
-CUDA device), to compare with the kernels (the default). ``--triton-min-values N`` sets the size from which
-a CUDA float site takes the Triton kernel instead of the torch ops (0: every site), to choose that threshold.
+CUDA device), to compare with the kernels (the default).
 
 Prints one JSON line. ``--quick`` runs a tiny configuration for the test suite.
 """
@@ -56,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actpat.recorder import ActivationRecorder, kernels, open_run, packing
+from actpat.recorder import ActivationRecorder, kernels, open_run
 
 COMPRESSION_CHOICES = ("default", "none", "lzf", "gzip")
 
@@ -320,16 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(__doc__, argv, ("--packing", {
         "default": "kernels", "choices": ["kernels", "ops"],
         "help": "ops: pack with numpy and torch ops alone, without the numba and Triton kernels (a comparison)",
-    }), ("--triton-min-values", {
-        "type": int, "default": packing._MIN_TRITON_VALUES,
-        "help": "CUDA float sites of at least this many values take the Triton kernel (default: the library's)",
     }))
-    default, packing._MIN_TRITON_VALUES = packing._MIN_TRITON_VALUES, args.triton_min_values
-    try:
-        with contextlib.nullcontext() if args.packing == "kernels" else kernels.disabled():
-            return measure(args)
-    finally:
-        packing._MIN_TRITON_VALUES = default
+    with contextlib.nullcontext() if args.packing == "kernels" else kernels.disabled():
+        return measure(args)
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -402,7 +394,6 @@ def measure(args: argparse.Namespace) -> dict:
         "recorded_steps": recorded_steps,
         "bytes_on_disk_per_step": round(bytes_on_disk / max(recorded_steps, 1)),
         "packing": args.packing,
-        "triton_min_values": args.triton_min_values,
         **run_fields(x, groups, args.compression, quick),
     }
     print(json.dumps(result), flush=True)

@@ -4,7 +4,7 @@ Channel patterns of channels-first float32/float64 CPU tensors are packed by the
 kernel of :mod:`~actpat.recorder.kernels` where numba is installed. Other CPU tensors are compared and
 packed with numpy: its float comparison is vectorized where torch's ``z > 0`` with a bool result is not
 (3-5x slower on CPU), and a numpy call costs about 1 us against several for a torch op, which dominates
-the small tensors of small models. Large float tensors on a CUDA device are packed by the Triton kernel
+the small tensors of small models. Float tensors on a CUDA device are packed by the Triton kernel
 of the same module, with their NaN count, in one pass (where Triton is installed). Other tensors on an
 accelerator, and any code that ``torch.compile`` traces, take a few plain torch ops, which inductor
 fuses into the graph.
@@ -25,11 +25,6 @@ from actpat.recorder.schema import PATTERN_KINDS
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Sites of at least this many values take the Triton kernel. Measured on an H100 (bench/overhead.py
-# --packing): sites of 4k-65k values were faster with the torch ops (a Triton launch costs more of the
-# training thread's time), sites of 0.5-25M values faster with the kernel (the torch ops' GPU time grows
-# with the map); the boundary between was not measured more finely.
-_MIN_TRITON_VALUES = 1 << 18
 # Shifts that move the 0/1 byte of unit k of a byte group to bit k.
 _SHIFTS_NP = np.arange(8, dtype=np.uint64).reshape(8, 1)
 # Multiplier that gathers bit 8 k of a word (k = 0..7) into bit 56 + k: sum of 2 ** (56 - 7 k).
@@ -175,10 +170,13 @@ def _pack(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, Any]:
 
 
 def _pack_with_triton(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
-    """One Triton launch for a large float tensor on the current CUDA device, eager; None: take the torch ops."""
+    """One Triton launch for a float tensor on the current CUDA device, eager; None: take the torch ops.
+
+    Every size: on an H100 the kernel's direct launch beat the torch ops' five launches for sites of 4k-65k
+    values too (bench/overhead.py --model digits, three pairs), as it did for sites of 0.5-25M values."""
     if not (
         _on_current_cuda_device(z) and z.dtype in _TRITON_DTYPES and type(z) is torch.Tensor
-        and z.numel() >= _MIN_TRITON_VALUES and not torch.compiler.is_compiling()
+        and not torch.compiler.is_compiling()
     ):
         return None
     pack = kernels.load_triton()

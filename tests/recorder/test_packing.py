@@ -346,7 +346,6 @@ def triton_on_the_cpu(monkeypatch, unloaded_kernels):
         pytest.skip("Triton's interpreter is set up where no CUDA device is (tests/conftest.py)")
     monkeypatch.setattr(packing, "_numpy_packable", lambda z: False)
     monkeypatch.setattr(packing, "_on_current_cuda_device", lambda z: True)
-    monkeypatch.setattr(packing, "_MIN_TRITON_VALUES", 1)  # the interpreter is slow: small tensors here
     pack, launches = kernels.load_triton(), []
     kernels._kernels["triton"] = lambda values: launches.append(tuple(values.shape)) or pack(values)
     return launches
@@ -406,12 +405,6 @@ def test_the_triton_kernel_counts_nans_of_many_programs_exactly(triton_on_the_cp
     assert triton_on_the_cpu == [(2, 70, 153)]
 
 
-def test_small_sites_take_the_torch_ops_and_large_ones_the_triton_kernel(triton_on_the_cpu, monkeypatch):
-    monkeypatch.setattr(packing, "_MIN_TRITON_VALUES", 3 * 16 * 4 * 4)
-    for shape, kernel in (((3, 16, 4, 4), True), ((2, 16, 4, 4), False), ((3, 16, 2, 2), False)):
-        _check_triton_packing(_with_nans_and_zeros(torch.randn(shape)), triton_on_the_cpu, {"channel": kernel})
-
-
 def test_a_failed_triton_launch_warns_once_and_torch_ops_pack_from_then_on(triton_on_the_cpu, caplog):
     calls = []
 
@@ -441,20 +434,21 @@ def test_without_triton_torch_ops_pack(triton_on_the_cpu, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_on_a_cuda_device_a_large_site_is_packed_in_one_triton_launch(dtype, layout):
+@pytest.mark.parametrize("shape", [(16, 13, 40, 40), (2, 9, 3, 3)])
+def test_on_a_cuda_device_a_site_of_any_size_is_packed_in_one_triton_launch(dtype, layout, shape):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     pytest.importorskip("triton")
     launches = []
     pack = kernels.load_triton()
-    z = _with_nans_and_zeros(torch.randn(16, 13, 40, 40)).to(dtype)  # past packing._MIN_TRITON_VALUES
+    z = _with_nans_and_zeros(torch.randn(shape)).to(dtype)
     expected, expected_nans = _expected_bits(z, "channel"), int(torch.isnan(z).sum())
     z = z.cuda()
     if layout == "channels_last":
         z = z.contiguous(memory_format=torch.channels_last)
     with mock.patch.dict(kernels._kernels, triton=lambda values: launches.append(values.shape) or pack(values)):
         bits, _, _, nan_count = pack_and_count_nans(z, "channel")
-    assert launches == [(16, 13, 1600)]
+    assert launches == [(shape[0], shape[1], shape[2] * shape[3])]
     np.testing.assert_array_equal(bits.cpu().numpy(), expected)
     assert int(nan_count) == expected_nans
 

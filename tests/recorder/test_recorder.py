@@ -861,7 +861,7 @@ def test_hooks_never_read_a_device_tensor_on_the_host(tmp_path, monkeypatch):
 
 def test_the_torch_ops_of_a_site_on_an_accelerator_are_five_kernel_launches_six_with_pad_bits(tmp_path, monkeypatch):
     """On a GPU every op the hook runs is a launch from the training thread, tens of us each (bench/gpu.sh).
-    With the torch ops (other accelerators; CUDA sites under packing._MIN_TRITON_VALUES, or without Triton)
+    With the torch ops (other accelerators; CUDA without Triton, or after a failed launch)
     a site whose width is whole bytes takes five: the comparison (written straight into the unit-last
     layout), the shift and sum that pack, the NaN test and its sum; a width off whole bytes one more, the
     fill of its pad bits. Counted on the meta device, which runs the accelerator path; ops that only make
