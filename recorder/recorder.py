@@ -96,8 +96,8 @@ class ActivationRecorder:
     on_record : callable(Record), optional
         Observer called with every record just before it is queued, when its capture ends (also when
         it is then dropped under backpressure). It must be cheap and must not do I/O: keep a reference
-        and work on it later. On CUDA the record's arrays are pinned host tensors still being filled; wait on
-        ``record.ready`` (a CUDA event) before reading them.
+        and work on it later. On CUDA the record's arrays are numpy views of pinned host memory still being
+        filled; wait on ``record.ready`` (a CUDA event) before reading them.
 
     Examples
     --------
@@ -776,6 +776,10 @@ def _refuse_non_integers(dtype: Any, name: str) -> None:
 
 _DEVICE_FIELDS = ("nan_count", "values", "bits", "labels", "sample_ids")
 _PER_SAMPLE = ("labels", "sample_ids")
+_NUMPY_TYPES = {
+    torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64,
+    torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64, torch.bool: np.bool_,
+}
 
 
 def to_host(records: list[Record]) -> None:
@@ -784,9 +788,11 @@ def to_host(records: list[Record]) -> None:
     On CUDA, per stream: one concatenation on the device, one pinned host buffer, one non-blocking copy
     and one event in each record's ``ready`` (waited on by the writer thread), instead of a buffer, a
     copy and an event per tensor, each microseconds of launch time at every site. The capture's labels
-    and sample ids, one tensor shared by its records, travel once in that copy. Another accelerator
-    (``stream`` is then its device) is copied synchronously. The host buffer is sliced into each field,
-    wider element types first so that every slice is aligned for its type.
+    and sample ids, one tensor shared by its records, travel once in that copy, and so does the one
+    buffer that holds a site's bits and NaN count where the packing made both in it (the Triton kernel).
+    Another accelerator (``stream`` is then its device) is copied synchronously. Each field becomes a
+    numpy view of the host buffer (a numpy slice costs a fraction of a torch view's microseconds), wider
+    element types first so that every view is aligned for its type.
     """
     by_stream: dict[Any, list[Record]] = {}
     for record in records:
@@ -799,49 +805,94 @@ def to_host(records: list[Record]) -> None:
     for stream, group in by_stream.items():
         cuda = isinstance(stream, tuple)
         device = torch.device("cuda", stream[1]) if cuda else stream
-        tensors: dict[int, torch.Tensor] = {}
+        # id(source) -> (source, its alignment in bytes); id(field tensor) -> (id(source), byte offset in it)
+        sources: dict[int, tuple[torch.Tensor, int]] = {}
+        places: dict[int, tuple[int, int]] = {}
         for record in group:
+            _place_packed(record, sources, places)
             for name in _DEVICE_FIELDS:
                 tensor = getattr(record, name)
-                if not isinstance(tensor, torch.Tensor):
+                if not isinstance(tensor, torch.Tensor) or id(tensor) in places:
                     continue
                 if name in _PER_SAMPLE and tensor.device != device:  # the batch on another GPU than the model
                     setattr(record, name, tensor.cpu())
                 else:
-                    tensors.setdefault(id(tensor), tensor)
-        ordered = sorted(tensors.values(), key=lambda t: -t.element_size())
-        ready = None
-        with _on_stream(stream) if cuda else contextlib.nullcontext() as current:
+                    sources[id(tensor)] = (tensor, tensor.element_size())
+                    places[id(tensor)] = (id(tensor), 0)
+        ordered = sorted(sources.items(), key=lambda item: -item[1][1])
+        ready = host = None
+        with _on_stream(stream) if cuda else contextlib.nullcontext():
             if ordered:
-                flat = torch.cat([tensor.reshape(-1).contiguous().view(torch.uint8) for tensor in ordered])
+                pieces = [_as_bytes(tensor) for _, (tensor, _) in ordered]
+                flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
                 host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=cuda)
                 host.copy_(flat, non_blocking=cuda)
             if cuda:
                 ready = torch.cuda.Event()
-                ready.record(current)
-        views, offset = {}, 0
-        for tensor in ordered:
-            size = tensor.numel() * tensor.element_size()
-            views[id(tensor)] = host[offset : offset + size].view(tensor.dtype).reshape(tensor.shape)
-            offset += size
+                ready.record()
+        starts, offset = {}, 0
+        for key, (tensor, _) in ordered:
+            starts[key] = offset
+            offset += tensor.numel() * tensor.element_size()
+        host_bytes = None if host is None else host.numpy()
+        views: dict[int, Any] = {}  # one view per tensor: records that shared a tensor share its view
         for record in group:
             for name in _DEVICE_FIELDS:
                 tensor = getattr(record, name)
-                if isinstance(tensor, torch.Tensor) and id(tensor) in views:
-                    setattr(record, name, views[id(tensor)])
+                place = places.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+                if place is not None:
+                    view = views.get(id(tensor))
+                    if view is None:
+                        view = views[id(tensor)] = _host_view(host, host_bytes, starts[place[0]] + place[1], tensor)
+                    setattr(record, name, view)
             record.ready, record.stream = ready, None
 
 
+def _place_packed(record: Record, sources: dict, places: dict) -> None:
+    """Where ``record``'s bits and NaN count lie in one contiguous byte buffer (the Triton packing's, its size a
+    multiple of 8 and the count 8-aligned in it; the bits a view of it), copy that buffer whole, once."""
+    bits, count = record.bits, record.nan_count
+    base = getattr(bits, "_base", None)
+    if base is None or not isinstance(count, torch.Tensor) or count.dim() or id(bits) in places:
+        return
+    start = base.data_ptr()
+    count_at = count.data_ptr() - start  # inside the buffer's bytes: the same allocation
+    if not (base.dtype == torch.uint8 and base.dim() == 1 and base.is_contiguous() and bits.is_contiguous()
+            and base.numel() % 8 == 0 and 0 <= count_at < base.numel() and count_at % 8 == 0
+            and count.device == base.device):
+        return
+    sources[id(base)] = (base, 8)
+    places[id(bits)] = (id(base), bits.data_ptr() - start)
+    places[id(count)] = (id(base), count_at)
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s elements as a flat uint8 tensor: itself where it is one already (no launch)."""
+    if tensor.dtype == torch.uint8 and tensor.dim() == 1 and tensor.is_contiguous():
+        return tensor
+    return tensor.reshape(-1).contiguous().view(torch.uint8)
+
+
+def _host_view(host: torch.Tensor, host_bytes: np.ndarray, offset: int, tensor: torch.Tensor) -> Any:
+    """The part of the host buffer at byte ``offset`` that holds ``tensor``: a numpy array of its shape and
+    type (a torch tensor for a type numpy lacks, such as bfloat16)."""
+    end = offset + tensor.numel() * tensor.element_size()
+    numpy_type = _NUMPY_TYPES.get(tensor.dtype)
+    if numpy_type is None:
+        return host[offset:end].view(tensor.dtype).reshape(tensor.shape)
+    return host_bytes[offset:end].view(numpy_type).reshape(tensor.shape)
+
+
 @contextlib.contextmanager
-def _on_stream(key: tuple) -> Iterator[torch.cuda.Stream]:
-    """Make the CUDA stream ``key`` (a :func:`_stream` tuple) current, and yield it; a stream switch only
-    where another stream is current (each switch costs microseconds of launch-side time)."""
-    stream = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+def _on_stream(key: tuple) -> Iterator[None]:
+    """Make the CUDA stream ``key`` (a :func:`_stream` tuple) current: a stream switch only where another
+    stream is current (each switch, and each ``torch.cuda.Stream`` object, costs microseconds of launch-side
+    time)."""
     if torch._C._cuda_getCurrentStream(key[1]) == key:
-        yield stream
+        yield
     else:
-        with torch.cuda.stream(stream):
-            yield stream
+        with torch.cuda.stream(torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])):
+            yield
 
 
 #: The oldest torch whose dynamo records compiled models exactly (tested: 2.6, 2.7, 2.11, 2.13; 2.4 and 2.5 fail).

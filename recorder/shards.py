@@ -76,8 +76,8 @@ class RecorderError(RuntimeError):
 class Record:
     """One recorded call of one site, as handed from a hook to the writer.
 
-    Array fields are numpy arrays or CPU tensors still being filled by a non-blocking device copy;
-    ``ready`` (a CUDA event, or None) is waited on by the writer thread, never by the hook. Until the
+    Array fields are numpy arrays (or CPU tensors) of host memory, on CUDA still being filled by a non-blocking
+    device copy; ``ready`` (a CUDA event, or None) is waited on by the writer thread, never by the hook. Until the
     hand-off, a hook's record may hold device tensors instead, computed on ``stream``: the recorder
     copies those of a whole capture to the host at once (:func:`actpat.recorder.recorder.to_host`).
     ``part`` numbers a site's records of one step and split (from 0) and ``ends_step`` marks the last of

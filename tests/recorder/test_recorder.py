@@ -690,15 +690,18 @@ def test_recorder_can_be_reopened_and_resumes_numbering(tmp_path):
 
 # ---------------------------------------------------------------------------- CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth):
-    # Small integers make every pre-activation exact on both devices (TF32 included): bits must match.
+@pytest.mark.parametrize("max_observations", [300, None])
+def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth, max_observations):
+    """Small integers make every pre-activation exact on both devices (TF32 included): bits must match.
+    Subsampled (the bits a new tensor on the device) and whole (the bits and NaN count in the one buffer of
+    the Triton packing, copied to the host as it is)."""
     model, x = truth.exact_conv_net(12, 8, 9)
     labels = torch.arange(8)
     taps = truth.Taps(model[1], model[3])
     runs = {}
     for device in ("cpu", "cuda"):
         m = model.to(device)
-        with ActivationRecorder(m, tmp_path / device, max_observations=300) as rec:
+        with ActivationRecorder(m, tmp_path / device, max_observations=max_observations) as rec:
             for step in range(3):
                 with rec.capture(step, labels=labels.to(device), sample_ids=labels.to(device) + 50):
                     m(x.to(device))
@@ -719,7 +722,8 @@ def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_forward_on_a_side_stream_is_copied_after_it_labels_too(tmp_path, truth):
+@pytest.mark.parametrize("max_observations", [300, None])
+def test_cuda_forward_on_a_side_stream_is_copied_after_it_labels_too(tmp_path, truth, max_observations):
     """A forward on a side stream inside a capture that ends on the default stream: the hand-off copies
     on the stream that computed the records (a copy on the default one would race the side stream's
     work, here held back by a sleep kernel), the labels in the same copy."""
@@ -728,7 +732,7 @@ def test_cuda_forward_on_a_side_stream_is_copied_after_it_labels_too(tmp_path, t
     labels = torch.arange(8, device="cuda") * 3
     taps = truth.Taps(model[1], model[3])
     side = torch.cuda.Stream()
-    with ActivationRecorder(model, tmp_path, max_observations=300) as rec:
+    with ActivationRecorder(model, tmp_path, max_observations=max_observations) as rec:
         for step in range(3):
             side.wait_stream(torch.cuda.current_stream())
             with rec.capture(step, labels=labels, sample_ids=labels // 3 + 50):
@@ -929,18 +933,62 @@ def test_device_tensors_of_a_capture_reach_the_host_in_one_copy_each_field_intac
     # the labels of records 2 and 3 (on another device than their stream's, or of a CPU model) copied alone
     assert calls == [6, 2]
     assert records[0].labels is records[1].labels and records[0].labels.tolist() == list(range(20, 40, 2))
-    assert all(torch.equal(record.labels, labels) for record in records)
+    assert all(np.array_equal(record.labels, labels.numpy()) for record in records)
     assert no_tensor.stream is None and no_tensor.bits.shape == (2, 1)  # a stream with nothing to copy
-    for record, (bits, nan_count, values) in zip(records, expected):
+    for i, (record, (bits, nan_count, values)) in enumerate(zip(records, expected)):
         assert record.stream is None and record.ready is None
-        assert torch.equal(record.bits, bits) and record.bits.dtype == torch.uint8
+        host = torch.Tensor if i == 3 else np.ndarray  # record 3's model ran on the CPU: its tensors stay
+        assert isinstance(record.bits, host) and record.bits.dtype in (np.uint8, torch.uint8)
+        np.testing.assert_array_equal(np.asarray(record.bits), bits.numpy())
         if isinstance(nan_count, int):
             assert record.nan_count == nan_count
         else:
             assert record.nan_count.shape == () and int(record.nan_count) == int(nan_count)
         assert (record.values is None) == (values is None)
         if values is not None:
-            assert record.values.dtype == torch.float16 and torch.equal(record.values, values)
+            assert isinstance(record.values, host) and record.values.dtype in (np.float16, torch.float16)
+            np.testing.assert_array_equal(np.asarray(record.values), values.numpy())
+
+
+def test_bits_and_nan_count_in_one_packed_buffer_reach_the_host_in_it_once():
+    """The Triton packing leaves a site's bits and NaN count in one byte buffer (the count 8-aligned after
+    the bits): ``to_host`` copies that buffer whole, once, beside the capture's other tensors, and every
+    field reads back exactly, bfloat16 values (which numpy lacks) as a torch tensor. Where the bits were
+    subsampled (a new tensor) the count alone is copied."""
+    from actpat.recorder.recorder import to_host
+    from actpat.recorder.shards import Record, SiteMeta
+
+    meta = SiteMeta(site="s", site_index=0, module_type="ReLU", shape=(3,), n_units=20, pattern="channel")
+    g = torch.Generator().manual_seed(1)
+    records, expected = [], []
+    for i, rows in enumerate((5, 9, 3)):
+        buffer = torch.zeros(-(-rows * 3 // 8) * 8 + 8, dtype=torch.uint8)  # bits, padding to 8, the count
+        buffer[: rows * 3] = torch.randint(0, 256, (rows * 3,), dtype=torch.uint8, generator=g)
+        count = buffer.view(torch.int64)[-1]
+        count.fill_(100 + i)
+        bits = buffer[: rows * 3].view(rows, 3)
+        if i == 2:
+            bits = bits.index_select(0, torch.tensor([2, 0]))  # subsampled: its own tensor
+        values = torch.randn(rows, 2, generator=g).to(torch.bfloat16 if i == 1 else torch.float16)
+        expected.append((bits.clone(), 100 + i, values.clone()))
+        records.append(Record(meta=meta, step=i, epoch=0, split="train", bits=bits, n_positions=1, n_samples=rows,
+                              nan_count=count, values=values, stream=torch.device("cpu", 1)))
+    cat = torch.cat
+    pieces = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "cat", lambda tensors, *a, **k: pieces.append([len(t) for t in tensors]) or cat(tensors, *a, **k))
+        to_host(records)
+    # two whole buffers (records 0 and 1: 24 and 40 bytes), the count of record 2, 8-byte-aligned ones first;
+    # then the values (10, 18 and 6 elements) and record 2's subsampled bits (2 rows of 3 bytes)
+    assert pieces == [[24, 40, 8, 20, 36, 12, 6]]
+    for record, (bits, count, values) in zip(records, expected):
+        assert isinstance(record.bits, np.ndarray) and record.bits.shape == bits.shape
+        np.testing.assert_array_equal(record.bits, bits.numpy())
+        assert record.nan_count.shape == () and int(record.nan_count) == count
+        if values.dtype == torch.bfloat16:
+            assert isinstance(record.values, torch.Tensor) and torch.equal(record.values, values)
+        else:
+            np.testing.assert_array_equal(record.values, values.numpy())
 
 
 def test_pre_activations_without_units_or_positions_are_skipped_not_recorded_broken(tmp_path, caplog):
