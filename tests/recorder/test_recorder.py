@@ -691,10 +691,15 @@ def test_recorder_can_be_reopened_and_resumes_numbering(tmp_path):
 # ---------------------------------------------------------------------------- CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("max_observations", [300, None])
-def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth, max_observations):
+@pytest.mark.parametrize("side_copy", [False, True])
+def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth, max_observations, side_copy, monkeypatch):
     """Small integers make every pre-activation exact on both devices (TF32 included): bits must match.
     Subsampled (the bits a new tensor on the device) and whole (the bits and NaN count in the one buffer of
-    the Triton packing, copied to the host as it is)."""
+    the Triton packing, copied to the host as it is); copied on the stream that computed them, or on the side
+    stream that large copies take."""
+    from actpat.recorder import recorder
+
+    monkeypatch.setattr(recorder, "_SIDE_COPY_BYTES", 0 if side_copy else recorder._SIDE_COPY_BYTES)
     model, x = truth.exact_conv_net(12, 8, 9)
     labels = torch.arange(8)
     taps = truth.Taps(model[1], model[3])
@@ -723,10 +728,16 @@ def test_cuda_pinned_non_blocking_path_gives_cpu_bits(tmp_path, truth, max_obser
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("max_observations", [300, None])
-def test_cuda_forward_on_a_side_stream_is_copied_after_it_labels_too(tmp_path, truth, max_observations):
+@pytest.mark.parametrize("side_copy", [False, True])
+def test_cuda_forward_on_a_side_stream_is_copied_after_it_labels_too(tmp_path, truth, max_observations, side_copy,
+                                                                      monkeypatch):
     """A forward on a side stream inside a capture that ends on the default stream: the hand-off copies
-    on the stream that computed the records (a copy on the default one would race the side stream's
-    work, here held back by a sleep kernel), the labels in the same copy."""
+    on the stream that computed the records, or after it on the copy stream of large copies (a copy on the
+    default one would race the side stream's work, here held back by a sleep kernel), the labels in the
+    same copy."""
+    from actpat.recorder import recorder
+
+    monkeypatch.setattr(recorder, "_SIDE_COPY_BYTES", 0 if side_copy else recorder._SIDE_COPY_BYTES)
     model, x = truth.exact_conv_net(12, 8, 9)
     model, x = model.cuda(), x.cuda()
     labels = torch.arange(8, device="cuda") * 3
@@ -762,13 +773,17 @@ class _ShiftedRelu(nn.Module):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_hooks_never_wait_for_the_device(tmp_path, truth):
+@pytest.mark.parametrize("side_copy", [False, True])
+def test_cuda_hooks_never_wait_for_the_device(tmp_path, truth, side_copy, monkeypatch):
     """Every path of a hook on a GPU (packing, NaN count, subsampling, stored values, labels, a functional
     site) and the hand-off to the host at the capture's end queue their work and copies without a
     synchronization: torch's sync debug mode raises on one (the writer thread's event wait is not one).
     The first capture on a device may wait once, for the constants the packing keeps per device (copied
     synchronously so that every stream sees them complete); it runs first, in a process where it may be
-    the first."""
+    the first. The copy to the host on the capture's stream, or on the side stream of large copies."""
+    from actpat.recorder import recorder
+
+    monkeypatch.setattr(recorder, "_SIDE_COPY_BYTES", 0 if side_copy else recorder._SIDE_COPY_BYTES)
     net, x = truth.exact_conv_net(12, 8, 9)  # integer pre-activations: exact on any device
     model, x = _ShiftedRelu(net).cuda(), x.cuda()
     labels = torch.arange(8, device="cuda")
