@@ -590,14 +590,34 @@ class ShardWriter:
 
     def _write_closing_marks(self) -> None:
         """The closed session's marks with its last step per site (a last shard lost later that held only some
-        sites' records of a step shows there), or without them where the disk has no room for a longer file."""
-        try:
-            text = schema.marks_text(self._marks, True, self._site_marks)
-            _pwrite_whole(self._marks_fd, text)
-        except OSError:
+        sites' records of a step shows there), or without them where the disk has no room for a longer file.
+
+        Marks longer than the file's padding go into a new file that replaces it, whole: written in place, a reader
+        could read them cut short, part written (then taken as damaged)."""
+        text = schema.marks_text(self._marks, True, self._site_marks)
+        if len(text) > schema.MARKS_BYTES:
+            if self._replace_marks(text):
+                return
             text = schema.marks_text(self._marks, True)
-            _pwrite_whole(self._marks_fd, text)
-        os.ftruncate(self._marks_fd, len(text))  # no tail of a longer write that failed part way
+        _pwrite_whole(self._marks_fd, text)
+        os.ftruncate(self._marks_fd, len(text))
+
+    def _replace_marks(self, text: bytes) -> bool:
+        """Replace this session's marks file by one holding ``text``; False (nothing changed) where that fails."""
+        path = self.out_dir / schema.marks_name(self.rank, self._marks_index)
+        new = path.with_name(path.name + ".new")
+        try:
+            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _pwrite_whole(fd, text)
+            finally:
+                os.close(fd)
+            os.replace(new, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(new)
+            return False
+        return True
 
     def _remove_marks(self) -> None:
         with contextlib.suppress(OSError):

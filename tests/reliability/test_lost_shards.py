@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -290,6 +291,42 @@ def test_closing_marks_per_site_outgrow_the_padding_or_fall_back_to_the_marks_pe
         writer.close()
         marks = schema.read_marks(tmp_path / f"full-{raises}" / schema.marks_name(0, 0))
         assert marks == schema.Marks({"train": 2}, True, None), raises  # closed, per split: what fits in place
+
+
+def test_closing_marks_longer_than_the_padding_replace_the_file_whole_never_part_written(tmp_path, monkeypatch):
+    """Written in place, marks that outgrow the file's padding could be read cut short by a reader opening the run
+    at that instant (then taken as damaged): they go into a new file that replaces the marks file. A new file left
+    by a crash before the replace is ignored by readers and by the next writer."""
+    import actpat.recorder.shards as shards
+
+    sites = [f"block{i:03d}.{'very_long_module_name' * 2}" for i in range(150)]
+    path = tmp_path / schema.marks_name(0, 0)
+    seen = []
+    real = os.replace
+
+    def replace(src, dst):
+        seen.append((schema.read_marks(Path(dst)), schema.read_marks(Path(src))))  # what a reader finds, each side
+        real(src, dst)
+
+    monkeypatch.setattr(shards.os, "replace", replace)
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for i, site in enumerate(sites):
+        writer.put(Record(SiteMeta(site, i, "ReLU", (8,), 8, "flat"), 2, 0, "train", np.zeros((1, 1), np.uint8), 1, 1, 0))
+    writer.close()
+    ((before, after),) = seen
+    assert before == schema.Marks({"train": 2}, False, None)  # the open session's marks, whole, until the replace
+    assert after.closed and after.sites == {(site, "train"): 2 for site in sites}
+    assert schema.read_marks(path) == after and sorted(p.name for p in tmp_path.glob("*.new")) == []
+
+    (tmp_path / (path.name + ".new")).write_bytes(b'{"closed": tr')  # a crash between the write and the replace
+    run = open_run(tmp_path, warn=False)
+    assert run.losses == [] and run.steps(sites[0]).tolist() == [2]
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(Record(SiteMeta(sites[0], 0, "ReLU", (8,), 8, "flat"), 3, 0, "train", np.zeros((1, 1), np.uint8), 1, 1, 0))
+    writer.close()
+    assert open_run(tmp_path, warn=False).steps(sites[0]).tolist() == [2, 3]
 
 
 @pytest.mark.parametrize("also", [None, "an unreadable group of b"])
