@@ -123,6 +123,29 @@ def test_the_last_shards_of_a_closed_writer_deleted_are_reported_by_its_marks(ra
         _check_reads(run, lost)
 
 
+def test_a_writer_that_closes_while_the_run_is_listed_is_read_whole_not_as_missing_its_last_shards(tmp_path, monkeypatch):
+    """A run opened while its writer finalizes its last shards and closes: the first listing of the directory misses
+    those shards, the marks file, read after, says closed up to the last step. The shards are listed again after the
+    marks are read, so that the session's shards are all there and nothing is taken as missing."""
+    import actpat.recorder.reader as reader
+
+    _write(tmp_path, RANKS)
+    late = {schema.shard_name(RANKS[-1], index) for index in (16, 17, 18, 19)}  # made and finalized after the listing
+    real, calls = os.listdir, []
+
+    def listdir(path):
+        calls.append(path)
+        names = real(path)
+        return [name for name in names if name not in late] if len(calls) == 1 else names
+
+    monkeypatch.setattr(reader.os, "listdir", listdir)
+    run = open_run(tmp_path, warn=False)
+    assert run.losses == []
+    for site in SITES:
+        assert run.steps(site, "probe").tolist() == [0, 3, 6]
+    _check_reads(run, set())
+
+
 def test_a_step_captured_again_after_its_end_is_not_taken_as_ended_by_a_lost_shard(tmp_path):
     # Two captures of step 1, each ending it (ends_step=True, the default, given twice): the end of its first part
     # is no proof that the shard after it held nothing of the step. Rank 1's shard holding its second part is lost.
