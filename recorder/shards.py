@@ -584,9 +584,7 @@ class ShardWriter:
             # A stale mark would bound a crash's losses too early: without the file, a reader checks this rank
             # by what its shards say, as for runs without marks.
             log.warning("actpat: could not update this rank's marks file (%s); removing it.", exc)
-            os.close(self._marks_fd)
-            self._marks_fd = None
-            self._remove_marks()
+            self._drop_marks(remove=True)
 
     def _write_closing_marks(self) -> None:
         """The closed session's marks with its last step per site (a last shard lost later that held only some
@@ -619,22 +617,29 @@ class ShardWriter:
             return False
         return True
 
-    def _remove_marks(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.out_dir / schema.marks_name(self.rank, self._marks_index))
+    def _drop_marks(self, remove: bool) -> None:
+        """Close this session's marks file, and remove it where ``remove``; an error closing it (a network file
+        system's failed write-back) removes it too, with a warning: never a reason to stop training."""
+        fd, self._marks_fd = self._marks_fd, None
+        try:
+            os.close(fd)
+        except OSError as exc:
+            if not remove:
+                log.warning("actpat: closing this rank's marks file failed (%s); removing it.", exc)
+                remove = True
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(self.out_dir / schema.marks_name(self.rank, self._marks_index))
 
     def _close_marks(self, closed: bool) -> None:
         if self._marks_fd is None:
             return
         if closed and not self._marks:  # a session that queued nothing leaves nothing behind
-            os.close(self._marks_fd)
-            self._marks_fd = None
-            self._remove_marks()
+            self._drop_marks(remove=True)
             return
         self._write_marks(closed)
         if self._marks_fd is not None:
-            os.close(self._marks_fd)
-            self._marks_fd = None
+            self._drop_marks(remove=False)
 
     def _first_free_index(self) -> int:
         taken = [-1]

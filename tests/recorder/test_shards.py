@@ -687,6 +687,30 @@ def test_a_record_whose_step_or_split_cannot_be_stored_as_given_is_refused_at_pu
     assert run.splits == ["train"] and run.steps("fc").tolist() == [3] and not run.losses
 
 
+def test_a_marks_file_whose_close_fails_is_removed_and_the_writer_closes(tmp_path, monkeypatch, caplog):
+    """A network file system can report a failed write-back only when the file is closed: the closed marks may not
+    have reached it, so the file goes (a warning says so) and the writer's close() returns; the shards read whole."""
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    for step in range(3):
+        writer.put(_record(step))
+    marks_fd, close = writer._marks_fd, os.close
+
+    def failing(fd):
+        close(fd)
+        if fd == marks_fd:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "close", failing)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        writer.close()
+    monkeypatch.undo()
+    assert "closing this rank's marks file failed" in caplog.text
+    assert not (tmp_path / schema.marks_name(0, 0)).exists()
+    run = open_run(tmp_path)
+    assert run.steps("a/b").tolist() == [0, 1, 2] and not run.losses
+
+
 def test_close_releases_the_run_lock_even_where_closing_the_marks_fails(tmp_path, monkeypatch):
     writer = ShardWriter(tmp_path)
     writer.start()
