@@ -4,10 +4,10 @@ Channel patterns of channels-first float32/float64 CPU tensors are packed by the
 kernel of :mod:`~actpat.recorder.kernels` where numba is installed. Other CPU tensors are compared and
 packed with numpy: its float comparison is vectorized where torch's ``z > 0`` with a bool result is not
 (3-5x slower on CPU), and a numpy call costs about 1 us against several for a torch op, which dominates
-the small tensors of small models. Float tensors on a CUDA device are packed by the Triton kernel
-of the same module, with their NaN count, in one pass (where Triton is installed). Other tensors on an
-accelerator, and any code that ``torch.compile`` traces, take a few plain torch ops, which inductor
-fuses into the graph.
+the small tensors of small models. Float tensors on the current CUDA device are packed by the Triton
+kernel of the same module, with their NaN count, in one pass (where Triton is installed and a view
+merges their positions). Other tensors on an accelerator, and any code that ``torch.compile`` traces,
+take a few plain torch ops, which inductor fuses into the graph.
 """
 
 from __future__ import annotations

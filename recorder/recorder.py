@@ -97,7 +97,8 @@ class ActivationRecorder:
         Observer called with every record just before it is queued, when its capture ends (also when
         it is then dropped under backpressure). It must be cheap and must not do I/O: keep a reference
         and work on it later. On CUDA the record's arrays are numpy views of pinned host memory still being
-        filled; wait on ``record.ready`` (a CUDA event) before reading them.
+        filled (see :func:`to_host` for the few that are torch tensors); wait on ``record.ready`` (a CUDA event)
+        before reading them.
 
     Examples
     --------
@@ -785,14 +786,17 @@ _NUMPY_TYPES = {
 def to_host(records: list[Record]) -> None:
     """Move the device tensors of ``records`` to host memory, one copy per stream that computed them.
 
-    On CUDA, per stream: one concatenation on the device, one pinned host buffer, one non-blocking copy
-    and one event in each record's ``ready`` (waited on by the writer thread), instead of a buffer, a
-    copy and an event per tensor, each microseconds of launch time at every site. The capture's labels
-    and sample ids, one tensor shared by its records, travel once in that copy, and so does the one
-    buffer that holds a site's bits and NaN count where the packing made both in it (the Triton kernel).
-    Another accelerator (``stream`` is then its device) is copied synchronously. Each field becomes a
-    numpy view of the host buffer (a numpy slice costs a fraction of a torch view's microseconds), wider
-    element types first so that every view is aligned for its type.
+    On CUDA, per stream: one concatenation on the device (none for a single tensor), one pinned host
+    buffer, one non-blocking copy and one event in each record's ``ready`` (waited on by the writer
+    thread), instead of a buffer, a copy and an event per tensor, each microseconds of launch time at every
+    site; a copy of :data:`_SIDE_COPY_BYTES` or more runs on a side stream of the device, after the stream
+    that computed it. The capture's labels and sample ids, one tensor shared by its records, travel once in
+    that copy, and so does the one buffer that holds a site's bits and NaN count where the packing made
+    both in it (the Triton kernel). Another accelerator (``stream`` is then its device) is copied
+    synchronously. Each field becomes a numpy view of the host buffer (a numpy slice costs a fraction of a
+    torch view's microseconds), wider element types first so that every view is aligned for its type; a
+    torch view for a type numpy lacks (bfloat16), and labels or sample ids on another device than their
+    records' are copied on their own, as torch tensors.
     """
     by_stream: dict[Any, list[Record]] = {}
     for record in records:
@@ -917,10 +921,11 @@ def _host_view(host: torch.Tensor, host_bytes: np.ndarray, offset: int, tensor: 
 
 @contextlib.contextmanager
 def _on_stream(key: tuple) -> Iterator[None]:
-    """Make the CUDA stream ``key`` (a :func:`_stream` tuple) current: a stream switch only where another
-    stream is current (each switch, and each ``torch.cuda.Stream`` object, costs microseconds of launch-side
-    time)."""
-    if torch._C._cuda_getCurrentStream(key[1]) == key:
+    """Make the CUDA stream ``key`` (a :func:`_stream` tuple) and its device current, so that an event recorded
+    without a stream is recorded on it: a switch only where another stream or device is current (each switch,
+    and each ``torch.cuda.Stream`` object, costs microseconds of launch-side time; a model on a device that is
+    not the current one, such as ``cuda:1`` without ``torch.cuda.set_device``, needs it)."""
+    if torch._C._cuda_getDevice() == key[1] and torch._C._cuda_getCurrentStream(key[1]) == key:
         yield
     else:
         with torch.cuda.stream(torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])):

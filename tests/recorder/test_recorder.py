@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -1004,6 +1005,58 @@ def test_bits_and_nan_count_in_one_packed_buffer_reach_the_host_in_it_once():
             assert isinstance(record.values, torch.Tensor) and torch.equal(record.values, values)
         else:
             np.testing.assert_array_equal(record.values, values.numpy())
+
+
+@pytest.mark.parametrize("rows", [16, 1 << 21], ids=["copy on the records' stream", "copy on the side stream"])
+def test_the_hand_off_of_records_on_a_device_that_is_not_current_waits_for_their_own_stream(rows, monkeypatch):
+    """A model on cuda:1 while cuda:0 is current (``model.to("cuda:1")`` without ``set_device``): the event in
+    ``ready``, and the side stream's wait before a large copy, must be recorded on the stream of cuda:1 that
+    computed the records, not on cuda:0's current stream (where ``Event.record()`` without a stream records).
+    No two GPUs here: torch's stream rules are emulated (``torch.cuda.stream(s)`` makes ``s`` and its device
+    current; an event recorded without a stream takes the current device's current stream)."""
+    from actpat.recorder import recorder
+    from actpat.recorder.shards import Record, SiteMeta
+
+    state = {"device": 0, "current": {0: (0, 0, 1), 1: (3, 1, 1)}}  # cuda:1's current stream computed the records
+    waits = []
+
+    class Stream:
+        def __init__(self, device=None, stream_id=None, device_index=None, device_type=None):
+            self.key = (stream_id, device_index, device_type) if stream_id is not None else (99, device, 1)
+
+        def wait_event(self, event):
+            waits.append(event.stream)
+
+    class Event:
+        def record(self, stream=None):
+            self.stream = stream.key if stream is not None else state["current"][state["device"]]
+
+    @contextlib.contextmanager
+    def on(stream):
+        saved = dict(state["current"]), state["device"]
+        state["current"][stream.key[1]], state["device"] = stream.key, stream.key[1]
+        yield
+        state["current"], state["device"] = saved
+
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentStream", lambda device: state["current"][device], raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: state["device"], raising=False)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 1)
+    monkeypatch.setattr(recorder, "_side_streams", {})
+    meta = SiteMeta(site="s", site_index=0, module_type="ReLU", shape=(8,), n_units=8, pattern="channel")
+    record = Record(meta=meta, step=0, epoch=0, split="train", bits=torch.ones(rows, 1, dtype=torch.uint8),
+                    n_positions=1, n_samples=rows, nan_count=torch.tensor(0), stream=(3, 1, 1))
+    recorder.to_host([record])
+    if rows < recorder._SIDE_COPY_BYTES:
+        assert record.ready.stream == (3, 1, 1) and waits == []
+    else:
+        assert waits == [(3, 1, 1)] and record.ready.stream == (99, 1, 1)
+    assert state["device"] == 0 and record.bits.shape == (rows, 1) and int(record.bits.min()) == 1
 
 
 def test_pre_activations_without_units_or_positions_are_skipped_not_recorded_broken(tmp_path, caplog):
