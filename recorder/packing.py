@@ -175,10 +175,10 @@ def _pack_with_triton(z: torch.Tensor, pattern: str) -> tuple[torch.Tensor, int,
     Every size: on an H100 the kernel's direct launch beat the torch ops' five launches for sites of 4k-65k
     values too (bench/overhead.py --model digits, three pairs), as it did for sites of 0.5-25M values."""
     if not (
-        _on_current_cuda_device(z) and z.dtype in _TRITON_DTYPES and type(z) is torch.Tensor
+        _on_current_cuda_device(z) and z.dtype in _TRITON_DTYPES and type(z) is torch.Tensor and z.numel()
         and not torch.compiler.is_compiling()
     ):
-        return None
+        return None  # (an empty tensor: no launch of no programs, whatever the driver makes of one)
     pack = kernels.load_triton()
     if pack is None:
         return None

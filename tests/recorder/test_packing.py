@@ -405,6 +405,18 @@ def test_the_triton_kernel_counts_nans_of_many_programs_exactly(triton_on_the_cp
     assert triton_on_the_cpu == [(2, 70, 153)]
 
 
+@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (4, 0, 3, 3), (4, 8, 0, 3)])
+def test_an_empty_pre_activation_launches_no_triton_kernel(triton_on_the_cpu, shape):
+    """`pack_patterns` is public: an empty tensor (no sample, unit or position) is packed by the torch ops, so
+    that no launch of no programs can fail and switch every later site to the torch ops."""
+    z = torch.randn(shape)
+    n, units, positions = shape[0], shape[1], shape[2] * shape[3]
+    for pattern, rows, width in (("channel", n * positions, units), ("flat", n, units * positions)):
+        bits, _, _, nan_count = pack_and_count_nans(z, pattern)
+        assert tuple(bits.shape) == (rows, (width + 7) // 8) and int(nan_count) == 0
+    assert triton_on_the_cpu == []
+
+
 def test_a_failed_triton_launch_warns_once_and_torch_ops_pack_from_then_on(triton_on_the_cpu, caplog):
     calls = []
 
