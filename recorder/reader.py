@@ -734,7 +734,7 @@ class Run:
                 reason = f"rank {rank} queued records of steps up to {mark} " + (
                     "and closed, but its shards on disk end before: a shard after its last one is missing (deleted, or "
                     "not copied?), or its last records were dropped" if closed else
-                    "that never reached the disk (its writer was killed, or is still running)")
+                    "that never reached the disk (its writer was killed or failed, or is still running)")
                 self._lose(Loss(path, reason, rank, -1, site, split, kind="missing" if closed else "unwritten",
                                 steps=(last + 1, upto)), warn=False)  # fmt: skip
                 ranges[(reason, split)].append((site, last + 1, upto))

@@ -654,7 +654,8 @@ def test_steps_a_killed_rank_queued_and_never_wrote_are_lost_whatever_the_other_
     assert sorted((loss.site, loss.steps) for loss in run.losses if loss.kind == "unwritten") == [("1", (3, 4)), ("4", (3, 4))]
     assert "records lost in split 'train', steps 3 to 4, 2 site(s) (by " in caplog.text  # not "skipping records of"
     with pytest.raises(KeyError, match=r"step 4 has no record.*may be in damaged parts.*rank 0 queued records of "
-                                       r"steps up to 6 that never reached the disk"):
+                                       r"steps up to 6 that never reached the disk \(its writer was killed or "
+                                       r"failed, or is still running\)"):
         run.read("1", 4)
     assert run.read("1", 5).lost_records == 0
     # Resumed exactly at the step it had queued last: nothing it queued is lost for good.
