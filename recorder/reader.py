@@ -238,7 +238,8 @@ class Run:
             _refuse_a_folder_above_runs(self.path)
         # Marks first, then the shards listed again: a session closes its marks after finalizing its last shard,
         # so a writer that closed while this listed the run has that shard in the second listing.
-        marks_texts = {name: _read_bytes(self.path / name) for name in names if schema.parse_marks_name(name)}
+        marks_texts = {name: schema.read_marks_text(self.path / name)
+                       for name in names if schema.parse_marks_name(name)}
         if marks_texts:
             names = os.listdir(self.path)
         finals = {n for n in names if n.endswith(schema.SHARD_SUFFIX)}
@@ -250,7 +251,7 @@ class Run:
             elif schema.parse_stop_name(name) is not None:
                 self._read_stop_file(self.path / name)
             elif (session := schema.parse_marks_name(name)) is not None:
-                text = marks_texts[name] if name in marks_texts else _read_bytes(self.path / name)
+                text = marks_texts[name] if name in marks_texts else schema.read_marks_text(self.path / name)
                 marks = schema.parse_marks(text) if text else None
                 if marks is None and text != b"":  # (empty: a writer creating it this instant)
                     self._warn("actpat: cannot read the marks file %s (damaged?): the steps its writer session may "
@@ -1422,13 +1423,6 @@ def _valid_rows(table: np.ndarray, extents: dict[str, int], has_values: bool) ->
     splits = table["split"]
     ok &= np.array([_decodes(s) for s in splits], dtype=bool) if len(splits) else np.zeros(0, bool)
     return ok
-
-
-def _read_bytes(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
 
 
 def _finalized_since(path: Path) -> Path | None:

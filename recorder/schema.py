@@ -373,8 +373,14 @@ def marks_text(queued: dict[str, int], closed: bool, sites: dict[tuple[str, str]
 
 def read_marks(path: Path) -> Marks | None:
     """The marks of a marks file, or None where it cannot be read or parsed."""
+    text = read_marks_text(path)
+    return None if text is None else parse_marks(text)
+
+
+def read_marks_text(path: Path) -> bytes | None:
+    """The content of a marks file, or None where it cannot be read (b"": a writer creating it this instant)."""
     try:
-        return parse_marks(path.read_bytes())
+        return path.read_bytes()
     except OSError:
         return None
 
