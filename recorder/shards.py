@@ -548,10 +548,14 @@ class ShardWriter:
                 self._queued_markers -= sum(record.marks_a_drop for record in records)
                 self._space.notify_all()
 
+    @property
+    def _marks_path(self) -> Path:
+        return self.out_dir / schema.marks_name(self.rank, self._marks_index)
+
     def _open_marks(self) -> None:
         """Start this session's marks file (:func:`actpat.recorder.schema.marks_name`), named by its first shard."""
         self._marks, self._site_marks, self._marks_index = {}, {}, self._next_index
-        path = self.out_dir / schema.marks_name(self.rank, self._marks_index)
+        path = self._marks_path
         try:
             self._marks_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             os.pwrite(self._marks_fd, schema.marks_text({}, closed=False), 0)
@@ -602,7 +606,7 @@ class ShardWriter:
 
     def _replace_marks(self, text: bytes) -> bool:
         """Replace this session's marks file by one holding ``text``; False (nothing changed) where that fails."""
-        path = self.out_dir / schema.marks_name(self.rank, self._marks_index)
+        path = self._marks_path
         new = path.with_name(path.name + ".new")
         try:
             fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -629,7 +633,7 @@ class ShardWriter:
                 remove = True
         if remove:
             with contextlib.suppress(OSError):
-                os.unlink(self.out_dir / schema.marks_name(self.rank, self._marks_index))
+                os.unlink(self._marks_path)
 
     def _close_marks(self, closed: bool) -> None:
         if self._marks_fd is None:
