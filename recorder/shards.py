@@ -558,11 +558,17 @@ class ShardWriter:
         path = self._marks_path
         try:
             self._marks_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            os.pwrite(self._marks_fd, schema.marks_text({}, closed=False), 0)
         except OSError as exc:
             self._marks_fd = None
             log.warning("actpat: could not create %s (%s); a reader cannot tell which steps of this rank a "
                         "crash would lose.", path, exc)
+            return
+        try:
+            _pwrite_whole(self._marks_fd, schema.marks_text({}, closed=False))
+        except OSError as exc:  # a file cut short would read as damaged: it goes
+            log.warning("actpat: could not write %s (%s); removing it: a reader cannot tell which steps of this "
+                        "rank a crash would lose.", path, exc)
+            self._drop_marks(remove=True)
 
     def _mark(self, records: list[Record]) -> None:
         """Store the last step of each split queued, before the records can reach the disk: after a kill, a

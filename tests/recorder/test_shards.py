@@ -687,6 +687,37 @@ def test_a_record_whose_step_or_split_cannot_be_stored_as_given_is_refused_at_pu
     assert run.splits == ["train"] and run.steps("fc").tolist() == [3] and not run.losses
 
 
+def test_a_marks_file_whose_first_write_fails_is_closed_and_removed(tmp_path, monkeypatch, caplog):
+    """A disk that fills as the session starts: the new marks file, empty or cut short (read as damaged), is closed
+    and removed with a warning, and recording goes on; the shards read whole, no loss claimed."""
+    pwrite, opened = os.pwrite, []
+    real_open, real_close, closed = os.open, os.close, []
+
+    def short(fd, data, offset):
+        return pwrite(fd, data[:100], offset) if fd in opened else pwrite(fd, data, offset)
+
+    def tracking_open(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if str(path).endswith(schema.MARKS_SUFFIX):
+            opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(os, "pwrite", short)
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "close", lambda fd: closed.append(fd) or real_close(fd))
+    writer = ShardWriter(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        writer.start()
+    assert "could not write" in caplog.text and opened and opened[0] in closed
+    assert not (tmp_path / schema.marks_name(0, 0)).exists() and writer._marks_fd is None
+    for step in range(2):
+        writer.put(_record(step))
+    writer.close()
+    monkeypatch.undo()
+    run = open_run(tmp_path)
+    assert run.steps("a/b").tolist() == [0, 1] and not run.losses
+
+
 def test_a_marks_file_whose_close_fails_is_removed_and_the_writer_closes(tmp_path, monkeypatch, caplog):
     """A network file system can report a failed write-back only when the file is closed: the closed marks may not
     have reached it, so the file goes (a warning says so) and the writer's close() returns; the shards read whole."""
