@@ -391,7 +391,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._probe(trainer, final=True)  # the end of fit
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._close(abandon=True)
+        self._close(abandon=True, error=exception)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -587,11 +587,18 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         # Run by the recorder before the batch's records are written: a `sites` mistake writes no shard.
         self._selection.check("the first training batch")
 
-    def _close(self, abandon: bool) -> None:
-        """Finalize the shards. When fit is failing anyway (``abandon``), quietly and without waiting for stats."""
+    def _close(self, abandon: bool, error: Optional[BaseException] = None) -> None:
+        """Finalize the shards. When fit is failing anyway (``abandon``), quietly and without waiting for stats;
+        ``error``: fit's exception."""
         stack, self._capture = self._capture, None
         prober, self._prober = self._prober, None
-        closers = ([stack.close] if stack is not None else [])
+        closers = []
+        if stack is not None:
+            # A capture open when fit fails ends with fit's exception, so that the batch whose forward raised is
+            # recorded as cut short: its step never ended, and none of a first batch's records is written.
+            closers.append(
+                (lambda: stack.__exit__(type(error), error, error.__traceback__)) if error is not None else stack.close
+            )
         closers += [lambda: prober.close(wait=not abandon)] if prober is not None else []
         closers += [self._batch_recorder.close] if self._batch_recorder is not None else []
         self._batch_recorder = None

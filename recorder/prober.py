@@ -541,7 +541,8 @@ class ProbeForward:
         except Exception as exc:
             raise ProbeForwardError(
                 f"The probe forward, {self.rule}, failed on a probe batch {describe(batch)} with {exc!r}. "
-                f"{_dtype_hint(module, batch)}{self._hint}"
+                f"{_dtype_hint(module, batch)}Check that the probe data fit the model as its training batches do "
+                f"(shapes, dtypes, keys). {self._hint}"
             ) from exc
 
 

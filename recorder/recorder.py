@@ -256,7 +256,9 @@ class ActivationRecorder:
         check : callable(), optional
             Called when the block ends without an error, before its records are queued: an exception
             from it is raised with none of the capture's records written (a setup check, such as the
-            ``sites`` selection of a first capture, then leaves ``out_dir`` as it was).
+            ``sites`` selection of a first capture, then leaves ``out_dir`` as it was). A block given a
+            ``check`` that raises writes none of its records either (a first forward that fails is most
+            likely a setup mistake: inputs that do not fit the model).
         record : bool, default True
             False: run the hooks and the checks of a capture (``check``, a model without sites) but
             record nothing, for a check on a forward that is not recorded (``step`` is then not checked).
@@ -342,7 +344,10 @@ class ActivationRecorder:
         with self._lock:
             context, self._context = self._context, None
             self._on_forward_end()  # a forward that raised never ended
-            pending, self._gathered = (self._gathered if context.record else []), []
+            # A setup check's capture that raised most likely ran a misconfigured model: none of its records are
+            # written, so that the corrected run can use the same `out_dir`.
+            keep = context.record and not (failing and context.check is not None)
+            pending, self._gathered = (self._gathered if keep else []), []
         for note in context.notes:
             self.writer.record_stop(note)
         if not failing and context.error is None:

@@ -27,10 +27,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from actpat.callbacks.patterns import ActivationPatternCallback
 from actpat.recorder import open_run
+from actpat.recorder.prober import ProbeForwardError
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
@@ -702,6 +703,28 @@ def test_a_labels_from_that_fails_on_the_batches_is_named_before_training(tmp_pa
     with pytest.raises(ValueError, match=r"`labels_from\(batch\)` raised TypeError.*on a batch of list\(Tensor"):
         fit(tmp_path, [cb, pl.callbacks.LambdaCallback(on_train_batch_end=lambda *args: steps.append(1))])
     assert steps == []  # before the first optimizer step
+
+
+@pytest.mark.parametrize("mode", ["batch", "probe"])
+def test_inputs_that_do_not_fit_the_model_fail_before_training_and_leave_out_dir_to_the_corrected_run(tmp_path, mode):
+    # 3x3 inputs for a model of 4x4 inputs: its first site runs, its dense layer raises.
+    wrong = TensorDataset(toy_data(16, seed=1).tensors[0][..., :3, :3], toy_data(16, seed=1).tensors[1])
+
+    def callback(probe):
+        options = dict(batch_every_n_steps=1) if mode == "batch" else dict(probe=probe, probe_batch_size=8)
+        return ActivationPatternCallback(out_dir=tmp_path / "run", live_stats=False, **options)
+
+    if mode == "probe":
+        with pytest.raises(ProbeForwardError, match=r"Check that the probe data fit the model"):
+            fit(tmp_path, [callback(wrong)], max_steps=2)
+    else:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            make_trainer(tmp_path, [callback(None)], max_steps=2).fit(ToyNet(), DataLoader(wrong, batch_size=8))
+    assert not list((tmp_path / "run").rglob("*.h5*")), "the failed setup wrote records"
+    cb = callback(toy_data(16, seed=1))
+    fit(tmp_path, [cb], max_steps=2)
+    split = "probe" if mode == "probe" else "train"
+    assert open_run(cb.run_dir).steps("net.2", split).tolist() == ([0, 2] if mode == "probe" else [0, 1])
 
 
 def test_batch_capture_ends_before_backward(tmp_path):

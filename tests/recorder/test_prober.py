@@ -508,6 +508,9 @@ def test_a_shuffling_probe_loader_is_refused(tmp_path):
         (dict(labels_from=lambda batch: batch[1].float()), ValueError, r"float labels.*labels_from"),
         (dict(inputs_from=lambda batch: batch[1]), ProbeForwardError, r"`module\(inputs\)`.*inputs_from.*forward="),
         (dict(forward=lambda module, batch: module(batch)), ProbeForwardError, r"your `forward\(module, batch\)`"),
+        # Inputs that do not fit the model: its first site runs, a later layer raises; none of its records is written.
+        (dict(inputs_from=lambda batch: batch[0][..., :3, :3]), ProbeForwardError,
+         r"failed on a probe batch .* Check that the probe data fit the model"),
         # Functions written for dict batches, given the lists of a TensorDataset's loader: named, with the batch.
         (dict(labels_from=lambda batch: batch["label"]), ValueError,
          r"`labels_from\(batch\)` raised TypeError.*list\(Tensor\[8, 1, 4, 4\] float32, Tensor\[8\] int64\)"),
