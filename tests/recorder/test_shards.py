@@ -110,6 +110,44 @@ def _produce(rec, model, n_steps, x, y):
     return peak
 
 
+def test_hand_offs_made_while_the_writer_waits_wake_it_once_and_close_ends_its_wait(tmp_path, monkeypatch):
+    # A wake-up of the writer thread per step costs a small model's step more than the step's writing: having
+    # emptied its queue, the writer waits before taking records again (here 30 s), and close() ends that wait.
+    from actpat.recorder import shards
+
+    monkeypatch.setattr(shards, "_HANDOFF_SECONDS", 30.0)
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    queue, taken = writer._queue, []
+
+    class CountingQueue:
+        def put(self, item):
+            queue.put(item)
+
+        def get(self, *args, **kwargs):
+            item = queue.get(*args, **kwargs)
+            taken.append(item)
+            return item
+
+        def empty(self):
+            return queue.empty()
+
+    writer._queue = CountingQueue()
+    records = [_record(step) for step in range(20)]
+    for record in records:
+        writer.put_many([record])
+        time.sleep(0.002)  # the GIL free for the writer thread, which the old writer took at each hand-off
+    taken_before_close = len(taken)  # (the first hand-off is taken by a get() begun before the count)
+    start = time.perf_counter()
+    writer.close()
+    assert time.perf_counter() - start < 10
+    assert taken_before_close <= 1, taken_before_close
+    run = open_run(tmp_path)
+    assert run.steps("a/b").tolist() == list(range(20)) and not run.losses
+    for record in records:
+        np.testing.assert_array_equal(run.read("a/b", record.step).bits, record.bits)
+
+
 def test_block_bounds_the_queue_and_loses_nothing(tmp_path, monkeypatch):
     seen = _slow_writer(monkeypatch, 0.004)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU())
