@@ -717,17 +717,19 @@ class Run:
         per cause and split, not one per step and site."""
         lost: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)  # (reason, split) -> (site, step)
         ranges: dict[tuple[str, str], list[tuple[str, int, int]]] = defaultdict(list)  # ... -> (site, first, last)
-        # A site with no record on disk in a split is lost whole here, unless a group of it that cannot be read
-        # stands for the split already (its loss bounded there: see _bound_lost_shards).
         for site, split in sorted(set(held) | {key for key in marks if key[0] is not None}):
             mark = marks.get((site, split), marks.get((None, split)))
-            if mark is None or ((site, split) not in held and any(
-                    loss.kind == "unreadable" and loss.split == split and loss.rank == rank
-                    for loss in self._index_losses.get(site, ()))):  # fmt: skip
+            if mark is None:
                 continue
             by_rank = held.get((site, split), {})
             own = by_rank.get(rank, [])
             last = max((step for index, step in own if index < end), default=-1)
+            # A group of the site that cannot be read, in a shard of this session after its last record on disk,
+            # stands for the steps after it already (its loss bounded there: see _bound_lost_shards).
+            last_shard = max((index for index, step in own if index < end and step == last), default=-1)
+            if any(loss.kind == "unreadable" and loss.rank == rank and loss.split in (None, split)
+                   and last_shard < loss.shard_index < end for loss in self._index_losses.get(site, ())):
+                continue
             # A later session of the rank (a fit resumed from a checkpoint) recorded its steps from here on anew.
             again = min((step for index, step in own if index >= end and step > last), default=mark + 1)
             upto = min(mark, again - 1)

@@ -399,3 +399,24 @@ def test_a_damaged_marks_file_is_said_and_the_run_still_opens(text, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="actpat"):
         run = open_run(tmp_path)
     assert "cannot read the marks file" in caplog.text and run.steps("a", "train").tolist() == list(range(5))
+
+
+def test_unreadable_groups_holding_a_sites_last_steps_are_its_one_report_not_a_missing_shard_too(tmp_path):
+    # Rank 1's two parts of b's last step (probe step 6), each in a shard of its own, unreadable: its closed marks
+    # name step 6, its last readable step of b is 3. The unreadable groups stand for steps 4 to 6: they were listed
+    # again as a "missing" shard (deleted?) and as an incomplete step, and counted three times in the read.
+    _write(tmp_path)
+    lost = set()
+    for index in (17, 19):
+        victim = tmp_path / schema.shard_name(1, index)
+        lost |= _held(victim)
+        with h5py.File(victim, "r+") as handle:
+            del next(iter(handle[schema.SITES_GROUP].values()))[schema.RECORDS]
+    assert lost == {("b", "probe", 6)}
+    run = open_run(tmp_path, warn=False)
+    assert sorted((loss.kind, loss.site, loss.shard_index) for loss in run.losses) == [
+        ("unreadable", "b", 17), ("unreadable", "b", 19)]
+    patterns = run.read("b", 6, "probe")
+    assert patterns.lost_records == 2  # the two parts of rank 1
+    expected = np.concatenate([_bits(0, "b", 6, part) for part in range(2)])
+    np.testing.assert_array_equal(patterns.bits, expected)
