@@ -1042,7 +1042,8 @@ class Run:
         Records that fail verification are left out, with a warning (see :attr:`losses`), and counted
         in the result's ``lost_records``, as are records lost before reading that may belong to this step
         (a records-table row that fails its checksum counts for every step between its sound
-        neighbours'); if none verifies the result has no rows.
+        neighbours'; a record listed twice, as in a lost shard and as its step cut short, counts once); if
+        none verifies the result has no rows.
         """
         split = self.resolve_split(split)
         self._check_site(site)
@@ -1057,7 +1058,7 @@ class Run:
         parts = [p for p in (self._read_entry(site, e) for e in entries) if p is not None]
         patterns = _concat(parts) if parts else self._empty(site, entries[0])
         lost = len(entries) - len(parts)
-        lost += sum(loss.records or 1 for loss in self._index_losses_at(site, split, step))
+        lost += _count_lost(self._index_losses_at(site, split, step))
         return dataclasses.replace(patterns, lost_records=lost) if lost else patterns
 
     def _index_losses_at(self, site: str, split: str, step: int) -> list[Loss]:
@@ -1457,6 +1458,20 @@ def _split(row: np.void) -> str:
 
 def _unescape(key: str) -> str:
     return key.replace("%2F", "/").replace("%25", "%")
+
+
+def _count_lost(losses: list[Loss]) -> int:
+    """Records lost at one step, from the ``losses`` that may hold them. Per rank: the losses of its shards (or of
+    groups or rows in them) are distinct records; a loss found from step numbering or marks (no shard: a step cut
+    short, missing a rank, past the shards on disk) is the same absence seen another way, counted once and not again
+    where a lost shard of the rank explains it."""
+    by_rank: dict[Any, tuple[int, int]] = {}
+    for loss in losses:
+        in_shards, seen = by_rank.get(loss.rank, (0, 0))
+        n = loss.records or 1
+        of_a_shard = loss.shard_index >= 0 and loss.kind != "incomplete"  # (an incomplete step names a shard it is in)
+        by_rank[loss.rank] = (in_shards + n, seen) if of_a_shard else (in_shards, max(seen, n))
+    return sum(max(in_shards, seen) for in_shards, seen in by_rank.values())
 
 
 def _short(exc: BaseException) -> str:
