@@ -50,7 +50,8 @@ _WRITE_BYTES = 16 << 20
 _WRITE_SECONDS = 1.0
 # Having emptied its queue, the writer thread waits this long before it takes records again: a wake-up per
 # hand-off (per step) cost a small model's step about 100 us per site (the digits CNN's 3.5 ms steps, 2 cores),
-# while the records wait to be written for up to _WRITE_SECONDS anyway.
+# while the records wait to be written for up to _WRITE_SECONDS anyway. A queue filled past half of
+# `max_queue_bytes` ends the wait (a small queue would otherwise block or drop while the writer idles).
 _HANDOFF_SECONDS = 0.05
 # Under on_backpressure="drop", each dropped record of a numbered step is followed by an empty record that leaves
 # the gap a reader reports the step by; at most this many wait in the queue (about 1 kB each), beyond which drops go
@@ -228,7 +229,7 @@ class ShardWriter:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._finished, self._stopping = threading.Event(), False  # the thread's end; a stop was queued
-        self._stop_nap = threading.Event()  # ends the writer thread's wait between hand-offs (close)
+        self._wake = threading.Event()  # ends the writer thread's wait between hand-offs (a filling queue, close)
         self._closing = threading.Lock()
         self._lock: _RunLock | None = None
         self._shard: _Shard | None = None
@@ -276,7 +277,7 @@ class ShardWriter:
             # Nothing an interrupted close left behind.
             self._queue, self._queued_bytes, self._queued_markers = queue.SimpleQueue(), 0, 0
             self._finished, self._stopping = threading.Event(), False
-            self._stop_nap = threading.Event()
+            self._wake = threading.Event()
             thread = threading.Thread(target=self._run, name="actpat-shard-writer", daemon=True)
             thread.start()
         except BaseException:  # no writer: nothing may hold the lock
@@ -327,6 +328,7 @@ class ShardWriter:
                 # A record larger than the whole budget still passes once the queue is empty; an empty one (a step's
                 # end, a drop's marker) costs no memory and always passes.
                 while record.nbytes and self._queued_bytes and self._queued_bytes + record.nbytes > self.max_queue_bytes:
+                    self._wake.set()
                     if self.on_backpressure == "drop":
                         break
                     if batch:  # the writer can only free what is in the queue
@@ -352,6 +354,8 @@ class ShardWriter:
                                 "counted but not marked, so a reader may read such a step as whole.", _MAX_QUEUED_MARKERS)
             if batch:
                 self._queue.put(batch)
+            if 2 * self._queued_bytes > self.max_queue_bytes:
+                self._wake.set()
         return n_queued
 
     def _check_step_and_split(self, record: Record) -> None:
@@ -438,7 +442,7 @@ class ShardWriter:
         if not self._stopping:
             self._queue.put(_STOP)
             self._stopping = True
-            self._stop_nap.set()
+            self._wake.set()
         # Its own event, not join(): a join that Ctrl-C interrupted returns at once when called again (CPython
         # 3.11), the thread still writing, and the lock would be released under it.
         self._finished.wait()
@@ -502,7 +506,8 @@ class ShardWriter:
                             self._space.notify_all()
                     self._meet_deadlines()
                 if self._queue.empty():
-                    self._stop_nap.wait(_HANDOFF_SECONDS)  # the hand-offs meanwhile wake no one
+                    self._wake.wait(_HANDOFF_SECONDS)  # the hand-offs meanwhile wake no one
+                    self._wake.clear()  # (a wake-up lost here only ends a wait that get() would not begin)
         except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
             with self._stop_lock:
                 self._error = exc

@@ -148,6 +148,27 @@ def test_hand_offs_made_while_the_writer_waits_wake_it_once_and_close_ends_its_w
         np.testing.assert_array_equal(run.read("a/b", record.step).bits, record.bits)
 
 
+@pytest.mark.parametrize("on_backpressure", ["block", "drop"])
+def test_a_queue_filling_past_half_ends_the_writers_wait(tmp_path, monkeypatch, on_backpressure):
+    # With a queue of three records, waiting out its pause (here 30 s) the writer would stall a blocked producer,
+    # or leave a dropping one no room, while it idles.
+    from actpat.recorder import shards
+
+    monkeypatch.setattr(shards, "_HANDOFF_SECONDS", 30.0)
+    records = [_record(step) for step in range(20)]
+    writer = ShardWriter(tmp_path, max_queue_bytes=3 * records[0].nbytes, on_backpressure=on_backpressure)
+    writer.start()
+    start = time.perf_counter()
+    for record in records:
+        writer.put_many([record])
+        time.sleep(0.02)  # the writer's time to take what it was woken for
+    assert time.perf_counter() - start < 20
+    writer.close()
+    assert writer.dropped_records == 0
+    run = open_run(tmp_path)
+    assert run.steps("a/b").tolist() == list(range(20)) and not run.losses
+
+
 def test_block_bounds_the_queue_and_loses_nothing(tmp_path, monkeypatch):
     seen = _slow_writer(monkeypatch, 0.004)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU())
