@@ -32,7 +32,7 @@ from actpat.recorder.prober import (
 )
 from actpat.recorder.recorder import ActivationRecorder
 from actpat.recorder.selection import SiteSelection, SiteSelectionError
-from actpat.recorder.shards import scan_existing, shard_ranks
+from actpat.recorder.shards import ShardWriter, scan_existing, shard_ranks
 
 # Either package's Trainer and LightningModule (see actpat.callbacks._lightning).
 Trainer = LightningModule = Any
@@ -250,6 +250,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._batch_recorder: ActivationRecorder | None = None
         self._prober: Prober | None = None
         self._capture: contextlib.ExitStack | None = None
+        # The writer holding this fit's records until its first training batch is done (see ShardWriter.hold).
+        self._holding: Optional[ShardWriter] = None
         self._capture_step = -1
         self._capture_records = True  # whether the open capture records (False: it only checks)
         # (step, epoch) of the recorded training step that an optimizer step has yet to end (accumulation)
@@ -359,6 +361,10 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._end_capture()  # when no backward ran (manual optimization without one, a skipped step)
+        if self._holding is not None:
+            holding, self._holding = self._holding, None
+            with self._guard("writing the records made before the first training batch was done", None):
+                holding.release()
         if self._open_step is not None and trainer.global_step > self._open_step[0]:
             self._end_step()
         self._epoch_batches += 1
@@ -491,6 +497,13 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             self._batch_recorder = ActivationRecorder(pl_module, run_dir, sites=self._selection, **options)
             self._batch_recorder.open()
             writer = self._batch_recorder.writer
+        if probing and writer is None:
+            writer = ShardWriter(run_dir, rank=trainer.global_rank, compression=self.compression)
+        if writer is not None:
+            # A fit that fails before its first training batch is done (a setup mistake: inputs that do not fit the
+            # model, a probe batch of one sample under BatchNorm) leaves `out_dir` to the corrected run (see _close).
+            writer.hold()
+            self._holding = writer
         if probing:
             batch_size = self.probe_batch_size
             if batch_size is None and not isinstance(self._probe_set, DataLoader):
@@ -599,6 +612,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             closers.append(
                 (lambda: stack.__exit__(type(error), error, error.__traceback__)) if error is not None else stack.close
             )
+        holding, self._holding = self._holding, None
+        if holding is not None and error is not None:
+            closers.append(holding.discard_held)  # fit failed before its first batch was done: none of its records
         closers += [lambda: prober.close(wait=not abandon)] if prober is not None else []
         closers += [self._batch_recorder.close] if self._batch_recorder is not None else []
         self._batch_recorder = None

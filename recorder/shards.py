@@ -238,6 +238,7 @@ class ShardWriter:
         self._sites_lock = threading.Lock()
         self._stops: list[str] = []  # reasons waiting for the next finalized shard
         self._stop_lock = threading.Lock()
+        self._held: list[list[Record]] | None = None  # records handed over while held (see hold())
         self._stop_file: Path | None = None
         self._marks: dict[str, int] = {}  # split -> last step queued in this session
         self._site_marks: dict[tuple[str, str], int] = {}  # (site, split) -> last step queued, stored at close
@@ -320,6 +321,9 @@ class ShardWriter:
         for record in records:
             self.register_site(record.meta)
             self._check_step_and_split(record)
+        if self._held is not None:
+            self._held.append(list(records))
+            return len(records)
         self._mark(records)
         batch: list[Record] = []
         n_queued = 0
@@ -357,6 +361,25 @@ class ShardWriter:
             if 2 * self._queued_bytes > self.max_queue_bytes:
                 self._wake.set()
         return n_queued
+
+    def hold(self) -> None:
+        """Keep the records handed over from now on in memory, neither queued nor marked as queued, until
+        :meth:`release` queues them or :meth:`discard_held` drops them (:meth:`close` releases them): the records
+        of a fit until its first training batch is done, so that a fit failing before (a setup mistake) leaves
+        ``out_dir`` as it was."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Queue the records held since :meth:`hold`, in the order they were handed over, and stop holding."""
+        held, self._held = self._held, None
+        for records in held or ():
+            self.put_many(records)
+
+    def discard_held(self) -> int:
+        """Drop the records held since :meth:`hold` and stop holding; returns how many were dropped."""
+        held, self._held = self._held, None
+        return sum(map(len, held or ()))
 
     def _check_step_and_split(self, record: Record) -> None:
         if record.split not in self._splits_seen:
@@ -439,6 +462,9 @@ class ShardWriter:
         Interrupted (Ctrl-C), the writer goes on writing and keeps the lock: call it again to wait for the end."""
         if self._thread is None:
             return
+        if self._held is not None and not self._stopping:
+            with contextlib.suppress(RecorderError):  # a failed writer: raised below, as at any close
+                self.release()
         if not self._stopping:
             self._queue.put(_STOP)
             self._stopping = True

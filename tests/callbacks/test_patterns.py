@@ -705,26 +705,45 @@ def test_a_labels_from_that_fails_on_the_batches_is_named_before_training(tmp_pa
     assert steps == []  # before the first optimizer step
 
 
-@pytest.mark.parametrize("mode", ["batch", "probe"])
+class _OneBadSample(Dataset):
+    """16 samples of the toy data, then one of 3x3 inputs: the last batch of a probe of 16 per batch fails."""
+
+    def __len__(self):
+        return 17
+
+    def __getitem__(self, i):
+        x, y = toy_data(16, seed=1)[min(i, 15)]
+        return (x[..., :3, :3] if i == 16 else x), y
+
+
+@pytest.mark.parametrize("mode", ["batch", "probe", "probe, its last batch", "batch, after a probe"])
 def test_inputs_that_do_not_fit_the_model_fail_before_training_and_leave_out_dir_to_the_corrected_run(tmp_path, mode):
-    # 3x3 inputs for a model of 4x4 inputs: its first site runs, its dense layer raises.
+    # 3x3 inputs for a model of 4x4 inputs: its first site runs, its dense layer raises. Records handed over before
+    # (the first batches of the probe, the whole init probe) are not written either: no training batch was done.
     wrong = TensorDataset(toy_data(16, seed=1).tensors[0][..., :3, :3], toy_data(16, seed=1).tensors[1])
+    batch_mode = mode.startswith("batch")
 
     def callback(probe):
-        options = dict(batch_every_n_steps=1) if mode == "batch" else dict(probe=probe, probe_batch_size=8)
+        options = dict(batch_every_n_steps=1) if batch_mode else {}
+        options.update(dict(probe=probe, probe_batch_size=8 if mode == "probe" else 16) if probe is not None else {})
         return ActivationPatternCallback(out_dir=tmp_path / "run", live_stats=False, **options)
 
-    if mode == "probe":
+    if not batch_mode:
         with pytest.raises(ProbeForwardError, match=r"Check that the probe data fit the model"):
-            fit(tmp_path, [callback(wrong)], max_steps=2)
+            fit(tmp_path, [callback(wrong if mode == "probe" else _OneBadSample())], max_steps=2)
     else:
+        cb = callback(toy_data(16, seed=1) if mode == "batch, after a probe" else None)
         with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-            make_trainer(tmp_path, [callback(None)], max_steps=2).fit(ToyNet(), DataLoader(wrong, batch_size=8))
+            make_trainer(tmp_path, [cb], max_steps=2).fit(ToyNet(), DataLoader(wrong, batch_size=8))
     assert not list((tmp_path / "run").rglob("*.h5*")), "the failed setup wrote records"
-    cb = callback(toy_data(16, seed=1))
+    cb = callback(None if mode == "batch" else toy_data(16, seed=1))
     fit(tmp_path, [cb], max_steps=2)
-    split = "probe" if mode == "probe" else "train"
-    assert open_run(cb.run_dir).steps("net.2", split).tolist() == ([0, 2] if mode == "probe" else [0, 1])
+    run = open_run(cb.run_dir)
+    assert not run.losses
+    if batch_mode:
+        assert run.steps("net.2", "train").tolist() == [0, 1]
+    if mode != "batch":
+        assert run.steps("net.2", "probe").tolist() == [0, 2]
 
 
 def test_batch_capture_ends_before_backward(tmp_path):

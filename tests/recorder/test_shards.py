@@ -169,6 +169,37 @@ def test_a_queue_filling_past_half_ends_the_writers_wait(tmp_path, monkeypatch, 
     assert run.steps("a/b").tolist() == list(range(20)) and not run.losses
 
 
+@pytest.mark.parametrize("end", ["release", "close", "discard_held"])
+def test_held_records_are_written_in_order_once_released_or_not_at_all_once_discarded(tmp_path, end):
+    writer = ShardWriter(tmp_path)
+    writer.start()
+    writer.put(_record(0))
+    writer.hold()
+    for step in (1, 2, 3):
+        assert writer.put(_record(step))
+    if end == "discard_held":
+        assert writer.discard_held() == 3
+    elif end == "release":
+        writer.release()
+        writer.put(_record(4))
+    writer.close()
+    run = open_run(tmp_path)
+    written = {"release": [0, 1, 2, 3, 4], "close": [0, 1, 2, 3], "discard_held": [0]}[end]
+    assert run.steps("a/b").tolist() == written and not run.losses  # nor marked as queued and lost
+    for step in written:
+        np.testing.assert_array_equal(run.read("a/b", step).bits, _record(step).bits)
+
+
+def test_records_held_and_discarded_leave_a_new_directory_empty(tmp_path):
+    writer = ShardWriter(tmp_path / "run")
+    writer.start()
+    writer.hold()
+    writer.put(_record(0))
+    writer.discard_held()
+    writer.close()
+    assert not list((tmp_path / "run").iterdir())
+
+
 def test_block_bounds_the_queue_and_loses_nothing(tmp_path, monkeypatch):
     seen = _slow_writer(monkeypatch, 0.004)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU())
