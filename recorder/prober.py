@@ -320,7 +320,7 @@ class Prober:
                 for (batch, ids, labels), last in _mark_last(self._batches(self._module.device)):
                     with recorder.capture(step, labels=labels, sample_ids=ids, split=PROBE_SPLIT, epoch=epoch,
                                           check=check, ends_step=last, mask=self._reader.mask(batch)):
-                        self._forward(module, batch)
+                        self._forward(module, batch, first=first)
                     check = None
         except Exception as exc:
             self._observed.clear()
@@ -532,7 +532,9 @@ class ProbeForward:
         return cls(lambda module, batch: module(reader.inputs(batch)), f"`module(inputs)` with inputs = {inputs}{because}",
                    hint, context)
 
-    def __call__(self, module: nn.Module, batch: Any) -> Any:
+    def __call__(self, module: nn.Module, batch: Any, first: bool = True) -> Any:
+        """Run ``batch`` through ``module``; ``first``: the first probe, whose failure may come of probe data that do
+        not fit the model (said in the error)."""
         try:
             with self._context():
                 return self._run(module, batch)
@@ -541,8 +543,9 @@ class ProbeForward:
         except Exception as exc:
             raise ProbeForwardError(
                 f"The probe forward, {self.rule}, failed on a probe batch {describe(batch)} with {exc!r}. "
-                f"{_dtype_hint(module, batch)}Check that the probe data fit the model as its training batches do "
-                f"(shapes, dtypes, keys). {self._hint}"
+                f"{_dtype_hint(module, batch)}"
+                + ("Check that the probe data fit the model as its training batches do (shapes, dtypes, keys). "
+                   if first else "") + self._hint
             ) from exc
 
 
