@@ -752,6 +752,16 @@ class Run:
                     reason = why(rank, mark, "this step", "the step's rows are")
                     self._lose_incomplete(path, rank, site, split, step, reason, warn=False)
                     lost[(why(rank, mark, "these steps", "their rows are"), split)].append((site, step))
+        # A split of which no site is known (no shard of any rank names one: the writer killed before its first
+        # shard reached the disk): lost as a whole, with no site.
+        named = {split for site, split in held} | {split for site, split in marks if site is not None}
+        for (site, split), mark in marks.items():
+            if site is None and split not in named:
+                reason = f"rank {rank} queued records of steps up to {mark} " + (
+                    "and closed, but no shard of it is on disk (deleted, or not copied?)" if closed else
+                    "and no shard of it reached the disk (its writer was killed or failed, or is still running)")
+                self._lose(Loss(path, reason, rank, -1, None, split, kind="missing" if closed else "unwritten",
+                                steps=(None, mark)))  # fmt: skip
         for (reason, split), where in ranges.items():
             self._warn("actpat: records lost in split %r, steps %d to %d, %d site(s) (by %s; each in `losses`): %s.",
                        split, min(lo for _, lo, _ in where), max(hi for _, _, hi in where), len(where), path, reason)

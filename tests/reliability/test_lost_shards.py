@@ -6,6 +6,7 @@ damaged file itself, with h5py, before the damage."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 from pathlib import Path
@@ -421,3 +422,24 @@ def test_unreadable_groups_holding_a_sites_last_steps_are_its_one_report_not_a_m
     assert patterns.lost_records == 2  # the two parts of rank 1
     expected = np.concatenate([_bits(0, "b", 6, part) for part in range(2)])
     np.testing.assert_array_equal(patterns.bits, expected)
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_queued_records_of_a_writer_with_no_shard_on_disk_are_reported(tmp_path, closed):
+    # A writer killed after its marks named a queued step and before its first shard reached the disk (the writer
+    # thread waits up to 50 ms between hand-offs), or a closed one whose every shard was deleted: no site is known.
+    _write(tmp_path / "whole", ranks=(0,))
+    for path in (tmp_path / "whole").iterdir():
+        if path.name.endswith(schema.SHARD_SUFFIX):
+            path.unlink()
+        elif not closed:  # the marks file as it stood while the writer ran: not closed, the steps it had queued
+            marks = json.loads(path.read_text())
+            path.write_text(json.dumps({"closed": False, "queued": marks["queued"]}))
+    run = open_run(tmp_path / "whole", warn=False)
+    assert run.sites == []
+    lost = sorted((loss.kind, loss.site or "", loss.split, loss.steps) for loss in run.losses)
+    if closed:  # its closing marks name each site's last step
+        assert lost == [("missing", site, split, (0, last)) for site in SITES for split, last in (("probe", 6),
+                                                                                                  ("train", 5))]
+    else:
+        assert lost == [("unwritten", "", "probe", (None, 6)), ("unwritten", "", "train", (None, 5))], lost
