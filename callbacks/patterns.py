@@ -252,6 +252,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._capture: contextlib.ExitStack | None = None
         # The writer holding this fit's records until its first training batch is done (see ShardWriter.hold).
         self._holding: Optional[ShardWriter] = None
+        self._batch_skipped = False  # while a capture of a batch the module skipped ends
         self._capture_step = -1
         self._capture_records = True  # whether the open capture records (False: it only checks)
         # (step, epoch) of the recorded training step that an optimizer step has yet to end (accumulation)
@@ -374,6 +375,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._epoch_start, self._epoch_batches = trainer.global_step, 0
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A capture still open: its batch was skipped (the module's `on_train_batch_start` returned -1, which ends
+        # the epoch), after the callback's own hook opened it.
+        self._end_capture(skipped=True)
         assumed, made = self._steps_per_epoch, trainer.global_step - self._epoch_start
         if self._prober is None or assumed is None or self._epoch_batches != trainer.num_training_batches:
             return  # an int probe_every, or an epoch not run whole (resumed in its middle, stopped)
@@ -553,14 +557,21 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                     "(`actpat analyze` computes every measure from the shards).",
                 )
 
-    def _end_capture(self) -> None:
+    def _end_capture(self, skipped: bool = False) -> None:
+        """End the open capture; ``skipped``: its batch was skipped by the module (no forward ran, nothing checked)."""
         stack, self._capture = self._capture, None
         if stack is None:
             return
         first = "" if self._batch_verified else "first "
         what = "recording" if self._capture_records else "checking"
         with self._guard(f"{what} the {first}training batch at step {self._capture_step}", "batch"):
-            stack.close()
+            self._batch_skipped = skipped
+            try:
+                stack.close()
+            finally:
+                self._batch_skipped = False
+            if skipped:
+                return
             self._batch_checked = True
             # Only a recorded batch shows that recording works: until then a failure stops fit.
             if self._capture_records:
@@ -598,7 +609,8 @@ class ActivationPatternCallback(*CALLBACK_BASES):
 
     def _check_first_batch(self) -> None:
         # Run by the recorder before the batch's records are written: a `sites` mistake writes no shard.
-        self._selection.check("the first training batch")
+        if not self._batch_skipped:
+            self._selection.check("the first training batch")
 
     def _close(self, abandon: bool, error: Optional[BaseException] = None) -> None:
         """Finalize the shards. When fit is failing anyway (``abandon``), quietly and without waiting for stats;

@@ -443,8 +443,10 @@ class ActivationRecorder:
             return []
         for record in last.values():
             record.ends_step = True
-        self._ended = key
-        return self._closing_records(key, context.epoch, skip=last)
+        closing = self._closing_records(key, context.epoch, skip=last)
+        if last or closing:  # (a capture of a step that recorded nothing in it, such as a skipped batch, ends nothing)
+            self._ended = key
+        return closing
 
     def _closing_records(self, key: tuple[str, int], epoch: int, skip: Iterable[str] = ()) -> list[Record]:
         """Empty records that end step ``key`` (split, step) of each site recorded in it, but those in ``skip``."""

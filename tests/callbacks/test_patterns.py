@@ -746,6 +746,26 @@ def test_inputs_that_do_not_fit_the_model_fail_before_training_and_leave_out_dir
         assert run.steps("net.2", "probe").tolist() == [0, 2]
 
 
+@pytest.mark.parametrize("skipped", ["the first epoch", "every batch"])
+def test_batches_the_module_skips_are_neither_checked_nor_an_error(tmp_path, skipped, caplog):
+    # `on_train_batch_start` returning -1 skips the rest of the epoch: the callback's capture, opened before the
+    # module's hook, saw no forward, and its check of the first batch's sites failed ("no site ran").
+    class Skipping(ToyNet):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if skipped == "every batch" or self.current_epoch == 0 else None
+
+    cb = ActivationPatternCallback(batch_every_n_steps=1, probe=toy_data(16, seed=1), probe_batch_size=8,
+                                   live_stats=False)
+    pl.seed_everything(0, verbose=False)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        make_trainer(tmp_path, [cb], max_epochs=2).fit(Skipping(), DataLoader(toy_data(), batch_size=8))
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("actpat")]  # nor "captured again"
+    run = open_run(cb.run_dir)
+    assert not run.losses and 0 in run.steps("net.2", "probe").tolist()  # the init probe, held, is written
+    trained = run.steps("net.2", "train").tolist() if "train" in run.splits else []
+    assert trained == ([] if skipped == "every batch" else list(range(8)))
+
+
 def test_batch_capture_ends_before_backward(tmp_path):
     from torch.nn.modules import module as torch_module
     from torch.overrides import _get_current_function_mode_stack
