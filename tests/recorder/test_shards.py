@@ -118,7 +118,7 @@ def test_hand_offs_made_while_the_writer_waits_wake_it_once_and_close_ends_its_w
     monkeypatch.setattr(shards, "_HANDOFF_SECONDS", 30.0)
     writer = ShardWriter(tmp_path)
     writer.start()
-    queue, taken = writer._queue, []
+    queue, taken, waiting = writer._queue, [], threading.Event()
 
     class CountingQueue:
         def put(self, item):
@@ -132,16 +132,25 @@ def test_hand_offs_made_while_the_writer_waits_wake_it_once_and_close_ends_its_w
         def empty(self):
             return queue.empty()
 
-    writer._queue = CountingQueue()
+    class WatchedEvent(threading.Event):
+        def wait(self, timeout=None):
+            waiting.set()
+            return super().wait(timeout)
+
+    # (a get() the writer thread began before the swap takes the first hand-off uncounted)
+    writer._queue, writer._wake = CountingQueue(), WatchedEvent()
     records = [_record(step) for step in range(20)]
-    for record in records:
+    writer.put_many(records[:1])
+    assert waiting.wait(10), "the writer never waited after emptying its queue"
+    taken_at_wait = len(taken)
+    for record in records[1:]:
         writer.put_many([record])
         time.sleep(0.002)  # the GIL free for the writer thread, which the old writer took at each hand-off
-    taken_before_close = len(taken)  # (the first hand-off is taken by a get() begun before the count)
+    taken_before_close = len(taken)
     start = time.perf_counter()
     writer.close()
     assert time.perf_counter() - start < 10
-    assert taken_before_close <= 1, taken_before_close
+    assert taken_before_close == taken_at_wait, (taken_at_wait, taken_before_close)
     run = open_run(tmp_path)
     assert run.steps("a/b").tolist() == list(range(20)) and not run.losses
     for record in records:
