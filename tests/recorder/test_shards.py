@@ -167,11 +167,13 @@ def test_a_queue_filling_past_half_ends_the_writers_wait(tmp_path, monkeypatch, 
     records = [_record(step) for step in range(20)]
     writer = ShardWriter(tmp_path, max_queue_bytes=3 * records[0].nbytes, on_backpressure=on_backpressure)
     writer.start()
-    start = time.perf_counter()
     for record in records:
         writer.put_many([record])
-        time.sleep(0.02)  # the writer's time to take what it was woken for
-    assert time.perf_counter() - start < 20
+        # The writer, woken, takes what it was woken for (a loaded machine may take a while; its wait would be 30 s).
+        deadline = time.perf_counter() + 10
+        while 2 * writer._queued_bytes > writer.max_queue_bytes:
+            assert time.perf_counter() < deadline, "the writer idled with its queue past half full"
+            time.sleep(0.001)
     writer.close()
     assert writer.dropped_records == 0
     run = open_run(tmp_path)
