@@ -262,6 +262,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._failed = False
         self._stop_reason: str | None = None
         self._warned: set[str] = set()
+        # Whether this fit reached training (Lightning skips on_train_start when it has no batch to train on), or
+        # raised.
+        self._trained = self._raised = False
         # A fractional probe_every's optimizer steps per epoch, as assumed; the epoch's first step and batches so far.
         self._steps_per_epoch: int | None = None
         self._epoch_start, self._epoch_batches = 0, 0
@@ -299,7 +302,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         # resumes from a checkpoint (whose state, if it holds one, is loaded after setup).
         self._continuing = self._run_dir is not None and self._module is not None and self._module() is pl_module
         self._other_module = self._run_dir is not None and self._module is not None and not self._continuing
-        self._resumed = False
+        self._resumed = self._trained = self._raised = False
         self._trainer, self._module = weakref.ref(trainer), weakref.ref(pl_module)
         compiled = _trainer.compiled_parts(pl_module)
         if self._probe_set is not None and not self.probe_copy and compiled:
@@ -324,6 +327,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._failed, self._stop_reason, self._warned, self._open_step = False, None, set(), None
         self._batch_checked = self._batch_verified = False
+        self._trained = True
         self._start(trainer, pl_module)
         self._probe(trainer)  # "init" before the first optimizer step; a resumed fit checks its probe and goes on
 
@@ -401,6 +405,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._probe(trainer, final=True)  # the end of fit
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._raised = True
         self._close(abandon=True, error=exception)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -408,6 +413,15 @@ class ActivationPatternCallback(*CALLBACK_BASES):
             return
         self._end_capture()
         self._close(abandon=False)
+        if not self._trained and not self._raised:
+            self._warn_once(
+                "no training",
+                "actpat: this fit ran no training (max_steps=0 or max_epochs=0, limit_train_batches=0, an empty "
+                "train dataloader, or a fit resumed from a checkpoint at its end), so it recorded no activation "
+                "pattern, not even the init probe. Records of earlier fits, if any, are in "
+                f"{self._run_dir or self._default_dir}.",
+                run_wide=True,
+            )
         if self._stop_reason is not None:
             self._warn_once(
                 "summary",

@@ -915,6 +915,25 @@ class _Plain(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.parametrize("case", ["max_steps=0", "limit_train_batches=0", "empty loader", "resumed at its end"])
+def test_a_fit_that_runs_no_training_says_that_it_recorded_nothing(tmp_path, case):
+    # Lightning skips its training loop, on_train_start included: no probe, no batch, and the run directory stays
+    # empty. Said once, not left for the user to find.
+    data = TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    loader = DataLoader(data if case != "empty loader" else TensorDataset(torch.zeros(0, 8)), batch_size=16)
+    options = {"max_steps=0": dict(max_steps=0), "limit_train_batches=0": dict(limit_train_batches=0)}.get(case, {})
+    ckpt_path = None
+    if case == "resumed at its end":
+        first = make_trainer(tmp_path / "first", max_epochs=1, enable_checkpointing=True)
+        first.fit(_Plain(), loader)
+        ckpt_path = first.checkpoint_callback.best_model_path
+    cb = ActivationPatternCallback(probe=data, probe_every=1, batch_every_n_steps=1, live_stats=False)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1, **options)
+    with pytest.warns(UserWarning, match=r"this fit ran no training \(max_steps=0 .*recorded no activation pattern"):
+        trainer.fit(_Plain(), loader, ckpt_path=ckpt_path)
+    assert not list((tmp_path / "lightning_logs").rglob("*.h5"))
+
+
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_the_probe_gets_its_inputs_in_the_dtype_of_a_true_precision(tmp_path, precision):
     # Lightning converts float batches to the weights' dtype before training_step; the probe does the same.
