@@ -37,6 +37,10 @@ _VERIFY_ROWS = 1 << 20  # rows per slice when a record is verified without holdi
 _READ_AHEAD = 1 << 20  # bytes per read-ahead slab
 _SLABS = 16  # read-ahead slabs kept (at most 16 MiB)
 _PARTS = np.dtype([("split", "<i8"), ("step", "<i8"), ("part", "<i8"), ("ends_step", "u1"), ("shard", "<i8")])
+# Why a step is incomplete: its records stop before the one that ends it, or miss one in between.
+_CUT_SHORT = ("recording stopped in the middle of the step (the process was killed, or an error or interrupt stopped "
+              "recording: see `stop_reasons`)")
+_DROPPED = "dropped under backpressure, or lost"
 
 
 @dataclass(frozen=True)
@@ -614,6 +618,8 @@ class Run:
         """Lose the steps whose records, as numbered by their writer, stop before the one that ends the
         step or miss one in between: what a kill in the middle of a probe, or a drop, leaves."""
         names = {code: split.decode(errors="replace") for split, code in self._split_codes.items()}
+        # One warning per split and cause: a run that dropped records under backpressure has many such steps.
+        lost: dict[tuple[str, str], list[tuple[str, int, int]]] = defaultdict(list)
         for (site, rank), arrays in self._step_parts.items():
             rows = np.concatenate(arrays)
             unusual = (rows["part"] > 0) | (rows["ends_step"] == 0)
@@ -624,27 +630,36 @@ class Run:
             first = np.r_[True, (np.diff(rows["split"]) != 0) | (np.diff(rows["step"]) != 0)]  # of a step
             bounds, group = np.r_[np.flatnonzero(first), len(rows)], np.cumsum(first) - 1
             for g in np.unique(group[unusual]):
-                self._check_step(site, rank, names, rows[bounds[g] : bounds[g + 1]])
+                loss = self._check_step(site, rank, names, rows[bounds[g] : bounds[g + 1]])
+                if loss is not None:
+                    cause = _DROPPED if loss.records else _CUT_SHORT
+                    lost[(loss.split, cause)].append((site, rank, loss.step))
         self._step_parts.clear()
         self._split_codes.clear()
+        for (split, cause), where in sorted(lost.items()):
+            steps = sorted({step for _, _, step in where})
+            self._warn("actpat: records lost in split %r, %d incomplete step(s) from %d to %d, %d site(s), rank(s) %s "
+                       "(each in `losses`, left out of the analysis): %s.", split, len(steps), steps[0], steps[-1],
+                       len({site for site, _, _ in where}), ", ".join(map(str, sorted({r for _, r, _ in where}))), cause)
 
-    def _check_step(self, site: str, rank: int, names: dict[int, str], rows: np.ndarray) -> None:
-        """Lose the step of ``rows`` (one site, rank, split and step, sorted by part) if it is incomplete."""
+    def _check_step(self, site: str, rank: int, names: dict[int, str], rows: np.ndarray) -> Loss | None:
+        """Lose the step of ``rows`` (one site, rank, split and step, sorted by part) if it is incomplete (the loss,
+        not warned of one by one)."""
         present = np.unique(rows["part"])
         last = int(present[-1])
         missing = last + 1 - len(present)
         ended = bool(rows["ends_step"][rows["part"] == last].any())
         if ended and not missing:
-            return
+            return None
         reasons = [] if ended else [f"no record ends it (the last on disk is its part {last}, parts counting from 0): "
-                                    "recording stopped in the middle of the step (the process was killed, or an "
-                                    "error or interrupt stopped recording: see `stop_reasons`)"]
+                                    + _CUT_SHORT]
         if missing:
-            reasons.append(f"{missing} of its first {last + 1} records are missing (dropped under backpressure, or lost)")
+            reasons.append(f"{missing} of its first {last + 1} records are missing ({_DROPPED})")
         shard = self._shards[int(rows["shard"][-1])]
-        self._lose_step(Loss(shard.path, "the step is incomplete: " + "; ".join(reasons), rank, shard.index, site,
-                             names[int(rows["split"][0])], int(rows["step"][0]), missing if ended else None,
-                             "incomplete"))
+        loss = Loss(shard.path, "the step is incomplete: " + "; ".join(reasons), rank, shard.index, site,
+                    names[int(rows["split"][0])], int(rows["step"][0]), missing if ended else None, "incomplete")
+        self._lose_step(loss, warn=False)
+        return loss
 
     def _find_steps_missing_a_rank(self) -> None:
         """Mark the steps of a split that hold only some ranks' batches: the ranks of a data-parallel fit record

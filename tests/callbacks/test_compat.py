@@ -787,10 +787,12 @@ def test_a_resumed_fit_reads_its_run_once_and_warns_of_each_loss_once(package, t
         trainer(package, tmp_path, [ActivationPatternCallback(**options)], max_epochs=2).fit(
             modules(package)["WithForward"](style.net()), style.train(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
         )
-    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"actpat: skipping records of {shard}")]
+    messages = [r.getMessage() for r in caplog.records]
+    skipped = [m for m in messages if m.startswith(f"actpat: skipping records of {shard}")]
+    incomplete = [m for m in messages if m.startswith("actpat: records lost in split 'probe', 1 incomplete step(s)")]
     losses = open_run(tmp_path / "run").losses
-    assert {loss.kind for loss in losses} == {"corrupt", "incomplete"}  # the row, and the step it belonged to
-    assert len(skipped) == len(set(skipped)) == len(losses), skipped
+    assert sorted(loss.kind for loss in losses) == ["corrupt", "incomplete"]  # the row, and the step it belonged to
+    assert len(skipped) == len(incomplete) == 1, messages  # once each, though the fit reads the run more than once
 
 
 def test_a_resume_names_training_records_its_checkpoint_has_that_never_reached_the_disk(package, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
 
@@ -72,3 +74,23 @@ def test_drop_keeps_what_fits_and_counts_the_rest(tmp_path, gated_writer):
     writer.close()
     assert writer.dropped_records == 3 and writer.written_records == 2
     assert open_run(tmp_path).steps("s").tolist() == [0, 1]
+
+
+def test_a_run_that_dropped_many_steps_warns_once_per_split_and_cause(tmp_path, gated_writer, caplog):
+    # A run under backpressure in drop mode may drop thousands of steps: each is one entry of `losses`, and the
+    # warnings name them all at once (they were one log line per step and site).
+    writer, gate = gated_writer(max_queue_bytes=200, on_backpressure="drop")
+    for step in range(40):
+        writer.put_many([dataclasses.replace(_record(step), part=part, ends_step=part == 1) for part in range(2)])
+    gate.set()
+    writer.close()
+    assert writer.written_records == 2 and writer.dropped_records == 78
+    caplog.clear()  # (the writer's notice of its drops)
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        run = open_run(tmp_path)
+    lost = sorted(loss.step for loss in run.losses)
+    assert lost == list(range(1, 40)) and {loss.kind for loss in run.losses} == {"incomplete"}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("actpat: records lost in split 'train', 39 incomplete step(s) from 1 to 39, 1 site(s), "
+                               "rank(s) 0 (each in `losses`, left out of the analysis): dropped under backpressure"), lines
