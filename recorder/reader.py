@@ -749,13 +749,8 @@ class Run:
             again = min((step for index, step in own if index >= end and step > last), default=mark + 1)
             upto = min(mark, again - 1)
             if last < upto:
-                reason = f"rank {rank} queued records of steps up to {mark} " + (
-                    "and closed, but its shards on disk end before: a shard after its last one is missing (deleted, or "
-                    "not copied?), or its last records were dropped" if closed else
-                    "that never reached the disk (its writer was killed or failed, or is still running)")
-                self._lose(Loss(path, reason, rank, -1, site, split, kind="missing" if closed else "unwritten",
-                                steps=(last + 1, upto)), warn=False)  # fmt: skip
-                ranges[(reason, split)].append((site, last + 1, upto))
+                loss = self._lose_unwritten(path, rank, mark, closed, site, split, last + 1, upto)
+                ranges[(loss.reason, split)].append((site, last + 1, upto))
             mine = {step for _, step in own}
             theirs = {step for other, rows in by_rank.items() if other != rank for _, step in rows}
             # Each loss names its step; the warning that sums a cause up names its steps.
@@ -772,11 +767,7 @@ class Run:
         named = {split for site, split in held} | {split for site, split in marks if site is not None}
         for (site, split), mark in marks.items():
             if site is None and split not in named:
-                reason = f"rank {rank} queued records of steps up to {mark} " + (
-                    "and closed, but no shard of it is on disk (deleted, or not copied?)" if closed else
-                    "and no shard of it reached the disk (its writer was killed or failed, or is still running)")
-                self._lose(Loss(path, reason, rank, -1, None, split, kind="missing" if closed else "unwritten",
-                                steps=(None, mark)))  # fmt: skip
+                self._lose_unwritten(path, rank, mark, closed, None, split, None, mark, warn=True)
         for (reason, split), where in ranges.items():
             self._warn("actpat: records lost in split %r, steps %d to %d, %d site(s) (by %s; each in `losses`): %s.",
                        split, min(lo for _, lo, _ in where), max(hi for _, _, hi in where), len(where), path, reason)
@@ -785,6 +776,22 @@ class Run:
             self._warn("actpat: records lost in split %r, %d step(s) from %d to %d, %d site(s) (by %s; each in "
                         "`losses`, left out of the analysis): %s.", split, len(steps), steps[0], steps[-1],
                         len({site for site, _ in where}), path, reason)
+
+    def _lose_unwritten(self, path: Path, rank: int, mark: int, closed: bool, site: str | None, split: str,
+                        first: int | None, last: int, warn: bool = False) -> Loss:
+        """Lose steps ``first``..``last`` (``first`` None: unknown) of ``site`` (None: every site of the split, of
+        which no shard on disk names one) that a writer session of ``rank`` queued up to ``mark``."""
+        if closed:
+            where = "no shard of it is on disk (deleted, or not copied?)" if site is None else (
+                "its shards on disk end before: a shard after its last one is missing (deleted, or not copied?), or its "
+                "last records were dropped")
+            reason = f"rank {rank} queued records of steps up to {mark} and closed, but {where}"
+        else:
+            reason = (f"rank {rank} queued records of steps up to {mark} that never reached the disk (its writer was "
+                      "killed or failed, or is still running)")
+        loss = Loss(path, reason, rank, -1, site, split, kind="missing" if closed else "unwritten", steps=(first, last))
+        self._lose(loss, warn)
+        return loss
 
     def _steps_beside(self, rank: int, mark: int, by_rank: dict[int, list[tuple[int, int]]]) -> set[int]:
         """Steps after ``mark`` that other ranks recorded in a writer session of theirs that also recorded a step
