@@ -630,7 +630,12 @@ def test_kill_and_resume_continues_records_without_duplicates(tmp_path):
 
 
 # ---------------------------------------------------------------------- DDP, two CPU processes
-def test_ddp_two_processes_write_per_rank_shards(tmp_path):
+def test_ddp_two_processes_write_per_rank_shards_and_their_resume_warns_of_what_the_run_holds_once(tmp_path):
+    """Per-rank shards, read pooled. Then the resumed fit (one DDP fit less than two tests): every rank opens the run
+    it continues, and each printed every loss of it, and rank 1 printed the note on rank 0's records after the
+    checkpoint's step as its own ("rank 1: ...")."""
+    from actpat.recorder import schema
+
     script = _script(tmp_path, extra='strategy="ddp", devices=2')
     done = _run([script, tmp_path, ""], timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -654,16 +659,6 @@ def test_ddp_two_processes_write_per_rank_shards(tmp_path):
     assert len(merged.read("net.6", 0, "probe")) == 24  # the probe ran on rank 0 only
     assert per_rank[1].splits == ["train"]
 
-
-def test_a_resumed_ddp_fit_warns_of_what_its_run_holds_once(tmp_path):
-    """Every rank opens the run a resumed fit continues: each printed every loss of it, and rank 1 printed the
-    note on rank 0's records after the checkpoint's step as its own ("rank 1: ...")."""
-    from actpat.recorder import schema
-
-    script = _script(tmp_path, extra='strategy="ddp", devices=2')
-    done = _run([script, tmp_path, ""], timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = Path(done.stdout.split("RUN_DIR ")[-1].strip())
     (run_dir / schema.shard_name(1, 1, partial=True)).write_bytes(b"")  # a writer of rank 1 killed early
     ckpt = sorted((tmp_path / "ckpt").glob("*step=5.ckpt"))[0]
     resumed = _run([script, tmp_path, ckpt], timeout=180)
