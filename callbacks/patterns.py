@@ -82,9 +82,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         optimization stepping two optimizers per batch, skipped steps) is warned of. Int: optimizer steps.
     probe_mode : {"train", "eval"}, default "train"
         ``train``: BatchNorm normalizes with the probe batch's statistics (as the paper); ``eval``: with
-        the running statistics. Dropout modules (``nn.Dropout`` and its kin) are off in both, so a probe
-        is a function of the weights unless the forward draws noise itself (``F.dropout(x,
-        training=self.training)``, noise gated on ``self.training``): that stays on in ``train`` mode.
+        the running statistics. Every other module runs in eval mode in both, so dropout of every kind
+        (``nn.Dropout``, ``F.dropout(x, p, self.training)``, DropPath) is off and a probe is a function of
+        the weights; a forward that draws random numbers all the same is warned of once.
     sites : None, str, sequence of str, or callable, default None
         Which sites to record: all, names or glob patterns, or a predicate on the site name. A filter
         that selects nothing, or a name that is not a site, is an error listing the sites that exist.

@@ -43,9 +43,10 @@ class ProbeModule:
     model : nn.Module
         The module being trained.
     mode : {"train", "eval"}
-        ``train``: BatchNorm normalizes with the probe batch's statistics; ``eval``: with the running
-        statistics. Dropout modules (``nn.Dropout`` and its kin) are off in both; functional dropout
-        and other noise a forward draws when ``self.training`` stay on in ``train`` mode.
+        ``train``: BatchNorm (and InstanceNorm with running statistics) normalizes with the probe batch's
+        statistics; ``eval``: with the running statistics. Every other module is in eval mode in both, so
+        that dropout (``nn.Dropout``, ``F.dropout(x, p, self.training)``, DropPath) and other noise a forward
+        draws when ``self.training`` are off.
     copy : bool
         Probe an eager copy (True) or the model itself (False); see the module docstring.
 
@@ -230,10 +231,28 @@ def _tensor_pairs(target: nn.Module, source: nn.Module) -> list[tuple[dict, dict
 
 
 def _set_mode(module: nn.Module, mode: str) -> None:
-    module.train(mode == "train")
-    for sub in module.modules():
-        if isinstance(sub, nn.modules.dropout._DropoutNd):
-            sub.eval()
+    # Every module in eval mode, also in "train": noise a forward draws when `self.training` (F.dropout(x, p,
+    # self.training), DropPath, RReLU) would make a probe's patterns random. "train" differs in the normalization
+    # layers alone, which normalize with the probe batch's statistics.
+    module.eval()
+    if mode == "train":
+        for sub in module.modules():
+            if isinstance(sub, nn.modules.batchnorm._NormBase):
+                sub.train()
+
+
+def rng_states(device: torch.device) -> tuple:
+    """The torch (CPU and ``device``), numpy and python RNG states, to compare (:func:`same_rng_states`): whether a
+    call between two of them drew random numbers."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    _, keys, position, *_ = np.random.get_state()
+    return torch.get_rng_state(), cuda, keys.copy(), position, random.getstate()
+
+
+def same_rng_states(a: tuple, b: tuple) -> bool:
+    """Whether two :func:`rng_states` are equal."""
+    return (torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1])) and np.array_equal(a[2], b[2])
+            and a[3:] == b[3:])
 
 
 @contextlib.contextmanager

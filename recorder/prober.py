@@ -24,7 +24,7 @@ from actpat.recorder import arguments, batches, schema
 from actpat.recorder.batches import INPUT_KEYS, BatchReader, describe, tensors
 from actpat.recorder.hooks import SiteHooks
 from actpat.recorder.live_stats import LiveStats, StatsFunction
-from actpat.recorder.probe_module import MODES, ProbeModule
+from actpat.recorder.probe_module import MODES, ProbeModule, rng_states, same_rng_states
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES, ProbeBatches, check_probe_set, probe_loader
 from actpat.recorder.reader import Run, open_run
 from actpat.recorder.recorder import ActivationRecorder
@@ -70,8 +70,9 @@ class Prober:
         Optimizer steps per epoch (``len(train_loader)``, divided by the gradient-accumulation factor).
     mode : {"train", "eval"}, default "train"
         ``train``: BatchNorm normalizes with each probe batch's statistics (as the paper; use the
-        training batch size); ``eval``: with the running statistics. Dropout modules are off in both;
-        noise the forward draws itself when ``self.training`` (``F.dropout``) stays on in ``train``.
+        training batch size); ``eval``: with the running statistics. Every other module is in eval mode
+        in both: dropout (modules, ``F.dropout(x, p, self.training)``, DropPath) is off. A forward that
+        still draws random numbers (noise regardless of ``self.training``) is warned of once.
     copy : bool, default True
         True: probe an eager copy of the model whose weights are overwritten in place before each
         probe; it costs a second set of weights in memory and never touches the model. False: probe
@@ -320,7 +321,10 @@ class Prober:
                 for (batch, ids, labels), last in _mark_last(self._batches(self._module.device)):
                     with recorder.capture(step, labels=labels, sample_ids=ids, split=PROBE_SPLIT, epoch=epoch,
                                           check=check, ends_step=last, mask=self._reader.mask(batch)):
+                        before = rng_states(self._module.device)
                         self._forward(module, batch, first=first)
+                        if not same_rng_states(before, rng_states(self._module.device)):
+                            self._notify("random", _DRAWS_RANDOM)
                     check = None
         except Exception as exc:
             self._observed.clear()
@@ -576,6 +580,16 @@ def _mark_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
         yield item, False
         item = following
     yield item, True
+
+
+_DRAWS_RANDOM = (
+    "actpat: the probe forward draws random numbers (torch, numpy or python RNG), though every module but the "
+    "normalization layers runs in eval mode: noise drawn regardless of `self.training` (torch.randn in a forward, a "
+    "random augmentation inside the model) makes the probe's patterns differ between probes of the same weights, and "
+    "the similarity measures (Jaccard, Hamming, stability) count that noise as change. Draw such noise only when "
+    "`self.training`, or probe through a forward that skips it (the callback's `probe_forward=`, the Prober's "
+    "`forward=`)."
+)
 
 
 def _log_once() -> Callable[[str, str], None]:

@@ -119,6 +119,91 @@ def test_probes_equal_recomputation_and_training_is_bit_identical(tmp_path, mode
     assert [run.read("net.6", s, "probe").epoch for s in (0, 2, 4, 6, 8)] == [0, 0, 0, 1, 1]
 
 
+class _DropPath(nn.Module):
+    """timm's stochastic depth: a sample's residual branch dropped when training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = torch.rand(x.shape[0], 1, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class _Noisy(nn.Module):
+    """BatchNorm, functional dropout on `self.training` and a DropPath'd residual branch: written as models are."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn = nn.Linear(3, 32), nn.BatchNorm1d(32)
+        self.branch, self.drop_path = nn.Sequential(nn.Linear(32, 32), nn.ReLU()), _DropPath(0.5)
+        self.fc2 = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.bn(self.fc1(x)))
+        h = nn.functional.dropout(h, 0.5, self.training)
+        h = h + self.drop_path(self.branch(h))
+        return self.fc2(torch.relu(h))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("copy_model", [True, False])
+def test_dropout_of_any_kind_is_off_in_a_probe_and_batchnorm_normalizes_as_the_mode_says(tmp_path, mode, copy_model):
+    # F.dropout(x, p, self.training) and DropPath were on in a train-mode probe: random patterns, and every
+    # similarity measure between probes noise. Truth: the module in eval mode, its BatchNorm in the probe's mode.
+    torch.manual_seed(0)
+    model, probe = _Noisy(), TensorDataset(torch.randn(24, 3), torch.zeros(24, dtype=torch.long))
+    model.bn.running_mean.fill_(0.3)  # running statistics unlike any batch's: the modes differ
+    with Prober(model, probe, tmp_path, 1, mode=mode, copy=copy_model, batch_size=8) as prober:
+        prober.probe(0)
+        prober.probe(1)
+    assert model.training and all(m.training for m in model.modules())
+    reference = copy.deepcopy(model).eval()
+    reference.bn.train(mode == "train")
+    with torch.no_grad():
+        expected = {name: np.concatenate([toys.channel_bits(z) for z in zs]) for name, zs in _site_inputs(
+            reference, [probe.tensors[0][i : i + 8] for i in range(0, 24, 8)]).items()}
+    run = open_run(tmp_path)
+    assert sorted(run.sites) == sorted(expected)
+    for step in (0, 1):  # the same weights: the same bits at both probes
+        for site, bits in expected.items():
+            np.testing.assert_array_equal(run.read(site, step, "probe").bits, bits, err_msg=f"{site}, step {step}")
+
+
+def _site_inputs(model: "_Noisy", batches: list) -> dict[str, list[torch.Tensor]]:
+    """Every ReLU's input per batch of :class:`_Noisy` without dropout, computed by hand, named as the recorder
+    names its sites (module paths; functional calls by the enclosing module and call index)."""
+    seen: dict[str, list] = {"relu#0": [], "branch.1": [], "relu#1": []}
+    for x in batches:
+        z = model.bn(model.fc1(x))
+        h = torch.relu(z)
+        b = model.branch[0](h)
+        h = h + torch.relu(b)
+        for name, value in (("relu#0", z), ("branch.1", b), ("relu#1", h)):
+            seen[name].append(value)
+    return seen
+
+
+def test_a_probe_forward_that_draws_random_numbers_is_warned_of_once(tmp_path, caplog):
+    class Jitter(nn.Module):  # noise drawn whatever the mode
+        def forward(self, x):
+            return x + 0.01 * torch.randn_like(x)
+
+    model = nn.Sequential(nn.Linear(3, 8), Jitter(), nn.ReLU(), nn.Linear(8, 2))
+    probe = TensorDataset(torch.randn(16, 3), torch.zeros(16, dtype=torch.long))
+    with caplog.at_level(logging.WARNING, logger="actpat"):
+        with Prober(model, probe, tmp_path, 1, batch_size=8) as prober:
+            prober.probe(0)
+            prober.probe(1)
+        with Prober(nn.Sequential(nn.Linear(3, 8), nn.ReLU()), probe, tmp_path / "quiet", 1, batch_size=8) as p:
+            p.probe(0)
+    warned = [r.getMessage() for r in caplog.records if "draws random numbers" in r.getMessage()]
+    assert len(warned) == 1 and "Draw such noise only when `self.training`" in warned[0], warned
+
+
 def test_schedule_is_the_first_step_at_or_after_each_multiple_of_the_interval(tmp_path):
     prober = Prober(Net(), data(4, 1), tmp_path, 0.3, steps_per_epoch=7, batch_size=4)
     interval = Fraction(3, 10) * 7  # 2.1 steps
@@ -620,9 +705,9 @@ def test_state_a_forward_makes_or_draws_is_training_s_alone(tmp_path, copy_model
     assert (plain.calls, plain.seen, plain.by_name) == (probed.calls, probed.seen, probed.by_name) and plain.calls == 4
 
 
-def _probe_truth(model: nn.Module, probe: TensorDataset, mode: str = "eval") -> np.ndarray:
+def _probe_truth(model: nn.Module, probe: TensorDataset) -> np.ndarray:
     """The bits of `act` on the probe set, by a pre-hook on a fresh deep copy of the model as it is now."""
-    twin = copy.deepcopy(model).train(mode == "train")
+    twin = copy.deepcopy(model).eval()
     with torch.no_grad():
         return toys.channel_bits(toys.relu_inputs(twin, probe.tensors[0])["act"])
 
@@ -644,7 +729,7 @@ def test_the_copy_follows_what_training_changes_besides_tensors(tmp_path, change
 
         def forward(self, x):
             z = self.fc1(x.flatten(1)) + float(self.alpha) - self.base
-            if self.training:
+            if change == "generator":  # noise from the module's own generator, in a probe too
                 z = z + torch.randn(z.shape, generator=self.gen)
             if "center" in self._buffers:
                 z = z - self.center
@@ -652,8 +737,7 @@ def test_the_copy_follows_what_training_changes_besides_tensors(tmp_path, change
 
     torch.manual_seed(0)
     model, probe = Faded(), data(N_PROBE, 1)
-    mode = "train" if change == "generator" else "eval"
-    with Prober(model, probe, tmp_path, 1, mode=mode, batch_size=N_PROBE) as prober:
+    with Prober(model, probe, tmp_path, 1, mode="eval", batch_size=N_PROBE) as prober:
         prober.maybe(0)
         if change == "attribute":
             model.alpha = 0.7
@@ -676,7 +760,7 @@ def test_the_copy_follows_what_training_changes_besides_tensors(tmp_path, change
         prober.maybe(1)
     run = open_run(tmp_path)
     recorded = run.read("act", 1, "probe").bits
-    expected = _probe_truth(model, probe, mode)
+    expected = _probe_truth(model, probe)
     assert not np.array_equal(run.read("act", 0, "probe").bits, expected)  # the change shows in the patterns
     assert np.array_equal(recorded, expected)
 
