@@ -624,7 +624,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     def _check_first_batch(self) -> None:
         # Run by the recorder before the batch's records are written: a `sites` mistake writes no shard.
         if not self._batch_skipped:
-            self._selection.check("the first training batch")
+            self._selection.check("the first training batch", functools.partial(self._warn_once, run_wide=True))
 
     def _close(self, abandon: bool, error: Optional[BaseException] = None) -> None:
         """Finalize the shards. When fit is failing anyway (``abandon``), quietly and without waiting for stats;

@@ -317,7 +317,7 @@ class Prober:
                 # The sites are checked after the first batch of the first probe, before its records are
                 # written: a `sites` mistake leaves `out_dir` as it was, so the corrected run can use it.
                 when = "the first batch of the first probe (a `probe_forward` must run the model on it)"
-                check = functools.partial(self._selection.check, when) if first else None
+                check = functools.partial(self._selection.check, when, self._notify) if first else None
                 for (batch, ids, labels), last in _mark_last(self._batches(self._module.device)):
                     with recorder.capture(step, labels=labels, sample_ids=ids, split=PROBE_SPLIT, epoch=epoch,
                                           check=check, ends_step=last, mask=self._reader.mask(batch)):
@@ -355,7 +355,7 @@ class Prober:
                     self._forward(module, batch)
                 finally:
                     hooks.detach()
-        self._selection.check("the check of the probe on its first batch")
+        self._selection.check("the check of the probe on its first batch", self._notify)
         self.verified = True
 
     def poll(self, wait: bool = False) -> None:

@@ -35,11 +35,34 @@ class SiteSelection:
             selected = self.seen[name] = bool(self._selected(name))
         return selected
 
-    def check(self, where: str) -> None:
-        """Raise unless the forwards seen so far (during ``where``) called every named and some selected site."""
+    def check(self, where: str, warn: Optional[Callable[[str, str], None]] = None) -> None:
+        """Raise unless the forwards seen so far (during ``where``) called every named and some selected site;
+        ``warn(key, message)`` where names or patterns select some calls of a site but not its others."""
         error = self.problem(where)
         if error is not None:
             raise error
+        partial = self.partial()
+        if warn is not None and partial:
+            shown = "; ".join(f"{chosen[0]} but not {', '.join(left[:3])}{', ...' if len(left) > 3 else ''}"
+                              for chosen, left in partial[:3])
+            warn(
+                "sites:partial",
+                f"actpat: `sites={self.sites!r}` selects some calls of a site but not its others ({shown}"
+                f"{'; ...' if len(partial) > 3 else ''}): a module called more than once in a forward (torchvision's "
+                "BasicBlock calls its `relu` twice) records its k-th further call as `name#k`, and a function called "
+                "in a forward is `path:relu#k`. To record every call, let the pattern match the suffix "
+                "(`layer*.relu*`); to leave calls out on purpose, pass a predicate (`sites=lambda name: ...`).",
+            )
+
+    def partial(self) -> list[tuple[list[str], list[str]]]:
+        """The calls of one site (a module's, or a function's in one forward: names that differ by their ``#k``)
+        that names or patterns select in part, as (selected, not selected) name lists; none for a predicate."""
+        if callable(self.sites):
+            return []
+        calls: dict[str, tuple[list[str], list[str]]] = {}
+        for name, selected in self.seen.items():
+            calls.setdefault(name.split("#")[0], ([], []))[0 if selected else 1].append(name)
+        return [(chosen, left) for chosen, left in calls.values() if chosen and left]
 
     def problem(self, where: str) -> Optional[SiteSelectionError]:
         """The error :meth:`check` would raise, or None: a failure's clearest explanation when sites ran."""

@@ -929,6 +929,26 @@ def test_a_fit_that_runs_no_training_says_that_it_recorded_nothing(tmp_path, cas
     assert not list((tmp_path / "lightning_logs").rglob("*.h5"))
 
 
+class _Reused(_Plain):
+    """One ReLU module called twice per forward, as torchvision's BasicBlock does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.relu = nn.Linear(8, 8), nn.ReLU()
+
+    def forward(self, x):
+        return self.net(self.relu(self.fc(self.relu(x))))
+
+
+def test_a_sites_pattern_missing_further_calls_of_a_site_is_warned_of_at_the_first_batch(tmp_path):
+    data = TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    cb = ActivationPatternCallback(batch_every_n_steps=1, sites="relu")
+    with pytest.warns(UserWarning, match=r"`sites='relu'` selects some calls of a site but not its others \(relu but "
+                                         r"not relu#1\)"):
+        make_trainer(tmp_path, [cb], max_steps=2).fit(_Reused(), DataLoader(data, batch_size=16))
+    assert open_run(cb.run_dir).sites == ["relu"]
+
+
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_the_probe_gets_its_inputs_in_the_dtype_of_a_true_precision(tmp_path, precision):
     # Lightning converts float batches to the weights' dtype before training_step; the probe does the same.
