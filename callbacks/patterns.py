@@ -25,6 +25,7 @@ from actpat.callbacks._arguments import check_arguments
 from actpat.callbacks._lightning import CALLBACK_BASES, move_data_to_device, rank_zero_warn
 from actpat.recorder import lightning_probe
 from actpat.recorder.batches import BatchReader
+from actpat.recorder.hooks import SiteHooks
 from actpat.recorder.live_stats import LiveStatsError
 from actpat.recorder.probe_set import DEFAULT_CACHE_BYTES
 from actpat.recorder.prober import (
@@ -250,6 +251,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._batch_recorder: ActivationRecorder | None = None
         self._prober: Prober | None = None
         self._capture: contextlib.ExitStack | None = None
+        # Probe mode alone: the hooks that see which sites the first training step calls (see _compare_sites).
+        self._site_check: SiteHooks | None = None
+        self._sites_compared = False
         # The writer holding this fit's records until its first training batch is done (see ShardWriter.hold).
         self._holding: Optional[ShardWriter] = None
         self._batch_skipped = False  # while a capture of a batch the module skipped ends
@@ -326,13 +330,18 @@ class ActivationPatternCallback(*CALLBACK_BASES):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._failed, self._stop_reason, self._warned, self._open_step = False, None, set(), None
-        self._batch_checked = self._batch_verified = False
+        self._batch_checked = self._batch_verified = self._sites_compared = False
         self._trained = True
         self._start(trainer, pl_module)
         self._probe(trainer)  # "init" before the first optimizer step; a resumed fit checks its probe and goes on
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        if self._batch_recorder is None and self._prober is not None and not self._sites_compared and not self._failed:
+            if not _trainer.compiled_parts(pl_module):  # (hooks would stay in a compiled graph)
+                self._site_check = SiteHooks(pl_module, lambda *call: None, sites=self._selection,
+                                             module_types=self.module_types)
+                self._site_check.attach()
         if self._batch_recorder is None or self._failed:
             return
         due = self._on_batch_schedule(step) and step > self._batch_floor
@@ -366,6 +375,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._end_capture()  # when no backward ran (manual optimization without one, a skipped step)
+        self._compare_sites()
         if self._holding is not None:
             holding, self._holding = self._holding, None
             with self._guard("writing the records made before the first training batch was done", None):
@@ -613,6 +623,19 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                     "fit that wrote it and resume from that fit's checkpoint."
                 )
 
+    def _compare_sites(self) -> None:
+        """After the first training step: warn of sites it called that the probe forward does not (a head applied in
+        `training_step`), which the probe would silently never record."""
+        hooks, self._site_check = self._site_check, None
+        if hooks is not None:
+            hooks.remove()
+        if self._sites_compared or self._prober is None or self._failed:
+            return
+        self._sites_compared = True
+        note = self._prober.unprobed([name for name, selected in self._selection.seen.items() if selected])
+        if note:
+            self._warn_once("unprobed", note)
+
     def _end_step(self) -> None:
         open_step, self._open_step = self._open_step, None
         if open_step is None or self._batch_recorder is None or self._failed:
@@ -631,6 +654,9 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         ``error``: fit's exception."""
         stack, self._capture = self._capture, None
         prober, self._prober = self._prober, None
+        if self._site_check is not None:
+            self._site_check.remove()
+            self._site_check = None
         closers = []
         if stack is not None:
             # A capture open when fit fails ends with fit's exception, so that the batch whose forward raised is

@@ -279,6 +279,20 @@ class Prober:
         """Whether the probe set is held on the model's device (see ``cache_bytes``)."""
         return self._batches.cached
 
+    def unprobed(self, sites: Iterable[str]) -> Optional[str]:
+        """A warning naming those of ``sites`` (site names a training step called, the ``sites`` filter applied) that
+        this prober's probes have run and not called: the probe forward runs less of the model than training does
+        (a head applied in ``training_step``, not in ``forward``); None if none, or before a probe ran."""
+        if not self._selection.seen:
+            return None
+        missing = [name for name in sites if name not in self._selection.seen]
+        if not missing:
+            return None
+        return (f"actpat: site(s) {missing} ran in the first training step but not in the probe forward "
+                f"({self._forward.rule}), so no probe records them. To probe them, pass a probe forward that runs them "
+                "too (the callback's `probe_forward=`, the Prober's `forward=`: say, `lambda module, batch: "
+                "module.head(module(batch[0]))`), or record the training batches (`batch_every_n_steps=`).")
+
     def due(self, step: int) -> bool:
         """Whether :meth:`maybe` probes at ``step``: the first probe of a run, then the first step at or after each
         multiple of the interval since the last probe or attempt (steps may grow by more than one: a module

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -938,6 +939,36 @@ class _Reused(_Plain):
 
     def forward(self, x):
         return self.net(self.relu(self.fc(self.relu(x))))
+
+
+class _HeadInStep(_Plain):
+    """`forward` returns the backbone's features; `training_step` applies the head: the probe (`module(x)`) never
+    runs the head's ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.head(self(batch[0])), batch[1])
+
+
+@pytest.mark.parametrize("batch_every_n_steps", [0, 2])
+def test_sites_a_training_step_runs_and_the_probe_does_not_are_named_after_the_first_batch(tmp_path, batch_every_n_steps):
+    data = TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    cb = ActivationPatternCallback(probe=data, probe_every=2, probe_batch_size=16, live_stats=False,
+                                   batch_every_n_steps=batch_every_n_steps)
+    with pytest.warns(UserWarning, match=r"site\(s\) \['head.1'\] ran in the first training step but not in the "
+                                         r"probe forward \(`module\(inputs\)`.*`probe_forward=`"):
+        make_trainer(tmp_path, [cb], max_steps=4).fit(_HeadInStep(), DataLoader(data, batch_size=16))
+    run = open_run(cb.run_dir)
+    assert run.steps("net.1", "probe").tolist() == [0, 2, 4]
+    assert ("head.1" in run.sites) == bool(batch_every_n_steps)  # recorded by batch mode alone
+    plain = ActivationPatternCallback(probe=data, probe_every=2, probe_batch_size=16, live_stats=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="(?!actpat)")  # Lightning's own
+        make_trainer(tmp_path / "plain", [plain], max_steps=4).fit(_Plain(), DataLoader(data, batch_size=16))
 
 
 def test_a_sites_pattern_missing_further_calls_of_a_site_is_warned_of_at_the_first_batch(tmp_path):
