@@ -48,17 +48,15 @@ def locate_run(path: Path) -> Path:
     Raises
     ------
     FileNotFoundError
-        ``path`` does not exist.
+        ``path`` is no directory (missing, a shard file, another file).
     CommandError
         No shards at or below ``path``, or several run directories below it.
     """
+    from actpat.recorder.reader import find_runs, not_a_run_dir
+
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"Expected a run directory of actpat shards, but {str(path)!r} does not exist or is not a directory. "
-            "Pass the `out_dir` given to the recorder or callback."
-        )
-    from actpat.recorder.reader import find_runs
+        raise not_a_run_dir(path)
 
     found = find_runs(path, _SEARCH_DEPTH)
     if not found:

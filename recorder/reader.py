@@ -208,10 +208,7 @@ class Run:
         self.path = Path(os.path.abspath(path))
         self._warns = warn
         if not self.path.is_dir():
-            raise FileNotFoundError(
-                f"Expected a run directory of actpat shards, but {str(self.path)!r} does not exist or is not a "
-                "directory. Pass the `out_dir` given to the recorder or callback."
-            )
+            raise not_a_run_dir(self.path)
         if max_open < 1:
             raise ValueError(f"Expected `max_open` to be at least 1, but got {max_open}.")
         self.max_open = int(max_open)
@@ -1395,6 +1392,17 @@ def _stored_rows(dataset: Any) -> int:
     while leading in present:
         leading += 1
     return min(n, leading * chunk_rows)
+
+
+def not_a_run_dir(path: Path) -> FileNotFoundError:
+    """The error for a run path that is no directory: missing, a shard file, or another file."""
+    if path.is_file() and schema.parse_shard_name(path.name) is not None:
+        problem = f"is a shard file; pass the folder that holds it and the run's other shards, {str(path.parent)!r}"
+    elif path.exists():
+        problem = "is a file, not a directory. Pass the `out_dir` given to the recorder or callback"
+    else:
+        problem = "does not exist. Pass the `out_dir` given to the recorder or callback"
+    return FileNotFoundError(f"Expected a run directory of actpat shards, but {str(path)!r} {problem}.")
 
 
 def find_runs(path: str | os.PathLike, depth: int = 4) -> list[Path]:

@@ -51,8 +51,13 @@ def test_missing_directory_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_run(tmp_path / "nope")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
         open_run(tmp_path / "file")
+    shard = tmp_path / "run" / "patterns-rank000-00000.h5"  # a shard given for its run: the folder named
+    shard.parent.mkdir()
+    shard.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"is a shard file; pass the folder that holds it.*'{shard.parent}'"):
+        open_run(shard)
 
 
 def test_read_matches_truth_and_unpack(tmp_path, truth):
