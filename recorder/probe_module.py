@@ -44,9 +44,10 @@ class ProbeModule:
         The module being trained.
     mode : {"train", "eval"}
         ``train``: BatchNorm (and InstanceNorm with running statistics) normalizes with the probe batch's
-        statistics; ``eval``: with the running statistics. Every other module is in eval mode in both, so
-        that dropout (``nn.Dropout``, ``F.dropout(x, p, self.training)``, DropPath) and other noise a forward
-        draws when ``self.training`` are off.
+        statistics, where ``model.train()`` puts it in training mode (a frozen BatchNorm stays frozen);
+        ``eval``: with the running statistics. Every other module is in eval mode in both, so that dropout
+        (``nn.Dropout``, ``F.dropout(x, p, self.training)``, DropPath) and other noise a forward draws when
+        ``self.training`` are off.
     copy : bool
         Probe an eager copy (True) or the model itself (False); see the module docstring.
 
@@ -233,12 +234,12 @@ def _tensor_pairs(target: nn.Module, source: nn.Module) -> list[tuple[dict, dict
 def _set_mode(module: nn.Module, mode: str) -> None:
     # Every module in eval mode, also in "train": noise a forward draws when `self.training` (F.dropout(x, p,
     # self.training), DropPath, RReLU) would make a probe's patterns random. "train" differs in the normalization
-    # layers alone, which normalize with the probe batch's statistics.
-    module.eval()
-    if mode == "train":
-        for sub in module.modules():
-            if isinstance(sub, nn.modules.batchnorm._NormBase):
-                sub.train()
+    # layers alone, which normalize with the probe batch's statistics where the model's own `train()` puts them in
+    # training mode (a model that overrides it to keep its BatchNorm frozen keeps it so).
+    module.train(mode == "train")
+    for sub in module.modules():
+        if not isinstance(sub, nn.modules.batchnorm._NormBase):
+            sub.training = False  # the flag alone: an overridden `eval()` could set the norms again
 
 
 def rng_states(device: torch.device) -> tuple:

@@ -173,6 +173,33 @@ def test_dropout_of_any_kind_is_off_in_a_probe_and_batchnorm_normalizes_as_the_m
             np.testing.assert_array_equal(run.read(site, step, "probe").bits, bits, err_msg=f"{site}, step {step}")
 
 
+class _FrozenNorm(_Noisy):
+    """Keeps its BatchNorm in eval mode when trained (`norm_eval=True` of mmcv's backbones): fine-tuning."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+
+@pytest.mark.parametrize("copy_model", [True, False])
+def test_a_train_mode_probe_keeps_the_batchnorm_a_model_freezes_in_training_frozen(tmp_path, copy_model):
+    torch.manual_seed(0)
+    model, probe = _FrozenNorm().train(), TensorDataset(torch.randn(24, 3), torch.zeros(24, dtype=torch.long))
+    model.bn.running_mean.fill_(0.3)
+    assert not model.bn.training
+    with Prober(model, probe, tmp_path, 1, mode="train", copy=copy_model, batch_size=8) as prober:
+        prober.probe(0)
+    assert model.training and not model.bn.training and model.drop_path.training
+    reference = copy.deepcopy(model).eval()  # running statistics, as in training
+    with torch.no_grad():
+        expected = {name: np.concatenate([toys.channel_bits(z) for z in zs]) for name, zs in _site_inputs(
+            reference, [probe.tensors[0][i : i + 8] for i in range(0, 24, 8)]).items()}
+    run = open_run(tmp_path)
+    for site, bits in expected.items():
+        np.testing.assert_array_equal(run.read(site, 0, "probe").bits, bits, err_msg=site)
+
+
 def _site_inputs(model: "_Noisy", batches: list) -> dict[str, list[torch.Tensor]]:
     """Every ReLU's input per batch of :class:`_Noisy` without dropout, computed by hand, named as the recorder
     names its sites (module paths; functional calls by the enclosing module and call index)."""
