@@ -632,9 +632,18 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         if self._sites_compared or self._prober is None or self._failed:
             return
         self._sites_compared = True
-        note = self._prober.unprobed([name for name, selected in self._selection.seen.items() if selected])
-        if note:
-            self._warn_once("unprobed", note)
+        missing = self._prober.unprobed([name for name, selected in self._selection.seen.items() if selected])
+        if missing:
+            self._warn_once(
+                "unprobed",
+                f"actpat: site(s) {missing} ran in the first training step but not in the probe forward "
+                f"({self._prober.forward_rule}), so no probe records them: a head applied in `training_step` (to probe "
+                "it, pass a probe forward that runs it too, `probe_forward=`: say, `lambda module, batch: "
+                "module.head(module(batch[0]))`), or a branch that runs only when `self.training` (auxiliary logits: the "
+                "probe runs in eval mode and never reaches it; leave it out with `sites=`). "
+                + ("Batch mode records them from the training batches." if self._batch_recorder is not None else
+                   "Batch mode (`batch_every_n_steps=`) would record them from the training batches."),
+            )
 
     def _end_step(self) -> None:
         open_step, self._open_step = self._open_step, None

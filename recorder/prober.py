@@ -279,19 +279,17 @@ class Prober:
         """Whether the probe set is held on the model's device (see ``cache_bytes``)."""
         return self._batches.cached
 
-    def unprobed(self, sites: Iterable[str]) -> Optional[str]:
-        """A warning naming those of ``sites`` (site names a training step called, the ``sites`` filter applied) that
-        this prober's probes have run and not called: the probe forward runs less of the model than training does
-        (a head applied in ``training_step``, not in ``forward``); None if none, or before a probe ran."""
-        if not self._selection.seen:
-            return None
-        missing = [name for name in sites if name not in self._selection.seen]
-        if not missing:
-            return None
-        return (f"actpat: site(s) {missing} ran in the first training step but not in the probe forward "
-                f"({self._forward.rule}), so no probe records them. To probe them, pass a probe forward that runs them "
-                "too (the callback's `probe_forward=`, the Prober's `forward=`: say, `lambda module, batch: "
-                "module.head(module(batch[0]))`), or record the training batches (`batch_every_n_steps=`).")
+    @property
+    def forward_rule(self) -> str:
+        """How a probe batch runs through the module, in words."""
+        return self._forward.rule
+
+    def unprobed(self, sites: Iterable[str]) -> list[str]:
+        """Those of ``sites`` (site names a training step called, the ``sites`` filter applied) that this prober's
+        probes never called: the probe forward runs less of the model than training does (a head applied in
+        ``training_step``, a branch run only in training mode); none before a probe ran."""
+        seen = self._selection.seen
+        return [name for name in sites if name not in seen] if seen else []
 
     def due(self, step: int) -> bool:
         """Whether :meth:`maybe` probes at ``step``: the first probe of a run, then the first step at or after each
@@ -562,8 +560,10 @@ class ProbeForward:
             raise ProbeForwardError(
                 f"The probe forward, {self.rule}, failed on a probe batch {describe(batch)} with {exc!r}. "
                 f"{_dtype_hint(module, batch)}"
-                + ("Check that the probe data fit the model as its training batches do (shapes, dtypes, keys). "
-                   if first else "") + self._hint
+                + ("Check that the probe data fit the model as its training batches do (shapes, dtypes, keys). The "
+                   "probe runs the module in eval mode (its normalization layers aside), so outputs that depend on "
+                   "`self.training` (auxiliary logits, losses a model returns in training mode) take their eval path "
+                   "there. " if first else "") + self._hint
             ) from exc
 
 

@@ -958,8 +958,9 @@ def test_sites_a_training_step_runs_and_the_probe_does_not_are_named_after_the_f
     data = TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
     cb = ActivationPatternCallback(probe=data, probe_every=2, probe_batch_size=16, live_stats=False,
                                    batch_every_n_steps=batch_every_n_steps)
+    batch_mode = "Batch mode records them" if batch_every_n_steps else r"Batch mode \(`batch_every_n_steps=`\) would"
     with pytest.warns(UserWarning, match=r"site\(s\) \['head.1'\] ran in the first training step but not in the "
-                                         r"probe forward \(`module\(inputs\)`.*`probe_forward=`"):
+                                         rf"probe forward \(`module\(inputs\)`.*`probe_forward=`.*{batch_mode}"):
         make_trainer(tmp_path, [cb], max_steps=4).fit(_HeadInStep(), DataLoader(data, batch_size=16))
     run = open_run(cb.run_dir)
     assert run.steps("net.1", "probe").tolist() == [0, 2, 4]
@@ -969,6 +970,34 @@ def test_sites_a_training_step_runs_and_the_probe_does_not_are_named_after_the_f
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message="(?!actpat)")  # Lightning's own
         make_trainer(tmp_path / "plain", [plain], max_steps=4).fit(_Plain(), DataLoader(data, batch_size=16))
+
+
+class _AuxInTraining(pl.LightningModule):
+    """No `forward`; its network returns (logits, aux) in training mode, as torchvision's Inception does, and
+    `training_step` unpacks them."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.fc, self.aux = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def network(self, x):
+        h = self.trunk(x)
+        return (self.fc(h), self.aux(h)) if self.training else self.fc(h)
+
+    def training_step(self, batch, batch_idx):
+        logits, aux = self.network(batch[0])
+        return nn.functional.cross_entropy(logits, batch[1]) + 0.3 * nn.functional.cross_entropy(aux, batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_training_step_that_needs_training_mode_outputs_fails_the_first_probe_saying_why(tmp_path):
+    data = TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    cb = ActivationPatternCallback(probe=data, probe_every=2, probe_batch_size=16, live_stats=False)
+    with pytest.raises(ProbeForwardError, match=r"too many values to unpack.*runs the module in eval mode.*"
+                                                r"auxiliary logits.*take their eval path"):
+        make_trainer(tmp_path, [cb], max_steps=4).fit(_AuxInTraining(), DataLoader(data, batch_size=16))
 
 
 def test_a_sites_pattern_missing_further_calls_of_a_site_is_warned_of_at_the_first_batch(tmp_path):
