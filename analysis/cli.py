@@ -29,6 +29,7 @@ TABLE_SUFFIXES = (".csv", ".parquet")
 DEFAULT_RUN_NAME = "actpat-offline"
 # How deep below a given folder to look for a run directory (lightning_logs/version_0/activation_patterns).
 _SEARCH_DEPTH = 4
+_LOSSES_SHOWN = 20  # loss lines `actpat info` prints without --all-losses
 # Seconds a Ctrl-C leaves the command to stop on its own before it is made to exit.
 _EXIT_GRACE_SECONDS = 20
 # How long --scheduler waits to connect, and for a first worker, unless --scheduler-wait says otherwise.
@@ -48,7 +49,7 @@ def locate_run(path: Path) -> Path:
     Raises
     ------
     FileNotFoundError
-        ``path`` is no directory (missing, a shard file, another file).
+        ``path`` does not exist (``NotADirectoryError``: a file, such as a shard).
     CommandError
         No shards at or below ``path``, or several run directories below it.
     """
@@ -243,9 +244,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"corrupt:        {run.corrupt_records} records ({checked})")
     if run.losses:
         print(f"lost:           {_count_losses(run.losses)}")
-        for loss in run.losses:
+        # A run that dropped records under backpressure can lose thousands of steps: the first few, unless asked.
+        shown = run.losses if args.all_losses else run.losses[:_LOSSES_SHOWN]
+        for loss in shown:
             where = "/".join(str(v) for v in (loss.site, loss.split, loss.step) if v is not None)
             print(f"  {loss.kind:<10} {loss.path.name}{' ' + where if where else ''}: {loss.reason}")
+        if len(shown) < len(run.losses):
+            print(f"  ... and {len(run.losses) - len(shown)} more (--all-losses lists each)")
     for stop in run.stop_reasons:
         print(f"stopped early:  rank {stop.rank}: {stop.reason}")
     header = f"{'#':>3}  {'site':<28} {'type':<16} {'units':>6}  {'pattern':<12}  " + "  ".join(
@@ -537,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--verify", action="store_true",
                       help="check every record's checksum (reads the whole run); exit status 1 if anything is lost")
     info.add_argument("--no-progress", action="store_true", help="hide the progress bar of --verify")
+    info.add_argument("--all-losses", action="store_true",
+                      help=f"list every lost record or step (default: the first {_LOSSES_SHOWN})")
     info.set_defaults(func=_cmd_info)
 
     analyze = commands.add_parser(
@@ -671,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "command may be incomplete (tables are written whole or not at all)")
         print(f"\nactpat {args.command}: interrupted; {what}.", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, KeyError, ImportError) as exc:
         if isinstance(exc, ImportError) and exc.name != "hdf5plugin":  # only the extra a run needs names its install
             raise
         print(f"actpat {args.command}: error: {exc}", file=sys.stderr)

@@ -418,7 +418,7 @@ def replay_main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("actpat replay: interrupted; the checkpoints replayed so far are in the run directory.", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"actpat replay: error: {exc}", file=sys.stderr)
         return 2
 

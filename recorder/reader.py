@@ -192,6 +192,8 @@ def open_run(path: str | os.PathLike, *, max_open: int = 8, warn: bool = True) -
     ------
     FileNotFoundError
         The directory does not exist.
+    NotADirectoryError
+        The path is a file (a shard file: the error names its folder).
     ShardFormatError
         A ``*.h5`` file is not an actpat shard, a shard was written by a newer format version, two
         shards describe one site differently, or ``path`` holds no shard but directories below it do
@@ -634,10 +636,11 @@ class Run:
         self._step_parts.clear()
         self._split_codes.clear()
         for (split, cause), where in sorted(lost.items()):
-            steps = sorted({step for _, _, step in where})
-            self._warn("actpat: records lost in split %r, %d incomplete step(s) from %d to %d, %d site(s), rank(s) %s "
-                       "(each in `losses`, left out of the analysis): %s.", split, len(steps), steps[0], steps[-1],
-                       len({site for site, _, _ in where}), ", ".join(map(str, sorted({r for _, r, _ in where}))), cause)
+            steps, sites = sorted({step for _, _, step in where}), sorted({site for site, _, _ in where})
+            self._warn("actpat: records lost in split %r, %d incomplete step(s) from %d to %d, %d site(s) (%s), rank(s) "
+                       "%s (each in `losses`, left out of the analysis): %s.", split, len(steps), steps[0], steps[-1],
+                       len(sites), ", ".join(sites[:3]) + (", ..." if len(sites) > 3 else ""),
+                       ", ".join(map(str, sorted({r for _, r, _ in where}))), cause)
 
     def _check_step(self, site: str, rank: int, names: dict[int, str], rows: np.ndarray) -> Loss | None:
         """Lose the step of ``rows`` (one site, rank, split and step, sorted by part) if it is incomplete (the loss,
@@ -1394,15 +1397,17 @@ def _stored_rows(dataset: Any) -> int:
     return min(n, leading * chunk_rows)
 
 
-def not_a_run_dir(path: Path) -> FileNotFoundError:
-    """The error for a run path that is no directory: missing, a shard file, or another file."""
-    if path.is_file() and schema.parse_shard_name(path.name) is not None:
-        problem = f"is a shard file; pass the folder that holds it and the run's other shards, {str(path.parent)!r}"
-    elif path.exists():
-        problem = "is a file, not a directory. Pass the `out_dir` given to the recorder or callback"
-    else:
-        problem = "does not exist. Pass the `out_dir` given to the recorder or callback"
-    return FileNotFoundError(f"Expected a run directory of actpat shards, but {str(path)!r} {problem}.")
+def not_a_run_dir(path: Path) -> OSError:
+    """The error for a run path that is no directory: ``NotADirectoryError`` for a file (a shard file: its folder
+    named), ``FileNotFoundError`` for a path that does not exist."""
+    expected = f"Expected a run directory of actpat shards, but {str(path)!r}"
+    fix = "Pass the `out_dir` given to the recorder or callback."
+    if not path.exists():
+        return FileNotFoundError(f"{expected} does not exist. {fix}")
+    if schema.parse_shard_name(path.name) is not None:
+        fix = f"Pass the folder that holds it and the run's other shards, {str(path.parent)!r}."
+        return NotADirectoryError(f"{expected} is a shard file. {fix}")
+    return NotADirectoryError(f"{expected} is a file, not a directory. {fix}")
 
 
 def find_runs(path: str | os.PathLike, depth: int = 4) -> list[Path]:

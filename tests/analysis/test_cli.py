@@ -94,7 +94,7 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "patterns-rank000-00000.h5").write_bytes(b"")  # a shard for its run
     assert main(["info", str(tmp_path / "patterns-rank000-00000.h5")]) == 2
-    assert f"is a shard file; pass the folder that holds it and the run's other shards, '{tmp_path}'" in capsys.readouterr().err
+    assert f"is a shard file. Pass the folder that holds it and the run's other shards, '{tmp_path}'" in capsys.readouterr().err
     (tmp_path / "patterns-rank000-00000.h5").unlink()
     assert main(["analyze", str(tmp_path), "-o", str(tmp_path / "m.csv")]) == 2
     assert "the run is empty" in capsys.readouterr().err

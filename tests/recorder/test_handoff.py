@@ -76,7 +76,7 @@ def test_drop_keeps_what_fits_and_counts_the_rest(tmp_path, gated_writer):
     assert open_run(tmp_path).steps("s").tolist() == [0, 1]
 
 
-def test_a_run_that_dropped_many_steps_warns_once_per_split_and_cause(tmp_path, gated_writer, caplog):
+def test_a_run_that_dropped_many_steps_warns_once_per_split_and_cause(tmp_path, gated_writer, caplog, capsys):
     # A run under backpressure in drop mode may drop thousands of steps: each is one entry of `losses`, and the
     # warnings name them all at once (they were one log line per step and site).
     writer, gate = gated_writer(max_queue_bytes=200, on_backpressure="drop")
@@ -92,5 +92,11 @@ def test_a_run_that_dropped_many_steps_warns_once_per_split_and_cause(tmp_path, 
     assert lost == list(range(1, 40)) and {loss.kind for loss in run.losses} == {"incomplete"}
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1, lines
-    assert lines[0].startswith("actpat: records lost in split 'train', 39 incomplete step(s) from 1 to 39, 1 site(s), "
+    assert lines[0].startswith("actpat: records lost in split 'train', 39 incomplete step(s) from 1 to 39, 1 site(s) (s), "
                                "rank(s) 0 (each in `losses`, left out of the analysis): dropped under backpressure"), lines
+    from actpat.analysis.cli import main
+
+    for options, listed in (([], 20), (["--all-losses"], 39)):  # `actpat info` lists the first 20 unless asked
+        assert main(["info", str(tmp_path), *options]) == 0
+        out = capsys.readouterr().out
+        assert out.count("\n  incomplete ") == listed and ("... and 19 more (--all-losses lists each)" in out) == (listed == 20)

@@ -51,12 +51,12 @@ def test_missing_directory_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_run(tmp_path / "nope")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
         open_run(tmp_path / "file")
     shard = tmp_path / "run" / "patterns-rank000-00000.h5"  # a shard given for its run: the folder named
     shard.parent.mkdir()
     shard.write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=f"is a shard file; pass the folder that holds it.*'{shard.parent}'"):
+    with pytest.raises(NotADirectoryError, match=f"is a shard file. Pass the folder that holds it.*'{shard.parent}'"):
         open_run(shard)
 
 

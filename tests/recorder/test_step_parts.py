@@ -91,7 +91,7 @@ def test_a_step_without_its_end_is_reported_and_never_measured(tmp_path, caplog)
     ]
     assert all("no record ends it (the last on disk is its part 1, parts counting from 0)" in loss.reason
                for loss in run.losses)
-    assert "records lost in split 'train', 1 incomplete step(s) from 1 to 1, 2 site(s), rank(s) 0" in caplog.text
+    assert "records lost in split 'train', 1 incomplete step(s) from 1 to 1, 2 site(s) (1, 3), rank(s) 0" in caplog.text
     assert len(run.read("1", 1)) == 4 and run.read("1", 1).lost_records == 1  # what is there, flagged
     assert run.verify() == run.losses
     with caplog.at_level(logging.WARNING, logger="actpat"):
