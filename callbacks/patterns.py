@@ -307,6 +307,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
         self._continuing = self._run_dir is not None and self._module is not None and self._module() is pl_module
         self._other_module = self._run_dir is not None and self._module is not None and not self._continuing
         self._resumed = self._trained = self._raised = False
+        self._warned = set()  # (on_train_start, which resets it too, never runs in a fit without training)
         self._trainer, self._module = weakref.ref(trainer), weakref.ref(pl_module)
         compiled = _trainer.compiled_parts(pl_module)
         if self._probe_set is not None and not self.probe_copy and compiled:
@@ -331,13 +332,15 @@ class ActivationPatternCallback(*CALLBACK_BASES):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._failed, self._stop_reason, self._warned, self._open_step = False, None, set(), None
         self._batch_checked = self._batch_verified = self._sites_compared = False
+        self._selection.seen.clear()  # the sites of this fit's module alone
         self._trained = True
         self._start(trainer, pl_module)
         self._probe(trainer)  # "init" before the first optimizer step; a resumed fit checks its probe and goes on
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self._batch_recorder is None and self._prober is not None and not self._sites_compared and not self._failed:
+        if (self._batch_recorder is None and self._prober is not None and not self._sites_compared and not self._failed
+                and self._site_check is None):  # (still attached: the module skipped the batch it watched)
             if not _trainer.compiled_parts(pl_module):  # (hooks would stay in a compiled graph)
                 self._site_check = SiteHooks(pl_module, lambda *call: None, sites=self._selection,
                                              module_types=self.module_types)
@@ -643,6 +646,7 @@ class ActivationPatternCallback(*CALLBACK_BASES):
                 "probe runs in eval mode and never reaches it; leave it out with `sites=`). "
                 + ("Batch mode records them from the training batches." if self._batch_recorder is not None else
                    "Batch mode (`batch_every_n_steps=`) would record them from the training batches."),
+                run_wide=True,
             )
 
     def _end_step(self) -> None:

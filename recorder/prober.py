@@ -72,7 +72,7 @@ class Prober:
         ``train``: BatchNorm normalizes with each probe batch's statistics (as the paper; use the
         training batch size); ``eval``: with the running statistics. Every other module is in eval mode
         in both: dropout (modules, ``F.dropout(x, p, self.training)``, DropPath) is off. A forward that
-        still draws random numbers (noise regardless of ``self.training``) is warned of once.
+        still draws from the global RNGs (noise regardless of ``self.training``) is warned of once.
     copy : bool, default True
         True: probe an eager copy of the model whose weights are overwritten in place before each
         probe; it costs a second set of weights in memory and never touches the model. False: probe

@@ -992,6 +992,33 @@ class _AuxInTraining(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class _SkipsFirst(_Plain):
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if self.current_epoch == 0 else None  # skips the rest of the first epoch
+
+
+def test_a_reused_callback_compares_the_sites_of_each_fit_alone_and_leaves_no_hook(tmp_path, recwarn):
+    # The probe-only site check stayed attached (process-wide hooks) when the module skipped the batch it watched;
+    # a second fit read the first fit's site names and warned of a head the second module lacks; a second fit
+    # without training said nothing.
+    from torch.nn.modules import module as torch_module
+
+    data = TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    cb = ActivationPatternCallback(probe=data, probe_every=2, probe_batch_size=16, live_stats=False)
+    hooks = lambda: (len(torch_module._global_forward_pre_hooks), len(torch_module._global_forward_hooks))  # noqa: E731
+    before = hooks()
+    make_trainer(tmp_path / "a", [cb], max_epochs=2).fit(_SkipsFirst(), DataLoader(data, batch_size=16))
+    assert hooks() == before
+    make_trainer(tmp_path / "b", [cb], max_steps=2).fit(_HeadInStep(), DataLoader(data, batch_size=16))
+    make_trainer(tmp_path / "c", [cb], max_steps=2).fit(_Plain(), DataLoader(data, batch_size=16))
+    for fit_root in ("d", "e"):
+        make_trainer(tmp_path / fit_root, [cb], max_steps=0).fit(_Plain(), DataLoader(data, batch_size=16))
+    messages = [str(w.message) for w in recwarn if "actpat" in str(w.message)]
+    assert sum("ran in the first training step but not in the probe" in m for m in messages) == 1, messages
+    assert sum("this fit ran no training" in m for m in messages) == 2, messages
+    assert hooks() == before
+
+
 def test_a_training_step_that_needs_training_mode_outputs_fails_the_first_probe_saying_why(tmp_path):
     data = TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
     cb = ActivationPatternCallback(probe=data, probe_every=2, probe_batch_size=16, live_stats=False)
